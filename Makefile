@@ -1,0 +1,27 @@
+# mmseg_robust: the two quick-start commands.
+#   make demo   set up .venv, then train and test the small model on the synthetic data
+#   make test   set up .venv, then run the test suite
+# Both install what they need into ./.venv first (idempotent; see tools/setup_env.sh).
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+PYTEST_ARGS ?=
+DEMO_DIR ?= work_dirs/demo
+
+.PHONY: setup test demo lint clean
+
+setup:
+	@VENV=$(VENV) bash tools/setup_env.sh
+
+test: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
+
+demo: setup
+	bash tools/demo.sh $(DEMO_DIR)
+
+lint: setup
+	$(PY) -m flake8 mmseg_robust tools tests benchmarks configs
+
+clean:
+	rm -rf work_dirs build *.egg-info

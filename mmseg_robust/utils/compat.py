@@ -1,0 +1,129 @@
+"""Narrow compatibility fixes for the pinned OpenMMLab stack on current torch.
+
+Applied once when :mod:`mmseg_robust` is imported (configs do that through
+``custom_imports``, before the Runner is built). Each fix is documented with the
+failure it removes; none disables a safety check globally.
+
+1. ``torch.load`` defaults to ``weights_only=True`` since torch 2.6, and mmengine
+   0.10.7 saves Runner state that the safe unpickler rejects
+   (``Unsupported global: mmengine.logging.history_buffer.HistoryBuffer``), so
+   ``tools/test.py CFG CKPT`` and ``--resume`` fail. We allow-list exactly the
+   globals such checkpoints contain with :func:`torch.serialization.add_safe_globals`:
+   mmengine's ``HistoryBuffer``, numpy's array/scalar reconstruction, and
+   ``builtins.getattr`` *restricted* to the one use pickle makes of it there
+   (``getattr(HistoryBuffer, 'min')`` for the buffer's statistics methods);
+   any other ``getattr`` and every other global in any file is still refused.
+2. ``--launcher pytorch`` on a machine without CUDA: mmengine calls
+   ``torch.cuda.set_device`` unconditionally and the default backend is NCCL, and
+   the Runner wraps the model in DDP with ``device_ids=[LOCAL_RANK]``, which DDP
+   refuses for CPU modules. Without CUDA we skip ``set_device``, use the gloo
+   backend (with a warning when NCCL was asked for) and pass ``device_ids=None``
+   for CPU modules. Nothing changes when CUDA is available.
+"""
+import pickle
+import warnings
+
+import numpy as np
+import torch
+
+_APPLIED = False
+
+
+def _numpy_safe_globals() -> list:
+    """Globals that numpy arrays and scalars pickle through (numpy 1.x and 2.x)."""
+    try:  # numpy >= 2
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct, scalar
+    safe = [_reconstruct, scalar, np.ndarray, np.dtype]
+    # numpy >= 1.25 pickles dtypes through their classes (np.dtypes.Float64DType...)
+    dtypes = getattr(np, 'dtypes', None)
+    if dtypes is not None:
+        safe += [
+            getattr(dtypes, name) for name in dir(dtypes)
+            if name.endswith('DType') and isinstance(getattr(dtypes, name), type)
+        ]
+    return safe
+
+
+def history_buffer_getattr(obj, name: str):
+    """``getattr`` as Runner checkpoints use it, and nothing else.
+
+    A ``HistoryBuffer`` pickles its statistics methods (``min``, ``max``,
+    ``current``, ``mean`` and any registered one) as ``getattr(HistoryBuffer,
+    name)``. A general ``getattr`` would let a crafted file reach arbitrary methods
+    of the objects it builds, so every other use is refused.
+    """
+    from mmengine.logging.history_buffer import HistoryBuffer
+    # The defaults are filled in lazily by the first HistoryBuffer; custom ones
+    # are registered with HistoryBuffer.register_statistics.
+    allowed = {'min', 'max', 'current', 'mean'} | set(
+        HistoryBuffer._statistics_methods)
+    if obj is HistoryBuffer and name in allowed:
+        return getattr(obj, name)
+    raise pickle.UnpicklingError(
+        f'mmseg_robust refuses getattr({obj!r}, {name!r}) in a weights_only '
+        'load: only HistoryBuffer statistics methods are allowed.')
+
+
+def runner_checkpoint_safe_globals() -> list:
+    """The globals an mmengine Runner checkpoint needs beyond tensors and builtins."""
+    from mmengine.logging.history_buffer import HistoryBuffer
+    return [HistoryBuffer, (history_buffer_getattr, 'builtins.getattr')
+            ] + _numpy_safe_globals()
+
+
+def _allow_runner_checkpoints() -> None:
+    add_safe_globals = getattr(torch.serialization, 'add_safe_globals', None)
+    if add_safe_globals is None:  # torch < 2.4 loads these files anyway
+        return
+    add_safe_globals(runner_checkpoint_safe_globals())
+
+
+def _cpu_friendly_pytorch_launcher() -> None:
+    import mmengine.dist.utils as dist_utils
+    from mmengine.model.wrappers import MMDistributedDataParallel
+
+    original_init_dist_pytorch = dist_utils._init_dist_pytorch
+
+    def _init_dist_pytorch(backend, init_backend='torch', **kwargs):
+        if torch.cuda.is_available() or init_backend != 'torch':
+            return original_init_dist_pytorch(
+                backend, init_backend=init_backend, **kwargs)
+        if backend == 'nccl':
+            warnings.warn(
+                'CUDA is not available: using the gloo backend instead of nccl '
+                "(set env_cfg.dist_cfg.backend='gloo' to silence this).")
+            backend = 'gloo'
+        import torch.distributed as torch_dist
+        torch_dist.init_process_group(backend=backend, **kwargs)
+
+    _init_dist_pytorch.__wrapped__ = original_init_dist_pytorch
+    dist_utils._init_dist_pytorch = _init_dist_pytorch
+
+    original_ddp_init = MMDistributedDataParallel.__init__
+
+    def __init__(self, module, detect_anomalous_params=False, **kwargs):
+        device_ids = kwargs.get('device_ids')
+        on_cpu = all(p.device.type == 'cpu' for p in module.parameters())
+        if device_ids is not None and on_cpu and not torch.cuda.is_available():
+            # DDP requires device_ids=None for CPU modules.
+            kwargs['device_ids'] = None
+        original_ddp_init(
+            self,
+            module,
+            detect_anomalous_params=detect_anomalous_params,
+            **kwargs)
+
+    __init__.__wrapped__ = original_ddp_init
+    MMDistributedDataParallel.__init__ = __init__
+
+
+def apply_compat() -> None:
+    """Apply the fixes of this module (idempotent)."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    _allow_runner_checkpoints()
+    _cpu_friendly_pytorch_launcher()
+    _APPLIED = True

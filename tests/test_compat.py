@@ -1,0 +1,115 @@
+"""The narrow compatibility fixes applied when mmseg_robust is imported."""
+import pickle
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+
+def _runner_like_checkpoint():
+    from mmengine.logging import MessageHub
+    hub = MessageHub.get_instance('compat_test')
+    hub.update_scalar('train/loss', 1.5)
+    hub.update_scalar('train/loss', np.float64(0.5))
+    hub.update_info('iter', 3)
+    return dict(
+        meta=dict(seed=np.int64(0), iter=3, dataset_meta=dict(classes=('a', ))),
+        state_dict=dict(w=torch.ones(2)),
+        message_hub=hub.state_dict(),
+        extra=np.arange(3.0))
+
+
+class _Arbitrary:
+    pass
+
+
+def test_runner_checkpoint_loads_with_weights_only(tmp_path):
+    import mmseg_robust  # noqa: F401
+    path = tmp_path / 'ckpt.pth'
+    torch.save(_runner_like_checkpoint(), path)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt['meta']['iter'] == 3
+    buf = ckpt['message_hub']['log_scalars']['train/loss']
+    assert buf.current() == 0.5
+    np.testing.assert_array_equal(ckpt['extra'], np.arange(3.0))
+
+
+def test_other_globals_are_still_refused(tmp_path):
+    import mmseg_robust  # noqa: F401
+    path = tmp_path / 'evil.pth'
+    torch.save(dict(obj=_Arbitrary()), path)
+    with pytest.raises(pickle.UnpicklingError, match='_Arbitrary'):
+        torch.load(path, weights_only=True)
+
+
+def test_the_fix_is_needed_without_mmseg_robust(tmp_path, run_tool):
+    # Guards the test above: in a process that does not import mmseg_robust the
+    # same file is refused, so the fix (not a lenient torch) is what loads it.
+    path = tmp_path / 'ckpt.pth'
+    torch.save(_runner_like_checkpoint(), path)
+    out = run_tool([
+        'python', '-c',
+        textwrap.dedent(f"""
+            import torch
+            try:
+                torch.load('{path}')
+                print('LOADED')
+            except Exception as e:
+                print('REFUSED', type(e).__name__)
+            import mmseg_robust
+            torch.load('{path}')
+            print('LOADED AFTER IMPORT')
+            """)
+    ])
+    assert 'REFUSED UnpicklingError' in out
+    assert 'LOADED AFTER IMPORT' in out
+
+
+def test_pytorch_launcher_on_cpu_uses_gloo_and_cpu_ddp(run_tool, tmp_path):
+    script = textwrap.dedent("""
+        import os, torch
+        import mmseg_robust
+        from mmengine.dist import init_dist
+        from mmengine.model import MMDistributedDataParallel
+        import torch.distributed as dist
+        assert not torch.cuda.is_available()
+        init_dist('pytorch', backend='nccl')  # the mmseg default backend
+        print('BACKEND', dist.get_backend())
+        ddp = MMDistributedDataParallel(
+            module=torch.nn.Linear(2, 2), device_ids=[0],
+            broadcast_buffers=False)
+        out = ddp(torch.ones(1, 2)).sum()
+        out.backward()
+        print('DDP OK', ddp.device_ids)
+        dist.destroy_process_group()
+        """)
+    out = run_tool(['python', '-c', script],
+                   cwd=str(tmp_path),
+                   env=dict(
+                       RANK='0',
+                       LOCAL_RANK='0',
+                       WORLD_SIZE='1',
+                       MASTER_ADDR='127.0.0.1',
+                       MASTER_PORT='29631',
+                       CUDA_VISIBLE_DEVICES=''))
+    assert 'BACKEND gloo' in out
+    assert 'DDP OK None' in out
+
+
+def test_getattr_is_allowed_only_for_history_buffer(tmp_path):
+    import mmseg_robust  # noqa: F401
+    from mmseg_robust.utils.compat import history_buffer_getattr
+
+    class _Getattr:
+        """Pickles as getattr(np.ndarray, 'tofile'): must be refused."""
+
+        def __reduce__(self):
+            return getattr, (np.ndarray, 'tofile')
+
+    path = tmp_path / 'getattr.pth'
+    torch.save(dict(obj=_Getattr()), path)
+    with pytest.raises(pickle.UnpicklingError, match='refuses getattr'):
+        torch.load(path, weights_only=True)
+    from mmengine.logging.history_buffer import HistoryBuffer
+    assert history_buffer_getattr(HistoryBuffer, 'mean') is HistoryBuffer.mean
