@@ -12,6 +12,6 @@ from .version import __version__
 
 apply_compat()
 
-from . import datasets  # noqa: E402,F401  (registers components)
+from . import attacks, datasets, evaluation  # noqa: E402,F401  (registers)
 
 __all__ = ['__version__']

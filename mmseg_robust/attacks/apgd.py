@@ -1,0 +1,433 @@
+"""APGD (Croce & Hein, ICML 2020) for segmentation and SEA's progressive radius
+schedule (ALGORITHMS.md sections 3.2 and 3.3).
+
+The pure helpers :func:`apgd_checkpoints`, :func:`step_size_halving` and
+:func:`radius_schedule` and the :class:`APGDStepSizeControl` state machine carry the
+schedule logic, so it can be tested without a model; :func:`apgd_run` is the
+optimiser loop shared by :class:`APGD` and :class:`APGDLargeEps`.
+"""
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from mmseg_robust.registry import ATTACKS
+from .base import (Attack, AttackOutput, SegmentationTarget, bcast,
+                   better_iterate, input_gradient)
+from .objectives import Objective
+from .threat_model import ThreatModel
+
+__all__ = [
+    'APGD', 'APGDLargeEps', 'APGDStepSizeControl', 'apgd_checkpoints', 'apgd_run',
+    'radius_schedule', 'step_size_halving'
+]
+
+LossConfig = Union[str, dict, Objective]
+
+
+# --------------------------------------------------------------------------------
+# schedule helpers (section 3.2)
+# --------------------------------------------------------------------------------
+def _apgd_windows(n_iter: int) -> Tuple[List[int], List[int]]:
+    """Checkpoint iterations and the length of the window that ends at each."""
+    first = max(int(0.22 * n_iter), 1)
+    decrement = max(int(0.03 * n_iter), 1)
+    minimum = max(int(0.06 * n_iter), 1)
+    checks, windows = [], []
+    window, i = first, first - 1
+    while i < n_iter:
+        checks.append(i)
+        windows.append(window)
+        window = max(window - decrement, minimum)
+        i += window
+    return checks, windows
+
+
+def apgd_checkpoints(n_iter: int) -> List[int]:
+    """Iterations (0-based, the update that produced ``x_{i+1}``) after which
+    APGD checks its step size (section 3.2).
+
+    First window ``p1 = max(int(0.22 n), 1)``; each next window is
+    ``max(previous - max(int(0.03 n), 1), max(int(0.06 n), 1))``.
+
+    Example:
+        >>> apgd_checkpoints(90)
+        [18, 35, 50, 63, 74, 83]
+    """
+    return _apgd_windows(n_iter)[0]
+
+
+def step_size_halving(n_increases: Tensor, window: int, best_ce: Tensor,
+                      best_ce_at_last_check: Tensor, halved_at_last_check: Tensor,
+                      rho: float = 0.75) -> Tensor:
+    """Which images halve their step size at a checkpoint (section 3.2).
+
+    Args:
+        n_increases (Tensor): per image, how many of the ``window`` iterations
+            since the last checkpoint increased CE over the previous iterate.
+        window (int): iterations since the last checkpoint.
+        best_ce (Tensor): highest per-image CE so far.
+        best_ce_at_last_check (Tensor): highest CE at the previous checkpoint (the
+            initial CE at the first one).
+        halved_at_last_check (Tensor): bool, whether the step was halved at the
+            previous checkpoint (True before the first one, as in the reference,
+            so condition (b) cannot fire at the first checkpoint).
+        rho (float): fraction of increases required. Default: 0.75.
+
+    Returns:
+        Tensor: bool, (a) ``n_increases <= rho * window`` or (b) not halved at the
+        previous checkpoint and the best CE did not improve since.
+    """
+    cond_a = n_increases.to(best_ce.dtype) <= rho * window
+    cond_b = ~halved_at_last_check & (best_ce <= best_ce_at_last_check)
+    return cond_a | cond_b
+
+
+class APGDStepSizeControl:
+    """Per-image step-size control of one APGD run (section 3.2).
+
+    Tracks plain per-image CE (not the attack objective): the number of CE
+    increases in the current window, the best CE and the state of the previous
+    checkpoint. :meth:`update` is called once per iteration with the CE of the new
+    iterate and says which images improved their best CE (the optimiser then keeps
+    that iterate and its gradient as ``x_best``) and, at a checkpoint, which images
+    halve their step (they restart from ``x_best``).
+
+    Args:
+        n_iter (int): iterations of the run.
+        ce0 (Tensor): per-image CE at the starting point ``x_0``, ``(B,)``.
+        eta0 (float): initial step size in ``[0, 1]`` units (``2 * radius``).
+        rho (float): condition (a) threshold. Default: 0.75.
+
+    Example:
+        >>> ctl = APGDStepSizeControl(90, ce0, eta0=2 * 8 / 255)
+        >>> improved, halved = ctl.update(0, ce1)  # halved is None off checkpoints
+    """
+
+    def __init__(self, n_iter: int, ce0: Tensor, eta0: float,
+                 rho: float = 0.75) -> None:
+        checks, windows = _apgd_windows(n_iter)
+        self._windows = dict(zip(checks, windows))
+        self.rho = rho
+        self.eta = torch.full_like(ce0, eta0)
+        self.ce_prev = ce0
+        self.ce_best = ce0
+        self.ce_best_at_last_check = ce0
+        self.n_increases = torch.zeros_like(ce0)
+        self.halved_at_last_check = torch.ones_like(ce0, dtype=torch.bool)
+
+    def update(self, i: int, ce: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """Record the CE of ``x_{i+1}``; return ``(improved, halved or None)``."""
+        self.n_increases = self.n_increases + (ce > self.ce_prev).to(ce.dtype)
+        self.ce_prev = ce
+        improved = ce > self.ce_best
+        self.ce_best = torch.where(improved, ce, self.ce_best)
+        window = self._windows.get(i)
+        if window is None:
+            return improved, None
+        halved = step_size_halving(self.n_increases, window, self.ce_best,
+                                   self.ce_best_at_last_check,
+                                   self.halved_at_last_check, self.rho)
+        self.eta = torch.where(halved, 0.5 * self.eta, self.eta)
+        self.halved_at_last_check = halved
+        self.ce_best_at_last_check = self.ce_best
+        self.n_increases = torch.zeros_like(self.n_increases)
+        return improved, halved
+
+    def select(self, keep: Tensor) -> None:
+        """Keep the images of the bool mask ``keep`` (early stop)."""
+        for name in ('eta', 'ce_prev', 'ce_best', 'ce_best_at_last_check',
+                     'n_increases', 'halved_at_last_check'):
+            setattr(self, name, getattr(self, name)[keep])
+
+
+def radius_schedule(n_iter: int, eps: float,
+                    radius_factors: Sequence[float] = (2.0, 1.5, 1.0),
+                    iter_fractions: Sequence[float] = (0.3, 0.3)
+                    ) -> List[Tuple[int, float]]:
+    """Stages ``[(n_i, eps_i)]`` of the progressive radius reduction (section 3.3).
+
+    Every stage but the last gets ``int(fraction * n_iter)`` iterations, the last
+    the rest; radii are ``factor * eps`` (same units as ``eps``).
+
+    Example:
+        >>> radius_schedule(300, 8)
+        [(90, 16.0), (90, 12.0), (120, 8.0)]
+    """
+    if len(iter_fractions) != len(radius_factors) - 1:
+        raise ValueError(
+            f'need one iteration fraction per stage but the last: got '
+            f'{len(radius_factors)} radius factors and {len(iter_fractions)} '
+            f'fractions')
+    if float(radius_factors[-1]) != 1.0:
+        raise ValueError(
+            f'the last radius factor must be 1 so that the output lies in the '
+            f'eps-ball, got {radius_factors[-1]}')
+    if any(f < 0 for f in iter_fractions) or sum(iter_fractions) > 1:
+        raise ValueError(f'iter_fractions must be >= 0 and sum to <= 1, got '
+                         f'{tuple(iter_fractions)}')
+    sizes = [int(f * n_iter) for f in iter_fractions]
+    sizes.append(n_iter - sum(sizes))
+    return [(n, float(f) * eps) for n, f in zip(sizes, radius_factors)]
+
+
+# --------------------------------------------------------------------------------
+# the optimiser loop (section 3.2)
+# --------------------------------------------------------------------------------
+def _evaluate(target: SegmentationTarget, objective: Objective, x_adv: Tensor,
+              step: int, total_steps: int, need_grad: bool):
+    """Forward at ``x_adv`` (and backward when ``need_grad``).
+
+    Returns ``(grad or None, per-image CE, correct-pixel counts, prediction)``;
+    the logits are dropped here so they are freed before the next forward.
+    """
+    if need_grad:
+        x_adv.requires_grad_(True)
+        s = target.evaluate(x_adv, step, total_steps)
+        grad = input_gradient(objective.from_logits(s).sum(), x_adv)
+        x_adv.requires_grad_(False)
+    else:
+        grad = None
+        with torch.no_grad():
+            s = target.evaluate(x_adv, step, total_steps)
+    with torch.no_grad():
+        return grad, s.image_ce, s.num_correct, s.pred
+
+
+def apgd_run(target: SegmentationTarget, objective: Objective, tm: ThreatModel,
+             x: Tensor, x0: Tensor, radius: float, n_iter: int, rho: float = 0.75,
+             early_stop: bool = True) -> AttackOutput:
+    """One APGD run of ``n_iter`` iterations at ``radius`` (section 3.2).
+
+    Args:
+        target (SegmentationTarget): model view, labels and valid mask.
+        objective (Objective): the attack objective (gives the gradient).
+        tm (ThreatModel): norm of the ball.
+        x (Tensor): clean images ``(B, 3, H, W)`` in ``[0, 1]``.
+        x0 (Tensor): starting point, already in the ball and in ``[0, 1]``.
+        radius (float): radius in ``[0, 1]`` units.
+        n_iter (int): iterations; ``n_iter + 1`` forwards, ``n_iter`` backwards.
+        rho (float): step-size condition (a) threshold. Default: 0.75.
+        early_stop (bool): images whose accuracy reached 0 leave the batch (their
+            returned point can no longer change). Default: True.
+
+    Returns:
+        AttackOutput: per image the iterate with the lowest pixel accuracy (ties:
+        the newer one, but the first accuracy-0 iterate is kept) and its
+        prediction.
+    """
+    out_x = x0.detach().clone()
+    grad, ce, n_correct, pred = _evaluate(target, objective, out_x.clone(), 1,
+                                          n_iter, n_iter > 0)
+    out_pred = pred.clone()
+    if n_iter == 0:
+        return AttackOutput(out_x, out_pred)
+    idx = None  # batch positions of the active images; None while all are active
+    t_a = target  # the target of the active images
+    x_a, x_adv, x_prev = x, out_x.clone(), out_x.clone()
+    x_best, g_best = x_adv, grad
+    ret_n, ret_x, ret_pred = n_correct, x_adv, pred
+    ctl = APGDStepSizeControl(n_iter, ce, 2.0 * radius, rho)
+    for i in range(n_iter):
+        if early_stop:
+            done = ret_n == 0  # one sync per iteration, none per image
+            if bool(done.any()):
+                pos = torch.nonzero(done).squeeze(1) if idx is None else idx[done]
+                out_x[pos], out_pred[pos] = ret_x[done], ret_pred[done]
+                keep = ~done
+                idx = (torch.nonzero(keep).squeeze(1) if idx is None else
+                       idx[keep])
+                if idx.numel() == 0:
+                    return AttackOutput(out_x, out_pred)
+                x_a, x_adv, x_prev, grad, x_best, g_best, ret_n, ret_x, \
+                    ret_pred = (t[keep] for t in (x_a, x_adv, x_prev, grad, x_best,
+                                                  g_best, ret_n, ret_x, ret_pred))
+                ctl.select(keep)
+                t_a = target.subset(idx)
+        last = i == n_iter - 1
+        with torch.no_grad():
+            # momentum update; a = 1 at the first iteration (section 3.2)
+            a = 1.0 if i == 0 else 0.75
+            eta = bcast(ctl.eta, x_adv)
+            z = tm.project(x_adv + eta * tm.direction(grad), x_a, radius)
+            x_new = tm.project(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev),
+                               x_a, radius)
+        x_prev, x_adv = x_adv, x_new
+        # the last iterate needs no backward pass
+        g, ce, n_correct, pred = _evaluate(t_a, objective, x_adv, i + 2, n_iter,
+                                           not last)
+        with torch.no_grad():
+            upd = better_iterate(n_correct, ret_n)
+            ret_n = torch.where(upd, n_correct, ret_n)
+            ret_x = torch.where(bcast(upd, x_adv), x_adv, ret_x)
+            ret_pred = torch.where(bcast(upd, pred), pred, ret_pred)
+            if last:
+                break
+            improved, halved = ctl.update(i, ce)
+            x_best = torch.where(bcast(improved, x_adv), x_adv, x_best)
+            g_best = torch.where(bcast(improved, g), g, g_best)
+            grad = g
+            if halved is not None:
+                # halved images restart from x_best with its gradient
+                x_adv = torch.where(bcast(halved, x_adv), x_best, x_adv)
+                grad = torch.where(bcast(halved, grad), g_best, grad)
+    if idx is None:
+        return AttackOutput(ret_x, ret_pred)
+    out_x[idx], out_pred[idx] = ret_x, ret_pred
+    return AttackOutput(out_x, out_pred)
+
+
+# --------------------------------------------------------------------------------
+# attacks
+# --------------------------------------------------------------------------------
+@ATTACKS.register_module()
+class APGD(Attack):
+    """Auto-PGD (Croce & Hein, "Reliable evaluation of adversarial robustness with
+    an ensemble of diverse parameter-free attacks", ICML 2020) for semantic
+    segmentation, one run (ALGORITHMS.md section 3.2).
+
+    Threat model: L-inf (default) or L2 ball of radius ``eps/255`` in pixel space,
+    clipped to ``[0, 1]``. Momentum 0.75, initial step ``2 * eps``, step halved at
+    the checkpoints of :func:`apgd_checkpoints` under conditions (a)/(b) of
+    :func:`step_size_halving` (on plain per-image CE); returns per image the
+    iterate with the lowest pixel accuracy.
+
+    Args:
+        eps (float): radius in /255 units. Default: 8.
+        norm (str): ``'Linf'`` or ``'L2'``. Default: ``'Linf'``.
+        n_iter (int): iterations (``n_iter + 1`` forwards, ``n_iter`` backwards).
+            Default: 100.
+        loss (str | dict | Objective): objective (section 2). Default: ``'CE'``.
+        rho (float): step-size condition (a) threshold. Default: 0.75.
+        early_stop (bool): images whose pixel accuracy reached 0 leave the batch;
+            same result, less compute. Default: True.
+        ignore_index (int): label value that never counts. Default: 255.
+
+    :meth:`run` also takes ``init`` ``(B, 3, H, W)``: a starting point (projected
+    onto the ball) instead of the random start.
+
+    Shapes: images ``(B, 3, H, W)`` in ``[0, 1]``, labels long ``(B, H, W)``,
+    valid bool ``(B, H, W)``; ``model(images)`` returns logits ``(B, K, H, W)``.
+
+    Example:
+        >>> attack = APGD(eps=8, n_iter=100, loss='Mask-CE')
+        >>> adv_images = attack(model, images, labels)
+    """
+
+    def __init__(self, eps: float = 8, norm: str = 'Linf', n_iter: int = 100,
+                 loss: LossConfig = 'CE', rho: float = 0.75, early_stop: bool = True,
+                 ignore_index: int = 255) -> None:
+        super().__init__(eps, norm, ignore_index)
+        self.n_iter = _check_n_iter(n_iter)
+        self.rho = float(rho)
+        self.early_stop = bool(early_stop)
+        self.objective = self._build_objective(loss)
+
+    def __repr__(self) -> str:
+        return (f'{type(self).__name__}(eps={self.eps:g}, norm={self.norm!r}, '
+                f'n_iter={self.n_iter}, loss={self.objective!r})')
+
+    def objectives(self) -> List[Objective]:
+        return [self.objective]
+
+    def run(self, model, images: Tensor, labels: Tensor,
+            valid: Optional[Tensor] = None, seeds: Optional[Sequence[int]] = None,
+            init: Optional[Tensor] = None) -> AttackOutput:
+        """Attack a batch; ``init`` (optional) replaces the random start."""
+        x, target, seeds = self._prepare(model, images, labels, valid, seeds)
+        if init is not None:
+            if not isinstance(init, Tensor) or init.shape != images.shape:
+                raise ValueError(
+                    f'init must be a tensor of the images shape '
+                    f'{tuple(images.shape)}, got {getattr(init, "shape", init)}')
+            init = init.detach().to(device=x.device, dtype=torch.float32)
+        with torch.enable_grad():
+            out = self._attack(target, x, seeds, init)
+        return self._finish(out, images)
+
+    def _attack(self, target, x, seeds, init=None) -> AttackOutput:
+        tm = self.threat_model
+        with torch.no_grad():
+            x0 = tm.random_start(x, seeds=seeds) if init is None else \
+                tm.project(init, x)
+        return apgd_run(target, self.objective, tm, x, x0, tm.radius, self.n_iter,
+                        self.rho, self.early_stop)
+
+
+@ATTACKS.register_module()
+class APGDLargeEps(Attack):
+    """APGD with progressive radius reduction, the per-attack optimiser of SEA
+    (Croce, Singh & Hein, "Towards Reliable Evaluation and Fast Training of Robust
+    Semantic Segmentation Models", ECCV 2024; ALGORITHMS.md section 3.3).
+
+    Threat model: L-inf (default) or L2 ball of radius ``eps/255`` in pixel space,
+    clipped to ``[0, 1]``. Three APGD runs of ``[int(0.3 n), int(0.3 n), rest]``
+    iterations at radii ``[2, 1.5, 1] * eps``: random start in the first stage
+    only, each next stage starts from the previous stage's returned point projected
+    onto its smaller ball, with step size and all tracking reset. The output is
+    the last stage's returned point, so it lies in the eps-ball.
+
+    Args:
+        eps (float): final radius in /255 units. Default: 8.
+        norm (str): ``'Linf'`` or ``'L2'``. Default: ``'Linf'``.
+        n_iter (int): total iterations over all stages. Default: 300.
+        loss (str | dict | Objective): objective (section 2). Default: ``'CE'``.
+        radius_factors (sequence of float): stage radii / eps, the last must be 1.
+            Default: ``(2.0, 1.5, 1.0)``.
+        iter_fractions (sequence of float): iteration fraction of every stage but
+            the last. Default: ``(0.3, 0.3)``.
+        rho (float): step-size condition (a) threshold. Default: 0.75.
+        early_stop (bool): within a stage, images whose accuracy reached 0 leave
+            the batch; same result, less compute. Default: True.
+        ignore_index (int): label value that never counts. Default: 255.
+
+    Shapes: images ``(B, 3, H, W)`` in ``[0, 1]``, labels long ``(B, H, W)``,
+    valid bool ``(B, H, W)``; ``model(images)`` returns logits ``(B, K, H, W)``.
+
+    Example:
+        >>> attack = APGDLargeEps(eps=8, n_iter=300, loss='Mask-CE')
+        >>> adv_images = attack(model, images, labels)
+    """
+
+    def __init__(self, eps: float = 8, norm: str = 'Linf', n_iter: int = 300,
+                 loss: LossConfig = 'CE',
+                 radius_factors: Sequence[float] = (2.0, 1.5, 1.0),
+                 iter_fractions: Sequence[float] = (0.3, 0.3), rho: float = 0.75,
+                 early_stop: bool = True, ignore_index: int = 255) -> None:
+        super().__init__(eps, norm, ignore_index)
+        self.n_iter = _check_n_iter(n_iter)
+        self.radius_factors = tuple(float(f) for f in radius_factors)
+        self.iter_fractions = tuple(float(f) for f in iter_fractions)
+        self.stages = radius_schedule(self.n_iter, self.eps, self.radius_factors,
+                                      self.iter_fractions)
+        self.rho = float(rho)
+        self.early_stop = bool(early_stop)
+        self.objective = self._build_objective(loss)
+
+    def __repr__(self) -> str:
+        return (f'{type(self).__name__}(eps={self.eps:g}, norm={self.norm!r}, '
+                f'n_iter={self.n_iter}, loss={self.objective!r}, '
+                f'stages={self.stages})')
+
+    def objectives(self) -> List[Objective]:
+        return [self.objective]
+
+    def _attack(self, target, x, seeds) -> AttackOutput:
+        tm = self.threat_model
+        out = None
+        for stage, (n_stage, eps_stage) in enumerate(self.stages):
+            radius = eps_stage / 255.
+            with torch.no_grad():
+                if stage == 0:
+                    x0 = tm.random_start(x, radius, seeds)
+                else:
+                    x0 = tm.project(out.adv_images, x, radius)
+            out = apgd_run(target, self.objective, tm, x, x0, radius, n_stage,
+                           self.rho, self.early_stop)
+        return out
+
+
+def _check_n_iter(n_iter) -> int:
+    if int(n_iter) != n_iter or n_iter < 0:
+        raise ValueError(f'n_iter must be an int >= 0, got {n_iter!r}')
+    return int(n_iter)

@@ -1,0 +1,259 @@
+"""Attack base class, input checks and the model view (ALGORITHMS.md section 1).
+
+An attack sees a *pixel-space model view*: any callable ``model(images) -> logits``
+with images ``(B, 3, H, W)`` in ``[0, 1]`` and logits ``(B, K, H, W)`` at the input
+resolution. Attacks never switch the model's mode and never touch parameter
+gradients: they differentiate the objective w.r.t. the input only
+(``torch.autograd.grad``), in fp32, under ``torch.enable_grad()``.
+"""
+import contextlib
+import copy
+from typing import Callable, List, NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .objectives import Objective, build_objective
+from .seg_logits import SegLogits, check_labels, effective_valid, pixel_accuracy
+from .threat_model import ThreatModel
+
+__all__ = ['Attack', 'AttackOutput', 'SegmentationTarget', 'pixel_accuracy']
+
+ModelView = Callable[[Tensor], Tensor]
+
+
+class AttackOutput(NamedTuple):
+    """Result of :meth:`Attack.run`.
+
+    Attributes:
+        adv_images (Tensor): adversarial images ``(B, 3, H, W)`` in ``[0, 1]``, in
+            the eps-ball around the clean images.
+        adv_pred (Tensor): long ``(B, H, W)``, argmax of the logits at
+            ``adv_images``.
+    """
+    adv_images: Tensor
+    adv_pred: Tensor
+
+
+def _no_autocast(device: torch.device):
+    """Disable autocast around the forward so attacks run in fp32."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # a device type without autocast support
+        return contextlib.nullcontext()
+
+
+class SegmentationTarget:
+    """The model view, labels and valid mask of one attack call.
+
+    Forwards images and wraps the logits in a :class:`SegLogits`. The first
+    forward checks the logits' shape and, now that K is known, the labels and the
+    objectives' per-class parameters. :meth:`subset` gives the target of some
+    images of the batch (attacks whose finished images leave the batch).
+
+    Args:
+        model (callable): ``model(images) -> logits`` ``(B, K, H, W)``.
+        labels (Tensor): long ``(B, H, W)``.
+        valid (Tensor, optional): bool ``(B, H, W)``, False for padding.
+        ignore_index (int): label value that never counts. Default: 255.
+        objectives (sequence of Objective): objectives to check against K.
+
+    Example:
+        >>> target = SegmentationTarget(model, labels, valid)
+        >>> s = target.evaluate(images)  # SegLogits: s.ce, s.pred, s.accuracy
+    """
+
+    def __init__(self, model: ModelView, labels: Tensor,
+                 valid: Optional[Tensor] = None, ignore_index: int = 255,
+                 objectives: Sequence[Objective] = ()) -> None:
+        self.model = model
+        self.raw_labels = labels
+        self.raw_valid = valid
+        self.ignore_index = ignore_index
+        self.objectives = list(objectives)
+        # effective valid = valid & (labels != ignore_index) (section 1)
+        self.valid = effective_valid(labels, valid, ignore_index)
+        self.labels = torch.where(self.valid, labels, labels.new_zeros(()))
+        self.num_classes: Optional[int] = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """fp32 logits of the model at ``x``; checks the shape on first use."""
+        with _no_autocast(x.device):
+            logits = self.model(x)
+        if not isinstance(logits, Tensor) or logits.dim() != 4 or \
+                logits.shape[0] != x.shape[0] or logits.shape[2:] != x.shape[2:]:
+            got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits)
+            raise ValueError(
+                f'the model view must return logits (B, K, H, W) at the input '
+                f'resolution {tuple(x.shape[2:])} for images {tuple(x.shape)}, got '
+                f'{got}; resize the logits inside the model view')
+        if self.num_classes is None:
+            self._first_forward(logits.shape[1])
+        return logits.float()
+
+    def _first_forward(self, num_classes: int) -> None:
+        check_labels(self.raw_labels, num_classes, self.ignore_index, self.raw_valid)
+        for obj in self.objectives:
+            obj.check_num_classes(num_classes)
+        self.num_classes = num_classes
+
+    def evaluate(self, x: Tensor, step: int = 1, total_steps: int = 1) -> SegLogits:
+        """Forward ``x`` and wrap the logits with this target's labels."""
+        return SegLogits(self.forward(x), self.labels, self.valid, step, total_steps)
+
+    def subset(self, keep: Tensor) -> 'SegmentationTarget':
+        """The target of the images selected by ``keep`` (bool or index tensor)."""
+        if self.num_classes is None:
+            raise RuntimeError('subset() needs a first forward (labels unchecked)')
+        sub = copy.copy(self)
+        sub.labels, sub.valid = self.labels[keep], self.valid[keep]
+        sub.raw_labels = sub.raw_valid = None  # checked already
+        return sub
+
+
+def input_gradient(objective: Tensor, x: Tensor) -> Tensor:
+    """``d objective / d x`` without touching parameter gradients."""
+    if not objective.requires_grad:
+        raise RuntimeError(
+            'the attack objective does not depend on the input with gradients: '
+            'the model view must not run under torch.no_grad() nor detach its '
+            'input or logits')
+    grad, = torch.autograd.grad(objective, x, allow_unused=True)
+    return torch.zeros_like(x) if grad is None else grad
+
+
+def better_iterate(n_correct: Tensor, best_n_correct: Tensor) -> Tensor:
+    """Whether a new iterate replaces the returned one, per image (section 3.2).
+
+    Lower pixel accuracy wins; ties go to the newer iterate, except at accuracy 0:
+    an image that reached accuracy 0 keeps that point, so it can leave the batch
+    without changing the result. Comparing correct-pixel counts is exact.
+    """
+    return (n_correct < best_n_correct) | ((n_correct == best_n_correct)
+                                           & (best_n_correct > 0))
+
+
+def bcast(mask: Tensor, like: Tensor) -> Tensor:
+    """View a per-image ``(B,)`` tensor as ``(B, 1, ..., 1)`` to match ``like``."""
+    return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
+class Attack:
+    """Base class of the attacks of :mod:`mmseg_robust.attacks` (threat model of
+    ALGORITHMS.md section 1, objectives of section 2).
+
+    Subclasses implement :meth:`_attack`. Build registered attacks with
+    ``ATTACKS.build(dict(type='PGD', eps=8, steps=10))``.
+
+    Args:
+        eps (float): radius in /255 units (``eps=8`` is ``8/255``). Default: 8.
+        norm (str): ``'Linf'`` or ``'L2'`` (case-insensitive). Default: ``'Linf'``.
+        ignore_index (int): label value that never counts. Default: 255.
+
+    Inputs of :meth:`run` / ``__call__``: ``model(images) -> logits`` ``(B, K, H,
+    W)``; images float ``(B, 3, H, W)`` in ``[0, 1]``; labels long ``(B, H, W)`` in
+    ``[0, K)`` or ``ignore_index``; valid bool ``(B, H, W)`` (False = padding),
+    optional; seeds: ``B`` ints, optional (per-image random starts, independent of
+    batch composition and of the global RNG).
+
+    Example:
+        >>> attack = ATTACKS.build(dict(type='PGD', eps=8, steps=10))
+        >>> adv_images = attack(model, images, labels)
+    """
+
+    def __init__(self, eps: float = 8, norm: str = 'Linf',
+                 ignore_index: int = 255) -> None:
+        self.threat_model = ThreatModel(eps, norm)
+        self.ignore_index = ignore_index
+
+    @property
+    def eps(self) -> float:
+        """Radius in /255 units."""
+        return self.threat_model.eps
+
+    @property
+    def norm(self) -> str:
+        """``'Linf'`` or ``'L2'``."""
+        return self.threat_model.norm
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(eps={self.eps:g}, norm={self.norm!r})'
+
+    def objectives(self) -> List[Objective]:
+        """Objectives the attack uses (checked against K at the first forward)."""
+        return []
+
+    # ---------------------------------------------------------------- public API
+    def run(self, model: ModelView, images: Tensor, labels: Tensor,
+            valid: Optional[Tensor] = None,
+            seeds: Optional[Sequence[int]] = None) -> AttackOutput:
+        """Attack a batch.
+
+        Returns:
+            AttackOutput: ``adv_images`` ``(B, 3, H, W)`` in ``[0, 1]`` (in the
+            dtype of ``images``) and ``adv_pred`` long ``(B, H, W)``.
+        """
+        x, target, seeds = self._prepare(model, images, labels, valid, seeds)
+        with torch.enable_grad():
+            out = self._attack(target, x, seeds)
+        return self._finish(out, images)
+
+    def __call__(self, model: ModelView, images: Tensor, labels: Tensor,
+                 valid: Optional[Tensor] = None,
+                 seeds: Optional[Sequence[int]] = None) -> Tensor:
+        """Adversarial images ``(B, 3, H, W)``; same as ``run(...).adv_images``."""
+        return self.run(model, images, labels, valid, seeds).adv_images
+
+    # ----------------------------------------------------------------- internals
+    def _attack(self, target: SegmentationTarget, x: Tensor,
+                seeds: Optional[List[int]]) -> AttackOutput:
+        raise NotImplementedError
+
+    def _prepare(self, model, images, labels, valid, seeds):
+        """Check the inputs; return fp32 images, the target and the seeds."""
+        if not callable(model):
+            raise TypeError(f'model must be callable, got {type(model)}')
+        if not isinstance(images, Tensor) or images.dim() != 4 or \
+                not images.is_floating_point():
+            raise ValueError(
+                'images must be a float tensor (B, C, H, W) in [0, 1], got '
+                f'{getattr(images, "shape", type(images))}')
+        b, _, h, w = images.shape
+        if not isinstance(labels, Tensor) or labels.shape != (b, h, w):
+            raise ValueError(
+                f'labels must be a tensor (B, H, W) = {(b, h, w)}, got '
+                f'{getattr(labels, "shape", type(labels))}')
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(f'labels must be integer (long), got {labels.dtype}')
+        if valid is not None and (not isinstance(valid, Tensor)
+                                  or valid.shape != (b, h, w)):
+            raise ValueError(
+                f'valid must be a bool tensor (B, H, W) = {(b, h, w)}, got '
+                f'{getattr(valid, "shape", type(valid))}')
+        if images.numel() and (float(images.min()) < 0 or float(images.max()) > 1):
+            raise ValueError(
+                f'images must be in pixel space [0, 1], got values in '
+                f'[{float(images.min()):.4g}, {float(images.max()):.4g}]; attack the '
+                f'un-normalised images (the model view normalises)')
+        if seeds is not None:
+            seeds = [int(s) for s in seeds]
+            if len(seeds) != b:
+                raise ValueError(f'seeds must hold one int per image ({b}), got '
+                                 f'{len(seeds)}')
+        x = images.detach().float()
+        labels = labels.detach().to(device=x.device, dtype=torch.long)
+        if valid is not None:
+            valid = valid.detach().to(device=x.device, dtype=torch.bool)
+        target = SegmentationTarget(model, labels, valid, self.ignore_index,
+                                    self.objectives())
+        return x, target, seeds
+
+    @staticmethod
+    def _finish(out: AttackOutput, images: Tensor) -> AttackOutput:
+        return AttackOutput(out.adv_images.detach().to(images.dtype),
+                            out.adv_pred.detach())
+
+    def _build_objective(self, loss) -> Objective:
+        # The objective's own ignore_index only matters when it is called directly:
+        # attacks pass it labels and the effective valid mask.
+        return build_objective(loss)

@@ -1,0 +1,177 @@
+"""FGSM, BIM and PGD in pixel space (ALGORITHMS.md section 3.1)."""
+from typing import List, Optional, Union
+
+import torch
+from torch import Tensor
+
+from mmseg_robust.registry import ATTACKS
+from .base import (Attack, AttackOutput, SegmentationTarget, bcast,
+                   better_iterate, input_gradient)
+from .objectives import Objective
+from .seg_logits import SegLogits
+
+__all__ = ['BIM', 'FGSM', 'PGD']
+
+LossConfig = Union[str, dict, Objective]
+
+
+@ATTACKS.register_module()
+class PGD(Attack):
+    """Projected Gradient Descent (Madry et al., ICLR 2018) for semantic
+    segmentation, maximising a per-pixel objective (ALGORITHMS.md section 3.1).
+
+    Threat model: L-inf (default) or L2 ball of radius ``eps/255`` in pixel space,
+    clipped to ``[0, 1]``. Update ``x <- Proj(x + alpha * sign(grad))`` (L-inf) or
+    ``x <- Proj(x + alpha * grad / ||grad||_2)`` per image (L2).
+
+    Args:
+        eps (float): radius in /255 units. Default: 8.
+        norm (str): ``'Linf'`` or ``'L2'``. Default: ``'Linf'``.
+        steps (int): number of gradient steps. Default: 10.
+        step_size (float, optional): ``alpha`` in /255 units. Default:
+            ``2.5 * eps / steps``.
+        random_start (bool): start uniformly in the ball (clipped) instead of at
+            the clean image. Default: True.
+        loss (str | dict | Objective): objective (section 2), e.g. ``'CE'``,
+            ``'Mask-CE'`` or ``dict(type='Mask-CE-Bal', class_weights='voc')``.
+            Default: ``'CE'``.
+        best_iterate (bool): return the iterate with the lowest per-image pixel
+            accuracy (ties: the newer one, except that an image keeps its first
+            accuracy-0 iterate) instead of the final iterate. Default: False.
+        ignore_index (int): label value that never counts. Default: 255.
+
+    Shapes: images ``(B, 3, H, W)`` in ``[0, 1]``, labels long ``(B, H, W)``,
+    valid bool ``(B, H, W)``; ``model(images)`` returns logits ``(B, K, H, W)``.
+    Cost: ``steps`` forward+backward passes and one forward.
+
+    Example:
+        >>> attack = PGD(eps=8, norm='Linf', steps=10)
+        >>> adv_images = attack(model, images, labels)
+    """
+
+    def __init__(self, eps: float = 8, norm: str = 'Linf', steps: int = 10,
+                 step_size: Optional[float] = None, random_start: bool = True,
+                 loss: LossConfig = 'CE', best_iterate: bool = False,
+                 ignore_index: int = 255) -> None:
+        super().__init__(eps, norm, ignore_index)
+        if int(steps) != steps or steps < 0:
+            raise ValueError(f'steps must be an int >= 0, got {steps!r}')
+        self.steps = int(steps)
+        if step_size is None:
+            step_size = 2.5 * self.eps / self.steps if self.steps else 0.0
+        if float(step_size) < 0:
+            raise ValueError(f'step_size must be >= 0 (/255 units), got {step_size}')
+        self.step_size = float(step_size)
+        self.random_start = bool(random_start)
+        self.best_iterate = bool(best_iterate)
+        self.objective = self._build_objective(loss)
+
+    def __repr__(self) -> str:
+        return (f'{type(self).__name__}(eps={self.eps:g}, norm={self.norm!r}, '
+                f'steps={self.steps}, step_size={self.step_size:g}, '
+                f'random_start={self.random_start}, loss={self.objective!r}, '
+                f'best_iterate={self.best_iterate})')
+
+    def objectives(self) -> List[Objective]:
+        return [self.objective]
+
+    def _attack(self, target: SegmentationTarget, x: Tensor,
+                seeds: Optional[List[int]]) -> AttackOutput:
+        tm = self.threat_model
+        alpha = self.step_size / 255.
+        if self.random_start:
+            x_adv = tm.random_start(x, seeds=seeds)
+        else:
+            x_adv = x.clone()
+        best = None
+        for t in range(1, self.steps + 1):
+            x_adv.requires_grad_(True)
+            s = target.evaluate(x_adv, step=t, total_steps=self.steps)
+            grad = input_gradient(self.objective.from_logits(s).sum(), x_adv)
+            x_adv = x_adv.detach()
+            if self.best_iterate:
+                best = _keep_best(best, x_adv, s)
+            del s  # free the logits before the next forward
+            with torch.no_grad():
+                x_adv = tm.project(x_adv + alpha * tm.direction(grad), x)
+        # The final iterate still needs its prediction: one forward, no backward.
+        with torch.no_grad():
+            s = target.evaluate(x_adv, step=self.steps + 1,
+                                total_steps=self.steps)
+        if self.best_iterate:
+            best = _keep_best(best, x_adv, s)
+            return AttackOutput(best[1], best[2])
+        return AttackOutput(x_adv, s.pred)
+
+
+def _keep_best(best, x_adv: Tensor, s: SegLogits):
+    """Update ``(n_correct, images, pred)`` of the lowest-accuracy iterate."""
+    n_correct = s.num_correct
+    if best is None:
+        return n_correct, x_adv, s.pred
+    upd = better_iterate(n_correct, best[0])
+    return (torch.where(upd, n_correct, best[0]),
+            torch.where(bcast(upd, x_adv), x_adv, best[1]),
+            torch.where(bcast(upd, s.pred), s.pred, best[2]))
+
+
+@ATTACKS.register_module()
+class BIM(PGD):
+    """Basic Iterative Method (Kurakin et al., ICLR 2017 workshop): PGD without
+    random start (ALGORITHMS.md section 3.1).
+
+    Threat model: L-inf (default) or L2 ball of radius ``eps/255`` in pixel space,
+    clipped to ``[0, 1]``.
+
+    Args:
+        eps (float): radius in /255 units. Default: 8.
+        norm (str): ``'Linf'`` or ``'L2'``. Default: ``'Linf'``.
+        steps (int): number of steps. Default: 10.
+        step_size (float, optional): step in /255 units. Default:
+            ``2.5 * eps / steps``.
+        loss (str | dict | Objective): objective (section 2). Default: ``'CE'``.
+        best_iterate (bool): return the lowest-accuracy iterate. Default: False.
+        ignore_index (int): label value that never counts. Default: 255.
+
+    Shapes: as :class:`PGD`.
+
+    Example:
+        >>> attack = BIM(eps=7.65, steps=3, step_size=2.55)  # SAT's training attack
+        >>> adv_images = attack(model, images, labels)
+    """
+
+    def __init__(self, eps: float = 8, norm: str = 'Linf', steps: int = 10,
+                 step_size: Optional[float] = None, loss: LossConfig = 'CE',
+                 best_iterate: bool = False, ignore_index: int = 255) -> None:
+        super().__init__(eps=eps, norm=norm, steps=steps, step_size=step_size,
+                         random_start=False, loss=loss, best_iterate=best_iterate,
+                         ignore_index=ignore_index)
+
+
+@ATTACKS.register_module()
+class FGSM(PGD):
+    """Fast Gradient Sign Method (Goodfellow et al., ICLR 2015): one step of size
+    ``eps`` from the clean image (ALGORITHMS.md section 3.1); with ``norm='L2'``
+    the fast gradient method (one normalised-gradient step of length ``eps``).
+
+    Threat model: L-inf (default) or L2 ball of radius ``eps/255`` in pixel space,
+    clipped to ``[0, 1]``.
+
+    Args:
+        eps (float): radius and step in /255 units. Default: 8.
+        norm (str): ``'Linf'`` or ``'L2'``. Default: ``'Linf'``.
+        loss (str | dict | Objective): objective (section 2). Default: ``'CE'``.
+        ignore_index (int): label value that never counts. Default: 255.
+
+    Shapes: as :class:`PGD`.
+
+    Example:
+        >>> attack = FGSM(eps=8)
+        >>> adv_images = attack(model, images, labels)
+    """
+
+    def __init__(self, eps: float = 8, norm: str = 'Linf', loss: LossConfig = 'CE',
+                 ignore_index: int = 255) -> None:
+        super().__init__(eps=eps, norm=norm, steps=1, step_size=eps,
+                         random_start=False, loss=loss, best_iterate=False,
+                         ignore_index=ignore_index)

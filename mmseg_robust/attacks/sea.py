@@ -1,0 +1,152 @@
+"""SEA, the Segmentation Ensemble Attack (ALGORITHMS.md section 4)."""
+import hashlib
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from mmseg_robust.registry import ATTACKS
+from .apgd import APGDLargeEps
+from .base import Attack, AttackOutput, SegmentationTarget, bcast
+from .objectives import BalancedMaskedCrossEntropy, ClassWeights, Objective
+from .seg_logits import num_correct
+
+__all__ = ['SEA', 'derive_seeds']
+
+#: The losses of the published SEA, in attack order (section 4).
+SEA_LOSSES = ('Mask-CE-Bal', 'Mask-CE', 'JS-Avg')
+
+
+def derive_seeds(seeds: Optional[Sequence[int]], salt: int) -> Optional[List[int]]:
+    """Per-image seeds for the ``salt``-th sub-attack, a deterministic function of
+    each image's own seed (independent of batch composition and process)."""
+    if seeds is None:
+        return None
+    out = []
+    for s in seeds:
+        digest = hashlib.blake2b(f'{int(s)}/{int(salt)}'.encode(),
+                                 digest_size=8).digest()
+        out.append(int.from_bytes(digest, 'little') >> 1)  # fits int64
+    return out
+
+
+@ATTACKS.register_module()
+class SEA(Attack):
+    """Segmentation Ensemble Attack (Croce, Singh & Hein, "Towards Reliable
+    Evaluation and Fast Training of Robust Semantic Segmentation Models", ECCV
+    2024; ALGORITHMS.md section 4).
+
+    Threat model: L-inf (default) or L2 ball of radius ``eps/255`` in pixel space,
+    clipped to ``[0, 1]``. Runs one :class:`APGDLargeEps` attack (progressive radius
+    ``2, 1.5, 1 x eps``) per loss, each independently from the clean input, in
+    order: Mask-CE-Bal, Mask-CE, JS-Avg (about ``3 * n_iter`` forward and backward
+    passes per image). :meth:`run_all` returns every attack's output (what the
+    worst-case mIoU needs); :meth:`run` returns, per image, the output with the
+    lowest pixel accuracy (ties: the earlier attack).
+
+    Args:
+        eps (float): radius in /255 units. Default: 8.
+        n_iter (int): iterations of each attack. Default: 300.
+        norm (str): ``'Linf'`` or ``'L2'``. Default: ``'Linf'``.
+        losses (sequence of str | dict | Objective): one attack per entry. Default:
+            ``('Mask-CE-Bal', 'Mask-CE', 'JS-Avg')``.
+        class_weights (str | sequence of float, optional): Mask-CE-Bal class
+            weights, ``'voc'`` | ``'ade20k'`` | a list of K weights; required when
+            Mask-CE-Bal is among ``losses`` (unless its dict config has them).
+        early_stop (bool): images whose accuracy reached 0 leave a stage's batch;
+            same result, less compute. Default: True.
+        ignore_index (int): label value that never counts. Default: 255.
+
+    Shapes: images ``(B, 3, H, W)`` in ``[0, 1]``, labels long ``(B, H, W)``,
+    valid bool ``(B, H, W)``; ``model(images)`` returns logits ``(B, K, H, W)``.
+
+    Example:
+        >>> sea = SEA(eps=8, n_iter=300, class_weights='ade20k')
+        >>> per_attack = sea.run_all(model, images, labels, seeds=image_ids)
+    """
+
+    def __init__(self, eps: float = 8, n_iter: int = 300, norm: str = 'Linf',
+                 losses: Sequence[Union[str, dict, Objective]] = SEA_LOSSES,
+                 class_weights: Optional[ClassWeights] = None,
+                 early_stop: bool = True, ignore_index: int = 255) -> None:
+        super().__init__(eps, norm, ignore_index)
+        if isinstance(losses, (str, dict)) or len(losses) == 0:
+            raise ValueError(f'losses must be a non-empty sequence of objectives, '
+                             f'got {losses!r}')
+        self.n_iter = n_iter
+        self.attacks: Dict[str, APGDLargeEps] = {}
+        for loss in losses:
+            cfg = _with_class_weights(loss, class_weights)
+            attack = APGDLargeEps(eps=eps, norm=norm, n_iter=n_iter, loss=cfg,
+                                  early_stop=early_stop, ignore_index=ignore_index)
+            name = base = f'APGD-{_loss_name(attack.objective)}'
+            k = 2
+            while name in self.attacks:
+                name, k = f'{base}-{k}', k + 1
+            self.attacks[name] = attack
+
+    def __repr__(self) -> str:
+        return (f'{type(self).__name__}(eps={self.eps:g}, norm={self.norm!r}, '
+                f'n_iter={self.n_iter}, attacks={list(self.attacks)})')
+
+    def objectives(self) -> List[Objective]:
+        return [a.objective for a in self.attacks.values()]
+
+    def run_all(self, model, images: Tensor, labels: Tensor,
+                valid: Optional[Tensor] = None,
+                seeds: Optional[Sequence[int]] = None) -> Dict[str, AttackOutput]:
+        """Run every attack from the clean images.
+
+        Returns:
+            dict: attack name (``'APGD-Mask-CE-Bal'``, ...) -> :class:`AttackOutput`,
+            in attack order. With ``seeds``, attack ``a`` uses
+            ``derive_seeds(seeds, a)``.
+        """
+        x, target, seeds = self._prepare(model, images, labels, valid, seeds)
+        with torch.enable_grad():
+            outs = self._run_all(target, x, seeds)
+        return {name: self._finish(out, images) for name, out in outs.items()}
+
+    def _run_all(self, target: SegmentationTarget, x: Tensor,
+                 seeds: Optional[List[int]]) -> Dict[str, AttackOutput]:
+        return {
+            name: attack._attack(target, x, derive_seeds(seeds, a))
+            for a, (name, attack) in enumerate(self.attacks.items())
+        }
+
+    def _attack(self, target, x, seeds) -> AttackOutput:
+        outs = list(self._run_all(target, x, seeds).values())
+        # worst case per image: lowest accuracy, i.e. fewest correct valid pixels
+        # (the valid count is the same for every attack); argmin keeps the first.
+        counts = torch.stack([
+            num_correct(o.adv_pred, target.labels, target.valid) for o in outs
+        ])
+        worst = counts.argmin(dim=0)
+        adv, pred = outs[0]
+        for a, o in enumerate(outs[1:], start=1):
+            pick = worst == a
+            adv = torch.where(bcast(pick, adv), o.adv_images, adv)
+            pred = torch.where(bcast(pick, pred), o.adv_pred, pred)
+        return AttackOutput(adv, pred)
+
+
+def _loss_name(objective: Objective) -> str:
+    return objective.name or type(objective).__name__
+
+
+def _with_class_weights(loss, class_weights):
+    """The loss config, with SEA's ``class_weights`` filled in for Mask-CE-Bal."""
+    if isinstance(loss, Objective):
+        return loss
+    cfg = dict(type=loss) if isinstance(loss, str) else dict(loss)
+    kind = cfg.get('type')
+    is_bal = kind == 'Mask-CE-Bal' or (isinstance(kind, type) and issubclass(
+        kind, BalancedMaskedCrossEntropy))
+    if is_bal and cfg.get('class_weights') is None:
+        if class_weights is None:
+            raise ValueError(
+                "SEA's Mask-CE-Bal attack needs class weights: pass "
+                "class_weights='voc' | 'ade20k' | a list of K per-class weights "
+                "(or drop 'Mask-CE-Bal' from losses)")
+        cfg['class_weights'] = class_weights
+    return cfg

@@ -1,0 +1,153 @@
+"""Per-pixel quantities shared by objectives and optimisers (ALGORITHMS.md section 2).
+
+:class:`SegLogits` wraps one forward pass (logits at the input resolution, labels,
+valid mask) and computes each derived quantity (log-probabilities, cross-entropy,
+prediction, correctness, per-image accuracy) at most once, so an attack iteration
+pays for a single log-softmax and a single argmax whatever the objective.
+"""
+from functools import cached_property
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    'SegLogits', 'check_labels', 'effective_valid', 'num_correct', 'pixel_accuracy'
+]
+
+
+def effective_valid(labels: Tensor, valid: Optional[Tensor] = None,
+                    ignore_index: int = 255) -> Tensor:
+    """Pixels that count: ``valid & (labels != ignore_index)``, bool ``(B, H, W)``."""
+    mask = labels != ignore_index
+    if valid is not None:
+        mask = mask & valid.to(torch.bool)
+    return mask
+
+
+def check_labels(labels: Tensor, num_classes: int, ignore_index: int = 255,
+                 valid: Optional[Tensor] = None) -> None:
+    """Raise ``ValueError`` if a label is neither in ``[0, num_classes)`` nor
+    ``ignore_index``. Pixels where ``valid`` is False (padding) are not checked.
+
+    One device synchronisation; called once per attack, when K is known.
+    """
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if valid is not None:
+        bad = bad & valid.to(torch.bool)
+    if bool(bad.any()):
+        found = torch.unique(labels[bad]).tolist()
+        shown = ', '.join(str(v) for v in found[:10])
+        more = f' (and {len(found) - 10} more)' if len(found) > 10 else ''
+        raise ValueError(
+            f'labels contain values {shown}{more} outside [0, {num_classes}) '
+            f'(the model predicts K={num_classes} classes) that are not the '
+            f'ignore index {ignore_index}; map them to a class or to the ignore '
+            f'index, or set ignore_index to the value your dataset uses')
+
+
+def num_correct(pred: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
+    """Correctly classified valid pixels per image, long ``(B,)``."""
+    return ((pred == labels) & valid).sum(dim=(1, 2))
+
+
+def pixel_accuracy(pred: Tensor, labels: Tensor, valid: Optional[Tensor] = None,
+                   ignore_index: int = 255) -> Tensor:
+    """Per-image pixel accuracy: correct and valid pixels / valid pixels.
+
+    Args:
+        pred (Tensor): predictions ``(B, H, W)``, long.
+        labels (Tensor): labels ``(B, H, W)``, long, ``ignore_index`` allowed.
+        valid (Tensor, optional): bool ``(B, H, W)``, False for padding.
+        ignore_index (int): label value that never counts. Default: 255.
+
+    Returns:
+        Tensor: float ``(B,)`` in ``[0, 1]``; 0 for an image without valid pixel.
+    """
+    mask = effective_valid(labels, valid, ignore_index)
+    correct = num_correct(pred, labels, mask)
+    return correct.float() / mask.sum(dim=(1, 2)).clamp_min(1).float()
+
+
+class SegLogits:
+    """One forward pass and the quantities derived from it, each computed lazily once.
+
+    Args:
+        logits (Tensor): ``(B, K, H, W)`` float32 at the input resolution (may
+            require grad).
+        labels (Tensor): long ``(B, H, W)`` in ``[0, K)`` everywhere (callers replace
+            ignored pixels by any valid class, e.g. 0).
+        valid (Tensor): bool ``(B, H, W)``, the pixels that count.
+        step (int): current attack step ``t`` (1-based), for schedules such as
+            SegPGD's. Default: 1.
+        total_steps (int): total number of steps ``T``. Default: 1.
+
+    Example:
+        >>> s = SegLogits(model(x), labels, valid)
+        >>> s.ce.shape, s.accuracy.shape  # (B, H, W), (B,)
+    """
+
+    def __init__(self, logits: Tensor, labels: Tensor, valid: Tensor,
+                 step: int = 1, total_steps: int = 1) -> None:
+        self.logits = logits
+        self.labels = labels
+        self.valid = valid
+        self.step = step
+        self.total_steps = total_steps
+
+    @cached_property
+    def log_probs(self) -> Tensor:
+        """``log softmax(z)`` over classes, ``(B, K, H, W)``, differentiable.
+
+        Cached, so it is built with gradients whenever the logits have them, even
+        on a first access under ``torch.no_grad()``.
+        """
+        with torch.set_grad_enabled(self.logits.requires_grad):
+            return F.log_softmax(self.logits, dim=1)
+
+    @cached_property
+    def label_log_prob(self) -> Tensor:
+        """``log p_{i, y_i}``, ``(B, H, W)``, differentiable."""
+        with torch.set_grad_enabled(self.logits.requires_grad):
+            return self.log_probs.gather(1, self.labels.unsqueeze(1)).squeeze(1)
+
+    @cached_property
+    def ce(self) -> Tensor:
+        """Per-pixel cross-entropy ``CE_i = -log p_{i, y_i}``, ``(B, H, W)``."""
+        with torch.set_grad_enabled(self.logits.requires_grad):
+            return -self.label_log_prob
+
+    @cached_property
+    def pred(self) -> Tensor:
+        """``argmax_k z_ik``, long ``(B, H, W)``, no grad."""
+        return self.logits.detach().argmax(dim=1)
+
+    @cached_property
+    def correct(self) -> Tensor:
+        """``correct_i = [argmax_k z_ik == y_i]``, bool ``(B, H, W)`` (detached)."""
+        return self.pred == self.labels
+
+    @cached_property
+    def num_correct(self) -> Tensor:
+        """Correct valid pixels per image, long ``(B,)``."""
+        return num_correct(self.pred, self.labels, self.valid)
+
+    @cached_property
+    def accuracy(self) -> Tensor:
+        """Per-image pixel accuracy, float ``(B,)`` (0 without valid pixels)."""
+        n_valid = self.valid.sum(dim=(1, 2)).clamp_min(1)
+        return self.num_correct.float() / n_valid.float()
+
+    @cached_property
+    def image_ce(self) -> Tensor:
+        """Per-image CE (sum over valid pixels / (H*W)), detached, ``(B,)``; the
+        quantity APGD's step-size control tracks (section 3.2)."""
+        return self.reduce(self.ce.detach())
+
+    def reduce(self, pixel_loss: Tensor) -> Tensor:
+        """Per-image objective: sum of ``pixel_loss`` over valid pixels divided by
+        ``H*W`` (all pixels, section 2), ``(B,)``."""
+        h, w = pixel_loss.shape[-2:]
+        masked = torch.where(self.valid, pixel_loss, pixel_loss.new_zeros(()))
+        return masked.sum(dim=(1, 2)) / (h * w)

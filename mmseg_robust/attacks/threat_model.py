@@ -1,0 +1,153 @@
+"""Threat model: L-inf / L2 balls in pixel space (ALGORITHMS.md section 1).
+
+Images are float tensors ``(B, C, H, W)`` with values in ``[0, 1]``. Radii are given in
+/255 units (``eps=8`` means ``8/255``), the unit of every public attack argument; the
+helpers here take an optional ``radius`` already converted to ``[0, 1]`` units, which
+is what the optimisers pass around.
+"""
+import math
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ['NORMS', 'ThreatModel', 'canonical_norm', 'check_eps', 'make_generators']
+
+#: Canonical names of the supported threat models.
+NORMS = ('Linf', 'L2')
+
+_NORM_ALIASES = {'linf': 'Linf', 'inf': 'Linf', 'l2': 'L2'}
+
+# Guards divisions by a norm; far below any meaningful L2 radius in [0, 1] units.
+_TINY = 1e-12
+
+
+def canonical_norm(norm: str) -> str:
+    """Return ``'Linf'`` or ``'L2'`` for a case-insensitive norm name.
+
+    Raises:
+        ValueError: for any other value, naming the allowed values.
+    """
+    key = norm.strip().lower() if isinstance(norm, str) else None
+    if key not in _NORM_ALIASES:
+        raise ValueError(
+            f"norm must be 'Linf' (also 'linf', 'inf') or 'L2' (also 'l2'), "
+            f'got {norm!r}')
+    return _NORM_ALIASES[key]
+
+
+def check_eps(eps: float) -> float:
+    """Validate a radius in /255 units: a finite number >= 0."""
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f'eps must be a number in /255 units (eps=8 means 8/255), got {eps!r}'
+        ) from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f'eps must be finite and >= 0 (in /255 units, eps=8 means 8/255), '
+            f'got {eps!r}')
+    return value
+
+
+def make_generators(seeds: Sequence[int]) -> List[torch.Generator]:
+    """One CPU ``torch.Generator`` per image, seeded with that image's seed.
+
+    Drawing each image's noise from its own generator makes random starts independent
+    of batch composition and of the global RNG (multi-process evaluation then equals
+    single-process evaluation).
+    """
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+class ThreatModel:
+    """L-inf or L2 ball of radius ``eps/255`` around a clean image, intersected with
+    the pixel range ``[0, 1]`` (ALGORITHMS.md section 1).
+
+    Args:
+        eps (float): radius in /255 units (``eps=8`` is ``8/255``). Default: 8.
+        norm (str): ``'Linf'`` or ``'L2'`` (case-insensitive, ``'inf'`` accepted).
+            Default: ``'Linf'``.
+
+    All methods take images ``(B, C, H, W)`` in ``[0, 1]``; ``radius`` overrides the
+    radius in ``[0, 1]`` units (used by the progressive-radius schedule).
+
+    Example:
+        >>> tm = ThreatModel(eps=8, norm='Linf')
+        >>> x_adv = tm.project(x + 0.1 * torch.randn_like(x), x)
+    """
+
+    def __init__(self, eps: float = 8, norm: str = 'Linf') -> None:
+        self.eps = check_eps(eps)
+        self.norm = canonical_norm(norm)
+
+    @property
+    def radius(self) -> float:
+        """The radius in ``[0, 1]`` pixel units (``eps / 255``)."""
+        return self.eps / 255.
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(eps={self.eps:g}/255, norm={self.norm!r})'
+
+    def _radius(self, radius: Optional[float]) -> float:
+        return self.radius if radius is None else float(radius)
+
+    def project(self, x_adv: Tensor, x: Tensor, radius: Optional[float] = None
+                ) -> Tensor:
+        """Project ``x_adv`` onto the ball around ``x``, then clip to ``[0, 1]``.
+
+        Clipping after the ball projection keeps the point in the ball (each
+        coordinate only moves towards ``x``), so the result is feasible for both
+        norms. With radius 0 the result is exactly ``x``.
+        """
+        r = self._radius(radius)
+        delta = x_adv - x
+        if self.norm == 'Linf':
+            delta = delta.clamp(-r, r)
+        else:
+            norms = delta.flatten(1).norm(p=2, dim=1).clamp_min(_TINY)
+            factor = (r / norms).clamp(max=1.0)
+            delta = delta * factor.view(-1, *([1] * (delta.dim() - 1)))
+        return (x + delta).clamp(0.0, 1.0)
+
+    def direction(self, grad: Tensor) -> Tensor:
+        """Steepest-ascent direction of unit norm: ``sign(grad)`` (L-inf) or
+        ``grad / ||grad||_2`` per image (L2; zero gradient gives a zero step)."""
+        if self.norm == 'Linf':
+            return grad.sign()
+        norms = grad.flatten(1).norm(p=2, dim=1).clamp_min(_TINY)
+        return grad / norms.view(-1, *([1] * (grad.dim() - 1)))
+
+    def random_start(self, x: Tensor, radius: Optional[float] = None,
+                     seeds: Optional[Sequence[int]] = None) -> Tensor:
+        """A point drawn uniformly from the ball around ``x``, clipped to ``[0, 1]``.
+
+        Args:
+            x (Tensor): clean images ``(B, C, H, W)`` in ``[0, 1]``.
+            radius (float, optional): radius in ``[0, 1]`` units; default ``eps/255``.
+            seeds (sequence of int, optional): one seed per image. Each image's
+                noise is then drawn on the CPU from its own generator and moved to
+                ``x.device``; otherwise the global RNG of ``x.device`` is used.
+        """
+        r = self._radius(radius)
+        if seeds is None:
+            noise = self._sample_unit_ball(x.shape, x.device, None)
+        else:
+            noise = torch.cat([
+                self._sample_unit_ball((1, *x.shape[1:]), torch.device('cpu'), g)
+                for g in make_generators(seeds)
+            ]).to(x.device)
+        return (x + r * noise.to(x.dtype)).clamp(0.0, 1.0)
+
+    def _sample_unit_ball(self, shape, device, generator) -> Tensor:
+        """Uniform samples from the unit ball of the norm, float32, ``shape``."""
+        if self.norm == 'Linf':
+            u = torch.rand(shape, device=device, generator=generator)
+            return 2.0 * u - 1.0
+        # L2: uniform direction times radius u^(1/d), d = dimension of one image.
+        g = torch.randn(shape, device=device, generator=generator)
+        u = torch.rand(shape[0], device=device, generator=generator)
+        d = math.prod(shape[1:])
+        scale = u.pow(1.0 / d) / g.flatten(1).norm(p=2, dim=1).clamp_min(_TINY)
+        return g * scale.view(-1, *([1] * (len(shape) - 1)))

@@ -1,0 +1,360 @@
+"""APGD and the progressive radius schedule (ALGORITHMS.md sections 3.2, 3.3)."""
+import pytest
+import torch
+
+from mmseg_robust.attacks import (APGD, APGDLargeEps, APGDStepSizeControl,
+                                  apgd_checkpoints, pixel_accuracy,
+                                  radius_schedule, step_size_halving)
+from mmseg_robust.attacks.objectives import CrossEntropy
+from mmseg_robust.registry import ATTACKS
+
+pytestmark = pytest.mark.usefixtures('attack_one_thread')
+
+SEEDS = [21, 22, 23, 24]
+EPS = {'Linf': 8, 'L2': 64}
+MAKERS = {
+    'APGD': lambda eps, norm, **kw: APGD(eps=eps, norm=norm, n_iter=10, **kw),
+    'APGDLargeEps': lambda eps, norm, **kw: APGDLargeEps(
+        eps=eps, norm=norm, n_iter=12, **kw),
+}
+
+
+class Wander(CrossEntropy):
+    """An objective unrelated to accuracy, so the iterates' accuracy goes up and
+    down and the lowest-accuracy iterate is not simply the last one."""
+
+    def pixel_loss(self, s):
+        r = torch.linspace(-1, 1, s.logits.shape[1]).view(1, -1, 1, 1)
+        return (s.logits * r).sum(1)
+
+
+@pytest.fixture
+def problem(attack_models):
+    net = attack_models.tiny_net()
+    x, y = attack_models.batch(net=net)
+    return net, x, y
+
+
+def _lowest_accuracy_pick(accs):
+    """Index of the returned iterate: lowest accuracy, ties -> newer, but the first
+    iterate with accuracy 0 is kept."""
+    best, pick = None, None
+    for t, acc in enumerate(accs):
+        if best is None or acc < best or (acc == best and best > 0):
+            best, pick = acc, t
+    return pick
+
+
+# -------------------------------------------------------------------- schedule
+def test_checkpoints():
+    assert apgd_checkpoints(90) == [18, 35, 50, 63, 74, 83]
+    assert apgd_checkpoints(120) == [25, 48, 68, 85, 99, 110, 118]
+    assert apgd_checkpoints(100) == [21, 40, 56, 69, 79, 86, 92, 98]
+    assert apgd_checkpoints(10) == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert apgd_checkpoints(5) == [0, 1, 2, 3, 4]
+    assert apgd_checkpoints(1) == [0]
+    assert apgd_checkpoints(0) == []
+
+
+def test_radius_schedule():
+    assert radius_schedule(300, 8) == [(90, 16.0), (90, 12.0), (120, 8.0)]
+    assert radius_schedule(12, 4) == [(3, 8.0), (3, 6.0), (6, 4.0)]
+    assert radius_schedule(10, 4) == [(3, 8.0), (3, 6.0), (4, 4.0)]
+    assert APGDLargeEps(eps=4, n_iter=300).stages == [(90, 8.0), (90, 6.0),
+                                                      (120, 4.0)]
+    with pytest.raises(ValueError, match='last radius factor'):
+        radius_schedule(300, 8, radius_factors=(2.0, 1.5), iter_fractions=(0.3, ))
+    with pytest.raises(ValueError, match='one iteration fraction per stage'):
+        radius_schedule(300, 8, radius_factors=(2.0, 1.0), iter_fractions=(0.3, 0.3))
+
+
+def test_step_size_halving_conditions():
+    t = torch.tensor
+    # (a): increases <= 0.75 * window
+    a = step_size_halving(t([15., 16., 12.]), 20, t([1., 1., 1.]), t([0., 0., 0.]),
+                          t([True, True, True]))
+    assert a.tolist() == [True, False, True]
+    # (b): not halved at the last check and the best CE did not improve
+    b = step_size_halving(t([20., 20., 20., 20.]), 20, t([1., 1., 2., 1.]),
+                          t([1., 1., 1., 2.]), t([False, True, False, False]))
+    assert b.tolist() == [True, False, False, True]
+
+
+def test_step_size_control_on_constructed_ce_traces():
+    n = 90
+    checks = apgd_checkpoints(n)
+    ce = torch.zeros(n, 3)
+    # image 0: CE increases every iteration -> never halved
+    ce[:, 0] = torch.arange(1, n + 1, dtype=torch.float)
+    # image 1: constant CE -> no increase -> (a) at every checkpoint
+    ce[:, 1] = 1.0
+    # image 2: a high first iterate, then a saw-tooth below it: many increases but
+    # the best CE never improves -> (b) fires at every other checkpoint, starting
+    # at the second ((b) cannot fire at the first checkpoint)
+    saw = 0.5 + 0.01 * (torch.arange(n) % 10).float()
+    saw[0] = 5.0
+    ce[:, 2] = saw
+    eta0 = 2 * 8 / 255
+    ctl = APGDStepSizeControl(n, torch.zeros(3), eta0)
+    # image 3: starts at its best CE (10), then a rising saw-tooth below it: (b)
+    # must not fire at the first checkpoint (no previous one), then alternates
+    start_high = APGDStepSizeControl(n, torch.tensor([10.0]), eta0)
+    halvings = []
+    for i in range(n):
+        improved, halved = ctl.update(i, ce[i])
+        assert (halved is not None) == (i in checks)
+        if i == 0:
+            assert improved.tolist() == [True, True, True]
+        _, halved_high = start_high.update(i, saw[i:i + 1].clamp(max=0.9))
+        if halved is not None:
+            halvings.append(halved.tolist() + halved_high.tolist())
+    assert [h[0] for h in halvings] == [False] * 6
+    assert [h[1] for h in halvings] == [True] * 6
+    assert [h[2] for h in halvings] == [False, True, False, True, False, True]
+    assert [h[3] for h in halvings] == [False, True, False, True, False, True]
+    assert ctl.eta.tolist() == pytest.approx([eta0, eta0 / 64, eta0 / 8])
+    assert ctl.ce_best.tolist() == [90.0, 1.0, 5.0]
+
+
+# ------------------------------------------------------------------ invariants
+@pytest.mark.parametrize('norm', ['Linf', 'L2'])
+@pytest.mark.parametrize('name', list(MAKERS))
+def test_invariants(name, norm, problem, attack_models):
+    net, x, y = problem
+    eps = EPS[norm]
+    attack = MAKERS[name](eps, norm)
+    out = attack.run(net, x, y, seeds=SEEDS)
+    attack_models.assert_feasible(out.adv_images, x, eps, norm)
+    assert torch.equal(out.adv_pred, net(out.adv_images).argmax(1))
+    clean = pixel_accuracy(net(x).argmax(1), y)
+    robust = pixel_accuracy(out.adv_pred, y)
+    assert (robust <= clean).all() and (robust < clean).any()
+    again = attack.run(net, x, y, seeds=SEEDS)
+    assert torch.equal(again.adv_images, out.adv_images)
+    assert torch.equal(again.adv_pred, out.adv_pred)
+    # per-image seeds: independent of batch composition
+    a = attack.run(net, x[:2], y[:2], seeds=SEEDS[:2])
+    b = attack.run(net, x[2:], y[2:], seeds=SEEDS[2:])
+    assert torch.equal(torch.cat([a.adv_images, b.adv_images]), out.adv_images)
+    assert torch.equal(torch.cat([a.adv_pred, b.adv_pred]), out.adv_pred)
+
+
+@pytest.mark.parametrize('norm', ['Linf', 'L2'])
+@pytest.mark.parametrize('name', list(MAKERS))
+def test_eps_zero_returns_clean_images_and_predictions(name, norm, problem):
+    net, x, y = problem
+    for early_stop in (True, False):
+        out = MAKERS[name](0, norm, early_stop=early_stop).run(net, x, y)
+        assert torch.equal(out.adv_images, x)
+        assert torch.equal(out.adv_pred, net(x).argmax(1))
+
+
+@pytest.mark.parametrize('name', list(MAKERS))
+def test_pixels_that_do_not_count_do_not_change_the_result(name, problem):
+    net, x, y = problem
+    attack = MAKERS[name](8, 'Linf')
+    y_ign = y.clone()
+    y_ign[:, :2, :] = 255
+    valid = torch.ones_like(y, dtype=torch.bool)
+    valid[:, :, -3:] = False
+    ref = attack.run(net, x, y_ign, valid, seeds=SEEDS)
+    y_pad = y_ign.clone()
+    y_pad[:, :, -3:] = 77
+    y_zero = y_ign.clone()
+    y_zero[:, :2, :] = 0
+    for labels, mask in ((y_pad, valid), (y_zero, valid & (y_ign != 255))):
+        other = attack.run(net, x, labels, mask, seeds=SEEDS)
+        assert torch.equal(other.adv_images, ref.adv_images)
+        assert torch.equal(other.adv_pred, ref.adv_pred)
+    assert not torch.equal(attack(net, x, y, seeds=SEEDS), ref.adv_images)
+
+
+def test_ignored_pixels_stay_at_the_starting_point(attack_models):
+    o = attack_models.oracle(b=2, h=3, w=4)
+    y = o.y.clone()
+    y[0, 1, :] = 255
+    adv = APGD(eps=8, n_iter=8).run(o.model, o.x, y, init=o.x).adv_images
+    assert ((adv - o.x)[0, :, 1, :] == 0).all()
+    keep = y != 255
+    assert torch.allclose(adv.permute(0, 2, 3, 1)[keep],
+                          o.linf_optimum(8).permute(0, 2, 3, 1)[keep], atol=1e-6)
+
+
+# ---------------------------------------------------------------------- oracle
+@pytest.mark.parametrize('early_stop', [True, False])
+@pytest.mark.parametrize('loss', ['CE', 'Mask-CE', 'JS-Avg'])
+def test_linf_oracle(loss, early_stop, attack_models):
+    o = attack_models.oracle()
+    for attack in (APGD(eps=8, n_iter=10, loss=loss, early_stop=early_stop),
+                   APGDLargeEps(eps=8, n_iter=12, loss=loss, early_stop=early_stop)):
+        out = attack.run(o.model, o.x, o.y, seeds=[0, 1])
+        assert torch.allclose(out.adv_images, o.linf_optimum(8), atol=1e-5,
+                              rtol=0), attack
+        assert torch.equal(out.adv_pred, o.y)  # the oracle stays correct
+
+
+def test_l2_oracle_one_pixel(attack_models):
+    # APGD picks x_best (where halved images restart) by comparing per-image CE in
+    # fp32; near the optimum CE differences fall below fp32 resolution, so the
+    # iterates settle within ~1e-3 of it (PGD, with no such restarts, reaches
+    # 1e-5: see test_attack_pgd.py). The point is on the sphere in the right
+    # direction; a wrong step or projection would be off by ~eps = 0.08.
+    o = attack_models.oracle(b=3, h=1, w=1)
+    eps = 20
+    for attack in (APGD(eps=eps, norm='L2', n_iter=40),
+                   APGDLargeEps(eps=eps, norm='L2', n_iter=60)):
+        adv = attack(o.model, o.x, o.y, seeds=[0, 1, 2])
+        delta = (adv - o.x).flatten(1)
+        best = (o.l2_optimum(eps) - o.x).flatten(1)
+        assert torch.allclose(delta.norm(dim=1), torch.full((3, ), eps / 255),
+                              atol=1e-5, rtol=0), attack
+        assert (delta - best).norm(dim=1).max() < 2e-3, attack
+        cos = torch.nn.functional.cosine_similarity(delta, best)
+        assert (cos > 1 - 1e-3).all(), attack
+
+
+# --------------------------------------------------------- returned point, cost
+@pytest.mark.parametrize('norm', ['Linf', 'L2'])
+def test_returned_point_is_the_lowest_accuracy_iterate(norm, attack_models):
+    net = attack_models.tiny_net()
+    x, y = attack_models.batch(net=net, seed=3)
+    rec = attack_models.Recorder(net)
+    n = 12
+    out = APGD(eps=4 * EPS[norm], norm=norm, n_iter=n, loss=Wander(),
+               early_stop=False).run(rec, x, y, seeds=SEEDS)
+    iterates = rec.inputs
+    assert len(iterates) == n + 1  # x_0 .. x_n, one forward each
+    accs = torch.stack([pixel_accuracy(net(it).argmax(1), y) for it in iterates])
+    picks = [_lowest_accuracy_pick(accs[:, i].tolist()) for i in range(len(x))]
+    for i, t in enumerate(picks):
+        assert torch.equal(out.adv_images[i], iterates[t][i])
+        assert torch.equal(out.adv_pred[i], net(iterates[t][i:i + 1]).argmax(1)[0])
+    assert any(t != n for t in picks), 'test is trivial: every pick is the last'
+
+
+@pytest.mark.parametrize('norm', ['Linf', 'L2'])
+def test_iterates_follow_the_apgd_update_rule(norm, attack_models, problem):
+    """Replay APGD from its recorded iterates (section 3.2): momentum (a = 1 at the
+    first step, 0.75 after), step 2*eps halved per the step-size control, halved
+    images restart from x_best with its gradient."""
+    net, x, y = problem
+    eps, n = EPS[norm], 30
+    attack = APGD(eps=eps, norm=norm, n_iter=n, early_stop=False)
+    rec = attack_models.Recorder(net)
+    attack.run(rec, x, y, seeds=SEEDS)
+    xs = rec.inputs
+    tm = attack.threat_model
+    ce_obj = CrossEntropy()
+
+    def grad_and_ce(point):
+        point = point.clone().requires_grad_(True)
+        ce = ce_obj(net(point), y)
+        return torch.autograd.grad(ce.sum(), point)[0], ce.detach()
+
+    g, ce0 = grad_and_ce(xs[0])
+    ctl = APGDStepSizeControl(n, ce0, 2 * tm.radius)
+    x_cur = x_prev = x_best = xs[0]
+    g_best = g
+    restarts = 0
+    for i in range(n):
+        a = 1.0 if i == 0 else 0.75
+        eta = ctl.eta.view(-1, 1, 1, 1)
+        z = tm.project(x_cur + eta * tm.direction(g), x)
+        expected = tm.project(x_cur + a * (z - x_cur) + (1 - a) * (x_cur - x_prev), x)
+        assert torch.allclose(xs[i + 1], expected, atol=1e-6, rtol=0), i
+        x_prev, x_cur = x_cur, xs[i + 1]
+        if i == n - 1:
+            break
+        g, ce = grad_and_ce(x_cur)
+        improved, halved = ctl.update(i, ce)
+        keep = improved.view(-1, 1, 1, 1)
+        x_best = torch.where(keep, x_cur, x_best)
+        g_best = torch.where(keep, g, g_best)
+        if halved is not None:
+            moved = halved & (x_best != x_cur).flatten(1).any(1)
+            restarts += int(moved.sum())
+            x_cur = torch.where(halved.view(-1, 1, 1, 1), x_best, x_cur)
+            g = torch.where(halved.view(-1, 1, 1, 1), g_best, g)
+    assert restarts > 0  # the replay exercised restarts from x_best
+    assert (ctl.eta < 2 * tm.radius).any()
+
+
+def test_last_iteration_needs_no_backward(attack_models, problem):
+    net, x, y = problem
+    rec = attack_models.Recorder(net)
+    APGD(eps=8, n_iter=7, early_stop=False)(rec, x, y)
+    assert (rec.n_forward, rec.n_backward) == (8, 7)
+    rec = attack_models.Recorder(net)
+    APGDLargeEps(eps=8, n_iter=10, early_stop=False)(rec, x, y)
+    assert (rec.n_forward, rec.n_backward) == (13, 10)  # 3 stages: n_i + 1 each
+
+
+def test_early_stop_gives_the_same_result_with_less_compute(attack_models):
+    net = attack_models.tiny_net()
+    x, y = attack_models.batch(b=6, h=2, w=2, net=net, seed=1)
+    seeds = list(range(6))
+    for make in (lambda es: APGD(eps=128, n_iter=15, early_stop=es),
+                 lambda es: APGDLargeEps(eps=64, n_iter=20, early_stop=es,
+                                         loss='Mask-CE')):
+        runs = {}
+        for es in (False, True):
+            rec = attack_models.Recorder(net)
+            runs[es] = (make(es).run(rec, x, y, seeds=seeds), rec.n_images)
+        (full, n_full), (stop, n_stop) = runs[False], runs[True]
+        assert torch.equal(full.adv_images, stop.adv_images)
+        assert torch.equal(full.adv_pred, stop.adv_pred)
+        acc = pixel_accuracy(full.adv_pred, y)
+        assert (acc == 0).any() and (acc > 0).any()  # the test is not trivial
+        assert n_stop < n_full
+
+
+def test_init_replaces_the_random_start(attack_models, problem):
+    net, x, y = problem
+    init = (x + 0.5).clamp(0, 1)  # far outside the ball: projected first
+    rec = attack_models.Recorder(net)
+    out = APGD(eps=8, n_iter=3, early_stop=False).run(rec, x, y, init=init)
+    assert torch.allclose(rec.inputs[0], (x + 8 / 255).clamp(0, 1).minimum(init),
+                          atol=1e-7, rtol=0)
+    attack_models.assert_feasible(out.adv_images, x, 8, 'Linf')
+    with pytest.raises(ValueError, match='init'):
+        APGD(eps=8, n_iter=3).run(net, x, y, init=x[:2])
+
+
+def test_stages_start_inside_the_smaller_balls(attack_models, problem):
+    net, x, y = problem
+    eps, n = 8, 20
+    stages = radius_schedule(n, eps)  # [(6, 16), (6, 12), (8, 8)]
+    rec = attack_models.Recorder(net)
+    attack = APGDLargeEps(eps=eps, n_iter=n, early_stop=False)
+    out = attack.run(rec, x, y, seeds=SEEDS)
+    starts = [0, stages[0][0] + 1, stages[0][0] + stages[1][0] + 2]
+    assert len(rec.inputs) == n + 3
+    bounds = []
+    for (n_i, eps_i), s in zip(stages, starts):
+        block = torch.stack(rec.inputs[s:s + n_i + 1])  # iterates of the stage
+        dist = (block - x).abs().flatten(2).amax(2)
+        assert (dist <= eps_i / 255 + 1e-6).all()
+        bounds.append(dist.max().item() * 255)
+    assert bounds[0] > 12 + 1e-3 and bounds[1] > 8 + 1e-3  # larger balls are used
+    # stage 2 starts from stage 1's returned point projected onto the 1.5 eps ball
+    stage1 = APGD(eps=16, n_iter=6, early_stop=False).run(net, x, y, seeds=SEEDS)
+    proj = x + (stage1.adv_images - x).clamp(-12 / 255, 12 / 255)
+    assert torch.allclose(rec.inputs[starts[1]], proj.clamp(0, 1), atol=1e-7)
+    stage2 = APGD(eps=12, n_iter=6, early_stop=False).run(
+        net, x, y, init=rec.inputs[starts[1]])
+    proj = x + (stage2.adv_images - x).clamp(-8 / 255, 8 / 255)
+    assert torch.allclose(rec.inputs[starts[2]], proj.clamp(0, 1), atol=1e-7)
+    final = APGD(eps=8, n_iter=8, early_stop=False).run(
+        net, x, y, init=rec.inputs[starts[2]])
+    assert torch.equal(final.adv_images, out.adv_images)
+
+
+def test_build_from_registry(problem):
+    net, x, y = problem
+    attack = ATTACKS.build(dict(type='APGD', eps=4, n_iter=5, loss='SegPGD'))
+    assert isinstance(attack, APGD) and attack.objective.name == 'SegPGD'
+    large = ATTACKS.build(dict(type='APGDLargeEps', eps=4, n_iter=10, norm='l2'))
+    assert large.norm == 'L2' and large.stages == [(3, 8.0), (3, 6.0), (4, 4.0)]
+    assert large(net, x, y).shape == x.shape
+    with pytest.raises(ValueError, match='n_iter'):
+        APGD(n_iter=-1)

@@ -1,0 +1,171 @@
+"""SEA, the Segmentation Ensemble Attack (ALGORITHMS.md section 4)."""
+import pytest
+import torch
+
+from mmseg_robust.attacks import (SEA, APGDLargeEps, BalancedMaskedCrossEntropy,
+                                  JensenShannonDivergence, MaskedCrossEntropy,
+                                  derive_seeds, num_correct, pixel_accuracy)
+from mmseg_robust.registry import ATTACKS
+
+pytestmark = pytest.mark.usefixtures('attack_one_thread')
+
+SEEDS = [31, 32, 33, 34]
+WEIGHTS = [0.1, 0.2, 0.3, 0.4]
+EPS = {'Linf': 8, 'L2': 64}
+NAMES = ['APGD-Mask-CE-Bal', 'APGD-Mask-CE', 'APGD-JS-Avg']
+
+
+@pytest.fixture
+def problem(attack_models):
+    net = attack_models.tiny_net()
+    x, y = attack_models.batch(net=net)
+    return net, x, y
+
+
+def _sea(eps=8, norm='Linf', **kw):
+    return SEA(eps=eps, n_iter=10, norm=norm, class_weights=WEIGHTS, **kw)
+
+
+def test_three_losses_in_order():
+    sea = _sea()
+    assert list(sea.attacks) == NAMES
+    kinds = [type(a.objective) for a in sea.attacks.values()]
+    assert kinds == [BalancedMaskedCrossEntropy, MaskedCrossEntropy,
+                     JensenShannonDivergence]
+    for attack in sea.attacks.values():
+        assert isinstance(attack, APGDLargeEps)
+        assert attack.stages == [(3, 16.0), (3, 12.0), (4, 8.0)]
+    assert sea.attacks[NAMES[0]].objective.class_weights.tolist() == \
+        pytest.approx(WEIGHTS)
+
+
+def test_build_from_registry(problem):
+    net, x, y = problem
+    sea = ATTACKS.build(dict(type='SEA', eps=8, n_iter=12, class_weights=WEIGHTS))
+    assert isinstance(sea, SEA) and list(sea.attacks) == NAMES
+    assert sea(net, x, y).shape == x.shape
+    voc = ATTACKS.build(dict(type='SEA', eps=4, n_iter=300, class_weights='voc'))
+    assert voc.attacks[NAMES[0]].stages == [(90, 8.0), (90, 6.0), (120, 4.0)]
+
+
+def test_mask_ce_bal_without_class_weights_says_what_to_pass():
+    with pytest.raises(ValueError, match="class_weights='voc' \\| 'ade20k'"):
+        SEA(eps=8, n_iter=10)
+    # fine without Mask-CE-Bal, or with weights inside the loss config
+    assert list(SEA(eps=8, n_iter=10, losses=('Mask-CE', 'JS-Avg')).attacks) == \
+        NAMES[1:]
+    sea = SEA(eps=8, n_iter=10,
+              losses=(dict(type='Mask-CE-Bal', class_weights='voc'), ))
+    assert sea.attacks['APGD-Mask-CE-Bal'].objective.class_weights.numel() == 21
+
+
+def test_class_weight_length_mismatch(problem):
+    net, x, y = problem
+    with pytest.raises(ValueError, match='21 class weights.*K=4'):
+        SEA(eps=8, n_iter=3, class_weights='voc')(net, x, y)
+
+
+@pytest.mark.parametrize('norm', ['Linf', 'L2'])
+def test_worst_case_per_image(norm, problem, attack_models):
+    net, x, y = problem
+    sea = _sea(EPS[norm], norm)
+    outs = sea.run_all(net, x, y, seeds=SEEDS)
+    assert list(outs) == NAMES
+    worst = sea.run(net, x, y, seeds=SEEDS)
+    attack_models.assert_feasible(worst.adv_images, x, EPS[norm], norm)
+    assert torch.equal(worst.adv_pred, net(worst.adv_images).argmax(1))
+    accs = torch.stack([pixel_accuracy(o.adv_pred, y) for o in outs.values()])
+    acc = pixel_accuracy(worst.adv_pred, y)
+    assert (acc <= accs).all()  # no single attack is stronger on any image
+    assert torch.equal(acc, accs.min(0).values)
+    assert (acc <= pixel_accuracy(net(x).argmax(1), y)).all()
+    # each image's output is the one of the (first) attack achieving its minimum
+    for i in range(len(x)):
+        a = int(torch.nonzero(accs[:, i] == acc[i])[0])
+        chosen = list(outs.values())[a]
+        assert torch.equal(worst.adv_images[i], chosen.adv_images[i])
+        assert torch.equal(worst.adv_pred[i], chosen.adv_pred[i])
+    for o in outs.values():
+        attack_models.assert_feasible(o.adv_images, x, EPS[norm], norm)
+
+
+def test_ties_go_to_the_earlier_attack(problem):
+    net, x, y = problem
+    sea = _sea(eps=0.5)  # too small to change many predictions: ties
+    outs = list(sea.run_all(net, x, y, seeds=SEEDS).values())
+    worst = sea.run(net, x, y, seeds=SEEDS)
+    accs = torch.stack([pixel_accuracy(o.adv_pred, y) for o in outs])
+    tied = (accs == accs[0]).all(0)
+    assert tied.any()
+    differ = tied & (outs[0].adv_images != outs[1].adv_images).flatten(1).any(1)
+    assert differ.any()  # the choice matters
+    assert torch.equal(worst.adv_images[tied], outs[0].adv_images[tied])
+
+
+def test_attacks_are_independent_runs_from_the_clean_input(problem):
+    net, x, y = problem
+    sea = _sea()
+    outs = sea.run_all(net, x, y, seeds=SEEDS)
+    for a, (name, attack) in enumerate(sea.attacks.items()):
+        alone = attack.run(net, x, y, seeds=derive_seeds(SEEDS, a))
+        assert torch.equal(alone.adv_images, outs[name].adv_images), name
+        assert torch.equal(alone.adv_pred, outs[name].adv_pred), name
+
+
+def test_derived_seeds_are_deterministic_and_distinct():
+    a = derive_seeds([1, 2, 3], 0)
+    assert a == derive_seeds([1, 2, 3], 0)
+    assert a[1:] == derive_seeds([2, 3], 0)  # per image, not per batch
+    assert len({*a, *derive_seeds([1, 2, 3], 1)}) == 6
+    assert all(0 <= s < 2**63 for s in a)
+    assert derive_seeds(None, 0) is None
+
+
+@pytest.mark.parametrize('norm', ['Linf', 'L2'])
+def test_seeds_reproducible_and_batch_independent(norm, problem):
+    net, x, y = problem
+    sea = _sea(EPS[norm], norm)
+    full = sea.run(net, x, y, seeds=SEEDS)
+    again = sea.run(net, x, y, seeds=SEEDS)
+    assert torch.equal(full.adv_images, again.adv_images)
+    a = sea.run(net, x[:2], y[:2], seeds=SEEDS[:2])
+    b = sea.run(net, x[2:], y[2:], seeds=SEEDS[2:])
+    assert torch.equal(full.adv_images, torch.cat([a.adv_images, b.adv_images]))
+    assert torch.equal(full.adv_pred, torch.cat([a.adv_pred, b.adv_pred]))
+
+
+@pytest.mark.parametrize('norm', ['Linf', 'L2'])
+def test_eps_zero_returns_clean_images_and_predictions(norm, problem):
+    net, x, y = problem
+    sea = _sea(0, norm)
+    for out in (sea.run(net, x, y), *sea.run_all(net, x, y).values()):
+        assert torch.equal(out.adv_images, x)
+        assert torch.equal(out.adv_pred, net(x).argmax(1))
+
+
+def test_pixels_that_do_not_count_do_not_change_the_result(problem):
+    net, x, y = problem
+    sea = _sea()
+    y_ign = y.clone()
+    y_ign[:, :2, :] = 255
+    valid = torch.ones_like(y, dtype=torch.bool)
+    valid[:, :, -3:] = False
+    ref = sea.run(net, x, y_ign, valid, seeds=SEEDS)
+    y_pad = y_ign.clone()
+    y_pad[:, :, -3:] = 77
+    y_zero = y_ign.clone()
+    y_zero[:, :2, :] = 0
+    for labels, mask in ((y_pad, valid), (y_zero, valid & (y_ign != 255))):
+        other = sea.run(net, x, labels, mask, seeds=SEEDS)
+        assert torch.equal(other.adv_images, ref.adv_images)
+    counted = valid & (y_ign != 255)
+    acc = num_correct(ref.adv_pred, y_zero, counted).float() / counted.sum((1, 2))
+    assert torch.equal(pixel_accuracy(ref.adv_pred, y_ign, valid), acc)
+
+
+def test_cost_about_n_iter_passes_per_attack(attack_models, problem):
+    net, x, y = problem
+    rec = attack_models.Recorder(net)
+    SEA(eps=8, n_iter=10, class_weights=WEIGHTS, early_stop=False)(rec, x, y)
+    assert rec.n_backward == 3 * 10
+    assert rec.n_forward == 3 * (10 + 3)  # one extra forward per stage
