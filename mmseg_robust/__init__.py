@@ -12,6 +12,6 @@ from .version import __version__
 
 apply_compat()
 
-from . import attacks, datasets, evaluation  # noqa: E402,F401  (registers)
+from . import attacks, datasets, engine, evaluation, models  # noqa: E402,F401,I001
 
 __all__ = ['__version__']

@@ -228,13 +228,16 @@ def test_input_errors(problem):
     attack = PGD(steps=1)
     with pytest.raises(ValueError, match=r'\[0, 1\]'):
         attack(net, x * 2 - 0.5, y)
-    with pytest.raises(ValueError, match='labels'):
+    with pytest.raises(ValueError, match='labels must be a tensor'):
+        attack(net, x, y[:1])
+    # labels at another resolution need logits at that resolution
+    with pytest.raises(ValueError, match='label resolution'):
         attack(net, x, y[:, :4])
     with pytest.raises(ValueError, match='labels must be integer'):
         attack(net, x, y.float())
     with pytest.raises(ValueError, match='seeds'):
         attack(net, x, y, seeds=[1, 2])
-    with pytest.raises(ValueError, match='input resolution'):
+    with pytest.raises(ValueError, match='label resolution'):
         attack(lambda im: net(im)[:, :, ::2], x, y)
 
     def frozen(im):
@@ -262,3 +265,18 @@ def test_build_from_registry():
     assert not bim.random_start and bim.step_size == 2.55
     fgsm = ATTACKS.build(dict(type='FGSM', eps=4, norm='l2'))
     assert (fgsm.steps, fgsm.step_size, fgsm.norm) == (1, 4, 'L2')
+
+
+def test_labels_at_another_resolution(problem):
+    # mmseg evaluates at the original image size: the model view may upsample.
+    net, x, y = problem
+    y2 = torch.nn.functional.interpolate(
+        y[:, None].float(), scale_factor=2, mode='nearest')[:, 0].long()
+
+    def upsampling_view(im):
+        return torch.nn.functional.interpolate(
+            net(im), scale_factor=2, mode='bilinear')
+
+    out = PGD(eps=8, steps=3, random_start=False).run(upsampling_view, x, y2)
+    assert out.adv_pred.shape == y2.shape
+    assert (out.adv_images - x).abs().max() <= 8 / 255 + 1e-6

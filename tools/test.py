@@ -10,6 +10,7 @@ from mmengine.runner import Runner
 # Registers mmseg_robust's components into mmseg's registries and applies its
 # compatibility fixes, so configs without `custom_imports` work too.
 import mmseg_robust  # noqa: F401,E402
+from mmseg_robust.engine import apply_robustness_evaluator  # noqa: E402
 
 
 # TODO: support fuse_conv_bn, visualization, and format_only
@@ -103,6 +104,10 @@ def main():
                                 osp.splitext(osp.basename(args.config))[0])
 
     cfg.load_from = args.checkpoint
+
+    # mmseg_robust: `--cfg-options evaluator=SEA` (or evaluator.type=SEA
+    # evaluator.eps=4,8 ...) turns the test into a robustness evaluation.
+    apply_robustness_evaluator(cfg)
 
     if args.show or args.show_dir:
         cfg = trigger_visualization_hook(cfg, args)

@@ -1,10 +1,11 @@
 """Attack base class, input checks and the model view (ALGORITHMS.md section 1).
 
 An attack sees a *pixel-space model view*: any callable ``model(images) -> logits``
-with images ``(B, 3, H, W)`` in ``[0, 1]`` and logits ``(B, K, H, W)`` at the input
-resolution. Attacks never switch the model's mode and never touch parameter
-gradients: they differentiate the objective w.r.t. the input only
-(``torch.autograd.grad``), in fp32, under ``torch.enable_grad()``.
+with images ``(B, 3, H, W)`` in ``[0, 1]`` and logits ``(B, K, H', W')`` at the
+resolution of the labels ``(B, H', W')`` (usually ``H' = H``, ``W' = W``).
+Attacks never switch the model's mode and never touch parameter gradients: they
+differentiate the objective w.r.t. the input only (``torch.autograd.grad``), in
+fp32, under ``torch.enable_grad()``.
 """
 import contextlib
 import copy
@@ -81,12 +82,14 @@ class SegmentationTarget:
         with _no_autocast(x.device):
             logits = self.model(x)
         if not isinstance(logits, Tensor) or logits.dim() != 4 or \
-                logits.shape[0] != x.shape[0] or logits.shape[2:] != x.shape[2:]:
+                logits.shape[0] != x.shape[0] or \
+                logits.shape[2:] != self.labels.shape[1:]:
             got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits)
             raise ValueError(
-                f'the model view must return logits (B, K, H, W) at the input '
-                f'resolution {tuple(x.shape[2:])} for images {tuple(x.shape)}, got '
-                f'{got}; resize the logits inside the model view')
+                f'the model view must return logits (B, K, H, W) at the label '
+                f'resolution {tuple(self.labels.shape[1:])} for images '
+                f'{tuple(x.shape)}, got {got}; resize the logits inside the model '
+                'view')
         if self.num_classes is None:
             self._first_forward(logits.shape[1])
         return logits.float()
@@ -218,11 +221,16 @@ class Attack:
             raise ValueError(
                 'images must be a float tensor (B, C, H, W) in [0, 1], got '
                 f'{getattr(images, "shape", type(images))}')
-        b, _, h, w = images.shape
-        if not isinstance(labels, Tensor) or labels.shape != (b, h, w):
+        b = images.shape[0]
+        # Labels are usually at the image resolution, but may be at another one
+        # (mmseg evaluates at the original image size): the model view then
+        # returns logits at the label resolution.
+        if not isinstance(labels, Tensor) or labels.dim() != 3 or \
+                labels.shape[0] != b:
             raise ValueError(
-                f'labels must be a tensor (B, H, W) = {(b, h, w)}, got '
+                f'labels must be a tensor (B, H, W) with B = {b}, got '
                 f'{getattr(labels, "shape", type(labels))}')
+        h, w = labels.shape[1:]
         if labels.is_floating_point() or labels.dtype == torch.bool:
             raise ValueError(f'labels must be integer (long), got {labels.dtype}')
         if valid is not None and (not isinstance(valid, Tensor)

@@ -1,0 +1,238 @@
+"""The robustness metric: clean, per-attack and SEA worst-case numbers from
+per-image counts (ALGORITHMS.md section 4).
+
+:class:`~mmseg_robust.engine.AdversarialTestLoop` hands this metric one record per
+image with per-class intersection/union/label-area counts and the pixel accuracy of
+the clean prediction and of every attack at every eps (see
+:func:`image_record`); never a prediction map. mmengine gathers the records from
+all ranks in dataset order, so the numbers do not depend on the number of
+processes.
+"""
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from mmengine.evaluator import BaseMetric
+from mmengine.logging import MMLogger, print_log
+
+from mmseg_robust.registry import METRICS
+from .counts import miou_from_counts, per_image_counts
+from .worst_case import WORST_CASE_MIOU_MODES, worst_case_aacc, worst_case_miou
+
+__all__ = [
+    'RobustnessMetric', 'counts_of_batch', 'eps_key', 'flatten_summary',
+    'format_summary', 'image_record', 'summarize_records'
+]
+
+#: Count arrays stored per image and prediction (pred_area is derivable).
+RECORD_COUNT_KEYS = ('intersect', 'union', 'label_area')
+
+
+def counts_of_batch(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
+                    ignore_index: int) -> List[dict]:
+    """Per-image counts of a batch as JSON-friendly dicts (lists of ints)."""
+    counts = per_image_counts(pred, label, num_classes, ignore_index)
+    out = []
+    for i in range(pred.shape[0]):
+        rec = {k: counts[k][i].tolist() for k in RECORD_COUNT_KEYS}
+        rec['correct'] = int(counts['correct'][i])
+        rec['valid'] = int(counts['valid'][i])
+        out.append(rec)
+    return out
+
+
+def image_record(key: str, num_classes: int, clean: dict,
+                 attacks: Dict[str, Dict[str, dict]]) -> dict:
+    """One image's record: ``{'key', 'num_classes', 'clean', 'attacks'}`` with
+    ``attacks[eps][attack_name]`` = counts (eps as a string, e.g. ``'8'``)."""
+    return dict(key=key, num_classes=num_classes, clean=clean, attacks=attacks)
+
+
+def eps_key(eps: float) -> str:
+    return f'{float(eps):g}'
+
+
+def _stack(records: Sequence[dict], getter, key: str) -> np.ndarray:
+    return np.asarray([getter(r)[key] for r in records], dtype=np.int64)
+
+
+def _pooled(records, getter) -> dict:
+    inter = _stack(records, getter, 'intersect').sum(0)
+    union = _stack(records, getter, 'union').sum(0)
+    label = _stack(records, getter, 'label_area').sum(0)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        a_acc = inter.sum() / label.sum()
+    return dict(mIoU=miou_from_counts(inter, union), aAcc=float(a_acc))
+
+
+def _per_image_acc(records, getter, keep: np.ndarray) -> np.ndarray:
+    correct = np.asarray([getter(r)['correct'] for r in records], np.float64)
+    valid = np.asarray([getter(r)['valid'] for r in records], np.float64)
+    return correct[keep] / valid[keep]
+
+
+def summarize_records(records: Sequence[dict],
+                      worst_case_modes: Sequence[str] = WORST_CASE_MIOU_MODES,
+                      seed: int = 0) -> dict:
+    """All numbers of a robustness evaluation, as fractions in [0, 1].
+
+    Args:
+        records (sequence of dict): :func:`image_record` outputs, in dataset order.
+        worst_case_modes (sequence of str): greedy modes of the worst-case mIoU to
+            report (``'best'``, ``'reference'``).
+        seed (int): seed of the greedy's image order.
+
+    Returns:
+        dict: ``{'num_images', 'clean': {mIoU, aAcc, aAcc_img}, 'eps': {eps:
+        {'attacks': {name: {mIoU, aAcc, aAcc_img}}, 'worst_case': {aAcc_img,
+        mIoU (first mode), mIoU_<mode> ...}}}}``. ``aAcc`` is pooled over pixels
+        (mmseg's), ``aAcc_img`` the mean over images of each image's accuracy
+        (SEA's aACC); images without valid pixels are left out of ``aAcc_img``.
+    """
+    if not records:
+        raise ValueError('no image records to summarize')
+    keep = np.asarray([r['clean']['valid'] > 0 for r in records])
+    clean = _pooled(records, lambda r: r['clean'])
+    clean_acc = _per_image_acc(records, lambda r: r['clean'], keep)
+    clean['aAcc_img'] = float(clean_acc.mean()) if keep.any() else float('nan')
+    out = OrderedDict(num_images=len(records), clean=clean, eps=OrderedDict())
+    for eps in records[0]['attacks']:
+        names = list(records[0]['attacks'][eps])
+        per_attack = OrderedDict()
+        accs = []
+        for name in names:
+
+            def get(r, eps=eps, name=name):
+                return r['attacks'][eps][name]
+
+            res = _pooled(records, get)
+            acc = _per_image_acc(records, get, keep)
+            res['aAcc_img'] = float(acc.mean()) if keep.any() else float('nan')
+            per_attack[name] = res
+            accs.append(acc)
+        inter = np.stack([
+            _stack(records, lambda r, n=n: r['attacks'][eps][n], 'intersect')
+            for n in names
+        ])
+        union = np.stack([
+            _stack(records, lambda r, n=n: r['attacks'][eps][n], 'union')
+            for n in names
+        ])
+        worst = OrderedDict(
+            aAcc_img=worst_case_aacc(np.stack(accs)) if keep.any() else float(
+                'nan'))
+        for i, mode in enumerate(worst_case_modes):
+            miou, _ = worst_case_miou(inter, union, mode=mode, seed=seed)
+            worst[f'mIoU_{mode}'] = float(miou)
+            if i == 0:
+                worst['mIoU'] = float(miou)
+        out['eps'][eps] = OrderedDict(attacks=per_attack, worst_case=worst)
+    return out
+
+
+def flatten_summary(summary: dict, name: str = 'SEA') -> Dict[str, float]:
+    """Flat ``{key: percent}`` metrics for logging (mmseg reports percentages).
+
+    Keys: ``mIoU``, ``aAcc``, ``aAcc_img`` (clean), ``eps8/<name>/mIoU``,
+    ``eps8/<name>/aAcc`` (worst case over the attacks), ``eps8/<name>/mIoU_<mode>``
+    and ``eps8/<attack>/mIoU``, ``eps8/<attack>/aAcc`` per single attack.
+    """
+    flat = OrderedDict()
+    for k, v in summary['clean'].items():
+        flat[k] = round(100 * v, 2)
+    for eps, res in summary['eps'].items():
+        worst = res['worst_case']
+        flat[f'eps{eps}/{name}/mIoU'] = round(100 * worst['mIoU'], 2)
+        flat[f'eps{eps}/{name}/aAcc'] = round(100 * worst['aAcc_img'], 2)
+        for k, v in worst.items():
+            if k.startswith('mIoU_'):
+                flat[f'eps{eps}/{name}/{k}'] = round(100 * v, 2)
+        for attack, r in res['attacks'].items():
+            flat[f'eps{eps}/{attack}/mIoU'] = round(100 * r['mIoU'], 2)
+            flat[f'eps{eps}/{attack}/aAcc'] = round(100 * r['aAcc_img'], 2)
+    return flat
+
+
+def format_summary(summary: dict, name: str = 'SEA') -> str:
+    """A plain-text table of a summary (percent)."""
+    rows = [('eps', 'attack', 'mIoU', 'aAcc (pooled)', 'aAcc (per image)')]
+    c = summary['clean']
+    rows.append(('0', 'clean', f"{100 * c['mIoU']:.2f}", f"{100 * c['aAcc']:.2f}",
+                 f"{100 * c['aAcc_img']:.2f}"))
+    for eps, res in summary['eps'].items():
+        for attack, r in res['attacks'].items():
+            rows.append((eps, attack, f"{100 * r['mIoU']:.2f}",
+                         f"{100 * r['aAcc']:.2f}", f"{100 * r['aAcc_img']:.2f}"))
+        w = res['worst_case']
+        rows.append((eps, f'{name} (worst case)', f"{100 * w['mIoU']:.2f}", '-',
+                     f"{100 * w['aAcc_img']:.2f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        ' | '.join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows
+    ]
+    lines.insert(1, '-+-'.join('-' * w for w in widths))
+    return '\n'.join(lines)
+
+
+@METRICS.register_module()
+class RobustnessMetric(BaseMetric):
+    """Clean, per-attack and worst-case (SEA) mIoU/aACC from per-image counts.
+
+    Used with :class:`~mmseg_robust.engine.AdversarialTestLoop`, which computes
+    the counts; ``compute_metrics`` gets every image's record in dataset order.
+
+    Reported (percent, like mmseg): clean ``mIoU``/``aAcc`` (pooled, as
+    ``IoUMetric``) and ``aAcc_img`` (mean per-image accuracy); per eps the worst
+    case over the attacks, ``eps8/SEA/mIoU`` (greedy worst-case mIoU, first mode of
+    ``worst_case_modes``), ``eps8/SEA/mIoU_<mode>`` for each mode and
+    ``eps8/SEA/aAcc`` (mean over images of the minimum accuracy over attacks,
+    section 4), and each single attack's ``eps8/<attack>/mIoU`` (pooled) and
+    ``eps8/<attack>/aAcc`` (mean per-image).
+
+    Args:
+        worst_case_modes (sequence of str): ``'best'`` (default first: never
+            weaker per swap) and/or ``'reference'`` (the SEA reference's greedy,
+            for comparison with published numbers).
+        seed (int): seed of the greedy's image order. Default: 0.
+        name (str): name of the worst case in the keys. Default: ``'SEA'``.
+        collect_device (str): ``'cpu'`` or ``'gpu'``. Default: ``'cpu'``.
+        prefix (str, optional): metric prefix.
+    """
+
+    def __init__(self,
+                 worst_case_modes: Sequence[str] = ('best', 'reference'),
+                 seed: int = 0,
+                 name: str = 'SEA',
+                 collect_device: str = 'cpu',
+                 prefix: Optional[str] = None) -> None:
+        super().__init__(collect_device=collect_device, prefix=prefix)
+        modes = list(worst_case_modes)
+        unknown = [m for m in modes if m not in WORST_CASE_MIOU_MODES]
+        if unknown or not modes:
+            raise ValueError(f'worst_case_modes must be a non-empty subset of '
+                             f'{WORST_CASE_MIOU_MODES}, got {modes}')
+        self.worst_case_modes = modes
+        self.seed = seed
+        self.name = name
+        self.summary: Optional[dict] = None
+
+    def process(self, data_batch, data_samples: Sequence[dict]) -> None:
+        for sample in data_samples:
+            record = sample.get('robustness') if isinstance(sample,
+                                                            dict) else None
+            if record is None:
+                raise ValueError(
+                    'RobustnessMetric needs the per-image counts computed by '
+                    "AdversarialTestLoop: set test_cfg=dict(type="
+                    "'AdversarialTestLoop', attacks=[...]) (or use "
+                    '--cfg-options evaluator=SEA with tools/test.py).')
+            self.results.append(record)
+
+    def compute_metrics(self, results: list) -> Dict[str, float]:
+        self.summary = summarize_records(results, self.worst_case_modes,
+                                         self.seed)
+        print_log(
+            '\n' + format_summary(self.summary, self.name),
+            logger=MMLogger.get_current_instance())
+        return flatten_summary(self.summary, self.name)
