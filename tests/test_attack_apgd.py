@@ -222,8 +222,10 @@ def test_returned_point_is_the_lowest_accuracy_iterate(norm, attack_models):
     n = 12
     out = APGD(eps=4 * EPS[norm], norm=norm, n_iter=n, loss=Wander(),
                early_stop=False).run(rec, x, y, seeds=SEEDS)
-    iterates = rec.inputs
-    assert len(iterates) == n + 1  # x_0 .. x_n, one forward each
+    # x_0 .. x_n, one forward each, then one forward for the returned prediction
+    assert len(rec.inputs) == n + 2
+    assert torch.equal(rec.inputs[-1], out.adv_images)
+    iterates = rec.inputs[:n + 1]
     accs = torch.stack([pixel_accuracy(net(it).argmax(1), y) for it in iterates])
     picks = [_lowest_accuracy_pick(accs[:, i].tolist()) for i in range(len(x))]
     for i, t in enumerate(picks):
@@ -283,10 +285,11 @@ def test_last_iteration_needs_no_backward(attack_models, problem):
     net, x, y = problem
     rec = attack_models.Recorder(net)
     APGD(eps=8, n_iter=7, early_stop=False)(rec, x, y)
-    assert (rec.n_forward, rec.n_backward) == (8, 7)
+    # n + 1 iterates, + 1 forward for the returned point's prediction
+    assert (rec.n_forward, rec.n_backward) == (9, 7)
     rec = attack_models.Recorder(net)
     APGDLargeEps(eps=8, n_iter=10, early_stop=False)(rec, x, y)
-    assert (rec.n_forward, rec.n_backward) == (13, 10)  # 3 stages: n_i + 1 each
+    assert (rec.n_forward, rec.n_backward) == (16, 10)  # 3 stages: n_i + 2 each
 
 
 def test_early_stop_gives_the_same_result_with_less_compute(attack_models):
@@ -327,8 +330,9 @@ def test_stages_start_inside_the_smaller_balls(attack_models, problem):
     rec = attack_models.Recorder(net)
     attack = APGDLargeEps(eps=eps, n_iter=n, early_stop=False)
     out = attack.run(rec, x, y, seeds=SEEDS)
-    starts = [0, stages[0][0] + 1, stages[0][0] + stages[1][0] + 2]
-    assert len(rec.inputs) == n + 3
+    # each stage: n_i + 1 iterates and the forward of its returned prediction
+    starts = [0, stages[0][0] + 2, stages[0][0] + stages[1][0] + 4]
+    assert len(rec.inputs) == n + 6
     bounds = []
     for (n_i, eps_i), s in zip(stages, starts):
         block = torch.stack(rec.inputs[s:s + n_i + 1])  # iterates of the stage

@@ -118,8 +118,10 @@ def test_best_iterate_returns_lowest_accuracy_iterate(attack_models):
     rec = attack_models.Recorder(net)
     out = PGD(eps=32, steps=8, loss=Wander(), best_iterate=True).run(
         rec, x, y, seeds=SEEDS)
-    iterates = rec.inputs  # x_0 .. x_8
-    assert len(iterates) == 9
+    # x_0 .. x_8, then one forward for the returned iterate's prediction
+    assert len(rec.inputs) == 10
+    assert torch.equal(rec.inputs[-1], out.adv_images)
+    iterates = rec.inputs[:9]
     accs = torch.stack([pixel_accuracy(net(it).argmax(1), y) for it in iterates])
     picked = []
     for i in range(x.shape[0]):

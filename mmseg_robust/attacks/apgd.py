@@ -13,7 +13,7 @@ from torch import Tensor
 
 from mmseg_robust.registry import ATTACKS
 from .base import (Attack, AttackOutput, SegmentationTarget, bcast,
-                   better_iterate, input_gradient)
+                   better_iterate, input_gradient, predict)
 from .objectives import Objective
 from .threat_model import ThreatModel
 
@@ -178,8 +178,8 @@ def _evaluate(target: SegmentationTarget, objective: Objective, x_adv: Tensor,
               step: int, total_steps: int, need_grad: bool):
     """Forward at ``x_adv`` (and backward when ``need_grad``).
 
-    Returns ``(grad or None, per-image CE, correct-pixel counts, prediction)``;
-    the logits are dropped here so they are freed before the next forward.
+    Returns ``(grad or None, per-image CE, correct-pixel counts)``; the logits are
+    dropped here so they are freed before the next forward.
     """
     if need_grad:
         x_adv.requires_grad_(True)
@@ -191,7 +191,7 @@ def _evaluate(target: SegmentationTarget, objective: Objective, x_adv: Tensor,
         with torch.no_grad():
             s = target.evaluate(x_adv, step, total_steps)
     with torch.no_grad():
-        return grad, s.image_ce, s.num_correct, s.pred
+        return grad, s.image_ce, s.num_correct
 
 
 def apgd_run(target: SegmentationTarget, objective: Objective, tm: ThreatModel,
@@ -217,31 +217,30 @@ def apgd_run(target: SegmentationTarget, objective: Objective, tm: ThreatModel,
         prediction.
     """
     out_x = x0.detach().clone()
-    grad, ce, n_correct, pred = _evaluate(target, objective, out_x.clone(), 1,
-                                          n_iter, n_iter > 0)
-    out_pred = pred.clone()
+    grad, ce, n_correct = _evaluate(target, objective, out_x.clone(), 1, n_iter,
+                                    n_iter > 0)
     if n_iter == 0:
-        return AttackOutput(out_x, out_pred)
+        return AttackOutput(out_x, predict(target, out_x))
     idx = None  # batch positions of the active images; None while all are active
     t_a = target  # the target of the active images
     x_a, x_adv, x_prev = x, out_x.clone(), out_x.clone()
     x_best, g_best = x_adv, grad
-    ret_n, ret_x, ret_pred = n_correct, x_adv, pred
+    ret_n, ret_x = n_correct, x_adv
     ctl = APGDStepSizeControl(n_iter, ce, 2.0 * radius, rho)
     for i in range(n_iter):
         if early_stop:
             done = ret_n == 0  # one sync per iteration, none per image
             if bool(done.any()):
                 pos = torch.nonzero(done).squeeze(1) if idx is None else idx[done]
-                out_x[pos], out_pred[pos] = ret_x[done], ret_pred[done]
+                out_x[pos] = ret_x[done]
                 keep = ~done
                 idx = (torch.nonzero(keep).squeeze(1) if idx is None else
                        idx[keep])
                 if idx.numel() == 0:
-                    return AttackOutput(out_x, out_pred)
-                x_a, x_adv, x_prev, grad, x_best, g_best, ret_n, ret_x, \
-                    ret_pred = (t[keep] for t in (x_a, x_adv, x_prev, grad, x_best,
-                                                  g_best, ret_n, ret_x, ret_pred))
+                    return AttackOutput(out_x, predict(target, out_x))
+                x_a, x_adv, x_prev, grad, x_best, g_best, ret_n, ret_x = (
+                    t[keep] for t in (x_a, x_adv, x_prev, grad, x_best, g_best,
+                                      ret_n, ret_x))
                 ctl.select(keep)
                 t_a = target.subset(idx)
         last = i == n_iter - 1
@@ -254,13 +253,12 @@ def apgd_run(target: SegmentationTarget, objective: Objective, tm: ThreatModel,
                                x_a, radius)
         x_prev, x_adv = x_adv, x_new
         # the last iterate needs no backward pass
-        g, ce, n_correct, pred = _evaluate(t_a, objective, x_adv, i + 2, n_iter,
-                                           not last)
+        g, ce, n_correct = _evaluate(t_a, objective, x_adv, i + 2, n_iter,
+                                     not last)
         with torch.no_grad():
             upd = better_iterate(n_correct, ret_n)
             ret_n = torch.where(upd, n_correct, ret_n)
             ret_x = torch.where(bcast(upd, x_adv), x_adv, ret_x)
-            ret_pred = torch.where(bcast(upd, pred), pred, ret_pred)
             if last:
                 break
             improved, halved = ctl.update(i, ce)
@@ -272,9 +270,10 @@ def apgd_run(target: SegmentationTarget, objective: Objective, tm: ThreatModel,
                 x_adv = torch.where(bcast(halved, x_adv), x_best, x_adv)
                 grad = torch.where(bcast(halved, grad), g_best, grad)
     if idx is None:
-        return AttackOutput(ret_x, ret_pred)
-    out_x[idx], out_pred[idx] = ret_x, ret_pred
-    return AttackOutput(out_x, out_pred)
+        out_x = ret_x
+    else:
+        out_x[idx] = ret_x
+    return AttackOutput(out_x, predict(target, out_x))
 
 
 # --------------------------------------------------------------------------------

@@ -125,6 +125,16 @@ def input_gradient(objective: Tensor, x: Tensor) -> Tensor:
     return torch.zeros_like(x) if grad is None else grad
 
 
+def predict(target: SegmentationTarget, x: Tensor) -> Tensor:
+    """The model's prediction (argmax of the logits) at ``x``, long ``(B, H, W)``.
+
+    Attacks call it once for the points they return instead of keeping an argmax
+    of every iterate (a full pass over the K logits per iteration).
+    """
+    with torch.no_grad():
+        return target.forward(x).argmax(dim=1)
+
+
 def better_iterate(n_correct: Tensor, best_n_correct: Tensor) -> Tensor:
     """Whether a new iterate replaces the returned one, per image (section 3.2).
 

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from mmseg_robust.registry import ATTACKS
 from .base import (Attack, AttackOutput, SegmentationTarget, bcast,
-                   better_iterate, input_gradient)
+                   better_iterate, input_gradient, predict)
 from .objectives import Objective
 from .seg_logits import SegLogits
 
@@ -98,21 +98,20 @@ class PGD(Attack):
         with torch.no_grad():
             s = target.evaluate(x_adv, step=self.steps + 1,
                                 total_steps=self.steps)
-        if self.best_iterate:
-            best = _keep_best(best, x_adv, s)
-            return AttackOutput(best[1], best[2])
-        return AttackOutput(x_adv, s.pred)
+        if not self.best_iterate:
+            return AttackOutput(x_adv, s.pred)
+        best = _keep_best(best, x_adv, s)
+        return AttackOutput(best[1], predict(target, best[1]))
 
 
 def _keep_best(best, x_adv: Tensor, s: SegLogits):
-    """Update ``(n_correct, images, pred)`` of the lowest-accuracy iterate."""
+    """Update ``(n_correct, images)`` of the lowest-accuracy iterate."""
     n_correct = s.num_correct
     if best is None:
-        return n_correct, x_adv, s.pred
+        return n_correct, x_adv
     upd = better_iterate(n_correct, best[0])
     return (torch.where(upd, n_correct, best[0]),
-            torch.where(bcast(upd, x_adv), x_adv, best[1]),
-            torch.where(bcast(upd, s.pred), s.pred, best[2]))
+            torch.where(bcast(upd, x_adv), x_adv, best[1]))
 
 
 @ATTACKS.register_module()

@@ -125,13 +125,22 @@ class SegLogits:
 
     @cached_property
     def correct(self) -> Tensor:
-        """``correct_i = [argmax_k z_ik == y_i]``, bool ``(B, H, W)`` (detached)."""
-        return self.pred == self.labels
+        """``correct_i = [argmax_k z_ik == y_i]``, bool ``(B, H, W)`` (detached).
+
+        Computed as ``z_{i,y_i} >= max_k z_ik``: one max over K, several times
+        cheaper than an argmax on CPU and the same except at exact ties between
+        the label's logit and another class's (where this counts the pixel as
+        correct). Attacks evaluate it every iteration; the returned predictions
+        are real argmaxes (:func:`predict`).
+        """
+        z = self.logits.detach()
+        label_logit = z.gather(1, self.labels.unsqueeze(1)).squeeze(1)
+        return label_logit >= z.amax(dim=1)
 
     @cached_property
     def num_correct(self) -> Tensor:
         """Correct valid pixels per image, long ``(B,)``."""
-        return num_correct(self.pred, self.labels, self.valid)
+        return (self.correct & self.valid).sum(dim=(1, 2))
 
     @cached_property
     def accuracy(self) -> Tensor:
