@@ -77,11 +77,15 @@ def main():
     # enable automatic-mixed-precision training
     if args.amp is True:
         optim_wrapper = cfg.optim_wrapper.type
-        if optim_wrapper == 'AmpOptimWrapper':
+        if optim_wrapper in ('AmpOptimWrapper', 'AdversarialAmpOptimWrapper'):
             print_log(
                 'AMP training is already enabled in your config.',
                 logger='current',
                 level=logging.WARNING)
+        elif optim_wrapper == 'AdversarialOptimWrapper':
+            # mmseg_robust: AMP update, fp32 attack
+            cfg.optim_wrapper.type = 'AdversarialAmpOptimWrapper'
+            cfg.optim_wrapper.loss_scale = 'dynamic'
         else:
             assert optim_wrapper == 'OptimWrapper', (
                 '`--amp` is only supported when the optimizer wrapper type is '

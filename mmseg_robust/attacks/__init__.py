@@ -9,7 +9,7 @@ Importing this package registers into ``mmseg_robust.registry.ATTACKS``:
 
 Example:
     >>> attack = ATTACKS.build(dict(type='APGD', eps=8, n_iter=100, loss='Mask-CE'))
-    >>> adv_images, adv_pred = attack.run(model, images, labels)
+    >>> out = attack.run(model, images, labels)  # out.adv_images, out.adv_pred
 """
 from .apgd import (APGD, APGDLargeEps, APGDStepSizeControl, apgd_checkpoints,
                    apgd_run, radius_schedule, step_size_halving)

@@ -31,9 +31,14 @@ class AttackOutput(NamedTuple):
             the eps-ball around the clean images.
         adv_pred (Tensor): long ``(B, H, W)``, argmax of the logits at
             ``adv_images``.
+        stats (dict, optional): batch statistics an attack gets for free, e.g.
+            PGD's ``start_loss``/``start_acc`` (at its first iterate: the clean
+            images without random start) and ``final_loss``/``final_acc`` (mean
+            CE over valid pixels and pixel accuracy, 0-d tensors).
     """
     adv_images: Tensor
     adv_pred: Tensor
+    stats: Optional[dict] = None
 
 
 def _no_autocast(device: torch.device):
@@ -269,7 +274,7 @@ class Attack:
     @staticmethod
     def _finish(out: AttackOutput, images: Tensor) -> AttackOutput:
         return AttackOutput(out.adv_images.detach().to(images.dtype),
-                            out.adv_pred.detach())
+                            out.adv_pred.detach(), out.stats)
 
     def _build_objective(self, loss) -> Objective:
         # The objective's own ignore_index only matters when it is called directly:

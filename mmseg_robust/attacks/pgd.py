@@ -84,11 +84,14 @@ class PGD(Attack):
         else:
             x_adv = x.clone()
         best = None
+        stats = {}
         for t in range(1, self.steps + 1):
             x_adv.requires_grad_(True)
             s = target.evaluate(x_adv, step=t, total_steps=self.steps)
             grad = input_gradient(self.objective.from_logits(s).sum(), x_adv)
             x_adv = x_adv.detach()
+            if t == 1:
+                stats.update(_batch_stats(s, 'start'))
             if self.best_iterate:
                 best = _keep_best(best, x_adv, s)
             del s  # free the logits before the next forward
@@ -98,10 +101,22 @@ class PGD(Attack):
         with torch.no_grad():
             s = target.evaluate(x_adv, step=self.steps + 1,
                                 total_steps=self.steps)
+            stats.update(_batch_stats(s, 'final'))
         if not self.best_iterate:
-            return AttackOutput(x_adv, s.pred)
+            return AttackOutput(x_adv, s.pred, stats)
         best = _keep_best(best, x_adv, s)
-        return AttackOutput(best[1], predict(target, best[1]))
+        return AttackOutput(best[1], predict(target, best[1]), stats)
+
+
+def _batch_stats(s: SegLogits, prefix: str) -> dict:
+    """Mean CE over valid pixels and pixel accuracy of a batch (0-d tensors)."""
+    with torch.no_grad():
+        n_valid = s.valid.sum().clamp_min(1)
+        ce = torch.where(s.valid, s.ce.detach(), s.ce.new_zeros(()))
+        return {
+            f'{prefix}_loss': ce.sum() / n_valid,
+            f'{prefix}_acc': s.num_correct.sum() / n_valid
+        }
 
 
 def _keep_best(best, x_adv: Tensor, s: SegLogits):

@@ -122,7 +122,7 @@ class SEA(Attack):
             num_correct(o.adv_pred, target.labels, target.valid) for o in outs
         ])
         worst = counts.argmin(dim=0)
-        adv, pred = outs[0]
+        adv, pred = outs[0].adv_images, outs[0].adv_pred
         for a, o in enumerate(outs[1:], start=1):
             pick = worst == a
             adv = torch.where(bcast(pick, adv), o.adv_images, adv)
