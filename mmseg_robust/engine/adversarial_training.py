@@ -82,12 +82,10 @@ class TrainPixelView:
     def routed_prediction(self, images) -> torch.Tensor:
         """DDC-AT: argmax of the eval-mode routed output (section 5.3)."""
         feats = self.module.extract_feat(self.normalized(images))
-        logits = self.module.decode_head.routed_logits(feats)
-        logits = F.interpolate(
-            logits,
-            size=images.shape[2:],
-            mode='bilinear',
-            align_corners=self.module.decode_head.align_corners)
+        # the branches are upsampled to the input size before routing, as in the
+        # reference implementation
+        logits = self.module.decode_head.routed_logits(
+            feats, size=images.shape[2:])
         return logits.argmax(1)
 
 

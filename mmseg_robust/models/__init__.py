@@ -1,3 +1,4 @@
+from . import decode_heads  # noqa: F401  (registers the DDC-AT heads)
 from .pixel_space import SegmentorPixelView, unwrap_model
 
 __all__ = ['SegmentorPixelView', 'unwrap_model']

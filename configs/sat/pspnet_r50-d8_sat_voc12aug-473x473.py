@@ -1,0 +1,36 @@
+# SAT (standard adversarial training of Xu, Zhao & Jia, "Dynamic Divide-and-Conquer
+# Adversarial Training for Robust Semantic Segmentation", ICCV 2021; ALGORITHMS.md
+# section 5.2): PSPNet, deep-stem ResNet-50, output stride 8, on PASCAL VOC 2012
+# train_aug, crop 473, 50 epochs x 661 iterations (10582 images / batch 16), batch 16
+# = 2/GPU x 8 GPUs. Per GPU the first half of each batch is clean, the second half
+# BIM-adversarial (eps 0.03, 3 steps of 0.01).
+# Published numbers (Xu, Zhao & Jia, ICCV 2021, SAT rows of the VOC table): NOT FILLED
+# IN -- they could not be checked against the paper while writing this file; copy
+# clean and BIM mIoU from the paper before quoting them.
+# Reference checkpoints convert with tools/model_converters/ddcat_semseg.py.
+_base_ = [
+    '../_base_/models/pspnet_r50-d8_semseg.py',
+    '../_base_/datasets/pascal_voc12_aug_473x473_semseg.py',
+    '../_base_/default_runtime.py',
+    '../_base_/schedules/schedule_sgd-poly_sat.py',
+]
+crop_size = (473, 473)
+data_preprocessor = dict(size=crop_size)
+model = dict(
+    data_preprocessor=data_preprocessor,
+    decode_head=dict(num_classes=21),
+    auxiliary_head=dict(num_classes=21),
+    # sliding window with 2/3 overlap, as the reference's test script
+    test_cfg=dict(mode='slide', crop_size=crop_size, stride=(316, 316)))
+max_iters = 33050
+param_scheduler = [
+    dict(
+        type='PolyLR',
+        eta_min=0.0,
+        power=0.9,
+        begin=0,
+        end=max_iters,
+        by_epoch=False)
+]
+train_cfg = dict(max_iters=max_iters, val_interval=3305)
+default_hooks = dict(checkpoint=dict(interval=3305))
