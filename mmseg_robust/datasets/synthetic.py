@@ -28,7 +28,7 @@ from mmseg.datasets import BaseSegDataset
 from mmseg_robust.registry import DATASETS
 
 #: Bump when the generator's output changes, so stale folders are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 CLASSES = ('background', 'disk', 'square', 'triangle', 'cross')
 PALETTE = [[0, 0, 0], [220, 20, 60], [0, 130, 200], [60, 180, 75],
@@ -107,14 +107,17 @@ def render_sample(seed: int, size: int = 64):
         else:
             cv2.circle(img, p0, int(rng.integers(1, 4)), colour, -1)
     label = np.zeros((size, size), np.uint8)
-    # Objects: each class has its own shape and its own texture, in random
-    # colours (two contrasting ones), so colour alone tells nothing.
+    # Objects: each class has its own shape and its own texture, in a random
+    # colour, so colour alone tells nothing. The texture is a low-contrast
+    # modulation (20-50 intensity levels), like the fine cues of natural images,
+    # so a model that relies on it can be attacked at small eps.
     for _ in range(int(rng.integers(1, 5))):
         cls = int(rng.integers(1, len(CLASSES)))
         mask = _shape_mask(rng, cls, size)
         tex = _texture(rng, cls - 1, size)
         c1 = _colour(rng)
-        c2 = np.clip(255 - c1 + rng.normal(0, 20, 3), 0, 255).astype(np.float32)
+        contrast = rng.uniform(20, 50) * rng.choice([-1.0, 1.0], size=3)
+        c2 = np.clip(c1 + contrast, 0, 255).astype(np.float32)
         t = tex[..., None]
         fill = c1[None, None] * t + c2[None, None] * (1 - t)
         img[mask] = fill[mask]
