@@ -187,3 +187,21 @@ def test_two_process_gloo_training(run_tool, synthetic_root, data_options,
     assert 'Distributed training: True' in out and 'GPU number: 2' in out
     assert 'adv.acc' in out and 'attack_time_share' in out
     assert osp.exists(osp.join(work, 'iter_4.pth'))
+
+
+def test_adversarial_val_loop_monitors_robustness(run_tool, repo_root,
+                                                  synthetic_root, data_options,
+                                                  tmp_path):
+    cfg = tmp_path / 'pirat_advval.py'
+    cfg.write_text(
+        f"_base_ = '{osp.join(repo_root, CONFIGS['pirat'])}'\n"
+        "val_cfg = dict(_delete_=True, type='AdversarialValLoop', eps=4,\n"
+        "               attacks=[dict(type='PGD', steps=2)])\n"
+        "val_evaluator = dict(_delete_=True, type='RobustnessMetric',\n"
+        "                     name='PGD', worst_case_modes=['best'])\n")
+    out = run_tool(
+        ['python', 'tools/train.py', str(cfg), '--work-dir',
+         str(tmp_path / 'work'), '--cfg-options', 'train_cfg.max_iters=2',
+         'train_cfg.val_interval=2'] + ITERS[1:] +
+        data_options(synthetic_root))
+    assert 'eps4/PGD/mIoU' in out and 'Iter(val)' in out

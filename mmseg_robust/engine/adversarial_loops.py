@@ -265,6 +265,27 @@ class _AdversarialEvalMixin:
                 'architecture in the config (convert foreign checkpoints with '
                 'tools/model_converters).')
 
+    def _run_epoch(self, stage: str, write_json: bool = True) -> dict:
+        """One pass over the data with the hooks of ``stage`` ('test'/'val')."""
+        self.runner.call_hook(f'before_{stage}')
+        self.runner.call_hook(f'before_{stage}_epoch')
+        self._start()
+        for idx, data_batch in enumerate(self.dataloader):
+            self.runner.call_hook(
+                f'before_{stage}_iter', batch_idx=idx, data_batch=data_batch)
+            outputs = self._evaluate_iter(idx, data_batch)
+            self.evaluator.process(data_samples=outputs, data_batch=data_batch)
+            self.runner.call_hook(
+                f'after_{stage}_iter',
+                batch_idx=idx,
+                data_batch=data_batch,
+                outputs=outputs)
+        metrics = self.evaluator.evaluate(len(self.dataloader.dataset))
+        self._finish(metrics, write_json)
+        self.runner.call_hook(f'after_{stage}_epoch', metrics=metrics)
+        self.runner.call_hook(f'after_{stage}')
+        return metrics
+
     def _start(self) -> None:
         self._check_checkpoint()
         self._t0 = time.time()
@@ -272,10 +293,10 @@ class _AdversarialEvalMixin:
         self._attacked = 0
         self._open_cache()
 
-    def _finish(self, metrics: dict) -> None:
+    def _finish(self, metrics: dict, write_json: bool = True) -> None:
         if self.cache is not None:
             self.cache.close()
-        if get_rank() != 0:
+        if get_rank() != 0 or not write_json:
             return
         summary = None
         for metric in self.evaluator.metrics:
@@ -327,24 +348,7 @@ class AdversarialTestLoop(_AdversarialEvalMixin, TestLoop):
         self._setup(attacks, eps, seed, resume, log_interval)
 
     def run(self) -> dict:
-        self.runner.call_hook('before_test')
-        self.runner.call_hook('before_test_epoch')
-        self._start()
-        for idx, data_batch in enumerate(self.dataloader):
-            self.runner.call_hook(
-                'before_test_iter', batch_idx=idx, data_batch=data_batch)
-            outputs = self._evaluate_iter(idx, data_batch)
-            self.evaluator.process(data_samples=outputs, data_batch=data_batch)
-            self.runner.call_hook(
-                'after_test_iter',
-                batch_idx=idx,
-                data_batch=data_batch,
-                outputs=outputs)
-        metrics = self.evaluator.evaluate(len(self.dataloader.dataset))
-        self._finish(metrics)
-        self.runner.call_hook('after_test_epoch', metrics=metrics)
-        self.runner.call_hook('after_test')
-        return metrics
+        return self._run_epoch('test')
 
 
 @LOOPS.register_module()
@@ -373,22 +377,4 @@ class AdversarialValLoop(_AdversarialEvalMixin, ValLoop):
         self._setup(attacks, eps, seed, resume, log_interval)
 
     def run(self) -> dict:
-        self.runner.call_hook('before_val')
-        self.runner.call_hook('before_val_epoch')
-        self._start()
-        for idx, data_batch in enumerate(self.dataloader):
-            self.runner.call_hook(
-                'before_val_iter', batch_idx=idx, data_batch=data_batch)
-            outputs = self._evaluate_iter(idx, data_batch)
-            self.evaluator.process(data_samples=outputs, data_batch=data_batch)
-            self.runner.call_hook(
-                'after_val_iter',
-                batch_idx=idx,
-                data_batch=data_batch,
-                outputs=outputs)
-        metrics = self.evaluator.evaluate(len(self.dataloader.dataset))
-        if self.cache is not None:
-            self.cache.close()
-        self.runner.call_hook('after_val_epoch', metrics=metrics)
-        self.runner.call_hook('after_val')
-        return metrics
+        return self._run_epoch('val', write_json=False)
