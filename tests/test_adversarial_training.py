@@ -26,6 +26,7 @@ def _runner(repo_root, scheme, synthetic_root, work_dir, batch_size=4):
         cfg[loader].num_workers = 0
         cfg[loader].persistent_workers = False
     cfg.train_dataloader.batch_size = batch_size
+    cfg.load_from = None
     cfg.work_dir = str(work_dir)
     cfg.experiment_name = f'{scheme}_{id(cfg)}'
     runner = Runner.from_cfg(cfg)
@@ -145,12 +146,14 @@ def test_plain_optim_wrapper_is_refused(repo_root, synthetic_root, tmp_path,
         cfg[loader].num_workers = 0
         cfg[loader].persistent_workers = False
     cfg.work_dir = str(tmp_path)
+    cfg.load_from = None
     runner = Runner.from_cfg(cfg)
     with pytest.raises(TypeError, match='AdversarialOptimWrapper'):
         runner.train()
 
 
-ITERS = ['train_cfg.val_interval=100', 'default_hooks.checkpoint.interval=3',
+ITERS = ['load_from=None', 'train_cfg.val_interval=100',
+         'default_hooks.checkpoint.interval=3',
          'default_hooks.logger.interval=1', 'param_scheduler.0.end=2',
          'param_scheduler.1.begin=2', 'param_scheduler.1.end=6',
          'train_dataloader.batch_size=4']
@@ -202,6 +205,7 @@ def test_adversarial_val_loop_monitors_robustness(run_tool, repo_root,
     out = run_tool(
         ['python', 'tools/train.py', str(cfg), '--work-dir',
          str(tmp_path / 'work'), '--cfg-options', 'train_cfg.max_iters=2',
-         'train_cfg.val_interval=2'] + ITERS[1:] +
+         'train_cfg.val_interval=2'] +
+        [o for o in ITERS if not o.startswith('train_cfg.val_interval')] +
         data_options(synthetic_root))
     assert 'eps4/PGD/mIoU' in out and 'Iter(val)' in out

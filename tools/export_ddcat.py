@@ -1,13 +1,15 @@
-"""Export a trained DDC-AT model as the plain PSPNet / DeepLabv3 it deploys as.
+"""Export a trained DDC-AT model as the plain PSPNet / DeepLabv3 / UperNet it
+deploys as.
 
     python tools/export_ddcat.py CONFIG CKPT OUT [--out-config PLAIN_CONFIG]
 
 CONFIG is the DDC-AT training config (e.g. configs/ddcat/*.py), CKPT a checkpoint
 trained with it. Writes OUT, an mmseg checkpoint (``meta``, ``state_dict``) of the
 plain segmentor -- cls2 and mask1 dropped, cls1 being the plain head's own
-``bottleneck``/``conv_seg`` -- that loads strictly into the plain config, and that
-plain config (default: OUT with the suffix ``.py``). The plain model's logits are
-cls1's, so test it with any tool, e.g.::
+``bottleneck``/``conv_seg`` (UperNet: ``fpn_bottleneck``/``conv_seg``) -- that
+loads strictly into the plain config, and that plain config (default: OUT with the
+suffix ``.py``). The plain model's logits are cls1's, so test it with any tool,
+e.g.::
 
     python tools/test.py OUT.py OUT --cfg-options evaluator=SEA
 """
@@ -15,6 +17,7 @@ import argparse
 import copy
 import os.path as osp
 import sys
+from collections import OrderedDict
 
 import torch
 from mmengine.config import Config
@@ -38,6 +41,23 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def plain_state_shapes(model_cfg) -> 'OrderedDict[str, tuple]':
+    """Names and shapes of the plain model's state dict. Built on the meta device
+    (:func:`expected_state_shapes`, no memory) where possible; models that cannot
+    be built there (mmpretrain's ConvNeXt calls ``.item()`` on its drop-path
+    rates) are built on the CPU, without initialising weights."""
+    try:
+        return expected_state_shapes(model_cfg)
+    except (RuntimeError, NotImplementedError):
+        from mmengine.registry import DefaultScope
+
+        from mmseg_robust.registry import MODELS
+        with DefaultScope.overwrite_default_scope('mmseg'):
+            model = MODELS.build(model_cfg)
+        return OrderedDict(
+            (k, tuple(v.shape)) for k, v in model.state_dict().items())
+
+
 def export(config: str, checkpoint: str, out: str, out_config: str = None) -> str:
     """Write the plain checkpoint ``out`` and its config; returns the config path."""
     cfg = Config.fromfile(config)
@@ -48,7 +68,7 @@ def export(config: str, checkpoint: str, out: str, out_config: str = None) -> st
     plain = export_plain_state_dict(state_dict)
     check_state_dict(
         plain,
-        expected_state_shapes(plain_cfg.model),
+        plain_state_shapes(plain_cfg.model),
         fill_num_batches_tracked=False)
     meta = dict(ckpt.get('meta', {})) if isinstance(ckpt.get('meta'), dict) else {}
     meta['cfg'] = plain_cfg.pretty_text

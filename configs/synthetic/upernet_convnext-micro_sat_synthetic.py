@@ -3,11 +3,29 @@
 # no random start, CE of the main head); labels unchanged.
 _base_ = './upernet_convnext-micro_synthetic.py'
 
+# PIR-AT's point is a pre-trained initialisation (a robust ImageNet backbone);
+# adversarial training from scratch on this data collapses to predicting
+# background. The synthetic counterpart: start from the trained clean small
+# model (run tools/train.py on upernet_convnext-micro_synthetic.py first, or pass
+# --cfg-options load_from=PATH) and train adversarially for 1000 iterations.
+load_from = 'work_dirs/upernet_convnext-micro_synthetic/iter_2000.pth'
+max_iters = 1000
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.05, by_epoch=False, begin=0, end=50),
+    dict(
+        type='PolyLR',
+        eta_min=0.0,
+        power=1.0,
+        begin=50,
+        end=max_iters,
+        by_epoch=False),
+]
+
 train_cfg = dict(
     _delete_=True,
     type='AdversarialTrainLoop',
     scheme='sat',
-    max_iters={{_base_.max_iters}},
+    max_iters=max_iters,
     val_interval=500,
     attack=dict(type='BIM', eps=7.65, steps=3, step_size=2.55))
 optim_wrapper = dict(type='AdversarialOptimWrapper')

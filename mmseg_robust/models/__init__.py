@@ -1,3 +1,4 @@
+from . import backbones  # noqa: F401  (registers ConvNeXtCvSt, ViT)
 from . import decode_heads  # noqa: F401  (registers the DDC-AT heads)
 from .pixel_space import SegmentorPixelView, unwrap_model
 

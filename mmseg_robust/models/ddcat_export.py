@@ -2,8 +2,9 @@
 section 5.3: "deployment drops cls2 and mask1").
 
 A DDC-AT head keeps its inference branch cls1 in the plain head's own modules
-(``bottleneck`` + ``conv_seg``), so the plain model is the DDC-AT state dict minus
-the extra branches, loaded into the plain head type:
+(``bottleneck`` + ``conv_seg``; ``fpn_bottleneck`` + ``conv_seg`` for UPerNet), so
+the plain model is the DDC-AT state dict minus the extra branches, loaded into the
+plain head type:
 
 =================  ============================================================
 DDC-AT head        plain head
@@ -11,6 +12,7 @@ DDC-AT head        plain head
 ``DDCATPSPHead``   mmseg's ``PSPHead``
 ``DDCATASPPHead``  :class:`~mmseg_robust.models.decode_heads.DeepLabV3Head`
                    (mmseg's ``ASPPHead`` when ``bottleneck_kernel_size=3``)
+``DDCATUPerHead``  mmseg's ``UPerHead``
 =================  ============================================================
 
 ``tools/export_ddcat.py CONFIG CKPT OUT`` applies these functions to files.
@@ -25,14 +27,19 @@ from .decode_heads.ddcat_heads import DDCAT_EXTRA_BRANCHES
 
 __all__ = ['export_plain_state_dict', 'plain_head_cfg', 'plain_model_cfg']
 
-_PLAIN_HEADS = {'DDCATPSPHead': 'PSPHead', 'DDCATASPPHead': 'DeepLabV3Head'}
+_PLAIN_HEADS = {
+    'DDCATPSPHead': 'PSPHead',
+    'DDCATASPPHead': 'DeepLabV3Head',
+    'DDCATUPerHead': 'UPerHead',
+}
 
 
 def plain_head_cfg(head_cfg: Mapping) -> dict:
     """Config of the plain head a DDC-AT head deploys as.
 
     Args:
-        head_cfg (dict): a ``DDCATPSPHead`` or ``DDCATASPPHead`` config.
+        head_cfg (dict): a ``DDCATPSPHead``, ``DDCATASPPHead`` or
+            ``DDCATUPerHead`` config.
 
     Returns:
         dict: the same config with the plain type and without the DDC-AT-only
@@ -71,7 +78,8 @@ def export_plain_state_dict(
         state_dict: Mapping[str, Tensor],
         head_prefix: str = 'decode_head.') -> 'OrderedDict[str, Tensor]':
     """Drop the training-only DDC-AT branches (``cls2*``, ``mask1*``) from a
-    segmentor state dict; cls1 already lives in ``bottleneck``/``conv_seg``.
+    segmentor state dict; cls1 already lives in the plain head's modules
+    (``bottleneck``/``conv_seg``, UPerNet ``fpn_bottleneck``/``conv_seg``).
 
     Args:
         state_dict: state dict of a segmentor with a DDC-AT decode head (mmengine

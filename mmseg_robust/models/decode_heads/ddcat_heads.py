@@ -2,11 +2,13 @@
 
 Xu, Zhao & Jia, "Dynamic Divide-and-Conquer Adversarial Training for Robust Semantic
 Segmentation", ICCV 2021 (ALGORITHMS.md section 5.3). Three sibling branches read the
-same decoder features (the PSP or ASPP concatenation):
+same decoder features (the PSP or ASPP concatenation; the FPN concatenation for
+UPerNet, :mod:`.ddcat_uper_head`):
 
 - ``cls1``: the branch kept at inference. It *is* the plain head's
-  ``bottleneck`` + dropout + ``conv_seg``, so dropping the other branches leaves a
-  plain PSPNet / DeepLabv3 (:mod:`mmseg_robust.models.ddcat_export`);
+  ``bottleneck`` (UPerNet: ``fpn_bottleneck``) + dropout + ``conv_seg``, so
+  dropping the other branches leaves a plain PSPNet / DeepLabv3 / UPerNet
+  (:mod:`mmseg_robust.models.ddcat_export`);
 - ``cls2``: ``cls2_bottleneck`` + dropout + ``cls2`` (1x1 conv, K classes), the
   branch for pixels that the adversary flips;
 - ``mask1``: ``mask1_bottleneck`` + dropout + ``mask1`` (1x1 conv, 2 ways), the
@@ -113,11 +115,23 @@ def route_logits(cls1: Tensor, cls2: Tensor, mask1: Tensor) -> Tensor:
 class DDCATHeadMixin:
     """The DDC-AT branches, routing and loss on top of a plain mmseg head.
 
-    The plain head must build ``self.bottleneck`` (a ``ConvModule``) and the class
+    The plain head must build the convolution that precedes its classifier
+    ``conv_seg`` (a ``ConvModule``, named by :attr:`cls1_bottleneck_name`:
+    ``bottleneck`` for PSP / ASPP, ``fpn_bottleneck`` for UPerNet) and the class
     using the mixin must implement :meth:`_pyramid_features` (the decoder features
-    the bottleneck reads). The mixin comes first in the bases so that its
+    that convolution reads). cls2 and mask1 get their own freshly initialised
+    copies of its architecture. The mixin comes first in the bases so that its
     :meth:`_forward_feature` and :meth:`loss` win.
     """
+
+    #: Attribute name of the plain head's conv before ``conv_seg`` (cls1's
+    #: bottleneck); cls1 is ``conv_seg(dropout(<this>(_pyramid_features(x))))``.
+    cls1_bottleneck_name = 'bottleneck'
+
+    @property
+    def cls1_bottleneck(self) -> ConvModule:
+        """The plain head's conv before ``conv_seg``: cls1's bottleneck."""
+        return getattr(self, self.cls1_bottleneck_name)
 
     def _init_ddcat(self, loss_mask_weight: float) -> None:
         self.loss_mask_weight = float(loss_mask_weight)
@@ -127,8 +141,9 @@ class DDCATHeadMixin:
         self.mask1 = nn.Conv2d(self.channels, 2, kernel_size=1)
 
     def _new_bottleneck(self) -> ConvModule:
-        """A freshly initialised copy of the architecture of ``self.bottleneck``."""
-        conv = self.bottleneck.conv
+        """A freshly initialised copy of the architecture of cls1's bottleneck
+        (:attr:`cls1_bottleneck`)."""
+        conv = self.cls1_bottleneck.conv
         return ConvModule(
             conv.in_channels,
             conv.out_channels,
@@ -145,7 +160,7 @@ class DDCATHeadMixin:
 
     def _forward_feature(self, inputs: List[Tensor]) -> Tensor:
         # cls1's features: the plain head's computation, so forward() == plain head
-        return self.bottleneck(self._pyramid_features(inputs))
+        return self.cls1_bottleneck(self._pyramid_features(inputs))
 
     def _classify(self, feat: Tensor, conv: nn.Conv2d) -> Tensor:
         if self.dropout is not None:
@@ -160,7 +175,7 @@ class DDCATHeadMixin:
             ``mask1`` (B, 2, h, w).
         """
         feats = self._pyramid_features(inputs)
-        cls1 = self.cls_seg(self.bottleneck(feats))
+        cls1 = self.cls_seg(self.cls1_bottleneck(feats))
         cls2 = self._classify(self.cls2_bottleneck(feats), self.cls2)
         mask1 = self._classify(self.mask1_bottleneck(feats), self.mask1)
         return cls1, cls2, mask1

@@ -1,0 +1,37 @@
+# PIR-AT (ALGORITHMS.md section 5.1): Segmenter with ViT-S (patch 16) and a 2-layer
+# mask transformer on ADE20K (151 classes), encoder initialised from the L-inf 4/255
+# robust ImageNet ViT-S (timm layout; position embeddings resized from 14x14 to 32x32
+# bilinearly at load), trained on PGD adversarial images only (L-inf eps 4/255, 5
+# steps of 2.55/255, no random start). Schedule as the ADE20K UperNets (ALGORITHMS.md
+# 5.1; the public reference Segmenter config used SGD lr 1e-3).
+# Published SEA mIoU (Croce, Singh & Hein, ECCV 2024), clean / eps 4/255 / eps 8/255:
+#   28.7 / 14.9 / 5.3
+# Evaluate with segmenter_vit-s_pirat_8xb16-128e_ade20k151-512x512_sea.py.
+_base_ = [
+    '../_base_/models/segmenter_vit-s_mask.py',
+    '../_base_/datasets/pirat_ade20k.py',
+    '../_base_/default_runtime.py',
+    '../_base_/schedules/pirat_ade20k_128e.py',
+]
+crop_size = (512, 512)
+data_preprocessor = dict(size=crop_size)
+model = dict(
+    data_preprocessor=data_preprocessor,
+    backbone=dict(
+        init_cfg=dict(
+            type='Pretrained',
+            checkpoint='checkpoints/revisiting_at/vit_s_linf4.pth')),
+    decode_head=dict(num_classes=151))
+# No weight decay on norms, 1-d parameters, position embedding and class tokens.
+optim_wrapper = dict(
+    type='AdversarialOptimWrapper',
+    paramwise_cfg=dict(
+        custom_keys=dict(
+            pos_embed=dict(decay_mult=0.0),
+            cls_token=dict(decay_mult=0.0),
+            cls_emb=dict(decay_mult=0.0))))
+train_cfg = dict(
+    type='AdversarialTrainLoop',
+    scheme='pirat',
+    attack=dict(
+        type='PGD', eps=4, steps=5, step_size=2.55, random_start=False))

@@ -1,0 +1,25 @@
+# Clean training (the PIR-AT papers' baseline): UperNet-ConvNeXt-S-CvSt on ADE20K (151
+# classes), backbone initialised from the clean ImageNet ConvNeXt-S-CvSt of
+# revisiting-at (the init of its adversarial training), same schedule and data as
+# PIR-AT.
+# Published numbers: none in ALGORITHMS.md section 4 for this model; clean
+# training gives no robustness (SEA drives such models to about 0 mIoU).
+# Evaluate with upernet_convnext-s-cvst_clean_8xb16-128e_ade20k151-512x512_sea.py.
+_base_ = [
+    '../_base_/models/upernet_convnext_cvst.py',
+    '../_base_/datasets/pirat_ade20k.py',
+    '../_base_/default_runtime.py',
+    '../_base_/schedules/pirat_ade20k_128e.py',
+]
+crop_size = (512, 512)
+data_preprocessor = dict(size=crop_size)
+model = dict(
+    data_preprocessor=data_preprocessor,
+    backbone=dict(
+        arch='small',
+        drop_path_rate=0.3,
+        init_cfg=dict(
+            type='Pretrained',
+            checkpoint='checkpoints/revisiting_at/convnext_s_cvst_clean.pth')),
+    decode_head=dict(num_classes=151),
+    auxiliary_head=dict(num_classes=151))

@@ -1,0 +1,25 @@
+# Clean training (the PIR-AT papers' baseline): UperNet-ConvNeXt-S-CvSt on PASCAL-VOC
+# 2012 (+SBD aug), backbone initialised from the clean ImageNet ConvNeXt-S-CvSt of
+# revisiting-at (the init of its adversarial training), same schedule and data as
+# PIR-AT.
+# Published numbers: none in ALGORITHMS.md section 4 for this model; clean
+# training gives no robustness (SEA drives such models to about 0 mIoU).
+# Evaluate with upernet_convnext-s-cvst_clean_8xb32-50e_voc12aug-473x473_sea.py.
+_base_ = [
+    '../_base_/models/upernet_convnext_cvst.py',
+    '../_base_/datasets/pirat_voc12aug.py',
+    '../_base_/default_runtime.py',
+    '../_base_/schedules/pirat_voc12aug_50e.py',
+]
+crop_size = (473, 473)
+data_preprocessor = dict(size=crop_size)
+model = dict(
+    data_preprocessor=data_preprocessor,
+    backbone=dict(
+        arch='small',
+        drop_path_rate=0.3,
+        init_cfg=dict(
+            type='Pretrained',
+            checkpoint='checkpoints/revisiting_at/convnext_s_cvst_clean.pth')),
+    decode_head=dict(num_classes=21),
+    auxiliary_head=dict(num_classes=21))

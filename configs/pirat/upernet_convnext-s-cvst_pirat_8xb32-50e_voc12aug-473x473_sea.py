@@ -1,0 +1,18 @@
+# SEA evaluation (ALGORITHMS.md section 4) of the PIR-AT UperNet-ConvNeXt-S-CvSt on
+# PASCAL-VOC 2012 (+SBD aug): APGD with the progressive radius schedule and
+# Mask-CE-Bal, Mask-CE, JS-Avg (300 iterations each) at L-inf eps 4/255 and 8/255,
+# worst case per image; clean numbers too. Centre 473x473 crops (section 5.1).
+# Published SEA mIoU (Croce, Singh & Hein, ECCV 2024), clean / eps 4/255 / eps 8/255:
+#   76.6 / 66.0 / 36.4  (the released checkpoint's README: 76.6 / 66.2 / 38.0).
+# Run: python tools/test.py THIS_CONFIG CHECKPOINT [--launcher ...]
+_base_ = './upernet_convnext-s-cvst_pirat_8xb32-50e_voc12aug-473x473.py'
+# The weights come from the tested checkpoint.
+model = dict(backbone=dict(init_cfg=None))
+test_cfg = dict(
+    _delete_=True,
+    type='AdversarialTestLoop',
+    eps=[4, 8],
+    attacks=[dict(type='SEA', n_iter=300, class_weights='voc')])
+test_evaluator = dict(_delete_=True, type='RobustnessMetric')
+# All crops have one size, so images can share a batch.
+test_dataloader = dict(batch_size=8)

@@ -1,0 +1,172 @@
+"""Data protocol of the SEA/PIR-AT papers (ALGORITHMS.md section 5.1).
+
+- PASCAL-VOC: 21 classes, the void label (255) mapped to background (0), as the
+  reference's colour-to-index conversion does (void's colour matches no class).
+- ADE20K: 151 classes, label 0 ("other") kept as a class (mmseg's ADE20KDataset
+  ignores it and shifts the rest down by one).
+- Evaluation on the centre crop after resizing the short side to the crop size
+  (473 VOC, 512 ADE20K): :class:`ShortEdgeResizeCenterCrop`.
+- Training augmentation: flip, scale [0.5, 2], random crop (mmseg's transforms)
+  and Gaussian blur with p=0.5: :class:`RandomGaussianBlur`.
+
+Resizing uses Pillow (``backend='pillow'``) like the reference, whose bilinear
+downscaling is antialiased (OpenCV's is not).
+"""
+from typing import Optional, Sequence
+
+import mmcv
+import numpy as np
+from mmcv.transforms import BaseTransform
+from mmseg.datasets import ADE20KDataset, PascalVOCDataset
+from PIL import Image, ImageFilter
+
+from mmseg_robust.registry import DATASETS, TRANSFORMS
+
+__all__ = [
+    'ADE20K151Dataset', 'PascalVOCVoidAsBackgroundDataset', 'RandomGaussianBlur',
+    'ShortEdgeResizeCenterCrop'
+]
+
+
+@DATASETS.register_module()
+class PascalVOCVoidAsBackgroundDataset(PascalVOCDataset):
+    """PASCAL-VOC with the void label (255) mapped to background (0).
+
+    mmseg's ``PascalVOCDataset`` with a fixed ``label_map={255: 0}``, applied by
+    ``LoadAnnotations`` to every annotation (train and val, ``SegmentationClass``
+    and ``SegmentationClassAug``). Every pixel then carries one of the 21 labels;
+    only padding added by the data preprocessor is ignored.
+    Arguments as ``PascalVOCDataset`` (custom class subsets are not supported).
+    """
+
+    @classmethod
+    def get_label_map(cls, new_classes: Optional[Sequence] = None) -> dict:
+        if super().get_label_map(new_classes) is not None:
+            raise ValueError('PascalVOCVoidAsBackgroundDataset uses the 21 VOC '
+                             'classes; a class subset is not supported')
+        return {255: 0}
+
+
+@DATASETS.register_module()
+class ADE20K151Dataset(ADE20KDataset):
+    """ADE20K with 151 classes: label 0 ("other") is a class, not ignored.
+
+    mmseg's ``ADE20KDataset`` sets ``reduce_zero_label=True`` (150 classes, 0
+    ignored, labels shifted by -1); the SEA/PIR-AT models predict 151 classes on
+    the raw labels. Same files and arguments, ``reduce_zero_label`` must stay
+    False. Predictions and labels use the raw ADE20K indices (0..150).
+    """
+    METAINFO = dict(
+        classes=('other', ) + tuple(ADE20KDataset.METAINFO['classes']),
+        palette=[[0, 0, 0]] + list(ADE20KDataset.METAINFO['palette']))
+
+    def __init__(self, reduce_zero_label: bool = False, **kwargs) -> None:
+        if reduce_zero_label:
+            raise ValueError('ADE20K151Dataset keeps label 0 as a class: '
+                             'reduce_zero_label must be False (use mmseg\'s '
+                             'ADE20KDataset for the 150-class protocol)')
+        super().__init__(reduce_zero_label=False, **kwargs)
+
+
+@TRANSFORMS.register_module()
+class ShortEdgeResizeCenterCrop(BaseTransform):
+    """Resize the short side to ``crop_size`` (keeping the aspect ratio), then take
+    the centre ``crop_size x crop_size`` crop, of the image and its label maps.
+
+    The evaluation protocol of SEA/PIR-AT (section 5.1): with ``w > h`` the new
+    size is ``(int(w * s / h), s)``, else ``(s, int(h * s / w))``; the crop's
+    top-left corner is ``(round((W - s) / 2), round((H - s) / 2))``. Images are
+    resized bilinearly, label maps with nearest neighbour.
+
+    The crop *is* the evaluated image: ``ori_shape`` is set to the crop's shape,
+    so predictions are compared with the cropped labels (put
+    ``LoadAnnotations`` before this transform).
+
+    Required keys: ``img``; optional ``gt_seg_map`` and other ``seg_fields``.
+    Modified keys: ``img``, ``img_shape``, ``ori_shape``, the seg fields.
+    Added keys: ``scale_factor``, ``crop_bbox``.
+
+    Args:
+        crop_size (int): output side (473 VOC, 512 ADE20K).
+        interpolation (str): image interpolation. Default: ``'bilinear'``.
+        backend (str): ``'pillow'`` (the reference's) or ``'cv2'``.
+            Default: ``'pillow'``.
+    """
+
+    def __init__(self,
+                 crop_size: int,
+                 interpolation: str = 'bilinear',
+                 backend: str = 'pillow') -> None:
+        if int(crop_size) != crop_size or crop_size <= 0:
+            raise ValueError(f'crop_size must be a positive int, got {crop_size}')
+        self.crop_size = int(crop_size)
+        self.interpolation = interpolation
+        self.backend = backend
+
+    def transform(self, results: dict) -> dict:
+        s = self.crop_size
+        h, w = results['img'].shape[:2]
+        if w > h:
+            new_w, new_h = int(1.0 * w * s / h), s
+        else:
+            new_w, new_h = s, int(1.0 * h * s / w)
+        x1 = int(round((new_w - s) / 2.))
+        y1 = int(round((new_h - s) / 2.))
+
+        def resize_crop(array, interpolation):
+            out = mmcv.imresize(
+                array, (new_w, new_h),
+                interpolation=interpolation,
+                backend=self.backend)
+            return np.ascontiguousarray(out[y1:y1 + s, x1:x1 + s])
+
+        results['img'] = resize_crop(results['img'], self.interpolation)
+        for key in results.get('seg_fields', []):
+            results[key] = resize_crop(results[key], 'nearest')
+        results['img_shape'] = (s, s)
+        results['ori_shape'] = (s, s)
+        results['scale_factor'] = (new_w / w, new_h / h)
+        results['crop_bbox'] = (x1, y1, x1 + s, y1 + s)
+        return results
+
+    def __repr__(self) -> str:
+        return (f'{type(self).__name__}(crop_size={self.crop_size}, '
+                f'interpolation={self.interpolation!r}, backend={self.backend!r})')
+
+
+@TRANSFORMS.register_module()
+class RandomGaussianBlur(BaseTransform):
+    """Blur the image with probability ``prob`` by a Gaussian of radius (standard
+    deviation, in pixels) uniform in ``[0, max_radius)`` (PIL's ``GaussianBlur``),
+    the PSPNet-style augmentation of the reference training (section 5.1).
+
+    Required / modified keys: ``img`` (uint8, H x W x 3). Labels are unchanged.
+
+    Args:
+        prob (float): probability of blurring. Default: 0.5.
+        max_radius (float): upper bound of the radius. Default: 1.0.
+    """
+
+    def __init__(self, prob: float = 0.5, max_radius: float = 1.0) -> None:
+        if not 0 <= prob <= 1:
+            raise ValueError(f'prob must be in [0, 1], got {prob}')
+        if max_radius < 0:
+            raise ValueError(f'max_radius must be >= 0, got {max_radius}')
+        self.prob = prob
+        self.max_radius = max_radius
+
+    def transform(self, results: dict) -> dict:
+        if np.random.rand() >= self.prob:
+            return results
+        img = results['img']
+        if img.dtype != np.uint8:
+            raise TypeError('RandomGaussianBlur expects a uint8 image (load it '
+                            f'without to_float32), got {img.dtype}')
+        radius = float(np.random.rand()) * self.max_radius
+        blurred = Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius))
+        results['img'] = np.asarray(blurred).copy()
+        return results
+
+    def __repr__(self) -> str:
+        return (f'{type(self).__name__}(prob={self.prob}, '
+                f'max_radius={self.max_radius})')

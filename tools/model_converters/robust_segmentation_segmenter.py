@@ -1,0 +1,30 @@
+"""Convert a released Robust-Segmentation Segmenter ViT-S checkpoint (Croce, Singh &
+Hein, ECCV 2024) into a full mmseg checkpoint (ALGORITHMS.md 7).
+
+    python tools/model_converters/robust_segmentation_segmenter.py SRC DST \
+        [--config configs/_base_/models/segmenter_vit-s_mask.py]
+
+The class count is read from SRC; the output loads strictly into the model of
+``configs/pirat/segmenter_vit-s_pirat_8xb16-128e_ade20k151-512x512.py``.
+"""
+import os.path as osp
+
+from _cli import REPO, convert, model_cfg, parser
+
+DEFAULT_CONFIG = osp.join(REPO, 'configs', '_base_', 'models',
+                          'segmenter_vit-s_mask.py')
+
+
+def main():
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument('--config', default=DEFAULT_CONFIG,
+                   help='mmseg config whose model is the target layout')
+    args = p.parse_args()
+    from mmseg_robust.models.converters import \
+        convert_robust_segmentation_segmenter
+    convert(args, convert_robust_segmentation_segmenter,
+            'robust_segmentation_segmenter', model_cfg=model_cfg(args.config))
+
+
+if __name__ == '__main__':
+    main()
