@@ -21,6 +21,7 @@ from mmengine.utils import mkdir_or_exist
 from mmseg_robust.attacks import derive_seeds
 from mmseg_robust.evaluation.robustness_metric import (
     counts_of_batch, eps_key, image_record)
+from mmseg_robust.models.backbones.strict_pretrained import check_state_dict
 from mmseg_robust.models.pixel_space import SegmentorPixelView, unwrap_model
 from mmseg_robust.registry import ATTACKS, LOOPS
 from .result_cache import ResultCache, fingerprint
@@ -246,24 +247,13 @@ class _AdversarialEvalMixin:
             for k, v in state.items()
         }
         own = unwrap_model(self.runner.model).state_dict()
-        problems = []
-        for key, value in own.items():
-            if key not in state:
-                problems.append(f'missing in checkpoint: {key}')
-            elif tuple(state[key].shape) != tuple(value.shape):
-                problems.append(f'{key}: checkpoint {tuple(state[key].shape)} vs '
-                                f'model {tuple(value.shape)}')
-        problems += [f'not in the model: {k}' for k in state if k not in own]
-        if problems:
-            shown = '\n  '.join(problems[:10])
-            more = f'\n  ... and {len(problems) - 10} more' if len(
-                problems) > 10 else ''
-            raise ValueError(
-                f'the checkpoint {path} does not fit the model of the config '
-                f'(mmengine would load it partially and evaluate random '
-                f'weights):\n  {shown}{more}\nCheck num_classes and the '
-                'architecture in the config (convert foreign checkpoints with '
-                'tools/model_converters).')
+        check_state_dict(
+            state, {k: v.shape
+                    for k, v in own.items()},
+            what=f'the checkpoint {path} (mmengine would load it partially '
+            'and evaluate random weights)',
+            hint='Check num_classes and the architecture in the config '
+            '(convert foreign checkpoints with tools/model_converters).')
 
     def _run_epoch(self, stage: str, write_json: bool = True) -> dict:
         """One pass over the data with the hooks of ``stage`` ('test'/'val')."""
