@@ -42,10 +42,13 @@ class AttackOutput(NamedTuple):
 
 
 def _no_autocast(device: torch.device):
-    """Disable autocast around the forward so attacks run in fp32."""
+    """Disable autocast around the forward so attacks run in fp32 (a no-op, and no
+    per-iteration cost, when autocast is off already)."""
     try:
+        if not torch.is_autocast_enabled(device.type):
+            return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, enabled=False)
-    except RuntimeError:  # a device type without autocast support
+    except (RuntimeError, TypeError):  # a device type without autocast support
         return contextlib.nullcontext()
 
 

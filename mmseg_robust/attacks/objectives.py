@@ -93,7 +93,7 @@ class Objective:
         check_labels(labels, logits.shape[1], self.ignore_index, valid)
         self.check_num_classes(logits.shape[1])
         mask = effective_valid(labels, valid, self.ignore_index)
-        safe = torch.where(mask, labels, labels.new_zeros(()))
+        safe = torch.where(mask, labels, 0)
         return self.from_logits(SegLogits(logits, safe, mask, step, total_steps))
 
     def __repr__(self) -> str:
@@ -133,7 +133,7 @@ class MaskedCrossEntropy(Objective):
     name = 'Mask-CE'
 
     def pixel_loss(self, s: SegLogits) -> Tensor:
-        return torch.where(s.correct, s.ce, s.ce.new_zeros(()))
+        return torch.where(s.correct, s.ce, 0.0)
 
 
 @ATTACKS.register_module(name='Mask-CE-Bal')
@@ -179,7 +179,7 @@ class BalancedMaskedCrossEntropy(Objective):
         if w is None:
             w = self._on_device[device] = self.class_weights.to(device)
         weighted = w[s.labels] * s.ce
-        return torch.where(s.correct, weighted, weighted.new_zeros(()))
+        return torch.where(s.correct, weighted, 0.0)
 
     def __repr__(self) -> str:
         return f'{type(self).__name__}(num_classes={self.class_weights.numel()})'
@@ -289,7 +289,7 @@ class MaskedSphericalLoss(Objective):
     def pixel_loss(self, s: SegLogits) -> Tensor:
         z_y = s.logits.gather(1, s.labels.unsqueeze(1)).squeeze(1)
         loss = -z_y / s.logits.norm(p=2, dim=1).clamp_min(1e-12)
-        return torch.where(s.correct, loss, loss.new_zeros(()))
+        return torch.where(s.correct, loss, 0.0)
 
 
 # --------------------------------------------------------------------------------

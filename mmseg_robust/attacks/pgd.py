@@ -112,7 +112,7 @@ def _batch_stats(s: SegLogits, prefix: str) -> dict:
     """Mean CE over valid pixels and pixel accuracy of a batch (0-d tensors)."""
     with torch.no_grad():
         n_valid = s.valid.sum().clamp_min(1)
-        ce = torch.where(s.valid, s.ce.detach(), s.ce.new_zeros(()))
+        ce = torch.where(s.valid, s.ce.detach(), 0.0)
         return {
             f'{prefix}_loss': ce.sum() / n_valid,
             f'{prefix}_acc': s.num_correct.sum() / n_valid

@@ -158,5 +158,5 @@ class SegLogits:
         """Per-image objective: sum of ``pixel_loss`` over valid pixels divided by
         ``H*W`` (all pixels, section 2), ``(B,)``."""
         h, w = pixel_loss.shape[-2:]
-        masked = torch.where(self.valid, pixel_loss, pixel_loss.new_zeros(()))
+        masked = torch.where(self.valid, pixel_loss, 0.0)
         return masked.sum(dim=(1, 2)) / (h * w)
