@@ -3,9 +3,10 @@
 # iterations (10582 images / batch 16), batch 16 = 2/GPU x 8 GPUs. Training as SAT
 # plus the DDC-AT branches: cls1 (kept), cls2 and the router mask1, trained with
 # CE(routed output) + 1.0 CE(mask1, division labels) + 0.4 CE(aux).
-# Published numbers (Xu, Zhao & Jia, ICCV 2021, DDC-AT rows of the VOC table): NOT
-# FILLED IN -- they could not be checked against the paper while writing this file;
-# copy clean and BIM mIoU from the paper before quoting them.
+# Published numbers: SEA (Croce, Singh & Hein, ECCV 2024; ALGORITHMS.md section 4)
+# drives the released reference model of this config to about 0 mIoU at eps 4/255.
+# The clean and BIM mIoU of the DDC-AT paper's VOC table are not restated here (they
+# could not be checked against the paper); copy them from it before quoting them.
 # Deploy: tools/export_ddcat.py CONFIG CKPT OUT (drops cls2/mask1: a plain DeepLabv3,
 # loadable with ../sat/deeplabv3_r50-d8_sat_voc12aug-473x473.py).
 _base_ = '../sat/deeplabv3_r50-d8_sat_voc12aug-473x473.py'

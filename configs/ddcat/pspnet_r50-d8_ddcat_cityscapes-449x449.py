@@ -3,9 +3,9 @@
 # iterations (2975 images / batch 16), batch 16 = 2/GPU x 8 GPUs. Training as SAT plus
 # the DDC-AT branches: cls1 (kept), cls2 and the router mask1, trained with CE(routed
 # output) + 1.0 CE(mask1, division labels) + 0.4 CE(aux).
-# Published numbers (Xu, Zhao & Jia, ICCV 2021, DDC-AT rows of the Cityscapes table):
-# NOT FILLED IN -- they could not be checked against the paper while writing this
-# file; copy clean and BIM mIoU from the paper before quoting them.
+# Published numbers: the clean and BIM mIoU of the DDC-AT paper's Cityscapes table are
+# not restated here (they could not be checked against the paper); copy them from it
+# before quoting them. ALGORITHMS.md reports SEA numbers for the VOC models only.
 # Deploy: tools/export_ddcat.py CONFIG CKPT OUT (drops cls2/mask1: a plain PSPNet,
 # loadable with ../sat/pspnet_r50-d8_sat_cityscapes-449x449.py).
 _base_ = '../sat/pspnet_r50-d8_sat_cityscapes-449x449.py'

@@ -4,10 +4,9 @@
 # train, crop 449, 400 epochs x 186 iterations (2975 images / batch 16), batch 16 =
 # 2/GPU x 8 GPUs. Per GPU the first half of each batch is clean, the second half
 # BIM-adversarial (eps 0.03, 3 steps of 0.01).
-# Published numbers (Xu, Zhao & Jia, ICCV 2021, SAT rows of the Cityscapes table): NOT
-# FILLED IN -- they could not be checked against the paper while writing this file;
-# copy clean and BIM mIoU from the paper before quoting them.
-# Reference checkpoints convert with tools/model_converters/ddcat_semseg.py.
+# Published numbers: the clean and BIM mIoU of the DDC-AT paper's Cityscapes table are
+# not restated here (they could not be checked against the paper); copy them from it
+# before quoting them. ALGORITHMS.md reports SEA numbers for the VOC models only.
 _base_ = [
     '../_base_/models/pspnet_r50-d8_semseg.py',
     '../_base_/datasets/cityscapes_449x449_semseg.py',
