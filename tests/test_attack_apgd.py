@@ -289,7 +289,8 @@ def test_last_iteration_needs_no_backward(attack_models, problem):
     assert (rec.n_forward, rec.n_backward) == (9, 7)
     rec = attack_models.Recorder(net)
     APGDLargeEps(eps=8, n_iter=10, early_stop=False)(rec, x, y)
-    assert (rec.n_forward, rec.n_backward) == (16, 10)  # 3 stages: n_i + 2 each
+    # 3 stages: n_i + 1 each, + 1 for the prediction of the final point
+    assert (rec.n_forward, rec.n_backward) == (14, 10)
 
 
 def test_early_stop_gives_the_same_result_with_less_compute(attack_models):
@@ -330,9 +331,9 @@ def test_stages_start_inside_the_smaller_balls(attack_models, problem):
     rec = attack_models.Recorder(net)
     attack = APGDLargeEps(eps=eps, n_iter=n, early_stop=False)
     out = attack.run(rec, x, y, seeds=SEEDS)
-    # each stage: n_i + 1 iterates and the forward of its returned prediction
-    starts = [0, stages[0][0] + 2, stages[0][0] + stages[1][0] + 4]
-    assert len(rec.inputs) == n + 6
+    # each stage: n_i + 1 iterates; the last one also predicts its returned point
+    starts = [0, stages[0][0] + 1, stages[0][0] + stages[1][0] + 2]
+    assert len(rec.inputs) == n + 4
     bounds = []
     for (n_i, eps_i), s in zip(stages, starts):
         block = torch.stack(rec.inputs[s:s + n_i + 1])  # iterates of the stage

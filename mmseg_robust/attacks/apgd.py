@@ -196,7 +196,7 @@ def _evaluate(target: SegmentationTarget, objective: Objective, x_adv: Tensor,
 
 def apgd_run(target: SegmentationTarget, objective: Objective, tm: ThreatModel,
              x: Tensor, x0: Tensor, radius: float, n_iter: int, rho: float = 0.75,
-             early_stop: bool = True) -> AttackOutput:
+             early_stop: bool = True, predict_output: bool = True) -> AttackOutput:
     """One APGD run of ``n_iter`` iterations at ``radius`` (section 3.2).
 
     Args:
@@ -210,6 +210,9 @@ def apgd_run(target: SegmentationTarget, objective: Objective, tm: ThreatModel,
         rho (float): step-size condition (a) threshold. Default: 0.75.
         early_stop (bool): images whose accuracy reached 0 leave the batch (their
             returned point can no longer change). Default: True.
+        predict_output (bool): spend one forward on the prediction at the
+            returned point; without it ``adv_pred`` is None (the intermediate
+            stages of :class:`APGDLargeEps` need only the point). Default: True.
 
     Returns:
         AttackOutput: per image the iterate with the lowest pixel accuracy (ties:
@@ -219,8 +222,13 @@ def apgd_run(target: SegmentationTarget, objective: Objective, tm: ThreatModel,
     out_x = x0.detach().clone()
     grad, ce, n_correct = _evaluate(target, objective, out_x.clone(), 1, n_iter,
                                     n_iter > 0)
+
+    def finish(points: Tensor) -> AttackOutput:
+        return AttackOutput(points, predict(target, points)
+                            if predict_output else None)
+
     if n_iter == 0:
-        return AttackOutput(out_x, predict(target, out_x))
+        return finish(out_x)
     idx = None  # batch positions of the active images; None while all are active
     t_a = target  # the target of the active images
     x_a, x_adv, x_prev = x, out_x.clone(), out_x.clone()
@@ -237,7 +245,7 @@ def apgd_run(target: SegmentationTarget, objective: Objective, tm: ThreatModel,
                 idx = (torch.nonzero(keep).squeeze(1) if idx is None else
                        idx[keep])
                 if idx.numel() == 0:
-                    return AttackOutput(out_x, predict(target, out_x))
+                    return finish(out_x)
                 x_a, x_adv, x_prev, grad, x_best, g_best, ret_n, ret_x = (
                     t[keep] for t in (x_a, x_adv, x_prev, grad, x_best, g_best,
                                       ret_n, ret_x))
@@ -273,7 +281,7 @@ def apgd_run(target: SegmentationTarget, objective: Objective, tm: ThreatModel,
         out_x = ret_x
     else:
         out_x[idx] = ret_x
-    return AttackOutput(out_x, predict(target, out_x))
+    return finish(out_x)
 
 
 # --------------------------------------------------------------------------------
@@ -421,8 +429,9 @@ class APGDLargeEps(Attack):
                     x0 = tm.random_start(x, radius, seeds)
                 else:
                     x0 = tm.project(out.adv_images, x, radius)
+            last = stage == len(self.stages) - 1
             out = apgd_run(target, self.objective, tm, x, x0, radius, n_stage,
-                           self.rho, self.early_stop)
+                           self.rho, self.early_stop, predict_output=last)
         return out
 
 
