@@ -5,21 +5,12 @@
 # Published numbers: none in ALGORITHMS.md section 4 for this model; clean
 # training gives no robustness (SEA drives such models to about 0 mIoU).
 # Evaluate with upernet_convnext-s-cvst_clean_8xb16-128e_ade20k151-512x512_sea.py.
-_base_ = [
-    '../_base_/models/upernet_convnext_cvst.py',
-    '../_base_/datasets/pirat_ade20k.py',
-    '../_base_/default_runtime.py',
-    '../_base_/schedules/pirat_ade20k_128e.py',
-]
-crop_size = (512, 512)
-data_preprocessor = dict(size=crop_size)
+# Same as the ConvNeXt-T config but for the backbone: ConvNeXt-S-CvSt, drop path 0.3.
+_base_ = './upernet_convnext-t-cvst_clean_8xb16-128e_ade20k151-512x512.py'
 model = dict(
-    data_preprocessor=data_preprocessor,
     backbone=dict(
         arch='small',
         drop_path_rate=0.3,
         init_cfg=dict(
             type='Pretrained',
-            checkpoint='checkpoints/revisiting_at/convnext_s_cvst_clean.pth')),
-    decode_head=dict(num_classes=151),
-    auxiliary_head=dict(num_classes=151))
+            checkpoint='checkpoints/revisiting_at/convnext_s_cvst_clean.pth')))

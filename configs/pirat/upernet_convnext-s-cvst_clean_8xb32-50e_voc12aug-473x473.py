@@ -5,21 +5,12 @@
 # Published numbers: none in ALGORITHMS.md section 4 for this model; clean
 # training gives no robustness (SEA drives such models to about 0 mIoU).
 # Evaluate with upernet_convnext-s-cvst_clean_8xb32-50e_voc12aug-473x473_sea.py.
-_base_ = [
-    '../_base_/models/upernet_convnext_cvst.py',
-    '../_base_/datasets/pirat_voc12aug.py',
-    '../_base_/default_runtime.py',
-    '../_base_/schedules/pirat_voc12aug_50e.py',
-]
-crop_size = (473, 473)
-data_preprocessor = dict(size=crop_size)
+# Same as the ConvNeXt-T config but for the backbone: ConvNeXt-S-CvSt, drop path 0.3.
+_base_ = './upernet_convnext-t-cvst_clean_8xb32-50e_voc12aug-473x473.py'
 model = dict(
-    data_preprocessor=data_preprocessor,
     backbone=dict(
         arch='small',
         drop_path_rate=0.3,
         init_cfg=dict(
             type='Pretrained',
-            checkpoint='checkpoints/revisiting_at/convnext_s_cvst_clean.pth')),
-    decode_head=dict(num_classes=21),
-    auxiliary_head=dict(num_classes=21))
+            checkpoint='checkpoints/revisiting_at/convnext_s_cvst_clean.pth')))

@@ -5,28 +5,12 @@
 # Published SEA mIoU (Croce, Singh & Hein, ECCV 2024), clean / eps 4/255 / eps 8/255:
 #   32.1 / 17.9 / 5.4  (the released checkpoint's README: 32.1 / 19.2 / 7.20).
 # Evaluate with upernet_convnext-s-cvst_pirat_8xb16-128e_ade20k151-512x512_sea.py.
-_base_ = [
-    '../_base_/models/upernet_convnext_cvst.py',
-    '../_base_/datasets/pirat_ade20k.py',
-    '../_base_/default_runtime.py',
-    '../_base_/schedules/pirat_ade20k_128e.py',
-]
-crop_size = (512, 512)
-data_preprocessor = dict(size=crop_size)
+# Same as the ConvNeXt-T config but for the backbone: ConvNeXt-S-CvSt, drop path 0.3.
+_base_ = './upernet_convnext-t-cvst_pirat_8xb16-128e_ade20k151-512x512.py'
 model = dict(
-    data_preprocessor=data_preprocessor,
     backbone=dict(
         arch='small',
         drop_path_rate=0.3,
         init_cfg=dict(
             type='Pretrained',
-            checkpoint='checkpoints/revisiting_at/convnext_s_cvst_linf4.pth')),
-    decode_head=dict(num_classes=151),
-    auxiliary_head=dict(num_classes=151))
-# ADE20K: 5 steps as for VOC (the latest public reference config uses 20).
-train_cfg = dict(
-    type='AdversarialTrainLoop',
-    scheme='pirat',
-    attack=dict(
-        type='PGD', eps=4, steps=5, step_size=2.55, random_start=False))
-optim_wrapper = dict(type='AdversarialOptimWrapper')
+            checkpoint='checkpoints/revisiting_at/convnext_s_cvst_linf4.pth')))

@@ -5,27 +5,12 @@
 # Published SEA mIoU (Croce, Singh & Hein, ECCV 2024), clean / eps 4/255 / eps 8/255:
 #   76.6 / 66.0 / 36.4  (the released checkpoint's README: 76.6 / 66.2 / 38.0).
 # Evaluate with upernet_convnext-s-cvst_pirat_8xb32-50e_voc12aug-473x473_sea.py.
-_base_ = [
-    '../_base_/models/upernet_convnext_cvst.py',
-    '../_base_/datasets/pirat_voc12aug.py',
-    '../_base_/default_runtime.py',
-    '../_base_/schedules/pirat_voc12aug_50e.py',
-]
-crop_size = (473, 473)
-data_preprocessor = dict(size=crop_size)
+# Same as the ConvNeXt-T config but for the backbone: ConvNeXt-S-CvSt, drop path 0.3.
+_base_ = './upernet_convnext-t-cvst_pirat_8xb32-50e_voc12aug-473x473.py'
 model = dict(
-    data_preprocessor=data_preprocessor,
     backbone=dict(
         arch='small',
         drop_path_rate=0.3,
         init_cfg=dict(
             type='Pretrained',
-            checkpoint='checkpoints/revisiting_at/convnext_s_cvst_linf4.pth')),
-    decode_head=dict(num_classes=21),
-    auxiliary_head=dict(num_classes=21))
-train_cfg = dict(
-    type='AdversarialTrainLoop',
-    scheme='pirat',
-    attack=dict(
-        type='PGD', eps=4, steps=5, step_size=2.55, random_start=False))
-optim_wrapper = dict(type='AdversarialOptimWrapper')
+            checkpoint='checkpoints/revisiting_at/convnext_s_cvst_linf4.pth')))
