@@ -143,3 +143,41 @@ def save_checkpoint(path: str, state_dict: StateDict, meta: dict) -> None:
     os.makedirs(folder, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     torch.save({'state_dict': state, 'meta': meta}, path)
+
+
+def convnext_arch_of(state: StateDict, blocks_prefix: str, dwconv_key: str,
+                     source: str):
+    """The ConvNeXt ``arch`` of a checkpoint, from its blocks per stage and the
+    width of each stage's first depth-wise convolution.
+
+    Args:
+        state (dict): the source state dict.
+        blocks_prefix (str): key prefix of stage ``{j}``'s blocks, the block index
+            following it (e.g. ``'stages.{j}.blocks.'``).
+        dwconv_key (str): key of stage ``{j}``'s first depth-wise conv weight.
+        source (str): the checkpoint kind, for error messages.
+
+    Returns:
+        str | dict: the name in ``ConvNeXtCvSt.arch_settings`` or
+        ``dict(depths=..., channels=...)``.
+    """
+    from mmseg_robust.models.backbones import ConvNeXtCvSt
+    depths, channels = [], []
+    for j in range(4):
+        prefix = blocks_prefix.format(j=j)
+        blocks = {
+            int(k[len(prefix):].split('.')[0])
+            for k in state if k.startswith(prefix)
+        }
+        if not blocks or blocks != set(range(len(blocks))):
+            raise KeyError(f'stage {j}: blocks {sorted(blocks)} under {prefix}* '
+                           f'(some missing or none): not a {source} checkpoint')
+        depths.append(len(blocks))
+        key = dwconv_key.format(j=j)
+        if key not in state:
+            raise KeyError(f'missing tensor {key}')
+        channels.append(int(state[key].shape[0]))
+    for name, arch in ConvNeXtCvSt.arch_settings.items():
+        if arch['depths'] == depths and arch['channels'] == channels:
+            return name
+    return dict(depths=depths, channels=channels)

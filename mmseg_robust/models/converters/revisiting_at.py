@@ -21,7 +21,8 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 from mmseg_robust.models.backbones import ConvNeXtCvSt, VisionTransformerStrict
-from .common import (StateDict, apply_rules, check_converted, expected_layout,
+from .common import (StateDict, apply_rules, check_converted,
+                     convnext_arch_of, expected_layout,
                      strip_prefixes)
 
 __all__ = [
@@ -31,30 +32,6 @@ __all__ = [
 
 WRAPPER_PREFIXES = ('module.', 'base_model.', 'model.')
 NORMALIZER = [(r'normalize\.(mean|std)', None, None)]
-
-
-def _arch_of_convnext(state: StateDict) -> Union[str, dict]:
-    depths, channels = [], []
-    for j in range(4):
-        blocks = {
-            int(k.split('.')[3])
-            for k in state if k.startswith(f'stages.{j}.blocks.')
-        }
-        if not blocks:
-            raise KeyError(f'no tensor of stage {j} (stages.{j}.blocks.*): not a '
-                           'timm ConvNeXt checkpoint')
-        if blocks != set(range(len(blocks))):
-            raise KeyError(f'stage {j} has blocks {sorted(blocks)}: some are '
-                           'missing')
-        depths.append(len(blocks))
-        key = f'stages.{j}.blocks.0.conv_dw.weight'
-        if key not in state:
-            raise KeyError(f'missing tensor {key}')
-        channels.append(int(state[key].shape[0]))
-    for name, arch in ConvNeXtCvSt.arch_settings.items():
-        if arch['depths'] == depths and arch['channels'] == channels:
-            return name
-    return dict(depths=depths, channels=channels)
 
 
 def convert_revisiting_at_convnext(
@@ -80,7 +57,9 @@ def convert_revisiting_at_convnext(
             wrongly shaped one, named in the message.
     """
     state = strip_prefixes(state_dict, WRAPPER_PREFIXES)
-    inferred = _arch_of_convnext(state)
+    inferred = convnext_arch_of(state, 'stages.{j}.blocks.',
+                                'stages.{j}.blocks.0.conv_dw.weight',
+                                'timm ConvNeXt')
     if arch is not None and arch != inferred:
         raise ValueError(f'the checkpoint is ConvNeXt {inferred}, not {arch}')
     rules = NORMALIZER + [

@@ -26,7 +26,8 @@ from mmengine.config import ConfigDict
 from mmengine.registry import init_default_scope
 
 from mmseg_robust.registry import MODELS
-from .common import (StateDict, apply_rules, check_converted, expected_layout,
+from .common import (StateDict, apply_rules, check_converted,
+                     convnext_arch_of, expected_layout,
                      strip_prefixes)
 from .revisiting_at import _vit_shape, timm_vit_block_rules
 
@@ -57,28 +58,6 @@ def _set_classes(cfg: dict, num_classes: int) -> None:
                 h['num_classes'] = num_classes
 
 
-def _convnext_arch(state: StateDict, prefix: str):
-    from mmseg_robust.models.backbones import ConvNeXtCvSt
-    depths, channels = [], []
-    for j in range(4):
-        blocks = {
-            int(k[len(prefix):].split('.')[2])
-            for k in state if k.startswith(f'{prefix}stages.{j}.')
-        }
-        if not blocks or blocks != set(range(len(blocks))):
-            raise KeyError(f'stage {j}: blocks {sorted(blocks)} (some missing or '
-                           'none): not a Robust-Segmentation ConvNeXt checkpoint')
-        depths.append(len(blocks))
-        key = f'{prefix}stages.{j}.0.dwconv.weight'
-        if key not in state:
-            raise KeyError(f'missing tensor {key}')
-        channels.append(int(state[key].shape[0]))
-    for name, arch in ConvNeXtCvSt.arch_settings.items():
-        if arch['depths'] == depths and arch['channels'] == channels:
-            return name
-    return dict(depths=depths, channels=channels)
-
-
 # The ConvModules of the heads: the reference's ``X.conv`` (no bias) and
 # ``X.batch_norm`` are mmcv's ``X.conv`` and ``X.bn`` at the same module path.
 CONV_MODULES = (r'(decode_head\.(?:psp_modules\.\d+\.1|lateral_convs\.\d+|'
@@ -102,7 +81,9 @@ def convert_robust_segmentation_upernet(state_dict: StateDict,
         KeyError / ValueError: unknown, missing or wrongly shaped tensors, named.
     """
     state = strip_prefixes(state_dict, ('module.', ))
-    arch = _convnext_arch(state, 'backbone.')
+    arch = convnext_arch_of(state, 'backbone.stages.{j}.',
+                            'backbone.stages.{j}.0.dwconv.weight',
+                            'Robust-Segmentation ConvNeXt')
     key = 'decode_head.classifier.weight'
     if key not in state:
         raise KeyError(f'missing tensor {key}')
