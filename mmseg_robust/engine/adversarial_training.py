@@ -32,7 +32,7 @@ from mmengine.logging import print_log
 from mmengine.runner import IterBasedTrainLoop
 from mmengine.structures import PixelData
 
-from mmseg_robust.models.pixel_space import unwrap_model
+from mmseg_robust.models.pixel_space import PixelNormalizer, unwrap_model
 from mmseg_robust.registry import ATTACKS, LOOPS
 from .optim_wrappers import AttackContextMixin
 
@@ -58,21 +58,14 @@ class TrainPixelView:
 
     def __init__(self, module, inputs, data_samples) -> None:
         self.module = module
-        pre = module.data_preprocessor
-        self.normalize = bool(getattr(pre, '_enable_normalize', False))
-        self.mean = pre.mean.float() if self.normalize else None
-        self.std = pre.std.float() if self.normalize else None
+        self.normalizer = PixelNormalizer(module.data_preprocessor)
         self.metas = [ds.metainfo for ds in data_samples]
-        x = inputs.float()
-        if self.normalize:
-            x = x * self.std + self.mean
-        self.images = (x / 255.0).clamp_(0, 1).detach()
+        self.images = self.normalizer.to_pixels(inputs)
         self.labels = torch.stack(
             [ds.gt_sem_seg.data.squeeze(0).long() for ds in data_samples])
 
     def normalized(self, images):
-        x = images * 255.0
-        return (x - self.mean) / self.std if self.normalize else x
+        return self.normalizer.to_inputs(images)
 
     def __call__(self, images, metas: Optional[List[dict]] = None):
         """Main-head logits at the (padded) input size."""

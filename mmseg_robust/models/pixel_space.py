@@ -23,12 +23,36 @@ import torch.nn.functional as F
 from mmengine.model import is_model_wrapper
 from torch import Tensor
 
-__all__ = ['SegmentorPixelView', 'unwrap_model']
+__all__ = ['PixelNormalizer', 'SegmentorPixelView', 'unwrap_model']
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The segmentor inside a DDP/FSDP wrapper (attacks must not go through DDP)."""
     return model.module if is_model_wrapper(model) else model
+
+
+class PixelNormalizer:
+    """Maps between a ``SegDataPreProcessor``'s normalised tensors and pixel
+    images in ``[0, 1]`` (section 1: eps applies to the latter)."""
+
+    def __init__(self, data_preprocessor) -> None:
+        self.normalize = bool(
+            getattr(data_preprocessor, '_enable_normalize', False))
+        self.mean = data_preprocessor.mean.float() if self.normalize else None
+        self.std = data_preprocessor.std.float() if self.normalize else None
+
+    def to_pixels(self, inputs: Tensor) -> Tensor:
+        """Normalised network input -> detached pixel images in ``[0, 1]``."""
+        x = inputs.float()
+        if self.normalize:
+            x = x * self.std + self.mean
+        # 0..255 -> [0, 1]; clamp float round-off of the (x - m) / s * s + m trip.
+        return (x / 255.0).clamp_(0, 1).detach()
+
+    def to_inputs(self, images: Tensor) -> Tensor:
+        """Pixel images in ``[0, 1]`` -> normalised network input (differentiable)."""
+        x = images * 255.0
+        return (x - self.mean) / self.std if self.normalize else x
 
 
 class SegmentorPixelView:
@@ -53,9 +77,7 @@ class SegmentorPixelView:
     def __init__(self, segmentor: torch.nn.Module, data: dict) -> None:
         self.model = unwrap_model(segmentor)
         pre = self.model.data_preprocessor
-        self.normalize = bool(getattr(pre, '_enable_normalize', False))
-        self.mean = pre.mean.float() if self.normalize else None
-        self.std = pre.std.float() if self.normalize else None
+        self.normalizer = PixelNormalizer(pre)
         self.pad_val = float(getattr(pre, 'pad_val', 0))
         # The preprocessor (test mode) gives the padded, normalised batch and sets
         # padding metainfo; we keep its metainfo and rebuild everything else from
@@ -73,11 +95,8 @@ class SegmentorPixelView:
         self.padded_shape = tuple(inputs.shape[2:])
         left, right, top, bottom = self.padding
         h_pad, w_pad = self.padded_shape
-        images = inputs[:, :, top:h_pad - bottom, left:w_pad - right]
-        if self.normalize:
-            images = images * self.std + self.mean
-        # 0..255 -> [0, 1]; clamp float round-off of the (x - m) / s * s + m trip.
-        self.images = (images / 255.0).clamp_(0, 1).detach()
+        self.images = self.normalizer.to_pixels(
+            inputs[:, :, top:h_pad - bottom, left:w_pad - right])
         self.ori_shape = tuple(self.metas[0]['ori_shape'][:2])
         self.labels = torch.stack([
             ds.gt_sem_seg.data.squeeze(0).long() for ds in self.data_samples
@@ -102,9 +121,7 @@ class SegmentorPixelView:
 
     def __call__(self, images: Tensor) -> Tensor:
         """Logits ``(B, K, H', W')`` at ``ori_shape`` of pixel images in [0, 1]."""
-        x = images * 255.0
-        if self.normalize:
-            x = (x - self.mean) / self.std
+        x = self.normalizer.to_inputs(images)
         left, right, top, bottom = self.padding
         if any(self.padding):
             x = F.pad(x, (left, right, top, bottom), value=self.pad_val)
