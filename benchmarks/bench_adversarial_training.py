@@ -2,12 +2,14 @@
 clean training step of the same model and batch (the limit is k + 1).
 
     python benchmarks/bench_adversarial_training.py [--config CFG] [--steps 1 2 5]
-        [--batch 8] [--repeats 5] [--out results.json]
+        [--batch 8] [--repeats 5] [--model-config CFG --size 512] [--out results.json]
 
 The clean step is the model's stock ``train_step``; the adversarial step is what
 :class:`~mmseg_robust.engine.AdversarialTrainLoop` does per iteration
 (``adversarial_batch`` with a k-step PGD, then ``train_step``). Both are timed in
 the same process, interleaved, and the ratio of their medians is reported.
+``--model-config`` times another config's model (e.g. UperNet-ConvNeXt-T) on the
+synthetic batches, padded by the data preprocessor to ``--size``.
 """
 import argparse
 import json
@@ -35,10 +37,24 @@ def main(argv=None):
     parser.add_argument('--batch', type=int, default=8)
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--data-root', default=None)
+    parser.add_argument('--model-config', default=None,
+                        help='time the model of this config instead')
+    parser.add_argument('--size', type=int, default=None,
+                        help='pad the inputs to size x size')
     parser.add_argument('--out', default=None)
     args = parser.parse_args(argv)
 
     cfg = Config.fromfile(args.config)
+    if args.model_config:
+        model = Config.fromfile(args.model_config).model
+        num_classes = cfg.model.decode_head.num_classes
+        for head in ('decode_head', 'auxiliary_head'):
+            if model.get(head):
+                model[head].num_classes = num_classes
+        model.backbone.pop('init_cfg', None)  # weights do not change the time
+        cfg.model = model
+    if args.size:
+        cfg.model.data_preprocessor.size = (args.size, args.size)
     cfg.work_dir = tempfile.mkdtemp(prefix='bench_at_')
     cfg.train_dataloader.batch_size = args.batch
     cfg.train_dataloader.num_workers = 0
@@ -90,6 +106,8 @@ def main(argv=None):
               f'{a * 1e3:8.1f} ms  ratio {a / c:.2f} (limit {k + 1})')
     out = dict(
         config=osp.basename(args.config),
+        model_config=args.model_config and osp.basename(args.model_config),
+        size=args.size,
         batch=args.batch,
         repeats=args.repeats,
         device=torch.cuda.get_device_name(device) if device.type == 'cuda' else

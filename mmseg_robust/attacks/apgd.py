@@ -23,6 +23,7 @@ __all__ = [
 ]
 
 LossConfig = Union[str, dict, Objective]
+_MOMENTUM = 0.75  # APGD's momentum a (section 3.2)
 
 
 # --------------------------------------------------------------------------------
@@ -235,6 +236,8 @@ def apgd_run(target: SegmentationTarget, objective: Objective, tm: ThreatModel,
     x_best, g_best = x_adv, grad
     ret_n, ret_x = n_correct, x_adv
     ctl = APGDStepSizeControl(n_iter, ce, 2.0 * radius, rho)
+    with torch.no_grad():
+        project = tm.projector(x_a, radius)
     for i in range(n_iter):
         if early_stop:
             done = ret_n == 0  # one sync per iteration, none per image
@@ -251,14 +254,21 @@ def apgd_run(target: SegmentationTarget, objective: Objective, tm: ThreatModel,
                                       ret_n, ret_x))
                 ctl.select(keep)
                 t_a = target.subset(idx)
+                with torch.no_grad():
+                    project = tm.projector(x_a, radius)
         last = i == n_iter - 1
         with torch.no_grad():
-            # momentum update; a = 1 at the first iteration (section 3.2)
-            a = 1.0 if i == 0 else 0.75
-            eta = bcast(ctl.eta, x_adv)
-            z = tm.project(x_adv + eta * tm.direction(grad), x_a, radius)
-            x_new = tm.project(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - x_prev),
-                               x_a, radius)
+            # z = P(x + eta * dir(grad)); momentum update
+            # x_new = P(x + a (z - x) + (1 - a) (x - x_prev)), a = 1 at the
+            # first iteration (x_new = z, already projected), else 0.75
+            z = project(torch.addcmul(x_adv, bcast(ctl.eta, x_adv),
+                                      tm.direction(grad)))
+            if i == 0:
+                x_new = z
+            else:
+                x_new = project(
+                    torch.lerp(x_adv, z, _MOMENTUM).add_(
+                        x_adv - x_prev, alpha=1.0 - _MOMENTUM))
         x_prev, x_adv = x_adv, x_new
         # the last iterate needs no backward pass
         g, ce, n_correct = _evaluate(t_a, objective, x_adv, i + 2, n_iter,

@@ -111,6 +111,21 @@ class ThreatModel:
             delta = delta * factor.view(-1, *([1] * (delta.dim() - 1)))
         return (x + delta).clamp(0.0, 1.0)
 
+    def projector(self, x: Tensor, radius: Optional[float] = None):
+        """``project(., x, radius)`` as a one-argument function, for loops that
+        project many points around the same ``x``.
+
+        For L-inf the ball and the pixel range are one box, so the bounds are
+        computed once and every projection is a single clamp (the same box as
+        :meth:`project`, without the round trip through ``delta``).
+        """
+        r = self._radius(radius)
+        if self.norm != 'Linf':
+            return lambda x_adv: self.project(x_adv, x, r)
+        lo = (x - r).clamp_(min=0.0)
+        hi = (x + r).clamp_(max=1.0)
+        return lambda x_adv: torch.clamp(x_adv, lo, hi)
+
     def direction(self, grad: Tensor) -> Tensor:
         """Steepest-ascent direction of unit norm: ``sign(grad)`` (L-inf) or
         ``grad / ||grad||_2`` per image (L2; zero gradient gives a zero step)."""
