@@ -1,5 +1,6 @@
 # mmseg_robust: the two quick-start commands.
-#   make demo   set up .venv, then train and test the small model on the synthetic data
+#   make demo   set up .venv, then train a clean and three robust small models on the
+#               synthetic data, evaluate them with SEA and write a report (tools/demo.py)
 #   make test   set up .venv, then run the test suite
 # Both install what they need into ./.venv first (idempotent; see tools/setup_env.sh).
 
@@ -8,6 +9,7 @@ PY := $(VENV)/bin/python
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 PYTEST_ARGS ?=
 DEMO_DIR ?= work_dirs/demo
+DEMO_ARGS ?=
 
 .PHONY: setup test demo lint clean
 
@@ -18,7 +20,7 @@ test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
 
 demo: setup
-	bash tools/demo.sh $(DEMO_DIR)
+	$(PY) tools/demo.py --work-dir $(DEMO_DIR) $(DEMO_ARGS)
 
 lint: setup
 	$(PY) -m flake8 mmseg_robust tools tests benchmarks configs

@@ -10,7 +10,9 @@ from mmengine.runner import Runner
 # Registers mmseg_robust's components into mmseg's registries and applies its
 # compatibility fixes, so configs without `custom_imports` work too.
 import mmseg_robust  # noqa: F401,E402
-from mmseg_robust.engine import apply_robustness_evaluator  # noqa: E402
+from mmseg_robust.engine import (  # noqa: E402
+    add_adversarial_visualization, apply_robustness_evaluator,
+    is_robustness_evaluation, normalize_evaluator_options)
 
 
 # TODO: support fuse_conv_bn, visualization, and format_only
@@ -92,7 +94,7 @@ def main():
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
+        cfg.merge_from_dict(normalize_evaluator_options(args.cfg_options))
 
     # work_dir is determined in this priority: CLI > segment in file > filename
     if args.work_dir is not None:
@@ -109,7 +111,14 @@ def main():
     # evaluator.eps=4,8 ...) turns the test into a robustness evaluation.
     apply_robustness_evaluator(cfg)
 
-    if args.show or args.show_dir:
+    if is_robustness_evaluation(cfg) and (args.show or args.show_dir):
+        # mmseg_robust: draw the adversarial examples, not the clean inputs
+        if args.show:
+            raise SystemExit('--show is not supported with an attack '
+                             'evaluator; use --show-dir DIR to save the '
+                             'adversarial examples')
+        add_adversarial_visualization(cfg, args.show_dir)
+    elif args.show or args.show_dir:
         cfg = trigger_visualization_hook(cfg, args)
 
     if args.tta:

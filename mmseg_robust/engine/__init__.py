@@ -5,15 +5,20 @@ from .adversarial_training import (AdversarialTrainLoop, RandomStateHook,
                                    TrainPixelView)
 from .optim_wrappers import (AdversarialAmpOptimWrapper,
                              AdversarialOptimWrapper, AttackContextMixin)
-from .presets import (EVALUATOR_PRESETS, apply_robustness_evaluator,
-                      dataset_class_weights)
+from .presets import (EVALUATOR_PRESETS, add_adversarial_visualization,
+                      apply_robustness_evaluator, dataset_class_weights,
+                      is_robustness_evaluation, normalize_evaluator_options)
 from .result_cache import ResultCache, fingerprint
+from .visualization_hook import AdversarialVisualizationHook
 
 __all__ = [
     'AdversarialAmpOptimWrapper', 'AdversarialOptimWrapper',
     'AdversarialTestLoop', 'AdversarialTrainLoop', 'AdversarialValLoop',
+    'AdversarialVisualizationHook',
     'AttackContextMixin', 'EVALUATOR_PRESETS', 'RandomStateHook',
     'TrainPixelView',
-    'ResultCache', 'apply_robustness_evaluator', 'dataset_class_weights',
+    'ResultCache', 'add_adversarial_visualization',
+    'apply_robustness_evaluator', 'dataset_class_weights',
+    'is_robustness_evaluation', 'normalize_evaluator_options',
     'fingerprint', 'image_seed'
 ]

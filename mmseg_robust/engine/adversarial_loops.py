@@ -108,6 +108,28 @@ class _AdversarialEvalMixin:
         self.resume = resume
         self.log_interval = max(1, int(log_interval))
         self.cache: Optional[ResultCache] = None
+        self.example_eps: Optional[str] = None  # set by request_examples
+
+    def request_examples(self, eps: Optional[float] = None) -> str:
+        """Keep each attacked image's worst adversarial example for the hooks.
+
+        From then on the outputs of every iteration carry, per image attacked in
+        this run, ``example``: the clean and adversarial image, the ground truth
+        and both predictions, from the attack (SEA member) with the lowest pixel
+        accuracy at radius ``eps`` (default: the largest). Used by
+        :class:`~mmseg_robust.engine.AdversarialVisualizationHook`; images
+        restored from the robustness cache are not attacked again and carry none.
+
+        Returns:
+            str: the eps key the examples are taken at.
+        """
+        key = eps_key(max(self.eps_list) if eps is None else eps)
+        if key not in self.attacks:
+            raise ValueError(
+                f'examples requested at eps {eps} but the loop attacks at eps '
+                f'{self.eps_list}; choose one of these')
+        self.example_eps = key
+        return key
 
     # ------------------------------------------------------------------ cache
     def _description(self) -> dict:
@@ -152,6 +174,8 @@ class _AdversarialEvalMixin:
             OrderedDict() for _ in keys
         ]
         seeds = [image_seed(self.seed, k) for k in keys]
+        # worst example per image at example_eps: [accuracy, attack, adv, pred]
+        worst = [[2.0, None, None, None] for _ in keys]
         for eps_name, attacks in self.attacks.items():
             for rec in per_image:
                 rec[eps_name] = OrderedDict()
@@ -169,10 +193,49 @@ class _AdversarialEvalMixin:
                                 f'two attacks at eps {eps_name} are named '
                                 f'{name}: give the attacks different settings')
                         rec[eps_name][name] = c
-        return [
+                    if eps_name == self.example_eps:
+                        for i, (w, c) in enumerate(zip(worst, counts)):
+                            acc = c['correct'] / max(c['valid'], 1)
+                            if acc < w[0]:
+                                w[:] = [acc, name, out.adv_images[i],
+                                        out.adv_pred[i]]
+        records = [
             image_record(k, num_classes, c, a)
             for k, c, a in zip(keys, clean, per_image)
         ]
+        if self.example_eps is not None:
+            self._examples = self._make_examples(view, keys, clean_pred, clean,
+                                                 worst)
+        return records
+
+    def _make_examples(self, view, keys, clean_pred, clean, worst) -> list:
+        """numpy examples (see :func:`mmseg_robust.reporting.save_example`)."""
+        # the view's images are in the channel order the network sees: RGB
+        # when the preprocessor converts mmcv's BGR, BGR when it does not
+        rgb = bool(getattr(view.model.data_preprocessor, 'channel_conversion',
+                           False))
+
+        def to_hwc(img):
+            img = img.detach().float().cpu()
+            img = img if rgb else img.flip(0)
+            return img.permute(1, 2, 0).contiguous().numpy()
+
+        examples = []
+        for i, (key, (acc, name, adv, pred)) in enumerate(zip(keys, worst)):
+            c = clean[i]
+            examples.append(
+                dict(
+                    name=osp.splitext(osp.basename(key))[0],
+                    image=to_hwc(view.images[i]),
+                    adv_image=to_hwc(adv),
+                    gt=view.labels[i].cpu().numpy(),
+                    clean_pred=clean_pred[i].cpu().numpy(),
+                    adv_pred=pred.cpu().numpy(),
+                    eps=float(self.example_eps),
+                    attack=name,
+                    clean_acc=c['correct'] / max(c['valid'], 1),
+                    adv_acc=acc))
+        return examples
 
     def _ignore_index(self) -> int:
         model = unwrap_model(self.runner.model)
@@ -194,6 +257,7 @@ class _AdversarialEvalMixin:
         keys = [_image_key(s) for s in samples]
         records = [self.cache.get(k) if self.cache else None for k in keys]
         todo = [i for i, r in enumerate(records) if r is None]
+        examples = [None] * len(keys)
         if todo:
             model = self.runner.model
             model.eval()
@@ -206,10 +270,17 @@ class _AdversarialEvalMixin:
                 self.cache.put(new)
             for i, rec in zip(todo, new):
                 records[i] = rec
+            if self.example_eps is not None:
+                for i, ex in zip(todo, self._examples):
+                    examples[i] = ex
             self._attacked += len(todo)
         self._done += len(keys)
         self._log_progress(idx)
-        return [dict(robustness=r, img_path=k) for r, k in zip(records, keys)]
+        outputs = [dict(robustness=r, img_path=k) for r, k in zip(records, keys)]
+        if self.example_eps is not None:
+            for out, ex in zip(outputs, examples):
+                out['example'] = ex
+        return outputs
 
     def _log_progress(self, idx: int) -> None:
         if (idx + 1) % self.log_interval and idx + 1 != len(self.dataloader):

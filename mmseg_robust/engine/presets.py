@@ -17,7 +17,9 @@ from mmseg_robust.attacks.objectives import (class_weights_from_counts,
                                              count_label_pixels)
 
 __all__ = [
-    'EVALUATOR_PRESETS', 'apply_robustness_evaluator', 'dataset_class_weights'
+    'EVALUATOR_PRESETS', 'add_adversarial_visualization',
+    'apply_robustness_evaluator', 'dataset_class_weights',
+    'is_robustness_evaluation', 'normalize_evaluator_options'
 ]
 
 #: name -> (attack config, name of its iteration argument). Iteration counts
@@ -135,4 +137,45 @@ def apply_robustness_evaluator(cfg: Config,
         seed=seed,
         worst_case_modes=list(spec.get('worst_case_modes',
                                        ['best', 'reference'])))
+    return cfg
+
+
+def normalize_evaluator_options(options: Optional[dict]) -> Optional[dict]:
+    """Let ``--cfg-options evaluator=SEA evaluator.eps=4,8`` work as written.
+
+    mmengine merges ``evaluator=SEA`` as a string and then fails to set
+    ``evaluator.eps`` inside it; with other ``evaluator.*`` options present, the
+    name is passed on as ``evaluator.type`` instead.
+    """
+    if not options or not isinstance(options.get('evaluator'), str):
+        return options
+    if not any(k.startswith('evaluator.') for k in options):
+        return options
+    options = dict(options)
+    name = options.pop('evaluator')
+    options.setdefault('evaluator.type', name)
+    return options
+
+
+def is_robustness_evaluation(cfg: Config) -> bool:
+    """Whether ``cfg``'s test loop is an adversarial one (after
+    :func:`apply_robustness_evaluator`)."""
+    loop = (cfg.get('test_cfg') or {}).get('type', '')
+    return isinstance(loop, str) and loop.startswith('Adversarial')
+
+
+def add_adversarial_visualization(cfg: Config, show_dir: str,
+                                  eps: Optional[float] = None,
+                                  max_images: Optional[int] = None) -> Config:
+    """``--show-dir`` for a robustness evaluation: save adversarial examples
+    (:class:`AdversarialVisualizationHook`) instead of mmseg's clean-image
+    drawings, which would show the clean input, not the attacked one."""
+    vis = cfg.get('default_hooks', {}).get('visualization')
+    if vis is not None:
+        vis['draw'] = False
+    hooks = list(cfg.get('custom_hooks', []) or [])
+    hooks.append(
+        dict(type='AdversarialVisualizationHook', out_dir=show_dir, eps=eps,
+             max_images=max_images))
+    cfg.custom_hooks = hooks
     return cfg

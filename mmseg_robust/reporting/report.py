@@ -1,0 +1,387 @@
+"""Results tables, JSON/Markdown reports and robustness curves from the
+``robustness_<timestamp>.json`` files written by the robustness evaluation.
+
+A *row* (one evaluated model) is the plain dict returned by :func:`load_result`;
+all its numbers are percentages. Every function here needs only numpy, matplotlib
+(without pyplot: the global backend is never touched) and the standard library.
+"""
+import json
+import math
+import os
+import os.path as osp
+from typing import Dict, List, Optional, Sequence, Union
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = [
+    'format_table', 'load_result', 'plot_robustness_curve', 'write_report'
+]
+
+_ROW_KEYS = ('name', 'clean', 'eps')
+_TABLE_FORMATS = ('markdown', 'text')
+
+
+def _pct(value, what: str, source: str) -> Optional[float]:
+    """A fraction in [0, 1] as a percentage rounded to 2 decimals (None if NaN)."""
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f'{source}: {what} should be a number (a fraction in '
+                         f'[0, 1]), got {value!r}.') from None
+    if not math.isfinite(value):
+        return None
+    return round(100.0 * value, 2)
+
+
+def _metric(res: dict, key: str, what: str, source: str) -> Optional[float]:
+    if not isinstance(res, dict) or key not in res:
+        raise ValueError(
+            f'{source}: summary entry {what} has no {key!r}; expected '
+            'the summary written by the robustness evaluation '
+            '(tools/test.py ... --cfg-options evaluator=SEA).')
+    return _pct(res[key], f'{what}[{key!r}]', source)
+
+
+def _eps_value(key: str, source: str) -> float:
+    try:
+        return float(key)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f'{source}: eps key {key!r} is not a number (keys are '
+            "the radii in /255 units, e.g. '4', '8').") from None
+
+
+def _default_name(checkpoint: Optional[str]) -> str:
+    if checkpoint:
+        parent = osp.basename(osp.dirname(str(checkpoint).rstrip('/\\')))
+        if parent:
+            return parent
+    return 'model'
+
+
+def load_result(source: Union[str, os.PathLike, dict],
+                name: Optional[str] = None) -> dict:
+    """One model's row of a report from a robustness result JSON.
+
+    The clean numbers are ``mIoU`` and ``aAcc_img`` of ``summary['clean']``; the
+    robust numbers per eps are the worst case of the attack (SEA's, or that of the
+    single attack evaluated): ``mIoU`` and ``aAcc_img`` of ``worst_case``. aACC is
+    thus the mean over images of each image's pixel accuracy, clean and robust.
+
+    Args:
+        source (str | PathLike | dict): path to a ``robustness_<timestamp>.json``
+            written by the robustness evaluation, or its already-loaded content.
+        name (str, optional): model name of the row. Defaults to the name of the
+            checkpoint's folder, or ``'model'`` without a checkpoint.
+
+    Returns:
+        dict: ``{'name', 'num_images', 'attack', 'n_iter', 'seed', 'checkpoint',
+        'clean': {'mIoU', 'aAcc'}, 'eps': {eps: {'mIoU', 'aAcc'}}}`` with the
+        numbers in percent (2 decimals; None where the result is NaN) and the eps
+        keys as strings (e.g. ``'4'``) in increasing numeric order.
+
+    Raises:
+        ValueError: if the content is not a robustness result (e.g. the JSON of a
+            clean ``tools/test.py`` run, which has no ``summary``).
+    """
+    if isinstance(source, dict):
+        data, where = source, 'robustness result (dict)'
+    elif isinstance(source, (str, os.PathLike)):
+        where = os.fspath(source)
+        with open(where, encoding='utf-8') as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f'{where} is not valid JSON ({e}); pass a '
+                                 'robustness_<timestamp>.json file.') from None
+        if not isinstance(data, dict):
+            raise ValueError(f'{where} does not hold a JSON object; pass a '
+                             'robustness_<timestamp>.json file.')
+    else:
+        raise ValueError(
+            'load_result expects a path to a robustness JSON or its '
+            f'loaded dict, got {type(source).__name__}.')
+
+    summary = data.get('summary')
+    if not isinstance(summary, dict) or 'clean' not in summary:
+        raise ValueError(
+            f'{where} has no robustness summary (no "summary" with clean/eps '
+            'results): it is not the output of a robustness evaluation. Run '
+            'tools/test.py CFG CKPT --cfg-options evaluator=SEA and pass the '
+            'work_dir/robustness_<timestamp>.json it writes.')
+    eps_results = summary.get('eps') or {}
+    if not isinstance(eps_results, dict):
+        raise ValueError(
+            f'{where}: summary["eps"] should map eps keys to results, '
+            f'got {type(eps_results).__name__}.')
+
+    attacks = data.get('attacks') or []
+    first = attacks[0] if isinstance(attacks, list) and attacks else {}
+    if not isinstance(first, dict):
+        first = {}
+    attack = str(first.get('type', 'robust'))
+    n_iter = first.get('n_iter', first.get('steps'))
+    n_iter = int(n_iter) if n_iter is not None else None
+    seed = data.get('seed')
+    checkpoint = data.get('checkpoint')
+    num_images = summary.get('num_images')
+
+    clean = summary['clean']
+    row_eps = {}
+    for key in sorted(eps_results, key=lambda k: _eps_value(k, where)):
+        res = eps_results[key]
+        worst = res.get('worst_case') if isinstance(res, dict) else None
+        if worst is None:
+            raise ValueError(
+                f'{where}: summary["eps"][{key!r}] has no '
+                '"worst_case" entry; expected the summary written by '
+                'the robustness evaluation.')
+        what = f'summary["eps"][{key!r}]["worst_case"]'
+        row_eps[str(key)] = {
+            'mIoU': _metric(worst, 'mIoU', what, where),
+            'aAcc': _metric(worst, 'aAcc_img', what, where)
+        }
+    return {
+        'name': str(name) if name is not None else _default_name(checkpoint),
+        'num_images': int(num_images) if num_images is not None else None,
+        'attack': attack,
+        'n_iter': n_iter,
+        'seed': int(seed) if seed is not None else None,
+        'checkpoint': str(checkpoint) if checkpoint is not None else None,
+        'clean': {
+            'mIoU': _metric(clean, 'mIoU', 'summary["clean"]', where),
+            'aAcc': _metric(clean, 'aAcc_img', 'summary["clean"]', where)
+        },
+        'eps': row_eps
+    }
+
+
+def _check_rows(rows: Sequence[dict]) -> List[dict]:
+    if isinstance(rows, dict):
+        rows = [rows]
+    rows = list(rows)
+    if not rows:
+        raise ValueError(
+            'No rows given: pass a list of rows from load_result().')
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or any(k not in row for k in _ROW_KEYS):
+            raise ValueError(f'Row {i} is not a result row (needs the keys '
+                             f'{_ROW_KEYS}); build rows with load_result().')
+    return rows
+
+
+def _union_eps(rows: Sequence[dict]) -> List[str]:
+    keys = {}
+    for row in rows:
+        for key in row['eps']:
+            keys.setdefault(float(key), str(key))
+    return [keys[v] for v in sorted(keys)]
+
+
+def _attack_name(rows: Sequence[dict]) -> str:
+    names = {row.get('attack') or 'robust' for row in rows}
+    return names.pop() if len(names) == 1 else 'robust'
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return '-'
+    value = float(value)
+    return f'{value:.1f}' if math.isfinite(value) else '-'
+
+
+def _table_cells(rows: Sequence[dict]):
+    eps_keys = _union_eps(rows)
+    attack = _attack_name(rows)
+    header = ['model', 'clean mIoU', 'clean aACC']
+    for key in eps_keys:
+        header += [f'{attack} ε={key}/255 mIoU', f'{attack} ε={key}/255 aACC']
+    body = []
+    for row in rows:
+        cells = [
+            str(row['name']),
+            _fmt(row['clean'].get('mIoU')),
+            _fmt(row['clean'].get('aAcc'))
+        ]
+        for key in eps_keys:
+            res = row['eps'].get(key) or {}
+            cells += [_fmt(res.get('mIoU')), _fmt(res.get('aAcc'))]
+        body.append(cells)
+    return header, body
+
+
+def format_table(rows: Sequence[dict], fmt: str = 'markdown') -> str:
+    """A table with one line per model: clean and per-eps robust mIoU/aACC.
+
+    Args:
+        rows (sequence of dict): rows from :func:`load_result`.
+        fmt (str): ``'markdown'`` (GitHub table) or ``'text'`` (aligned plain text
+            for a terminal).
+
+    Returns:
+        str: the table (no trailing newline). Numbers are percentages with one
+        decimal; ``-`` marks an eps a model was not evaluated at. The columns are
+        the union of the rows' eps in numeric order, labelled with the rows'
+        attack (``robust`` if the rows used different attacks).
+    """
+    if fmt not in _TABLE_FORMATS:
+        raise ValueError(f'Unknown table format {fmt!r}: use one of '
+                         f'{_TABLE_FORMATS}.')
+    header, body = _table_cells(_check_rows(rows))
+    if fmt == 'markdown':
+
+        def line(cells):
+            cells = [c.replace('|', '\\|') for c in cells]
+            return '| ' + ' | '.join(cells) + ' |'
+
+        lines = [line(header), '|' + '|'.join('---' for _ in header) + '|']
+        lines += [line(cells) for cells in body]
+        return '\n'.join(lines)
+    widths = [
+        max(len(r[i]) for r in [header] + body) for i in range(len(header))
+    ]
+
+    def text_line(cells):
+        out = [cells[0].ljust(widths[0])]
+        out += [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
+        return '  '.join(out).rstrip()
+
+    lines = [text_line(header), '  '.join('-' * w for w in widths)]
+    lines += [text_line(cells) for cells in body]
+    return '\n'.join(lines)
+
+
+def _curve_points(row: dict, metric: str):
+    points = [(0.0, row['clean'].get(metric))]
+    for key, res in row['eps'].items():
+        points.append((float(key), (res or {}).get(metric)))
+    points = sorted((x, y) for x, y in points if y is not None)
+    return [x for x, _ in points], [y for _, y in points]
+
+
+def _curve_figure(rows: Sequence[dict], title: Optional[str] = None) -> Figure:
+    """The robustness-curve figure (not saved): mIoU and aACC against eps."""
+    rows = _check_rows(rows)
+    fig = Figure(figsize=(10, 4.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    xticks = [0.0] + [float(k) for k in _union_eps(rows)]
+    attack = _attack_name(rows)
+    for ax, metric, label in zip(axes, ('mIoU', 'aAcc'),
+                                 ('mIoU (%)', 'aACC (%)')):
+        for row in rows:
+            xs, ys = _curve_points(row, metric)
+            ax.plot(xs, ys, marker='o', label=str(row['name']))
+        ax.set_xlabel('ε (/255)')
+        ax.set_ylabel(label)
+        ax.set_ylim(0, 100)
+        ax.set_xticks(xticks)
+        ax.set_xticklabels([f'{x:g}' for x in xticks])
+        ax.grid(True, alpha=0.3)
+        ax.set_title(
+            f'{label.split()[0]} under {attack} (ε=0: clean)', fontsize=10)
+    axes[0].legend(fontsize=8, loc='best')
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_robustness_curve(rows: Sequence[dict],
+                          out_file: str,
+                          title: Optional[str] = None) -> str:
+    """Plot mIoU and aACC (%) against the radius, one line per model.
+
+    Args:
+        rows (sequence of dict): rows from :func:`load_result`.
+        out_file (str): path of the PNG to write (its folder is created).
+        title (str, optional): figure title.
+
+    Returns:
+        str: ``out_file``.
+    """
+    fig = _curve_figure(rows, title)
+    folder = osp.dirname(os.fspath(out_file))
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    fig.savefig(out_file, dpi=120)
+    return os.fspath(out_file)
+
+
+def _default_settings(rows: Sequence[dict]) -> Dict[str, object]:
+    """The settings all rows share (attack, iterations, images, seed)."""
+    settings = {}
+    for label, key in (('attack', 'attack'), ('iterations', 'n_iter'),
+                       ('images', 'num_images'), ('seed', 'seed')):
+        values = {row.get(key) for row in rows}
+        if len(values) == 1 and None not in values:
+            settings[label] = values.pop()
+    return settings
+
+
+def write_report(rows: Sequence[dict],
+                 out_dir: str,
+                 title: str = 'Robustness report',
+                 settings: Optional[dict] = None,
+                 print_table: bool = True) -> Dict[str, str]:
+    """Write a Markdown report, its JSON and the robustness curve.
+
+    Args:
+        rows (sequence of dict): rows from :func:`load_result`.
+        out_dir (str): output folder (created if needed).
+        title (str): report title.
+        settings (dict, optional): evaluation settings listed in the report (e.g.
+            ``attack``, ``iterations``, ``images``, ``seed``, ``machine``,
+            ``date``). Defaults to the attack, iterations, number of images and
+            seed when all rows share them.
+        print_table (bool): print the plain-text table to stdout.
+
+    Returns:
+        dict: paths ``{'markdown': .../report.md, 'json': .../report.json,
+        'plot': .../robustness_curve.png}``.
+    """
+    rows = _check_rows(rows)
+    if settings is None:
+        settings = _default_settings(rows)
+    elif not isinstance(settings, dict):
+        raise ValueError(
+            'settings should be a dict of name -> value (e.g. '
+            f"{{'attack': 'SEA'}}), got {type(settings).__name__}.")
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {
+        'markdown': osp.join(out_dir, 'report.md'),
+        'json': osp.join(out_dir, 'report.json'),
+        'plot': osp.join(out_dir, 'robustness_curve.png')
+    }
+    plot_robustness_curve(rows, paths['plot'], title=title)
+
+    lines = [f'# {title}', '']
+    if settings:
+        items = ', '.join(f'{k}: {v}' for k, v in settings.items())
+        lines += [f'Settings: {items}', '']
+    lines += [
+        'Numbers in %. Robust numbers are the worst case over the attacks at each '
+        'radius ε; aACC is the mean over images of the per-image pixel accuracy.',
+        '',
+        format_table(rows, 'markdown'), '',
+        f'![robustness curve]({osp.basename(paths["plot"])})', ''
+    ]
+    with open(paths['markdown'], 'w', encoding='utf-8') as f:
+        f.write('\n'.join(lines))
+    with open(paths['json'], 'w', encoding='utf-8') as f:
+        json.dump({
+            'title': title,
+            'settings': settings,
+            'models': rows
+        },
+                  f,
+                  indent=1,
+                  ensure_ascii=False,
+                  default=str)
+        f.write('\n')
+    if print_table:
+        print(format_table(rows, 'text'))
+    return paths

@@ -1,0 +1,141 @@
+"""The robustness-curve tool and ``tools/test.py --show-dir`` with an attack
+evaluator, end to end on the small model and the small synthetic split."""
+import glob
+import json
+import os.path as osp
+
+import numpy as np
+import pytest
+
+ITERS = [
+    'train_cfg.max_iters=6', 'train_cfg.val_interval=6',
+    'default_hooks.checkpoint.interval=6', 'default_hooks.logger.interval=1'
+]
+
+
+@pytest.fixture(scope='module')
+def small_checkpoint(run_tool, small_config, synthetic_root, data_options,
+                     tmp_path_factory):
+    work = str(tmp_path_factory.mktemp('curve_train'))
+    run_tool(['python', 'tools/train.py', small_config, '--work-dir', work,
+              '--cfg-options'] + ITERS + data_options(synthetic_root))
+    return osp.join(work, 'iter_6.pth')
+
+
+def test_robustness_curve_tool(run_tool, small_config, small_checkpoint,
+                               synthetic_root, data_options, tmp_path):
+    work = str(tmp_path / 'curve')
+    out = run_tool([
+        'python', 'tools/analysis_tools/robustness_curve.py', small_config,
+        small_checkpoint, '--eps', '0', '2', '8', '--n-iter', '6',
+        '--num-images', '8', '--name', 'tiny', '--work-dir', work,
+        '--cfg-options', 'test_dataloader.batch_size=4'
+    ] + data_options(synthetic_root))
+    report = osp.join(work, 'robustness_curve')
+    for name in ('report.md', 'report.json', 'robustness_curve.png'):
+        assert osp.isfile(osp.join(report, name)), name
+    with open(osp.join(report, 'report.json')) as f:
+        rows = json.load(f)['models']
+    assert len(rows) == 1 and rows[0]['name'] == 'tiny'
+    row = rows[0]
+    assert row['num_images'] == 8 and row['n_iter'] == 6
+    assert list(row['eps']) == ['2', '8']
+    # the curve agrees with the evaluation's own JSON and is non-increasing
+    result = json.load(open(glob.glob(osp.join(work, 'robustness_*.json'))[0]))
+    worst = result['summary']['eps']['8']['worst_case']
+    assert row['eps']['8']['mIoU'] == pytest.approx(100 * worst['mIoU'],
+                                                    abs=0.01)
+    assert row['eps']['8']['aAcc'] == pytest.approx(100 * worst['aAcc_img'],
+                                                    abs=0.01)
+    curve = [row['clean']['aAcc'], row['eps']['2']['aAcc'],
+             row['eps']['8']['aAcc']]
+    assert curve == sorted(curve, reverse=True)
+    # the table is printed
+    assert 'tiny' in out and '8/255' in out
+
+
+def test_curve_tool_refuses_no_positive_eps(run_tool, small_config,
+                                            small_checkpoint):
+    with pytest.raises(AssertionError, match='at least one radius > 0'):
+        run_tool([
+            'python', 'tools/analysis_tools/robustness_curve.py', small_config,
+            small_checkpoint, '--eps', '0'
+        ])
+
+
+def test_show_dir_saves_adversarial_examples(run_tool, small_config,
+                                             small_checkpoint, synthetic_root,
+                                             data_options, tmp_path):
+    from mmseg_robust.reporting import load_example
+    show = str(tmp_path / 'show')
+    run_tool([
+        'python', 'tools/test.py', small_config, small_checkpoint,
+        '--work-dir', str(tmp_path / 'sea'), '--show-dir', show,
+        '--cfg-options', 'evaluator=SEA', 'evaluator.eps=[2,8]',
+        'evaluator.n_iter=6', 'test_dataloader.dataset.indices=4',
+        'test_dataloader.batch_size=2'
+    ] + data_options(synthetic_root))
+    arrays = sorted(glob.glob(osp.join(show, '*_example.npz')))
+    assert len(arrays) == 4
+    for path in arrays:
+        stem = path[:-len('_example.npz')]
+        # mmseg's visualizer drawing (GT | adversarial prediction, side by side)
+        # and the six-panel picture
+        for png in (stem + '.png', stem + '_panels.png'):
+            with open(png, 'rb') as f:
+                assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+        ex = load_example(path)
+        assert ex['eps'] == 8.0
+        assert ex['attack'].startswith('APGD-')
+        # the saved adversarial image is the attacked one: in the eps-ball and
+        # the pixel range, and its prediction is no better than the clean one
+        delta = np.abs(ex['adv_image'] - ex['image'])
+        assert delta.max() <= 8 / 255 + 1e-5
+        assert ex['adv_image'].min() >= 0 and ex['adv_image'].max() <= 1
+        assert ex['adv_acc'] <= ex['clean_acc']
+        gt = ex['gt']
+        valid = gt != 255
+        acc = ((ex['adv_pred'] == gt) & valid).sum() / max(valid.sum(), 1)
+        assert acc == pytest.approx(ex['adv_acc'])
+        clean_acc = ((ex['clean_pred'] == gt) & valid).sum() / max(
+            valid.sum(), 1)
+        assert clean_acc == pytest.approx(ex['clean_acc'])
+    # the adversarial JSON is written as without --show-dir
+    assert glob.glob(str(tmp_path / 'sea' / 'robustness_*.json'))
+
+
+def test_show_dir_needs_an_adversarial_loop(repo_root):
+    from types import SimpleNamespace
+
+    from mmengine.config import Config
+
+    from mmseg_robust.engine import (AdversarialVisualizationHook,
+                                     add_adversarial_visualization,
+                                     apply_robustness_evaluator,
+                                     is_robustness_evaluation)
+    cfg = Config.fromfile(
+        osp.join(repo_root, 'configs/synthetic/upernet_convnext-micro_synthetic.py'))
+    assert not is_robustness_evaluation(cfg)
+    apply_robustness_evaluator(cfg, dict(type='PGD', eps=[4]))
+    assert is_robustness_evaluation(cfg)
+    add_adversarial_visualization(cfg, 'out')
+    # mmseg's hook would draw the clean input: off; ours draws the attacked one
+    assert cfg.default_hooks.visualization.draw is False
+    assert cfg.custom_hooks[-1]['type'] == 'AdversarialVisualizationHook'
+    # a plain TestLoop has no adversarial examples to save: a clear error
+    hook = AdversarialVisualizationHook(out_dir='out')
+    runner = SimpleNamespace(test_loop=SimpleNamespace())
+    with pytest.raises(ValueError, match='needs an adversarial test loop'):
+        hook.before_test(runner)
+
+
+def test_evaluator_name_with_options_on_the_command_line():
+    from mmseg_robust.engine import normalize_evaluator_options
+    # `evaluator=SEA evaluator.eps=4,8`: mmengine would try to set .eps on 'SEA'
+    got = normalize_evaluator_options({'evaluator': 'SEA',
+                                       'evaluator.eps': [4, 8], 'x': 1})
+    assert got == {'evaluator.type': 'SEA', 'evaluator.eps': [4, 8], 'x': 1}
+    # alone, or with evaluator.type given, nothing changes
+    assert normalize_evaluator_options({'evaluator': 'SEA'}) == {
+        'evaluator': 'SEA'}
+    assert normalize_evaluator_options(None) is None
