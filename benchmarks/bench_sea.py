@@ -5,8 +5,9 @@ per image.
     python benchmarks/bench_sea.py [--config CFG] [--batch 8] [--size 64]
         [--iters 30] [--repeats 5] [--device cpu|cuda] [--out results.json]
 
-Both costs are measured in the same process, interleaved (bare, attack, bare,
-attack, ...), and the ratio of their medians is reported: these machines are noisy,
+Both costs are measured in the same process, interleaved in blocks of equal
+length (``--iters`` bare passes, one attack run of ``--iters`` iterations, ...), and
+the ratio of their medians is reported: these machines are noisy,
 absolute times are not comparable between runs, ratios are. An attack's
 per-iteration cost is its wall time divided by its number of forward+backward
 iterations (early stopping off, so every image stays in the batch). Target: <= 1.05.
@@ -101,9 +102,11 @@ def main(argv=None):
         attack.run(view, x, y, seeds=seeds)  # warm-up
         bare_times, attack_times = [], []
         for _ in range(args.repeats):
+            # as many bare passes as attack iterations: both blocks last about
+            # as long, so slow drifts of the machine's speed hit both alike
             bare_times.append(
-                timed(lambda: [bare_pass(view, x, y) for _ in range(5)], device)
-                / 5)
+                timed(lambda: [bare_pass(view, x, y) for _ in range(args.iters)],
+                      device) / args.iters)
             attack_times.append(
                 timed(lambda: attack.run(view, x, y, seeds=seeds), device) /
                 args.iters)

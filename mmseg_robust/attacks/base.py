@@ -83,6 +83,9 @@ class SegmentationTarget:
         # effective valid = valid & (labels != ignore_index) (section 1)
         self.valid = effective_valid(labels, valid, ignore_index)
         self.labels = torch.where(self.valid, labels, labels.new_zeros(()))
+        # one sync per attack call: with every pixel valid the per-iteration
+        # reductions skip the mask
+        self.all_valid = bool(self.valid.all())
         self.num_classes: Optional[int] = None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -110,7 +113,8 @@ class SegmentationTarget:
 
     def evaluate(self, x: Tensor, step: int = 1, total_steps: int = 1) -> SegLogits:
         """Forward ``x`` and wrap the logits with this target's labels."""
-        return SegLogits(self.forward(x), self.labels, self.valid, step, total_steps)
+        return SegLogits(self.forward(x), self.labels, self.valid, step, total_steps,
+                         all_valid=self.all_valid)
 
     def subset(self, keep: Tensor) -> 'SegmentationTarget':
         """The target of the images selected by ``keep`` (bool or index tensor)."""
@@ -118,6 +122,7 @@ class SegmentationTarget:
             raise RuntimeError('subset() needs a first forward (labels unchecked)')
         sub = copy.copy(self)
         sub.labels, sub.valid = self.labels[keep], self.valid[keep]
+        # all_valid stays true for a subset; a False may become stale-but-safe
         sub.raw_labels = sub.raw_valid = None  # checked already
         return sub
 

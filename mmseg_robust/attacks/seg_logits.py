@@ -82,6 +82,8 @@ class SegLogits:
         step (int): current attack step ``t`` (1-based), for schedules such as
             SegPGD's. Default: 1.
         total_steps (int): total number of steps ``T``. Default: 1.
+        all_valid (bool): the caller knows that ``valid`` is all True; the
+            reductions then skip the mask. Default: False.
 
     Example:
         >>> s = SegLogits(model(x), labels, valid)
@@ -89,12 +91,14 @@ class SegLogits:
     """
 
     def __init__(self, logits: Tensor, labels: Tensor, valid: Tensor,
-                 step: int = 1, total_steps: int = 1) -> None:
+                 step: int = 1, total_steps: int = 1,
+                 all_valid: bool = False) -> None:
         self.logits = logits
         self.labels = labels
         self.valid = valid
         self.step = step
         self.total_steps = total_steps
+        self.all_valid = all_valid
 
     @cached_property
     def log_probs(self) -> Tensor:
@@ -140,7 +144,8 @@ class SegLogits:
     @cached_property
     def num_correct(self) -> Tensor:
         """Correct valid pixels per image, long ``(B,)``."""
-        return (self.correct & self.valid).sum(dim=(1, 2))
+        correct = self.correct if self.all_valid else self.correct & self.valid
+        return correct.sum(dim=(1, 2))
 
     @cached_property
     def accuracy(self) -> Tensor:
@@ -158,5 +163,6 @@ class SegLogits:
         """Per-image objective: sum of ``pixel_loss`` over valid pixels divided by
         ``H*W`` (all pixels, section 2), ``(B,)``."""
         h, w = pixel_loss.shape[-2:]
-        masked = torch.where(self.valid, pixel_loss, 0.0)
-        return masked.sum(dim=(1, 2)) / (h * w)
+        if not self.all_valid:
+            pixel_loss = torch.where(self.valid, pixel_loss, 0.0)
+        return pixel_loss.sum(dim=(1, 2)) / (h * w)
