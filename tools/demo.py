@@ -97,10 +97,11 @@ class Demo:
     def train_dir(self, model):
         return osp.join(self.work, 'train', model)
 
+    def iters(self, model):
+        return self.args.clean_iters if model == 'clean' else self.args.at_iters
+
     def checkpoint(self, model):
-        iters = (self.args.clean_iters
-                 if model == 'clean' else self.args.at_iters)
-        return osp.join(self.train_dir(model), f'iter_{iters}.pth')
+        return osp.join(self.train_dir(model), f'iter_{self.iters(model)}.pth')
 
     def sea_dir(self, model):
         return osp.join(self.work, 'sea', model)
@@ -163,8 +164,7 @@ class Demo:
 
     def train_cmd(self, model, load_from=None):
         config, _ = MODELS[model]
-        iters = (self.args.clean_iters
-                 if model == 'clean' else self.args.at_iters)
+        iters = self.iters(model)
         opts = [
             f'train_cfg.max_iters={iters}',
             f'train_cfg.val_interval={iters}',
@@ -238,10 +238,11 @@ class Demo:
         ] + self.data_opts()
 
     def stage_sea(self):
-        todo = [m for m in MODELS if self.sea_result(m) is None]
-        for m in MODELS:
-            if m not in todo:
-                self.say(f'4/5 SEA: {m} already evaluated: {self.sea_result(m)}')
+        done = {m: self.sea_result(m) for m in MODELS}
+        todo = [m for m, path in done.items() if path is None]
+        for m, path in done.items():
+            if path is not None:
+                self.say(f'4/5 SEA: {m} already evaluated: {path}')
         if not todo:
             return
         s = self.sea_settings()

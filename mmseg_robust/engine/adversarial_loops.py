@@ -10,7 +10,7 @@ import os.path as osp
 import time
 import zlib
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from mmengine.dist import get_rank, get_world_size
@@ -46,6 +46,11 @@ def _image_key(sample) -> str:
             return str(meta[k])
     raise ValueError('data samples carry no img_path: the robustness loop needs '
                      'it to identify images (use mmseg datasets and PackSegInputs)')
+
+
+def _accuracy(counts: dict) -> float:
+    """Pixel accuracy of one image's counts (0 without valid pixels)."""
+    return counts['correct'] / max(counts['valid'], 1)
 
 
 def _sub_attacks(attack):
@@ -161,7 +166,10 @@ class _AdversarialEvalMixin:
                 logger='current')
 
     # ----------------------------------------------------------------- attack
-    def _attack_batch(self, view: SegmentorPixelView, keys: List[str]) -> list:
+    def _attack_batch(self, view: SegmentorPixelView,
+                      keys: List[str]) -> Tuple[list, Optional[list]]:
+        """Attack one batch: the image records and, when requested
+        (:meth:`request_examples`), the examples; else None."""
         labels = view.labels
         logits, clean_pred = view.predict()
         num_classes = logits.shape[1]
@@ -195,7 +203,7 @@ class _AdversarialEvalMixin:
                         rec[eps_name][name] = c
                     if eps_name == self.example_eps:
                         for i, (w, c) in enumerate(zip(worst, counts)):
-                            acc = c['correct'] / max(c['valid'], 1)
+                            acc = _accuracy(c)
                             if acc < w[0]:
                                 w[:] = [acc, name, out.adv_images[i],
                                         out.adv_pred[i]]
@@ -203,10 +211,10 @@ class _AdversarialEvalMixin:
             image_record(k, num_classes, c, a)
             for k, c, a in zip(keys, clean, per_image)
         ]
+        examples = None
         if self.example_eps is not None:
-            self._examples = self._make_examples(view, keys, clean_pred, clean,
-                                                 worst)
-        return records
+            examples = self._make_examples(view, keys, clean_pred, clean, worst)
+        return records, examples
 
     def _make_examples(self, view, keys, clean_pred, clean, worst) -> list:
         """numpy examples (see :func:`mmseg_robust.reporting.save_example`)."""
@@ -233,7 +241,7 @@ class _AdversarialEvalMixin:
                     adv_pred=pred.cpu().numpy(),
                     eps=float(self.example_eps),
                     attack=name,
-                    clean_acc=c['correct'] / max(c['valid'], 1),
+                    clean_acc=_accuracy(c),
                     adv_acc=acc))
         return examples
 
@@ -265,14 +273,14 @@ class _AdversarialEvalMixin:
                 inputs=[data_batch['inputs'][i] for i in todo],
                 data_samples=[samples[i] for i in todo])
             view = SegmentorPixelView(model, sub_batch)
-            new = self._attack_batch(view, [keys[i] for i in todo])
+            new, new_examples = self._attack_batch(view,
+                                                   [keys[i] for i in todo])
             if self.cache is not None:
                 self.cache.put(new)
             for i, rec in zip(todo, new):
                 records[i] = rec
-            if self.example_eps is not None:
-                for i, ex in zip(todo, self._examples):
-                    examples[i] = ex
+            for i, ex in zip(todo, new_examples or []):
+                examples[i] = ex
             self._attacked += len(todo)
         self._done += len(keys)
         self._log_progress(idx)

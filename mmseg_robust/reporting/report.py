@@ -15,7 +15,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 __all__ = [
-    'format_table', 'load_result', 'plot_robustness_curve', 'write_report'
+    'format_table', 'load_result', 'plot_robustness_curve', 'shared_settings',
+    'write_report'
 ]
 
 _ROW_KEYS = ('name', 'clean', 'eps')
@@ -311,7 +312,7 @@ def plot_robustness_curve(rows: Sequence[dict],
     return os.fspath(out_file)
 
 
-def _default_settings(rows: Sequence[dict]) -> Dict[str, object]:
+def shared_settings(rows: Sequence[dict]) -> Dict[str, object]:
     """The settings all rows share (attack, iterations, images, seed)."""
     settings = {}
     for label, key in (('attack', 'attack'), ('iterations', 'n_iter'),
@@ -345,7 +346,7 @@ def write_report(rows: Sequence[dict],
     """
     rows = _check_rows(rows)
     if settings is None:
-        settings = _default_settings(rows)
+        settings = shared_settings(rows)
     elif not isinstance(settings, dict):
         raise ValueError(
             'settings should be a dict of name -> value (e.g. '

@@ -22,7 +22,7 @@ import mmseg_robust  # noqa: F401
 from mmseg_robust.engine import (EVALUATOR_PRESETS,
                                  add_adversarial_visualization,
                                  apply_robustness_evaluator)
-from mmseg_robust.reporting import load_result, write_report
+from mmseg_robust.reporting import load_result, shared_settings, write_report
 
 
 def parse_args(argv=None):
@@ -95,13 +95,7 @@ def main(argv=None) -> dict:
         return {}
     result = osp.join(runner.work_dir, f'robustness_{runner.timestamp}.json')
     row = load_result(result, name=name)
-    settings = {
-        'attack': row['attack'],
-        'iterations': row['n_iter'],
-        'images': row['num_images'],
-        'seed': row['seed'],
-        'checkpoint': args.checkpoint,
-    }
+    settings = dict(shared_settings([row]), checkpoint=args.checkpoint)
     return write_report([row],
                         osp.join(runner.work_dir, 'robustness_curve'),
                         title=f'Robustness curve: {name}',
