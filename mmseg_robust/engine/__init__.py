@@ -1,10 +1,10 @@
 """Thin glue to mmengine: adversarial loops, presets, result cache."""
 from .adversarial_loops import (AdversarialTestLoop, AdversarialValLoop,
                                 image_seed)
-from .adversarial_training import (AdversarialTrainLoop, RandomStateHook,
-                                   TrainPixelView)
+from .adversarial_training import AdversarialTrainLoop, TrainPixelView
 from .optim_wrappers import (AdversarialAmpOptimWrapper,
                              AdversarialOptimWrapper, AttackContextMixin)
+from .random_state import RandomStateHook
 from .presets import (EVALUATOR_PRESETS, add_adversarial_visualization,
                       apply_robustness_evaluator, dataset_class_weights,
                       is_robustness_evaluation, normalize_evaluator_options)

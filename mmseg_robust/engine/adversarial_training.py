@@ -20,14 +20,11 @@ state (torch, numpy, python) saved in the checkpoint, after the data loader has
 been advanced, so a resumed run continues exactly like an uninterrupted one.
 """
 import copy
-import random
 import time
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from mmengine.hooks import Hook
 from mmengine.logging import print_log
 from mmengine.runner import IterBasedTrainLoop
 from mmengine.structures import PixelData
@@ -35,8 +32,9 @@ from mmengine.structures import PixelData
 from mmseg_robust.models.pixel_space import PixelNormalizer, unwrap_model
 from mmseg_robust.registry import ATTACKS, LOOPS
 from .optim_wrappers import AttackContextMixin
+from .random_state import RandomStateHook
 
-__all__ = ['AdversarialTrainLoop', 'RandomStateHook', 'TrainPixelView']
+__all__ = ['AdversarialTrainLoop', 'TrainPixelView']
 
 SCHEMES = ('pirat', 'sat', 'ddcat')
 
@@ -80,38 +78,6 @@ class TrainPixelView:
         logits = self.module.decode_head.routed_logits(
             feats, size=images.shape[2:])
         return logits.argmax(1)
-
-
-class RandomStateHook(Hook):
-    """Saves the random state (torch, CUDA, numpy, python) in every checkpoint and
-    hands it to :class:`AdversarialTrainLoop` on resume (which restores it after
-    advancing the data loader, so the skipped batches do not consume it)."""
-
-    priority = 'VERY_LOW'
-
-    def __init__(self) -> None:
-        self.loaded: Optional[dict] = None
-
-    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        state = dict(
-            torch=torch.get_rng_state(),
-            numpy=np.random.get_state(),
-            python=random.getstate())
-        if torch.cuda.is_available():
-            state['cuda'] = torch.cuda.get_rng_state_all()
-        checkpoint['random_state'] = state
-
-    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        self.loaded = checkpoint.get('random_state')
-
-    @staticmethod
-    def restore(state: dict) -> None:
-        torch.set_rng_state(state['torch'])
-        np.random.set_state(tuple(state['numpy']))
-        py = state['python']
-        random.setstate((py[0], tuple(py[1]), py[2]))
-        if 'cuda' in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state['cuda'])
 
 
 def _raw_input(pixels: torch.Tensor, meta: dict, bgr_to_rgb: bool,
@@ -197,9 +163,7 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
                 logger='current')
             for _ in range(self._iter):
                 next(self.dataloader_iterator)
-        if self.random_state_hook.loaded is not None:
-            RandomStateHook.restore(self.random_state_hook.loaded)
-            self.random_state_hook.loaded = None
+        if self.random_state_hook.restore_loaded():
             print_log(
                 f'Restored the random state saved at iteration {self._iter}',
                 logger='current')
