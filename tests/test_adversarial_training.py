@@ -14,11 +14,14 @@ from mmseg_robust.models import unwrap_model
 CONFIGS = {
     'pirat': 'configs/synthetic/upernet_convnext-micro_pirat_synthetic.py',
     'sat': 'configs/synthetic/upernet_convnext-micro_sat_synthetic.py',
+    'ddcat': 'configs/synthetic/upernet_convnext-micro_ddcat_synthetic.py',
 }
 
 
-def _runner(repo_root, scheme, synthetic_root, work_dir, batch_size=4):
+def _runner(repo_root, scheme, synthetic_root, work_dir, batch_size=4,
+            options=None):
     cfg = Config.fromfile(osp.join(repo_root, CONFIGS[scheme]))
+    cfg.merge_from_dict(options or {})
     for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
         cfg[loader].dataset.data_root = synthetic_root
         cfg[loader].dataset.generator_cfg = dict(
@@ -209,3 +212,177 @@ def test_adversarial_val_loop_monitors_robustness(run_tool, repo_root,
         [o for o in ITERS if not o.startswith('train_cfg.val_interval')] +
         data_options(synthetic_root))
     assert 'eps4/PGD/mIoU' in out and 'Iter(val)' in out
+
+
+def _variable_size_batch(sizes, num_classes=5, seed=0):
+    """A training batch as the loader gives it after RandomResize + RandomCrop
+    without Pad: uint8 images of different sizes, labels with void pixels."""
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+    g = torch.Generator().manual_seed(seed)
+    inputs, samples = [], []
+    for i, (h, w) in enumerate(sizes):
+        inputs.append(
+            torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8))
+        label = torch.randint(0, num_classes, (1, h, w), generator=g)
+        label[:, :2] = 255
+        sample = SegDataSample(gt_sem_seg=PixelData(data=label))
+        sample.set_metainfo(
+            dict(img_shape=(h, w), ori_shape=(h, w), img_path=f'img{i}.png'))
+        samples.append(sample)
+    return dict(inputs=inputs, data_samples=samples)
+
+
+@pytest.mark.parametrize('scheme', ['pirat', 'sat', 'ddcat'])
+def test_padded_variable_size_batch(scheme, repo_root, synthetic_root, tmp_path,
+                                    reset_singletons):
+    """Crops smaller than the preprocessor's size are padded by it; the decode
+    head would resize the whole batch to image 0's unpadded size (the crash of
+    mmseg's standard pipelines). The view works at the padded size, keeps the
+    padding fixed and out of the losses, and returns unpadded raw inputs."""
+    runner = _runner(repo_root, scheme, synthetic_root, tmp_path)
+    loop = runner.train_loop
+    sizes = [(46, 46), (64, 50), (30, 64), (64, 64)]
+    batch = _variable_size_batch(sizes)
+    original = copy.deepcopy(batch)
+    adv, stats = loop.adversarial_batch(batch)
+    attacked = loop.attacked_indices(len(sizes))
+    for i, (a, o) in enumerate(zip(adv['inputs'], original['inputs'])):
+        assert a.shape == o.shape
+        delta = (a.float() - o.float()).abs().max()
+        assert delta <= loop.attack.eps + 1e-3
+        assert (delta > 0) == (i in attacked)
+        assert a.min() >= 0 and a.max() <= 255
+    # (random labels: PGD's final iterate need not lower the accuracy)
+    assert 0 <= stats['adv.acc'] <= 100 and 0 <= stats['clean.acc'] <= 100
+    # the update sees the composed batch without a shape error
+    runner.model.train()
+    runner.call_hook('before_train_epoch')
+    runner.model.train_step(adv, optim_wrapper=runner.optim_wrapper)
+
+
+def test_training_view_holds_the_padding(repo_root, synthetic_root, tmp_path,
+                                         reset_singletons):
+    from mmseg_robust.models import TrainingBatchPixelView
+    runner = _runner(repo_root, 'pirat', synthetic_root, tmp_path)
+    module = unwrap_model(runner.model).eval()
+    batch = _variable_size_batch([(46, 40), (64, 64)])
+    processed = module.data_preprocessor(batch, True)
+    view = TrainingBatchPixelView(module, processed['inputs'],
+                                  processed['data_samples'])
+    assert view.images.shape == (2, 3, 64, 64)
+    assert view.labels.shape == (2, 64, 64)
+    # valid: exactly the unpadded content
+    assert view.valid[0, :46, :40].all() and not view.valid[0, 46:].any()
+    assert not view.valid[0, :, 40:].any() and view.valid[1].all()
+    with torch.no_grad():
+        logits = view(view.images)
+        assert logits.shape[2:] == (64, 64)
+        garbage = view.images.clone()
+        garbage[0, :, 46:] = 1.0
+        garbage[0, :, :, 40:] = 0.0
+        assert torch.equal(view(garbage), logits)
+    x = view.images.clone().requires_grad_(True)
+    grad, = torch.autograd.grad(view(x).sum(), x)
+    assert (grad[0, :, 46:] == 0).all() and (grad[0, :, :, 40:] == 0).all()
+    assert grad[0, :, :46, :40].abs().sum() > 0
+    # round trip to the loader's raw inputs (BGR, unpadded, 0..255)
+    raw = view.raw_inputs(view.images, batch['inputs'])
+    for r, b in zip(raw, batch['inputs']):
+        assert r.shape == b.shape
+        assert (r - b.float()).abs().max() < 1e-3
+
+
+def test_ignore_index_comes_from_the_model(repo_root, synthetic_root, tmp_path,
+                                           reset_singletons):
+    runner = _runner(
+        repo_root, 'pirat', synthetic_root, tmp_path,
+        options={'model.decode_head.ignore_index': 4})
+    loop = runner.train_loop
+    assert loop.ignore_index == 4 and loop.attack.ignore_index == 4
+    # pixels labelled 4 are ignored by the attack and the logged accuracy
+    batch = _variable_size_batch([(64, 64)] * 2)
+    for s in batch['data_samples']:
+        s.gt_sem_seg.data[:] = 4
+    _, stats = loop.adversarial_batch(batch)
+    assert stats['clean.acc'] == 0 and stats['adv.acc'] == 0
+
+
+def test_ddcat_leaves_the_loader_samples_alone(repo_root, synthetic_root,
+                                               tmp_path, reset_singletons):
+    runner = _runner(repo_root, 'ddcat', synthetic_root, tmp_path)
+    batch = next(iter(runner.train_dataloader))
+    adv, _ = runner.train_loop.adversarial_batch(batch)
+    for original, new in zip(batch['data_samples'], adv['data_samples']):
+        assert 'gt_division' not in original
+        assert 'gt_division' not in original.keys()
+        # every listed field exists: items() and to() work
+        dict(original.items())
+        original.to('cpu')
+        assert 'gt_division' in new
+        assert torch.equal(new.gt_sem_seg.data, original.gt_sem_seg.data)
+        assert new.metainfo == original.metainfo
+
+
+def test_leak_attack_grads_adds_the_attack_gradients(repo_root, synthetic_root,
+                                                     tmp_path,
+                                                     reset_singletons):
+    """Opt-in reproduction of the PIR-AT reference's quirk: each attack step
+    adds d(batch-mean objective)/d(theta), in eval mode, to the parameters'
+    gradients. Oracle: the same sum recomputed from the attack's iterates."""
+    import torch.nn.functional as F
+    options = {
+        'train_cfg.attack':
+        dict(type='PGD', eps=4, steps=3, step_size=2.55, random_start=False)
+    }
+    runner = _runner(repo_root, 'pirat', synthetic_root, tmp_path,
+                     options=options)
+    loop = runner.train_loop
+    module = unwrap_model(runner.model)
+    batch = next(iter(runner.train_dataloader))
+    # off (default): no parameter gradient appears
+    loop.adversarial_batch(copy.deepcopy(batch))
+    assert all(p.grad is None for p in module.parameters())
+    # on: record the iterates the attack differentiates
+    loop.leak_attack_grads = True
+    iterates = []
+    run = loop.attack.run
+
+    def spy(model, images, labels, valid=None, seeds=None):
+
+        def recording(x):
+            if x.requires_grad:
+                iterates.append(x.detach().clone())
+            return model(x)
+
+        return run(recording, images, labels, valid, seeds)
+
+    loop.attack.run = spy
+    module.train()
+    adv, _ = loop.adversarial_batch(copy.deepcopy(batch))
+    assert module.training  # back in train mode
+    leaked = {n: p.grad.clone() for n, p in module.named_parameters()
+              if p.grad is not None}
+    assert len(iterates) == 3 and leaked
+    # oracle: sum over the iterates of the gradient of the mean per-image
+    # objective (CE summed over valid pixels / H*W), eval mode
+    for p in module.parameters():
+        p.grad = None
+    processed = module.data_preprocessor(
+        dict(inputs=batch['inputs'],
+             data_samples=copy.deepcopy(batch['data_samples'])), True)
+    from mmseg_robust.models import TrainingBatchPixelView
+    view = TrainingBatchPixelView(module, processed['inputs'],
+                                  processed['data_samples'])
+    module.eval()
+    b, h, w = view.labels.shape
+    for x in iterates:
+        logits = view(x)
+        ce = F.cross_entropy(logits, view.labels, ignore_index=255,
+                             reduction='none')
+        (ce.sum() / (h * w) / b).backward()
+    module.train()
+    for n, p in module.named_parameters():
+        if n in leaked:
+            torch.testing.assert_close(leaked[n], p.grad, rtol=1e-4,
+                                       atol=1e-6)

@@ -1,7 +1,7 @@
 """Thin glue to mmengine: adversarial loops, presets, result cache."""
 from .adversarial_loops import (AdversarialTestLoop, AdversarialValLoop,
                                 image_seed)
-from .adversarial_training import AdversarialTrainLoop, TrainPixelView
+from .adversarial_training import AdversarialTrainLoop
 from .optim_wrappers import (AdversarialAmpOptimWrapper,
                              AdversarialOptimWrapper, AttackContextMixin)
 from .random_state import RandomStateHook
@@ -16,7 +16,6 @@ __all__ = [
     'AdversarialTestLoop', 'AdversarialTrainLoop', 'AdversarialValLoop',
     'AdversarialVisualizationHook',
     'AttackContextMixin', 'EVALUATOR_PRESETS', 'RandomStateHook',
-    'TrainPixelView',
     'ResultCache', 'add_adversarial_visualization',
     'apply_robustness_evaluator', 'dataset_class_weights',
     'is_robustness_evaluation', 'normalize_evaluator_options',

@@ -29,71 +29,62 @@ from mmengine.logging import print_log
 from mmengine.runner import IterBasedTrainLoop
 from mmengine.structures import PixelData
 
-from mmseg_robust.models.pixel_space import PixelNormalizer, unwrap_model
+from mmseg_robust.models.pixel_space import (TrainingBatchPixelView,
+                                             ignore_index_of, unwrap_model)
 from mmseg_robust.registry import ATTACKS, LOOPS
 from .optim_wrappers import AttackContextMixin
 from .random_state import RandomStateHook
 
-__all__ = ['AdversarialTrainLoop', 'TrainPixelView']
+__all__ = ['AdversarialTrainLoop']
 
 SCHEMES = ('pirat', 'sat', 'ddcat')
 
 
-class TrainPixelView:
-    """Pixel-space view of a preprocessed *training* batch (padded, stacked).
+class _LeakingView:
+    """Model view that also accumulates the attack's parameter gradients.
 
-    Args:
-        module (nn.Module): the unwrapped segmentor.
-        inputs (Tensor): the preprocessor's normalised, padded batch.
-        data_samples (list): its data samples (padded ``gt_sem_seg``).
-
-    Attributes:
-        images (Tensor): ``(B, 3, H, W)`` in ``[0, 1]``, the network's channel
-            order, at the padded size (padding is excluded from the losses via
-            the labels' ``seg_pad_val``, which is the ignore index).
-        labels (Tensor): long ``(B, H, W)``.
+    Reproduces the PIR-AT reference trainer's quirk (docs/algorithms.md,
+    PIR-AT): its ``zero_grad`` runs before the attack, so the gradient of every
+    attack step w.r.t. the parameters is added to the update. Each backward of
+    the attack objective through this view adds ``d objective / d theta``
+    divided by the number of attacked images (the reference differentiates the
+    batch-mean CE) to the parameters' ``.grad``; the input gradient the attack
+    asks for is returned as usual.
     """
 
-    def __init__(self, module, inputs, data_samples) -> None:
-        self.module = module
-        self.normalizer = PixelNormalizer(module.data_preprocessor)
-        self.metas = [ds.metainfo for ds in data_samples]
-        self.images = self.normalizer.to_pixels(inputs)
-        self.labels = torch.stack(
-            [ds.gt_sem_seg.data.squeeze(0).long() for ds in data_samples])
+    def __init__(self, view, params: List[torch.nn.Parameter],
+                 scale: float) -> None:
+        self.view, self.params, self.scale = view, params, scale
 
-    def normalized(self, images):
-        return self.normalizer.to_inputs(images)
-
-    def __call__(self, images, metas: Optional[List[dict]] = None):
-        """Main-head logits at the (padded) input size."""
-        metas = self.metas[:images.shape[0]] if metas is None else metas
-        return self.module.encode_decode(self.normalized(images), metas)
-
-    def routed_prediction(self, images) -> torch.Tensor:
-        """DDC-AT: argmax of the eval-mode routed output (section 5.3)."""
-        feats = self.module.extract_feat(self.normalized(images))
-        # the branches are upsampled to the input size before routing, as in the
-        # reference implementation
-        logits = self.module.decode_head.routed_logits(
-            feats, size=images.shape[2:])
-        return logits.argmax(1)
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return _LeakGrad.apply(images, self)
 
 
-def _raw_input(pixels: torch.Tensor, meta: dict, bgr_to_rgb: bool,
-               like: torch.Tensor) -> torch.Tensor:
-    """Pixel image ``(3, Hp, Wp)`` in [0, 1] -> raw input as the dataloader gives
-    it (0..255, the loader's channel order, without the preprocessor's padding)."""
-    left, right, top, bottom = meta.get('padding_size', (0, 0, 0, 0))
-    h, w = pixels.shape[1:]
-    x = pixels[:, top:h - bottom, left:w - right] * 255.0
-    if bgr_to_rgb:
-        x = x[[2, 1, 0]]
-    if tuple(x.shape) != tuple(like.shape):
-        raise RuntimeError(
-            f'adversarial image of shape {tuple(x.shape)} does not match the '
-            f'input {tuple(like.shape)}: unexpected padding metainfo')
-    return x.to(like.device)
+class _LeakGrad(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, images, leaking):
+        with torch.enable_grad():
+            x = images.detach().requires_grad_(True)
+            logits = leaking.view(x)
+        ctx.leaking, ctx.x, ctx.logits = leaking, x, logits
+        return logits.detach()
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        leaking = ctx.leaking
+        grads = torch.autograd.grad(
+            ctx.logits, [ctx.x] + leaking.params, grad_logits,
+            allow_unused=True)
+        for p, g in zip(leaking.params, grads[1:]):
+            if g is None:
+                continue
+            g = g * leaking.scale
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
+        return grads[0], None
 
 
 @LOOPS.register_module()
@@ -120,6 +111,18 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
         log_clean (bool): with a random-start attack, spend one extra forward
             per iteration to log the clean loss/accuracy (without random start
             the attack's first iterate gives them for free). Default: True.
+        leak_attack_grads (bool): reproduce the PIR-AT reference trainer's
+            quirk: the parameter gradients of the attack steps (eval mode,
+            batch-mean objective) are added to the update, because the
+            reference calls ``zero_grad`` before the attack. Off by default
+            (the attack takes input gradients only, as the method is
+            described); turn it on only to reproduce the reference's training
+            exactly. Not supported with mixed precision (the leaked gradients
+            would miss the loss scale).
+
+    The attack ignores the label value of the model's decode head
+    (``ignore_index``, 255 unless the head sets another) and the padding the
+    data preprocessor adds to images smaller than its ``size``.
     """
 
     def __init__(self,
@@ -131,7 +134,8 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
                  dynamic_intervals=None,
                  scheme: str = 'pirat',
                  attack: Optional[dict] = None,
-                 log_clean: bool = True) -> None:
+                 log_clean: bool = True,
+                 leak_attack_grads: bool = False) -> None:
         super().__init__(runner, dataloader, max_iters, val_begin,
                          val_interval, dynamic_intervals)
         if scheme not in SCHEMES:
@@ -142,8 +146,11 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
             attack = dict(
                 type='PGD', eps=4, steps=5, step_size=2.55, random_start=False)
         self.attack_cfg = dict(attack)
-        self.attack = ATTACKS.build(self.attack_cfg)
+        self.ignore_index = ignore_index_of(runner.model)
+        self.attack = ATTACKS.build(
+            dict(self.attack_cfg, ignore_index=self.ignore_index))
         self.log_clean = log_clean
+        self.leak_attack_grads = bool(leak_attack_grads)
         self.random_state_hook = RandomStateHook()
         runner.register_hook(self.random_state_hook)
 
@@ -227,84 +234,100 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
 
         Returns:
             tuple[dict, dict]: the batch for ``train_step`` (raw inputs, some
-            replaced by adversarial images; DDC-AT: ``gt_division`` on every data
-            sample) and the statistics to log.
+            replaced by adversarial images; DDC-AT: new data samples carrying
+            ``gt_division``) and the statistics to log.
         """
         model = self.runner.model
         module = unwrap_model(model)
-        pre = module.data_preprocessor
         # The preprocessor pads gt maps of the data samples in place: work on a
         # copy, the original batch goes to train_step.
-        processed = pre(
+        processed = module.data_preprocessor(
             dict(
                 inputs=data_batch['inputs'],
                 data_samples=copy.deepcopy(data_batch['data_samples'])), True)
-        view = TrainPixelView(module, processed['inputs'],
-                              processed['data_samples'])
-        b = view.images.shape[0]
+        batch_view = TrainingBatchPixelView(module, processed['inputs'],
+                                            processed['data_samples'])
+        b = batch_view.images.shape[0]
         attacked = self.attacked_indices(b)
         to_attack = list(range(b)) if self.scheme == 'ddcat' else attacked
-        idx = torch.as_tensor(to_attack, device=view.images.device)
-        metas = [view.metas[i] for i in to_attack]
-        stats = {}
-        with self.runner.optim_wrapper.attack_context(model):
-            out = self.attack.run(lambda x: view(x, metas), view.images[idx],
-                                  view.labels[idx])
-            adv = out.adv_images
-            stats.update(self._stats(out, view, idx, metas))
+        view = batch_view.subset(to_attack)
+        with self.runner.optim_wrapper.attack_context(
+                model, param_grads=self.leak_attack_grads):
+            out = self.attack.run(self._attacked_model(view, module),
+                                  view.images, view.labels, view.valid)
+            stats = self._stats(out, view)
             if self.scheme == 'ddcat':
-                division = self._division_labels(view, idx, adv, attacked)
+                division = self._division_labels(view, out.adv_images,
+                                                 to_attack, attacked)
         inputs = list(data_batch['inputs'])
-        bgr_to_rgb = bool(getattr(pre, 'channel_conversion', False))
+        raw = view.raw_inputs(out.adv_images, [inputs[i] for i in to_attack])
         for j, i in enumerate(to_attack):
             if i in attacked:
-                inputs[i] = _raw_input(adv[j], view.metas[i], bgr_to_rgb,
-                                       inputs[i])
+                inputs[i] = raw[j]
         samples = data_batch['data_samples']
         if self.scheme == 'ddcat':
-            samples = [copy.copy(s) for s in samples]
-            for i, s in enumerate(samples):
-                s.gt_division = PixelData(data=division[i:i + 1])
+            samples = [
+                _with_division(s, division[i:i + 1])
+                for i, s in enumerate(samples)
+            ]
         return dict(inputs=inputs, data_samples=samples), stats
 
-    def _stats(self, out, view, idx, metas) -> dict:
+    def _attacked_model(self, view, module):
+        """The model view the attack differentiates (see ``leak_attack_grads``)."""
+        if not self.leak_attack_grads:
+            return view
+        params = [p for p in module.parameters() if p.requires_grad]
+        return _LeakingView(view, params, 1.0 / view.images.shape[0])
+
+    def _stats(self, out, view) -> dict:
         stats = {}
         s = out.stats or {}
         random_start = getattr(self.attack, 'random_start', False)
+        valid = view.labels != self.ignore_index
+        if view.valid is not None:
+            valid &= view.valid
+        n_valid = valid.sum().clamp_min(1)
         if 'start_loss' in s and not random_start:
             stats['clean.loss'], stats['clean.acc'] = s['start_loss'], s[
                 'start_acc']
         elif self.log_clean:
             with torch.no_grad():
-                logits = view(view.images[idx], metas)
-                labels = view.labels[idx]
-                valid = labels != 255
-                stats['clean.loss'] = F.cross_entropy(
-                    logits, labels, ignore_index=255)
-                stats['clean.acc'] = ((logits.argmax(1) == labels) & valid
-                                      ).sum() / valid.sum().clamp_min(1)
+                logits = view(view.images)
+                ce = F.cross_entropy(
+                    logits,
+                    torch.where(valid, view.labels, 0),
+                    reduction='none')
+                stats['clean.loss'] = (ce * valid).sum() / n_valid
+                stats['clean.acc'] = (
+                    (logits.argmax(1) == view.labels) & valid).sum() / n_valid
         if 'final_loss' in s:
             stats['adv.loss'] = s['final_loss']
-        labels = view.labels[idx]
-        valid = labels != 255
-        stats['adv.acc'] = ((out.adv_pred == labels) & valid).sum() / \
-            valid.sum().clamp_min(1)
+        stats['adv.acc'] = ((out.adv_pred == view.labels) & valid).sum() / n_valid
         # accuracies in percent, like mmseg's acc_seg
         return {
             k: float(v) * (100 if k.endswith('.acc') else 1)
             for k, v in stats.items()
         }
 
-    def _division_labels(self, view, idx, adv, attacked) -> torch.Tensor:
-        """DDC-AT (section 5.3): 1 where the eval-mode routed prediction differs
-        between the clean and the adversarial input, for the clean half; all
-        zeros for the adversarial half."""
+    def _division_labels(self, view, adv, to_attack, attacked) -> torch.Tensor:
+        """DDC-AT (docs/algorithms.md, DDC-AT): 1 where the eval-mode routed
+        prediction differs between the clean and the adversarial input, for the
+        clean half; all zeros for the adversarial half."""
         from mmseg_robust.models.decode_heads import division_labels
         with torch.no_grad():
-            clean = view.routed_prediction(view.images[idx])
+            clean = view.routed_prediction(view.images)
             adv_pred = view.routed_prediction(adv)
         division = division_labels(clean, adv_pred)
-        for j, i in enumerate(idx.tolist()):
+        for j, i in enumerate(to_attack):
             if i in attacked:
                 division[j] = 0
         return division.long()
+
+
+def _with_division(sample, division: torch.Tensor):
+    """A new data sample with the fields and metainfo of ``sample`` plus
+    ``gt_division`` (the loader's sample is left as it was: a shallow copy would
+    share mmengine's field registry and list a field the original lacks)."""
+    new = sample.new()
+    new.set_field(PixelData(data=division), 'gt_division')
+    return new

@@ -28,13 +28,26 @@ class AttackContextMixin:
     """Adds :meth:`attack_context` to an mmengine optimizer wrapper."""
 
     @contextlib.contextmanager
-    def attack_context(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    def attack_context(self, model: torch.nn.Module,
+                       param_grads: bool = False) -> Iterator[torch.nn.Module]:
         """Eval mode, input gradients only, fp32; yields the unwrapped module.
+
+        Args:
+            model (nn.Module): the (possibly DDP-wrapped) segmentor.
+            param_grads (bool): keep the parameters trainable and let the
+                attack add to their gradients (only to reproduce the PIR-AT
+                reference's gradient leak, see ``AdversarialTrainLoop``'s
+                ``leak_attack_grads``). Default: False.
 
         Example:
             >>> with optim_wrapper.attack_context(runner.model) as module:
             ...     adv = attack(view_of(module), images, labels)
         """
+        if param_grads and isinstance(self, AmpOptimWrapper):
+            raise ValueError(
+                'leak_attack_grads is not supported with mixed precision (the '
+                'leaked gradients would miss the loss scale): train without '
+                '--amp or turn leak_attack_grads off')
         module = unwrap_model(model)
         was_training = module.training
         params = [p for p in module.parameters() if p.requires_grad]
@@ -42,15 +55,18 @@ class AttackContextMixin:
         versions = [None if g is None else g._version for g in grads]
         device_type = next(module.parameters()).device.type if params else 'cpu'
         module.eval()
-        for p in params:
+        frozen = [] if param_grads else params
+        for p in frozen:
             p.requires_grad_(False)
         try:
             with torch.autocast(device_type=device_type, enabled=False):
                 yield module
         finally:
-            for p in params:
+            for p in frozen:
                 p.requires_grad_(True)
             module.train(was_training)
+        if param_grads:
+            return
         for p, g, v in zip(params, grads, versions):
             if p.grad is not g or (g is not None and g._version != v):
                 raise RuntimeError(

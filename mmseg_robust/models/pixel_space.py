@@ -15,20 +15,42 @@ padding). :class:`SegmentorPixelView` turns a data batch into
 So ``view(images).argmax(1)`` is the prediction mmseg's test loop scores, and eps is
 never applied to normalised tensors. The view keeps the model in whatever mode it
 is in (callers put it in eval mode) and works on the unwrapped module under DDP.
+
+:class:`TrainingBatchPixelView` is the same mapping for a *training* batch, as the
+preprocessor stacks it: images of different sizes (crops smaller than the crop
+size, no ``Pad`` in the pipeline) padded to a common size. Its logits come at the
+padded batch size, the padding is held fixed at the preprocessor's value (the
+attack cannot perturb it) and excluded from the losses by :attr:`valid`.
 """
-from typing import List, Optional, Tuple
+import copy
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from mmengine.model import is_model_wrapper
 from torch import Tensor
 
-__all__ = ['PixelNormalizer', 'SegmentorPixelView', 'unwrap_model']
+__all__ = [
+    'PixelNormalizer', 'SegmentorPixelView', 'TrainingBatchPixelView',
+    'ignore_index_of', 'unwrap_model'
+]
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The segmentor inside a DDP/FSDP wrapper (attacks must not go through DDP)."""
     return model.module if is_model_wrapper(model) else model
+
+
+def ignore_index_of(segmentor: torch.nn.Module) -> int:
+    """The label value a segmentor's (last) decode head ignores (255 if unset).
+
+    ``CascadeEncoderDecoder`` keeps its heads in a ``ModuleList``: the last one
+    makes the prediction.
+    """
+    head = getattr(unwrap_model(segmentor), 'decode_head', None)
+    if isinstance(head, torch.nn.ModuleList):
+        head = head[-1]
+    return int(getattr(head, 'ignore_index', 255))
 
 
 class PixelNormalizer:
@@ -147,3 +169,124 @@ class SegmentorPixelView:
         """Logits and prediction at ``images`` (the clean images by default)."""
         logits = self(self.images if images is None else images)
         return logits, logits.argmax(1)
+
+
+class TrainingBatchPixelView:
+    """Pixel-space view of a preprocessed *training* batch (padded, stacked).
+
+    In training mode mmseg's ``SegDataPreProcessor`` pads every image (and its
+    label map, with ``seg_pad_val``) at the bottom/right to a common size (the
+    ``size`` of the preprocessor, or the largest image), and records each image's
+    unpadded ``img_shape`` as a ``torch.Size``. The decode heads resize the
+    logits of the whole batch to image 0's ``img_shape`` in that case, so this
+    view hands the model metainfo whose ``img_shape``/``pad_shape`` is the padded
+    size: logits, images and labels then share one resolution.
+
+    Args:
+        segmentor (nn.Module): the segmentor (DDP wrappers are unwrapped).
+        inputs (Tensor): the preprocessor's normalised, padded batch
+            ``(B, 3, H, W)``.
+        data_samples (list): its data samples (padded ``gt_sem_seg``, metainfo
+            with ``padding_size``).
+
+    Attributes:
+        images (Tensor): ``(B, 3, H, W)`` in ``[0, 1]``, the network's channel
+            order, at the padded size.
+        labels (Tensor): long ``(B, H, W)``, padding holds ``seg_pad_val``.
+        valid (Tensor | None): bool ``(B, H, W)``, False on padding; None when
+            no image of the batch is padded.
+        metas (list[dict]): the metainfo the model sees (padded shapes).
+
+    Example:
+        >>> view = TrainingBatchPixelView(model, processed['inputs'],
+        ...                               processed['data_samples'])
+        >>> out = attack.run(view, view.images, view.labels, view.valid)
+    """
+
+    def __init__(self, segmentor: torch.nn.Module, inputs: Tensor,
+                 data_samples) -> None:
+        self.model = unwrap_model(segmentor)
+        self.normalizer = PixelNormalizer(self.model.data_preprocessor)
+        shape = tuple(int(s) for s in inputs.shape[2:])
+        self.metas = [
+            dict(ds.metainfo, img_shape=shape, pad_shape=shape)
+            for ds in data_samples
+        ]
+        self.padding = [
+            tuple(int(p) for p in ds.metainfo.get('padding_size', (0, 0, 0, 0)))
+            for ds in data_samples
+        ]
+        self.images = self.normalizer.to_pixels(inputs)
+        self.labels = torch.stack(
+            [ds.gt_sem_seg.data.squeeze(0).long() for ds in data_samples])
+        self.valid: Optional[Tensor] = None
+        if any(any(p) for p in self.padding):
+            h, w = shape
+            valid = torch.zeros((len(self.padding), h, w), dtype=torch.bool,
+                                device=self.images.device)
+            for i, (left, right, top, bottom) in enumerate(self.padding):
+                valid[i, top:h - bottom, left:w - right] = True
+            self.valid = valid
+        self._fill = self.images if self.valid is not None else None
+
+    def subset(self, index: Sequence[int]) -> 'TrainingBatchPixelView':
+        """The view of some images of the batch (in the given order)."""
+        sub = copy.copy(self)
+        idx = torch.as_tensor(list(index), device=self.images.device)
+        sub.metas = [self.metas[i] for i in index]
+        sub.padding = [self.padding[i] for i in index]
+        sub.images, sub.labels = self.images[idx], self.labels[idx]
+        if self.valid is not None:
+            sub.valid, sub._fill = self.valid[idx], self._fill[idx]
+        return sub
+
+    def _inputs(self, images: Tensor) -> Tensor:
+        if self.valid is not None:
+            # The padding is not part of the image: hold it at the
+            # preprocessor's value (no gradient reaches it).
+            images = torch.where(self.valid.unsqueeze(1), images, self._fill)
+        return self.normalizer.to_inputs(images)
+
+    def __call__(self, images: Tensor) -> Tensor:
+        """Main-head logits ``(B, K, H, W)`` at the padded batch size."""
+        return self.model.encode_decode(self._inputs(images), self.metas)
+
+    def routed_prediction(self, images: Tensor) -> Tensor:
+        """DDC-AT: argmax of the routed output of the eval-mode heads
+        (docs/algorithms.md, DDC-AT), at the padded batch size."""
+        feats = self.model.extract_feat(self._inputs(images))
+        # the branches are upsampled to the input size before routing, as in the
+        # reference implementation
+        logits = self.model.decode_head.routed_logits(
+            feats, size=images.shape[2:])
+        return logits.argmax(1)
+
+    def raw_inputs(self, images: Tensor, like: Sequence[Tensor]) -> List[Tensor]:
+        """Pixel images -> raw inputs as the data loader gives them.
+
+        Args:
+            images (Tensor): ``(B, 3, H, W)`` in ``[0, 1]`` (this view's images
+                or an attack's output).
+            like (list[Tensor]): the loader's inputs of the same images (uint8
+                ``(3, h, w)``, the loader's channel order, unpadded).
+
+        Returns:
+            list[Tensor]: float ``(3, h, w)`` in 0..255, padding removed, in the
+            loader's channel order, on the device of ``like``.
+        """
+        bgr_to_rgb = bool(
+            getattr(self.model.data_preprocessor, 'channel_conversion', False))
+        out = []
+        h, w = images.shape[2:]
+        for img, (left, right, top, bottom), ref in zip(images, self.padding,
+                                                       like):
+            x = img[:, top:h - bottom, left:w - right] * 255.0
+            if bgr_to_rgb:
+                x = x[[2, 1, 0]]
+            if tuple(x.shape) != tuple(ref.shape):
+                raise RuntimeError(
+                    f'adversarial image of shape {tuple(x.shape)} does not '
+                    f'match the input {tuple(ref.shape)}: unexpected padding '
+                    'metainfo')
+            out.append(x.to(ref.device))
+        return out
