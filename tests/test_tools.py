@@ -81,3 +81,76 @@ def test_dist_train_two_cpu_processes(run_tool, small_config, synthetic_root,
     assert 'GPU number: 2' in out  # mmengine's name for the world size
     assert 'using the gloo backend instead of nccl' in out
     assert osp.exists(osp.join(work, 'iter_6.pth'))
+
+
+# A stand-in for SLURM's srun on one machine: starts --ntasks local tasks of the
+# command with the environment SLURM gives them (no scontrol: MASTER_ADDR is set).
+FAKE_SRUN = r'''#!/usr/bin/env bash
+ntasks=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -p) shift 2 ;;
+    --ntasks=*) ntasks=${1#--ntasks=}; shift ;;
+    -*) shift ;;
+    *) break ;;
+  esac
+done
+echo "fake srun: $ntasks tasks: $*"
+pids=()
+for ((i = 0; i < ntasks; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_NTASKS=$ntasks \
+    SLURM_NODELIST=localhost "$@" &
+  pids+=($!)
+done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+exit $rc
+'''
+
+
+def test_slurm_test_sh_with_evaluator_sea(run_tool, small_config,
+                                          synthetic_root, data_options,
+                                          tmp_path):
+    """`tools/slurm_test.sh PARTITION JOB CONFIG CKPT --cfg-options evaluator=SEA`
+    as the README writes it, on 2 CPU tasks of a stand-in srun (mmengine's slurm
+    set-up without CUDA: mmseg_robust.utils.compat)."""
+    import os
+    import stat
+    import sys
+    work = str(tmp_path / 'train')
+    run_tool(
+        _train(run_tool, small_config, work, data_options(synthetic_root)) +
+        ['train_cfg.max_iters=1', 'default_hooks.checkpoint.interval=1'])
+    ckpt = osp.join(work, 'iter_1.pth')
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    srun = bin_dir / 'srun'
+    srun.write_text(FAKE_SRUN)
+    srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
+    test_work = tmp_path / 'sea'
+    out = run_tool(
+        [
+            'bash', 'tools/slurm_test.sh', 'PARTITION', 'JOB', small_config,
+            ckpt, '--work-dir',
+            str(test_work), '--cfg-options', 'evaluator=SEA',
+            'evaluator.eps=4', 'evaluator.n_iter=4'
+        ] + data_options(synthetic_root) +
+        ['test_dataloader.dataset.indices=6'],
+        env=dict(
+            PATH=os.pathsep.join(
+                [str(bin_dir),
+                 osp.dirname(sys.executable), os.environ['PATH']]),
+            GPUS='2',
+            GPUS_PER_NODE='2',
+            MASTER_ADDR='127.0.0.1',
+            MASTER_PORT='29683',
+            CUDA_VISIBLE_DEVICES=''))
+    assert 'fake srun: 2 tasks' in out and '--launcher=slurm' in out
+    assert 'Distributed launcher: slurm' in out and 'GPU number: 2' in out
+    results = glob.glob(str(test_work / 'robustness_*.json'))
+    assert len(results) == 1, out[-3000:]
+    summary = json.load(open(results[0]))['summary']
+    assert summary['num_images'] == 6  # both tasks' images, once each
+    assert set(summary['eps']) == {'4'}
+    worst = summary['eps']['4']['worst_case']
+    assert worst['mIoU'] <= summary['clean']['mIoU']

@@ -18,9 +18,13 @@ failure it removes; none disables a safety check globally.
    the Runner wraps the model in DDP with ``device_ids=[LOCAL_RANK]``, which DDP
    refuses for CPU modules. Without CUDA we skip ``set_device``, use the gloo
    backend (with a warning when NCCL was asked for) and pass ``device_ids=None``
-   for CPU modules. Nothing changes when CUDA is available.
+   for CPU modules. ``--launcher slurm`` without CUDA likewise (mmengine's slurm
+   set-up calls ``torch.cuda.set_device``): the same environment from SLURM's
+   variables, then gloo. Nothing changes when CUDA is available.
 """
+import os
 import pickle
+import subprocess
 import warnings
 
 import numpy as np
@@ -100,6 +104,30 @@ def _cpu_friendly_pytorch_launcher() -> None:
 
     _init_dist_pytorch.__wrapped__ = original_init_dist_pytorch
     dist_utils._init_dist_pytorch = _init_dist_pytorch
+
+    original_init_dist_slurm = dist_utils._init_dist_slurm
+
+    def _init_dist_slurm(backend, port=None, init_backend='torch', **kwargs):
+        if torch.cuda.is_available() or init_backend != 'torch':
+            return original_init_dist_slurm(
+                backend, port=port, init_backend=init_backend, **kwargs)
+        # mmengine's slurm set-up without torch.cuda.set_device: the same
+        # environment variables from SLURM's, then a gloo process group.
+        proc_id = int(os.environ['SLURM_PROCID'])
+        if port is not None:
+            os.environ['MASTER_PORT'] = str(port)
+        os.environ.setdefault('MASTER_PORT', '29500')
+        if 'MASTER_ADDR' not in os.environ:
+            node_list = os.environ['SLURM_NODELIST']
+            os.environ['MASTER_ADDR'] = subprocess.getoutput(
+                f'scontrol show hostname {node_list} | head -n1')
+        os.environ['WORLD_SIZE'] = os.environ['SLURM_NTASKS']
+        os.environ['LOCAL_RANK'] = os.environ.get('SLURM_LOCALID', '0')
+        os.environ['RANK'] = str(proc_id)
+        _init_dist_pytorch(backend, init_backend=init_backend, **kwargs)
+
+    _init_dist_slurm.__wrapped__ = original_init_dist_slurm
+    dist_utils._init_dist_slurm = _init_dist_slurm
 
     original_ddp_init = MMDistributedDataParallel.__init__
 
