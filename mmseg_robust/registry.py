@@ -19,7 +19,7 @@ from mmengine.registry import Registry, build_from_cfg
 from mmseg.registry import (DATA_SAMPLERS, DATASETS, EVALUATOR, HOOKS, LOOPS,
                             METRICS, MODEL_WRAPPERS, MODELS, OPTIM_WRAPPERS,
                             OPTIMIZERS, PARAM_SCHEDULERS, TRANSFORMS,
-                            VISUALIZERS)
+                            VISUALIZERS, WEIGHT_INITIALIZERS)
 
 
 def _build_in_own_scope(cfg, registry, default_args=None):
@@ -47,5 +47,5 @@ ATTACKS = Registry(
 __all__ = [
     'ATTACKS', 'DATASETS', 'DATA_SAMPLERS', 'EVALUATOR', 'HOOKS', 'LOOPS',
     'METRICS', 'MODELS', 'MODEL_WRAPPERS', 'OPTIMIZERS', 'OPTIM_WRAPPERS',
-    'PARAM_SCHEDULERS', 'TRANSFORMS', 'VISUALIZERS'
+    'PARAM_SCHEDULERS', 'TRANSFORMS', 'VISUALIZERS', 'WEIGHT_INITIALIZERS'
 ]

@@ -36,7 +36,15 @@ ALL_CONFIGS = sorted(
     p for p in glob.glob(osp.join(REPO, 'configs', '**', '*.py'), recursive=True)
     if '_base_' not in p)
 PIRAT_DIR = osp.join(REPO, 'configs', 'pirat')
-PIRAT_CONFIGS = sorted(glob.glob(osp.join(PIRAT_DIR, '*.py')))
+# Short names of full configs (the project's design card names them), checked
+# by test_short_config_names_are_their_full_configs.
+SHORT_NAMES = {
+    'upernet_convnext_t_ade20k.py':
+    'upernet_convnext-t-cvst_pirat_8xb16-128e_ade20k151-512x512.py',
+}
+PIRAT_CONFIGS = sorted(
+    p for p in glob.glob(osp.join(PIRAT_DIR, '*.py'))
+    if osp.basename(p) not in SHORT_NAMES)
 SIZE = 64
 
 
@@ -142,7 +150,16 @@ def test_the_pirat_config_set_is_complete():
     names = {osp.basename(p)[:-3] for p in PIRAT_CONFIGS}
     train = {n for n in names if not n.endswith('_sea')}
     assert {n + '_sea' for n in train} == names - train
-    assert len(train) == 9  # UperNet T/S x VOC/ADE20K x PIR-AT/clean + Segmenter
+    # UperNet T/S x VOC/ADE20K x PIR-AT/clean + Segmenter (reference, AdamW variant)
+    assert len(train) == 10
+
+
+@pytest.mark.parametrize('short, full', sorted(SHORT_NAMES.items()))
+def test_short_config_names_are_their_full_configs(short, full):
+    a = Config.fromfile(osp.join(PIRAT_DIR, short)).to_dict()
+    b = Config.fromfile(osp.join(PIRAT_DIR, full)).to_dict()
+    assert a == b
+    assert a['train_cfg']['type'] == 'AdversarialTrainLoop'
 
 
 @pytest.mark.parametrize('path', PIRAT_CONFIGS, ids=rel)
@@ -151,6 +168,9 @@ def test_pirat_config_protocol(path):
     name = osp.basename(path)
     text = open(path).read()
     voc = 'voc12aug' in name
+    # The Segmenter's reference schedule (Segmenter's own SGD one, checked in
+    # tests/test_segmenter_pirat_schedule.py); its AdamW variant is ours.
+    segmenter_sgd = name.startswith('segmenter') and '-adamw' not in name
     num_classes, crop = (21, 473) if voc else (151, 512)
     model = cfg.model
     pre = model.data_preprocessor
@@ -190,7 +210,8 @@ def test_pirat_config_protocol(path):
         'RandomFlip', 'RandomGaussianBlur', 'PackSegInputs'
     ]
     assert tuple(pipeline[2]['ratio_range']) == (0.5, 2.0)
-    assert cfg.train_dataloader.batch_size == (32 if voc else 16)
+    assert cfg.train_dataloader.batch_size == (
+        32 if voc else 14 if segmenter_sgd else 16)
     if name.endswith('_sea.py'):
         assert cfg.test_cfg == dict(
             type='AdversarialTestLoop', eps=[4, 8],
@@ -202,7 +223,7 @@ def test_pirat_config_protocol(path):
     init = model.backbone.init_cfg
     assert init.type == 'Pretrained' and init.checkpoint.startswith(
         'checkpoints/revisiting_at/')
-    if '_pirat_' in name:
+    if '_pirat' in name:
         assert 'linf4' in init.checkpoint
         assert cfg.train_cfg.type == 'AdversarialTrainLoop'
         assert cfg.train_cfg.scheme == 'pirat'
@@ -215,7 +236,8 @@ def test_pirat_config_protocol(path):
         assert cfg.optim_wrapper.type == 'OptimWrapper'
     opt = cfg.optim_wrapper.optimizer
     assert (opt.type, opt.lr, opt.weight_decay) == (
-        ('AdamW', 1e-3, 0.01) if voc else ('AdamW', 1e-4, 0.05))
+        ('AdamW', 1e-3, 0.01) if voc else ('SGD', 1e-3, 1e-5) if segmenter_sgd
+        else ('AdamW', 1e-4, 0.05))
 
 
 @pytest.mark.parametrize('name, iters, warmup', [

@@ -35,7 +35,7 @@ UPERNET_CFG = osp.join(
     REPO, 'configs', 'pirat',
     'upernet_convnext-t-cvst_pirat_8xb32-50e_voc12aug-473x473.py')
 SEGMENTER_CFG = osp.join(
-    REPO, 'configs', 'pirat', 'segmenter_vit-s_pirat_8xb16-128e_ade20k151-512x512.py')
+    REPO, 'configs', 'pirat', 'segmenter_vit-s_pirat_8xb14-32e_ade20k151-512x512.py')
 TINY = dict(depths=[3, 3, 9, 3], dims=[96, 192, 384, 768])
 SHALLOW = dict(depths=[1, 1, 1, 1], dims=[96, 192, 384, 768])
 
@@ -410,7 +410,10 @@ def test_revisiting_at_convnext_reproduces_the_classifier_features(
     else:
         src = prefixed(normalized(ref).state_dict(), 'module.base_model.')
         assert 'module.base_model.normalize.mean' in src
-    state, meta = convert_revisiting_at_convnext(src)
+    # The ImageNet normaliser is dropped only when asked to (see
+    # test_revisiting_at_normalizer_*).
+    state, meta = convert_revisiting_at_convnext(
+        src, drop_normalizer=wrapping != 'module')
     assert meta['arch'] == 'tiny'
     assert 'head.fc.weight' in str(meta['dropped'])
     assert meta['fresh'] == [f'norm{i}.{p}' for i in range(4)
@@ -478,7 +481,7 @@ def test_revisiting_at_vit_reproduces_the_encoder(tmp_path, conv_stem):
     torch.manual_seed(1)
     ref = randomize(ViTRef(depth=2, conv_stem=conv_stem))
     src = prefixed(normalized(ref).state_dict(), 'module.')
-    state, meta = convert_revisiting_at_vit(src)
+    state, meta = convert_revisiting_at_vit(src, drop_normalizer=True)
     assert meta['stem'] == ('conv' if conv_stem else 'patch')
     assert set(meta['dropped']) == {
         'head.weight', 'head.bias', 'normalize.mean', 'normalize.std'
@@ -666,11 +669,15 @@ def run_cli(monkeypatch, script, *args):
 
 def test_command_line_converters(tmp_path, monkeypatch, capsys):
     torch.manual_seed(5)
+    # An identity normaliser converts as is (another one needs
+    # drop_normalizer=True, see test_revisiting_at_normalizer_*).
+    vit = prefixed(normalized(ViTRef(depth=1)).state_dict(), 'module.')
+    vit['module.normalize.mean'] = torch.zeros(1, 3, 1, 1)
+    vit['module.normalize.std'] = torch.ones(1, 3, 1, 1)
     sources = {
         'revisiting_at_convnext.py': prefixed(
             TimmConvNeXtCvStRef(**SHALLOW).state_dict(), 'module.'),
-        'revisiting_at_vit.py': prefixed(
-            normalized(ViTRef(depth=1)).state_dict(), 'module.'),
+        'revisiting_at_vit.py': vit,
         'robust_segmentation_upernet.py': UperNetRef(
             SHALLOW['depths'], SHALLOW['dims'], 21).state_dict(),
         'robust_segmentation_segmenter.py': SegmenterRef(n_cls=151).state_dict(),
@@ -691,3 +698,99 @@ def test_command_line_converters(tmp_path, monkeypatch, capsys):
         run_cli(monkeypatch, 'revisiting_at_vit.py', bad, tmp_path / 'x.pth')
     run_cli(monkeypatch, 'revisiting_at_vit.py', bad, tmp_path / 'x.pth',
             '--trust-source')
+
+
+# ----------------------------------------------------------------------------
+# The input normaliser of revisiting-at checkpoints (normalize.{mean,std})
+# ----------------------------------------------------------------------------
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def _with_normalizer(model, mean, std, prefix='module.'):
+    src = prefixed(normalized(model).state_dict(), prefix)
+    src[prefix + 'normalize.mean'] = torch.tensor(mean).view(1, 3, 1, 1)
+    src[prefix + 'normalize.std'] = torch.tensor(std).view(1, 3, 1, 1)
+    return src
+
+
+_CONVERTERS = {
+    'convnext': (convert_revisiting_at_convnext,
+                 lambda: TimmConvNeXtCvStRef(**SHALLOW)),
+    'vit': (convert_revisiting_at_vit, lambda: ViTRef(depth=1)),
+}
+
+
+@pytest.mark.parametrize('kind', sorted(_CONVERTERS))
+def test_revisiting_at_normalizer_refused_naming_the_values(kind):
+    # Our models take raw [0, 1] input: silently dropping an ImageNet normaliser
+    # would feed the backbone input it was not trained on.
+    convert, build = _CONVERTERS[kind]
+    src = _with_normalizer(build(), IMAGENET_MEAN, IMAGENET_STD)
+    with pytest.raises(ValueError) as info:
+        convert(src)
+    msg = str(info.value)
+    for value in ('0.485', '0.456', '0.406', '0.229', '0.224', '0.225'):
+        assert value in msg, msg
+    # It says what to do: the option, and the data preprocessor values.
+    assert 'drop_normalizer=True' in msg
+    assert '123.675' in msg and '58.395' in msg, msg
+    # One channel off the identity is enough.
+    src = _with_normalizer(build(), [0.0, 0.0, 0.0], [1.0, 1.0, 0.5])
+    with pytest.raises(ValueError, match='0.5'):
+        convert(src)
+
+
+@pytest.mark.parametrize('kind', sorted(_CONVERTERS))
+def test_revisiting_at_normalizer_identity_or_absent_is_dropped(kind):
+    convert, build = _CONVERTERS[kind]
+    torch.manual_seed(8)
+    model = build()
+    plain, plain_meta = convert(prefixed(model.state_dict(), 'module.'))
+    assert 'input_normalizer' not in plain_meta
+    state, meta = convert(_with_normalizer(model, [0.0] * 3, [1.0] * 3))
+    assert {'normalize.mean', 'normalize.std'} <= set(meta['dropped'])
+    assert 'input_normalizer' not in meta
+    assert state.keys() == plain.keys()
+    for name in state:
+        torch.testing.assert_close(state[name], plain[name])
+
+
+@pytest.mark.parametrize('kind', sorted(_CONVERTERS))
+def test_revisiting_at_normalizer_accepted_explicitly(tmp_path, kind):
+    convert, build = _CONVERTERS[kind]
+    torch.manual_seed(9)
+    model = build()
+    plain, _ = convert(prefixed(model.state_dict(), 'module.'))
+    src = _with_normalizer(model, IMAGENET_MEAN, IMAGENET_STD)
+    state, meta = convert(src, drop_normalizer=True)
+    assert {'normalize.mean', 'normalize.std'} <= set(meta['dropped'])
+    # The values are kept for a config that restores the backbone's input.
+    assert meta['input_normalizer'] == dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    for name in plain:
+        torch.testing.assert_close(state[name], plain[name])
+    _, ckpt = write_and_reload(tmp_path, state, meta)
+    assert ckpt['meta']['input_normalizer']['std'] == IMAGENET_STD
+
+
+@pytest.mark.parametrize('script', ['revisiting_at_convnext.py',
+                                    'revisiting_at_vit.py'])
+def test_command_line_drop_normalizer(script, tmp_path, monkeypatch, capsys):
+    """The released classifiers carry ImageNet's normaliser: the scripts refuse
+    it unless --drop-normalizer is given, and record it then."""
+    torch.manual_seed(6)
+    if script == 'revisiting_at_vit.py':
+        src = prefixed(normalized(ViTRef(depth=1)).state_dict(), 'module.')
+    else:
+        src = prefixed(TimmConvNeXtCvStRef(**SHALLOW).state_dict(), 'module.')
+    src['module.normalize.mean'] = torch.tensor(
+        [0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    src['module.normalize.std'] = torch.tensor(
+        [0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    src_path, dst = tmp_path / 'src.pth', tmp_path / 'dst.pth'
+    torch.save(src, src_path)
+    with pytest.raises(ValueError, match='drop_normalizer'):
+        run_cli(monkeypatch, script, src_path, dst)
+    assert not dst.exists()
+    run_cli(monkeypatch, script, src_path, dst, '--drop-normalizer')
+    meta = torch.load(dst, map_location='cpu', weights_only=True)['meta']
+    assert meta['input_normalizer']['mean'] == pytest.approx([0.485, 0.456, 0.406])

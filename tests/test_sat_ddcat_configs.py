@@ -64,7 +64,9 @@ def test_config_settings(path):
     assert (sched.type, sched.power, sched.end) == ('PolyLR', 0.9, max_iters)
     # batch 16 = 2 per GPU x 8
     assert cfg.train_dataloader.batch_size == 2
-    pipeline = cfg.train_dataloader.dataset.pipeline
+    dataset = cfg.train_dataloader.dataset
+    # VOC: train.txt + aug.txt (ConcatDataset of two datasets, one pipeline)
+    pipeline = (dataset.datasets[0] if voc else dataset).pipeline
     assert [t for t in pipeline if t.type == 'RandomCrop'
             ][0].crop_size == (crop, crop)
     model = cfg.model

@@ -7,13 +7,15 @@
 - Evaluation on the centre crop after resizing the short side to the crop size
   (473 VOC, 512 ADE20K): :class:`ShortEdgeResizeCenterCrop`.
 - Training augmentation: flip, scale [0.5, 2], random crop (mmseg's transforms)
-  and Gaussian blur with p=0.5: :class:`RandomGaussianBlur`.
+  and Gaussian blur with p=0.5: :class:`RandomGaussianBlur` (which also has the
+  fixed 5x5 OpenCV blur of the SAT/DDC-AT pipelines, sections 5.2 and 5.3).
 
 Resizing uses Pillow (``backend='pillow'``) like the reference, whose bilinear
 downscaling is antialiased (OpenCV's is not).
 """
 from typing import Optional, Sequence
 
+import cv2
 import mmcv
 import numpy as np
 from mmcv.transforms import BaseTransform
@@ -136,29 +138,76 @@ class ShortEdgeResizeCenterCrop(BaseTransform):
 
 @TRANSFORMS.register_module()
 class RandomGaussianBlur(BaseTransform):
-    """Blur the image with probability ``prob`` by a Gaussian of radius (standard
-    deviation, in pixels) uniform in ``[0, max_radius)`` (PIL's ``GaussianBlur``),
-    the PSPNet-style augmentation of the reference training (section 5.1).
+    """Blur the image with probability ``prob``, the PSPNet-style augmentation of
+    the reference trainings, in one of two forms:
 
-    Required / modified keys: ``img`` (uint8, H x W x 3). Labels are unchanged.
+    - PIL (default, PIR-AT, ALGORITHMS.md section 5.1): ``GaussianBlur`` of
+      radius (standard deviation, in pixels) uniform in ``[0, max_radius)``.
+    - OpenCV (``kernel_size`` set, SAT/DDC-AT, sections 5.2 and 5.3):
+      ``cv2.GaussianBlur(img, (kernel_size, kernel_size), sigma)``, a fixed
+      kernel; ``sigma=0`` lets OpenCV derive it from the kernel size
+      (``cv2.getGaussianKernel``: for the reference's 5x5 the binomial
+      ``[1, 4, 6, 4, 1] / 16`` in each direction).
+
+    Labels are unchanged. The OpenCV form keeps the image's dtype: on the uint8
+    images of ``LoadImageFromFile`` the result is rounded to integers (the
+    semseg-style reference blurs float32 images; load with ``to_float32=True``
+    to match it to the bit).
+
+    Required / modified keys: ``img`` (H x W x C; uint8 for the PIL form).
 
     Args:
         prob (float): probability of blurring. Default: 0.5.
-        max_radius (float): upper bound of the radius. Default: 1.0.
+        max_radius (float, optional): PIL form: upper bound of the radius.
+            Default: 1.0 (None); not allowed with ``kernel_size``.
+        kernel_size (int, optional): OpenCV form: the odd side of the square
+            kernel (the SAT/DDC-AT reference: 5). Default: None (PIL form).
+        sigma (float): OpenCV form: the Gaussian's standard deviation in pixels,
+            0 to derive it from ``kernel_size``. Default: 0.
+
+    Example:
+        >>> blur = RandomGaussianBlur(prob=0.5, kernel_size=5)  # SAT/DDC-AT
     """
 
-    def __init__(self, prob: float = 0.5, max_radius: float = 1.0) -> None:
+    def __init__(self,
+                 prob: float = 0.5,
+                 max_radius: Optional[float] = None,
+                 kernel_size: Optional[int] = None,
+                 sigma: float = 0.0) -> None:
         if not 0 <= prob <= 1:
             raise ValueError(f'prob must be in [0, 1], got {prob}')
-        if max_radius < 0:
-            raise ValueError(f'max_radius must be >= 0, got {max_radius}')
+        if kernel_size is None:
+            if sigma != 0:
+                raise ValueError('sigma is an option of the OpenCV blur: set '
+                                 'kernel_size too (or use max_radius)')
+            max_radius = 1.0 if max_radius is None else max_radius
+            if max_radius < 0:
+                raise ValueError(f'max_radius must be >= 0, got {max_radius}')
+        else:
+            if max_radius is not None:
+                raise ValueError('max_radius (PIL blur, random radius) and '
+                                 'kernel_size (OpenCV blur, fixed kernel) '
+                                 'exclude each other: set one of them')
+            if (int(kernel_size) != kernel_size or kernel_size < 1
+                    or kernel_size % 2 == 0):
+                raise ValueError('kernel_size must be a positive odd int (as '
+                                 f'cv2.GaussianBlur), got {kernel_size}')
+            if sigma < 0:
+                raise ValueError(f'sigma must be >= 0, got {sigma}')
+            kernel_size = int(kernel_size)
         self.prob = prob
         self.max_radius = max_radius
+        self.kernel_size = kernel_size
+        self.sigma = float(sigma)
 
     def transform(self, results: dict) -> dict:
         if np.random.rand() >= self.prob:
             return results
         img = results['img']
+        if self.kernel_size is not None:
+            k = self.kernel_size
+            results['img'] = cv2.GaussianBlur(img, (k, k), self.sigma)
+            return results
         if img.dtype != np.uint8:
             raise TypeError('RandomGaussianBlur expects a uint8 image (load it '
                             f'without to_float32), got {img.dtype}')
@@ -168,5 +217,8 @@ class RandomGaussianBlur(BaseTransform):
         return results
 
     def __repr__(self) -> str:
+        if self.kernel_size is not None:
+            return (f'{type(self).__name__}(prob={self.prob}, '
+                    f'kernel_size={self.kernel_size}, sigma={self.sigma})')
         return (f'{type(self).__name__}(prob={self.prob}, '
                 f'max_radius={self.max_radius})')

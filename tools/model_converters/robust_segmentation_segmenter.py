@@ -5,7 +5,7 @@ Hein, ECCV 2024) into a full mmseg checkpoint (ALGORITHMS.md 7).
         [--config configs/_base_/models/segmenter_vit-s_mask.py]
 
 The class count is read from SRC; the output loads strictly into the model of
-``configs/pirat/segmenter_vit-s_pirat_8xb16-128e_ade20k151-512x512.py``.
+``configs/pirat/segmenter_vit-s_pirat_8xb14-32e_ade20k151-512x512.py``.
 """
 import os.path as osp
 

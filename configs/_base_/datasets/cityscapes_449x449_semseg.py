@@ -1,8 +1,9 @@
 # Cityscapes (fine train, 2975 images) with the augmentation of the DDC-AT reference
 # (cityscapes_*.yaml): random scale 0.25-1 of 2048x1024, rotation +-10 deg (p=0.5,
-# padded with the mean), flip, random crop 449. Gaussian blur left out (see the VOC
-# file). Test: resized to 1024x512 (long side 1024), sliding 449 windows with 2/3
-# overlap. Prepare the labels with mmseg's tools/dataset_converters/cityscapes.py.
+# padded with the mean), Gaussian blur (p=0.5, OpenCV 5x5 kernel, sigma from the
+# kernel size), flip, random crop 449. Test: resized to 1024x512 (long side 1024),
+# sliding 449 windows with 2/3 overlap. Prepare the labels with mmseg's
+# tools/dataset_converters/cityscapes.py.
 dataset_type = 'CityscapesDataset'
 data_root = 'data/cityscapes/'
 crop_size = (449, 449)
@@ -21,6 +22,7 @@ train_pipeline = [
         degree=10,
         pad_val=mean_bgr,
         seg_pad_val=255),
+    dict(type='RandomGaussianBlur', prob=0.5, kernel_size=5, sigma=0),
     dict(type='RandomFlip', prob=0.5),
     dict(type='RandomCrop', crop_size=crop_size),
     dict(type='Pad', size=crop_size, pad_val=dict(img=mean_bgr, seg=255)),

@@ -1,9 +1,9 @@
 # PASCAL VOC 2012 + SBD (train_aug, 10582 images) with the augmentation of the
 # DDC-AT / semseg reference (voc2012_*.yaml): random scale 0.5-2 (VOC images have a
-# long side of 500), rotation +-10 deg (p=0.5, padded with the mean), flip, random
-# crop 473 padded with the mean / 255. The reference's Gaussian blur (p=0.5, 5x5)
-# has no mmseg transform and is left out. Test: long side resized to 512, sliding
-# 473 windows with 2/3 overlap (the model's test_cfg).
+# long side of 500), rotation +-10 deg (p=0.5, padded with the mean), Gaussian blur
+# (p=0.5, OpenCV 5x5 kernel, sigma from the kernel size), flip, random crop 473
+# padded with the mean / 255. Test: long side resized to 512, sliding 473 windows
+# with 2/3 overlap (the model's test_cfg).
 # Prepare the data with mmseg's tools/dataset_converters/voc_aug.py.
 dataset_type = 'PascalVOCDataset'
 data_root = 'data/VOCdevkit/VOC2012'
@@ -23,6 +23,7 @@ train_pipeline = [
         degree=10,
         pad_val=mean_bgr,
         seg_pad_val=255),
+    dict(type='RandomGaussianBlur', prob=0.5, kernel_size=5, sigma=0),
     dict(type='RandomFlip', prob=0.5),
     dict(type='RandomCrop', crop_size=crop_size),
     dict(type='Pad', size=crop_size, pad_val=dict(img=mean_bgr, seg=255)),
@@ -34,9 +35,16 @@ test_pipeline = [
     dict(type='LoadAnnotations'),
     dict(type='PackSegInputs')
 ]
-# mmseg's voc_aug.py writes aug.txt = the 10582 train_aug images (VOC train
-# included), the reference's train_aug list; mmseg's own pascal_voc12_aug config
-# concatenates train.txt on top, which would count 1464 images twice.
+# train_aug = VOC train (SegmentationClass) + aug.txt (SegmentationClassAug): mmseg's
+# voc_aug.py writes aug.txt = the SBD images minus VOC train and val (9118 ids) and
+# trainaug.txt = all 10582; as mmseg's own pascal_voc12_aug config, the two lists
+# are concatenated (1464 + 9118 = 10582 images, no VOC val image).
+dataset_train = dict(
+    type=dataset_type,
+    data_root=data_root,
+    data_prefix=dict(img_path='JPEGImages', seg_map_path='SegmentationClass'),
+    ann_file='ImageSets/Segmentation/train.txt',
+    pipeline=train_pipeline)
 dataset_aug = dict(
     type=dataset_type,
     data_root=data_root,
@@ -49,7 +57,7 @@ train_dataloader = dict(
     num_workers=4,
     persistent_workers=True,
     sampler=dict(type='InfiniteSampler', shuffle=True),
-    dataset=dataset_aug)
+    dataset=dict(type='ConcatDataset', datasets=[dataset_train, dataset_aug]))
 val_dataloader = dict(
     batch_size=1,
     num_workers=4,

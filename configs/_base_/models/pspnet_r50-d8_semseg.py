@@ -6,7 +6,9 @@
 # - align_corners=True, CE averaged over non-ignored pixels (as torch's
 #   CrossEntropyLoss(ignore_index=255) of the reference);
 # - ImageNet initialisation: the reference's resnet50_v2.pth, converted with
-#   tools/model_converters/ddcat_semseg.py (mmseg's v1c weights do not fit the stem).
+#   tools/model_converters/ddcat_semseg.py (mmseg's v1c weights do not fit the stem),
+#   loaded strictly ('PretrainedStrict': a wrong file raises, naming the tensors;
+#   mmengine's 'Pretrained' would warn and train from random weights).
 # Output stride 8, sliding-window test with 2/3 overlap (crop set by the dataset
 # config).
 norm_cfg = dict(type='SyncBN', requires_grad=True)
@@ -34,7 +36,7 @@ model = dict(
         style='pytorch',
         contract_dilation=False,
         init_cfg=dict(
-            type='Pretrained',
+            type='PretrainedStrict',
             checkpoint='checkpoints/semseg_resnet50_v2_backbone.pth')),
     decode_head=dict(
         type='PSPHead',

@@ -4,15 +4,25 @@ mmengine's ``PretrainedInit`` (and mmseg's ``VisionTransformer.init_weights``) l
 checkpoints with ``strict=False``: a file with other key names, or one made for
 another architecture, loads *nothing* and only logs a warning, and the model then
 trains from a random backbone. The robust backbones of PIR-AT (ALGORITHMS.md
-section 5.1) are the point of the method, so our backbones refuse such files.
+section 5.1) are the point of the method, so our backbones refuse such files; for
+any other module (e.g. mmseg's ResNet of the SAT/DDC-AT configs, sections 5.2 and
+5.3) the weight initializer ``init_cfg=dict(type='PretrainedStrict', ...)``
+(:class:`PretrainedStrictInit`) does the same.
 """
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 from mmengine.logging import print_log
+from mmengine.model import BaseModule
+from mmengine.model.weight_init import update_init_info
 from mmengine.runner.checkpoint import CheckpointLoader
 
-__all__ = ['load_pretrained_strict', 'split_pretrained_cfg', 'check_state_dict']
+from mmseg_robust.registry import WEIGHT_INITIALIZERS
+
+__all__ = [
+    'PretrainedStrictInit', 'check_state_dict', 'load_pretrained_strict',
+    'split_pretrained_cfg'
+]
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -129,3 +139,55 @@ def load_pretrained_strict(
         '(strict)',
         logger='current')
     return sorted(state)
+
+
+@WEIGHT_INITIALIZERS.register_module(name='PretrainedStrict')
+class PretrainedStrictInit:
+    """Weight initializer ``dict(type='PretrainedStrict', checkpoint=...,
+    prefix=None)``: mmengine's ``Pretrained`` loaded strictly.
+
+    Every tensor of the module (parameters and buffers) must come from the file,
+    with the right shape, and the file must hold nothing else
+    (:func:`load_pretrained_strict`): a wrong file raises, naming the tensors,
+    instead of leaving a random module after a warning.
+
+    mmengine runs initializers other than ``Pretrained`` before the children's
+    own ``init_weights``; as every tensor under the module comes from the file,
+    its sub-modules are marked initialised so that none of them re-initialises
+    itself afterwards.
+
+    Args:
+        checkpoint (str): path or URL of the checkpoint (loaded on CPU); a dict
+            with a ``'state_dict'`` entry (mmengine/mmseg files) is unwrapped.
+        prefix (str, optional): load the tensors under this prefix only, with
+            the prefix removed (e.g. ``'backbone.'`` of a full segmentor
+            checkpoint). Default: None (the whole file).
+
+    Example:
+        >>> backbone = dict(type='ResNetV1c', depth=50, init_cfg=dict(
+        ...     type='PretrainedStrict', checkpoint='resnet50_backbone.pth'))
+    """
+
+    def __init__(self, checkpoint: str, prefix: Optional[str] = None) -> None:
+        if not isinstance(checkpoint, str) or not checkpoint:
+            raise TypeError('PretrainedStrict needs checkpoint=<path or URL>, '
+                            f'got {checkpoint!r}')
+        self.checkpoint = checkpoint
+        self.prefix = prefix
+        self.wholemodule = False  # set by mmengine's initialize; unused here
+
+    def __call__(self, module: torch.nn.Module) -> None:
+        load_pretrained_strict(
+            module,
+            self.checkpoint,
+            prefix=self.prefix,
+            hint='PretrainedStrict needs a file made for this module (convert '
+            'it with the matching tool in tools/model_converters/)')
+        for sub in module.modules():
+            if sub is not module and isinstance(sub, BaseModule):
+                sub._is_init = True
+        if hasattr(module, '_params_init_info'):
+            update_init_info(module, init_info=self._get_init_info())
+
+    def _get_init_info(self) -> str:
+        return f'{type(self).__name__}: load from {self.checkpoint} (strict)'

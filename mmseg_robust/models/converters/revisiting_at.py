@@ -11,12 +11,20 @@ Source layouts (timm naming, possibly under ``module.`` / ``base_model.`` /
   stem ``patch_embed.proj.stem.i`` of ViT-S-CvSt), ``blocks.i.{norm1, attn.qkv,
   attn.proj, norm2, mlp.fc1, mlp.fc2}``, ``norm``, ``head``.
 
-The classifier head and the normaliser are dropped: PIR-AT feeds raw [0, 1] images
-to the segmentation model without normalisation (section 5.1), as the reference
-does when it loads these backbones.
+The classifier head is dropped. The input normaliser ``normalize.{mean,std}``
+(revisiting-at's classifiers see ``(x - mean) / std`` of [0, 1] images) is dropped
+only when that is harmless or asked for, since our models take raw [0, 1] images
+(the configs' data preprocessor only divides by 255, section 5.1). An identity
+normaliser (mean 0, std 1), or none, is dropped silently; any other one raises,
+naming its values, unless the converter is called with ``drop_normalizer=True``.
+That drops it as the PIR-AT reference does (ALGORITHMS.md section 7; the whole
+network is then fine-tuned on raw [0, 1] input) and records its values in
+``meta['input_normalizer']``, for a config that gives the backbone its training
+input instead: data preprocessor ``mean = 255 * m``, ``std = 255 * s`` (RGB,
+``bgr_to_rgb=True``).
 """
 import math
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -27,16 +35,66 @@ from .common import (StateDict, apply_rules, check_converted,
 
 __all__ = [
     'convert_revisiting_at_convnext', 'convert_revisiting_at_vit',
-    'timm_vit_block_rules'
+    'take_normalizer', 'timm_vit_block_rules'
 ]
 
 WRAPPER_PREFIXES = ('module.', 'base_model.', 'model.')
+# Dropped by the rules once take_normalizer has accepted its values.
 NORMALIZER = [(r'normalize\.(mean|std)', None, None)]
+
+
+def _values(tensor: Optional[torch.Tensor], identity: float) -> List[float]:
+    if tensor is None:
+        return [identity] * 3
+    return [round(float(v), 6) for v in tensor.detach().float().flatten()]
+
+
+def take_normalizer(state: StateDict, drop_normalizer: bool,
+                    what: str) -> Optional[dict]:
+    """Check the source's input normaliser ``normalize.{mean,std}``.
+
+    Args:
+        state (dict): the source tensors, wrapper prefixes removed.
+        drop_normalizer (bool): accept a non-identity normaliser (it is dropped).
+        what (str): the checkpoint kind, for the message.
+
+    Returns:
+        dict | None: ``dict(mean=[...], std=[...])`` of a non-identity
+        normaliser accepted with ``drop_normalizer=True``; None when there is
+        none or it is the identity.
+
+    Raises:
+        ValueError: a non-identity normaliser without ``drop_normalizer``: the
+            message names its values and what to do.
+    """
+    mean, std = state.get('normalize.mean'), state.get('normalize.std')
+    if mean is None and std is None:
+        return None
+    values = dict(mean=_values(mean, 0.0), std=_values(std, 1.0))
+    identity = ((mean is None or bool((mean == 0).all()))
+                and (std is None or bool((std == 1).all())))
+    if identity:
+        return None
+    if not drop_normalizer:
+        pre_mean = [round(255 * m, 3) for m in values['mean']]
+        pre_std = [round(255 * s, 3) for s in values['std']]
+        raise ValueError(
+            f'{what} has an input normaliser normalize.mean={values["mean"]}, '
+            f'normalize.std={values["std"]}: the network was trained on '
+            '(x - mean) / std of [0, 1] images, while our models feed it raw '
+            '[0, 1] images. Converting drops the normaliser; to accept that, '
+            'convert with drop_normalizer=True and either keep raw [0, 1] input '
+            '(as PIR-AT does, fine-tuning the whole network) or give the backbone '
+            'its training input with the data preprocessor '
+            f'mean={pre_mean}, std={pre_std} (255 x the values; RGB, '
+            'bgr_to_rgb=True).')
+    return values
 
 
 def convert_revisiting_at_convnext(
         state_dict: StateDict,
-        arch: Optional[Union[str, dict]] = None) -> Tuple[StateDict, dict]:
+        arch: Optional[Union[str, dict]] = None,
+        drop_normalizer: bool = False) -> Tuple[StateDict, dict]:
     """revisiting-at ConvNeXt-CvSt (timm naming) -> :class:`ConvNeXtCvSt` state dict.
 
     The per-stage output norms ``norm0..norm3`` do not exist in a classifier; they
@@ -47,16 +105,22 @@ def convert_revisiting_at_convnext(
         state_dict (dict): the source tensors (prefixes allowed).
         arch (str | dict, optional): expected architecture (``'tiny'``,
             ``'small'``, ...); inferred from the blocks when None, and checked.
+        drop_normalizer (bool): accept (and drop) an input normaliser other
+            than the identity (see the module docstring). Default: False.
 
     Returns:
         tuple: ``(state dict of ConvNeXtCvSt, meta)`` with ``meta`` listing the
-        architecture, the dropped source tensors and the fresh ones.
+        architecture, the dropped source tensors and the fresh ones, plus
+        ``input_normalizer`` (``dict(mean, std)``) when one was accepted.
 
     Raises:
         KeyError / ValueError: a tensor of an unknown layout, or a missing or
-            wrongly shaped one, named in the message.
+            wrongly shaped one, named in the message; a non-identity normaliser
+            without ``drop_normalizer``.
     """
     state = strip_prefixes(state_dict, WRAPPER_PREFIXES)
+    normalizer = take_normalizer(state, drop_normalizer,
+                                 'revisiting-at ConvNeXt checkpoint')
     inferred = convnext_arch_of(state, 'stages.{j}.blocks.',
                                 'stages.{j}.blocks.0.conv_dw.weight',
                                 'timm ConvNeXt')
@@ -94,6 +158,8 @@ def convert_revisiting_at_convnext(
         arch=inferred if isinstance(inferred, str) else str(inferred),
         dropped=dropped,
         fresh=fresh)
+    if normalizer is not None:
+        meta['input_normalizer'] = normalizer
     return out, meta
 
 
@@ -169,7 +235,8 @@ def vit_for(shape: Dict[str, int], num_heads: Optional[int] = None,
 
 
 def convert_revisiting_at_vit(state_dict: StateDict,
-                              num_heads: Optional[int] = None
+                              num_heads: Optional[int] = None,
+                              drop_normalizer: bool = False
                               ) -> Tuple[StateDict, dict]:
     """revisiting-at / timm ViT -> mmseg ``VisionTransformer`` state dict.
 
@@ -182,11 +249,19 @@ def convert_revisiting_at_vit(state_dict: StateDict,
         state_dict (dict): the source tensors (prefixes allowed).
         num_heads (int, optional): only used to build the reference layout
             (shapes do not depend on it). Default: ``embed_dims // 64``.
+        drop_normalizer (bool): accept (and drop) an input normaliser other
+            than the identity (see the module docstring). Default: False.
 
     Returns:
-        tuple: ``(state dict, meta)``.
+        tuple: ``(state dict, meta)``; ``meta['input_normalizer']``
+        (``dict(mean, std)``) when a normaliser was accepted.
+
+    Raises:
+        KeyError / ValueError: as :func:`convert_revisiting_at_convnext`.
     """
     state = strip_prefixes(state_dict, WRAPPER_PREFIXES)
+    normalizer = take_normalizer(state, drop_normalizer,
+                                 'revisiting-at ViT checkpoint')
     shape = _vit_shape(state)
     rules = NORMALIZER + [
         (r'head\.(weight|bias)', None, None),
@@ -206,4 +281,6 @@ def convert_revisiting_at_vit(state_dict: StateDict,
         stem='conv' if shape['conv_stem'] else 'patch',
         pos_embed_grid=shape['grid'],
         dropped=dropped)
+    if normalizer is not None:
+        meta['input_normalizer'] = normalizer
     return out, meta

@@ -5,7 +5,7 @@
 # Published SEA mIoU (Croce, Singh & Hein, ECCV 2024), clean / eps 4/255 / eps 8/255:
 #   28.7 / 14.9 / 5.3
 # Run: python tools/test.py THIS_CONFIG CHECKPOINT [--launcher ...]
-_base_ = './segmenter_vit-s_pirat_8xb16-128e_ade20k151-512x512.py'
+_base_ = './segmenter_vit-s_pirat_8xb14-32e_ade20k151-512x512.py'
 # The weights come from the tested checkpoint.
 model = dict(backbone=dict(init_cfg=None))
 test_cfg = dict(

@@ -1,0 +1,67 @@
+# PIR-AT (ALGORITHMS.md section 5.1): Segmenter with ViT-S (patch 16) and a 2-layer
+# mask transformer on ADE20K (151 classes), encoder initialised from the L-inf 4/255
+# robust ImageNet ViT-S (timm layout; position embeddings resized from 14x14 to 32x32
+# bilinearly at load), trained on PGD adversarial images only (L-inf eps 4/255, 5
+# steps of 2.55/255, no random start).
+# Schedule of the reference (Segmenter's own, Strudel et al., ICCV 2021, not the
+# UperNets' AdamW one): SGD lr 1e-3, momentum 0.9, weight decay 1e-5 (none on norms,
+# 1-d parameters, position embedding and class tokens), polynomial decay (power
+# 0.9) to 1e-5 without warm-up, 32 epochs of the 20210 training images at batch
+# 14/GPU x 8 GPUs (180 iterations per epoch, 5760 in all).
+# Published SEA mIoU (Croce, Singh & Hein, ECCV 2024), clean / eps 4/255 / eps 8/255:
+#   28.7 / 14.9 / 5.3
+# Evaluate with segmenter_vit-s_pirat_8xb14-32e_ade20k151-512x512_sea.py.
+# Variant with the ADE20K UperNets' schedule (ours, not the reference):
+# segmenter_vit-s_pirat-adamw_8xb16-128e_ade20k151-512x512.py.
+_base_ = [
+    '../_base_/models/segmenter_vit-s_mask.py',
+    '../_base_/datasets/pirat_ade20k.py',
+    '../_base_/default_runtime.py',
+    '../_base_/schedules/pirat_ade20k_128e.py',
+]
+crop_size = (512, 512)
+data_preprocessor = dict(size=crop_size)
+model = dict(
+    data_preprocessor=data_preprocessor,
+    backbone=dict(
+        init_cfg=dict(
+            type='Pretrained',
+            checkpoint='checkpoints/revisiting_at/vit_s_linf4.pth')),
+    decode_head=dict(num_classes=151))
+# The schedule replaces the one of the base file (AdamW, 128 epochs at batch 16).
+train_images = 20210
+batch_size = 14  # per GPU, 8 GPUs
+iters_per_epoch = train_images // (8 * batch_size)
+max_epochs = 32
+max_iters = max_epochs * iters_per_epoch
+val_interval = 4 * iters_per_epoch
+train_dataloader = dict(batch_size=batch_size)
+optim_wrapper = dict(
+    _delete_=True,
+    type='AdversarialOptimWrapper',
+    optimizer=dict(type='SGD', lr=1e-3, momentum=0.9, weight_decay=1e-5),
+    paramwise_cfg=dict(
+        norm_decay_mult=0.0,
+        bias_decay_mult=0.0,
+        flat_decay_mult=0.0,
+        custom_keys=dict(
+            pos_embed=dict(decay_mult=0.0),
+            cls_token=dict(decay_mult=0.0),
+            cls_emb=dict(decay_mult=0.0))))
+param_scheduler = [
+    dict(
+        type='PolyLR',
+        power=0.9,
+        eta_min=1e-5,
+        by_epoch=False,
+        begin=0,
+        end=max_iters),
+]
+train_cfg = dict(
+    type='AdversarialTrainLoop',
+    scheme='pirat',
+    attack=dict(
+        type='PGD', eps=4, steps=5, step_size=2.55, random_start=False),
+    max_iters=max_iters,
+    val_interval=val_interval)
+default_hooks = dict(checkpoint=dict(interval=val_interval))
