@@ -215,3 +215,45 @@ def attack_one_thread():
     yield
     torch.set_num_threads(before)
 # --- end attack fixtures ---
+
+
+# --- miniature real-format datasets ---
+def _mini_datasets_module():
+    """tests/mini_datasets.py, imported by path (the tests run with importlib mode)."""
+    import importlib.util
+    name = '_mmseg_robust_tests_mini_datasets'
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, osp.join(REPO, 'tests', 'mini_datasets.py'))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope='session')
+def mini_datasets():
+    """The generator module tests/mini_datasets.py (counts, image lists, makers)."""
+    return _mini_datasets_module()
+
+
+@pytest.fixture(scope='session')
+def mini_voc(tmp_path_factory):
+    """data_root (``.../VOCdevkit/VOC2012``) of a miniature VOC 2012 + SBD."""
+    root = str(tmp_path_factory.mktemp('mini_voc'))
+    return _mini_datasets_module().make_mini_voc(root)
+
+
+@pytest.fixture(scope='session')
+def mini_ade20k(tmp_path_factory):
+    """data_root (``.../ade/ADEChallengeData2016``) of a miniature ADE20K."""
+    root = str(tmp_path_factory.mktemp('mini_ade20k'))
+    return _mini_datasets_module().make_mini_ade20k(root)
+
+
+@pytest.fixture(scope='session')
+def mini_cityscapes(tmp_path_factory):
+    """data_root (``.../cityscapes``) of a miniature converted Cityscapes."""
+    root = str(tmp_path_factory.mktemp('mini_cityscapes'))
+    return _mini_datasets_module().make_mini_cityscapes(root)
+# --- end miniature real-format datasets ---
