@@ -25,7 +25,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from mmengine.dist import broadcast, get_world_size
 from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
 from mmengine.runner import IterBasedTrainLoop
 from mmengine.structures import PixelData
 
@@ -204,6 +206,7 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
         self.runner.call_hook(
             'before_train_iter', batch_idx=self._iter, data_batch=data_batch)
         t0 = time.perf_counter()
+        self._sync_buffers()
         adv_batch, stats = self.adversarial_batch(data_batch)
         t_attack = time.perf_counter() - t0
         outputs = self.runner.model.train_step(
@@ -216,6 +219,24 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
             data_batch=adv_batch,
             outputs=outputs)
         self._iter += 1
+
+    def _sync_buffers(self) -> None:
+        """Under DDP, give every process rank 0's buffers before the attack.
+
+        DDP broadcasts rank 0's buffers (BatchNorm running statistics) at the
+        start of each forward of the wrapped model, then every process updates
+        them with its own batch. The attack runs the unwrapped module before
+        that broadcast, so without this each process would attack with its own
+        statistics of the last batch, which neither the model's definition (rank
+        0's buffers) nor a checkpoint holds: a resumed run could not continue
+        like an uninterrupted one.
+        """
+        model = self.runner.model
+        if get_world_size() < 2 or not is_model_wrapper(model) or \
+                not getattr(model, 'broadcast_buffers', True):
+            return
+        for buf in unwrap_model(model).buffers():
+            broadcast(buf, 0)
 
     # ---------------------------------------------------------- the batch
     def attacked_indices(self, batch_size: int) -> List[int]:

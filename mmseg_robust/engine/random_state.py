@@ -1,37 +1,165 @@
 """Random state in checkpoints, so a resumed run continues exactly like an
 uninterrupted one (the adversarial training loop restores it after advancing the
-data loader)."""
+data loader).
+
+Every process keeps its own random state (with ``randomness.diff_rank_seed=True``
+the ranks draw different drop-path masks, random starts, ... from the start), so a
+checkpoint holds the state of every rank::
+
+    checkpoint['random_state'] = dict(world_size=W, states=[state_0, ..., state_W-1])
+
+(``state_r`` a dict with ``torch``, ``numpy``, ``python`` and, with CUDA,
+``cuda``). Checkpoints written before per-rank states hold one such dict directly
+(rank 0's); they still load.
+"""
+import logging
 import random
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
+from mmengine.dist import all_gather_object, get_dist_info
 from mmengine.hooks import Hook
+from mmengine.logging import print_log
 
 __all__ = ['RandomStateHook']
 
 
 class RandomStateHook(Hook):
-    """Saves the random state (torch, CUDA, numpy, python) in every checkpoint and
-    hands it to :class:`AdversarialTrainLoop` on resume (which restores it after
-    advancing the data loader, so the skipped batches do not consume it)."""
+    """Saves the random state (torch, CUDA, numpy, python) of every rank in every
+    checkpoint and, when the run *resumes* from it, hands each rank its own state
+    to :class:`AdversarialTrainLoop` (which restores it after advancing the data
+    loader, so the skipped batches do not consume it).
 
-    priority = 'VERY_LOW'
+    * Only a resume restores: a checkpoint given as ``load_from`` without
+      ``--resume`` (e.g. PIR-AT starting from the clean model) only provides the
+      weights; the random state set by ``randomness.seed`` stays in effect.
+      mmengine calls ``after_load_checkpoint`` for both, so the decision waits for
+      ``before_train``: the run resumed iff the train loop took over the
+      checkpoint's iteration (``Runner.resume`` sets it, ``load_checkpoint`` does
+      not).
+    * Under DDP mmengine saves checkpoints on rank 0 only (``Runner.save_checkpoint``
+      is ``master_only``, so ``before_save_checkpoint`` runs there alone and
+      cannot communicate). The states of all ranks are therefore gathered in
+      ``after_train_iter`` of every iteration (one small ``all_gather_object``;
+      this hook's priority runs it right before :class:`CheckpointHook` saves) and
+      written by rank 0. A checkpoint saved outside a training iteration (e.g. a
+      best checkpoint after validation) holds rank 0's state only.
+    * Resuming with a different number of processes restores nothing (with a
+      warning): the data shards and the batch composition change anyway, so the
+      run cannot continue bitwise; mapping the saved states onto the new ranks
+      would give several ranks the same stream (the correlation this hook avoids),
+      and refusing would block resuming a job on fewer GPUs. The run keeps the
+      states mmengine's seeding gives it, as without this hook.
+    """
+
+    # Right before CheckpointHook (VERY_LOW = 90): the states gathered in
+    # after_train_iter are those of the moment the checkpoint is saved.
+    priority = 89
 
     def __init__(self) -> None:
+        # this rank's state to restore, set in before_train on a resume
         self.loaded: Optional[dict] = None
+        # (random_state entry, saved iteration) of the last loaded checkpoint
+        self._pending: Optional[tuple] = None
+        # (runner.iter, states of all ranks) gathered in the last train iteration
+        self._gathered: Optional[tuple] = None
 
-    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+    # ---------------------------------------------------------------- saving
+    @staticmethod
+    def capture() -> dict:
+        """This process's random state."""
         state = dict(
             torch=torch.get_rng_state(),
             numpy=np.random.get_state(),
             python=random.getstate())
         if torch.cuda.is_available():
             state['cuda'] = torch.cuda.get_rng_state_all()
-        checkpoint['random_state'] = state
+        return state
 
+    def after_train_iter(self,
+                         runner,
+                         batch_idx: int,
+                         data_batch=None,
+                         outputs=None) -> None:
+        _, world_size = get_dist_info()
+        if world_size > 1:
+            # every rank runs this; rank 0 alone may save a checkpoint next
+            self._gathered = (runner.iter, all_gather_object(self.capture()))
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        rank, world_size = get_dist_info()
+        if world_size == 1:
+            states: List[Optional[dict]] = [self.capture()]
+        elif self._gathered is not None and self._gathered[0] == runner.iter:
+            states = list(self._gathered[1])
+        else:
+            # saved outside a training iteration: the other ranks' current
+            # states cannot be collected from here
+            states = [None] * world_size
+            states[rank] = self.capture()
+        checkpoint['random_state'] = dict(world_size=world_size, states=states)
+
+    # --------------------------------------------------------------- loading
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        self.loaded = checkpoint.get('random_state')
+        self.loaded = None
+        state = checkpoint.get('random_state')
+        meta = checkpoint.get('meta') or {}
+        self._pending = None if state is None else (state, meta.get('iter'))
+
+    def before_train(self, runner) -> None:
+        """Keep the loaded state for :meth:`restore_loaded` only if the run
+        resumed (``Runner.resume`` sets the loop's iteration from the
+        checkpoint after loading it; ``load_from`` alone leaves it at 0)."""
+        self.loaded = None
+        if self._pending is None:
+            return
+        state, saved_iter = self._pending
+        self._pending = None
+        if not runner.iter or runner.iter != saved_iter:
+            print_log(
+                'The loaded checkpoint was not resumed from (load_from without '
+                '--resume): its random state is ignored, the configured '
+                'randomness (seed) stays in effect',
+                logger='current')
+            return
+        self.loaded = self.select_own(state)
+
+    @staticmethod
+    def select_own(state: dict) -> Optional[dict]:
+        """This rank's state from a checkpoint's ``random_state`` entry (None:
+        nothing to restore, with a warning saying why)."""
+        rank, world_size = get_dist_info()
+        if 'states' not in state:
+            # one state, saved by rank 0 before checkpoints held every rank's
+            if rank == 0:
+                if world_size > 1:
+                    print_log(
+                        'The checkpoint holds a single random state (rank '
+                        f"0's): restored on rank 0; ranks 1..{world_size - 1} "
+                        'keep their seeded random states',
+                        logger='current',
+                        level=logging.WARNING)
+                return state
+            return None
+        saved_world_size = state['world_size']
+        if saved_world_size != world_size:
+            print_log(
+                f'The checkpoint holds the random states of {saved_world_size} '
+                f'processes, this run has {world_size}: the random states are '
+                'not restored (the run cannot continue exactly with a different '
+                'number of processes); every rank keeps its seeded state',
+                logger='current',
+                level=logging.WARNING)
+            return None
+        own = state['states'][rank]
+        if own is None:
+            print_log(
+                f'The checkpoint holds no random state for rank {rank} (saved '
+                'outside a training iteration): it keeps its seeded state',
+                logger='current',
+                level=logging.WARNING)
+        return own
 
     @staticmethod
     def restore(state: dict) -> None:
@@ -40,10 +168,11 @@ class RandomStateHook(Hook):
         py = state['python']
         random.setstate((py[0], tuple(py[1]), py[2]))
         if 'cuda' in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state['cuda'])
+            cuda = state['cuda'][:torch.cuda.device_count()]
+            torch.cuda.set_rng_state_all(cuda)
 
     def restore_loaded(self) -> bool:
-        """Restore the state handed over by the last loaded checkpoint (once).
+        """Restore this rank's state of the checkpoint the run resumed from (once).
 
         Returns:
             bool: whether a state was restored.

@@ -1,0 +1,280 @@
+"""RandomStateHook: only a resume restores the saved random state (load_from keeps
+the configured seed), and under DDP every rank saves and restores its own state."""
+import os.path as osp
+import random
+import socket
+import types
+
+import numpy as np
+import pytest
+import torch
+
+# importing mmseg_robust allow-lists the checkpoints' globals for weights_only
+from mmseg_robust.engine import RandomStateHook
+from mmseg_robust.engine import random_state as random_state_module
+
+PIRAT = 'configs/synthetic/upernet_convnext-micro_pirat_synthetic.py'
+
+
+# ------------------------------------------------------------------ helpers
+def _capture():
+    """The process's random state, in the hook's per-process format."""
+    return dict(
+        torch=torch.get_rng_state(),
+        numpy=np.random.get_state(),
+        python=random.getstate())
+
+
+@pytest.fixture(autouse=True)
+def keep_global_random_state():
+    """The unit tests reseed the global generators: put them back afterwards."""
+    saved = _capture()
+    yield
+    RandomStateHook.restore(saved)
+
+
+def _seed(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _draws():
+    return (torch.rand(4).tolist(), np.random.rand(4).tolist(),
+            [random.random() for _ in range(4)])
+
+
+def _state_of_seed(seed):
+    _seed(seed)
+    return _capture()
+
+
+def _runner(it):
+    """What the hook reads from the runner: the train loop's iteration."""
+    return types.SimpleNamespace(iter=it)
+
+
+def _fake_dist(monkeypatch, rank, world_size, gathered=None):
+    monkeypatch.setattr(
+        random_state_module,
+        'get_dist_info',
+        lambda: (rank, world_size),
+        raising=False)
+    monkeypatch.setattr(
+        random_state_module,
+        'all_gather_object',
+        lambda obj: list(gathered),
+        raising=False)
+
+
+def _load(hook, checkpoint, runner_iter):
+    """mmengine's order: load_checkpoint (load_from or inside resume), then the
+    loop's before_train, then (after advancing the data loader) the restore."""
+    hook.after_load_checkpoint(_runner(runner_iter), checkpoint)
+    hook.before_train(_runner(runner_iter))
+    return hook.restore_loaded()
+
+
+# --------------------------------------------------------------- unit tests
+def test_load_from_keeps_the_seeded_state():
+    # A checkpoint saved by the hook (state of seed 123) at iteration 4.
+    _seed(123)
+    ckpt = dict(meta=dict(iter=4))
+    RandomStateHook().before_save_checkpoint(_runner(3), ckpt)
+    _seed(0)
+    expected = _draws()
+    # load_from: the loop stays at iteration 0 -> nothing restored
+    _seed(0)
+    assert not _load(RandomStateHook(), ckpt, runner_iter=0)
+    assert _draws() == expected
+
+
+def test_resume_restores_the_saved_state():
+    _seed(123)
+    ckpt = dict(meta=dict(iter=4))
+    RandomStateHook().before_save_checkpoint(_runner(3), ckpt)
+    expected = _draws()
+    _seed(0)
+    # resume: Runner.resume sets the loop's iteration to the checkpoint's
+    assert _load(RandomStateHook(), ckpt, runner_iter=4)
+    assert _draws() == expected
+
+
+def test_every_rank_saves_and_restores_its_own_state(monkeypatch):
+    states = [_state_of_seed(10), _state_of_seed(11)]
+    expected = []
+    for s in states:
+        RandomStateHook.restore(s)
+        expected.append(_draws())
+    # rank 0 gathers in after_train_iter, then saves (master only)
+    hook = RandomStateHook()
+    _fake_dist(monkeypatch, 0, 2, gathered=states)
+    hook.after_train_iter(_runner(5), batch_idx=5)
+    ckpt = dict(meta=dict(iter=6))
+    hook.before_save_checkpoint(_runner(5), ckpt)
+    assert ckpt['random_state']['world_size'] == 2
+    assert len(ckpt['random_state']['states']) == 2
+    for rank in (0, 1):
+        _fake_dist(monkeypatch, rank, 2)
+        _seed(0)
+        assert _load(RandomStateHook(), ckpt, runner_iter=6)
+        assert _draws() == expected[rank], rank
+
+
+def test_saved_outside_a_train_iteration_holds_only_the_own_state(monkeypatch):
+    hook = RandomStateHook()
+    _fake_dist(monkeypatch, 0, 2, gathered=[_state_of_seed(1)] * 2)
+    hook.after_train_iter(_runner(5), batch_idx=5)
+    ckpt = dict(meta=dict(iter=6))
+    hook.before_save_checkpoint(_runner(6), ckpt)  # e.g. a best checkpoint
+    states = ckpt['random_state']['states']
+    assert states[0] is not None and states[1] is None
+    # rank 1 resumes without a state of its own: keeps its seeded state
+    _fake_dist(monkeypatch, 1, 2)
+    _seed(0)
+    expected = _draws()
+    _seed(0)
+    assert not _load(RandomStateHook(), ckpt, runner_iter=6)
+    assert _draws() == expected
+
+
+@pytest.mark.parametrize('saved,now', [(2, 1), (1, 2), (2, 4)])
+def test_a_different_world_size_restores_nothing(monkeypatch, saved, now):
+    states = [_state_of_seed(10 + r) for r in range(saved)]
+    ckpt = dict(
+        meta=dict(iter=6), random_state=dict(world_size=saved, states=states))
+    for rank in range(now):
+        _fake_dist(monkeypatch, rank, now)
+        _seed(0)
+        expected = _draws()
+        _seed(0)
+        assert not _load(RandomStateHook(), ckpt, runner_iter=6)
+        assert _draws() == expected
+
+
+def test_old_single_state_checkpoints_still_load(monkeypatch):
+    old = _state_of_seed(7)  # the former format: one state dict (rank 0's)
+    RandomStateHook.restore(old)
+    expected = _draws()
+    ckpt = dict(meta=dict(iter=6), random_state=old)
+    _seed(0)
+    assert _load(RandomStateHook(), ckpt, runner_iter=6)
+    assert _draws() == expected
+    # under DDP it is rank 0's: restored there, not copied onto the others
+    _fake_dist(monkeypatch, 0, 2)
+    _seed(0)
+    assert _load(RandomStateHook(), ckpt, runner_iter=6)
+    assert _draws() == expected
+    _fake_dist(monkeypatch, 1, 2)
+    _seed(0)
+    seeded = _draws()
+    _seed(0)
+    assert not _load(RandomStateHook(), ckpt, runner_iter=6)
+    assert _draws() == seeded
+
+
+# ------------------------------------------------------------ end to end
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return str(s.getsockname()[1])
+
+
+def _weights(path):
+    return torch.load(
+        path, map_location='cpu', weights_only=True)['state_dict']
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _differ(a, b):
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+# Drop path in the backbone and dropout in the head draw random numbers every
+# iteration; no validation; LR schedule independent of max_iters.
+OPTS = [
+    'train_cfg.val_begin=1000', 'default_hooks.checkpoint.interval=1',
+    'default_hooks.logger.interval=1', 'param_scheduler.0.end=1',
+    'param_scheduler.1.begin=1', 'param_scheduler.1.end=4',
+    'train_dataloader.batch_size=2', 'model.backbone.drop_path_rate=0.2',
+    'randomness.seed=0'
+]
+
+
+def test_load_from_trains_with_the_configured_seed(run_tool, synthetic_root,
+                                                   data_options, tmp_path):
+    # Two checkpoints with the same weights but different random states, given
+    # as load_from (no --resume): both runs must train like the seed says.
+    # (The weights are the model's seeded initialisation: an empty state_dict,
+    # which mmengine's non-strict load_checkpoint accepts.)
+    opts = OPTS + data_options(synthetic_root)
+    results, outs = [], []
+    for seed in (1, 2):
+        ckpt = dict(meta=dict(iter=7, epoch=0), state_dict={})
+        _seed(seed)
+        RandomStateHook().before_save_checkpoint(_runner(6), ckpt)
+        path = str(tmp_path / f'random_state_{seed}.pth')
+        torch.save(ckpt, path)
+        work = str(tmp_path / f'run{seed}')
+        outs.append(
+            run_tool([
+                'python', 'tools/train.py', PIRAT, '--work-dir', work,
+                '--cfg-options', f'load_from={path}', 'train_cfg.max_iters=1'
+            ] + opts))
+        assert f'Load checkpoint from {path}' in outs[-1]
+        results.append(_weights(osp.join(work, 'iter_1.pth')))
+    _assert_same_weights(*results)
+    assert not any('Restored the random state' in out for out in outs)
+
+
+def test_ddp_resume_equals_uninterrupted(run_tool, synthetic_root,
+                                         data_options, tmp_path):
+    # Two gloo CPU processes with different per-rank streams (diff_rank_seed):
+    # 2 iterations straight vs. resumed from that run's checkpoint at 1 (in a
+    # new work_dir: --resume with load_from resumes from that file), batch 2
+    # per process. GroupNorm in the heads: with BatchNorm the resumed weights
+    # still differ (by ~1e-5) from the uninterrupted ones under DDP, although
+    # the loop gives every process rank 0's buffers before the attack
+    # (AdversarialTrainLoop._sync_buffers); that divergence is not the random
+    # state's and is not understood yet.
+    opts = OPTS + [
+        'randomness.diff_rank_seed=True', 'model.decode_head.norm_cfg.type=GN',
+        'model.decode_head.norm_cfg.num_groups=8',
+        'model.auxiliary_head.norm_cfg.type=GN',
+        'model.auxiliary_head.norm_cfg.num_groups=8'
+    ] + data_options(synthetic_root)
+
+    def dist_train(work, load_from, *extra):
+        return run_tool(
+            ['bash', 'tools/dist_train.sh', PIRAT, '2', '--work-dir', work] +
+            list(extra) + [
+                '--cfg-options', f'load_from={load_from}',
+                'train_cfg.max_iters=2'
+            ] + opts,
+            env=dict(PORT=_free_port(), CUDA_VISIBLE_DEVICES=''))
+
+    full = str(tmp_path / 'full')
+    dist_train(full, None)
+    resumed = str(tmp_path / 'resumed')
+    out = dist_train(resumed, osp.join(full, 'iter_1.pth'), '--resume')
+    assert 'Restored the random state saved at iteration 1' in out
+    assert 'Iter(train) [1/2]' not in out
+    _assert_same_weights(
+        _weights(osp.join(full, 'iter_2.pth')),
+        _weights(osp.join(resumed, 'iter_2.pth')))
+    # the checkpoint holds both ranks' (different) states, and the iteration
+    # after the resume changes the weights (the comparison is not vacuous)
+    saved = torch.load(
+        osp.join(full, 'iter_1.pth'), map_location='cpu',
+        weights_only=True)['random_state']
+    assert saved['world_size'] == 2
+    assert not torch.equal(saved['states'][0]['torch'],
+                           saved['states'][1]['torch'])
+    assert _differ(
+        _weights(osp.join(full, 'iter_1.pth')),
+        _weights(osp.join(full, 'iter_2.pth')))
