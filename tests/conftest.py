@@ -72,6 +72,19 @@ def run_tool():
     return _run_tool
 
 
+@pytest.fixture
+def reset_mmengine():
+    """Reset mmengine's singletons (loggers, message hub, visualizer, default
+    scope) after a test that builds Runners in this process, as mmengine's
+    RunnerTestCase does."""
+    yield
+    from mmengine.logging import MessageHub, MMLogger
+    from mmengine.registry import DefaultScope
+    from mmengine.visualization import Visualizer
+    for cls in (MMLogger, MessageHub, Visualizer, DefaultScope):
+        cls._instance_dict.clear()
+
+
 @pytest.fixture(scope='session')
 def small_config():
     return SMALL_CONFIG

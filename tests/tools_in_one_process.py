@@ -1,0 +1,42 @@
+"""Run stock tools one after the other in one interpreter (the tests' launcher).
+
+    python tests/tools_in_one_process.py tools/train.py ARGS ... \\
+        ::: tools/test.py ARGS ...
+
+Each group runs as ``python TOOL ARGS`` would (``runpy`` with ``__main__``), then
+mmengine's singletons (loggers, message hub, visualizer, default scope) are reset,
+as mmengine's ``RunnerTestCase`` does between Runners. The end-to-end tests use it
+to pay the ~8 s import of torch/mmseg once per case instead of once per tool.
+"""
+import runpy
+import sys
+
+
+def _reset_singletons() -> None:
+    from mmengine.logging import MessageHub, MMLogger
+    from mmengine.registry import DefaultScope
+    from mmengine.visualization import Visualizer
+    for cls in (MMLogger, MessageHub, Visualizer, DefaultScope):
+        cls._instance_dict.clear()
+
+
+def main(argv) -> None:
+    groups, current = [], []
+    for arg in argv:
+        if arg == ':::':
+            groups.append(current)
+            current = []
+        else:
+            current.append(arg)
+    groups.append(current)
+    for group in groups:
+        if not group:
+            raise SystemExit('empty tool invocation')
+        print(f'=== {" ".join(group)}', flush=True)
+        sys.argv = list(group)
+        runpy.run_path(group[0], run_name='__main__')
+        _reset_singletons()
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
