@@ -17,7 +17,7 @@ setup:
 	@VENV=$(VENV) bash tools/setup_env.sh
 
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --durations=15 $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist worksteal --durations=15 $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) tools/demo.py --work-dir $(DEMO_DIR) $(DEMO_ARGS)

@@ -139,3 +139,27 @@ def test_evaluator_name_with_options_on_the_command_line():
     assert normalize_evaluator_options({'evaluator': 'SEA'}) == {
         'evaluator': 'SEA'}
     assert normalize_evaluator_options(None) is None
+
+
+def test_out_with_an_attack_evaluator(run_tool, small_config, small_checkpoint,
+                                      synthetic_root, data_options, tmp_path):
+    """`tools/test.py CFG CKPT --cfg-options evaluator=SEA --out DIR`: the metric
+    takes mmseg's output_dir/keep_results and writes its results there, the
+    same numbers as the loop's JSON in the work dir."""
+    out_dir, work = tmp_path / 'out', tmp_path / 'work'
+    run_tool([
+        'python', 'tools/test.py', small_config, small_checkpoint, '--work-dir',
+        str(work), '--out',
+        str(out_dir), '--cfg-options', 'evaluator=SEA', 'evaluator.eps=8',
+        'evaluator.n_iter=4', 'test_dataloader.batch_size=4'
+    ] + data_options(synthetic_root) + ['test_dataloader.dataset.indices=4'])
+    with open(out_dir / 'robustness_results.json') as f:
+        written = json.load(f)
+    with open(glob.glob(str(work / 'robustness_*.json'))[0]) as f:
+        loop = json.load(f)
+    assert written['summary'] == loop['summary']
+    assert written['summary']['num_images'] == 4
+    # keep_results (set by --out): one record per image, with its counts
+    assert len(written['images']) == 4
+    worst = written['summary']['eps']['8']['worst_case']
+    assert worst['mIoU'] <= written['summary']['clean']['mIoU']

@@ -113,7 +113,9 @@ def _model_shrink(cfg):
 
 def write_child(tmp_path, base, name, model=None, extra=''):
     """A test-only config: ``base`` with the model shrunk and a short run (the
-    training attack, if any, with one step)."""
+    training attack, if any, with one step; 2 images per batch: SAT/DDC-AT split
+    each batch into a clean and an adversarial half, and BatchNorm after PPM's
+    1x1 pooling needs more than one value per channel)."""
     cfg = Config.fromfile(base)
     adversarial = cfg.train_cfg.get('type') == 'AdversarialTrainLoop'
     text = [f'_base_ = {base!r}']
@@ -124,7 +126,6 @@ def write_child(tmp_path, base, name, model=None, extra=''):
         f'train_cfg = dict(max_iters={ITERS}, val_begin=10**9{attack})',
         'default_hooks = dict(checkpoint=dict(interval=%d, by_epoch=False), '
         'logger=dict(interval=1))' % ITERS,
-        # at least 2 per GPU: SAT/DDC-AT split each batch into clean/adversarial
         'train_dataloader = dict(batch_size=2)',
         'randomness = dict(seed=0)',
         extra,

@@ -8,6 +8,8 @@ the clean prediction and of every attack at every eps (see
 all ranks in dataset order, so the numbers do not depend on the number of
 processes.
 """
+import json
+import os
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
@@ -198,6 +200,14 @@ class RobustnessMetric(BaseMetric):
         name (str): name of the worst case in the keys. Default: ``'SEA'``.
         collect_device (str): ``'cpu'`` or ``'gpu'``. Default: ``'cpu'``.
         prefix (str, optional): metric prefix.
+        output_dir (str, optional): also write the results to
+            ``output_dir/robustness_results.json`` (``summary`` as fractions,
+            ``metrics`` in percent), as ``tools/test.py --out DIR`` asks every
+            metric (mmseg's ``IoUMetric`` writes its predictions there).
+            Default: None.
+        keep_results (bool): with ``output_dir``, add every image's record
+            (per-class intersection/union counts, pixel counts, per attack) to
+            that file. Default: False.
     """
 
     def __init__(self,
@@ -205,8 +215,12 @@ class RobustnessMetric(BaseMetric):
                  seed: int = 0,
                  name: str = 'SEA',
                  collect_device: str = 'cpu',
-                 prefix: Optional[str] = None) -> None:
+                 prefix: Optional[str] = None,
+                 output_dir: Optional[str] = None,
+                 keep_results: bool = False) -> None:
         super().__init__(collect_device=collect_device, prefix=prefix)
+        self.output_dir = output_dir
+        self.keep_results = keep_results
         modes = list(worst_case_modes)
         unknown = [m for m in modes if m not in WORST_CASE_MIOU_MODES]
         if unknown or not modes:
@@ -235,4 +249,28 @@ class RobustnessMetric(BaseMetric):
         print_log(
             '\n' + format_summary(self.summary, self.name),
             logger=MMLogger.get_current_instance())
-        return flatten_summary(self.summary, self.name)
+        metrics = flatten_summary(self.summary, self.name)
+        if self.output_dir:
+            self._write(metrics, results)
+        return metrics
+
+    def _write(self, metrics: dict, results: list) -> None:
+        os.makedirs(self.output_dir, exist_ok=True)
+        out = dict(summary=self.summary, metrics=metrics,
+                   worst_case_modes=self.worst_case_modes, seed=self.seed)
+        if self.keep_results:
+            out['images'] = results
+        path = os.path.join(self.output_dir, 'robustness_results.json')
+        with open(path, 'w') as f:
+            json.dump(out, f, indent=1, default=_json_default)
+        print_log(f'Robustness results written to {path}',
+                  logger=MMLogger.get_current_instance())
+
+
+def _json_default(value):
+    """numpy scalars and arrays in the records -> JSON numbers and lists."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f'cannot write {type(value).__name__} to JSON')
