@@ -1,4 +1,4 @@
-"""APGD and the progressive radius schedule (ALGORITHMS.md sections 3.2, 3.3)."""
+"""APGD and the progressive radius schedule (docs/algorithms.md sections 3.2, 3.3)."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""Per-pixel objectives (ALGORITHMS.md section 2) against hand computations."""
+"""Per-pixel objectives (docs/algorithms.md section 2) against hand computations."""
 import math
 
 import pytest

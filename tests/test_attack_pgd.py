@@ -1,4 +1,4 @@
-"""FGSM, BIM, PGD (ALGORITHMS.md section 3.1) and the Attack base class: invariants,
+"""FGSM, BIM, PGD (docs/algorithms.md section 3.1) and the Attack base class: invariants,
 analytic oracle, labels/valid handling, seeds and input errors."""
 import pytest
 import torch

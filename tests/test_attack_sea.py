@@ -1,4 +1,4 @@
-"""SEA, the Segmentation Ensemble Attack (ALGORITHMS.md section 4)."""
+"""SEA, the Segmentation Ensemble Attack (docs/algorithms.md section 4)."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""Threat model (ALGORITHMS.md section 1): norms, eps units, projection, random
+"""Threat model (docs/algorithms.md section 1): norms, eps units, projection, random
 start, steepest-ascent direction."""
 import pytest
 import torch

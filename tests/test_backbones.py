@@ -1,4 +1,4 @@
-"""ConvNeXt-CvSt and the strict ViT (ALGORITHMS.md section 6): architecture,
+"""ConvNeXt-CvSt and the strict ViT (docs/algorithms.md section 6): architecture,
 feature strides, parameter counts, the stem against a reference written from the
 spec, and strict ``Pretrained`` loading."""
 import pytest
@@ -28,7 +28,7 @@ def _count(module):
 
 
 def _ln_channels_first(x, weight, bias, eps=1e-6):
-    # The reference's channels-first LayerNorm, written out (ALGORITHMS.md 6).
+    # The reference's channels-first LayerNorm, written out (docs/algorithms.md 6).
     u = x.mean(1, keepdim=True)
     s = (x - u).pow(2).mean(1, keepdim=True)
     x = (x - u) / torch.sqrt(s + eps)

@@ -1,6 +1,6 @@
 """Every config under configs/ builds its model (datasets absent, no pretrained
 files) and runs forward + backward on a small input; the PIR-AT / clean / SEA
-configs follow the papers' protocol (ALGORITHMS.md sections 4 and 5.1); the data
+configs follow the papers' protocol (docs/algorithms.md sections 4 and 5.1); the data
 protocol's datasets and transforms (mmseg_robust/datasets/pirat_protocols.py)."""
 import copy
 import glob

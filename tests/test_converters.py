@@ -1,4 +1,4 @@
-"""Checkpoint converters (ALGORITHMS.md section 7).
+"""Checkpoint converters (docs/algorithms.md section 7).
 
 Each test builds a *reference* model written here from the spec and the reference
 code's naming (revisiting-at's timm ConvNeXt-CvSt / ViT, Robust-Segmentation's
@@ -49,7 +49,7 @@ def _one_thread():
 
 
 # ----------------------------------------------------------------------------
-# Reference models (ALGORITHMS.md sections 6 and 7), written from the spec.
+# Reference models (docs/algorithms.md sections 6 and 7), written from the spec.
 # ----------------------------------------------------------------------------
 class LayerNormCF(nn.Module):
     """Channels-first LayerNorm written out, as the reference ConvNeXt code."""

@@ -1,4 +1,4 @@
-"""DDC-AT heads (ALGORITHMS.md section 5.3): routing, division labels, loss, eval."""
+"""DDC-AT heads (docs/algorithms.md section 5.3): routing, division labels, loss, eval."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""DDC-AT UPerNet head (ALGORITHMS.md section 5.3 on mmseg's UPerHead): cls1 is the
+"""DDC-AT UPerNet head (docs/algorithms.md section 5.3 on mmseg's UPerHead): cls1 is the
 plain UPerHead (``fpn_bottleneck`` + ``conv_seg``), export, end-to-end training."""
 import importlib.util
 import os.path as osp

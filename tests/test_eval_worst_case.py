@@ -1,4 +1,4 @@
-"""Tests of mmseg_robust.evaluation.worst_case (ALGORITHMS.md section 4)."""
+"""Tests of mmseg_robust.evaluation.worst_case (docs/algorithms.md section 4)."""
 import itertools
 
 import numpy as np

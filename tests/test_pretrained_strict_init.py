@@ -1,6 +1,6 @@
 """The strict weight initializer ``init_cfg=dict(type='PretrainedStrict', ...)``
 (mmseg_robust/models/backbones/strict_pretrained.py) and its use for the ImageNet
-ResNet-50 of the SAT/DDC-AT configs (ALGORITHMS.md sections 5.2, 5.3): mmengine's
+ResNet-50 of the SAT/DDC-AT configs (docs/algorithms.md sections 5.2, 5.3): mmengine's
 ``Pretrained`` loads with ``strict=False``, so a wrong file would leave a random
 backbone after a mere warning."""
 import copy

@@ -1,4 +1,4 @@
-"""SAT and DDC-AT configs (ALGORITHMS.md sections 5.2, 5.3): settings of the
+"""SAT and DDC-AT configs (docs/algorithms.md sections 5.2, 5.3): settings of the
 reference, and every model builds and trains one step on a small input."""
 import glob
 import os.path as osp

@@ -1,4 +1,4 @@
-"""The PIR-AT Segmenter ViT-S configs (ALGORITHMS.md section 5.1): the main config
+"""The PIR-AT Segmenter ViT-S configs (docs/algorithms.md section 5.1): the main config
 trains with the reference's schedule (Segmenter's own: SGD lr 1e-3, momentum 0.9,
 weight decay 1e-5, polynomial decay of power 0.9 to 1e-5, 32 epochs of ADE20K's
 20210 training images at batch 14 per GPU on 8 GPUs); the AdamW schedule of the

@@ -1,6 +1,6 @@
 """Converter of DDC-AT / SAT reference checkpoints (semseg naming) to mmseg.
 
-The reference architecture is rebuilt here from its description (ALGORITHMS.md
+The reference architecture is rebuilt here from its description (docs/algorithms.md
 sections 5.3 and 7; hszhao/semseg's PSPNet / DeepLabv3 on a deep-stem ResNet-50) at
 a width parameter ``w`` (64 = the real model): at w=64 on the meta device it gives
 the exact reference key names and shapes, at a small width it runs, and the

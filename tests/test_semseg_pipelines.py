@@ -1,4 +1,4 @@
-"""Data of the SAT/DDC-AT configs (ALGORITHMS.md sections 5.2, 5.3): the semseg-style
+"""Data of the SAT/DDC-AT configs (docs/algorithms.md sections 5.2, 5.3): the semseg-style
 reference's augmentation (scale, rotation, Gaussian blur ``cv2.GaussianBlur(img,
 (5, 5), 0)`` with p=0.5, flip, crop) and PASCAL VOC train_aug = ``train.txt`` +
 ``aug.txt`` (mmseg's voc_aug.py lists)."""

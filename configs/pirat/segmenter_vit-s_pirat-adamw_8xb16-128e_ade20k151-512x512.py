@@ -1,4 +1,4 @@
-# Our variant, not the reference: PIR-AT (ALGORITHMS.md section 5.1) of the Segmenter
+# Our variant, not the reference: PIR-AT (docs/algorithms.md section 5.1) of the Segmenter
 # ViT-S on ADE20K (151 classes) with the schedule of the ADE20K UperNets (AdamW lr
 # 1e-4, weight decay 0.05, 128 epochs, 5 warm-up epochs, batch 16/GPU x 8). The
 # reference trains this model with Segmenter's own SGD schedule:

@@ -1,4 +1,4 @@
-# SEA evaluation (ALGORITHMS.md section 4) of our AdamW variant of the PIR-AT
+# SEA evaluation (docs/algorithms.md section 4) of our AdamW variant of the PIR-AT
 # Segmenter ViT-S on ADE20K (151 classes; not the reference schedule, see the training
 # config): APGD with the progressive radius schedule and Mask-CE-Bal, Mask-CE, JS-Avg
 # (300 iterations each) at L-inf eps 4/255 and 8/255, worst case per image; clean

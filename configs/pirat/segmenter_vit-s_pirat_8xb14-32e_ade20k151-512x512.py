@@ -1,4 +1,4 @@
-# PIR-AT (ALGORITHMS.md section 5.1): Segmenter with ViT-S (patch 16) and a 2-layer
+# PIR-AT (docs/algorithms.md section 5.1): Segmenter with ViT-S (patch 16) and a 2-layer
 # mask transformer on ADE20K (151 classes), encoder initialised from the L-inf 4/255
 # robust ImageNet ViT-S (timm layout; position embeddings resized from 14x14 to 32x32
 # bilinearly at load), trained on PGD adversarial images only (L-inf eps 4/255, 5

@@ -1,9 +1,9 @@
-# SEA evaluation (ALGORITHMS.md section 4) of the clean-trained
+# SEA evaluation (docs/algorithms.md section 4) of the clean-trained
 # UperNet-ConvNeXt-S-CvSt on PASCAL-VOC 2012 (+SBD aug): APGD with the progressive
 # radius schedule and Mask-CE-Bal, Mask-CE, JS-Avg (300 iterations each) at L-inf eps
 # 4/255 and 8/255, worst case per image; clean numbers too. Centre 473x473 crops
 # (section 5.1).
-# Published numbers: none in ALGORITHMS.md section 4 for this model; clean
+# Published numbers: none in docs/algorithms.md section 4 for this model; clean
 # training gives no robustness (SEA drives such models to about 0 mIoU).
 # Run: python tools/test.py THIS_CONFIG CHECKPOINT [--launcher ...]
 _base_ = './upernet_convnext-s-cvst_clean_8xb32-50e_voc12aug-473x473.py'

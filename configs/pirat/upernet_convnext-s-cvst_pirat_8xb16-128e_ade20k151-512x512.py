@@ -1,4 +1,4 @@
-# PIR-AT (ALGORITHMS.md section 5.1): UperNet-ConvNeXt-S-CvSt on ADE20K (151 classes),
+# PIR-AT (docs/algorithms.md section 5.1): UperNet-ConvNeXt-S-CvSt on ADE20K (151 classes),
 # backbone initialised from the L-inf 4/255 robust ImageNet ConvNeXt-S-CvSt of
 # revisiting-at, trained on PGD adversarial images only (L-inf eps 4/255, 5 steps of
 # 2.55/255, no random start).

@@ -1,9 +1,9 @@
-# SEA evaluation (ALGORITHMS.md section 4) of the clean-trained
+# SEA evaluation (docs/algorithms.md section 4) of the clean-trained
 # UperNet-ConvNeXt-T-CvSt on ADE20K (151 classes): APGD with the progressive radius
 # schedule and Mask-CE-Bal, Mask-CE, JS-Avg (300 iterations each) at L-inf eps 4/255
 # and 8/255, worst case per image; clean numbers too. Centre 512x512 crops (section
 # 5.1).
-# Published numbers: none in ALGORITHMS.md section 4 for this model; clean
+# Published numbers: none in docs/algorithms.md section 4 for this model; clean
 # training gives no robustness (SEA drives such models to about 0 mIoU).
 # Run: python tools/test.py THIS_CONFIG CHECKPOINT [--launcher ...]
 _base_ = './upernet_convnext-t-cvst_clean_8xb16-128e_ade20k151-512x512.py'

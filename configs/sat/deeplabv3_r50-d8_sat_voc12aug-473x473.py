@@ -1,10 +1,10 @@
 # SAT (standard adversarial training of Xu, Zhao & Jia, "Dynamic Divide-and-Conquer
-# Adversarial Training for Robust Semantic Segmentation", ICCV 2021; ALGORITHMS.md
+# Adversarial Training for Robust Semantic Segmentation", ICCV 2021; docs/algorithms.md
 # section 5.2): DeepLabv3, deep-stem ResNet-50, output stride 8, on PASCAL VOC 2012
 # train_aug, crop 473, 50 epochs x 661 iterations (10582 images / batch 16), batch 16
 # = 2/GPU x 8 GPUs. Per GPU the first half of each batch is clean, the second half
 # BIM-adversarial (eps 0.03, 3 steps of 0.01).
-# Published numbers: SEA (Croce, Singh & Hein, ECCV 2024; ALGORITHMS.md section 4)
+# Published numbers: SEA (Croce, Singh & Hein, ECCV 2024; docs/algorithms.md section 4)
 # drives the released reference model of this config to about 0 mIoU at eps 4/255.
 # The clean and BIM mIoU of the DDC-AT paper's VOC table are not restated here (they
 # could not be checked against the paper); copy them from it before quoting them.

@@ -1,12 +1,12 @@
 # SAT (standard adversarial training of Xu, Zhao & Jia, "Dynamic Divide-and-Conquer
-# Adversarial Training for Robust Semantic Segmentation", ICCV 2021; ALGORITHMS.md
+# Adversarial Training for Robust Semantic Segmentation", ICCV 2021; docs/algorithms.md
 # section 5.2): PSPNet, deep-stem ResNet-50, output stride 8, on Cityscapes fine
 # train, crop 449, 400 epochs x 186 iterations (2975 images / batch 16), batch 16 =
 # 2/GPU x 8 GPUs. Per GPU the first half of each batch is clean, the second half
 # BIM-adversarial (eps 0.03, 3 steps of 0.01).
 # Published numbers: the clean and BIM mIoU of the DDC-AT paper's Cityscapes table are
 # not restated here (they could not be checked against the paper); copy them from it
-# before quoting them. ALGORITHMS.md reports SEA numbers for the VOC models only.
+# before quoting them. docs/algorithms.md reports SEA numbers for the VOC models only.
 _base_ = [
     '../_base_/models/pspnet_r50-d8_semseg.py',
     '../_base_/datasets/cityscapes_449x449_semseg.py',

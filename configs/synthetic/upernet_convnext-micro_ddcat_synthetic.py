@@ -1,4 +1,4 @@
-# DDC-AT (ALGORITHMS.md 5.3) on the synthetic dataset: the SAT config of the small
+# DDC-AT (docs/algorithms.md 5.3) on the synthetic dataset: the SAT config of the small
 # UperNet-ConvNeXt (same attack, schedule and initialisation) with the DDC-AT
 # decode head. cls1 = UPerHead's fpn_bottleneck + conv_seg (kept at inference);
 # cls2 and the router mask1 read the same FPN concatenation (their weights start

@@ -1,4 +1,4 @@
-# PIR-AT scheme (ALGORITHMS.md 5.1) on the synthetic dataset: train on adversarial
+# PIR-AT scheme (docs/algorithms.md 5.1) on the synthetic dataset: train on adversarial
 # images only (PGD, L-inf eps 4/255, fixed step 2.55/255, no random start, final
 # iterate, CE of the main head).
 _base_ = './upernet_convnext-micro_synthetic.py'

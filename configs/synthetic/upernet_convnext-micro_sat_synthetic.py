@@ -1,4 +1,4 @@
-# SAT (ALGORITHMS.md 5.2) on the synthetic dataset: per GPU, first half of the batch
+# SAT (docs/algorithms.md 5.2) on the synthetic dataset: per GPU, first half of the batch
 # clean, second half adversarial (BIM, 3 steps of 2.55/255, eps 7.65/255 = 0.03,
 # no random start, CE of the main head); labels unchanged.
 _base_ = './upernet_convnext-micro_synthetic.py'

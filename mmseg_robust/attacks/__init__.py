@@ -1,4 +1,4 @@
-"""Adversarial attacks on semantic segmentation in pixel space (ALGORITHMS.md
+"""Adversarial attacks on semantic segmentation in pixel space (docs/algorithms.md
 sections 1-4). Pure torch: no Runner imports.
 
 Importing this package registers into ``mmseg_robust.registry.ATTACKS``:

@@ -1,5 +1,5 @@
 """APGD (Croce & Hein, ICML 2020) for segmentation and SEA's progressive radius
-schedule (ALGORITHMS.md sections 3.2 and 3.3).
+schedule (docs/algorithms.md sections 3.2 and 3.3).
 
 The pure helpers :func:`apgd_checkpoints`, :func:`step_size_halving` and
 :func:`radius_schedule` and the :class:`APGDStepSizeControl` state machine carry the
@@ -301,7 +301,7 @@ def apgd_run(target: SegmentationTarget, objective: Objective, tm: ThreatModel,
 class APGD(Attack):
     """Auto-PGD (Croce & Hein, "Reliable evaluation of adversarial robustness with
     an ensemble of diverse parameter-free attacks", ICML 2020) for semantic
-    segmentation, one run (ALGORITHMS.md section 3.2).
+    segmentation, one run (docs/algorithms.md section 3.2).
 
     Threat model: L-inf (default) or L2 ball of radius ``eps/255`` in pixel space,
     clipped to ``[0, 1]``. Momentum 0.75, initial step ``2 * eps``, step halved at
@@ -375,7 +375,7 @@ class APGD(Attack):
 class APGDLargeEps(Attack):
     """APGD with progressive radius reduction, the per-attack optimiser of SEA
     (Croce, Singh & Hein, "Towards Reliable Evaluation and Fast Training of Robust
-    Semantic Segmentation Models", ECCV 2024; ALGORITHMS.md section 3.3).
+    Semantic Segmentation Models", ECCV 2024; docs/algorithms.md section 3.3).
 
     Threat model: L-inf (default) or L2 ball of radius ``eps/255`` in pixel space,
     clipped to ``[0, 1]``. Three APGD runs of ``[int(0.3 n), int(0.3 n), rest]``

@@ -1,4 +1,4 @@
-"""Attack base class, input checks and the model view (ALGORITHMS.md section 1).
+"""Attack base class, input checks and the model view (docs/algorithms.md section 1).
 
 An attack sees a *pixel-space model view*: any callable ``model(images) -> logits``
 with images ``(B, 3, H, W)`` in ``[0, 1]`` and logits ``(B, K, H', W')`` at the
@@ -166,7 +166,7 @@ def bcast(mask: Tensor, like: Tensor) -> Tensor:
 
 class Attack:
     """Base class of the attacks of :mod:`mmseg_robust.attacks` (threat model of
-    ALGORITHMS.md section 1, objectives of section 2).
+    docs/algorithms.md section 1, objectives of section 2).
 
     Subclasses implement :meth:`_attack`. Build registered attacks with
     ``ATTACKS.build(dict(type='PGD', eps=8, steps=10))``.

@@ -1,4 +1,4 @@
-"""Per-pixel attack objectives (ALGORITHMS.md section 2). All are maximised.
+"""Per-pixel attack objectives (docs/algorithms.md section 2). All are maximised.
 
 Each objective maps logits ``z`` ``(B, K, H, W)`` and labels ``y`` ``(B, H, W)`` to a
 per-pixel loss; the per-image objective is the sum over valid pixels divided by
@@ -30,7 +30,7 @@ __all__ = [
     'count_label_pixels', 'load_class_weights', 'objective_names'
 ]
 
-#: Names of the objectives of ALGORITHMS.md section 2, in the order of its table.
+#: Names of the objectives of docs/algorithms.md section 2, in the order of its table.
 OBJECTIVES = ('CE', 'Mask-CE', 'Mask-CE-Bal', 'JS-Avg', 'SegPGD', 'CosPGD',
               'Mask-Sph')
 
@@ -42,7 +42,7 @@ _LOG2 = math.log(2.0)
 
 
 class Objective:
-    """Base class of per-pixel attack objectives (ALGORITHMS.md section 2).
+    """Base class of per-pixel attack objectives (docs/algorithms.md section 2).
 
     Subclasses implement :meth:`pixel_loss` on a :class:`SegLogits`; calling an
     objective returns the per-image objective.

@@ -1,4 +1,4 @@
-"""FGSM, BIM and PGD in pixel space (ALGORITHMS.md section 3.1)."""
+"""FGSM, BIM and PGD in pixel space (docs/algorithms.md section 3.1)."""
 from typing import List, Optional, Union
 
 import torch
@@ -18,7 +18,7 @@ LossConfig = Union[str, dict, Objective]
 @ATTACKS.register_module()
 class PGD(Attack):
     """Projected Gradient Descent (Madry et al., ICLR 2018) for semantic
-    segmentation, maximising a per-pixel objective (ALGORITHMS.md section 3.1).
+    segmentation, maximising a per-pixel objective (docs/algorithms.md section 3.1).
 
     Threat model: L-inf (default) or L2 ball of radius ``eps/255`` in pixel space,
     clipped to ``[0, 1]``. Update ``x <- Proj(x + alpha * sign(grad))`` (L-inf) or
@@ -132,7 +132,7 @@ def _keep_best(best, x_adv: Tensor, s: SegLogits):
 @ATTACKS.register_module()
 class BIM(PGD):
     """Basic Iterative Method (Kurakin et al., ICLR 2017 workshop): PGD without
-    random start (ALGORITHMS.md section 3.1).
+    random start (docs/algorithms.md section 3.1).
 
     Threat model: L-inf (default) or L2 ball of radius ``eps/255`` in pixel space,
     clipped to ``[0, 1]``.
@@ -165,7 +165,7 @@ class BIM(PGD):
 @ATTACKS.register_module()
 class FGSM(PGD):
     """Fast Gradient Sign Method (Goodfellow et al., ICLR 2015): one step of size
-    ``eps`` from the clean image (ALGORITHMS.md section 3.1); with ``norm='L2'``
+    ``eps`` from the clean image (docs/algorithms.md section 3.1); with ``norm='L2'``
     the fast gradient method (one normalised-gradient step of length ``eps``).
 
     Threat model: L-inf (default) or L2 ball of radius ``eps/255`` in pixel space,

@@ -1,4 +1,4 @@
-"""SEA, the Segmentation Ensemble Attack (ALGORITHMS.md section 4)."""
+"""SEA, the Segmentation Ensemble Attack (docs/algorithms.md section 4)."""
 import hashlib
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -34,7 +34,7 @@ def derive_seeds(seeds: Optional[Sequence[int]], salt: int) -> Optional[List[int
 class SEA(Attack):
     """Segmentation Ensemble Attack (Croce, Singh & Hein, "Towards Reliable
     Evaluation and Fast Training of Robust Semantic Segmentation Models", ECCV
-    2024; ALGORITHMS.md section 4).
+    2024; docs/algorithms.md section 4).
 
     Threat model: L-inf (default) or L2 ball of radius ``eps/255`` in pixel space,
     clipped to ``[0, 1]``. Runs one :class:`APGDLargeEps` attack (progressive radius

@@ -1,4 +1,4 @@
-"""Per-pixel quantities shared by objectives and optimisers (ALGORITHMS.md section 2).
+"""Per-pixel quantities shared by objectives and optimisers (docs/algorithms.md section 2).
 
 :class:`SegLogits` wraps one forward pass (logits at the input resolution, labels,
 valid mask) and computes each derived quantity (log-probabilities, cross-entropy,

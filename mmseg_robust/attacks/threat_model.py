@@ -1,4 +1,4 @@
-"""Threat model: L-inf / L2 balls in pixel space (ALGORITHMS.md section 1).
+"""Threat model: L-inf / L2 balls in pixel space (docs/algorithms.md section 1).
 
 Images are float tensors ``(B, C, H, W)`` with values in ``[0, 1]``. Radii are given in
 /255 units (``eps=8`` means ``8/255``), the unit of every public attack argument; the
@@ -63,7 +63,7 @@ def make_generators(seeds: Sequence[int]) -> List[torch.Generator]:
 
 class ThreatModel:
     """L-inf or L2 ball of radius ``eps/255`` around a clean image, intersected with
-    the pixel range ``[0, 1]`` (ALGORITHMS.md section 1).
+    the pixel range ``[0, 1]`` (docs/algorithms.md section 1).
 
     Args:
         eps (float): radius in /255 units (``eps=8`` is ``8/255``). Default: 8.

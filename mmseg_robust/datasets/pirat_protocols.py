@@ -1,4 +1,4 @@
-"""Data protocol of the SEA/PIR-AT papers (ALGORITHMS.md section 5.1).
+"""Data protocol of the SEA/PIR-AT papers (docs/algorithms.md section 5.1).
 
 - PASCAL-VOC: 21 classes, the void label (255) mapped to background (0), as the
   reference's colour-to-index conversion does (void's colour matches no class).
@@ -141,7 +141,7 @@ class RandomGaussianBlur(BaseTransform):
     """Blur the image with probability ``prob``, the PSPNet-style augmentation of
     the reference trainings, in one of two forms:
 
-    - PIL (default, PIR-AT, ALGORITHMS.md section 5.1): ``GaussianBlur`` of
+    - PIL (default, PIR-AT, docs/algorithms.md section 5.1): ``GaussianBlur`` of
       radius (standard deviation, in pixels) uniform in ``[0, max_radius)``.
     - OpenCV (``kernel_size`` set, SAT/DDC-AT, sections 5.2 and 5.3):
       ``cv2.GaussianBlur(img, (kernel_size, kernel_size), sigma)``, a fixed

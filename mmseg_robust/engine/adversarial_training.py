@@ -1,4 +1,4 @@
-"""Adversarial training loop: PIR-AT, SAT and DDC-AT (ALGORITHMS.md section 5).
+"""Adversarial training loop: PIR-AT, SAT and DDC-AT (docs/algorithms.md section 5).
 
 Per iteration, :class:`AdversarialTrainLoop`
 

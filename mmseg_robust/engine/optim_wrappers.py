@@ -1,4 +1,4 @@
-"""Optimizer wrappers for adversarial training (ALGORITHMS.md section 5).
+"""Optimizer wrappers for adversarial training (docs/algorithms.md section 5).
 
 The wrapper owns the *attack context* of a training step: while adversarial inputs
 are generated the segmentor (the unwrapped module, never the DDP wrapper) is in

@@ -1,6 +1,6 @@
 """Per-image confusion counts and the metrics pooled from them.
 
-SEA's worst-case aggregation (ALGORITHMS.md section 4) needs, per image and
+SEA's worst-case aggregation (docs/algorithms.md section 4) needs, per image and
 attack, only the per-class intersection and union counts and the pixel
 accuracy, never the prediction maps. This module computes those counts with
 ``torch.bincount`` (one pass over the pixels, no Python loop over pixels or
@@ -50,7 +50,7 @@ def per_image_counts(pred: torch.Tensor,
     """Per-image intersection/union/area counts, as in mmseg's ``IoUMetric``.
 
     The counts are what SEA's worst-case mIoU and aACC are computed from
-    (ALGORITHMS.md section 4); per image they equal
+    (docs/algorithms.md section 4); per image they equal
     ``IoUMetric.intersect_and_union`` (as int64, not float).
 
     Args:
@@ -174,7 +174,7 @@ def pixel_accuracy(correct: Union[int, ArrayLike],
     """Per-image pixel accuracy ``correct / valid`` (0 without valid pixels).
 
     This is the per-image quantity whose minimum over attacks SEA's worst-case
-    aACC averages (ALGORITHMS.md section 4).
+    aACC averages (docs/algorithms.md section 4).
 
     Args:
         correct (int | array): #correctly predicted valid pixels, scalar or any
@@ -199,7 +199,7 @@ def pixel_accuracy(correct: Union[int, ArrayLike],
 
 def miou_from_counts(intersect_sum: ArrayLike,
                      union_sum: ArrayLike) -> Union[float, np.ndarray]:
-    """Mean IoU over the classes with non-zero union (ALGORITHMS.md section 4).
+    """Mean IoU over the classes with non-zero union (docs/algorithms.md section 4).
 
     mIoU = mean_{c: U_c > 0} I_c / U_c, with I and U summed over the images
     first. Classes absent from both the labels and the predictions (U_c = 0)

@@ -1,5 +1,5 @@
 """The robustness metric: clean, per-attack and SEA worst-case numbers from
-per-image counts (ALGORITHMS.md section 4).
+per-image counts (docs/algorithms.md section 4).
 
 :class:`~mmseg_robust.engine.AdversarialTestLoop` hands this metric one record per
 image with per-class intersection/union/label-area counts and the pixel accuracy of

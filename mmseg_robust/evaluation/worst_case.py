@@ -1,4 +1,4 @@
-"""SEA's worst case over attacks, from per-image counts (ALGORITHMS.md sec. 4).
+"""SEA's worst case over attacks, from per-image counts (docs/algorithms.md sec. 4).
 
 SEA runs several attacks independently per image and reports, per metric, the
 worst case:
@@ -25,7 +25,7 @@ WORST_CASE_MIOU_MODES = ('best', 'reference')
 def worst_case_aacc(acc) -> float:
     """SEA worst-case aACC: mean over images of the minimum over attacks.
 
-    ALGORITHMS.md section 4: ``aACC_SEA = 1/N sum_i min_a acc[a, i]``, where
+    docs/algorithms.md section 4: ``aACC_SEA = 1/N sum_i min_a acc[a, i]``, where
     ``acc[a, i]`` is image i's own pixel accuracy under attack a (not a pooled
     pixel accuracy).
 
@@ -74,7 +74,7 @@ def worst_case_miou(intersect,
                     seed: int = 0) -> Tuple[float, np.ndarray]:
     """SEA worst-case mIoU: one attack per image, chosen to minimise the mIoU.
 
-    Greedy local search of ALGORITHMS.md section 4. With ``I[a, i, c]`` and
+    Greedy local search of docs/algorithms.md section 4. With ``I[a, i, c]`` and
     ``U[a, i, c]`` the intersection and union counts of image i under attack a,
     an assignment ``s`` (one attack per image) scores ``mIoU(sum_i I[s_i, i],
     sum_i U[s_i, i])``, the mean IoU over classes with non-zero summed union.

@@ -1,4 +1,4 @@
-"""Deploy a DDC-AT model as the plain segmentor it was built on (ALGORITHMS.md
+"""Deploy a DDC-AT model as the plain segmentor it was built on (docs/algorithms.md
 section 5.3: "deployment drops cls2 and mask1").
 
 A DDC-AT head keeps its inference branch cls1 in the plain head's own modules

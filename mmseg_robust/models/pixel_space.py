@@ -1,4 +1,4 @@
-"""The pixel-space view of an mmseg segmentor (ALGORITHMS.md section 1).
+"""The pixel-space view of an mmseg segmentor (docs/algorithms.md section 1).
 
 Attacks perturb un-normalised images in ``[0, 1]``; mmseg models normalise inside
 their ``SegDataPreProcessor`` (BGR->RGB, ``(x - mean) / std`` on 0..255, test-time

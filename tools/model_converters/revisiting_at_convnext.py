@@ -1,5 +1,5 @@
 """Convert a revisiting-at robust ImageNet ConvNeXt-CvSt (timm naming) into a
-backbone checkpoint for ``ConvNeXtCvSt`` (PIR-AT init, ALGORITHMS.md 5.1 and 7).
+backbone checkpoint for ``ConvNeXtCvSt`` (PIR-AT init, docs/algorithms.md 5.1 and 7).
 
     python tools/model_converters/revisiting_at_convnext.py SRC DST [--arch tiny] [--drop-normalizer]
 

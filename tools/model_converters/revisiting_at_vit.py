@@ -1,6 +1,6 @@
 """Convert a revisiting-at / timm ViT (e.g. robust ViT-S) into a backbone checkpoint
 for mmseg's ``VisionTransformer`` / our ``VisionTransformerStrict`` (PIR-AT init of
-the Segmenter, ALGORITHMS.md 5.1 and 7).
+the Segmenter, docs/algorithms.md 5.1 and 7).
 
     python tools/model_converters/revisiting_at_vit.py SRC DST [--drop-normalizer]
 

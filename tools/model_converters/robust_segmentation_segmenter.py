@@ -1,5 +1,5 @@
 """Convert a released Robust-Segmentation Segmenter ViT-S checkpoint (Croce, Singh &
-Hein, ECCV 2024) into a full mmseg checkpoint (ALGORITHMS.md 7).
+Hein, ECCV 2024) into a full mmseg checkpoint (docs/algorithms.md 7).
 
     python tools/model_converters/robust_segmentation_segmenter.py SRC DST \
         [--config configs/_base_/models/segmenter_vit-s_mask.py]

@@ -1,5 +1,5 @@
 """Convert a released Robust-Segmentation UperNet-ConvNeXt-T/S-CvSt checkpoint
-(Croce, Singh & Hein, ECCV 2024) into a full mmseg checkpoint (ALGORITHMS.md 7).
+(Croce, Singh & Hein, ECCV 2024) into a full mmseg checkpoint (docs/algorithms.md 7).
 
     python tools/model_converters/robust_segmentation_upernet.py SRC DST \
         [--config configs/_base_/models/upernet_convnext_cvst.py]

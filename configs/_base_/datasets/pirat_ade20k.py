@@ -1,5 +1,5 @@
 # ADE20K (SceneParsing, 20210 training / 2000 validation images) in the SEA/PIR-AT
-# protocol (ALGORITHMS.md section 5.1): 151 classes, label 0 ("other") kept;
+# protocol (docs/algorithms.md section 5.1): 151 classes, label 0 ("other") kept;
 # training: scale [0.5, 2] of a 520 short side, random 512x512 crop, flip, Gaussian
 # blur p=0.5; evaluation: short side resized to 512, centre 512x512 crop. Prepare
 # the data as mmseg's dataset_prepare.md ("ADE20K"); see README.md (Model zoo).

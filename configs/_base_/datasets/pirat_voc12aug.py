@@ -1,5 +1,5 @@
 # PASCAL-VOC 2012 + SBD ("aug", 10582 training images), in the SEA/PIR-AT protocol
-# (ALGORITHMS.md section 5.1): 21 classes with void (255) mapped to background;
+# (docs/algorithms.md section 5.1): 21 classes with void (255) mapped to background;
 # training: scale [0.5, 2] of a 512 short side, random 473x473 crop, flip, Gaussian
 # blur p=0.5; evaluation: short side resized to 473, centre 473x473 crop (1449
 # validation images). Prepare the data as mmseg's dataset_prepare.md ("Pascal VOC"

@@ -1,5 +1,5 @@
 # DeepLabv3 on the deep-stem ResNet-50 of hszhao/semseg, as trained by SAT and DDC-AT
-# (reference dvlab-research/Robust-Semantic-Segmentation, ALGORITHMS.md section 5.3):
+# (reference dvlab-research/Robust-Semantic-Segmentation, docs/algorithms.md section 5.3):
 # ASPP with a 1x1 branch, atrous rates 6/12/18 and image pooling (256 channels each),
 # fused by a 1x1 bottleneck (DeepLabV3Head; mmseg's ASPPHead uses 3x3), auxiliary
 # head 1x1 conv 1024->256 on layer3. Backbone and losses as pspnet_r50-d8_semseg.py.

@@ -1,6 +1,6 @@
 # PSPNet on the deep-stem ResNet-50 of hszhao/semseg, as trained by SAT and DDC-AT
 # (Xu, Zhao & Jia, ICCV 2021; reference dvlab-research/Robust-Semantic-Segmentation,
-# ALGORITHMS.md section 5.3). Differences from mmseg's pspnet_r50-d8:
+# docs/algorithms.md section 5.3). Differences from mmseg's pspnet_r50-d8:
 # - stem 3->64->64->128 (stem_channels=128; mmseg's resnet50_v1c is 32-32-64);
 # - every block of layer3/layer4 dilated 2/4 (contract_dilation=False);
 # - align_corners=True, CE averaged over non-ignored pixels (as torch's

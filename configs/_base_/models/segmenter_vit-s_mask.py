@@ -1,5 +1,5 @@
 # Segmenter with a ViT-S encoder (d=384, 12 layers, 6 heads, patch 16) and a
-# 2-layer mask-transformer decoder, as the SEA/PIR-AT Segmenter (ALGORITHMS.md
+# 2-layer mask-transformer decoder, as the SEA/PIR-AT Segmenter (docs/algorithms.md
 # section 6): raw [0, 1] RGB input. As in the reference (Strudel et al.'s Segmenter
 # code): LayerNorm eps 1e-5, a bias in the patch projection, position embeddings
 # resized bilinearly, encoder drop path 0.1, decoder dropout 0.1 and no drop path.

@@ -1,5 +1,5 @@
 # UperNet on ConvNeXt-T with the convolutional stem (CvSt), as the SEA/PIR-AT models
-# (ALGORITHMS.md sections 5.1 and 6): raw [0, 1] RGB input (no mean/std
+# (docs/algorithms.md sections 5.1 and 6): raw [0, 1] RGB input (no mean/std
 # normalisation), UperNet with 512 channels and PPM scales 1, 2, 3, 6, an FCN
 # auxiliary head on stage 3 (384 -> 256 channels) with loss weight 0.4.
 # Differences to mmseg's UperNet-ConvNeXt configs, all taken from the reference:

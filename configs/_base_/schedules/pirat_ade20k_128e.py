@@ -1,4 +1,4 @@
-# SEA/PIR-AT schedule for ADE20K (ALGORITHMS.md section 5.1): AdamW, lr 1e-4,
+# SEA/PIR-AT schedule for ADE20K (docs/algorithms.md section 5.1): AdamW, lr 1e-4,
 # weight decay 0.05 (none on norms and 1-d parameters), 128 epochs of 20210 images
 # at 8 GPUs x 16 (157 iterations per epoch), 5 warm-up epochs (linear from
 # 1e-5 x lr) then linear decay to 0 (the reference's WarmupPolyLR, power 1).

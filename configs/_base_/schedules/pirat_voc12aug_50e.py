@@ -1,4 +1,4 @@
-# SEA/PIR-AT schedule for PASCAL-VOC (ALGORITHMS.md section 5.1): AdamW, lr 1e-3,
+# SEA/PIR-AT schedule for PASCAL-VOC (docs/algorithms.md section 5.1): AdamW, lr 1e-3,
 # weight decay 0.01 (none on norms and 1-d parameters), 50 epochs of 10582 images
 # at 8 GPUs x 32 (41 iterations per epoch), 10 warm-up epochs (linear from
 # 1e-5 x lr) then linear decay to 0 (the reference's WarmupPolyLR, power 1).

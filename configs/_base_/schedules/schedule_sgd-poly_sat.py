@@ -1,4 +1,4 @@
-# SAT / DDC-AT schedule of the reference (ALGORITHMS.md sections 5.2, 5.3): SGD lr 0.01,
+# SAT / DDC-AT schedule of the reference (docs/algorithms.md sections 5.2, 5.3): SGD lr 0.01,
 # momentum 0.9, weight decay 1e-4, heads at 10x lr, poly decay (power 0.9) to 0 over
 # the whole run; adversarial training with BIM, 3 steps of 0.01 (2.55/255) inside
 # eps 0.03 (7.65/255), no random start, CE on the main head; per GPU the first half

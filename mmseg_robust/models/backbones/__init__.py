@@ -1,4 +1,4 @@
-"""Backbones of the PIR-AT models (ALGORITHMS.md section 6), registered in mmseg's
+"""Backbones of the PIR-AT models (docs/algorithms.md section 6), registered in mmseg's
 ``MODELS``: ConvNeXt with the convolutional stem, and mmseg's ViT with strict
 pretrained loading (and revisiting-at's optional convolutional stem)."""
 from .convnext_cvst import ConvNeXtCvSt, conv_stem

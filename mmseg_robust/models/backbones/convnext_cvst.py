@@ -1,6 +1,6 @@
 """ConvNeXt with the convolutional stem (CvSt) of the robust ImageNet models of
 Singh, Croce & Hein, "Revisiting Adversarial Training for ImageNet" (NeurIPS 2023),
-used as PIR-AT backbones (ALGORITHMS.md sections 5.1 and 6)."""
+used as PIR-AT backbones (docs/algorithms.md sections 5.1 and 6)."""
 from typing import Sequence
 
 import torch.nn as nn

@@ -3,7 +3,7 @@
 mmengine's ``PretrainedInit`` (and mmseg's ``VisionTransformer.init_weights``) load
 checkpoints with ``strict=False``: a file with other key names, or one made for
 another architecture, loads *nothing* and only logs a warning, and the model then
-trains from a random backbone. The robust backbones of PIR-AT (ALGORITHMS.md
+trains from a random backbone. The robust backbones of PIR-AT (docs/algorithms.md
 section 5.1) are the point of the method, so our backbones refuse such files; for
 any other module (e.g. mmseg's ResNet of the SAT/DDC-AT configs, sections 5.2 and
 5.3) the weight initializer ``init_cfg=dict(type='PretrainedStrict', ...)``

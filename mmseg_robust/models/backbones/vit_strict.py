@@ -1,5 +1,5 @@
 """mmseg's VisionTransformer with strict ``Pretrained`` loading and, optionally,
-the convolutional stem of the revisiting-at ViT-S-CvSt (ALGORITHMS.md section 6)."""
+the convolutional stem of the revisiting-at ViT-S-CvSt (docs/algorithms.md section 6)."""
 import torch.nn as nn
 from mmpretrain.models.utils import build_norm_layer
 from mmseg.models.backbones import VisionTransformer

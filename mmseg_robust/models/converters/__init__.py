@@ -1,4 +1,4 @@
-"""Checkpoint converters (ALGORITHMS.md section 7): revisiting-at robust ImageNet
+"""Checkpoint converters (docs/algorithms.md section 7): revisiting-at robust ImageNet
 backbones to backbone-init checkpoints, and the released Robust-Segmentation models
 to full mmseg checkpoints. Each maps every tensor by an explicit rule and checks the
 result against the target model's layout; the CLIs are in

@@ -1,5 +1,5 @@
 """Converters for the robust ImageNet backbones of revisiting-at (Singh, Croce &
-Hein, NeurIPS 2023) into PIR-AT backbone-init checkpoints (ALGORITHMS.md sections 5.1
+Hein, NeurIPS 2023) into PIR-AT backbone-init checkpoints (docs/algorithms.md sections 5.1
 and 7).
 
 Source layouts (timm naming, possibly under ``module.`` / ``base_model.`` /
@@ -17,7 +17,7 @@ only when that is harmless or asked for, since our models take raw [0, 1] images
 (the configs' data preprocessor only divides by 255, section 5.1). An identity
 normaliser (mean 0, std 1), or none, is dropped silently; any other one raises,
 naming its values, unless the converter is called with ``drop_normalizer=True``.
-That drops it as the PIR-AT reference does (ALGORITHMS.md section 7; the whole
+That drops it as the PIR-AT reference does (docs/algorithms.md section 7; the whole
 network is then fine-tuned on raw [0, 1] input) and records its values in
 ``meta['input_normalizer']``, for a config that gives the backbone its training
 input instead: data preprocessor ``mean = 255 * m``, ``std = 255 * s`` (RGB,

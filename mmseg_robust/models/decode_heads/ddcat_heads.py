@@ -1,7 +1,7 @@
 """DDC-AT decode heads: Dynamic Divide-and-Conquer Adversarial Training.
 
 Xu, Zhao & Jia, "Dynamic Divide-and-Conquer Adversarial Training for Robust Semantic
-Segmentation", ICCV 2021 (ALGORITHMS.md section 5.3). Three sibling branches read the
+Segmentation", ICCV 2021 (docs/algorithms.md section 5.3). Three sibling branches read the
 same decoder features (the PSP or ASPP concatenation; the FPN concatenation for
 UPerNet, :mod:`.ddcat_uper_head`):
 

@@ -1,4 +1,4 @@
-"""DDC-AT UPerNet head (ALGORITHMS.md section 5.3 applied to mmseg's ``UPerHead``).
+"""DDC-AT UPerNet head (docs/algorithms.md section 5.3 applied to mmseg's ``UPerHead``).
 
 In ``UPerHead`` the convolution before the classifier is ``fpn_bottleneck`` (3x3,
 on the concatenation of the FPN outputs); ``bottleneck`` is the PPM's
