@@ -386,3 +386,27 @@ def test_leak_attack_grads_adds_the_attack_gradients(repo_root, synthetic_root,
         if n in leaked:
             torch.testing.assert_close(leaked[n], p.grad, rtol=1e-4,
                                        atol=1e-6)
+
+
+def test_missing_load_from_names_the_command_that_writes_it(
+        repo_root, synthetic_root, tmp_path, reset_singletons, monkeypatch):
+    monkeypatch.chdir(repo_root)
+    cfg = Config.fromfile(osp.join(repo_root, CONFIGS['pirat']))
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        cfg[loader].dataset.data_root = synthetic_root
+        cfg[loader].dataset.generator_cfg = dict(
+            splits=dict(train=48, val=16))
+        cfg[loader].num_workers = 0
+        cfg[loader].persistent_workers = False
+    cfg.work_dir = str(tmp_path)
+    # the synthetic PIR-AT config starts from the clean model's checkpoint
+    missing = 'work_dirs/upernet_convnext-micro_synthetic/iter_2000.pth'
+    assert cfg.load_from == missing
+    cfg.load_from = str(tmp_path / missing)
+    runner = Runner.from_cfg(cfg)
+    with pytest.raises(FileNotFoundError) as info:
+        runner.train()
+    msg = str(info.value)
+    assert 'python tools/train.py configs/synthetic/' \
+        'upernet_convnext-micro_synthetic.py' in msg
+    assert '--cfg-options load_from=PATH' in msg

@@ -20,6 +20,8 @@ state (torch, numpy, python) saved in the checkpoint, after the data loader has
 been advanced, so a resumed run continues exactly like an uninterrupted one.
 """
 import copy
+import glob
+import os.path as osp
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -155,6 +157,7 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
         self.leak_attack_grads = bool(leak_attack_grads)
         self.random_state_hook = RandomStateHook()
         runner.register_hook(self.random_state_hook)
+        _check_load_from(runner)
 
     # ------------------------------------------------------------------- run
     def run(self) -> torch.nn.Module:
@@ -343,6 +346,39 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
             if i in attacked:
                 division[j] = 0
         return division.long()
+
+
+def _check_load_from(runner) -> None:
+    """Refuse a missing ``load_from`` before anything is built, naming the
+    command that writes it.
+
+    Robust fine-tuning starts from another run's checkpoint (the synthetic
+    PIR-AT/SAT/DDC-AT configs from the clean model). A path under
+    ``work_dirs/<name>/`` is what ``tools/train.py <name>.py`` writes, so the
+    config of that name is looked up next to this config and under
+    ``configs/``.
+    """
+    path = getattr(runner, '_load_from', None)
+    if not path:
+        return
+    path = str(path)
+    if '://' in path or osp.isfile(path):
+        return
+    hint = ''
+    parts = osp.normpath(path).split(osp.sep)
+    if 'work_dirs' in parts and parts.index('work_dirs') + 1 < len(parts) - 1:
+        name = parts[parts.index('work_dirs') + 1]
+        found = sorted(
+            glob.glob(osp.join('configs', '**', name + '.py'), recursive=True))
+        if found:
+            hint = (f' It is written by `python tools/train.py {found[0]}` '
+                    f'(checkpoints go to work_dirs/{name}/).')
+        else:
+            hint = f' It is written by training the config {name}.py.'
+    raise FileNotFoundError(
+        f'load_from={path} does not exist: this config starts from that '
+        f'checkpoint.{hint} Train it first, or point the config at your own '
+        f'checkpoint with --cfg-options load_from=PATH.')
 
 
 def _with_division(sample, division: torch.Tensor):
