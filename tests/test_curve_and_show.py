@@ -163,3 +163,21 @@ def test_out_with_an_attack_evaluator(run_tool, small_config, small_checkpoint,
     assert len(written['images']) == 4
     worst = written['summary']['eps']['8']['worst_case']
     assert worst['mIoU'] <= written['summary']['clean']['mIoU']
+
+
+@pytest.mark.parametrize('typed, expected', [('best', ['best']),
+                                             ('reference', ['reference']),
+                                             (['best', 'reference'],
+                                              ['best', 'reference'])])
+def test_worst_case_modes_as_typed_on_the_command_line(typed, expected):
+    """`--cfg-options evaluator.worst_case_modes=best` gives one string."""
+    from mmengine.config import Config, DictAction
+
+    from mmseg_robust.engine import apply_robustness_evaluator
+    cfg = Config(
+        dict(model=dict(decode_head=dict(num_classes=21)),
+             test_dataloader=dict(dataset=dict(type='PascalVOCDataset'))))
+    if isinstance(typed, str):  # what DictAction makes of the typed option
+        typed = DictAction._parse_iterable(typed)
+    apply_robustness_evaluator(cfg, dict(type='SEA', worst_case_modes=typed))
+    assert cfg.test_evaluator.worst_case_modes == expected

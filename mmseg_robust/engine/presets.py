@@ -131,12 +131,15 @@ def apply_robustness_evaluator(cfg: Config,
         seed=seed,
         resume=bool(spec.get('resume', True)),
         log_interval=int(spec.get('log_interval', 1)))
+    # `evaluator.worst_case_modes=best` arrives as a string: one mode, not
+    # its letters
+    modes = spec.get('worst_case_modes', ['best', 'reference'])
+    modes = [modes] if isinstance(modes, str) else list(modes)
     cfg.test_evaluator = ConfigDict(
         type='RobustnessMetric',
         name=name,
         seed=seed,
-        worst_case_modes=list(spec.get('worst_case_modes',
-                                       ['best', 'reference'])))
+        worst_case_modes=modes)
     return cfg
 
 
