@@ -29,7 +29,8 @@ def _runner(repo_root, scheme, synthetic_root, work_dir, batch_size=4,
         cfg[loader].num_workers = 0
         cfg[loader].persistent_workers = False
     cfg.train_dataloader.batch_size = batch_size
-    cfg.load_from = None
+    if 'load_from' not in (options or {}):
+        cfg.load_from = None
     cfg.work_dir = str(work_dir)
     cfg.experiment_name = f'{scheme}_{id(cfg)}'
     runner = Runner.from_cfg(cfg)
@@ -391,21 +392,14 @@ def test_leak_attack_grads_adds_the_attack_gradients(repo_root, synthetic_root,
 def test_missing_load_from_names_the_command_that_writes_it(
         repo_root, synthetic_root, tmp_path, reset_singletons, monkeypatch):
     monkeypatch.chdir(repo_root)
-    cfg = Config.fromfile(osp.join(repo_root, CONFIGS['pirat']))
-    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
-        cfg[loader].dataset.data_root = synthetic_root
-        cfg[loader].dataset.generator_cfg = dict(
-            splits=dict(train=48, val=16))
-        cfg[loader].num_workers = 0
-        cfg[loader].persistent_workers = False
-    cfg.work_dir = str(tmp_path)
     # the synthetic PIR-AT config starts from the clean model's checkpoint
     missing = 'work_dirs/upernet_convnext-micro_synthetic/iter_2000.pth'
-    assert cfg.load_from == missing
-    cfg.load_from = str(tmp_path / missing)
-    runner = Runner.from_cfg(cfg)
+    assert Config.fromfile(osp.join(repo_root, CONFIGS['pirat'])).load_from \
+        == missing
+    # raised when the loop is built (before any weight is initialised)
     with pytest.raises(FileNotFoundError) as info:
-        runner.train()
+        _runner(repo_root, 'pirat', synthetic_root, tmp_path,
+                options={'load_from': str(tmp_path / missing)}).train()
     msg = str(info.value)
     assert 'python tools/train.py configs/synthetic/' \
         'upernet_convnext-micro_synthetic.py' in msg
