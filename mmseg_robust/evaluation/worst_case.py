@@ -12,6 +12,8 @@ worst case:
 Both work on per-image, per-attack counts only (see :mod:`.counts`), never
 prediction maps.
 """
+import random
+import statistics
 from typing import Tuple
 
 import numpy as np
@@ -89,26 +91,30 @@ def worst_case_miou(intersect,
     3. stop after a round that lowers M by <= ``tol``, or after
        ``max_rounds`` rounds.
 
-    Modes differ only in which improving candidate is taken for an image:
+    Modes:
 
-    * ``'best'`` (default): the candidate with the lowest mIoU, if it is below
-      M.
-    * ``'reference'``: reproduces the reference code's quirk: every candidate
-      is compared with M as it was when the visit of the image began (not with
-      the best candidate so far), so the *last* attack (highest index) whose
-      mIoU is below that M wins, even if an earlier attack was lower.
-
-    Every accepted change lowers M, so the result is never above attack 0's
-    pooled mIoU. Per image, 'best' is never weaker than 'reference'; over a
-    whole run the two follow different paths, so this is the typical, not a
-    guaranteed, order.
-
-    Differences from the reference code, deliberately not reproduced: it skips
-    classes whose running union (before the swap) is zero and adds 1e-8 to each
-    union; here a candidate's mIoU is exactly the mean over the classes with
-    non-zero union in the candidate's own sums. The reference also always runs
-    at least two rounds; here a first round that improves M by <= ``tol`` ends
-    the search.
+    * ``'best'`` (default): each visit takes the candidate with the lowest
+      mIoU, if it is below M; the visiting order is
+      ``np.random.default_rng(seed)``, a new permutation per round. Every
+      accepted change lowers M, so the result is never above attack 0's pooled
+      mIoU.
+    * ``'reference'``: the SEA reference code's greedy, reproduced exactly
+      (docs/algorithms.md section 4, quirks (i)-(iv)): (i) attacks are tried in
+      order 0, 1, 2, ... and every candidate, the image's current attack
+      included, is compared with the exact mIoU M from before the image's
+      visit, so the image ends on the *last* qualifying attack; (ii) a
+      candidate's mIoU is the mean of ``I / (U + 1e-8)`` over the classes whose
+      running union (before that candidate) is non-zero, so the unchanged
+      candidate always compares lower than M and an image can only move to a
+      higher-index attack; (iii) at least two rounds run; (iv) the visiting
+      order is Python's ``random.shuffle`` of ``range(N)`` each round, after
+      ``random.seed(225)`` (``seed`` is not used). Means are taken as the
+      reference takes them (``statistics.mean``). Not reproduced: the
+      reference shortens its running-sum lists when a class has a zero running
+      union (which misaligns the classes after it); with every class present
+      in the ground truth, as on the VOC and ADE20K validation sets, that never
+      happens. This greedy is weaker than ``'best'`` (reports a higher
+      worst-case mIoU) on most inputs.
 
     Args:
         intersect (array): Intersection counts I, shape (A, N, K) (attacks,
@@ -120,9 +126,9 @@ def worst_case_miou(intersect,
             1000.
         tol (float): Stop after a round that lowers the mIoU by <= tol.
             Defaults to 1e-6.
-        seed (int): Seed of the visiting order
+        seed (int): ``'best'``: seed of the visiting order
             (``np.random.default_rng(seed)``, a new permutation per round).
-            Defaults to 0.
+            Defaults to 0. ``'reference'`` always uses the reference's order.
 
     Returns:
         tuple[float, np.ndarray]: The worst-case mIoU (a fraction in [0, 1],
@@ -153,6 +159,8 @@ def worst_case_miou(intersect,
     if np.any(inter > uni):
         raise ValueError(
             'intersect must not exceed union (are the arguments swapped?)')
+    if mode == 'reference':
+        return _reference_greedy(inter, uni, max_rounds, tol)
     num_images = inter.shape[1]
     # Image-major copies: one image's (A, K) block is contiguous.
     inter_by_image = np.ascontiguousarray(inter.transpose(1, 0, 2))
@@ -178,20 +186,60 @@ def worst_case_miou(intersect,
             cand_inter = rest_inter + inter_by_image[i]  # (A, K)
             cand_union = rest_union + union_by_image[i]
             cand_miou = miou_from_counts(cand_inter, cand_union)
-            # Both modes compare with M at the start of this image's visit; nan
-            # (no class left) never compares lower.
+            # nan (no class left) never compares lower.
             improving = cand_miou < miou
             if not improving.any():
                 continue
-            if mode == 'best':
-                best = int(np.argmin(np.where(improving, cand_miou, np.inf)))
-            else:
-                # Reference quirk: a later qualifying attack overwrites.
-                best = int(np.flatnonzero(improving)[-1])
+            best = int(np.argmin(np.where(improving, cand_miou, np.inf)))
             choice[i] = best
             run_inter = cand_inter[best]
             run_union = cand_union[best]
             miou = cand_miou[best]
         if miou_at_round_start - miou <= tol:
             break
+    return float(miou), choice
+
+
+#: The SEA reference's seed of Python's ``random`` (its visiting order).
+REFERENCE_SEED = 225
+
+
+def _exact_miou(run_inter: np.ndarray, run_union: np.ndarray) -> float:
+    """mIoU over the classes with non-zero union, averaged as the reference
+    averages (``statistics.mean`` of the per-class IoUs)."""
+    keep = run_union != 0
+    return statistics.mean(
+        (run_inter[keep] / run_union[keep]).tolist())
+
+
+def _reference_greedy(inter: np.ndarray, uni: np.ndarray, max_rounds: int,
+                      tol: float) -> Tuple[float, np.ndarray]:
+    """The reference's worst-case mIoU greedy (see :func:`worst_case_miou`,
+    mode ``'reference'``), on int64 counts (A, N, K)."""
+    num_attacks, num_images, _ = inter.shape
+    choice = np.zeros(num_images, dtype=np.int64)
+    run_inter = inter[0].sum(axis=0)
+    run_union = uni[0].sum(axis=0)
+    miou = _exact_miou(run_inter, run_union)
+    rng = random.Random(REFERENCE_SEED)
+    previous = float('inf')  # (iii): the first round never stops the search
+    for _ in range(max_rounds):
+        order = list(range(num_images))
+        rng.shuffle(order)
+        for i in order:
+            before = miou  # (i): every candidate is compared with this M
+            for a in range(num_attacks):
+                cand_inter = run_inter - inter[choice[i], i] + inter[a, i]
+                cand_union = run_union - uni[choice[i], i] + uni[a, i]
+                # (ii): classes with a non-zero running union, union + 1e-8
+                keep = run_union != 0
+                cand = statistics.mean(
+                    (cand_inter[keep] / (cand_union[keep] + 1e-8)).tolist())
+                if cand < before:
+                    choice[i] = a
+                    run_inter, run_union = cand_inter, cand_union
+            miou = _exact_miou(run_inter, run_union)
+        if previous - miou <= tol:
+            break
+        previous = miou
     return float(miou), choice
