@@ -22,6 +22,7 @@ failure it removes; none disables a safety check globally.
    set-up calls ``torch.cuda.set_device``): the same environment from SLURM's
    variables, then gloo. Nothing changes when CUDA is available.
 """
+import atexit
 import os
 import pickle
 import subprocess
@@ -101,6 +102,11 @@ def _cpu_friendly_pytorch_launcher() -> None:
             backend = 'gloo'
         import torch.distributed as torch_dist
         torch_dist.init_process_group(backend=backend, **kwargs)
+        # mmengine's tools never destroy the process group; a gloo group left
+        # to the interpreter's teardown sometimes aborts the process after the
+        # run finished ("terminate called without an active exception", exit
+        # code -6, seen on CPU runs here): destroy it while Python still runs.
+        atexit.register(_destroy_process_group)
 
     _init_dist_pytorch.__wrapped__ = original_init_dist_pytorch
     dist_utils._init_dist_pytorch = _init_dist_pytorch
@@ -145,6 +151,12 @@ def _cpu_friendly_pytorch_launcher() -> None:
 
     __init__.__wrapped__ = original_ddp_init
     MMDistributedDataParallel.__init__ = __init__
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as torch_dist
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 def apply_compat() -> None:
