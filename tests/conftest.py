@@ -40,24 +40,45 @@ def _data_options(root, splits=TEST_SPLITS):
     return opts
 
 
+# A torch/gloo teardown abort on CPU: a rank that finished its work sometimes
+# dies in the C++ runtime's exit ("terminate called without an active
+# exception", exit code -6), seen about once per full suite run in a multi-
+# process launch (2026-11-30), also with the process group destroyed at exit.
+TEARDOWN_ABORT = 'terminate called without an active exception'
+
+
 def _run_tool(args, cwd=REPO, timeout=600, env=None):
-    """Run a command with this interpreter's environment; fail with its output."""
+    """Run a command with this interpreter's environment; fail with its output.
+
+    A multi-process launch that fails only by the teardown abort above is run
+    once more (the output of both runs is returned, marked); any other failure,
+    or the abort twice, fails the test.
+    """
     full_env = dict(os.environ)
     full_env['PATH'] = osp.dirname(sys.executable) + os.pathsep + full_env['PATH']
     full_env.setdefault('OMP_NUM_THREADS', '1')
     full_env.update(env or {})
-    proc = subprocess.run(
-        args,
-        cwd=cwd,
-        env=full_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=timeout)
+
+    def run():
+        return subprocess.run(
+            args,
+            cwd=cwd,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout)
+
+    proc = run()
+    prefix = ''
+    if proc.returncode != 0 and TEARDOWN_ABORT in proc.stdout:
+        prefix = (f'[run_tool: teardown abort, ran again]\n'
+                  f'{proc.stdout}\n[run_tool: second run]\n')
+        proc = run()
     if proc.returncode != 0:
         raise AssertionError(f'{" ".join(map(str, args))} failed '
                              f'({proc.returncode}):\n{proc.stdout[-6000:]}')
-    return proc.stdout
+    return prefix + proc.stdout
 
 
 @pytest.fixture(scope='session')
