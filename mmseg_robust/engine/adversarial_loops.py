@@ -22,7 +22,8 @@ from mmseg_robust.attacks import derive_seeds
 from mmseg_robust.evaluation.robustness_metric import (
     counts_of_batch, eps_key, image_record)
 from mmseg_robust.models.backbones.strict_pretrained import check_state_dict
-from mmseg_robust.models.pixel_space import SegmentorPixelView, unwrap_model
+from mmseg_robust.models.pixel_space import (SegmentorPixelView,
+                                             ignore_index_of, unwrap_model)
 from mmseg_robust.registry import ATTACKS, LOOPS
 from .result_cache import ResultCache, fingerprint
 
@@ -176,7 +177,7 @@ class _AdversarialEvalMixin:
         if labels is None:
             raise ValueError('the robustness evaluation needs ground truth: the '
                              'test pipeline must contain LoadAnnotations')
-        ignore = self._ignore_index()
+        ignore = ignore_index_of(self.runner.model)
         clean = counts_of_batch(clean_pred, labels, num_classes, ignore)
         per_image: List[Dict[str, Dict[str, dict]]] = [
             OrderedDict() for _ in keys
@@ -244,11 +245,6 @@ class _AdversarialEvalMixin:
                     clean_acc=_accuracy(c),
                     adv_acc=acc))
         return examples
-
-    def _ignore_index(self) -> int:
-        model = unwrap_model(self.runner.model)
-        head = getattr(model, 'decode_head', None)
-        return int(getattr(head, 'ignore_index', 255))
 
     def _log_attack(self, eps_key: str, name: str) -> None:
         self._current = f'eps {eps_key}: {name}'
