@@ -93,17 +93,33 @@ def run_tool():
     return _run_tool
 
 
+def _test_module(filename):
+    """A helper module of tests/, imported by path (the tests run in importlib
+    mode, and mmseg's wheel owns the top-level name ``tests``)."""
+    import importlib.util
+    name = '_mmseg_robust_tests_' + filename[:-3]
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, osp.join(REPO, 'tests', filename))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(scope='session')
+def tools_in_one_process():
+    """tests/tools_in_one_process.py: ``main(argv)`` runs stock tools here."""
+    return _test_module('tools_in_one_process.py')
+
+
 @pytest.fixture
 def reset_mmengine():
     """Reset mmengine's singletons (loggers, message hub, visualizer, default
     scope) after a test that builds Runners in this process, as mmengine's
     RunnerTestCase does."""
     yield
-    from mmengine.logging import MessageHub, MMLogger
-    from mmengine.registry import DefaultScope
-    from mmengine.visualization import Visualizer
-    for cls in (MMLogger, MessageHub, Visualizer, DefaultScope):
-        cls._instance_dict.clear()
+    _test_module('tools_in_one_process.py').reset_singletons()
 
 
 @pytest.fixture(scope='session')
@@ -253,16 +269,7 @@ def attack_one_thread():
 
 # --- miniature real-format datasets ---
 def _mini_datasets_module():
-    """tests/mini_datasets.py, imported by path (the tests run with importlib mode)."""
-    import importlib.util
-    name = '_mmseg_robust_tests_mini_datasets'
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, osp.join(REPO, 'tests', 'mini_datasets.py'))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return _test_module('mini_datasets.py')
 
 
 @pytest.fixture(scope='session')

@@ -40,19 +40,9 @@ def _runner(repo_root, scheme, synthetic_root, work_dir, batch_size=4,
     return runner
 
 
-@pytest.fixture
-def reset_singletons():
-    yield
-    from mmengine.logging import MessageHub, MMLogger
-    from mmengine.registry import DefaultScope
-    from mmengine.visualization import Visualizer
-    for cls in (MMLogger, MessageHub, Visualizer, DefaultScope):
-        cls._instance_dict.clear()
-
-
 @pytest.mark.parametrize('scheme', ['pirat', 'sat'])
 def test_batch_composition(scheme, repo_root, synthetic_root, tmp_path,
-                           reset_singletons):
+                           reset_mmengine):
     runner = _runner(repo_root, scheme, synthetic_root, tmp_path)
     loop = runner.train_loop
     assert isinstance(loop, AdversarialTrainLoop) and loop.scheme == scheme
@@ -84,7 +74,7 @@ def test_batch_composition(scheme, repo_root, synthetic_root, tmp_path,
 
 
 def test_eval_mode_for_the_attack_train_mode_for_the_update(
-        repo_root, synthetic_root, tmp_path, reset_singletons):
+        repo_root, synthetic_root, tmp_path, reset_mmengine):
     runner = _runner(repo_root, 'pirat', synthetic_root, tmp_path)
     loop = runner.train_loop
     module = unwrap_model(runner.model)
@@ -130,7 +120,7 @@ def test_eval_mode_for_the_attack_train_mode_for_the_update(
 
 def test_attack_context_refuses_parameter_gradients(repo_root, synthetic_root,
                                                     tmp_path,
-                                                    reset_singletons):
+                                                    reset_mmengine):
     runner = _runner(repo_root, 'pirat', synthetic_root, tmp_path)
     p = next(runner.model.parameters())
     with pytest.raises(RuntimeError, match='parameter gradient changed'):
@@ -139,7 +129,7 @@ def test_attack_context_refuses_parameter_gradients(repo_root, synthetic_root,
 
 
 def test_plain_optim_wrapper_is_refused(repo_root, synthetic_root, tmp_path,
-                                        reset_singletons):
+                                        reset_mmengine):
     cfg_path = osp.join(repo_root, CONFIGS['pirat'])
     cfg = Config.fromfile(cfg_path)
     cfg.optim_wrapper.type = 'OptimWrapper'
@@ -236,7 +226,7 @@ def _variable_size_batch(sizes, num_classes=5, seed=0):
 
 @pytest.mark.parametrize('scheme', ['pirat', 'sat', 'ddcat'])
 def test_padded_variable_size_batch(scheme, repo_root, synthetic_root, tmp_path,
-                                    reset_singletons):
+                                    reset_mmengine):
     """Crops smaller than the preprocessor's size are padded by it; the decode
     head would resize the whole batch to image 0's unpadded size (the crash of
     mmseg's standard pipelines). The view works at the padded size, keeps the
@@ -263,7 +253,7 @@ def test_padded_variable_size_batch(scheme, repo_root, synthetic_root, tmp_path,
 
 
 def test_training_view_holds_the_padding(repo_root, synthetic_root, tmp_path,
-                                         reset_singletons):
+                                         reset_mmengine):
     from mmseg_robust.models import TrainingBatchPixelView
     runner = _runner(repo_root, 'pirat', synthetic_root, tmp_path)
     module = unwrap_model(runner.model).eval()
@@ -295,7 +285,7 @@ def test_training_view_holds_the_padding(repo_root, synthetic_root, tmp_path,
 
 
 def test_ignore_index_comes_from_the_model(repo_root, synthetic_root, tmp_path,
-                                           reset_singletons):
+                                           reset_mmengine):
     runner = _runner(
         repo_root, 'pirat', synthetic_root, tmp_path,
         options={'model.decode_head.ignore_index': 4})
@@ -310,7 +300,7 @@ def test_ignore_index_comes_from_the_model(repo_root, synthetic_root, tmp_path,
 
 
 def test_ddcat_leaves_the_loader_samples_alone(repo_root, synthetic_root,
-                                               tmp_path, reset_singletons):
+                                               tmp_path, reset_mmengine):
     runner = _runner(repo_root, 'ddcat', synthetic_root, tmp_path)
     batch = next(iter(runner.train_dataloader))
     adv, _ = runner.train_loop.adversarial_batch(batch)
@@ -327,7 +317,7 @@ def test_ddcat_leaves_the_loader_samples_alone(repo_root, synthetic_root,
 
 def test_leak_attack_grads_adds_the_attack_gradients(repo_root, synthetic_root,
                                                      tmp_path,
-                                                     reset_singletons):
+                                                     reset_mmengine):
     """Opt-in reproduction of the PIR-AT reference's quirk: each attack step
     adds d(batch-mean objective)/d(theta), in eval mode, to the parameters'
     gradients. Oracle: the same sum recomputed from the attack's iterates."""
@@ -390,7 +380,7 @@ def test_leak_attack_grads_adds_the_attack_gradients(repo_root, synthetic_root,
 
 
 def test_missing_load_from_names_the_command_that_writes_it(
-        repo_root, synthetic_root, tmp_path, reset_singletons, monkeypatch):
+        repo_root, synthetic_root, tmp_path, reset_mmengine, monkeypatch):
     monkeypatch.chdir(repo_root)
     # the synthetic PIR-AT config starts from the clean model's checkpoint
     missing = 'work_dirs/upernet_convnext-micro_synthetic/iter_2000.pth'

@@ -135,24 +135,18 @@ def write_child(tmp_path, base, name, model=None, extra=''):
     return str(path)
 
 
-def _run_tools(*invocations):
+def _run_tools(tools_in_one_process, *invocations):
     """Run stock tools (``[script, args...]`` each) in this interpreter, one
     after the other, as ``python script args`` would (tests/
     tools_in_one_process.py: the ~8 s import of torch/mmseg is paid once per
     test worker, not once per tool)."""
-    import importlib.util
     import sys
-    spec = importlib.util.spec_from_file_location(
-        '_tools_in_one_process', osp.join(REPO, 'tests',
-                                          'tools_in_one_process.py'))
-    runner = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(runner)
     argv = []
     for inv in invocations:
         argv += ([':::'] if argv else []) + [str(a) for a in inv]
     saved = list(sys.argv)
     try:
-        runner.main(argv)
+        tools_in_one_process.main(argv)
     finally:
         sys.argv = saved
 
@@ -164,12 +158,13 @@ def _log_text(work_dir):
         return f.read()
 
 
-def _train_then_sea(tmp_path, train_cfg, sea_cfg, root, eval_opts):
+def _train_then_sea(tools, tmp_path, train_cfg, sea_cfg, root, eval_opts):
     """tools/train.py a few iterations, then tools/test.py with SEA on the
     checkpoint; returns the robustness results (JSON) and the training log."""
     work, test_work = tmp_path / 'train', tmp_path / 'test'
     ckpt = work / f'iter_{ITERS}.pth'
     _run_tools(
+        tools,
         [
             osp.join(REPO, 'tools', 'train.py'), train_cfg, '--work-dir', work,
             '--cfg-options', *data_root_options(
@@ -210,6 +205,7 @@ ONE = 'test_dataloader = dict(dataset=dict(indices=1))'
 
 @pytest.mark.parametrize('config', TRAIN_CONFIGS, ids=_rel)
 def test_shipped_config_trains_and_evaluates(config, request, tmp_path,
+                                             tools_in_one_process,
                                              reset_mmengine):
     root = request.getfixturevalue(_dataset_fixture(config))
     cfg = Config.fromfile(config)
@@ -223,8 +219,8 @@ def test_shipped_config_trains_and_evaluates(config, request, tmp_path,
     else:
         sea_cfg = write_child(tmp_path, config, 'sea_' + name, shrink, extra=ONE)
         eval_opts = EVALUATOR_SEA
-    result, log = _train_then_sea(tmp_path, train_cfg, sea_cfg, root,
-                                  eval_opts)
+    result, log = _train_then_sea(tools_in_one_process, tmp_path, train_cfg,
+                                  sea_cfg, root, eval_opts)
     if Config.fromfile(train_cfg).train_cfg.type == 'AdversarialTrainLoop':
         assert 'adv.acc' in log
     _check_sea(result, num_images=1)
@@ -309,7 +305,8 @@ optim_wrapper = dict(type='AdversarialOptimWrapper')
 @pytest.mark.parametrize(
     'config, dataset, scheme, shrink', ZOO, ids=[z[0] for z in ZOO])
 def test_mmseg_zoo_config_trains_adversarially_and_evaluates(
-        config, dataset, scheme, shrink, request, tmp_path, reset_mmengine):
+        config, dataset, scheme, shrink, request, tmp_path,
+        tools_in_one_process, reset_mmengine):
     root = request.getfixturevalue(dataset)
     user = tmp_path / ('adv_' + osp.basename(config))
     user.write_text(USER_CONFIG.format(config=config, scheme=scheme))
@@ -325,7 +322,8 @@ def test_mmseg_zoo_config_trains_adversarially_and_evaluates(
         # one validation image: slide inference of the Cityscapes configs
         # runs 9 windows per forward pass
         extra=ONE)
-    result, log = _train_then_sea(tmp_path, child, child, root, EVALUATOR_SEA)
+    result, log = _train_then_sea(tools_in_one_process, tmp_path, child, child,
+                                  root, EVALUATOR_SEA)
     assert 'adv.acc' in log  # the adversarial loop trained
     _check_sea(result, num_images=1)
 

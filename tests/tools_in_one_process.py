@@ -12,7 +12,9 @@ import runpy
 import sys
 
 
-def _reset_singletons() -> None:
+def reset_singletons() -> None:
+    """Clear mmengine's singletons, as its ``RunnerTestCase`` does between
+    Runners (the tests' ``reset_mmengine`` fixture calls this too)."""
     from mmengine.logging import MessageHub, MMLogger
     from mmengine.registry import DefaultScope
     from mmengine.visualization import Visualizer
@@ -35,7 +37,7 @@ def main(argv) -> None:
         print(f'=== {" ".join(group)}', flush=True)
         sys.argv = list(group)
         runpy.run_path(group[0], run_name='__main__')
-        _reset_singletons()
+        reset_singletons()
 
 
 if __name__ == '__main__':
