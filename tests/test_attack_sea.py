@@ -168,5 +168,6 @@ def test_cost_about_n_iter_passes_per_attack(attack_models, problem):
     rec = attack_models.Recorder(net)
     SEA(eps=8, n_iter=10, class_weights=WEIGHTS, early_stop=False)(rec, x, y)
     assert rec.n_backward == 3 * 10
-    # per stage n_i + 1 iterates, then one forward for the returned prediction
-    assert rec.n_forward == 3 * (10 + 3 + 1)
+    # per stage n_i + 1 iterates, then one forward for the returned prediction;
+    # SEA's own statistics: one forward at the clean and one at the worst case
+    assert rec.n_forward == 3 * (10 + 3 + 1) + 2

@@ -38,14 +38,14 @@ def test_robustness_curve_tool(run_tool, small_config, small_checkpoint,
         rows = json.load(f)['models']
     assert len(rows) == 1 and rows[0]['name'] == 'tiny'
     row = rows[0]
-    assert row['num_images'] == 8 and row['n_iter'] == 6
+    assert row['num_images'] == 8 and row['steps'] == 6
     assert list(row['eps']) == ['2', '8']
     # the curve agrees with the evaluation's own JSON and is non-increasing
     result = json.load(open(glob.glob(osp.join(work, 'robustness_*.json'))[0]))
     worst = result['summary']['eps']['8']['worst_case']
-    assert row['eps']['8']['mIoU'] == pytest.approx(100 * worst['mIoU'],
+    assert row['eps']['8']['mIoU'] == pytest.approx(worst['mIoU'],
                                                     abs=0.01)
-    assert row['eps']['8']['aAcc'] == pytest.approx(100 * worst['aAcc_img'],
+    assert row['eps']['8']['aAcc'] == pytest.approx(worst['aAcc_img'],
                                                     abs=0.01)
     curve = [row['clean']['aAcc'], row['eps']['2']['aAcc'],
              row['eps']['8']['aAcc']]
@@ -102,6 +102,20 @@ def test_show_dir_saves_adversarial_examples(run_tool, small_config,
         assert clean_acc == pytest.approx(ex['clean_acc'])
     # the adversarial JSON is written as without --show-dir
     assert glob.glob(str(tmp_path / 'sea' / 'robustness_*.json'))
+    # rerun in the same work dir: the images come from the cache, are not
+    # attacked again and have no example; the log says so and how to draw them
+    show2 = str(tmp_path / 'show2')
+    out = run_tool([
+        'python', 'tools/test.py', small_config, small_checkpoint,
+        '--work-dir', str(tmp_path / 'sea'), '--show-dir', show2,
+        '--cfg-options', 'evaluator=SEA', 'evaluator.eps=[2,8]',
+        'evaluator.n_iter=6', 'test_dataloader.dataset.indices=4',
+        'test_dataloader.batch_size=2'
+    ] + data_options(synthetic_root))
+    assert not glob.glob(osp.join(show2, '*_example.npz'))
+    assert '4 images were restored from the robustness cache' in out
+    assert 'evaluator.resume=False' in out
+    assert 'draw is False' not in out
 
 
 def test_show_dir_needs_an_adversarial_loop(repo_root):
@@ -119,8 +133,9 @@ def test_show_dir_needs_an_adversarial_loop(repo_root):
     apply_robustness_evaluator(cfg, dict(type='PGD', eps=[4]))
     assert is_robustness_evaluation(cfg)
     add_adversarial_visualization(cfg, 'out')
-    # mmseg's hook would draw the clean input: off; ours draws the attacked one
-    assert cfg.default_hooks.visualization.draw is False
+    # mmseg's hook would draw the clean input: removed; ours draws the attacked
+    # one
+    assert 'visualization' not in cfg.default_hooks
     assert cfg.custom_hooks[-1]['type'] == 'AdversarialVisualizationHook'
     # a plain TestLoop has no adversarial examples to save: a clear error
     hook = AdversarialVisualizationHook(out_dir='out')
@@ -144,21 +159,23 @@ def test_evaluator_name_with_options_on_the_command_line():
 def test_out_with_an_attack_evaluator(run_tool, small_config, small_checkpoint,
                                       synthetic_root, data_options, tmp_path):
     """`tools/test.py CFG CKPT --cfg-options evaluator=SEA --out DIR`: the metric
-    takes mmseg's output_dir/keep_results and writes its results there, the
-    same numbers as the loop's JSON in the work dir."""
+    takes mmseg's output_dir/keep_results and writes its one results file there
+    (with the per-image records), not in the work dir."""
     out_dir, work = tmp_path / 'out', tmp_path / 'work'
     run_tool([
         'python', 'tools/test.py', small_config, small_checkpoint, '--work-dir',
         str(work), '--out',
         str(out_dir), '--cfg-options', 'evaluator=SEA', 'evaluator.eps=8',
-        'evaluator.n_iter=4', 'test_dataloader.batch_size=4'
+        'evaluator.steps=4', 'test_dataloader.batch_size=4'
     ] + data_options(synthetic_root) + ['test_dataloader.dataset.indices=4'])
-    with open(out_dir / 'robustness_results.json') as f:
+    written_files = glob.glob(str(out_dir / 'robustness_*.json'))
+    assert len(written_files) == 1
+    assert not glob.glob(str(work / 'robustness_*.json'))
+    with open(written_files[0]) as f:
         written = json.load(f)
-    with open(glob.glob(str(work / 'robustness_*.json'))[0]) as f:
-        loop = json.load(f)
-    assert written['summary'] == loop['summary']
     assert written['summary']['num_images'] == 4
+    assert written['metrics']['mIoU'] == round(
+        written['summary']['clean']['mIoU'], 2)
     # keep_results (set by --out): one record per image, with its counts
     assert len(written['images']) == 4
     worst = written['summary']['eps']['8']['worst_case']

@@ -196,7 +196,7 @@ def _check_sea(result, num_images, eps=4):
 
 # SEA shrunk to a few iterations at one radius; the evaluation pipelines are the
 # configs' own.
-SEA_OPTIONS = ['test_cfg.eps=[4]', f'test_cfg.attacks.0.n_iter={SEA_ITERS}']
+SEA_OPTIONS = ['test_cfg.eps=[4]', f'test_cfg.attacks.0.steps={SEA_ITERS}']
 EVALUATOR_SEA = ['evaluator=SEA', 'evaluator.eps=4', f'evaluator.n_iter={SEA_ITERS}']
 # SEA on one validation image (the 151-class ADE20K logits at 512 x 512 and
 # the sliding windows of the Cityscapes configs make every pass costly)

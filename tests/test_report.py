@@ -81,7 +81,7 @@ def test_load_result_percent_and_fields(results, tmp_path):
     row = load_result(str(path))
     assert row['name'] == 'pirat_convnext'
     assert row['num_images'] == 16 and row['seed'] == 0
-    assert row['attack'] == 'SEA' and row['n_iter'] == 300
+    assert row['attack'] == 'SEA' and row['steps'] == 300
     assert row['checkpoint'] == 'work_dirs/pirat_convnext/iter_2000.pth'
     assert row['clean'] == {'mIoU': 53.6, 'aAcc': 89.4}
     assert row['eps'] == {
@@ -111,7 +111,7 @@ def test_load_result_eps_numeric_order_and_defaults(results):
     assert list(row['eps']) == ['0.5', '2', '8', '16']
     assert row['eps']['16'] == {'mIoU': 10.0, 'aAcc': 20.0}
     assert row['name'] == 'model' and row['checkpoint'] is None
-    assert row['attack'] == 'PGD' and row['n_iter'] == 100
+    assert row['attack'] == 'PGD' and row['steps'] == 100
 
 
 def test_load_result_without_summary_raises(tmp_path):
@@ -382,3 +382,28 @@ def test_save_picture_grid_height_grows(tmp_path):
     with pytest.raises(ValueError, match='label 9'):
         bad = dict(examples[0], adv_pred=np.full((12, 16), 9))
         save_picture_grid([bad], str(tmp_path / 'bad.png'), PALETTE)
+
+
+def test_results_schema_2_is_percent_and_version_1_is_converted(results, tmp_path):
+    """One schema: version 2 files are percent as written, version 1 files
+    (fractions) are scaled on reading, both give the same row."""
+    from mmseg_robust.evaluation.results import (SCHEMA_VERSION, RobustnessResults,
+                                                 load_results, write_results)
+    old = results[0]
+    new = load_results(old)
+    assert new.summary['clean']['mIoU'] == pytest.approx(
+        100 * old['summary']['clean']['mIoU'])
+    assert new.summary['num_images'] == old['summary']['num_images']
+    path = write_results(
+        RobustnessResults(summary=new.summary, metrics=new.metrics,
+                          worst_case_modes=['best'], attacks=new.attacks,
+                          eps=new.eps, checkpoint=old['checkpoint'],
+                          timestamp='20261130_000000'), str(tmp_path))
+    assert path.endswith('robustness_20261130_000000.json')
+    written = json.loads(open(path).read())
+    assert written['schema_version'] == SCHEMA_VERSION
+    assert written['unit'] == 'percent' and 'images' not in written
+    assert load_result(path) == load_result(old)
+    written['schema_version'] = SCHEMA_VERSION + 1
+    with pytest.raises(ValueError, match='upgrade'):
+        load_results(written)

@@ -9,7 +9,7 @@ import os.path as osp
 import pytest
 
 N_IMAGES = 7  # odd: uneven last batch and uneven split over 2 ranks
-SEA = ['evaluator.type=SEA', 'evaluator.eps=0,2,8', 'evaluator.n_iter=10',
+SEA = ['evaluator.type=SEA', 'evaluator.eps=0,2,8', 'evaluator.steps=10',
        f'test_dataloader.dataset.indices={N_IMAGES}',
        'test_dataloader.batch_size=2']
 
@@ -77,9 +77,18 @@ def test_invariants(reference):
     w = [s['eps'][e]['worst_case'] for e in ('0', '2', '8')]
     assert w[0]['aAcc_img'] >= w[1]['aAcc_img'] >= w[2]['aAcc_img']
     assert w[0]['mIoU'] >= w[1]['mIoU'] >= w[2]['mIoU']
-    assert w[2]['aAcc_img'] < clean['aAcc_img'] - 0.1  # the attack does bite
-    # logged metrics in mmseg's percent convention, progress shown
-    assert result['metrics']['eps8/SEA/mIoU'] == round(100 * w[2]['mIoU'], 2)
+    assert w[2]['aAcc_img'] < clean['aAcc_img'] - 10  # the attack does bite
+    # one unit everywhere: percent (mmseg's convention), in the summary too
+    assert result['unit'] == 'percent' and result['schema_version'] == 2
+    assert result['metrics']['eps8/SEA/mIoU'] == round(w[2]['mIoU'], 2)
+    assert result['metrics']['aAcc_img'] == round(clean['aAcc_img'], 2)
+    assert result['attacks'] == [
+        dict(type='SEA', steps=10, class_weights=result['attacks'][0]
+             ['class_weights'])
+    ] and result['eps'] == [0, 2, 8]
+    assert 'Robustness results written to' in out
+    # warnings that do not apply to a robustness evaluation are gone
+    assert 'prefix is not set' not in out and 'draw is False' not in out
     assert 'running eps 8: APGD-JS-Avg' in out and 'ETA' in out
 
 
@@ -136,8 +145,21 @@ def test_checkpoint_with_other_class_count_is_refused(
             str(tmp_path), '--cfg-options', 'model.decode_head.num_classes=6'
         ] + SEA + data_options(synthetic_root))
     msg = str(err.value)
-    assert 'wrong shape' in msg and 'evaluate random weights' in msg
+    assert 'wrong shape' in msg and 'test random weights' in msg
     assert 'decode_head.conv_seg.weight' in msg and 'num_classes' in msg
+
+
+def test_plain_test_refuses_a_checkpoint_that_does_not_fit(
+        run_tool, small_config, checkpoint, synthetic_root, data_options,
+        tmp_path):
+    # no attack evaluator: mmseg's own test, which alone would only warn
+    with pytest.raises(AssertionError) as err:
+        run_tool([
+            'python', 'tools/test.py', small_config, checkpoint, '--work-dir',
+            str(tmp_path), '--cfg-options', 'model.decode_head.num_classes=6'
+        ] + data_options(synthetic_root))
+    msg = str(err.value)
+    assert 'wrong shape' in msg and 'decode_head.conv_seg.weight' in msg
 
 
 @pytest.mark.parametrize('opts, match', [

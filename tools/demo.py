@@ -22,7 +22,6 @@ which were used.
 """
 import argparse
 import glob
-import json
 import os
 import os.path as osp
 import re
@@ -205,7 +204,7 @@ class Demo:
 
     def sea_settings(self):
         return dict(eps=sorted(float(e) for e in self.args.eps if e > 0),
-                    n_iter=self.args.sea_iters,
+                    steps=self.args.sea_iters,
                     images=self.args.sea_images)
 
     def sea_result(self, model):
@@ -214,11 +213,12 @@ class Demo:
         for path in sorted(glob.glob(osp.join(self.sea_dir(model),
                                               'robustness_*.json')),
                            reverse=True):
-            with open(path) as f:
-                res = json.load(f)
-            got = dict(eps=sorted(res['eps']),
-                       n_iter=res['attacks'][0].get('n_iter'),
-                       images=(res.get('summary') or {}).get('num_images'))
+            from mmseg_robust.evaluation import load_results
+            res = load_results(path)
+            attack = res.attacks[0] if res.attacks else {}
+            got = dict(eps=sorted(res.eps),
+                       steps=attack.get('steps', attack.get('n_iter')),
+                       images=res.summary.get('num_images'))
             if got == want:
                 return path
         return None
@@ -232,7 +232,7 @@ class Demo:
             '--work-dir', self.sea_dir(model), '--show-dir',
             osp.join(self.sea_dir(model), 'show'), '--cfg-options',
             'evaluator=SEA', f'evaluator.eps=[{eps}]',
-            f'evaluator.n_iter={s["n_iter"]}',
+            f'evaluator.steps={s["steps"]}',
             f'test_dataloader.dataset.indices={s["images"]}',
             'test_dataloader.batch_size=8'
         ] + self.data_opts()
@@ -247,7 +247,7 @@ class Demo:
             return
         s = self.sea_settings()
         self.say(f'4/5 SEA: evaluating {", ".join(todo)} at eps '
-                 f'{s["eps"]}/255, {s["n_iter"]} iterations per attack, '
+                 f'{s["eps"]}/255, {s["steps"]} iterations per attack, '
                  f'{s["images"]} images')
         # the clean model breaks fastest (early stop): schedule it last
         todo.sort(key=lambda m: m == 'clean')
@@ -267,7 +267,7 @@ class Demo:
         s = self.sea_settings()
         settings = {
             'attack': 'SEA (APGD with Mask-CE-Bal, Mask-CE, JS-Avg; worst case)',
-            'iterations per attack': s['n_iter'],
+            'iterations per attack': s['steps'],
             'images': s['images'],
             'dataset': 'synthetic shapes (val)',
             'training': (f'clean {self.args.clean_iters} it; PIR-AT/SAT/DDC-AT '

@@ -1,5 +1,4 @@
 # Copyright (c) OpenMMLab. All rights reserved.
-# mmseg 1.2.2's tools/test.py, with mmseg_robust imported.
 import argparse
 import os
 import os.path as osp
@@ -7,12 +6,9 @@ import os.path as osp
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
-# Registers mmseg_robust's components into mmseg's registries and applies its
-# compatibility fixes, so configs without `custom_imports` work too.
-import mmseg_robust  # noqa: F401,E402
-from mmseg_robust.engine import (  # noqa: E402
-    add_adversarial_visualization, apply_robustness_evaluator,
-    is_robustness_evaluation, normalize_evaluator_options)
+# mmseg_robust: registers its components into mmseg's registries (configs need no
+# `custom_imports` then) and adds the robustness evaluation to the test.
+from mmseg_robust.engine import configure_test, normalize_evaluator_options
 
 
 # TODO: support fuse_conv_bn, visualization, and format_only
@@ -94,6 +90,7 @@ def main():
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
     if args.cfg_options is not None:
+        # mmseg_robust: `evaluator=SEA evaluator.eps=4,8` as users type it
         cfg.merge_from_dict(normalize_evaluator_options(args.cfg_options))
 
     # work_dir is determined in this priority: CLI > segment in file > filename
@@ -107,18 +104,10 @@ def main():
 
     cfg.load_from = args.checkpoint
 
-    # mmseg_robust: `--cfg-options evaluator=SEA` (or evaluator.type=SEA
-    # evaluator.eps=4,8 ...) turns the test into a robustness evaluation.
-    apply_robustness_evaluator(cfg)
-
-    if is_robustness_evaluation(cfg) and (args.show or args.show_dir):
-        # mmseg_robust: draw the adversarial examples, not the clean inputs
-        if args.show:
-            raise SystemExit('--show is not supported with an attack '
-                             'evaluator; use --show-dir DIR to save the '
-                             'adversarial examples')
-        add_adversarial_visualization(cfg, args.show_dir)
-    elif args.show or args.show_dir:
+    # mmseg_robust: `evaluator=SEA` presets, --show-dir drawing the adversarial
+    # examples, and the check that the checkpoint fits the model
+    robust = configure_test(cfg, args.show, args.show_dir)
+    if (args.show or args.show_dir) and not robust:
         cfg = trigger_visualization_hook(cfg, args)
 
     if args.tta:

@@ -5,14 +5,16 @@
 # Published SEA mIoU (Croce, Singh & Hein, ECCV 2024), clean / eps 4/255 / eps 8/255:
 #   32.1 / 17.9 / 5.4  (the released checkpoint's README: 32.1 / 19.2 / 7.20).
 # Run: python tools/test.py THIS_CONFIG CHECKPOINT [--launcher ...]
-_base_ = './upernet_convnext-s-cvst_pirat_8xb16-128e_ade20k151-512x512.py'
+_base_ = [
+    './upernet_convnext-s-cvst_pirat_8xb16-128e_ade20k151-512x512.py',
+    '../_base_/evaluators/sea.py'
+]
 # The weights come from the tested checkpoint.
 model = dict(backbone=dict(init_cfg=None))
-test_cfg = dict(
-    _delete_=True,
-    type='AdversarialTestLoop',
-    eps=[4, 8],
-    attacks=[dict(type='SEA', n_iter=300, class_weights='ade20k')])
-test_evaluator = dict(_delete_=True, type='RobustnessMetric')
+# SEA as configs/_base_/evaluators/sea.py sets it up (eps 4 and 8/255, 300
+# iterations per attack), with the dataset's Mask-CE-Bal class weights.
+test_cfg = dict(_delete_=True, **_base_.robustness_test_cfg)
+test_cfg['attacks'][0]['class_weights'] = 'ade20k'
+test_evaluator = dict(_delete_=True, **_base_.robustness_evaluator)
 # All crops have one size, so images can share a batch.
 test_dataloader = dict(batch_size=8)

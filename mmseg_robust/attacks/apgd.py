@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from mmseg_robust.registry import ATTACKS
-from .base import (Attack, AttackOutput, SegmentationTarget, bcast,
-                   better_iterate, input_gradient, predict)
+from .base import (Attack, AttackOutput, SegmentationTarget, batch_stats, bcast,
+                   better_iterate, input_gradient, output_at, resolve_steps)
 from .objectives import Objective
 from .threat_model import ThreatModel
 
@@ -176,11 +176,13 @@ def radius_schedule(n_iter: int, eps: float,
 # the optimiser loop (section 3.2)
 # --------------------------------------------------------------------------------
 def _evaluate(target: SegmentationTarget, objective: Objective, x_adv: Tensor,
-              step: int, total_steps: int, need_grad: bool):
+              step: int, total_steps: int, need_grad: bool,
+              stats: Optional[dict] = None):
     """Forward at ``x_adv`` (and backward when ``need_grad``).
 
     Returns ``(grad or None, per-image CE, correct-pixel counts)``; the logits are
-    dropped here so they are freed before the next forward.
+    dropped here so they are freed before the next forward. With ``stats`` (a
+    dict), the batch's ``start_*`` statistics are added to it.
     """
     if need_grad:
         x_adv.requires_grad_(True)
@@ -191,13 +193,16 @@ def _evaluate(target: SegmentationTarget, objective: Objective, x_adv: Tensor,
         grad = None
         with torch.no_grad():
             s = target.evaluate(x_adv, step, total_steps)
+    if stats is not None:
+        stats.update(batch_stats(s, 'start'))
     with torch.no_grad():
         return grad, s.image_ce, s.num_correct
 
 
 def apgd_run(target: SegmentationTarget, objective: Objective, tm: ThreatModel,
              x: Tensor, x0: Tensor, radius: float, n_iter: int, rho: float = 0.75,
-             early_stop: bool = True, predict_output: bool = True) -> AttackOutput:
+             early_stop: bool = True, predict_output: bool = True,
+             stats: Optional[dict] = None) -> AttackOutput:
     """One APGD run of ``n_iter`` iterations at ``radius`` (section 3.2).
 
     Args:
@@ -211,9 +216,12 @@ def apgd_run(target: SegmentationTarget, objective: Objective, tm: ThreatModel,
         rho (float): step-size condition (a) threshold. Default: 0.75.
         early_stop (bool): images whose accuracy reached 0 leave the batch (their
             returned point can no longer change). Default: True.
-        predict_output (bool): spend one forward on the prediction at the
-            returned point; without it ``adv_pred`` is None (the intermediate
-            stages of :class:`APGDLargeEps` need only the point). Default: True.
+        predict_output (bool): spend one forward on the prediction (and the
+            ``final_*`` statistics) at the returned point; without it
+            ``adv_pred`` is None (the intermediate stages of
+            :class:`APGDLargeEps` need only the point). Default: True.
+        stats (dict, optional): ``start_*`` statistics of an earlier stage; else
+            they are taken at this run's first iterate.
 
     Returns:
         AttackOutput: per image the iterate with the lowest pixel accuracy (ties:
@@ -221,12 +229,15 @@ def apgd_run(target: SegmentationTarget, objective: Objective, tm: ThreatModel,
         prediction.
     """
     out_x = x0.detach().clone()
+    start = None if stats is not None else {}
     grad, ce, n_correct = _evaluate(target, objective, out_x.clone(), 1, n_iter,
-                                    n_iter > 0)
+                                    n_iter > 0, start)
+    stats = dict(stats if start is None else start)
 
     def finish(points: Tensor) -> AttackOutput:
-        return AttackOutput(points, predict(target, points)
-                            if predict_output else None)
+        if predict_output:
+            return output_at(target, points, stats)
+        return AttackOutput(points, None, stats)
 
     if n_iter == 0:
         return finish(out_x)
@@ -312,7 +323,8 @@ class APGD(Attack):
     Args:
         eps (float): radius in /255 units. Default: 8.
         norm (str): ``'Linf'`` or ``'L2'``. Default: ``'Linf'``.
-        n_iter (int): iterations (``n_iter + 1`` forwards, ``n_iter`` backwards).
+        steps (int): iterations (``steps + 1`` forwards, ``steps`` backwards);
+            ``n_iter`` (the reference's name) is accepted as an alias.
             Default: 100.
         loss (str | dict | Objective): objective (section 2). Default: ``'CE'``.
         rho (float): step-size condition (a) threshold. Default: 0.75.
@@ -327,22 +339,23 @@ class APGD(Attack):
     valid bool ``(B, H, W)``; ``model(images)`` returns logits ``(B, K, H, W)``.
 
     Example:
-        >>> attack = APGD(eps=8, n_iter=100, loss='Mask-CE')
+        >>> attack = APGD(eps=8, steps=100, loss='Mask-CE')
         >>> adv_images = attack(model, images, labels)
     """
 
-    def __init__(self, eps: float = 8, norm: str = 'Linf', n_iter: int = 100,
-                 loss: LossConfig = 'CE', rho: float = 0.75, early_stop: bool = True,
-                 ignore_index: int = 255) -> None:
+    def __init__(self, eps: float = 8, norm: str = 'Linf',
+                 steps: Optional[int] = None, loss: LossConfig = 'CE',
+                 rho: float = 0.75, early_stop: bool = True,
+                 ignore_index: int = 255, n_iter: Optional[int] = None) -> None:
         super().__init__(eps, norm, ignore_index)
-        self.n_iter = _check_n_iter(n_iter)
+        self.steps = resolve_steps(steps, n_iter, 100, type(self).__name__)
         self.rho = float(rho)
         self.early_stop = bool(early_stop)
         self.objective = self._build_objective(loss)
 
     def __repr__(self) -> str:
         return (f'{type(self).__name__}(eps={self.eps:g}, norm={self.norm!r}, '
-                f'n_iter={self.n_iter}, loss={self.objective!r})')
+                f'steps={self.steps}, loss={self.objective!r})')
 
     def objectives(self) -> List[Objective]:
         return [self.objective]
@@ -367,7 +380,7 @@ class APGD(Attack):
         with torch.no_grad():
             x0 = tm.random_start(x, seeds=seeds) if init is None else \
                 tm.project(init, x)
-        return apgd_run(target, self.objective, tm, x, x0, tm.radius, self.n_iter,
+        return apgd_run(target, self.objective, tm, x, x0, tm.radius, self.steps,
                         self.rho, self.early_stop)
 
 
@@ -387,7 +400,8 @@ class APGDLargeEps(Attack):
     Args:
         eps (float): final radius in /255 units. Default: 8.
         norm (str): ``'Linf'`` or ``'L2'``. Default: ``'Linf'``.
-        n_iter (int): total iterations over all stages. Default: 300.
+        steps (int): total iterations over all stages (alias ``n_iter``).
+            Default: 300.
         loss (str | dict | Objective): objective (section 2). Default: ``'CE'``.
         radius_factors (sequence of float): stage radii / eps, the last must be 1.
             Default: ``(2.0, 1.5, 1.0)``.
@@ -402,20 +416,21 @@ class APGDLargeEps(Attack):
     valid bool ``(B, H, W)``; ``model(images)`` returns logits ``(B, K, H, W)``.
 
     Example:
-        >>> attack = APGDLargeEps(eps=8, n_iter=300, loss='Mask-CE')
+        >>> attack = APGDLargeEps(eps=8, steps=300, loss='Mask-CE')
         >>> adv_images = attack(model, images, labels)
     """
 
-    def __init__(self, eps: float = 8, norm: str = 'Linf', n_iter: int = 300,
-                 loss: LossConfig = 'CE',
+    def __init__(self, eps: float = 8, norm: str = 'Linf',
+                 steps: Optional[int] = None, loss: LossConfig = 'CE',
                  radius_factors: Sequence[float] = (2.0, 1.5, 1.0),
                  iter_fractions: Sequence[float] = (0.3, 0.3), rho: float = 0.75,
-                 early_stop: bool = True, ignore_index: int = 255) -> None:
+                 early_stop: bool = True, ignore_index: int = 255,
+                 n_iter: Optional[int] = None) -> None:
         super().__init__(eps, norm, ignore_index)
-        self.n_iter = _check_n_iter(n_iter)
+        self.steps = resolve_steps(steps, n_iter, 300, type(self).__name__)
         self.radius_factors = tuple(float(f) for f in radius_factors)
         self.iter_fractions = tuple(float(f) for f in iter_fractions)
-        self.stages = radius_schedule(self.n_iter, self.eps, self.radius_factors,
+        self.stages = radius_schedule(self.steps, self.eps, self.radius_factors,
                                       self.iter_fractions)
         self.rho = float(rho)
         self.early_stop = bool(early_stop)
@@ -423,7 +438,7 @@ class APGDLargeEps(Attack):
 
     def __repr__(self) -> str:
         return (f'{type(self).__name__}(eps={self.eps:g}, norm={self.norm!r}, '
-                f'n_iter={self.n_iter}, loss={self.objective!r}, '
+                f'steps={self.steps}, loss={self.objective!r}, '
                 f'stages={self.stages})')
 
     def objectives(self) -> List[Objective]:
@@ -431,7 +446,7 @@ class APGDLargeEps(Attack):
 
     def _attack(self, target, x, seeds) -> AttackOutput:
         tm = self.threat_model
-        out = None
+        out, stats = None, None
         for stage, (n_stage, eps_stage) in enumerate(self.stages):
             radius = eps_stage / 255.
             with torch.no_grad():
@@ -441,11 +456,7 @@ class APGDLargeEps(Attack):
                     x0 = tm.project(out.adv_images, x, radius)
             last = stage == len(self.stages) - 1
             out = apgd_run(target, self.objective, tm, x, x0, radius, n_stage,
-                           self.rho, self.early_stop, predict_output=last)
+                           self.rho, self.early_stop, predict_output=last,
+                           stats=stats)
+            stats = out.stats
         return out
-
-
-def _check_n_iter(n_iter) -> int:
-    if int(n_iter) != n_iter or n_iter < 0:
-        raise ValueError(f'n_iter must be an int >= 0, got {n_iter!r}')
-    return int(n_iter)

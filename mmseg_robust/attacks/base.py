@@ -9,7 +9,7 @@ fp32, under ``torch.enable_grad()``.
 """
 import contextlib
 import copy
-from typing import Callable, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -18,7 +18,13 @@ from .objectives import Objective, build_objective
 from .seg_logits import SegLogits, check_labels, effective_valid, pixel_accuracy
 from .threat_model import ThreatModel
 
-__all__ = ['Attack', 'AttackOutput', 'SegmentationTarget', 'pixel_accuracy']
+__all__ = [
+    'Attack', 'AttackOutput', 'STATS_KEYS', 'SegmentationTarget', 'pixel_accuracy',
+    'resolve_steps'
+]
+
+#: The keys of :attr:`AttackOutput.stats`, the same for every attack.
+STATS_KEYS = ('start_loss', 'start_acc', 'final_loss', 'final_acc')
 
 ModelView = Callable[[Tensor], Tensor]
 
@@ -31,14 +37,36 @@ class AttackOutput(NamedTuple):
             the eps-ball around the clean images.
         adv_pred (Tensor): long ``(B, H, W)``, argmax of the logits at
             ``adv_images``.
-        stats (dict, optional): batch statistics an attack gets for free, e.g.
-            PGD's ``start_loss``/``start_acc`` (at its first iterate: the clean
-            images without random start) and ``final_loss``/``final_acc`` (mean
-            CE over valid pixels and pixel accuracy, 0-d tensors).
+        stats (dict, optional): batch statistics, the keys of
+            :data:`STATS_KEYS` for every attack: ``start_loss``/``start_acc`` at
+            the attack's first iterate (the clean images for attacks without
+            random start, and for ensembles) and ``final_loss``/``final_acc`` at
+            the returned images (mean CE over valid pixels and pixel accuracy,
+            0-d tensors).
+        members (dict, optional): for an ensemble (:class:`SEA`), each member
+            attack's own output by name, in attack order; ``adv_images`` and
+            ``adv_pred`` are then their worst case per image. None for a single
+            attack (see :meth:`by_attack`).
+        worst_member (Tensor, optional): for an ensemble, long ``(B,)``: per
+            image the position in ``members`` of the output it returns.
     """
     adv_images: Tensor
     adv_pred: Tensor
     stats: Optional[dict] = None
+    members: Optional[Dict[str, 'AttackOutput']] = None
+    worst_member: Optional[Tensor] = None
+
+    def source(self, name: str, i: int) -> str:
+        """The name of the attack that produced image ``i``: ``name`` for a
+        single attack, the member's name for an ensemble."""
+        if not self.members or self.worst_member is None:
+            return name
+        return list(self.members)[int(self.worst_member[i])]
+
+    def by_attack(self, name: str) -> Dict[str, 'AttackOutput']:
+        """The outputs of the single attacks this output consists of: the
+        members of an ensemble, else ``{name: self}``."""
+        return dict(self.members) if self.members else {name: self}
 
 
 def _no_autocast(device: torch.device):
@@ -138,16 +166,6 @@ def input_gradient(objective: Tensor, x: Tensor) -> Tensor:
     return torch.zeros_like(x) if grad is None else grad
 
 
-def predict(target: SegmentationTarget, x: Tensor) -> Tensor:
-    """The model's prediction (argmax of the logits) at ``x``, long ``(B, H, W)``.
-
-    Attacks call it once for the points they return instead of keeping an argmax
-    of every iterate (a full pass over the K logits per iteration).
-    """
-    with torch.no_grad():
-        return target.forward(x).argmax(dim=1)
-
-
 def better_iterate(n_correct: Tensor, best_n_correct: Tensor) -> Tensor:
     """Whether a new iterate replaces the returned one, per image (section 3.2).
 
@@ -162,6 +180,46 @@ def better_iterate(n_correct: Tensor, best_n_correct: Tensor) -> Tensor:
 def bcast(mask: Tensor, like: Tensor) -> Tensor:
     """View a per-image ``(B,)`` tensor as ``(B, 1, ..., 1)`` to match ``like``."""
     return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
+def batch_stats(s: SegLogits, prefix: str) -> dict:
+    """Mean CE over valid pixels and pixel accuracy of a batch (0-d tensors),
+    as ``{prefix}_loss`` and ``{prefix}_acc``."""
+    with torch.no_grad():
+        n_valid = s.valid.sum().clamp_min(1)
+        ce = torch.where(s.valid, s.ce.detach(), 0.0)
+        return {
+            f'{prefix}_loss': ce.sum() / n_valid,
+            f'{prefix}_acc': s.num_correct.sum() / n_valid
+        }
+
+
+def output_at(target: SegmentationTarget, points: Tensor,
+              stats: Optional[dict] = None) -> AttackOutput:
+    """The attack output for ``points``: one forward gives the prediction and the
+    ``final_*`` statistics (added to ``stats``, which holds the ``start_*``)."""
+    with torch.no_grad():
+        s = target.evaluate(points)
+        return AttackOutput(points, s.pred, dict(stats or {}, **batch_stats(
+            s, 'final')))
+
+
+def resolve_steps(steps: Optional[int], n_iter: Optional[int], default: int,
+                  owner: str) -> int:
+    """The iteration count of an attack: ``steps``, or its alias ``n_iter`` (the
+    SEA/APGD reference's name); both given and different is an error."""
+    name = 'steps'
+    if n_iter is not None:
+        if steps is not None and steps != n_iter:
+            raise ValueError(f'{owner}: steps={steps} and n_iter={n_iter} disagree; '
+                             'n_iter is an alias of steps, give one of them')
+        steps, name = n_iter, 'n_iter'
+    if steps is None:
+        steps = default
+    if isinstance(steps, bool) or not isinstance(steps, (int, float)) or \
+            int(steps) != steps or steps < 0:
+        raise ValueError(f'{owner}: {name} must be an int >= 0, got {steps!r}')
+    return int(steps)
 
 
 class Attack:
@@ -198,6 +256,11 @@ class Attack:
         return self.threat_model.eps
 
     @property
+    def n_iter(self) -> int:
+        """Alias of ``steps`` (the name the APGD/SEA reference uses)."""
+        return self.steps
+
+    @property
     def norm(self) -> str:
         """``'Linf'`` or ``'L2'``."""
         return self.threat_model.norm
@@ -212,17 +275,33 @@ class Attack:
     # ---------------------------------------------------------------- public API
     def run(self, model: ModelView, images: Tensor, labels: Tensor,
             valid: Optional[Tensor] = None,
-            seeds: Optional[Sequence[int]] = None) -> AttackOutput:
+            seeds: Optional[Sequence[int]] = None,
+            progress: Optional[Callable[[str], None]] = None) -> AttackOutput:
         """Attack a batch.
+
+        Args:
+            progress (callable, optional): called with a short text (e.g. the
+                name of the ensemble member starting) as the attack goes on.
 
         Returns:
             AttackOutput: ``adv_images`` ``(B, 3, H, W)`` in ``[0, 1]`` (in the
-            dtype of ``images``) and ``adv_pred`` long ``(B, H, W)``.
+            dtype of ``images``), ``adv_pred`` long ``(B, H, W)``, ``stats``
+            and, for ensembles, ``members``.
         """
         x, target, seeds = self._prepare(model, images, labels, valid, seeds)
-        with torch.enable_grad():
-            out = self._attack(target, x, seeds)
+        self._progress = progress
+        try:
+            with torch.enable_grad():
+                out = self._attack(target, x, seeds)
+        finally:
+            self._progress = None
         return self._finish(out, images)
+
+    def report(self, text: str) -> None:
+        """Pass ``text`` to the ``progress`` callback of the running :meth:`run`."""
+        progress = getattr(self, '_progress', None)
+        if progress is not None:
+            progress(text)
 
     def __call__(self, model: ModelView, images: Tensor, labels: Tensor,
                  valid: Optional[Tensor] = None,
@@ -279,10 +358,16 @@ class Attack:
                                     self.objectives())
         return x, target, seeds
 
-    @staticmethod
-    def _finish(out: AttackOutput, images: Tensor) -> AttackOutput:
+    @classmethod
+    def _finish(cls, out: AttackOutput, images: Tensor) -> AttackOutput:
+        members = None
+        if out.members:
+            members = {k: cls._finish(o, images) for k, o in out.members.items()}
+        stats = {k: v.detach() if isinstance(v, Tensor) else v
+                 for k, v in (out.stats or {}).items()}
         return AttackOutput(out.adv_images.detach().to(images.dtype),
-                            out.adv_pred.detach(), out.stats)
+                            out.adv_pred.detach(), stats, members,
+                            out.worst_member)
 
     def _build_objective(self, loss) -> Objective:
         # The objective's own ignore_index only matters when it is called directly:

@@ -5,8 +5,8 @@ import torch
 from torch import Tensor
 
 from mmseg_robust.registry import ATTACKS
-from .base import (Attack, AttackOutput, SegmentationTarget, bcast,
-                   better_iterate, input_gradient, predict)
+from .base import (Attack, AttackOutput, SegmentationTarget, batch_stats, bcast,
+                   better_iterate, input_gradient, output_at, resolve_steps)
 from .objectives import Objective
 from .seg_logits import SegLogits
 
@@ -27,7 +27,8 @@ class PGD(Attack):
     Args:
         eps (float): radius in /255 units. Default: 8.
         norm (str): ``'Linf'`` or ``'L2'``. Default: ``'Linf'``.
-        steps (int): number of gradient steps. Default: 10.
+        steps (int): number of gradient steps (``n_iter`` is accepted as an
+            alias). Default: 10.
         step_size (float, optional): ``alpha`` in /255 units. Default:
             ``2.5 * eps / steps``.
         random_start (bool): start uniformly in the ball (clipped) instead of at
@@ -49,14 +50,13 @@ class PGD(Attack):
         >>> adv_images = attack(model, images, labels)
     """
 
-    def __init__(self, eps: float = 8, norm: str = 'Linf', steps: int = 10,
+    def __init__(self, eps: float = 8, norm: str = 'Linf',
+                 steps: Optional[int] = None,
                  step_size: Optional[float] = None, random_start: bool = True,
                  loss: LossConfig = 'CE', best_iterate: bool = False,
-                 ignore_index: int = 255) -> None:
+                 ignore_index: int = 255, n_iter: Optional[int] = None) -> None:
         super().__init__(eps, norm, ignore_index)
-        if int(steps) != steps or steps < 0:
-            raise ValueError(f'steps must be an int >= 0, got {steps!r}')
-        self.steps = int(steps)
+        self.steps = resolve_steps(steps, n_iter, 10, type(self).__name__)
         if step_size is None:
             step_size = 2.5 * self.eps / self.steps if self.steps else 0.0
         if float(step_size) < 0:
@@ -91,7 +91,7 @@ class PGD(Attack):
             grad = input_gradient(self.objective.from_logits(s).sum(), x_adv)
             x_adv = x_adv.detach()
             if t == 1:
-                stats.update(_batch_stats(s, 'start'))
+                stats.update(batch_stats(s, 'start'))
             if self.best_iterate:
                 best = _keep_best(best, x_adv, s)
             del s  # free the logits before the next forward
@@ -101,22 +101,13 @@ class PGD(Attack):
         with torch.no_grad():
             s = target.evaluate(x_adv, step=self.steps + 1,
                                 total_steps=self.steps)
-            stats.update(_batch_stats(s, 'final'))
+            if self.steps == 0:
+                stats.update(batch_stats(s, 'start'))
         if not self.best_iterate:
+            stats.update(batch_stats(s, 'final'))
             return AttackOutput(x_adv, s.pred, stats)
         best = _keep_best(best, x_adv, s)
-        return AttackOutput(best[1], predict(target, best[1]), stats)
-
-
-def _batch_stats(s: SegLogits, prefix: str) -> dict:
-    """Mean CE over valid pixels and pixel accuracy of a batch (0-d tensors)."""
-    with torch.no_grad():
-        n_valid = s.valid.sum().clamp_min(1)
-        ce = torch.where(s.valid, s.ce.detach(), 0.0)
-        return {
-            f'{prefix}_loss': ce.sum() / n_valid,
-            f'{prefix}_acc': s.num_correct.sum() / n_valid
-        }
+        return output_at(target, best[1], stats)
 
 
 def _keep_best(best, x_adv: Tensor, s: SegLogits):
@@ -140,7 +131,7 @@ class BIM(PGD):
     Args:
         eps (float): radius in /255 units. Default: 8.
         norm (str): ``'Linf'`` or ``'L2'``. Default: ``'Linf'``.
-        steps (int): number of steps. Default: 10.
+        steps (int): number of steps (alias ``n_iter``). Default: 10.
         step_size (float, optional): step in /255 units. Default:
             ``2.5 * eps / steps``.
         loss (str | dict | Objective): objective (section 2). Default: ``'CE'``.
@@ -154,12 +145,14 @@ class BIM(PGD):
         >>> adv_images = attack(model, images, labels)
     """
 
-    def __init__(self, eps: float = 8, norm: str = 'Linf', steps: int = 10,
+    def __init__(self, eps: float = 8, norm: str = 'Linf',
+                 steps: Optional[int] = None,
                  step_size: Optional[float] = None, loss: LossConfig = 'CE',
-                 best_iterate: bool = False, ignore_index: int = 255) -> None:
+                 best_iterate: bool = False, ignore_index: int = 255,
+                 n_iter: Optional[int] = None) -> None:
         super().__init__(eps=eps, norm=norm, steps=steps, step_size=step_size,
                          random_start=False, loss=loss, best_iterate=best_iterate,
-                         ignore_index=ignore_index)
+                         ignore_index=ignore_index, n_iter=n_iter)
 
 
 @ATTACKS.register_module()

@@ -7,7 +7,8 @@ from torch import Tensor
 
 from mmseg_robust.registry import ATTACKS
 from .apgd import APGDLargeEps
-from .base import Attack, AttackOutput, SegmentationTarget, bcast
+from .base import (Attack, AttackOutput, SegmentationTarget, batch_stats, bcast,
+                   resolve_steps)
 from .objectives import BalancedMaskedCrossEntropy, ClassWeights, Objective
 from .seg_logits import num_correct
 
@@ -39,14 +40,16 @@ class SEA(Attack):
     Threat model: L-inf (default) or L2 ball of radius ``eps/255`` in pixel space,
     clipped to ``[0, 1]``. Runs one :class:`APGDLargeEps` attack (progressive radius
     ``2, 1.5, 1 x eps``) per loss, each independently from the clean input, in
-    order: Mask-CE-Bal, Mask-CE, JS-Avg (about ``3 * n_iter`` forward and backward
-    passes per image). :meth:`run_all` returns every attack's output (what the
-    worst-case mIoU needs); :meth:`run` returns, per image, the output with the
-    lowest pixel accuracy (ties: the earlier attack).
+    order: Mask-CE-Bal, Mask-CE, JS-Avg (about ``3 * steps`` forward and backward
+    passes per image). :meth:`run` returns, per image, the output with the lowest
+    pixel accuracy (ties: the earlier attack), and every member attack's own
+    output in ``members`` (what the worst-case mIoU needs); member ``a`` uses the
+    seeds ``derive_seeds(seeds, a)``.
 
     Args:
         eps (float): radius in /255 units. Default: 8.
-        n_iter (int): iterations of each attack. Default: 300.
+        steps (int): iterations of each attack (alias ``n_iter``, the
+            reference's name). Default: 300.
         norm (str): ``'Linf'`` or ``'L2'``. Default: ``'Linf'``.
         losses (sequence of str | dict | Objective): one attack per entry. Default:
             ``('Mask-CE-Bal', 'Mask-CE', 'JS-Avg')``.
@@ -61,23 +64,26 @@ class SEA(Attack):
     valid bool ``(B, H, W)``; ``model(images)`` returns logits ``(B, K, H, W)``.
 
     Example:
-        >>> sea = SEA(eps=8, n_iter=300, class_weights='ade20k')
-        >>> per_attack = sea.run_all(model, images, labels, seeds=image_ids)
+        >>> sea = SEA(eps=8, steps=300, class_weights='ade20k')
+        >>> out = sea.run(model, images, labels, seeds=image_ids)
+        >>> per_attack = out.members  # {'APGD-Mask-CE-Bal': AttackOutput, ...}
     """
 
-    def __init__(self, eps: float = 8, n_iter: int = 300, norm: str = 'Linf',
+    def __init__(self, eps: float = 8, steps: Optional[int] = None,
+                 norm: str = 'Linf',
                  losses: Sequence[Union[str, dict, Objective]] = SEA_LOSSES,
                  class_weights: Optional[ClassWeights] = None,
-                 early_stop: bool = True, ignore_index: int = 255) -> None:
+                 early_stop: bool = True, ignore_index: int = 255,
+                 n_iter: Optional[int] = None) -> None:
         super().__init__(eps, norm, ignore_index)
         if isinstance(losses, (str, dict)) or len(losses) == 0:
             raise ValueError(f'losses must be a non-empty sequence of objectives, '
                              f'got {losses!r}')
-        self.n_iter = n_iter
+        self.steps = resolve_steps(steps, n_iter, 300, type(self).__name__)
         self.attacks: Dict[str, APGDLargeEps] = {}
         for loss in losses:
             cfg = _with_class_weights(loss, class_weights)
-            attack = APGDLargeEps(eps=eps, norm=norm, n_iter=n_iter, loss=cfg,
+            attack = APGDLargeEps(eps=eps, norm=norm, steps=self.steps, loss=cfg,
                                   early_stop=early_stop, ignore_index=ignore_index)
             name = base = f'APGD-{_loss_name(attack.objective)}'
             k = 2
@@ -87,7 +93,7 @@ class SEA(Attack):
 
     def __repr__(self) -> str:
         return (f'{type(self).__name__}(eps={self.eps:g}, norm={self.norm!r}, '
-                f'n_iter={self.n_iter}, attacks={list(self.attacks)})')
+                f'steps={self.steps}, attacks={list(self.attacks)})')
 
     def objectives(self) -> List[Objective]:
         return [a.objective for a in self.attacks.values()]
@@ -95,27 +101,21 @@ class SEA(Attack):
     def run_all(self, model, images: Tensor, labels: Tensor,
                 valid: Optional[Tensor] = None,
                 seeds: Optional[Sequence[int]] = None) -> Dict[str, AttackOutput]:
-        """Run every attack from the clean images.
+        """Every member attack's output: ``run(...).members``.
 
         Returns:
             dict: attack name (``'APGD-Mask-CE-Bal'``, ...) -> :class:`AttackOutput`,
-            in attack order. With ``seeds``, attack ``a`` uses
-            ``derive_seeds(seeds, a)``.
+            in attack order.
         """
-        x, target, seeds = self._prepare(model, images, labels, valid, seeds)
-        with torch.enable_grad():
-            outs = self._run_all(target, x, seeds)
-        return {name: self._finish(out, images) for name, out in outs.items()}
+        return self.run(model, images, labels, valid, seeds).members
 
-    def _run_all(self, target: SegmentationTarget, x: Tensor,
-                 seeds: Optional[List[int]]) -> Dict[str, AttackOutput]:
-        return {
-            name: attack._attack(target, x, derive_seeds(seeds, a))
-            for a, (name, attack) in enumerate(self.attacks.items())
-        }
-
-    def _attack(self, target, x, seeds) -> AttackOutput:
-        outs = list(self._run_all(target, x, seeds).values())
+    def _attack(self, target: SegmentationTarget, x: Tensor,
+                seeds: Optional[List[int]]) -> AttackOutput:
+        members = {}
+        for a, (name, attack) in enumerate(self.attacks.items()):
+            self.report(name)
+            members[name] = attack._attack(target, x, derive_seeds(seeds, a))
+        outs = list(members.values())
         # worst case per image: lowest accuracy, i.e. fewest correct valid pixels
         # (the valid count is the same for every attack); argmin keeps the first.
         counts = torch.stack([
@@ -127,7 +127,16 @@ class SEA(Attack):
             pick = worst == a
             adv = torch.where(bcast(pick, adv), o.adv_images, adv)
             pred = torch.where(bcast(pick, pred), o.adv_pred, pred)
-        return AttackOutput(adv, pred)
+        return AttackOutput(adv, pred, self._stats(target, x, adv), members,
+                            worst)
+
+    @staticmethod
+    def _stats(target: SegmentationTarget, x: Tensor, adv: Tensor) -> dict:
+        """``start_*`` at the clean images (every member starts from them) and
+        ``final_*`` at the worst case: two forwards, no backward."""
+        with torch.no_grad():
+            return dict(batch_stats(target.evaluate(x), 'start'),
+                        **batch_stats(target.evaluate(adv), 'final'))
 
 
 def _loss_name(objective: Objective) -> str:

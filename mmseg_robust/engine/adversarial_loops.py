@@ -1,31 +1,31 @@
 """Adversarial test/val loops: the Runner glue of the robustness evaluation.
 
-One batch flows: Runner -> loop -> data preprocessor -> pixel-space view
+One batch flows in one direction: Runner -> :meth:`run_iter` (mmengine's ``run``
+is kept) -> data preprocessor -> pixel-space view
 (:class:`~mmseg_robust.models.SegmentorPixelView`) -> attacks (pure torch,
-:mod:`mmseg_robust.attacks`) -> per-image counts -> metric
-(:class:`~mmseg_robust.evaluation.RobustnessMetric`) -> worst-case aggregation.
+:mod:`mmseg_robust.attacks`; an ensemble such as SEA reports its members' outputs
+itself) -> per-image records (:func:`~mmseg_robust.evaluation.image_record`),
+saved by the :class:`~mmseg_robust.engine.ResultCache` -> output data samples
+(records and adversarial examples) -> hooks and
+:class:`~mmseg_robust.evaluation.RobustnessMetric` (aggregation and the results
+file).
 """
-import json
 import os.path as osp
 import time
 import zlib
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Union
 
-import torch
 from mmengine.dist import get_rank, get_world_size
 from mmengine.logging import print_log
 from mmengine.runner import TestLoop, ValLoop
-from mmengine.utils import mkdir_or_exist
 
-from mmseg_robust.attacks import derive_seeds
-from mmseg_robust.evaluation.robustness_metric import (
-    counts_of_batch, eps_key, image_record)
-from mmseg_robust.models.backbones.strict_pretrained import check_state_dict
-from mmseg_robust.models.pixel_space import (SegmentorPixelView,
-                                             ignore_index_of, unwrap_model)
+from mmseg_robust.evaluation import (RobustnessMetric, counts_of_batch, eps_key,
+                                     image_record, pixel_accuracy)
+from mmseg_robust.models.pixel_space import SegmentorPixelView, ignore_index_of
 from mmseg_robust.registry import ATTACKS, LOOPS
-from .result_cache import ResultCache, fingerprint
+from .checkpoint_check import check_loaded_checkpoint
+from .result_cache import ResultCache
 
 __all__ = ['AdversarialTestLoop', 'AdversarialValLoop', 'image_seed']
 
@@ -51,20 +51,7 @@ def _image_key(sample) -> str:
 
 def _accuracy(counts: dict) -> float:
     """Pixel accuracy of one image's counts (0 without valid pixels)."""
-    return counts['correct'] / max(counts['valid'], 1)
-
-
-def _sub_attacks(attack):
-    """(name, attack, salt) of the single attacks an attack consists of.
-
-    An ensemble (anything with an ``attacks`` dict, like SEA) is run one member at
-    a time, with the per-image seeds ``SEA.run_all`` would give each member, so the
-    progress log can name the attack running and results match the Python API.
-    """
-    members = getattr(attack, 'attacks', None)
-    if isinstance(members, dict):
-        return [(name, a, i) for i, (name, a) in enumerate(members.items())]
-    return [(type(attack).__name__, attack, None)]
+    return pixel_accuracy(counts['correct'], counts['valid'])
 
 
 class _AdversarialEvalMixin:
@@ -73,7 +60,7 @@ class _AdversarialEvalMixin:
     Args:
         attacks (list[dict]): attack configs built from ``ATTACKS`` (without
             ``eps``: it is set from ``eps``), e.g.
-            ``[dict(type='SEA', n_iter=300, class_weights='voc')]``.
+            ``[dict(type='SEA', steps=300, class_weights='voc')]``.
         eps (float | list[float]): radii in /255 units; every attack runs at each.
         seed (int): seed of the random starts (per image, see :func:`image_seed`).
         resume (bool): save per-image results under
@@ -114,31 +101,37 @@ class _AdversarialEvalMixin:
         self.resume = resume
         self.log_interval = max(1, int(log_interval))
         self.cache: Optional[ResultCache] = None
-        self.example_eps: Optional[str] = None  # set by request_examples
 
-    def request_examples(self, eps: Optional[float] = None) -> str:
-        """Keep each attacked image's worst adversarial example for the hooks.
+    # ------------------------------------------------------------------- start
+    def _start(self) -> None:
+        """Before the first batch: check the checkpoint, open the cache, tell the
+        metrics what the results file records."""
+        check_loaded_checkpoint(self.runner)
+        self._t0 = time.time()
+        self._done = 0
+        self._attacked = 0
+        self.cache = None
+        if self.resume:
+            self.cache = ResultCache.for_evaluation(self.runner.work_dir,
+                                                    self._description(),
+                                                    get_rank())
+            if len(self.cache):
+                print_log(
+                    f'Resuming the robustness evaluation: {len(self.cache)} '
+                    f'images already done in {self.cache.folder}',
+                    logger='current')
+        if self._stage == 'test':
+            for metric in self.evaluator.metrics:
+                if isinstance(metric, RobustnessMetric):
+                    metric.set_run_info(
+                        work_dir=self.runner.work_dir,
+                        attacks=self.attack_cfgs,
+                        eps=self.eps_list,
+                        checkpoint=getattr(self.runner, '_load_from', None),
+                        timestamp=self.runner.timestamp)
 
-        From then on the outputs of every iteration carry, per image attacked in
-        this run, ``example``: the clean and adversarial image, the ground truth
-        and both predictions, from the attack (SEA member) with the lowest pixel
-        accuracy at radius ``eps`` (default: the largest). Used by
-        :class:`~mmseg_robust.engine.AdversarialVisualizationHook`; images
-        restored from the robustness cache are not attacked again and carry none.
-
-        Returns:
-            str: the eps key the examples are taken at.
-        """
-        key = eps_key(max(self.eps_list) if eps is None else eps)
-        if key not in self.attacks:
-            raise ValueError(
-                f'examples requested at eps {eps} but the loop attacks at eps '
-                f'{self.eps_list}; choose one of these')
-        self.example_eps = key
-        return key
-
-    # ------------------------------------------------------------------ cache
     def _description(self) -> dict:
+        """Everything the cached results depend on (the cache's key)."""
         cfg = self.runner.cfg
         load_from = getattr(self.runner, '_load_from', None)
         ckpt = None
@@ -152,72 +145,62 @@ class _AdversarialEvalMixin:
             eps=self.eps_list,
             seed=self.seed)
 
-    def _open_cache(self) -> None:
-        if not self.resume:
-            return
-        description = self._description()
-        folder = osp.join(self.runner.work_dir, 'robustness_cache',
-                          fingerprint(description))
-        mkdir_or_exist(folder)
-        self.cache = ResultCache(folder, get_rank(), description)
-        if len(self.cache):
-            print_log(
-                f'Resuming the robustness evaluation: {len(self.cache)} images '
-                f'already done in {folder}',
-                logger='current')
-
     # ----------------------------------------------------------------- attack
     def _attack_batch(self, view: SegmentorPixelView,
-                      keys: List[str]) -> Tuple[list, Optional[list]]:
-        """Attack one batch: the image records and, when requested
-        (:meth:`request_examples`), the examples; else None."""
+                      keys: List[str]) -> tuple:
+        """Attack one batch: per image its record and its adversarial examples
+        (``{eps: example}``, the attack with the lowest pixel accuracy)."""
         labels = view.labels
-        logits, clean_pred = view.predict()
-        num_classes = logits.shape[1]
         if labels is None:
             raise ValueError('the robustness evaluation needs ground truth: the '
                              'test pipeline must contain LoadAnnotations')
+        logits, clean_pred = view.predict()
+        num_classes = logits.shape[1]
         ignore = ignore_index_of(self.runner.model)
         clean = counts_of_batch(clean_pred, labels, num_classes, ignore)
         per_image: List[Dict[str, Dict[str, dict]]] = [
             OrderedDict() for _ in keys
         ]
+        examples: List[Dict[str, dict]] = [OrderedDict() for _ in keys]
         seeds = [image_seed(self.seed, k) for k in keys]
-        # worst example per image at example_eps: [accuracy, attack, adv, pred]
-        worst = [[2.0, None, None, None] for _ in keys]
         for eps_name, attacks in self.attacks.items():
+            # per image: [accuracy, attack name, adversarial image, prediction]
+            worst = [[2.0, None, None, None] for _ in keys]
             for rec in per_image:
                 rec[eps_name] = OrderedDict()
             for attack in attacks:
-                for name, sub, salt in _sub_attacks(attack):
-                    self._log_attack(eps_name, name)
-                    sub_seeds = seeds if salt is None else derive_seeds(
-                        seeds, salt)
-                    out = sub.run(view, view.images, labels, seeds=sub_seeds)
-                    counts = counts_of_batch(out.adv_pred, labels,
+                name = type(attack).__name__
+                out = attack.run(
+                    view, view.images, labels, seeds=seeds,
+                    progress=lambda text, e=eps_name: self._log_attack(e, text))
+                for member, member_out in out.by_attack(name).items():
+                    counts = counts_of_batch(member_out.adv_pred, labels,
                                              num_classes, ignore)
                     for rec, c in zip(per_image, counts):
-                        if name in rec[eps_name]:
+                        if member in rec[eps_name]:
                             raise ValueError(
                                 f'two attacks at eps {eps_name} are named '
-                                f'{name}: give the attacks different settings')
-                        rec[eps_name][name] = c
-                    if eps_name == self.example_eps:
-                        for i, (w, c) in enumerate(zip(worst, counts)):
-                            acc = _accuracy(c)
-                            if acc < w[0]:
-                                w[:] = [acc, name, out.adv_images[i],
-                                        out.adv_pred[i]]
+                                f'{member}: give the attacks different settings')
+                        rec[eps_name][member] = c
+                # the attack's own output is its worst case over its members
+                counts = counts_of_batch(out.adv_pred, labels, num_classes,
+                                         ignore)
+                for i, (w, c) in enumerate(zip(worst, counts)):
+                    acc = _accuracy(c)
+                    if acc < w[0]:
+                        w[:] = [acc, out.source(name, i), out.adv_images[i],
+                                out.adv_pred[i]]
+            for ex, w, c in zip(examples, worst, clean):
+                ex[eps_name] = dict(eps=float(eps_name), attack=w[1],
+                                    adv_acc=w[0], clean_acc=_accuracy(c),
+                                    adv_image=w[2], adv_pred=w[3])
         records = [
             image_record(k, num_classes, c, a)
             for k, c, a in zip(keys, clean, per_image)
         ]
-        examples = None
-        if self.example_eps is not None:
-            examples = self._make_examples(view, keys, clean_pred, clean, worst)
-        return records, examples
+        return records, self._make_examples(view, keys, clean_pred, examples)
 
-    def _make_examples(self, view, keys, clean_pred, clean, worst) -> list:
+    def _make_examples(self, view, keys, clean_pred, examples) -> list:
         """numpy examples (see :func:`mmseg_robust.reporting.save_example`)."""
         # the view's images are in the channel order the network sees: RGB
         # when the preprocessor converts mmcv's BGR, BGR when it does not
@@ -229,25 +212,21 @@ class _AdversarialEvalMixin:
             img = img if rgb else img.flip(0)
             return img.permute(1, 2, 0).contiguous().numpy()
 
-        examples = []
-        for i, (key, (acc, name, adv, pred)) in enumerate(zip(keys, worst)):
-            c = clean[i]
-            examples.append(
-                dict(
-                    name=osp.splitext(osp.basename(key))[0],
-                    image=to_hwc(view.images[i]),
-                    adv_image=to_hwc(adv),
-                    gt=view.labels[i].cpu().numpy(),
-                    clean_pred=clean_pred[i].cpu().numpy(),
-                    adv_pred=pred.cpu().numpy(),
-                    eps=float(self.example_eps),
-                    attack=name,
-                    clean_acc=_accuracy(c),
-                    adv_acc=acc))
-        return examples
+        out = []
+        for i, (key, per_eps) in enumerate(zip(keys, examples)):
+            common = dict(
+                name=osp.splitext(osp.basename(key))[0],
+                image=to_hwc(view.images[i]),
+                gt=view.labels[i].cpu().numpy(),
+                clean_pred=clean_pred[i].cpu().numpy())
+            out.append(OrderedDict(
+                (e, dict(common, **dict(ex, adv_image=to_hwc(ex['adv_image']),
+                                        adv_pred=ex['adv_pred'].cpu().numpy())))
+                for e, ex in per_eps.items()))
+        return out
 
-    def _log_attack(self, eps_key: str, name: str) -> None:
-        self._current = f'eps {eps_key}: {name}'
+    def _log_attack(self, eps_name: str, name: str) -> None:
+        self._current = f'eps {eps_name}: {name}'
         if (self._idx + 1) % self.log_interval == 0:
             print_log(
                 f'Robustness [{self._idx + 1}/{len(self.dataloader)} batches] '
@@ -255,7 +234,27 @@ class _AdversarialEvalMixin:
                 logger='current')
 
     # ------------------------------------------------------------------- iter
-    def _evaluate_iter(self, idx: int, data_batch: dict) -> List[dict]:
+    def run_iter(self, idx: int, data_batch: dict) -> None:
+        """Attack one batch (images found in the cache are not attacked again),
+        hand the per-image records to the evaluator, call the iteration hooks.
+
+        The outputs are the batch's data samples, each with two more fields:
+        ``robustness`` (the image's record) and ``adv_examples`` (``{eps:
+        example}``, None for images restored from the cache).
+        """
+        if idx == 0:
+            self._start()
+        self.runner.call_hook(
+            f'before_{self._stage}_iter', batch_idx=idx, data_batch=data_batch)
+        outputs = self._evaluate_iter(idx, data_batch)
+        self.evaluator.process(data_samples=outputs, data_batch=data_batch)
+        self.runner.call_hook(
+            f'after_{self._stage}_iter',
+            batch_idx=idx,
+            data_batch=data_batch,
+            outputs=outputs)
+
+    def _evaluate_iter(self, idx: int, data_batch: dict) -> list:
         self._idx = idx
         samples = data_batch['data_samples']
         keys = [_image_key(s) for s in samples]
@@ -273,17 +272,18 @@ class _AdversarialEvalMixin:
                                                    [keys[i] for i in todo])
             if self.cache is not None:
                 self.cache.put(new)
-            for i, rec in zip(todo, new):
+            for i, rec, ex in zip(todo, new, new_examples):
                 records[i] = rec
-            for i, ex in zip(todo, new_examples or []):
                 examples[i] = ex
             self._attacked += len(todo)
         self._done += len(keys)
         self._log_progress(idx)
-        outputs = [dict(robustness=r, img_path=k) for r, k in zip(records, keys)]
-        if self.example_eps is not None:
-            for out, ex in zip(outputs, examples):
-                out['example'] = ex
+        outputs = []
+        for sample, record, example in zip(samples, records, examples):
+            out = sample.new()
+            out.set_field(record, 'robustness')
+            out.set_field(example, 'adv_examples')
+            outputs.append(out)
         return outputs
 
     def _log_progress(self, idx: int) -> None:
@@ -304,82 +304,6 @@ class _AdversarialEvalMixin:
             f'{getattr(self, "_current", "-")}{eta}',
             logger='current')
 
-    def _check_checkpoint(self) -> None:
-        """Refuse a checkpoint that does not fit the model exactly.
-
-        mmengine loads test checkpoints with ``strict=False`` and only warns, so a
-        config whose class count disagrees with the checkpoint would be evaluated
-        with a randomly initialised classifier. Robustness numbers of such a model
-        are meaningless: fail before attacking.
-        """
-        path = getattr(self.runner, '_load_from', None)
-        if not path or not osp.isfile(path):
-            return
-        ckpt = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-        state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else {}
-        state = {
-            (k[len('module.'):] if k.startswith('module.') else k): v
-            for k, v in state.items()
-        }
-        own = unwrap_model(self.runner.model).state_dict()
-        check_state_dict(
-            state, {k: v.shape
-                    for k, v in own.items()},
-            what=f'the checkpoint {path} (mmengine would load it partially '
-            'and evaluate random weights)',
-            hint='Check num_classes and the architecture in the config '
-            '(convert foreign checkpoints with tools/model_converters).')
-
-    def _run_epoch(self, stage: str, write_json: bool = True) -> dict:
-        """One pass over the data with the hooks of ``stage`` ('test'/'val')."""
-        self.runner.call_hook(f'before_{stage}')
-        self.runner.call_hook(f'before_{stage}_epoch')
-        self._start()
-        for idx, data_batch in enumerate(self.dataloader):
-            self.runner.call_hook(
-                f'before_{stage}_iter', batch_idx=idx, data_batch=data_batch)
-            outputs = self._evaluate_iter(idx, data_batch)
-            self.evaluator.process(data_samples=outputs, data_batch=data_batch)
-            self.runner.call_hook(
-                f'after_{stage}_iter',
-                batch_idx=idx,
-                data_batch=data_batch,
-                outputs=outputs)
-        metrics = self.evaluator.evaluate(len(self.dataloader.dataset))
-        self._finish(metrics, write_json)
-        self.runner.call_hook(f'after_{stage}_epoch', metrics=metrics)
-        self.runner.call_hook(f'after_{stage}')
-        return metrics
-
-    def _start(self) -> None:
-        self._check_checkpoint()
-        self._t0 = time.time()
-        self._done = 0
-        self._attacked = 0
-        self._open_cache()
-
-    def _finish(self, metrics: dict, write_json: bool = True) -> None:
-        if self.cache is not None:
-            self.cache.close()
-        if get_rank() != 0 or not write_json:
-            return
-        summary = None
-        for metric in self.evaluator.metrics:
-            summary = getattr(metric, 'summary', None) or summary
-        out = dict(
-            metrics=metrics,
-            summary=summary,
-            attacks=self.attack_cfgs,
-            eps=self.eps_list,
-            seed=self.seed,
-            checkpoint=getattr(self.runner, '_load_from', None),
-            timestamp=self.runner.timestamp)
-        path = osp.join(self.runner.work_dir,
-                        f'robustness_{self.runner.timestamp}.json')
-        with open(path, 'w') as f:
-            json.dump(out, f, indent=1, default=float)
-        print_log(f'Robustness results written to {path}', logger='current')
-
 
 @LOOPS.register_module()
 class AdversarialTestLoop(_AdversarialEvalMixin, TestLoop):
@@ -389,7 +313,7 @@ class AdversarialTestLoop(_AdversarialEvalMixin, TestLoop):
     as ``test_evaluator``::
 
         test_cfg = dict(type='AdversarialTestLoop', eps=[4, 8],
-                        attacks=[dict(type='SEA', n_iter=300, class_weights='voc')])
+                        attacks=[dict(type='SEA', steps=300, class_weights='voc')])
         test_evaluator = dict(type='RobustnessMetric')
 
     or with ``tools/test.py CFG CKPT --cfg-options evaluator=SEA``.
@@ -399,6 +323,8 @@ class AdversarialTestLoop(_AdversarialEvalMixin, TestLoop):
         attacks, eps, seed, resume, log_interval: see
             :class:`_AdversarialEvalMixin`.
     """
+
+    _stage = 'test'
 
     def __init__(self,
                  runner,
@@ -411,9 +337,6 @@ class AdversarialTestLoop(_AdversarialEvalMixin, TestLoop):
                  log_interval: int = 1) -> None:
         TestLoop.__init__(self, runner, dataloader, evaluator, fp16=False)
         self._setup(attacks, eps, seed, resume, log_interval)
-
-    def run(self) -> dict:
-        return self._run_epoch('test')
 
 
 @LOOPS.register_module()
@@ -429,6 +352,8 @@ class AdversarialValLoop(_AdversarialEvalMixin, ValLoop):
     between validations.
     """
 
+    _stage = 'val'
+
     def __init__(self,
                  runner,
                  dataloader,
@@ -440,6 +365,3 @@ class AdversarialValLoop(_AdversarialEvalMixin, ValLoop):
                  log_interval: int = 10) -> None:
         ValLoop.__init__(self, runner, dataloader, evaluator, fp16=False)
         self._setup(attacks, eps, seed, resume, log_interval)
-
-    def run(self) -> dict:
-        return self._run_epoch('val', write_json=False)

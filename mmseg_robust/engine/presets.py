@@ -1,12 +1,17 @@
-"""``evaluator=...`` presets: turn any mmseg config into a robustness evaluation.
+"""``evaluator=...``: turn any mmseg config into a robustness evaluation.
 
+The presets are config files, ``configs/_base_/evaluators/{sea,apgd,pgd,segpgd,
+cospgd}.py``, each defining ``robustness_test_cfg`` (an
+:class:`AdversarialTestLoop`) and ``robustness_evaluator`` (a
+:class:`RobustnessMetric`). Configs inherit them (see ``sea.py``), and
 ``tools/test.py CFG CKPT --cfg-options evaluator=SEA`` (or ``evaluator.type=SEA
-evaluator.eps=4,8 evaluator.n_iter=100 evaluator.seed=1``) replaces the config's
-``test_cfg``/``test_evaluator`` by an :class:`AdversarialTestLoop` with the preset's
-attacks and a :class:`RobustnessMetric`. :func:`apply_robustness_evaluator` does
-it, so Python users can call it on their own configs too.
+evaluator.eps=4,8 evaluator.steps=100 evaluator.seed=1``) replaces the config's
+``test_cfg``/``test_evaluator`` by the preset's, with the options applied:
+:func:`apply_robustness_evaluator` does it, so Python users can call it on their
+own configs too.
 """
 import copy
+import os.path as osp
 from typing import Optional
 
 import numpy as np
@@ -18,24 +23,41 @@ from mmseg_robust.attacks.objectives import (class_weights_from_counts,
 
 __all__ = [
     'EVALUATOR_PRESETS', 'add_adversarial_visualization',
-    'apply_robustness_evaluator', 'dataset_class_weights',
-    'is_robustness_evaluation', 'normalize_evaluator_options'
+    'apply_robustness_evaluator', 'configure_test', 'dataset_class_weights',
+    'is_robustness_evaluation', 'load_evaluator_preset',
+    'normalize_evaluator_options'
 ]
 
-#: name -> (attack config, name of its iteration argument). Iteration counts
-#: follow the SEA paper (300 for SEA's APGD runs, 100 for single attacks).
+#: evaluator name -> its preset file in ``configs/_base_/evaluators/``.
 EVALUATOR_PRESETS = {
-    'SEA': (dict(type='SEA', n_iter=300), 'n_iter'),
-    'APGD': (dict(type='APGD', n_iter=100, loss='CE'), 'n_iter'),
-    'PGD': (dict(type='PGD', steps=100, loss='CE', best_iterate=True), 'steps'),
-    'SegPGD': (dict(type='PGD', steps=100, loss='SegPGD',
-                    best_iterate=True), 'steps'),
-    'CosPGD': (dict(type='PGD', steps=100, loss='CosPGD',
-                    best_iterate=True), 'steps'),
+    'SEA': 'sea.py',
+    'APGD': 'apgd.py',
+    'PGD': 'pgd.py',
+    'SegPGD': 'segpgd.py',
+    'CosPGD': 'cospgd.py',
 }
-DEFAULT_EPS = [4, 8]
-_OPTIONS = ('type', 'eps', 'n_iter', 'seed', 'class_weights', 'resume',
+#: where the preset files are: the ``configs`` folder of the source checkout
+#: (mmseg_robust is installed from a clone with ``pip install -e .``).
+PRESET_DIR = osp.join(
+    osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), 'configs',
+    '_base_', 'evaluators')
+_OPTIONS = ('type', 'eps', 'steps', 'n_iter', 'seed', 'class_weights', 'resume',
             'worst_case_modes', 'norm', 'log_interval')
+
+
+def load_evaluator_preset(name: str) -> Config:
+    """The preset config file of evaluator ``name`` (``'SEA'``, ``'PGD'``, ...)."""
+    if name not in EVALUATOR_PRESETS:
+        raise ValueError(f'unknown evaluator {name!r}; choose one of '
+                         f'{sorted(EVALUATOR_PRESETS)}')
+    path = osp.join(PRESET_DIR, EVALUATOR_PRESETS[name])
+    if not osp.isfile(path):
+        raise FileNotFoundError(
+            f'the evaluator preset {path} is missing: the presets are the '
+            'config files under configs/_base_/evaluators/ of the mmseg_robust '
+            'source checkout; install mmseg_robust from a clone with '
+            '`pip install -e .` (see README, Installation)')
+    return Config.fromfile(path)
 
 
 def dataset_class_weights(dataset_cfg: dict, num_classes: int,
@@ -92,9 +114,11 @@ def apply_robustness_evaluator(cfg: Config,
     Args:
         cfg (Config): a full mmseg config; modified in place and returned.
         spec (str | dict, optional): ``'SEA'`` or ``dict(type='SEA', eps=[4, 8],
-            n_iter=300, seed=0, class_weights=None, norm='Linf', resume=True,
-            worst_case_modes=['best', 'reference'])``. Defaults to
-            ``cfg.evaluator``; nothing happens when both are missing.
+            steps=300, seed=0, class_weights=None, norm='Linf', resume=True,
+            worst_case_modes=['best', 'reference'], log_interval=1)``; options
+            left out keep the preset's values (``n_iter`` is an alias of
+            ``steps``). Defaults to ``cfg.evaluator``; nothing happens when both
+            are missing.
 
     Returns:
         Config: ``cfg``.
@@ -109,38 +133,91 @@ def apply_robustness_evaluator(cfg: Config,
         raise ValueError(f'unknown evaluator option(s) {unknown}; allowed: '
                          f'{list(_OPTIONS)}')
     name = spec.get('type')
-    if name not in EVALUATOR_PRESETS:
-        raise ValueError(f'unknown evaluator {name!r}; choose one of '
-                         f'{sorted(EVALUATOR_PRESETS)}')
-    attack, iter_arg = copy.deepcopy(EVALUATOR_PRESETS[name])
-    if spec.get('n_iter') is not None:
-        attack[iter_arg] = int(spec['n_iter'])
+    preset = load_evaluator_preset(name)
+    test_cfg = copy.deepcopy(preset.robustness_test_cfg.to_dict())
+    metric = copy.deepcopy(preset.robustness_evaluator.to_dict())
+    attack = test_cfg['attacks'][0]
+    steps = spec.get('steps', spec.get('n_iter'))
+    if spec.get('steps') is not None and spec.get('n_iter') is not None and \
+            spec['steps'] != spec['n_iter']:
+        raise ValueError(f"evaluator.steps={spec['steps']} and evaluator.n_iter="
+                         f"{spec['n_iter']} disagree (n_iter is an alias)")
+    if steps is not None:
+        attack['steps'] = int(steps)
     if spec.get('norm') is not None:
         attack['norm'] = spec['norm']
-    if name == 'SEA':
+    if attack['type'] == 'SEA' and attack.get('class_weights') is None:
         weights = spec.get('class_weights')
         attack['class_weights'] = weights if weights is not None else \
             _sea_class_weights(cfg)
-    eps = spec.get('eps', DEFAULT_EPS)
-    eps = [eps] if isinstance(eps, (int, float)) else list(eps)
-    seed = int(spec.get('seed', 0))
-    cfg.test_cfg = ConfigDict(
-        type='AdversarialTestLoop',
-        attacks=[attack],
-        eps=eps,
-        seed=seed,
-        resume=bool(spec.get('resume', True)),
-        log_interval=int(spec.get('log_interval', 1)))
-    # `evaluator.worst_case_modes=best` arrives as a string: one mode, not
-    # its letters
-    modes = spec.get('worst_case_modes', ['best', 'reference'])
-    modes = [modes] if isinstance(modes, str) else list(modes)
-    cfg.test_evaluator = ConfigDict(
-        type='RobustnessMetric',
-        name=name,
-        seed=seed,
-        worst_case_modes=modes)
+    if 'eps' in spec:
+        eps = spec['eps']
+        test_cfg['eps'] = [eps] if isinstance(eps, (int, float)) else list(eps)
+    if 'seed' in spec:
+        test_cfg['seed'] = metric['seed'] = int(spec['seed'])
+    if 'resume' in spec:
+        test_cfg['resume'] = _as_bool(spec['resume'], 'evaluator.resume')
+    if 'log_interval' in spec:
+        test_cfg['log_interval'] = int(spec['log_interval'])
+    if 'worst_case_modes' in spec:
+        # `evaluator.worst_case_modes=best` arrives as a string: one mode, not
+        # its letters
+        modes = spec['worst_case_modes']
+        metric['worst_case_modes'] = [modes] if isinstance(modes, str) else \
+            list(modes)
+    cfg.test_cfg = ConfigDict(test_cfg)
+    cfg.test_evaluator = ConfigDict(metric)
+    _drop_clean_visualization(cfg)
     return cfg
+
+
+def _drop_clean_visualization(cfg: Config, force: bool = False) -> None:
+    """Remove mmseg's ``SegVisualizationHook`` from a robustness evaluation when
+    it draws nothing (``draw=False``, which also makes it warn in every log), or
+    always (``force``: ``--show-dir`` saves the adversarial pictures instead; the
+    stock hook would draw the clean input)."""
+    hooks = cfg.get('default_hooks') or {}
+    vis = hooks.get('visualization')
+    if vis is not None and (force or not vis.get('draw', False)):
+        hooks.pop('visualization')
+
+
+def _as_bool(value, what: str) -> bool:
+    """A bool from a config value (``--cfg-options x=False`` gives a bool, but
+    ``x=false`` / ``x=0`` a string or an int)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ('true', '1', 'yes'):
+        return True
+    if text in ('false', '0', 'no'):
+        return False
+    raise ValueError(f'{what} must be True or False, got {value!r}')
+
+
+def configure_test(cfg: Config, show: bool = False,
+                   show_dir: Optional[str] = None) -> bool:
+    """What ``tools/test.py`` adds to mmseg's test: the ``evaluator=...``
+    presets (:func:`apply_robustness_evaluator`), ``--show-dir`` saving the
+    adversarial examples of a robustness evaluation, and the check that the
+    checkpoint fits the model (:class:`CheckpointCheckHook`).
+
+    Returns:
+        bool: whether ``cfg`` is now a robustness evaluation (mmseg's own
+        visualization of ``--show``/``--show-dir`` is then not wanted).
+    """
+    apply_robustness_evaluator(cfg)
+    hooks = list(cfg.get('custom_hooks', []) or [])
+    if not any(h.get('type') == 'CheckpointCheckHook' for h in hooks):
+        cfg.custom_hooks = hooks + [dict(type='CheckpointCheckHook')]
+    if not is_robustness_evaluation(cfg):
+        return False
+    if show:
+        raise SystemExit('--show is not supported with an attack evaluator; use '
+                         '--show-dir DIR to save the adversarial examples')
+    if show_dir:
+        add_adversarial_visualization(cfg, show_dir)
+    return True
 
 
 def normalize_evaluator_options(options: Optional[dict]) -> Optional[dict]:
@@ -173,9 +250,7 @@ def add_adversarial_visualization(cfg: Config, show_dir: str,
     """``--show-dir`` for a robustness evaluation: save adversarial examples
     (:class:`AdversarialVisualizationHook`) instead of mmseg's clean-image
     drawings, which would show the clean input, not the attacked one."""
-    vis = cfg.get('default_hooks', {}).get('visualization')
-    if vis is not None:
-        vis['draw'] = False
+    _drop_clean_visualization(cfg, force=True)
     hooks = list(cfg.get('custom_hooks', []) or [])
     hooks.append(
         dict(type='AdversarialVisualizationHook', out_dir=show_dir, eps=eps,

@@ -6,6 +6,10 @@ image to its own file in a folder named after a fingerprint of the evaluation
 (model config, checkpoint, attacks, eps, seed); a restarted run with the same
 fingerprint reads every file of the folder (whatever the number of ranks was) and
 skips the images it finds. A line cut short by a kill is ignored.
+
+The cache is its own component: :meth:`ResultCache.for_evaluation` opens the
+folder of an evaluation under ``work_dir/robustness_cache/``; the test loop only
+asks it for finished images (:meth:`get`) and hands it new ones (:meth:`put`).
 """
 import hashlib
 import json
@@ -32,6 +36,15 @@ class ResultCache:
             ``meta.json`` for humans.
     """
 
+    @classmethod
+    def for_evaluation(cls, work_dir: str, description: dict,
+                       rank: int = 0) -> 'ResultCache':
+        """The cache of the evaluation described by ``description`` (a
+        JSON-serialisable dict of everything the results depend on), in
+        ``work_dir/robustness_cache/<fingerprint>/``."""
+        folder = osp.join(work_dir, 'robustness_cache', fingerprint(description))
+        return cls(folder, rank, description)
+
     def __init__(self, folder: str, rank: int = 0,
                  description: Optional[dict] = None) -> None:
         self.folder = folder
@@ -43,13 +56,12 @@ class ResultCache:
         for name in sorted(os.listdir(folder)):
             if name.endswith('.jsonl'):
                 self._read(osp.join(folder, name))
-        path = osp.join(folder, f'rank{rank}.jsonl')
-        self._file = open(path, 'a')
-        if self._file.tell() > 0:
-            with open(path, 'rb') as f:
+        self.path = osp.join(folder, f'rank{rank}.jsonl')
+        if osp.isfile(self.path) and osp.getsize(self.path) > 0:
+            with open(self.path, 'rb+') as f:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b'\n':  # end a line cut short by a kill
-                    self._file.write('\n')
+                    f.write(b'\n')
 
     def _read(self, path: str) -> None:
         with open(path) as f:
@@ -67,12 +79,10 @@ class ResultCache:
         return self.records.get(key)
 
     def put(self, records: Iterable[dict]) -> None:
-        """Save records (flushed to disk before returning)."""
-        for record in records:
-            self.records[record['key']] = record
-            self._file.write(json.dumps(record, separators=(',', ':')) + '\n')
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        self._file.close()
+        """Save records (on disk before returning)."""
+        with open(self.path, 'a') as f:
+            for record in records:
+                self.records[record['key']] = record
+                f.write(json.dumps(record, separators=(',', ':')) + '\n')
+            f.flush()
+            os.fsync(f.fileno())

@@ -1,4 +1,5 @@
 """Saving adversarial examples during a robustness evaluation (``--show-dir``)."""
+import logging
 import os.path as osp
 from typing import Optional, Sequence
 
@@ -30,7 +31,10 @@ class AdversarialVisualizationHook(Hook):
       (:func:`mmseg_robust.reporting.load_example`), for reports.
 
     The example of an image is the one of the attack with the lowest pixel
-    accuracy (SEA's worst case per image) at radius ``eps``. ``tools/test.py
+    accuracy (SEA's worst case per image) at radius ``eps``; the test loop hands
+    it over in its outputs (``adv_examples``). Images restored from the
+    robustness cache of an earlier run were not attacked again and have none:
+    the hook says how many it could not draw and how to draw them. ``tools/test.py
     --show-dir DIR`` adds this hook when an attack evaluator is active::
 
         custom_hooks = [dict(type='AdversarialVisualizationHook',
@@ -60,33 +64,56 @@ class AdversarialVisualizationHook(Hook):
         self.draw_visualizer = draw_visualizer
         self.save_panels = save_panels
         self._saved = 0
+        self._cached = 0
 
     def before_test(self, runner) -> None:
+        from mmseg_robust.engine.adversarial_loops import AdversarialTestLoop
         loop = runner.test_loop
-        if not hasattr(loop, 'request_examples'):
+        if not isinstance(loop, AdversarialTestLoop):
             raise ValueError(
                 'AdversarialVisualizationHook saves adversarial examples and '
                 f'needs an adversarial test loop, got {type(loop).__name__}: use '
                 '--cfg-options evaluator=SEA (or another attack evaluator), or '
                 "test_cfg=dict(type='AdversarialTestLoop', ...)")
-        key = loop.request_examples(self.eps)
+        radii = loop.eps_list
+        if self.eps is not None and float(self.eps) not in radii:
+            raise ValueError(
+                f'examples requested at eps {self.eps} but the loop attacks at '
+                f'eps {radii}; choose one of these')
+        self._key = f'{float(max(radii) if self.eps is None else self.eps):g}'
+        self._saved = self._cached = 0
         mkdir_or_exist(self.out_dir)
         meta = runner.test_dataloader.dataset.metainfo
         self._palette = [tuple(int(v) for v in c) for c in meta['palette']]
         self._classes = list(meta.get('classes', []))
         print_log(
-            f'Saving adversarial examples at eps {key}/255 to {self.out_dir}',
+            f'Saving adversarial examples at eps {self._key}/255 to '
+            f'{osp.abspath(self.out_dir)}',
             logger='current')
 
+    def after_test(self, runner) -> None:
+        print_log(
+            f'Adversarial examples of {self._saved} images written to '
+            f'{osp.abspath(self.out_dir)}', logger='current')
+        if self._cached:
+            print_log(
+                f'{self._cached} images were restored from the robustness cache '
+                'of an earlier run and not attacked again, so they have no '
+                'adversarial example to draw. To draw them too, rerun with '
+                '--cfg-options evaluator.resume=False (or another --work-dir).',
+                logger='current', level=logging.WARNING)
+
     def after_test_iter(self, runner, batch_idx: int, data_batch=None,
-                        outputs: Optional[Sequence[dict]] = None) -> None:
+                        outputs: Optional[Sequence] = None) -> None:
         from mmseg_robust.reporting import save_example, save_picture_grid
         for out in outputs or []:
-            example = out.get('example') if isinstance(out, dict) else None
-            if example is None:
+            examples = out.get('adv_examples')
+            if examples is None:
+                self._cached += 1
                 continue
             if self.max_images is not None and self._saved >= self.max_images:
                 return
+            example = examples[self._key]
             stem = osp.join(self.out_dir, example['name'])
             save_example(example, stem + '_example.npz')
             if self.save_panels:

@@ -8,8 +8,6 @@ the clean prediction and of every attack at every eps (see
 all ranks in dataset order, so the numbers do not depend on the number of
 processes.
 """
-import json
-import os
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
@@ -19,7 +17,8 @@ from mmengine.evaluator import BaseMetric
 from mmengine.logging import MMLogger, print_log
 
 from mmseg_robust.registry import METRICS
-from .counts import miou_from_counts, per_image_counts
+from .counts import per_image_counts, pixel_accuracy, pooled_metrics
+from .results import RobustnessResults, write_results
 from .worst_case import WORST_CASE_MIOU_MODES, worst_case_aacc, worst_case_miou
 
 __all__ = [
@@ -55,29 +54,35 @@ def eps_key(eps: float) -> str:
     return f'{float(eps):g}'
 
 
-def _stack(records: Sequence[dict], getter, key: str) -> np.ndarray:
-    return np.asarray([getter(r)[key] for r in records], dtype=np.int64)
+def _counts(records: Sequence[dict], getter) -> List[dict]:
+    return [getter(r) for r in records]
 
 
 def _pooled(records, getter) -> dict:
-    inter = _stack(records, getter, 'intersect').sum(0)
-    union = _stack(records, getter, 'union').sum(0)
-    label = _stack(records, getter, 'label_area').sum(0)
-    with np.errstate(invalid='ignore', divide='ignore'):
-        a_acc = inter.sum() / label.sum()
-    return dict(mIoU=miou_from_counts(inter, union), aAcc=float(a_acc))
+    """mIoU and pooled aAcc (percent) of one prediction per image."""
+    pooled = pooled_metrics(_counts(records, getter))
+    return dict(mIoU=_percent(pooled['mIoU']), aAcc=_percent(pooled['aAcc']))
 
 
-def _per_image_acc(records, getter, keep: np.ndarray) -> np.ndarray:
-    correct = np.asarray([getter(r)['correct'] for r in records], np.float64)
-    valid = np.asarray([getter(r)['valid'] for r in records], np.float64)
-    return correct[keep] / valid[keep]
+def _image_accuracies(records, getter, keep: np.ndarray) -> np.ndarray:
+    """Per-image pixel accuracy (fractions) of the images in ``keep``."""
+    counts = _counts(records, getter)
+    return pixel_accuracy([c['correct'] for c in counts],
+                          [c['valid'] for c in counts])[keep]
+
+
+def _percent(value: float) -> float:
+    return 100.0 * float(value)
+
+
+def _mean_percent(acc: np.ndarray) -> float:
+    return _percent(acc.mean()) if acc.size else float('nan')
 
 
 def summarize_records(records: Sequence[dict],
                       worst_case_modes: Sequence[str] = WORST_CASE_MIOU_MODES,
                       seed: int = 0) -> dict:
-    """All numbers of a robustness evaluation, as fractions in [0, 1].
+    """All numbers of a robustness evaluation, in percent.
 
     Args:
         records (sequence of dict): :func:`image_record` outputs, in dataset order.
@@ -96,8 +101,8 @@ def summarize_records(records: Sequence[dict],
         raise ValueError('no image records to summarize')
     keep = np.asarray([r['clean']['valid'] > 0 for r in records])
     clean = _pooled(records, lambda r: r['clean'])
-    clean_acc = _per_image_acc(records, lambda r: r['clean'], keep)
-    clean['aAcc_img'] = float(clean_acc.mean()) if keep.any() else float('nan')
+    clean['aAcc_img'] = _mean_percent(
+        _image_accuracies(records, lambda r: r['clean'], keep))
     out = OrderedDict(num_images=len(records), clean=clean, eps=OrderedDict())
     for eps in records[0]['attacks']:
         names = list(records[0]['attacks'][eps])
@@ -109,32 +114,27 @@ def summarize_records(records: Sequence[dict],
                 return r['attacks'][eps][name]
 
             res = _pooled(records, get)
-            acc = _per_image_acc(records, get, keep)
-            res['aAcc_img'] = float(acc.mean()) if keep.any() else float('nan')
+            acc = _image_accuracies(records, get, keep)
+            res['aAcc_img'] = _mean_percent(acc)
             per_attack[name] = res
             accs.append(acc)
-        inter = np.stack([
-            _stack(records, lambda r, n=n: r['attacks'][eps][n], 'intersect')
+        inter, union = (np.stack([
+            np.asarray([r['attacks'][eps][n][key] for r in records], np.int64)
             for n in names
-        ])
-        union = np.stack([
-            _stack(records, lambda r, n=n: r['attacks'][eps][n], 'union')
-            for n in names
-        ])
-        worst = OrderedDict(
-            aAcc_img=worst_case_aacc(np.stack(accs)) if keep.any() else float(
-                'nan'))
+        ]) for key in ('intersect', 'union'))
+        worst = OrderedDict(aAcc_img=_percent(worst_case_aacc(np.stack(
+            accs))) if keep.any() else float('nan'))
         for i, mode in enumerate(worst_case_modes):
             miou, _ = worst_case_miou(inter, union, mode=mode, seed=seed)
-            worst[f'mIoU_{mode}'] = float(miou)
+            worst[f'mIoU_{mode}'] = _percent(miou)
             if i == 0:
-                worst['mIoU'] = float(miou)
+                worst['mIoU'] = _percent(miou)
         out['eps'][eps] = OrderedDict(attacks=per_attack, worst_case=worst)
     return out
 
 
 def flatten_summary(summary: dict, name: str = 'SEA') -> Dict[str, float]:
-    """Flat ``{key: percent}`` metrics for logging (mmseg reports percentages).
+    """Flat ``{key: percent}`` metrics for logging (2 decimals).
 
     Keys: ``mIoU``, ``aAcc``, ``aAcc_img`` (clean), ``eps8/<name>/mIoU``,
     ``eps8/<name>/aAcc`` (worst case over the attacks), ``eps8/<name>/mIoU_<mode>``
@@ -142,17 +142,17 @@ def flatten_summary(summary: dict, name: str = 'SEA') -> Dict[str, float]:
     """
     flat = OrderedDict()
     for k, v in summary['clean'].items():
-        flat[k] = round(100 * v, 2)
+        flat[k] = round(v, 2)
     for eps, res in summary['eps'].items():
         worst = res['worst_case']
-        flat[f'eps{eps}/{name}/mIoU'] = round(100 * worst['mIoU'], 2)
-        flat[f'eps{eps}/{name}/aAcc'] = round(100 * worst['aAcc_img'], 2)
+        flat[f'eps{eps}/{name}/mIoU'] = round(worst['mIoU'], 2)
+        flat[f'eps{eps}/{name}/aAcc'] = round(worst['aAcc_img'], 2)
         for k, v in worst.items():
             if k.startswith('mIoU_'):
-                flat[f'eps{eps}/{name}/{k}'] = round(100 * v, 2)
+                flat[f'eps{eps}/{name}/{k}'] = round(v, 2)
         for attack, r in res['attacks'].items():
-            flat[f'eps{eps}/{attack}/mIoU'] = round(100 * r['mIoU'], 2)
-            flat[f'eps{eps}/{attack}/aAcc'] = round(100 * r['aAcc_img'], 2)
+            flat[f'eps{eps}/{attack}/mIoU'] = round(r['mIoU'], 2)
+            flat[f'eps{eps}/{attack}/aAcc'] = round(r['aAcc_img'], 2)
     return flat
 
 
@@ -160,15 +160,15 @@ def format_summary(summary: dict, name: str = 'SEA') -> str:
     """A plain-text table of a summary (percent)."""
     rows = [('eps', 'attack', 'mIoU', 'aAcc (pooled)', 'aAcc (per image)')]
     c = summary['clean']
-    rows.append(('0', 'clean', f"{100 * c['mIoU']:.2f}", f"{100 * c['aAcc']:.2f}",
-                 f"{100 * c['aAcc_img']:.2f}"))
+    rows.append(('0', 'clean', f"{c['mIoU']:.2f}", f"{c['aAcc']:.2f}",
+                 f"{c['aAcc_img']:.2f}"))
     for eps, res in summary['eps'].items():
         for attack, r in res['attacks'].items():
-            rows.append((eps, attack, f"{100 * r['mIoU']:.2f}",
-                         f"{100 * r['aAcc']:.2f}", f"{100 * r['aAcc_img']:.2f}"))
+            rows.append((eps, attack, f"{r['mIoU']:.2f}", f"{r['aAcc']:.2f}",
+                         f"{r['aAcc_img']:.2f}"))
         w = res['worst_case']
-        rows.append((eps, f'{name} (worst case)', f"{100 * w['mIoU']:.2f}", '-',
-                     f"{100 * w['aAcc_img']:.2f}"))
+        rows.append((eps, f'{name} (worst case)', f"{w['mIoU']:.2f}", '-',
+                     f"{w['aAcc_img']:.2f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
         ' | '.join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows
@@ -181,16 +181,20 @@ def format_summary(summary: dict, name: str = 'SEA') -> str:
 class RobustnessMetric(BaseMetric):
     """Clean, per-attack and worst-case (SEA) mIoU/aACC from per-image counts.
 
-    Used with :class:`~mmseg_robust.engine.AdversarialTestLoop`, which computes
-    the counts; ``compute_metrics`` gets every image's record in dataset order.
+    Used with :class:`~mmseg_robust.engine.AdversarialTestLoop`, whose outputs
+    carry one record per image (:func:`image_record`: per-class
+    intersection/union/label-area counts of the clean prediction and of every
+    attack at every eps); ``compute_metrics`` gets every record in dataset order.
+    The metric owns the numbers and the results file
+    (:mod:`mmseg_robust.evaluation.results`, all in percent).
 
     Reported (percent, like mmseg): clean ``mIoU``/``aAcc`` (pooled, as
     ``IoUMetric``) and ``aAcc_img`` (mean per-image accuracy); per eps the worst
     case over the attacks, ``eps8/SEA/mIoU`` (greedy worst-case mIoU, first mode of
     ``worst_case_modes``), ``eps8/SEA/mIoU_<mode>`` for each mode and
     ``eps8/SEA/aAcc`` (mean over images of the minimum accuracy over attacks,
-    section 4), and each single attack's ``eps8/<attack>/mIoU`` (pooled) and
-    ``eps8/<attack>/aAcc`` (mean per-image).
+    docs/algorithms.md section 4), and each single attack's ``eps8/<attack>/mIoU``
+    (pooled) and ``eps8/<attack>/aAcc`` (mean per-image).
 
     Args:
         worst_case_modes (sequence of str): ``'best'`` (default first: never
@@ -199,16 +203,18 @@ class RobustnessMetric(BaseMetric):
         seed (int): seed of the greedy's image order. Default: 0.
         name (str): name of the worst case in the keys. Default: ``'SEA'``.
         collect_device (str): ``'cpu'`` or ``'gpu'``. Default: ``'cpu'``.
-        prefix (str, optional): metric prefix.
-        output_dir (str, optional): also write the results to
-            ``output_dir/robustness_results.json`` (``summary`` as fractions,
-            ``metrics`` in percent), as ``tools/test.py --out DIR`` asks every
-            metric (mmseg's ``IoUMetric`` writes its predictions there).
-            Default: None.
-        keep_results (bool): with ``output_dir``, add every image's record
-            (per-class intersection/union counts, pixel counts, per attack) to
-            that file. Default: False.
+        prefix (str, optional): metric prefix. Default: none (mmseg's metric
+            names).
+        output_dir (str, optional): where to write the results file
+            ``robustness_<timestamp>.json``; ``tools/test.py --out DIR`` sets it
+            (mmseg's ``IoUMetric`` writes its predictions there). Default: the
+            work dir the test loop gives (:meth:`set_run_info`); nothing is
+            written without either (e.g. in a validation loop).
+        keep_results (bool): add every image's record (per-class counts per
+            attack) to the results file. Default: False.
     """
+
+    default_prefix = ''  # mmseg's metric names, without the "prefix" warning
 
     def __init__(self,
                  worst_case_modes: Sequence[str] = ('best', 'reference'),
@@ -221,7 +227,8 @@ class RobustnessMetric(BaseMetric):
         super().__init__(collect_device=collect_device, prefix=prefix)
         self.output_dir = output_dir
         self.keep_results = keep_results
-        modes = list(worst_case_modes)
+        modes = [worst_case_modes] if isinstance(worst_case_modes, str) else \
+            list(worst_case_modes)
         unknown = [m for m in modes if m not in WORST_CASE_MIOU_MODES]
         if unknown or not modes:
             raise ValueError(f'worst_case_modes must be a non-empty subset of '
@@ -230,6 +237,14 @@ class RobustnessMetric(BaseMetric):
         self.seed = seed
         self.name = name
         self.summary: Optional[dict] = None
+        self.results_path: Optional[str] = None
+        self._run_info: dict = {}
+
+    def set_run_info(self, work_dir: Optional[str] = None, **info) -> None:
+        """What the results file records about the run, given by the test loop:
+        ``work_dir`` (default folder of the file), ``attacks``, ``eps``,
+        ``checkpoint``, ``timestamp``."""
+        self._run_info = dict(info, work_dir=work_dir)
 
     def process(self, data_batch, data_samples: Sequence[dict]) -> None:
         for sample in data_samples:
@@ -250,27 +265,20 @@ class RobustnessMetric(BaseMetric):
             '\n' + format_summary(self.summary, self.name),
             logger=MMLogger.get_current_instance())
         metrics = flatten_summary(self.summary, self.name)
-        if self.output_dir:
-            self._write(metrics, results)
+        folder = self.output_dir or self._run_info.get('work_dir')
+        if folder:
+            info = self._run_info
+            self.results_path = write_results(
+                RobustnessResults(
+                    summary=self.summary,
+                    metrics=metrics,
+                    worst_case_modes=self.worst_case_modes,
+                    seed=self.seed,
+                    attacks=info.get('attacks', []),
+                    eps=info.get('eps', []),
+                    checkpoint=info.get('checkpoint'),
+                    timestamp=info.get('timestamp'),
+                    images=results if self.keep_results else None), folder)
+            print_log(f'Robustness results written to {self.results_path}',
+                      logger=MMLogger.get_current_instance())
         return metrics
-
-    def _write(self, metrics: dict, results: list) -> None:
-        os.makedirs(self.output_dir, exist_ok=True)
-        out = dict(summary=self.summary, metrics=metrics,
-                   worst_case_modes=self.worst_case_modes, seed=self.seed)
-        if self.keep_results:
-            out['images'] = results
-        path = os.path.join(self.output_dir, 'robustness_results.json')
-        with open(path, 'w') as f:
-            json.dump(out, f, indent=1, default=_json_default)
-        print_log(f'Robustness results written to {path}',
-                  logger=MMLogger.get_current_instance())
-
-
-def _json_default(value):
-    """numpy scalars and arrays in the records -> JSON numbers and lists."""
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f'cannot write {type(value).__name__} to JSON')

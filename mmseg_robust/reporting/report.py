@@ -14,6 +14,8 @@ from typing import Dict, List, Optional, Sequence, Union
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from mmseg_robust.evaluation.results import load_results
+
 __all__ = [
     'format_table', 'load_result', 'plot_robustness_curve', 'shared_settings',
     'write_report'
@@ -24,17 +26,17 @@ _TABLE_FORMATS = ('markdown', 'text')
 
 
 def _pct(value, what: str, source: str) -> Optional[float]:
-    """A fraction in [0, 1] as a percentage rounded to 2 decimals (None if NaN)."""
+    """A percentage rounded to 2 decimals (None if NaN)."""
     if value is None:
         return None
     try:
         value = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f'{source}: {what} should be a number (a fraction in '
-                         f'[0, 1]), got {value!r}.') from None
+        raise ValueError(f'{source}: {what} should be a number (percent), got '
+                         f'{value!r}.') from None
     if not math.isfinite(value):
         return None
-    return round(100.0 * value, 2)
+    return round(value, 2)
 
 
 def _metric(res: dict, key: str, what: str, source: str) -> Optional[float]:
@@ -79,7 +81,7 @@ def load_result(source: Union[str, os.PathLike, dict],
             checkpoint's folder, or ``'model'`` without a checkpoint.
 
     Returns:
-        dict: ``{'name', 'num_images', 'attack', 'n_iter', 'seed', 'checkpoint',
+        dict: ``{'name', 'num_images', 'attack', 'steps', 'seed', 'checkpoint',
         'clean': {'mIoU', 'aAcc'}, 'eps': {eps: {'mIoU', 'aAcc'}}}`` with the
         numbers in percent (2 decimals; None where the result is NaN) and the eps
         keys as strings (e.g. ``'4'``) in increasing numeric order.
@@ -88,46 +90,18 @@ def load_result(source: Union[str, os.PathLike, dict],
         ValueError: if the content is not a robustness result (e.g. the JSON of a
             clean ``tools/test.py`` run, which has no ``summary``).
     """
-    if isinstance(source, dict):
-        data, where = source, 'robustness result (dict)'
-    elif isinstance(source, (str, os.PathLike)):
-        where = os.fspath(source)
-        with open(where, encoding='utf-8') as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f'{where} is not valid JSON ({e}); pass a '
-                                 'robustness_<timestamp>.json file.') from None
-        if not isinstance(data, dict):
-            raise ValueError(f'{where} does not hold a JSON object; pass a '
-                             'robustness_<timestamp>.json file.')
-    else:
-        raise ValueError(
-            'load_result expects a path to a robustness JSON or its '
-            f'loaded dict, got {type(source).__name__}.')
-
-    summary = data.get('summary')
-    if not isinstance(summary, dict) or 'clean' not in summary:
-        raise ValueError(
-            f'{where} has no robustness summary (no "summary" with clean/eps '
-            'results): it is not the output of a robustness evaluation. Run '
-            'tools/test.py CFG CKPT --cfg-options evaluator=SEA and pass the '
-            'work_dir/robustness_<timestamp>.json it writes.')
+    where = 'robustness result (dict)' if isinstance(source, dict) else \
+        os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
+    results = load_results(source)
+    summary = results.summary
     eps_results = summary.get('eps') or {}
-    if not isinstance(eps_results, dict):
-        raise ValueError(
-            f'{where}: summary["eps"] should map eps keys to results, '
-            f'got {type(eps_results).__name__}.')
-
-    attacks = data.get('attacks') or []
-    first = attacks[0] if isinstance(attacks, list) and attacks else {}
-    if not isinstance(first, dict):
-        first = {}
+    attacks = results.attacks
+    first = attacks[0] if attacks and isinstance(attacks[0], dict) else {}
     attack = str(first.get('type', 'robust'))
-    n_iter = first.get('n_iter', first.get('steps'))
-    n_iter = int(n_iter) if n_iter is not None else None
-    seed = data.get('seed')
-    checkpoint = data.get('checkpoint')
+    steps = first.get('steps', first.get('n_iter'))
+    steps = int(steps) if steps is not None else None
+    seed = results.seed
+    checkpoint = results.checkpoint
     num_images = summary.get('num_images')
 
     clean = summary['clean']
@@ -149,7 +123,7 @@ def load_result(source: Union[str, os.PathLike, dict],
         'name': str(name) if name is not None else _default_name(checkpoint),
         'num_images': int(num_images) if num_images is not None else None,
         'attack': attack,
-        'n_iter': n_iter,
+        'steps': steps,
         'seed': int(seed) if seed is not None else None,
         'checkpoint': str(checkpoint) if checkpoint is not None else None,
         'clean': {
@@ -315,7 +289,7 @@ def plot_robustness_curve(rows: Sequence[dict],
 def shared_settings(rows: Sequence[dict]) -> Dict[str, object]:
     """The settings all rows share (attack, iterations, images, seed)."""
     settings = {}
-    for label, key in (('attack', 'attack'), ('iterations', 'n_iter'),
+    for label, key in (('attack', 'attack'), ('iterations', 'steps'),
                        ('images', 'num_images'), ('seed', 'seed')):
         values = {row.get(key) for row in rows}
         if len(values) == 1 and None not in values:

@@ -1,7 +1,7 @@
 """Robustness curve of one model: mIoU and aACC against eps.
 
     python tools/analysis_tools/robustness_curve.py CONFIG CHECKPOINT \
-        --eps 0 2 4 8 [--attack SEA] [--n-iter 300] [--num-images N] \
+        --eps 0 2 4 8 [--attack SEA] [--steps 300] [--num-images N] \
         [--work-dir DIR] [--name NAME] [--show-dir DIR] [--cfg-options ...]
 
 Runs the robustness evaluation of ``tools/test.py ... --cfg-options evaluator=SEA``
@@ -36,7 +36,7 @@ def parse_args(argv=None):
     parser.add_argument(
         '--attack', default='SEA', choices=sorted(EVALUATOR_PRESETS),
         help='attack (evaluator preset)')
-    parser.add_argument('--n-iter', type=int, default=None,
+    parser.add_argument('--steps', '--n-iter', type=int, default=None,
                         help='attack iterations (default: the preset\'s)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--num-images', type=int, default=None,
@@ -81,8 +81,8 @@ def main(argv=None) -> dict:
         type=args.attack,
         eps=sorted({e for e in args.eps if e > 0}),
         seed=args.seed)
-    if args.n_iter is not None:
-        spec['n_iter'] = args.n_iter
+    if args.steps is not None:
+        spec['steps'] = args.steps
     apply_robustness_evaluator(cfg, spec)
     if args.num_images:
         cfg.test_dataloader.dataset.indices = args.num_images

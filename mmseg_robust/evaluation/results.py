@@ -1,0 +1,158 @@
+"""The results file of a robustness evaluation: one schema, one writer, one reader.
+
+:class:`~mmseg_robust.evaluation.RobustnessMetric` writes it (``work_dir`` or
+``tools/test.py --out DIR``) as ``robustness_<timestamp>.json``; the report
+(:func:`mmseg_robust.reporting.load_result`) and everything else read it back
+through :func:`load_results`. Every number in it is a percentage.
+
+Schema (version 2)::
+
+    {
+      "schema_version": 2,
+      "unit": "percent",
+      "metrics": {"mIoU": .., "aAcc": .., "aAcc_img": ..,
+                  "eps8/SEA/mIoU": .., "eps8/SEA/aAcc": ..,
+                  "eps8/SEA/mIoU_best": .., "eps8/APGD-Mask-CE/mIoU": .., ...},
+      "summary": {"num_images": N,
+                  "clean": {"mIoU", "aAcc", "aAcc_img"},
+                  "eps": {"8": {"attacks": {name: {"mIoU", "aAcc", "aAcc_img"}},
+                                "worst_case": {"aAcc_img", "mIoU",
+                                               "mIoU_<mode>", ...}}}},
+      "worst_case_modes": ["best", "reference"],   # "mIoU" is the first one's
+      "attacks": [attack configs], "eps": [radii in /255], "seed": 0,
+      "checkpoint": "path", "timestamp": "...",
+      "images": [per-image records]                 # only with --out / keep_results
+    }
+
+``metrics`` holds the numbers mmengine logs (the same as ``summary``, flat).
+``aAcc`` is pooled over pixels (mmseg's), ``aAcc_img`` the mean over images of
+each image's pixel accuracy (SEA's aACC). Files of schema version 1 (``summary``
+as fractions in [0, 1]) are converted on reading.
+"""
+import json
+import math
+import os
+import os.path as osp
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+import numpy as np
+
+__all__ = [
+    'RobustnessResults', 'SCHEMA_VERSION', 'load_results', 'results_filename',
+    'write_results'
+]
+
+SCHEMA_VERSION = 2
+UNIT = 'percent'
+
+
+@dataclass
+class RobustnessResults:
+    """The content of a results file (see the module docstring)."""
+    summary: Dict[str, Any]
+    metrics: Dict[str, float]
+    worst_case_modes: List[str]
+    seed: int = 0
+    attacks: List[dict] = field(default_factory=list)
+    eps: List[float] = field(default_factory=list)
+    checkpoint: Optional[str] = None
+    timestamp: Optional[str] = None
+    images: Optional[List[dict]] = None
+    schema_version: int = SCHEMA_VERSION
+    unit: str = UNIT
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        if out['images'] is None:
+            del out['images']
+        return out
+
+
+def results_filename(timestamp: Optional[str]) -> str:
+    """``robustness_<timestamp>.json`` (``robustness.json`` without one)."""
+    return f'robustness_{timestamp}.json' if timestamp else 'robustness.json'
+
+
+def write_results(results: RobustnessResults, folder: str) -> str:
+    """Write ``results`` to ``folder/robustness_<timestamp>.json``; returns the
+    path."""
+    os.makedirs(folder, exist_ok=True)
+    path = osp.join(folder, results_filename(results.timestamp))
+    with open(path, 'w') as f:
+        json.dump(results.to_json(), f, indent=1, default=_json_default)
+    return path
+
+
+def load_results(source: Union[str, os.PathLike, dict]) -> RobustnessResults:
+    """Read a results file (or its loaded JSON content).
+
+    Raises:
+        ValueError: naming the file and what is wrong, e.g. for the JSON of a
+            clean ``tools/test.py`` run (no ``summary``).
+    """
+    if isinstance(source, dict):
+        data, where = source, 'robustness result (dict)'
+    elif isinstance(source, (str, os.PathLike)):
+        where = os.fspath(source)
+        with open(where, encoding='utf-8') as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f'{where} is not valid JSON ({e}); pass a '
+                                 'robustness_<timestamp>.json file.') from None
+        if not isinstance(data, dict):
+            raise ValueError(f'{where} does not hold a JSON object; pass a '
+                             'robustness_<timestamp>.json file.')
+    else:
+        raise ValueError('expected a path to a robustness JSON or its loaded '
+                         f'dict, got {type(source).__name__}.')
+    summary = data.get('summary')
+    if not isinstance(summary, dict) or 'clean' not in summary:
+        raise ValueError(
+            f'{where} has no robustness summary (no "summary" with clean/eps '
+            'results): it is not the output of a robustness evaluation. Run '
+            'tools/test.py CFG CKPT --cfg-options evaluator=SEA and pass the '
+            'robustness_<timestamp>.json it writes.')
+    if not isinstance(summary.get('eps') or {}, dict):
+        raise ValueError(f'{where}: summary["eps"] should map eps keys to '
+                         f'results, got {type(summary["eps"]).__name__}.')
+    version = int(data.get('schema_version', 1))
+    if version > SCHEMA_VERSION:
+        raise ValueError(f'{where} has schema version {version}; this '
+                         f'mmseg_robust reads up to {SCHEMA_VERSION}: upgrade it')
+    if version == 1:  # fractions in [0, 1]
+        summary = _scaled(summary, 100.0)
+    return RobustnessResults(
+        summary=summary,
+        metrics=dict(data.get('metrics') or {}),
+        worst_case_modes=list(data.get('worst_case_modes') or []),
+        seed=int(data.get('seed') or 0),
+        attacks=list(data.get('attacks') or []),
+        eps=list(data.get('eps') or []),
+        checkpoint=data.get('checkpoint'),
+        timestamp=data.get('timestamp'),
+        images=data.get('images'))
+
+
+def _scaled(summary: dict, factor: float) -> dict:
+    """A copy of ``summary`` with every metric (not ``num_images``) scaled."""
+
+    def scale(obj):
+        if isinstance(obj, dict):
+            return {k: (v if k == 'num_images' else scale(v)) for k, v in
+                    obj.items()}
+        if isinstance(obj, (int, float)) and not isinstance(obj, bool):
+            return obj * factor if math.isfinite(obj) else obj
+        return obj
+
+    return scale(summary)
+
+
+def _json_default(value):
+    """numpy scalars and arrays in the records -> JSON numbers and lists."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f'cannot write {type(value).__name__} to JSON')
