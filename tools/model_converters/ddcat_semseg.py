@@ -1,7 +1,8 @@
 """Convert DDC-AT / SAT checkpoints of dvlab-research/Robust-Semantic-Segmentation
 (and its ImageNet ResNet-50 initialisation) to mmseg checkpoints.
 
-    python tools/model_converters/ddcat_semseg.py SRC DST [--config CFG] [--plain] [--unsafe-load]
+    python tools/model_converters/ddcat_semseg.py SRC DST [--config CFG] [--plain] \
+        [--unsafe-load]
 
 - PSPNet / DeepLabv3, SAT or no defense (``cls.*``): a checkpoint for
   ``configs/sat/{pspnet,deeplabv3}_r50-d8_sat_*.py``;

@@ -1,7 +1,8 @@
 """Export a trained DDC-AT model as the plain PSPNet / DeepLabv3 / UperNet it
 deploys as.
 
-    python tools/model_converters/export_ddcat.py CONFIG CKPT OUT [--out-config PLAIN_CONFIG] [--unsafe-load]
+    python tools/model_converters/export_ddcat.py CONFIG CKPT OUT \
+        [--out-config PLAIN_CONFIG] [--unsafe-load]
 
 CONFIG is the DDC-AT training config (e.g. configs/ddcat/*.py), CKPT a checkpoint
 trained with it. Writes OUT, an mmseg checkpoint (``meta``, ``state_dict``) of the

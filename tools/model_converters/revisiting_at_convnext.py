@@ -1,7 +1,8 @@
 """Convert a revisiting-at robust ImageNet ConvNeXt-CvSt (timm naming) into a
 backbone checkpoint for ``ConvNeXtCvSt`` (PIR-AT init, docs/algorithms.md 5.1 and 7).
 
-    python tools/model_converters/revisiting_at_convnext.py SRC DST [--arch tiny] [--drop-normalizer] [--unsafe-load]
+    python tools/model_converters/revisiting_at_convnext.py SRC DST [--arch tiny] \
+        [--drop-normalizer] [--unsafe-load]
 
 Use DST as ``backbone.init_cfg=dict(type='Pretrained', checkpoint=DST)``.
 """

@@ -2,7 +2,8 @@
 for mmseg's ``VisionTransformer`` / our ``VisionTransformerStrict`` (PIR-AT init of
 the Segmenter, docs/algorithms.md 5.1 and 7).
 
-    python tools/model_converters/revisiting_at_vit.py SRC DST [--drop-normalizer] [--unsafe-load]
+    python tools/model_converters/revisiting_at_vit.py SRC DST [--drop-normalizer] \
+        [--unsafe-load]
 
 ``pos_embed`` keeps the source grid; the backbone resizes it to its ``img_size``
 when loading. A ViT-S-CvSt source needs ``backbone=dict(stem='conv')``.

@@ -48,7 +48,7 @@ def converter_parser(description: str,
     """
     p = argparse.ArgumentParser(description=description)
     for name, help_text in before:
-        p.add_argument(name, help=help_text)
+        p.add_argument(name, metavar=name.upper(), help=help_text)
     p.add_argument('src', metavar=src, help=src_help)
     p.add_argument('dst', metavar=dst, help=dst_help)
     p.add_argument(
