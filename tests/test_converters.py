@@ -23,10 +23,10 @@ from mmengine.registry import init_default_scope
 import mmseg_robust  # noqa: F401
 import mmseg_robust.models.backbones  # noqa: F401  (until models/__init__ imports it)
 from mmseg_robust.models.backbones import ConvNeXtCvSt, VisionTransformerStrict
+from mmseg_robust.models.checkpoint import save_checkpoint
 from mmseg_robust.models.converters import (
     build_target_model, convert_revisiting_at_convnext, convert_revisiting_at_vit,
-    convert_robust_segmentation_segmenter, convert_robust_segmentation_upernet,
-    save_checkpoint)
+    convert_robust_segmentation_segmenter, convert_robust_segmentation_upernet)
 from mmseg_robust.registry import MODELS
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -663,8 +663,9 @@ def test_references_have_timm_layout_and_converted_weights_match_timm():
 # ----------------------------------------------------------------------------
 def run_cli(monkeypatch, script, *args):
     monkeypatch.setattr(sys, 'argv', [script, *map(str, args)])
-    monkeypatch.syspath_prepend(CONVERTERS)
-    runpy.run_path(osp.join(CONVERTERS, script), run_name='__main__')
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(osp.join(CONVERTERS, script), run_name='__main__')
+    assert exit_.value.code == 0
 
 
 def test_command_line_converters(tmp_path, monkeypatch, capsys):
@@ -689,15 +690,20 @@ def test_command_line_converters(tmp_path, monkeypatch, capsys):
         ckpt = torch.load(dst_path, map_location='cpu', weights_only=True)
         assert ckpt['meta']['converter'] == script[:-3]
         assert ckpt['meta']['source'] == osp.basename(src_path)
-        assert 'wrote' in capsys.readouterr().out
+        # every tool ends saying where it wrote
+        assert capsys.readouterr().out.splitlines()[-1] == \
+            f'wrote checkpoint: {dst_path}'
     # A file needing arbitrary unpickling is refused unless trusted.
     bad = tmp_path / 'pickled.pth'
     torch.save({'model': sources['revisiting_at_vit.py'],
                 'args': argparse.Namespace(lr=0.1)}, bad)
-    with pytest.raises(RuntimeError, match='--trust-source'):
+    with pytest.raises(RuntimeError, match='--unsafe-load') as info:
         run_cli(monkeypatch, 'revisiting_at_vit.py', bad, tmp_path / 'x.pth')
+    assert str(bad) in str(info.value)
+    assert not (tmp_path / 'x.pth').exists()
     run_cli(monkeypatch, 'revisiting_at_vit.py', bad, tmp_path / 'x.pth',
-            '--trust-source')
+            '--unsafe-load')
+    assert (tmp_path / 'x.pth').exists()
 
 
 # ----------------------------------------------------------------------------

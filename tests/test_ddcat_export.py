@@ -9,8 +9,8 @@ from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
 import mmseg_robust.models.decode_heads  # noqa: F401  (registers the heads)
-from mmseg_robust.models.ddcat_export import (export_plain_state_dict,
-                                              plain_head_cfg, plain_model_cfg)
+from mmseg_robust.models.converters import (export_plain_state_dict,
+                                            plain_head_cfg, plain_model_cfg)
 from mmseg_robust.registry import MODELS
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -123,7 +123,7 @@ def test_exported_model_gives_cls1_logits_exactly(head_type):
         export_plain_state_dict(sd)
 
 
-def test_export_tool(tmp_path):
+def test_export_tool(tmp_path, capsys):
     cfg = Config(
         dict(
             default_scope='mmseg',
@@ -138,12 +138,16 @@ def test_export_tool(tmp_path):
         dict(
             meta=dict(iter=10, dataset_meta=dict(classes=('a', 'b', 'c', 'd'))),
             state_dict=model.state_dict()), ckpt_path)
-    path = osp.join(REPO, 'tools', 'export_ddcat.py')
+    path = osp.join(REPO, 'tools', 'model_converters', 'export_ddcat.py')
     spec = importlib.util.spec_from_file_location('export_ddcat_tool', path)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     out = tmp_path / 'plain.pth'
     assert tool.main([str(cfg_path), str(ckpt_path), str(out)]) == 0
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        f'wrote plain checkpoint: {out}',
+        f'wrote plain config: {tmp_path / "plain.py"}'
+    ]
     plain_cfg = Config.fromfile(str(tmp_path / 'plain.py'))
     assert plain_cfg.model.decode_head.type == 'DeepLabV3Head'
     written = torch.load(out, map_location='cpu', weights_only=True)

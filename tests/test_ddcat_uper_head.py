@@ -13,8 +13,8 @@ from mmengine.structures import PixelData
 from mmseg.structures import SegDataSample
 
 import mmseg_robust.models.decode_heads  # noqa: F401  (registers the heads)
-from mmseg_robust.models.ddcat_export import (export_plain_state_dict,
-                                              plain_head_cfg, plain_model_cfg)
+from mmseg_robust.models.converters import (export_plain_state_dict,
+                                            plain_head_cfg, plain_model_cfg)
 from mmseg_robust.models.decode_heads import (DDCAT_EXTRA_BRANCHES,
                                               DDCATUPerHead)
 from mmseg_robust.registry import MODELS
@@ -201,7 +201,8 @@ def test_export_gives_cls1_logits_exactly(tmp_path):
     ckpt, out = tmp_path / 'iter_4.pth', tmp_path / 'plain.pth'
     torch.save(dict(meta=dict(iter=4), state_dict=model.state_dict()), ckpt)
     spec = importlib.util.spec_from_file_location(
-        'export_ddcat_tool', osp.join(REPO, 'tools', 'export_ddcat.py'))
+        'export_ddcat_tool',
+        osp.join(REPO, 'tools', 'model_converters', 'export_ddcat.py'))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     assert tool.main([DDCAT_CONFIG, str(ckpt), str(out)]) == 0

@@ -11,7 +11,7 @@ from mmengine.structures import PixelData
 from mmseg.structures import SegDataSample
 
 import mmseg_robust.models.decode_heads  # noqa: F401  (registers the heads)
-from mmseg_robust.models.ddcat_export import plain_model_cfg
+from mmseg_robust.models.converters import plain_model_cfg
 from mmseg_robust.registry import MODELS
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))

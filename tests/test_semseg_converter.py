@@ -18,10 +18,9 @@ from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
 import mmseg_robust.models.decode_heads  # noqa: F401  (registers the heads)
-from mmseg_robust.models.converters_semseg import (CheckpointConversionError,
-                                                   convert_semseg_state_dict,
-                                                   detect_semseg_layout,
-                                                   expected_state_shapes)
+from mmseg_robust.models.checkpoint import CheckpointError, expected_shapes
+from mmseg_robust.models.converters import (convert_semseg_state_dict,
+                                            detect_semseg_layout)
 from mmseg_robust.registry import MODELS
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -216,7 +215,7 @@ def test_full_size_reference_keys_fill_our_configs(arch, ddcat):
         {k[7:]: v for k, v in ckpt['state_dict'].items()})
     assert layout == (arch, 'ddcat' if ddcat else 'plain', classes, True)
     cfg = model_cfg(arch, ddcat)
-    expected = expected_state_shapes(cfg)
+    expected = expected_shapes(cfg)
     out = convert_semseg_state_dict(ckpt, expected=expected)
     assert list(out) == [k for k in out if k in expected]
     assert set(out) == set(expected)
@@ -232,7 +231,7 @@ def test_converted_model_reproduces_reference_logits(arch, ddcat):
     net = net.double().eval()
     cfg = model_cfg(arch, ddcat, w=w, classes=classes)
     model = MODELS.build(cfg).double().eval()
-    out = convert_semseg_state_dict(ckpt, expected=expected_state_shapes(cfg))
+    out = convert_semseg_state_dict(ckpt, expected=expected_shapes(cfg))
     model.load_state_dict(out, strict=True)
     x = torch.randn(2, 3, 41, 41, dtype=torch.float64)
     metas = [dict(img_shape=(41, 41), pad_shape=(41, 41))] * 2
@@ -251,14 +250,14 @@ def test_converted_model_reproduces_reference_logits(arch, ddcat):
 
 
 def _convert_errors(ckpt, expected=None, **kw):
-    with pytest.raises(CheckpointConversionError) as err:
+    with pytest.raises(CheckpointError) as err:
         convert_semseg_state_dict(ckpt, expected=expected, **kw)
     return str(err.value)
 
 
 def test_unmapped_missing_and_wrong_shape_tensors_are_named():
     ckpt, _ = reference_checkpoint('deeplabv3', True, w=4, classes=5)
-    expected = expected_state_shapes(model_cfg('deeplabv3', True, w=4, classes=5))
+    expected = expected_shapes(model_cfg('deeplabv3', True, w=4, classes=5))
     sd = ckpt['state_dict']
     convert_semseg_state_dict(ckpt, expected=expected)  # the intact file works
 
@@ -281,7 +280,7 @@ def test_unmapped_missing_and_wrong_shape_tensors_are_named():
     assert '(16, 128, 1, 1)' in msg and '(16, 128, 3, 3)' in msg
 
     # a DDC-AT file against the plain model: its extra branches are named
-    plain = expected_state_shapes(model_cfg('deeplabv3', False, w=4, classes=5))
+    plain = expected_shapes(model_cfg('deeplabv3', False, w=4, classes=5))
     msg = _convert_errors(ckpt, plain)
     assert 'decode_head.cls2.weight' in msg and 'decode_head.mask1.bias' in msg
     # ... unless dropped on purpose
@@ -290,11 +289,11 @@ def test_unmapped_missing_and_wrong_shape_tensors_are_named():
 
 
 def test_layout_errors():
-    with pytest.raises(CheckpointConversionError, match='layer0'):
+    with pytest.raises(CheckpointError, match='layer0'):
         detect_semseg_layout({'backbone.conv1.weight': torch.zeros(1)})
     ckpt, _ = reference_checkpoint('pspnet', False, w=4, classes=5)
     sd = {k[7:]: v for k, v in ckpt['state_dict'].items() if 'cls.' not in k}
-    with pytest.raises(CheckpointConversionError, match='classifier'):
+    with pytest.raises(CheckpointError, match='classifier'):
         detect_semseg_layout(sd)
 
 
@@ -312,7 +311,7 @@ def test_imagenet_backbone_and_missing_num_batches_tracked():
                 sd[k] = v
     sd['fc.weight'], sd['fc.bias'] = torch.zeros(1000, 256), torch.zeros(1000)
     cfg = model_cfg('pspnet', False, w=4, classes=5)
-    expected = expected_state_shapes(cfg, prefix='backbone.')
+    expected = expected_shapes(cfg, prefix='backbone.')
     out = convert_semseg_state_dict(sd, expected=expected)
     assert set(out) == set(expected) and not any(k.startswith('fc') for k in out)
     assert int(out['layer1.0.bn1.num_batches_tracked']) == 0
@@ -328,7 +327,7 @@ def _tool():
     return module
 
 
-def test_tool_writes_a_safe_checkpoint_for_a_config(tmp_path):
+def test_tool_writes_a_safe_checkpoint_for_a_config(tmp_path, capsys):
     ckpt, _ = reference_checkpoint('pspnet', True, w=4, classes=5)
     src, dst = tmp_path / 'train_epoch_50.pth', tmp_path / 'ddcat_mmseg.pth'
     torch.save(ckpt, src)
@@ -337,6 +336,7 @@ def test_tool_writes_a_safe_checkpoint_for_a_config(tmp_path):
     cfg.dump(str(cfg_path))
     tool = _tool()
     assert tool.main([str(src), str(dst), '--config', str(cfg_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f'wrote checkpoint: {dst}'
     written = torch.load(dst, map_location='cpu', weights_only=True)
     model = MODELS.build(cfg.model)
     model.load_state_dict(written['state_dict'], strict=True)
@@ -351,5 +351,5 @@ def test_tool_writes_a_safe_checkpoint_for_a_config(tmp_path):
     # default configs are found from the layout and the class count
     assert tool.default_config('deeplabv3', 'ddcat', 19).endswith(
         osp.join('ddcat', 'deeplabv3_r50-d8_ddcat_cityscapes-449x449.py'))
-    with pytest.raises(CheckpointConversionError, match='--config'):
+    with pytest.raises(CheckpointError, match='--config'):
         tool.default_config('pspnet', 'plain', 5)

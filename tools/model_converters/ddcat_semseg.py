@@ -1,7 +1,8 @@
 """Convert DDC-AT / SAT checkpoints of dvlab-research/Robust-Semantic-Segmentation
 (and its ImageNet ResNet-50 initialisation) to mmseg checkpoints.
 
-    python tools/model_converters/ddcat_semseg.py SRC DST [--config CFG] [--plain]
+    python tools/model_converters/ddcat_semseg.py SRC DST [--config CFG] [--plain] \
+        [--unsafe-load]
 
 - PSPNet / DeepLabv3, SAT or no defense (``cls.*``): a checkpoint for
   ``configs/sat/{pspnet,deeplabv3}_r50-d8_sat_*.py``;
@@ -17,19 +18,18 @@ The target config is chosen from the architecture and the class count (21: VOC,
 exactly: any unmapped, missing or wrong-shape tensor stops the conversion with its
 name. The written file loads with ``torch.load(..., weights_only=True)``.
 """
-import argparse
 import os.path as osp
 import sys
 
-import torch
 from mmengine.config import Config
 
-import mmseg_robust  # noqa: F401  (registers our heads, compatibility fixes)
-from mmseg_robust.models.converters_semseg import (CheckpointConversionError,
-                                                   convert_semseg_state_dict,
-                                                   detect_semseg_layout,
-                                                   expected_state_shapes,
-                                                   semseg_state_dict)
+from mmseg_robust.models.checkpoint import (CheckpointError, expected_shapes,
+                                            load_checkpoint_file,
+                                            save_checkpoint, unwrap_state_dict)
+from mmseg_robust.models.converters import (convert_semseg_state_dict,
+                                            detect_semseg_layout)
+from mmseg_robust.models.converters.cli import (converter_parser,
+                                                print_written)
 
 CONFIGS = osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))),
                    'configs')
@@ -41,7 +41,7 @@ def default_config(arch: str, scheme: str, num_classes: int) -> str:
     if arch == 'resnet':
         arch, scheme, num_classes = 'pspnet', 'plain', 21
     if num_classes not in _DATASETS:
-        raise CheckpointConversionError(
+        raise CheckpointError(
             f'{num_classes} classes: not VOC (21) or Cityscapes (19); name the '
             'target config with --config')
     kind = 'ddcat' if scheme == 'ddcat' else 'sat'
@@ -50,10 +50,10 @@ def default_config(arch: str, scheme: str, num_classes: int) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description='Convert DDC-AT/SAT (semseg) checkpoints to mmseg')
-    parser.add_argument('src', help='reference checkpoint')
-    parser.add_argument('dst', help='output mmseg checkpoint')
+    parser = converter_parser(
+        'Convert DDC-AT/SAT (semseg) checkpoints to mmseg',
+        src_help='reference checkpoint',
+        dst_help='output mmseg checkpoint')
     parser.add_argument(
         '--config',
         help='target mmseg config (default: ours for the detected model)')
@@ -61,29 +61,23 @@ def parse_args(argv=None):
         '--plain',
         action='store_true',
         help='DDC-AT: drop cls2/mask1, i.e. write the deployed plain model')
-    parser.add_argument(
-        '--unsafe-load',
-        action='store_true',
-        help='read SRC with torch.load(weights_only=False): only for files you '
-        'trust, if the safe loader refuses them')
     return parser.parse_args(argv)
 
 
 def convert(src: str, dst: str, config: str = None, plain: bool = False,
             unsafe_load: bool = False) -> dict:
     """Convert ``src`` to ``dst``; returns a summary (layout, config, tensors)."""
-    ckpt = torch.load(src, map_location='cpu', weights_only=not unsafe_load)
-    sd = semseg_state_dict(ckpt)
+    sd = unwrap_state_dict(load_checkpoint_file(src, trust=unsafe_load), src)
     layout = detect_semseg_layout(sd)
     if plain and layout.scheme != 'ddcat':
-        raise CheckpointConversionError(
+        raise CheckpointError(
             '--plain applies to DDC-AT checkpoints only; this one is '
             f'{layout.arch}/{layout.scheme}')
     scheme = 'plain' if plain else layout.scheme
     config = config or default_config(layout.arch, scheme, layout.num_classes)
     cfg = Config.fromfile(config)
     prefix = 'backbone.' if layout.arch == 'resnet' else None
-    expected = expected_state_shapes(cfg.model, prefix=prefix)
+    expected = expected_shapes(cfg.model, prefix=prefix)
     drop = ('cls2.', 'mask1.') if plain else ()
     out = convert_semseg_state_dict(sd, expected=expected, drop=drop)
     meta = dict(
@@ -92,8 +86,7 @@ def convert(src: str, dst: str, config: str = None, plain: bool = False,
         layout=layout._asdict(),
         plain=plain,
         config=osp.abspath(config))
-    torch.save(dict(meta=meta, state_dict=out), dst)
-    torch.load(dst, map_location='cpu', weights_only=True)  # loadable safely
+    save_checkpoint(dst, out, meta)
     return dict(layout=layout, config=config, tensors=len(out))
 
 
@@ -103,8 +96,8 @@ def main(argv=None) -> int:
                       args.unsafe_load)
     layout = summary['layout']
     print(f'{layout.arch}/{layout.scheme}, {layout.num_classes} classes: '
-          f'{summary["tensors"]} tensors -> {args.dst}\n'
-          f'config: {summary["config"]}')
+          f'{summary["tensors"]} tensors, for the config {summary["config"]}')
+    print_written(args.dst)
     return 0
 
 

@@ -1,29 +1,27 @@
 """Convert a revisiting-at robust ImageNet ConvNeXt-CvSt (timm naming) into a
 backbone checkpoint for ``ConvNeXtCvSt`` (PIR-AT init, docs/algorithms.md 5.1 and 7).
 
-    python tools/model_converters/revisiting_at_convnext.py SRC DST [--arch tiny] [--drop-normalizer]
+    python tools/model_converters/revisiting_at_convnext.py SRC DST [--arch tiny] \
+        [--drop-normalizer] [--unsafe-load]
 
 Use DST as ``backbone.init_cfg=dict(type='Pretrained', checkpoint=DST)``.
 """
-from _cli import convert, parser
+import sys
+
+from mmseg_robust.models.converters import convert_revisiting_at_convnext
+from mmseg_robust.models.converters.cli import convert_file, converter_parser
 
 
-def main():
-    p = parser(__doc__.splitlines()[0])
+def main(argv=None) -> int:
+    p = converter_parser(__doc__.splitlines()[0], drop_normalizer=True)
     p.add_argument('--arch', choices=['tiny', 'small'], default=None,
                    help='expected architecture (default: read from SRC)')
-    p.add_argument(
-        '--drop-normalizer',
-        action='store_true',
-        help='accept and drop a non-identity normalize.{mean,std} of SRC (PIR-AT '
-        'fine-tunes the backbone on raw [0, 1] input, as the reference does); '
-        'the values are kept in the meta of DST')
-    args = p.parse_args()
-    from mmseg_robust.models.converters import convert_revisiting_at_convnext
-    convert(args, convert_revisiting_at_convnext, 'revisiting_at_convnext',
-            arch=args.arch,
-            drop_normalizer=args.drop_normalizer)
+    args = p.parse_args(argv)
+    convert_file(args, convert_revisiting_at_convnext, 'revisiting_at_convnext',
+                 arch=args.arch,
+                 drop_normalizer=args.drop_normalizer)
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -2,11 +2,10 @@
 ``MODELS``: ConvNeXt with the convolutional stem, and mmseg's ViT with strict
 pretrained loading (and revisiting-at's optional convolutional stem)."""
 from .convnext_cvst import ConvNeXtCvSt, conv_stem
-from .strict_pretrained import (check_state_dict, load_pretrained_strict,
-                                split_pretrained_cfg)
+from .strict_pretrained import load_pretrained_strict, split_pretrained_cfg
 from .vit_strict import VisionTransformerStrict, vit_conv_stem
 
 __all__ = [
-    'ConvNeXtCvSt', 'VisionTransformerStrict', 'check_state_dict', 'conv_stem',
+    'ConvNeXtCvSt', 'VisionTransformerStrict', 'conv_stem',
     'load_pretrained_strict', 'split_pretrained_cfg', 'vit_conv_stem'
 ]

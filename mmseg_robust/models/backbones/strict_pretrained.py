@@ -9,7 +9,7 @@ any other module (e.g. mmseg's ResNet of the SAT/DDC-AT configs, sections 5.2 an
 5.3) the weight initializer ``init_cfg=dict(type='PretrainedStrict', ...)``
 (:class:`PretrainedStrictInit`) does the same.
 """
-from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from mmengine.logging import print_log
@@ -17,11 +17,15 @@ from mmengine.model import BaseModule
 from mmengine.model.weight_init import update_init_info
 from mmengine.runner.checkpoint import CheckpointLoader
 
+# check_state_dict: also imported from here by engine/adversarial_loops.py
+from mmseg_robust.models.checkpoint import (CheckpointError, check_state_dict,
+                                            expected_shapes,
+                                            load_checkpoint_file,
+                                            unwrap_state_dict)
 from mmseg_robust.registry import WEIGHT_INITIALIZERS
 
 __all__ = [
-    'PretrainedStrictInit', 'check_state_dict', 'load_pretrained_strict',
-    'split_pretrained_cfg'
+    'PretrainedStrictInit', 'load_pretrained_strict', 'split_pretrained_cfg'
 ]
 
 StateDict = Dict[str, torch.Tensor]
@@ -43,47 +47,6 @@ def split_pretrained_cfg(init_cfg) -> Tuple[Optional[dict], list]:
     return (pretrained[0] if pretrained else None), others
 
 
-def _names(keys: Iterable[str], limit: int = 12) -> str:
-    keys = sorted(keys)
-    more = f' ... and {len(keys) - limit} more' if len(keys) > limit else ''
-    return ', '.join(keys[:limit]) + more
-
-
-def check_state_dict(state_dict: StateDict,
-                     expected: Dict[str, torch.Size],
-                     what: str = 'checkpoint',
-                     hint: str = '') -> None:
-    """Raise ``KeyError``/``ValueError`` naming every tensor that does not fit.
-
-    Args:
-        state_dict (dict): name -> tensor to check.
-        expected (dict): name -> shape of the target module.
-        what (str): what ``state_dict`` is, for the message.
-        hint (str): appended to the message (how to fix it).
-    """
-    missing = set(expected) - set(state_dict)
-    unexpected = set(state_dict) - set(expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f'missing tensors ({len(missing)}): {_names(missing)}')
-        if unexpected:
-            parts.append(
-                f'unexpected tensors ({len(unexpected)}): {_names(unexpected)}')
-        raise KeyError(f'{what} does not fit the model: ' + '; '.join(parts) +
-                       (f'. {hint}' if hint else ''))
-    wrong = [
-        f'{k}: {tuple(state_dict[k].shape)} (model: {tuple(expected[k])})'
-        for k in sorted(expected)
-        if tuple(state_dict[k].shape) != tuple(expected[k])
-    ]
-    if wrong:
-        raise ValueError(f'{what} has tensors of the wrong shape: ' +
-                         '; '.join(wrong[:12]) +
-                         (f' ... and {len(wrong) - 12} more' if len(wrong) > 12
-                          else '') + (f'. {hint}' if hint else ''))
-
-
 def load_pretrained_strict(
         module: torch.nn.Module,
         checkpoint: Union[str, StateDict],
@@ -94,9 +57,11 @@ def load_pretrained_strict(
 
     Args:
         module (nn.Module): the backbone.
-        checkpoint (str | dict): path or URL (mmengine's ``CheckpointLoader``,
-            loaded on CPU), or an already loaded checkpoint. A dict with a
-            ``'state_dict'`` entry (mmengine/mmseg files) is unwrapped.
+        checkpoint (str | dict): a file (loaded on the CPU with
+            ``weights_only=True``), a URL (mmengine's ``CheckpointLoader``), or
+            an already loaded checkpoint; its state dict is found by
+            :func:`~mmseg_robust.models.checkpoint.unwrap_state_dict`
+            (``'state_dict'``/``'model'`` entries, ``module.`` prefix).
         prefix (str, optional): keep only the tensors under this prefix, with
             the prefix removed (e.g. ``'backbone.'`` to take the backbone of a
             full segmentor checkpoint), as mmengine's ``PretrainedInit``.
@@ -108,31 +73,34 @@ def load_pretrained_strict(
         list[str]: the loaded tensor names.
 
     Raises:
-        KeyError / ValueError: any missing, unexpected or wrongly shaped tensor,
-            named in the message. Nothing is loaded then.
+        CheckpointError (a ``KeyError`` and ``ValueError``): any missing,
+            unexpected or wrongly shaped tensor, named in the message
+            (:func:`~mmseg_robust.models.checkpoint.check_state_dict`). Nothing
+            is loaded then.
     """
     source = checkpoint if isinstance(checkpoint, str) else '<state dict>'
     if isinstance(checkpoint, str):
-        checkpoint = CheckpointLoader.load_checkpoint(
-            checkpoint, map_location='cpu')
-    state = checkpoint
-    if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
-        state = state['state_dict']
-    if not isinstance(state, dict):
-        raise TypeError(f'{source}: expected a state dict, got {type(state)}')
+        if '://' in checkpoint:  # a URL or an mmengine scheme (open-mmlab://)
+            checkpoint = CheckpointLoader.load_checkpoint(
+                checkpoint, map_location='cpu')
+        else:
+            checkpoint = load_checkpoint_file(checkpoint)
+    state = unwrap_state_dict(checkpoint, source)
     if prefix:
         state = {
             k[len(prefix):]: v
             for k, v in state.items() if k.startswith(prefix)
         }
         if not state:
-            raise KeyError(f'{source} has no tensor under the prefix {prefix!r}')
-    state = dict(state)
+            raise CheckpointError(
+                f'{source} has no tensor under the prefix {prefix!r}')
     if revise is not None:
         state = revise(state)
-    expected = {k: v.shape for k, v in module.state_dict().items()}
     check_state_dict(
-        state, expected, what=f'{source} ({type(module).__name__})', hint=hint)
+        state,
+        expected_shapes(module),
+        what=f'{source} ({type(module).__name__})',
+        hint=hint)
     module.load_state_dict(state, strict=True)
     print_log(
         f'{type(module).__name__}: loaded all {len(state)} tensors of {source} '
@@ -157,8 +125,8 @@ class PretrainedStrictInit:
     itself afterwards.
 
     Args:
-        checkpoint (str): path or URL of the checkpoint (loaded on CPU); a dict
-            with a ``'state_dict'`` entry (mmengine/mmseg files) is unwrapped.
+        checkpoint (str): path or URL of the checkpoint (loaded on CPU, as in
+            :func:`load_pretrained_strict`).
         prefix (str, optional): load the tensors under this prefix only, with
             the prefix removed (e.g. ``'backbone.'`` of a full segmentor
             checkpoint). Default: None (the whole file).

@@ -2,46 +2,25 @@
 
 Every converter maps *every* source tensor by an explicit rule or drops it by an
 explicit rule; anything else is an error naming the tensor. The converted state
-dict is then checked against the target model's own layout (names and shapes), so
-a missing or wrongly shaped tensor fails too, before anything is written.
+dict is then checked against the target model's own layout (names and shapes:
+:func:`~mmseg_robust.models.checkpoint.expected_shapes` and
+:func:`~mmseg_robust.models.checkpoint.check_state_dict`), so a missing or wrongly
+shaped tensor fails too, before anything is written. Reading and writing the files
+is :mod:`mmseg_robust.models.checkpoint`'s.
 """
-import os
-import os.path as osp
 import re
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from mmseg_robust.models.backbones.strict_pretrained import check_state_dict
+from mmseg_robust.models.checkpoint import CheckpointError
 
-__all__ = [
-    'Rule', 'apply_rules', 'expected_layout', 'load_source_checkpoint',
-    'save_checkpoint', 'strip_prefixes', 'unwrap_state_dict'
-]
+__all__ = ['Rule', 'apply_rules', 'convnext_arch_of', 'strip_prefixes']
 
 StateDict = Dict[str, torch.Tensor]
 # (regex on the source name, replacement template or None to drop, optional
 # tensor transform).
 Rule = Tuple[str, Optional[str], Optional[Callable[[torch.Tensor], torch.Tensor]]]
-
-
-def unwrap_state_dict(obj, source: str = 'checkpoint') -> StateDict:
-    """The state dict inside a loaded checkpoint.
-
-    Accepts a plain state dict (all values tensors) or a dict with a
-    ``'state_dict'`` or ``'model'`` entry holding one (mmengine / timm / DeiT
-    style files).
-    """
-    if isinstance(obj, dict) and obj and all(
-            isinstance(v, torch.Tensor) for v in obj.values()):
-        return dict(obj)
-    if isinstance(obj, dict):
-        for key in ('state_dict', 'model'):
-            if isinstance(obj.get(key), dict):
-                return unwrap_state_dict(obj[key], source)
-    raise TypeError(f'{source}: no state dict found (expected a dict of tensors, '
-                    "or one under 'state_dict' or 'model'); top-level keys: "
-                    f'{sorted(obj)[:10] if isinstance(obj, dict) else type(obj)}')
 
 
 def strip_prefixes(state_dict: StateDict, prefixes: Sequence[str]) -> StateDict:
@@ -58,8 +37,9 @@ def strip_prefixes(state_dict: StateDict, prefixes: Sequence[str]) -> StateDict:
                     new = new[len(p):]
                     changed = True
         if new in out:
-            raise KeyError(f'two source tensors map to {new!r} after removing the '
-                           f'prefixes {list(prefixes)} (one of them is {name!r})')
+            raise CheckpointError(
+                f'two source tensors map to {new!r} after removing the '
+                f'prefixes {list(prefixes)} (one of them is {name!r})')
         out[new] = tensor
     return out
 
@@ -78,8 +58,8 @@ def apply_rules(state_dict: StateDict, rules: Iterable[Rule],
         tuple: ``(converted state dict, names of the dropped source tensors)``.
 
     Raises:
-        KeyError: a tensor no rule matches (all of them are named), or two
-            tensors mapping to one name.
+        CheckpointError: a tensor no rule matches (all of them are named), or
+            two tensors mapping to one name.
     """
     compiled = [(re.compile(p), r, f) for p, r, f in rules]
     out, dropped, unmapped = {}, [], []
@@ -93,56 +73,18 @@ def apply_rules(state_dict: StateDict, rules: Iterable[Rule],
             else:
                 new = m.expand(repl)
                 if new in out:
-                    raise KeyError(f'{what}: two tensors map to {new!r} (one is '
-                                   f'{name!r})')
+                    raise CheckpointError(f'{what}: two tensors map to '
+                                          f'{new!r} (one is {name!r})')
                 out[new] = fn(tensor) if fn is not None else tensor
             break
         else:
             unmapped.append(name)
     if unmapped:
         more = f' ... and {len(unmapped) - 20} more' if len(unmapped) > 20 else ''
-        raise KeyError(f'{what}: {len(unmapped)} tensor(s) of an unknown layout, '
-                       f'not converted: {", ".join(sorted(unmapped)[:20])}{more}')
+        raise CheckpointError(
+            f'{what}: {len(unmapped)} tensor(s) of an unknown layout, not '
+            f'converted: {", ".join(sorted(unmapped)[:20])}{more}')
     return out, sorted(dropped)
-
-
-def expected_layout(model: torch.nn.Module) -> Dict[str, torch.Size]:
-    """Name -> shape of every tensor in ``model``'s state dict."""
-    return {k: v.shape for k, v in model.state_dict().items()}
-
-
-def check_converted(state_dict: StateDict, expected: Dict[str, torch.Size],
-                    what: str) -> None:
-    """Missing, unexpected or wrongly shaped tensors raise, naming them."""
-    check_state_dict(state_dict, expected, what=what)
-
-
-def load_source_checkpoint(path: str, trust: bool = False) -> StateDict:
-    """Load a source checkpoint on CPU and return its state dict.
-
-    ``weights_only=True`` unless ``trust`` (only for files from a source you
-    trust: unpickling can run code).
-    """
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'no such checkpoint: {path}')
-    try:
-        obj = torch.load(path, map_location='cpu', weights_only=not trust)
-    except Exception as e:  # noqa: BLE001 - re-raised with advice
-        if trust:
-            raise
-        raise RuntimeError(
-            f'{path} cannot be loaded with weights_only=True ({e}). If you trust '
-            'the file, rerun with --trust-source.') from e
-    return unwrap_state_dict(obj, path)
-
-
-def save_checkpoint(path: str, state_dict: StateDict, meta: dict) -> None:
-    """Write ``{'state_dict': ..., 'meta': meta}`` (loadable with
-    ``torch.load(..., weights_only=True)``; ``meta`` holds str/int/list only)."""
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    torch.save({'state_dict': state, 'meta': meta}, path)
 
 
 def convnext_arch_of(state: StateDict, blocks_prefix: str, dwconv_key: str,

@@ -29,9 +29,8 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 
 from mmseg_robust.models.backbones import ConvNeXtCvSt, VisionTransformerStrict
-from .common import (StateDict, apply_rules, check_converted,
-                     convnext_arch_of, expected_layout,
-                     strip_prefixes)
+from mmseg_robust.models.checkpoint import check_state_dict, expected_shapes
+from .common import StateDict, apply_rules, convnext_arch_of, strip_prefixes
 
 __all__ = [
     'convert_revisiting_at_convnext', 'convert_revisiting_at_vit',
@@ -144,7 +143,7 @@ def convert_revisiting_at_convnext(
     ]
     out, dropped = apply_rules(state, rules, 'revisiting-at ConvNeXt checkpoint')
     model = ConvNeXtCvSt(arch=inferred)
-    expected = expected_layout(model)
+    expected = expected_shapes(model)
     fresh = []
     for i in range(4):
         for name, value in (('weight', 1.0), ('bias', 0.0)):
@@ -153,7 +152,7 @@ def convert_revisiting_at_convnext(
                 raise KeyError(f'{key} should not be in a classifier checkpoint')
             out[key] = torch.full(expected[key], value)
             fresh.append(key)
-    check_converted(out, expected, 'converted ConvNeXt-CvSt backbone')
+    check_state_dict(out, expected, what='the converted ConvNeXt-CvSt backbone')
     meta = dict(
         arch=inferred if isinstance(inferred, str) else str(inferred),
         dropped=dropped,
@@ -273,8 +272,8 @@ def convert_revisiting_at_vit(state_dict: StateDict,
         (r'norm\.(weight|bias)', r'ln1.\1', None),
     ] + timm_vit_block_rules('blocks', 'layers')
     out, dropped = apply_rules(state, rules, 'revisiting-at ViT checkpoint')
-    expected = expected_layout(vit_for(shape, num_heads))
-    check_converted(out, expected, 'converted ViT backbone')
+    expected = expected_shapes(vit_for(shape, num_heads))
+    check_state_dict(out, expected, what='the converted ViT backbone')
     meta = dict(
         arch=f"ViT d={shape['embed_dims']} L={shape['num_layers']} "
         f"patch={shape['patch_size']}",

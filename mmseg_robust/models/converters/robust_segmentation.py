@@ -25,10 +25,9 @@ import torch
 from mmengine.config import ConfigDict
 from mmengine.registry import init_default_scope
 
+from mmseg_robust.models.checkpoint import check_state_dict, expected_shapes
 from mmseg_robust.registry import MODELS
-from .common import (StateDict, apply_rules, check_converted,
-                     convnext_arch_of, expected_layout,
-                     strip_prefixes)
+from .common import StateDict, apply_rules, convnext_arch_of, strip_prefixes
 from .revisiting_at import _vit_shape, timm_vit_block_rules
 
 __all__ = [
@@ -118,8 +117,8 @@ def convert_robust_segmentation_upernet(state_dict: StateDict,
     cfg = copy.deepcopy(dict(model_cfg))
     cfg['backbone'] = dict(cfg['backbone'], arch=arch)
     _set_classes(cfg, num_classes)
-    expected = expected_layout(build_target_model(cfg))
-    check_converted(out, expected, 'converted UperNet-ConvNeXt-CvSt')
+    expected = expected_shapes(build_target_model(cfg))
+    check_state_dict(out, expected, what='the converted UperNet-ConvNeXt-CvSt')
     meta = dict(
         arch=arch if isinstance(arch, str) else str(arch),
         num_classes=num_classes,
@@ -177,10 +176,12 @@ def convert_robust_segmentation_segmenter(
                                'Robust-Segmentation Segmenter checkpoint')
     cfg = copy.deepcopy(dict(model_cfg))
     _set_classes(cfg, num_classes)
-    expected = expected_layout(build_target_model(cfg))
-    check_converted(
-        out, expected,
-        f'converted Segmenter (checkpoint pos_embed grid {shape["grid"]}x'
+    expected = expected_shapes(build_target_model(cfg))
+    check_state_dict(
+        out,
+        expected,
+        what=f'the converted Segmenter (checkpoint pos_embed grid '
+        f'{shape["grid"]}x'
         f'{shape["grid"]}, patch {shape["patch_size"]})')
     meta = dict(
         arch=f"Segmenter ViT d={shape['embed_dims']} L={shape['num_layers']}",

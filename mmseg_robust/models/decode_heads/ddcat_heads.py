@@ -8,7 +8,7 @@ UPerNet, :mod:`.ddcat_uper_head`):
 - ``cls1``: the branch kept at inference. It *is* the plain head's
   ``bottleneck`` (UPerNet: ``fpn_bottleneck``) + dropout + ``conv_seg``, so
   dropping the other branches leaves a plain PSPNet / DeepLabv3 / UPerNet
-  (:mod:`mmseg_robust.models.ddcat_export`);
+  (:mod:`mmseg_robust.models.converters.ddcat_export`);
 - ``cls2``: ``cls2_bottleneck`` + dropout + ``cls2`` (1x1 conv, K classes), the
   branch for pixels that the adversary flips;
 - ``mask1``: ``mask1_bottleneck`` + dropout + ``mask1`` (1x1 conv, 2 ways), the
@@ -17,7 +17,7 @@ UPerNet, :mod:`.ddcat_uper_head`):
 As in the reference implementation every branch has its own bottleneck convolution
 (3x3 for PSP, 1x1 for DeepLabv3) with BN and ReLU before its classifier, so that the
 published checkpoints convert tensor for tensor
-(:mod:`mmseg_robust.models.converters_semseg`).
+(:mod:`mmseg_robust.models.converters.semseg`).
 
 ``forward``/``predict`` return cls1 only: evaluation and test-time attacks see the
 deployed model. Training uses :meth:`DDCATHeadMixin.loss` with the division labels
@@ -43,8 +43,9 @@ __all__ = [
     'division_labels', 'route_logits'
 ]
 
-#: Sub-modules of a DDC-AT head that exist only for training; deployment (and
-#: :func:`mmseg_robust.models.ddcat_export.export_plain_state_dict`) drops them.
+#: Sub-modules of a DDC-AT head that exist only for training; deployment
+#: (:func:`mmseg_robust.models.converters.ddcat_export.export_plain_state_dict`)
+#: drops them.
 DDCAT_EXTRA_BRANCHES = ('cls2_bottleneck', 'cls2', 'mask1_bottleneck', 'mask1')
 
 _MISSING_DIVISION = (

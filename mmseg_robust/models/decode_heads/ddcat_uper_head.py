@@ -6,7 +6,7 @@ bottleneck, part of the shared decoder. So here:
 
 - ``cls1`` = ``fpn_bottleneck`` + dropout + ``conv_seg``: the plain UPerHead's
   own modules, so that dropping the other branches leaves a plain UperNet
-  (:mod:`mmseg_robust.models.ddcat_export`);
+  (:mod:`mmseg_robust.models.converters.ddcat_export`);
 - ``cls2`` = ``cls2_bottleneck`` + dropout + ``cls2`` and ``mask1`` =
   ``mask1_bottleneck`` + dropout + ``mask1``, where both bottlenecks are fresh
   copies of the ``fpn_bottleneck`` architecture reading the same FPN

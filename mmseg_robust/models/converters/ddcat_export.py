@@ -15,7 +15,8 @@ DDC-AT head        plain head
 ``DDCATUPerHead``  mmseg's ``UPerHead``
 =================  ============================================================
 
-``tools/export_ddcat.py CONFIG CKPT OUT`` applies these functions to files.
+``tools/model_converters/export_ddcat.py CONFIG CKPT OUT`` applies these functions
+to files.
 """
 import copy
 from collections import OrderedDict
@@ -23,7 +24,7 @@ from typing import Mapping
 
 from torch import Tensor
 
-from .decode_heads.ddcat_heads import DDCAT_EXTRA_BRANCHES
+from mmseg_robust.models.decode_heads.ddcat_heads import DDCAT_EXTRA_BRANCHES
 
 __all__ = ['export_plain_state_dict', 'plain_head_cfg', 'plain_model_cfg']
 

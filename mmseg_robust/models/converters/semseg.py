@@ -25,8 +25,9 @@ The reference concatenates the ASPP branches as ``[1x1, atrous..., pooling]``, m
 as ``[pooling, 1x1, atrous...]``: the input channels of every bottleneck that reads
 the ASPP features are permuted accordingly. Every source tensor must be mapped and
 every target tensor filled with the right shape; otherwise
-:class:`CheckpointConversionError` names the tensors (a checkpoint loaded with
-``strict=False`` into the wrong head would silently keep a random classifier).
+:class:`~mmseg_robust.models.checkpoint.CheckpointError` names the tensors (a
+checkpoint loaded with ``strict=False`` into the wrong head would silently keep a
+random classifier).
 
 The backbone-only ImageNet initialisation of the reference (semseg's
 ``resnet50_v2.pth``: ``conv1, bn1, conv2, bn2, conv3, bn3, layer1..4, fc``) converts
@@ -34,15 +35,16 @@ too (``fc`` dropped), to a backbone-relative state dict for ``init_cfg``.
 """
 import re
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Iterable, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from mmseg_robust.models.checkpoint import (CheckpointError, check_state_dict,
+                                            unwrap_state_dict)
+
 __all__ = [
-    'CheckpointConversionError', 'SemsegLayout', 'check_state_dict',
-    'convert_semseg_state_dict', 'detect_semseg_layout', 'expected_state_shapes',
-    'semseg_state_dict'
+    'SemsegLayout', 'convert_semseg_state_dict', 'detect_semseg_layout'
 ]
 
 _BN = r'(?:weight|bias|running_mean|running_var|num_batches_tracked)'
@@ -62,10 +64,6 @@ _BRANCHES = {
 }
 
 
-class CheckpointConversionError(ValueError):
-    """A checkpoint does not map tensor for tensor onto the target model."""
-
-
 class SemsegLayout(NamedTuple):
     """What a semseg-style checkpoint holds.
 
@@ -83,25 +81,9 @@ class SemsegLayout(NamedTuple):
     has_aux: bool
 
 
-def semseg_state_dict(checkpoint: Mapping) -> 'OrderedDict[str, Tensor]':
-    """The state dict of a reference checkpoint: unwraps ``{'state_dict': ...}``
-    (the reference saves ``epoch``, ``state_dict``, ``optimizer``) and strips the
-    ``module.`` prefix of DataParallel/DDP."""
-    sd = checkpoint.get('state_dict', checkpoint)
-    if not isinstance(sd, Mapping) or not sd:
-        raise CheckpointConversionError('no state dict found in the checkpoint')
-    out = OrderedDict()
-    for k, v in sd.items():
-        if not isinstance(v, Tensor):
-            raise CheckpointConversionError(
-                f'{k!r} is a {type(v).__name__}, not a tensor: not a state dict')
-        out[k[len('module.'):] if k.startswith('module.') else k] = v
-    return out
-
-
 def detect_semseg_layout(state_dict: Mapping[str, Tensor]) -> SemsegLayout:
-    """Recognise a reference checkpoint (already passed through
-    :func:`semseg_state_dict`)."""
+    """Recognise a reference checkpoint (its state dict, without the ``module.``
+    prefix: :func:`~mmseg_robust.models.checkpoint.unwrap_state_dict`)."""
     keys = list(state_dict)
 
     def has(prefix):
@@ -112,11 +94,11 @@ def detect_semseg_layout(state_dict: Mapping[str, Tensor]) -> SemsegLayout:
         return SemsegLayout('resnet', 'backbone',
                             fc.shape[0] if fc is not None else 0, False)
     if not has('layer0.'):
-        raise CheckpointConversionError(
+        raise CheckpointError(
             'not a semseg/DDC-AT checkpoint: no layer0.* (deep-stem ResNet) keys; '
             f'first keys: {keys[:5]}')
     if has('ppm.') == has('aspp.'):
-        raise CheckpointConversionError(
+        raise CheckpointError(
             'cannot tell PSPNet from DeepLabv3: expected exactly one of ppm.* '
             'and aspp.* in the checkpoint')
     arch = 'pspnet' if has('ppm.') else 'deeplabv3'
@@ -125,12 +107,12 @@ def detect_semseg_layout(state_dict: Mapping[str, Tensor]) -> SemsegLayout:
     elif has('cls.'):
         scheme, head = 'plain', 'cls'
     else:
-        raise CheckpointConversionError(
+        raise CheckpointError(
             'no classifier found: expected cls.* (SAT / no defense) or cls1.*, '
             'cls2.*, mask1.* (DDC-AT)')
     weight = state_dict.get(f'{head}.4.weight')
     if weight is None:
-        raise CheckpointConversionError(f'{head}.4.weight (classifier) is missing')
+        raise CheckpointError(f'{head}.4.weight (classifier) is missing')
     return SemsegLayout(arch, scheme, int(weight.shape[0]),
                         has('aux.') or has('aux_cls1.'))
 
@@ -203,66 +185,11 @@ def _aspp_to_mmseg_order(weight: Tensor, n_branches: int, name: str) -> Tensor:
     reference ``[b_0, ..., b_{n-2}, pool]`` -> mmseg ``[pool, b_0, ..., b_{n-2}]``."""
     c = weight.shape[1]
     if c % n_branches:
-        raise CheckpointConversionError(
+        raise CheckpointError(
             f'{name}: {c} input channels do not split into {n_branches} ASPP '
             'branches')
     per = c // n_branches
     return torch.cat([weight[:, c - per:], weight[:, :c - per]], dim=1).contiguous()
-
-
-def check_state_dict(state_dict: Mapping[str, Tensor],
-                     expected: Mapping[str, Tuple[int, ...]],
-                     source_names: Optional[Mapping[str, str]] = None,
-                     fill_num_batches_tracked: bool = True) -> List[str]:
-    """Check that ``state_dict`` fills ``expected`` (name -> shape) exactly.
-
-    Missing ``*.num_batches_tracked`` buffers (BN step counters, unused in eval
-    and with a fixed momentum) are added as 0 when ``fill_num_batches_tracked``.
-
-    Args:
-        state_dict: the converted state dict (modified in place when filling).
-        expected: target names and shapes, e.g. from
-            :func:`expected_state_shapes`.
-        source_names: target name -> source name, to name both in errors.
-        fill_num_batches_tracked (bool): see above. Default: True.
-
-    Returns:
-        list[str]: the names that were filled.
-
-    Raises:
-        CheckpointConversionError: naming every missing, unexpected and
-            wrong-shape tensor.
-    """
-    source_names = source_names or {}
-
-    def name(k):
-        src = source_names.get(k)
-        return f'{k} (from {src})' if src and src != k else k
-
-    filled = []
-    for k in expected:
-        if k not in state_dict and fill_num_batches_tracked \
-                and k.endswith('.num_batches_tracked'):
-            state_dict[k] = torch.tensor(0, dtype=torch.long)
-            filled.append(k)
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [name(k) for k in state_dict if k not in expected]
-    wrong = [
-        f'{name(k)}: {tuple(v.shape)} in the checkpoint, '
-        f'{tuple(expected[k])} in the model' for k, v in state_dict.items()
-        if k in expected and tuple(v.shape) != tuple(expected[k])
-    ]
-    problems = []
-    if missing:
-        problems.append('missing in the checkpoint: ' + ', '.join(missing))
-    if unexpected:
-        problems.append('not in the model: ' + ', '.join(unexpected))
-    if wrong:
-        problems.append('wrong shape: ' + '; '.join(wrong))
-    if problems:
-        raise CheckpointConversionError(
-            'the checkpoint does not fit the model:\n  ' + '\n  '.join(problems))
-    return filled
 
 
 def convert_semseg_state_dict(
@@ -274,9 +201,12 @@ def convert_semseg_state_dict(
     Args:
         state_dict: a reference checkpoint (``{'state_dict': ...}`` or the state
             dict itself, with or without the ``module.`` prefix).
-        expected: target names and shapes (:func:`expected_state_shapes` of the
+        expected: target names and shapes
+            (:func:`~mmseg_robust.models.checkpoint.expected_shapes` of the
             target model config). If given, the result must fill it exactly
-            (:func:`check_state_dict`).
+            (:func:`~mmseg_robust.models.checkpoint.check_state_dict`; missing
+            ``num_batches_tracked`` counters of an old torch's BatchNorm are
+            added as 0).
         drop: source key prefixes to leave out on purpose (e.g. ``('cls2.',
             'mask1.')`` to convert a DDC-AT file straight to the plain model).
             ``fc.`` of the ImageNet backbone is always dropped.
@@ -286,10 +216,10 @@ def convert_semseg_state_dict(
         names, ``stem.*``, ``layer*.*``).
 
     Raises:
-        CheckpointConversionError: naming every unmapped source tensor, and (with
+        CheckpointError: naming every unmapped source tensor, and (with
             ``expected``) every missing, unexpected or wrong-shape target tensor.
     """
-    sd = semseg_state_dict(state_dict)
+    sd = unwrap_state_dict(state_dict, 'DDC-AT/SAT reference checkpoint')
     layout = detect_semseg_layout(sd)
     drop = tuple(drop) + (('fc.', ) if layout.arch == 'resnet' else ())
     pool_index = None
@@ -307,7 +237,7 @@ def convert_semseg_state_dict(
             unmapped.append(key)
             continue
         if target in out:
-            raise CheckpointConversionError(
+            raise CheckpointError(
                 f'{key} and {sources[target]} both map to {target}')
         if pool_index is not None and target.startswith(
                 ('decode_head.bottleneck.conv.', 'decode_head.cls2_bottleneck.conv.',
@@ -316,37 +246,14 @@ def convert_semseg_state_dict(
         out[target] = value
         sources[target] = key
     if unmapped:
-        raise CheckpointConversionError(
+        raise CheckpointError(
             f'{len(unmapped)} tensor(s) of the {layout.arch}/{layout.scheme} '
             'checkpoint have no mmseg counterpart: ' + ', '.join(unmapped))
     if expected is not None:
-        check_state_dict(out, expected, sources)
+        check_state_dict(
+            out,
+            expected,
+            what=f'the converted {layout.arch}/{layout.scheme} checkpoint',
+            source_names=sources,
+            fill_num_batches_tracked=True)
     return out
-
-
-def expected_state_shapes(model_cfg: Mapping,
-                          prefix: Optional[str] = None) -> Dict[str, Tuple[int, ...]]:
-    """Names and shapes of the state dict of the model a config builds.
-
-    The model is built on the ``meta`` device (no memory, no initialisation), so
-    this is cheap even for full-size models.
-
-    Args:
-        model_cfg (dict): the ``model`` of an mmseg config (mmseg's types and
-            ours; other plugins must be imported first).
-        prefix (str, optional): keep only names under this prefix, with the
-            prefix removed (``'backbone.'`` for a backbone initialisation).
-    """
-    import mmseg.models  # noqa: F401  (registers mmseg's models)
-    from mmengine.registry import DefaultScope
-
-    import mmseg_robust.models.decode_heads  # noqa: F401
-    from mmseg_robust.registry import MODELS
-    with DefaultScope.overwrite_default_scope('mmseg'), torch.device('meta'):
-        model = MODELS.build(model_cfg)
-    shapes = OrderedDict(
-        (k, tuple(v.shape)) for k, v in model.state_dict().items())
-    if prefix is not None:
-        shapes = OrderedDict((k[len(prefix):], s) for k, s in shapes.items()
-                             if k.startswith(prefix))
-    return shapes
