@@ -40,8 +40,9 @@ PIRAT_DIR = osp.join(REPO, 'configs', 'pirat')
 # Short names of full configs (the project's design card names them), checked
 # by test_short_config_names_are_their_full_configs.
 SHORT_NAMES = {
-    'upernet_convnext_t_ade20k.py':
-    'upernet_convnext-t-cvst_pirat_8xb16-128e_ade20k151-512x512.py',
+    'upernet_convnext_t_ade20k.py': (
+        'upernet_convnext-t-cvst_pirat_8xb16-128e_ade20k151-512x512.py'
+    ),
 }
 PIRAT_CONFIGS = sorted(
     p for p in glob.glob(osp.join(PIRAT_DIR, '*.py'))
