@@ -123,6 +123,13 @@ def reset_mmengine():
 
 
 @pytest.fixture(scope='session')
+def tiny_models():
+    """tests/tiny_models.py: ``tiny_segmentor_cfg(decode_head, num_classes=4)``
+    (a narrow ResNet EncoderDecoder dict) and ``trained_like(model)``."""
+    return _test_module('tiny_models.py')
+
+
+@pytest.fixture(scope='session')
 def small_config():
     return SMALL_CONFIG
 # --- end foundation fixtures ---

@@ -5,6 +5,7 @@ protocol's datasets and transforms (mmseg_robust/datasets/pirat_protocols.py).""
 import copy
 import glob
 import os.path as osp
+import re
 
 import numpy as np
 import pytest
@@ -39,13 +40,32 @@ PIRAT_DIR = osp.join(REPO, 'configs', 'pirat')
 # Short names of full configs (the project's design card names them), checked
 # by test_short_config_names_are_their_full_configs.
 SHORT_NAMES = {
-    'upernet_convnext_t_ade20k.py':
-    'upernet_convnext-t-cvst_pirat_8xb16-128e_ade20k151-512x512.py',
+    'upernet_convnext_t_ade20k.py': (
+        'upernet_convnext-t-cvst_pirat_8xb16-128e_ade20k151-512x512.py'
+    ),
 }
 PIRAT_CONFIGS = sorted(
     p for p in glob.glob(osp.join(PIRAT_DIR, '*.py'))
     if osp.basename(p) not in SHORT_NAMES)
 SIZE = 64
+# A PIR-AT config's comment with the published SEA mIoU of its model.
+PUBLISHED_RE = re.compile(
+    r'# Published SEA mIoU \(Croce, Singh & Hein, ECCV 2024\), clean / eps 4/255 / '
+    r'eps 8/255:\n#\s+([\d.]+) / ([\d.]+) / ([\d.]+)')
+
+
+def _published_sea_miou():
+    """docs/algorithms.md section 4's table: (model, dataset) -> (clean, SEA
+    mIoU at 4/255, at 8/255)."""
+    with open(osp.join(REPO, 'docs', 'algorithms.md'), encoding='utf-8') as f:
+        text = f.read()
+    table = text.split('**Published numbers.**', 1)[1].split('\n\n')[1]
+    rows = {}
+    for row in table.splitlines()[2:]:
+        model, dataset, *numbers = (c.strip() for c in row.strip('|').split('|'))
+        rows[(model, dataset)] = tuple(float(n) for n in numbers)
+    assert len(rows) == 5, rows
+    return rows
 
 
 @pytest.fixture(autouse=True)
@@ -177,8 +197,20 @@ def test_pirat_config_protocol(path):
     assert (pre.mean, pre.std, pre.bgr_to_rgb) == ([0.0] * 3, [255.0] * 3, True)
     assert tuple(pre.size) == (crop, crop)
     assert model.decode_head.num_classes == num_classes
-    # Published numbers are stated (or their absence explained).
-    assert 'Published' in text
+    # Published numbers: a PIR-AT config states docs/algorithms.md section 4's SEA
+    # mIoU of its model; the clean baselines and our AdamW variant state none.
+    stated = PUBLISHED_RE.search(text)
+    if '_pirat_' in name:
+        if name.startswith('upernet'):
+            size = 'T' if 'convnext-t' in name else 'S'
+            key = f'UperNet-ConvNeXt-{size}-CvSt'
+        else:
+            key = 'Segmenter ViT-S'
+        published = _published_sea_miou()[(key, 'PASCAL-VOC' if voc else 'ADE20K')]
+        assert stated is not None, name
+        assert tuple(float(v) for v in stated.groups()) == published
+    else:
+        assert stated is None and '# Published numbers: none' in text
     if name.startswith('upernet'):
         size = 't' if 'convnext-t' in name else 's'
         backbone = model.backbone

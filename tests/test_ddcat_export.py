@@ -25,68 +25,6 @@ def _one_thread_mmseg_scope():
     torch.set_num_threads(before)
 
 
-def ddcat_model_cfg(head_type):
-    """A narrow DDC-AT segmentor (the layout of configs/ddcat at width 8/64)."""
-    norm = dict(type='BN', requires_grad=True)
-    head = dict(
-        type=head_type,
-        in_channels=64,
-        in_index=3,
-        channels=16,
-        dropout_ratio=0.1,
-        num_classes=4,
-        norm_cfg=norm,
-        align_corners=True)
-    if head_type == 'DDCATASPPHead':
-        head['dilations'] = (1, 2, 3, 4)
-    return dict(
-        type='EncoderDecoder',
-        data_preprocessor=dict(
-            type='SegDataPreProcessor',
-            mean=[123.675, 116.28, 103.53],
-            std=[58.395, 57.12, 57.375],
-            bgr_to_rgb=True),
-        backbone=dict(
-            type='ResNetV1c',
-            depth=50,
-            stem_channels=8,
-            base_channels=2,
-            dilations=(1, 1, 2, 4),
-            strides=(1, 2, 1, 1),
-            norm_cfg=norm,
-            contract_dilation=False),
-        decode_head=head,
-        auxiliary_head=dict(
-            type='FCNHead',
-            in_channels=32,
-            in_index=2,
-            channels=8,
-            num_convs=1,
-            concat_input=False,
-            num_classes=4,
-            norm_cfg=norm,
-            align_corners=True),
-        train_cfg=dict(),
-        test_cfg=dict(mode='whole'))
-
-
-def trained_like(model):
-    """Random weights everywhere, BN statistics included (not the init)."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight.normal_(0, 0.3)
-                if m.bias is not None:
-                    m.bias.normal_(0, 0.1)
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
-
-
 def test_plain_head_cfg():
     assert plain_head_cfg(dict(type='DDCATPSPHead', loss_mask_weight=1.0,
                                channels=8)) == dict(type='PSPHead', channels=8)
@@ -100,9 +38,9 @@ def test_plain_head_cfg():
 
 
 @pytest.mark.parametrize('head_type', ['DDCATPSPHead', 'DDCATASPPHead'])
-def test_exported_model_gives_cls1_logits_exactly(head_type):
-    cfg = ddcat_model_cfg(head_type)
-    model = trained_like(MODELS.build(cfg))
+def test_exported_model_gives_cls1_logits_exactly(head_type, tiny_models):
+    cfg = tiny_models.tiny_segmentor_cfg(head_type)
+    model = tiny_models.trained_like(MODELS.build(cfg))
     plain = MODELS.build(plain_model_cfg(cfg)).eval()
     sd = export_plain_state_dict(model.state_dict())
     assert not any('cls2' in k or 'mask1' in k for k in sd)
@@ -123,17 +61,17 @@ def test_exported_model_gives_cls1_logits_exactly(head_type):
         export_plain_state_dict(sd)
 
 
-def test_export_tool(tmp_path, capsys):
+def test_export_tool(tmp_path, capsys, tiny_models):
     cfg = Config(
         dict(
             default_scope='mmseg',
             custom_imports=dict(imports=['mmseg_robust']),
-            model=ddcat_model_cfg('DDCATASPPHead'),
+            model=tiny_models.tiny_segmentor_cfg('DDCATASPPHead'),
             train_cfg=dict(
                 type='AdversarialTrainLoop', scheme='ddcat', max_iters=10)))
     cfg_path, ckpt_path = tmp_path / 'ddcat.py', tmp_path / 'iter_10.pth'
     cfg.dump(str(cfg_path))
-    model = trained_like(MODELS.build(cfg.model))
+    model = tiny_models.trained_like(MODELS.build(cfg.model))
     torch.save(
         dict(
             meta=dict(iter=10, dataset_meta=dict(classes=('a', 'b', 'c', 'd'))),

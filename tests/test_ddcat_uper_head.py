@@ -5,7 +5,6 @@ import os.path as osp
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from mmengine.config import Config
 from mmengine.registry import DefaultScope
@@ -61,23 +60,6 @@ def features(b=2, seed=0):
     ]
 
 
-def trained_like(model):
-    """Random weights everywhere, BN statistics included (not the init)."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                m.weight.normal_(0, 0.3)
-                if m.bias is not None:
-                    m.bias.normal_(0, 0.1)
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
-
-
 def samples(labels, division):
     out = []
     for i in range(labels.shape[0]):
@@ -109,8 +91,8 @@ def test_branches_copy_fpn_bottleneck():
 
 
 @pytest.mark.parametrize('align_corners', [False, True])
-def test_eval_forward_is_cls1_and_plain_uperhead(align_corners):
-    head = trained_like(make_head(align_corners=align_corners))
+def test_eval_forward_is_cls1_and_plain_uperhead(align_corners, tiny_models):
+    head = tiny_models.trained_like(make_head(align_corners=align_corners))
     x = features()
     cls1, cls2, mask1 = head.branch_logits(x)
     assert cls1.shape == cls2.shape == (2, 3, 12, 12)
@@ -177,9 +159,9 @@ def test_config_is_sat_config_with_ddcat_head_and_scheme():
                                channels=8)) == dict(type='UPerHead', channels=8)
 
 
-def test_export_gives_cls1_logits_exactly(tmp_path):
+def test_export_gives_cls1_logits_exactly(tmp_path, tiny_models):
     cfg = Config.fromfile(DDCAT_CONFIG)
-    model = trained_like(MODELS.build(cfg.model))
+    model = tiny_models.trained_like(MODELS.build(cfg.model))
     x = torch.randn(2, 3, 40, 40)
     metas = [dict(img_shape=(40, 40), pad_shape=(40, 40))] * 2
     with torch.no_grad():

@@ -57,7 +57,8 @@ def test_registries_are_mmseg_own():
     for name in ('MODELS', 'LOOPS', 'HOOKS', 'METRICS', 'OPTIM_WRAPPERS',
                  'DATASETS', 'TRANSFORMS'):
         assert getattr(ours, name) is getattr(mmseg_registry, name)
-    assert ours.DATASETS.get('SyntheticShapesDataset') is not None
+    from mmseg_robust.datasets import SyntheticShapesDataset
+    assert ours.DATASETS.get('SyntheticShapesDataset') is SyntheticShapesDataset
 
 
 def test_other_project_registers_an_attack():

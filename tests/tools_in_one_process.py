@@ -13,11 +13,22 @@ import sys
 
 
 def reset_singletons() -> None:
-    """Clear mmengine's singletons, as its ``RunnerTestCase`` does between
-    Runners (the tests' ``reset_mmengine`` fixture calls this too)."""
+    """Clear mmengine's singletons, as its ``RunnerTestCase.tearDown`` does between
+    Runners (the tests' ``reset_mmengine`` fixture calls this too).
+
+    ``RunnerTestCase`` itself does not fit the tests: it is a ``unittest.TestCase``
+    (no pytest fixtures or parametrize) whose ``setUp`` registers toy models and
+    datasets the tests do not use, and its ``logging.shutdown()`` would close every
+    handler of the process, pytest's own too. Here only the loggers' own handlers
+    are closed (their log files), then the instances dropped.
+    """
     from mmengine.logging import MessageHub, MMLogger
     from mmengine.registry import DefaultScope
     from mmengine.visualization import Visualizer
+    for logger in list(MMLogger._instance_dict.values()):
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+            handler.close()
     for cls in (MMLogger, MessageHub, Visualizer, DefaultScope):
         cls._instance_dict.clear()
 
