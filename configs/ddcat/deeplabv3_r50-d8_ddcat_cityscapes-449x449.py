@@ -6,8 +6,9 @@
 # Published numbers: the clean and BIM mIoU of the DDC-AT paper's Cityscapes table are
 # not restated here (they could not be checked against the paper); copy them from it
 # before quoting them. docs/algorithms.md reports SEA numbers for the VOC models only.
-# Deploy: tools/export_ddcat.py CONFIG CKPT OUT (drops cls2/mask1: a plain DeepLabv3,
-# loadable with ../sat/deeplabv3_r50-d8_sat_cityscapes-449x449.py).
+# Deploy: tools/model_converters/export_ddcat.py CONFIG CKPT OUT (drops cls2/mask1:
+# a plain DeepLabv3, loadable with
+# ../sat/deeplabv3_r50-d8_sat_cityscapes-449x449.py).
 _base_ = '../sat/deeplabv3_r50-d8_sat_cityscapes-449x449.py'
 model = dict(decode_head=dict(type='DDCATASPPHead', loss_mask_weight=1.0))
 train_cfg = dict(scheme='ddcat')

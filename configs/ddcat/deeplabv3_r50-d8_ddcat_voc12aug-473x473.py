@@ -7,8 +7,9 @@
 # drives the released reference model of this config to about 0 mIoU at eps 4/255.
 # The clean and BIM mIoU of the DDC-AT paper's VOC table are not restated here (they
 # could not be checked against the paper); copy them from it before quoting them.
-# Deploy: tools/export_ddcat.py CONFIG CKPT OUT (drops cls2/mask1: a plain DeepLabv3,
-# loadable with ../sat/deeplabv3_r50-d8_sat_voc12aug-473x473.py).
+# Deploy: tools/model_converters/export_ddcat.py CONFIG CKPT OUT (drops cls2/mask1:
+# a plain DeepLabv3, loadable with
+# ../sat/deeplabv3_r50-d8_sat_voc12aug-473x473.py).
 _base_ = '../sat/deeplabv3_r50-d8_sat_voc12aug-473x473.py'
 model = dict(decode_head=dict(type='DDCATASPPHead', loss_mask_weight=1.0))
 train_cfg = dict(scheme='ddcat')

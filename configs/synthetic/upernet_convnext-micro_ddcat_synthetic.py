@@ -6,7 +6,8 @@
 # eps 7.65/255, no random start, CE of cls1) on the whole batch gives the division
 # labels; the batch is the first half clean, the second half adversarial.
 # Loss = CE(routed, y) + 1.0 * CE(mask1, division) + 0.4 * CE(aux).
-# tools/export_ddcat.py turns a checkpoint into the plain UperNet (cls1 only).
+# tools/model_converters/export_ddcat.py turns a checkpoint into the plain UperNet
+# (cls1 only).
 _base_ = './upernet_convnext-micro_sat_synthetic.py'
 
 model = dict(decode_head=dict(type='DDCATUPerHead', loss_mask_weight=1.0))

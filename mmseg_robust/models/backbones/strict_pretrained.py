@@ -17,7 +17,6 @@ from mmengine.model import BaseModule
 from mmengine.model.weight_init import update_init_info
 from mmengine.runner.checkpoint import CheckpointLoader
 
-# check_state_dict: also imported from here by engine/adversarial_loops.py
 from mmseg_robust.models.checkpoint import (CheckpointError, check_state_dict,
                                             expected_shapes,
                                             load_checkpoint_file,
