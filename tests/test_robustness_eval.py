@@ -166,7 +166,7 @@ def test_plain_test_refuses_a_checkpoint_that_does_not_fit(
     (['evaluator=FOO'], "unknown evaluator 'FOO'"),
     (['evaluator.type=SEA', 'evaluator.eps=-1'], 'eps'),
     (['evaluator.type=PGD', 'evaluator.norm=L1'], 'Linf'),
-    (['evaluator.type=SEA', 'evaluator.steps=3'], 'unknown evaluator option'),
+    (['evaluator.type=SEA', 'evaluator.iters=3'], 'unknown evaluator option'),
 ])
 def test_bad_evaluator_options(opts, match, run_tool, small_config, checkpoint,
                                synthetic_root, data_options, tmp_path):
