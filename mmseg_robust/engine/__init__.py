@@ -1,10 +1,12 @@
 """Thin glue to mmengine: adversarial loops, presets, result cache."""
 from .adversarial_loops import (AdversarialTestLoop, AdversarialValLoop,
                                 image_seed)
-from .adversarial_training import AdversarialTrainLoop
-from .optim_wrappers import (AdversarialAmpOptimWrapper,
-                             AdversarialOptimWrapper, AttackContextMixin)
+from .adversarial_training import (AdversarialTrainLoop, DDCATTrainLoop,
+                                   PIRATTrainLoop, SATTrainLoop)
+from .attack_context import attack_context
+from .optim_wrappers import AdversarialAmpOptimWrapper, AdversarialOptimWrapper
 from .random_state import RandomStateHook
+from .train_schemes import DDCATScheme, PIRATScheme, SATScheme, TrainScheme
 from .presets import (EVALUATOR_PRESETS, add_adversarial_visualization,
                       apply_robustness_evaluator, dataset_class_weights,
                       is_robustness_evaluation, normalize_evaluator_options)
@@ -15,7 +17,9 @@ __all__ = [
     'AdversarialAmpOptimWrapper', 'AdversarialOptimWrapper',
     'AdversarialTestLoop', 'AdversarialTrainLoop', 'AdversarialValLoop',
     'AdversarialVisualizationHook',
-    'AttackContextMixin', 'EVALUATOR_PRESETS', 'RandomStateHook',
+    'DDCATScheme', 'DDCATTrainLoop', 'PIRATScheme', 'PIRATTrainLoop',
+    'SATScheme', 'SATTrainLoop', 'TrainScheme', 'attack_context',
+    'EVALUATOR_PRESETS', 'RandomStateHook',
     'ResultCache', 'add_adversarial_visualization',
     'apply_robustness_evaluator', 'dataset_class_weights',
     'is_robustness_evaluation', 'normalize_evaluator_options',
