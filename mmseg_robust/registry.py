@@ -44,8 +44,17 @@ ATTACKS = Registry(
     build_func=_build_in_own_scope,
     locations=['mmseg_robust.attacks'])
 
+#: Batch composition schemes of adversarial training (``'pirat'``, ``'sat'``,
+#: ``'ddcat'``), selected by the train loop's ``scheme``.
+TRAIN_SCHEMES = Registry(
+    'adversarial training scheme',
+    scope='mmseg_robust',
+    build_func=_build_in_own_scope,
+    locations=['mmseg_robust.engine.train_schemes'])
+
 __all__ = [
     'ATTACKS', 'DATASETS', 'DATA_SAMPLERS', 'EVALUATOR', 'HOOKS', 'LOOPS',
     'METRICS', 'MODELS', 'MODEL_WRAPPERS', 'OPTIMIZERS', 'OPTIM_WRAPPERS',
-    'PARAM_SCHEDULERS', 'TRANSFORMS', 'VISUALIZERS', 'WEIGHT_INITIALIZERS'
+    'PARAM_SCHEDULERS', 'TRAIN_SCHEMES', 'TRANSFORMS', 'VISUALIZERS',
+    'WEIGHT_INITIALIZERS'
 ]

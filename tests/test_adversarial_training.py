@@ -1,5 +1,6 @@
-"""Adversarial training (PIR-AT / SAT): batch composition, modes, no gradient
-leakage, resume equals uninterrupted, two-process gloo training."""
+"""Adversarial training (PIR-AT / SAT / DDC-AT): batch composition, modes, no
+gradient leakage, stock optimizer wrappers, scheme loops, resume equals
+uninterrupted, two-process gloo training."""
 import copy
 import os.path as osp
 
@@ -8,7 +9,7 @@ import torch
 from mmengine.config import Config
 from mmengine.runner import Runner
 
-from mmseg_robust.engine import AdversarialTrainLoop
+from mmseg_robust.engine import AdversarialTrainLoop, attack_context
 from mmseg_robust.models import unwrap_model
 
 CONFIGS = {
@@ -19,9 +20,11 @@ CONFIGS = {
 
 
 def _runner(repo_root, scheme, synthetic_root, work_dir, batch_size=4,
-            options=None):
+            options=None, edit=None):
     cfg = Config.fromfile(osp.join(repo_root, CONFIGS[scheme]))
     cfg.merge_from_dict(options or {})
+    if edit is not None:
+        edit(cfg)
     for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
         cfg[loader].dataset.data_root = synthetic_root
         cfg[loader].dataset.generator_cfg = dict(
@@ -124,26 +127,231 @@ def test_attack_context_refuses_parameter_gradients(repo_root, synthetic_root,
     runner = _runner(repo_root, 'pirat', synthetic_root, tmp_path)
     p = next(runner.model.parameters())
     with pytest.raises(RuntimeError, match='parameter gradient changed'):
-        with runner.optim_wrapper.attack_context(runner.model):
+        with attack_context(runner.model):
             p.grad = torch.ones_like(p)
 
 
-def test_plain_optim_wrapper_is_refused(repo_root, synthetic_root, tmp_path,
+def _small_model():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+        torch.nn.Conv2d(4, 2, 1))
+
+
+def test_attack_context_restores_the_model():
+    model = _small_model().train()
+    frozen = model[2].bias
+    frozen.requires_grad_(False)  # frozen before: stays frozen
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        with attack_context(model) as module:
+            assert module is model and not model.training
+            assert not any(m.training for m in model.modules())
+            assert not any(p.requires_grad for p in model.parameters())
+            assert not torch.is_autocast_cpu_enabled()
+            x = torch.rand(1, 3, 8, 8, requires_grad=True)
+            (grad, ) = torch.autograd.grad(model(x).sum(), x)
+            assert grad.dtype == torch.float32
+    assert model.training and all(m.training for m in model.modules())
+    assert [p.requires_grad for p in model.parameters()] == [
+        True, True, True, True, True, False
+    ]
+    assert all(p.grad is None for p in model.parameters())
+    # an eval-mode model stays in eval mode
+    model.eval()
+    with attack_context(model):
+        pass
+    assert not model.training
+
+
+def test_attack_context_raises_if_a_parameter_gradient_changes():
+    model = _small_model()
+    model(torch.rand(1, 3, 8, 8)).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match='parameter gradient changed'):
+        with attack_context(model):
+            model[0].weight.grad.add_(1)  # in place
+    assert all(p.requires_grad for p in model.parameters())
+    model[0].weight.grad.copy_(grads[0])
+    with pytest.raises(RuntimeError, match='parameter gradient changed'):
+        with attack_context(model):
+            model[1].bias.grad = None  # replaced
+    # param_grads=True (leak_attack_grads): parameters stay trainable and
+    # their gradients may change; refused with AMP
+    with attack_context(model, param_grads=True):
+        assert all(p.requires_grad for p in model.parameters())
+        model(torch.rand(1, 3, 8, 8)).sum().backward()
+    with pytest.raises(ValueError, match='mixed precision'):
+        with attack_context(model, param_grads=True, amp=True):
+            pass
+
+
+def test_loops_keep_mmengines_run():
+    """One run_iter override: mmengine's IterBasedTrainLoop.run runs as is."""
+    from mmengine.runner import IterBasedTrainLoop
+    from mmseg_robust.engine import (DDCATTrainLoop, PIRATTrainLoop,
+                                     SATTrainLoop)
+    assert 'run' not in AdversarialTrainLoop.__dict__
+    assert 'run_iter' in AdversarialTrainLoop.__dict__
+    for cls in (PIRATTrainLoop, SATTrainLoop, DDCATTrainLoop):
+        assert issubclass(cls, AdversarialTrainLoop)
+        assert 'run' not in cls.__dict__ and 'run_iter' not in cls.__dict__
+        assert cls.run is IterBasedTrainLoop.run
+
+
+def _train_one_iteration(repo_root, synthetic_root, tmp_path, scheme,
+                         options=None):
+    """runner.train() for one iteration; returns the runner and the batch the
+    update got."""
+    runner = _runner(repo_root, scheme, synthetic_root, tmp_path,
+                     options=dict({
+                         'train_cfg.max_iters': 1,
+                         'train_cfg.val_interval': 100,
+                         'default_hooks.logger.interval': 1
+                     }, **(options or {})))
+    module = unwrap_model(runner.model)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    seen = {}
+    train_step = runner.model.train_step
+
+    def spy_step(data, optim_wrapper):
+        seen['batch'] = copy.deepcopy(data)
+        seen['optim_wrapper'] = optim_wrapper
+        return train_step(data, optim_wrapper=optim_wrapper)
+
+    runner.model.train_step = spy_step
+    runner.train()
+    after = module.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    return runner, seen
+
+
+@pytest.mark.parametrize('scheme', ['pirat', 'sat', 'ddcat'])
+def test_stock_optim_wrapper_trains_adversarially(scheme, repo_root,
+                                                  synthetic_root, tmp_path,
+                                                  reset_mmengine):
+    from mmengine.optim import OptimWrapper
+    assert Config.fromfile(osp.join(
+        repo_root, CONFIGS[scheme])).optim_wrapper.type == 'OptimWrapper'
+    runner, seen = _train_one_iteration(repo_root, synthetic_root, tmp_path,
+                                        scheme)
+    assert type(runner.optim_wrapper) is OptimWrapper
+    assert seen['optim_wrapper'] is runner.optim_wrapper
+    # the update got the scheme's adversarial batch
+    loop = runner.train_loop
+    attacked = loop.attacked_indices(4)
+    assert attacked == ([0, 1, 2, 3] if scheme == 'pirat' else [2, 3])
+    assert len(seen['batch']['inputs']) == 4
+    assert ('gt_division' in seen['batch']['data_samples'][0]) == (
+        scheme == 'ddcat')
+    scalars = runner.message_hub.log_scalars
+    assert {'train/adv.acc', 'train/clean.acc',
+            'train/attack_time_share'} <= set(scalars)
+
+
+def test_deprecated_optim_wrapper_names_still_work(repo_root, synthetic_root,
+                                                   tmp_path, reset_mmengine):
+    from mmengine.optim import OptimWrapper
+    from mmseg_robust.engine import AdversarialOptimWrapper
+    from mmseg_robust.registry import OPTIM_WRAPPERS
+    model = _small_model()
+    with pytest.warns(DeprecationWarning, match="type='OptimWrapper'"):
+        wrapper = OPTIM_WRAPPERS.build(
+            dict(
+                type='AdversarialOptimWrapper',
+                optimizer=torch.optim.SGD(model.parameters(), lr=0.1)))
+    assert isinstance(wrapper, AdversarialOptimWrapper)
+    assert isinstance(wrapper, OptimWrapper)
+    # its old attack_context method is the function's
+    with pytest.raises(RuntimeError, match='parameter gradient changed'):
+        with wrapper.attack_context(model):
+            model[0].weight.grad = torch.ones_like(model[0].weight)
+    # a config with the old name still trains adversarially
+    with pytest.warns(DeprecationWarning):
+        runner, _ = _train_one_iteration(
+            repo_root, synthetic_root, tmp_path, 'pirat',
+            {'optim_wrapper.type': 'AdversarialOptimWrapper'})
+    assert isinstance(runner.optim_wrapper, AdversarialOptimWrapper)
+    assert 'train/adv.acc' in runner.message_hub.log_scalars
+
+
+def test_scheme_loops_equal_the_scheme_option(repo_root, synthetic_root,
+                                              tmp_path, reset_mmengine):
+    from mmseg_robust.engine import (PIRATScheme, PIRATTrainLoop,
+                                     SATTrainLoop)
+    def pirat_loop(cfg):  # type='PIRATTrainLoop' without a scheme key
+        cfg.train_cfg.type = 'PIRATTrainLoop'
+        cfg.train_cfg.pop('scheme')
+
+    batch = state = None
+    results = []
+    for i, edit in enumerate((None, pirat_loop)):
+        runner = _runner(repo_root, 'pirat', synthetic_root, tmp_path / str(i),
+                         edit=edit)
+        assert 'scheme' in runner.cfg.train_cfg or edit is not None
+        loop = runner.train_loop
+        assert type(loop) is (PIRATTrainLoop if edit else AdversarialTrainLoop)
+        assert loop.scheme == 'pirat'
+        assert isinstance(loop.train_scheme, PIRATScheme)
+        module = unwrap_model(runner.model)
+        if batch is None:
+            batch = next(iter(runner.train_dataloader))
+            state = copy.deepcopy(module.state_dict())
+        module.load_state_dict(state)
+        results.append(loop.adversarial_batch(copy.deepcopy(batch)))
+    (a, stats_a), (b, stats_b) = results
+    assert stats_a == stats_b
+    for x, y in zip(a['inputs'], b['inputs']):
+        assert torch.equal(x, y)
+    assert not any(
+        torch.equal(x, y) for x, y in zip(a['inputs'], batch['inputs']))
+    # a scheme loop refuses another scheme
+    with pytest.raises(ValueError, match='AdversarialTrainLoop'):
+        _runner(repo_root, 'sat', synthetic_root, tmp_path / 'x',
+                options={'train_cfg.type': 'PIRATTrainLoop'}).train_loop
+    runner = _runner(repo_root, 'sat', synthetic_root, tmp_path / 'y',
+                     options={'train_cfg.type': 'SATTrainLoop'})
+    assert isinstance(runner.train_loop, SATTrainLoop)
+    assert runner.train_loop.attacked_indices(4) == [2, 3]
+    assert not isinstance(runner.train_loop, PIRATTrainLoop)
+
+
+def test_schemes_are_registered_classes(repo_root, synthetic_root, tmp_path,
                                         reset_mmengine):
-    cfg_path = osp.join(repo_root, CONFIGS['pirat'])
-    cfg = Config.fromfile(cfg_path)
-    cfg.optim_wrapper.type = 'OptimWrapper'
-    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
-        cfg[loader].dataset.data_root = synthetic_root
-        cfg[loader].dataset.generator_cfg = dict(
-            splits=dict(train=48, val=16))
-        cfg[loader].num_workers = 0
-        cfg[loader].persistent_workers = False
-    cfg.work_dir = str(tmp_path)
-    cfg.load_from = None
-    runner = Runner.from_cfg(cfg)
-    with pytest.raises(TypeError, match='AdversarialOptimWrapper'):
-        runner.train()
+    from mmseg_robust.engine import (DDCATScheme, PIRATScheme, SATScheme,
+                                     TrainScheme)
+    from mmseg_robust.registry import TRAIN_SCHEMES
+    for name, cls in (('pirat', PIRATScheme), ('sat', SATScheme),
+                      ('ddcat', DDCATScheme)):
+        scheme = TRAIN_SCHEMES.build(dict(type=name))
+        assert type(scheme) is cls and scheme.name == name
+    assert PIRATScheme().attacked_indices(3) == [0, 1, 2]
+    assert SATScheme().attacked_indices(5) == [2, 3, 4]
+    assert SATScheme().images_to_attack(5) == [2, 3, 4]
+    assert DDCATScheme().attacked_indices(4) == [2, 3]
+    assert DDCATScheme().images_to_attack(4) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match='at least 2'):
+        SATScheme().attacked_indices(1)
+    with pytest.raises(ValueError, match='unknown adversarial training'):
+        _runner(repo_root, 'pirat', synthetic_root, tmp_path / 'u',
+                options={'train_cfg.scheme': 'nope'}).train_loop
+
+    # a scheme of one's own, by registered name
+    @TRAIN_SCHEMES.register_module(name='_test_last_only')
+    class LastOnly(TrainScheme):
+
+        def attacked_indices(self, batch_size):
+            return [batch_size - 1]
+
+    try:
+        runner = _runner(repo_root, 'pirat', synthetic_root, tmp_path / 'o',
+                         options={'train_cfg.scheme': '_test_last_only'})
+        loop = runner.train_loop
+        assert loop.scheme == '_test_last_only'
+        batch = next(iter(runner.train_dataloader))
+        adv, _ = loop.adversarial_batch(copy.deepcopy(batch))
+        assert [not torch.equal(a, b) for a, b in zip(
+            adv['inputs'], batch['inputs'])] == [False, False, False, True]
+    finally:
+        TRAIN_SCHEMES.module_dict.pop('_test_last_only')
 
 
 ITERS = ['load_from=None', 'train_cfg.val_interval=100',

@@ -261,7 +261,7 @@ def test_pirat_config_protocol(path):
         assert cfg.train_cfg.scheme == 'pirat'
         assert cfg.train_cfg.attack == dict(
             type='PGD', eps=4, steps=5, step_size=2.55, random_start=False)
-        assert cfg.optim_wrapper.type == 'AdversarialOptimWrapper'
+        assert cfg.optim_wrapper.type == 'OptimWrapper'
     else:
         assert 'clean' in init.checkpoint
         assert cfg.train_cfg.type == 'IterBasedTrainLoop'

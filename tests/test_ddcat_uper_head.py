@@ -149,7 +149,7 @@ def test_config_is_sat_config_with_ddcat_head_and_scheme():
     assert ddcat.train_cfg.scheme == 'ddcat'
     assert ddcat.train_cfg.attack == dict(
         type='BIM', eps=7.65, steps=3, step_size=2.55)
-    assert ddcat.optim_wrapper.type == 'AdversarialOptimWrapper'
+    assert ddcat.optim_wrapper.type == 'OptimWrapper'
     # everything else is the SAT config's (schedule, data, initialisation)
     ddcat, sat = ddcat.to_dict(), sat.to_dict()
     assert plain_model_cfg(ddcat.pop('model')) == sat.pop('model')

@@ -49,9 +49,14 @@ def _state_of_seed(seed):
     return _capture()
 
 
-def _runner(it):
-    """What the hook reads from the runner: the train loop's iteration."""
-    return types.SimpleNamespace(iter=it)
+def _runner(it, checkpoint_interval=1, max_iters=100):
+    """What the hook reads from the runner: the train loop's iteration, the
+    CheckpointHook (every ``checkpoint_interval`` iterations) and max_iters."""
+    from mmengine.hooks import CheckpointHook
+    return types.SimpleNamespace(
+        iter=it,
+        max_iters=max_iters,
+        hooks=[CheckpointHook(interval=checkpoint_interval, by_epoch=False)])
 
 
 def _fake_dist(monkeypatch, rank, world_size, gathered=None):
@@ -136,6 +141,48 @@ def test_saved_outside_a_train_iteration_holds_only_the_own_state(monkeypatch):
     _seed(0)
     assert not _load(RandomStateHook(), ckpt, runner_iter=6)
     assert _draws() == expected
+
+
+def test_states_are_gathered_only_when_a_checkpoint_is_saved(monkeypatch):
+    """Under DDP the all_gather runs at the CheckpointHook's iterations only
+    (every `interval` iterations and the last one), on every rank alike."""
+    calls = []
+    _fake_dist(monkeypatch, 0, 2)
+
+    def all_gather_object(obj):
+        calls.append(obj)
+        return [obj, obj]
+
+    monkeypatch.setattr(random_state_module, 'all_gather_object',
+                        all_gather_object)
+    hook = RandomStateHook()
+    gathered_at = []
+    for it in range(8):
+        runner = _runner(it, checkpoint_interval=3, max_iters=8)
+        n = len(calls)
+        hook.after_train_iter(runner, batch_idx=it)
+        if len(calls) > n:
+            gathered_at.append(it)
+        # the checkpoint the CheckpointHook saves right after holds both states
+        if it in (2, 5, 7):
+            ckpt = dict(meta=dict(iter=it + 1))
+            hook.before_save_checkpoint(runner, ckpt)
+            assert all(s is not None for s in ckpt['random_state']['states'])
+    # CheckpointHook saves after iterations 3, 6 and the last one (8)
+    assert gathered_at == [2, 5, 7]
+    # no CheckpointHook (or by_epoch): never gathered
+    from mmengine.hooks import CheckpointHook
+    calls.clear()
+    for hooks in ([], [CheckpointHook(interval=1, by_epoch=True)]):
+        runner = types.SimpleNamespace(iter=2, max_iters=3, hooks=hooks)
+        hook.after_train_iter(runner, batch_idx=2)
+    assert calls == []
+    # one process: nothing to gather
+    _fake_dist(monkeypatch, 0, 1)
+    monkeypatch.setattr(random_state_module, 'all_gather_object',
+                        all_gather_object)
+    hook.after_train_iter(_runner(2), batch_idx=2)
+    assert calls == []
 
 
 @pytest.mark.parametrize('saved,now', [(2, 1), (1, 2), (2, 4)])

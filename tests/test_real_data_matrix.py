@@ -298,7 +298,6 @@ train_cfg = dict(
     type='AdversarialTrainLoop',
     scheme='{scheme}',
     attack=dict(type='PGD', eps=4, steps=5, step_size=2.55, random_start=False))
-optim_wrapper = dict(type='AdversarialOptimWrapper')
 '''
 
 

@@ -53,7 +53,7 @@ def test_config_settings(path):
     max_iters = 33050 if voc else 74400
     assert cfg.train_cfg.max_iters == max_iters
     # SGD 0.01, momentum 0.9, wd 1e-4, heads 10x, poly 0.9
-    assert cfg.optim_wrapper.type == 'AdversarialOptimWrapper'
+    assert cfg.optim_wrapper.type == 'OptimWrapper'
     assert cfg.optim_wrapper.optimizer == dict(
         type='SGD', lr=0.01, momentum=0.9, weight_decay=1e-4)
     keys = cfg.optim_wrapper.paramwise_cfg.custom_keys

@@ -27,7 +27,7 @@ def test_reference_schedule(name):
     assert cfg.train_dataloader.batch_size == 14
     opt = cfg.optim_wrapper.optimizer
     assert opt == dict(type='SGD', lr=1e-3, momentum=0.9, weight_decay=1e-5)
-    assert cfg.optim_wrapper.type == 'AdversarialOptimWrapper'
+    assert cfg.optim_wrapper.type == 'OptimWrapper'
     # Nothing of the AdamW base schedule survives.
     assert 'betas' not in opt and 'eps' not in opt
     (poly, ) = cfg.param_scheduler

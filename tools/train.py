@@ -1,5 +1,4 @@
 # Copyright (c) OpenMMLab. All rights reserved.
-# mmseg 1.2.2's tools/train.py, with mmseg_robust imported.
 import argparse
 import logging
 import os
@@ -9,11 +8,10 @@ from mmengine.config import Config, DictAction
 from mmengine.logging import print_log
 from mmengine.runner import Runner
 
-# Registers mmseg_robust's components into mmseg's registries and applies its
-# compatibility fixes, so configs without `custom_imports` work too.
-import mmseg_robust  # noqa: F401,E402
-
 from mmseg.registry import RUNNERS
+
+# mmseg_robust: registers its components and compat fixes (no custom_imports)
+import mmseg_robust  # noqa: F401
 
 
 def parse_args():
@@ -77,15 +75,11 @@ def main():
     # enable automatic-mixed-precision training
     if args.amp is True:
         optim_wrapper = cfg.optim_wrapper.type
-        if optim_wrapper in ('AmpOptimWrapper', 'AdversarialAmpOptimWrapper'):
+        if optim_wrapper == 'AmpOptimWrapper':
             print_log(
                 'AMP training is already enabled in your config.',
                 logger='current',
                 level=logging.WARNING)
-        elif optim_wrapper == 'AdversarialOptimWrapper':
-            # mmseg_robust: AMP update, fp32 attack
-            cfg.optim_wrapper.type = 'AdversarialAmpOptimWrapper'
-            cfg.optim_wrapper.loss_scale = 'dynamic'
         else:
             assert optim_wrapper == 'OptimWrapper', (
                 '`--amp` is only supported when the optimizer wrapper type is '

@@ -26,7 +26,7 @@ model = dict(
     decode_head=dict(num_classes=151))
 # No weight decay on norms, 1-d parameters, position embedding and class tokens.
 optim_wrapper = dict(
-    type='AdversarialOptimWrapper',
+    type='OptimWrapper',
     paramwise_cfg=dict(
         custom_keys=dict(
             pos_embed=dict(decay_mult=0.0),

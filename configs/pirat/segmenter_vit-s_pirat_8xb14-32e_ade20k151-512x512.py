@@ -38,7 +38,7 @@ val_interval = 4 * iters_per_epoch
 train_dataloader = dict(batch_size=batch_size)
 optim_wrapper = dict(
     _delete_=True,
-    type='AdversarialOptimWrapper',
+    type='OptimWrapper',
     optimizer=dict(type='SGD', lr=1e-3, momentum=0.9, weight_decay=1e-5),
     paramwise_cfg=dict(
         norm_decay_mult=0.0,

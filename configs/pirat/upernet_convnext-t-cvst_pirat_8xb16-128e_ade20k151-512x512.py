@@ -29,4 +29,4 @@ train_cfg = dict(
     scheme='pirat',
     attack=dict(
         type='PGD', eps=4, steps=5, step_size=2.55, random_start=False))
-optim_wrapper = dict(type='AdversarialOptimWrapper')
+optim_wrapper = dict(type='OptimWrapper')

@@ -15,4 +15,4 @@ train_cfg = dict(
     type='AdversarialTrainLoop',
     scheme='ddcat',
     attack=dict(type='BIM', eps=7.65, steps=3, step_size=2.55))
-optim_wrapper = dict(type='AdversarialOptimWrapper')
+optim_wrapper = dict(type='OptimWrapper')

@@ -29,4 +29,4 @@ train_cfg = dict(
     val_interval=500,
     attack=dict(
         type='PGD', eps=4, steps=2, step_size=2.55, random_start=False))
-optim_wrapper = dict(type='AdversarialOptimWrapper')
+optim_wrapper = dict(type='OptimWrapper')

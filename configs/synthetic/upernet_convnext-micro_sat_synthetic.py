@@ -28,4 +28,4 @@ train_cfg = dict(
     max_iters=max_iters,
     val_interval=500,
     attack=dict(type='BIM', eps=7.65, steps=3, step_size=2.55))
-optim_wrapper = dict(type='AdversarialOptimWrapper')
+optim_wrapper = dict(type='OptimWrapper')

@@ -1,18 +1,21 @@
 """Adversarial training loop: PIR-AT, SAT and DDC-AT (docs/algorithms.md section 5).
 
-Per iteration, :class:`AdversarialTrainLoop`
+Per iteration, :class:`AdversarialTrainLoop` (mmengine's ``IterBasedTrainLoop``
+with its own ``run_iter``)
 
 1. runs the model's own data preprocessor on a copy of the batch and views it in
    pixel space (un-normalised, [0, 1]);
-2. generates adversarial images inside the optimizer wrapper's attack context
+2. generates adversarial images inside :func:`~mmseg_robust.engine.attack_context`
    (eval mode, input gradients only, fp32, unwrapped module) against the main
    head's cross-entropy;
-3. composes the batch by scheme -- PIR-AT: adversarial images only; SAT and
-   DDC-AT: on each GPU the first half of the batch clean, the second half
-   adversarial (DDC-AT attacks the whole batch and labels the clean half with its
-   division labels) -- writes the adversarial pixels back as raw inputs;
-4. calls the model's stock ``train_step`` (data preprocessor, DDP, AMP, gradient
-   accumulation all as usual) in train mode.
+3. composes the batch by its scheme (:mod:`mmseg_robust.engine.train_schemes`) --
+   PIR-AT: adversarial images only; SAT and DDC-AT: on each GPU the first half of
+   the batch clean, the second half adversarial (DDC-AT attacks the whole batch
+   and labels the clean half with its division labels) -- writing the
+   adversarial pixels back as raw inputs;
+4. calls the model's stock ``train_step`` with the runner's optimizer wrapper
+   (any mmengine wrapper: data preprocessor, DDP, AMP, gradient accumulation all
+   as usual) in train mode.
 
 It logs the clean and adversarial loss/accuracy of the attacked images and the
 share of the iteration spent attacking, and with ``--resume`` restores the random
@@ -23,25 +26,26 @@ import copy
 import glob
 import os.path as osp
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from mmengine.dist import broadcast, get_world_size
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
+from mmengine.optim import AmpOptimWrapper
 from mmengine.runner import IterBasedTrainLoop
-from mmengine.structures import PixelData
 
 from mmseg_robust.models.pixel_space import (TrainingBatchPixelView,
                                              ignore_index_of, unwrap_model)
-from mmseg_robust.registry import ATTACKS, LOOPS
-from .optim_wrappers import AttackContextMixin
+from mmseg_robust.registry import ATTACKS, LOOPS, TRAIN_SCHEMES
+from .attack_context import attack_context
 from .random_state import RandomStateHook
+from .train_schemes import TrainScheme
 
-__all__ = ['AdversarialTrainLoop']
-
-SCHEMES = ('pirat', 'sat', 'ddcat')
+__all__ = [
+    'AdversarialTrainLoop', 'DDCATTrainLoop', 'PIRATTrainLoop', 'SATTrainLoop'
+]
 
 
 class _LeakingView:
@@ -91,25 +95,96 @@ class _LeakGrad(torch.autograd.Function):
         return grads[0], None
 
 
+class _RestoreAfterSkip:
+    """The train loop's batch iterator, restoring a resumed run's random state
+    right before the first new batch is drawn.
+
+    mmengine's ``IterBasedTrainLoop.run`` (used unchanged) calls ``before_train``
+    -- where :class:`RandomStateHook` decides that the run resumed and takes this
+    rank's saved state -- then draws and discards ``loop.iter`` batches (those
+    already trained) and then draws the first new one. The saved state is the one
+    of the moment the checkpoint was written, i.e. before the uninterrupted run
+    drew that batch; the skipped draws of an in-process loader consume random
+    numbers (sampler, transforms), so the state has to be restored after them
+    and before that draw. This wrapper of mmengine's ``_InfiniteDataloaderIterator``
+    does so: while the hook holds a state, its first draw reads how many batches
+    the loop skips (``loop.iter``, set from the checkpoint by
+    ``Runner.resume``), and after that many draws it restores the state before
+    drawing. Without a state to restore (no resume, ``load_from`` only) it only
+    passes the batches through. Other attributes are the wrapped iterator's.
+    """
+
+    def __init__(self, iterator, loop, hook: RandomStateHook) -> None:
+        self._inner = iterator
+        self._loop = loop
+        self._hook = hook
+        self._to_skip: Optional[int] = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._hook.loaded is not None:
+            if self._to_skip is None:
+                self._to_skip = self._loop.iter
+            if self._to_skip > 0:
+                self._to_skip -= 1
+            else:
+                self._to_skip = None
+                if self._hook.restore_loaded():
+                    print_log(
+                        'Restored the random state saved at iteration '
+                        f'{self._loop.iter}',
+                        logger='current')
+        return next(self._inner)
+
+    def __getattr__(self, name: str):
+        if name == '_inner':  # not set yet (e.g. while unpickling)
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+def uses_amp(optim_wrapper) -> bool:
+    """Whether the update runs in mixed precision (an ``AmpOptimWrapper``, also
+    inside an ``OptimWrapperDict``)."""
+    wrappers = getattr(optim_wrapper, 'optim_wrappers', None)
+    wrappers = wrappers.values() if wrappers else [optim_wrapper]
+    return any(isinstance(w, AmpOptimWrapper) for w in wrappers)
+
+
 @LOOPS.register_module()
 class AdversarialTrainLoop(IterBasedTrainLoop):
     """Iteration-based train loop with adversarial training (section 5).
 
-    Select it in a config, with an adversarial optimizer wrapper::
+    Select it in a config; any mmengine optimizer wrapper works (the loop enters
+    :func:`~mmseg_robust.engine.attack_context` around the attack itself, and
+    ``tools/train.py --amp`` gives the update mixed precision as for any mmseg
+    config)::
 
         train_cfg = dict(
             type='AdversarialTrainLoop', scheme='pirat', max_iters=80000,
             val_interval=8000,
             attack=dict(type='PGD', eps=4, steps=5, step_size=2.55,
                         random_start=False))
-        optim_wrapper = dict(type='AdversarialOptimWrapper', optimizer=...)
+        optim_wrapper = dict(type='OptimWrapper', optimizer=...)
+
+    ``PIRATTrainLoop``, ``SATTrainLoop`` and ``DDCATTrainLoop`` are this loop with
+    the scheme fixed (``train_cfg = dict(type='PIRATTrainLoop', ...)``).
+
+    Only :meth:`run_iter` is overridden: mmengine's ``run`` (resume's data loader
+    skip included) runs as is, and the random state of a resumed run is restored
+    by the loop's batch iterator right after the skip (see
+    :class:`_RestoreAfterSkip`).
 
     Args:
         runner, dataloader, max_iters, val_begin, val_interval,
             dynamic_intervals: as :class:`mmengine.runner.IterBasedTrainLoop`.
-        scheme (str): ``'pirat'`` (adversarial images only), ``'sat'`` (first
-            half clean, second half adversarial on each GPU) or ``'ddcat'`` (as
-            SAT, plus the division labels of DDC-AT; needs a DDC-AT decode head).
+        scheme (str | dict | TrainScheme): the batch composition, a name of
+            ``TRAIN_SCHEMES``: ``'pirat'`` (adversarial images only, the
+            default), ``'sat'`` (first half clean, second half adversarial on
+            each GPU) or ``'ddcat'`` (as SAT, plus the division labels of DDC-AT;
+            needs a DDC-AT decode head); or a config dict / instance of a
+            registered :class:`~mmseg_robust.engine.TrainScheme`.
         attack (dict): attack config from ``ATTACKS`` (eps, step sizes in /255).
             Defaults to PIR-AT's: PGD, eps 4, 5 steps of 2.55, no random start.
         log_clean (bool): with a random-start attack, spend one extra forward
@@ -129,6 +204,9 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
     data preprocessor adds to images smaller than its ``size``.
     """
 
+    #: the scheme a subclass fixes (None: chosen by ``scheme``)
+    fixed_scheme: Optional[str] = None
+
     def __init__(self,
                  runner,
                  dataloader,
@@ -136,16 +214,15 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
                  val_begin: int = 1,
                  val_interval: int = 1000,
                  dynamic_intervals=None,
-                 scheme: str = 'pirat',
+                 scheme: Union[str, dict, TrainScheme, None] = None,
                  attack: Optional[dict] = None,
                  log_clean: bool = True,
                  leak_attack_grads: bool = False) -> None:
         super().__init__(runner, dataloader, max_iters, val_begin,
                          val_interval, dynamic_intervals)
-        if scheme not in SCHEMES:
-            raise ValueError(f'unknown adversarial training scheme {scheme!r}; '
-                             f'choose one of {SCHEMES}')
-        self.scheme = scheme
+        self.train_scheme = self._build_scheme(scheme)
+        #: the scheme's registered name ('pirat', 'sat', 'ddcat', ...)
+        self.scheme = self.train_scheme.name
         if attack is None:
             attack = dict(
                 type='PGD', eps=4, steps=5, step_size=2.55, random_start=False)
@@ -157,55 +234,38 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
         self.leak_attack_grads = bool(leak_attack_grads)
         self.random_state_hook = RandomStateHook()
         runner.register_hook(self.random_state_hook)
+        self.dataloader_iterator = _RestoreAfterSkip(self.dataloader_iterator,
+                                                     self,
+                                                     self.random_state_hook)
         _check_load_from(runner)
 
-    # ------------------------------------------------------------------- run
-    def run(self) -> torch.nn.Module:
-        """:meth:`IterBasedTrainLoop.run`, restoring the random state of a resumed
-        run right after the data loader has been advanced past the trained
-        iterations (before the next batch is drawn, so the skipped batches of an
-        in-process loader do not consume it)."""
-        self._check_optim_wrapper()
-        self.runner.call_hook('before_train')
-        self.runner.call_hook('before_train_epoch')
-        if self._iter > 0:
-            print_log(
-                f'Advance dataloader {self._iter} steps to skip data that has '
-                'already been trained',
-                logger='current')
-            for _ in range(self._iter):
-                next(self.dataloader_iterator)
-        if self.random_state_hook.restore_loaded():
-            print_log(
-                f'Restored the random state saved at iteration {self._iter}',
-                logger='current')
-        while self._iter < self._max_iters and not self.stop_training:
-            self.runner.model.train()
-            data_batch = next(self.dataloader_iterator)
-            self.run_iter(data_batch)
-            self._decide_current_val_interval()
-            if (self.runner.val_loop is not None
-                    and self._iter >= self.val_begin
-                    and (self._iter % self.val_interval == 0
-                         or self._iter == self._max_iters)):
-                self.runner.val_loop.run()
-        self.runner.call_hook('after_train_epoch')
-        self.runner.call_hook('after_train')
-        return self.runner.model
-
-    def _check_optim_wrapper(self) -> None:
-        wrappers = getattr(self.runner.optim_wrapper, 'optim_wrappers', None)
-        wrappers = wrappers.values() if wrappers else [
-            self.runner.optim_wrapper
-        ]
-        for w in wrappers:
-            if not isinstance(w, AttackContextMixin):
-                raise TypeError(
-                    'AdversarialTrainLoop needs an adversarial optimizer wrapper: '
-                    "set optim_wrapper.type='AdversarialOptimWrapper' (or "
-                    f"'AdversarialAmpOptimWrapper'), got {type(w).__name__}")
+    def _build_scheme(self, scheme) -> TrainScheme:
+        fixed = self.fixed_scheme
+        if fixed is not None:
+            if scheme not in (None, fixed):
+                raise ValueError(
+                    f'{type(self).__name__} trains with scheme={fixed!r}, got '
+                    f'scheme={scheme!r}: use AdversarialTrainLoop to choose '
+                    'the scheme')
+            scheme = fixed
+        if scheme is None:
+            scheme = 'pirat'
+        if isinstance(scheme, TrainScheme):
+            return scheme
+        cfg = dict(type=scheme) if isinstance(scheme, str) else dict(scheme)
+        if isinstance(cfg.get('type'), str) and \
+                cfg['type'] not in TRAIN_SCHEMES.module_dict:
+            raise ValueError(
+                f'unknown adversarial training scheme {cfg["type"]!r}; '
+                f'choose one of {tuple(TRAIN_SCHEMES.module_dict)}')
+        built = TRAIN_SCHEMES.build(cfg)
+        if not built.name:  # a registered scheme without a name of its own
+            built.name = str(cfg['type'])
+        return built
 
     def run_iter(self, data_batch: Dict[str, Sequence]) -> None:
+        """One iteration: attack, compose, ``train_step`` (hooks as
+        :meth:`IterBasedTrainLoop.run_iter`; they see the composed batch)."""
         self.runner.call_hook(
             'before_train_iter', batch_idx=self._iter, data_batch=data_batch)
         t0 = time.perf_counter()
@@ -243,15 +303,9 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
 
     # ---------------------------------------------------------- the batch
     def attacked_indices(self, batch_size: int) -> List[int]:
-        """Images that become adversarial: all (PIR-AT) or the second half."""
-        if self.scheme == 'pirat':
-            return list(range(batch_size))
-        if batch_size < 2:
-            raise ValueError(
-                f'{self.scheme} trains on a first half of clean and a second half '
-                'of adversarial images per GPU: the batch size per GPU must be at '
-                'least 2')
-        return list(range(batch_size // 2, batch_size))
+        """Images that become adversarial (the scheme's: all for PIR-AT, the
+        second half for SAT and DDC-AT)."""
+        return self.train_scheme.attacked_indices(batch_size)
 
     def adversarial_batch(self, data_batch: dict):
         """Compose the training batch of one iteration.
@@ -263,6 +317,7 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
         """
         model = self.runner.model
         module = unwrap_model(model)
+        scheme = self.train_scheme
         # The preprocessor pads gt maps of the data samples in place: work on a
         # copy, the original batch goes to train_step.
         processed = module.data_preprocessor(
@@ -272,29 +327,22 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
         batch_view = TrainingBatchPixelView(module, processed['inputs'],
                                             processed['data_samples'])
         b = batch_view.images.shape[0]
-        attacked = self.attacked_indices(b)
-        to_attack = list(range(b)) if self.scheme == 'ddcat' else attacked
+        attacked = scheme.attacked_indices(b)
+        to_attack = scheme.images_to_attack(b)
         view = batch_view.subset(to_attack)
-        with self.runner.optim_wrapper.attack_context(
-                model, param_grads=self.leak_attack_grads):
+        with attack_context(
+                model,
+                param_grads=self.leak_attack_grads,
+                amp=uses_amp(self.runner.optim_wrapper)):
             out = self.attack.run(self._attacked_model(view, module),
                                   view.images, view.labels, view.valid)
             stats = self._stats(out, view)
-            if self.scheme == 'ddcat':
-                division = self._division_labels(view, out.adv_images,
-                                                 to_attack, attacked)
-        inputs = list(data_batch['inputs'])
+            extra = scheme.extra_labels(view, out.adv_images, to_attack,
+                                        attacked)
+        inputs = data_batch['inputs']
         raw = view.raw_inputs(out.adv_images, [inputs[i] for i in to_attack])
-        for j, i in enumerate(to_attack):
-            if i in attacked:
-                inputs[i] = raw[j]
-        samples = data_batch['data_samples']
-        if self.scheme == 'ddcat':
-            samples = [
-                _with_division(s, division[i:i + 1])
-                for i, s in enumerate(samples)
-            ]
-        return dict(inputs=inputs, data_samples=samples), stats
+        return scheme.compose(data_batch, raw, to_attack, attacked,
+                              extra), stats
 
     def _attacked_model(self, view, module):
         """The model view the attack differentiates (see ``leak_attack_grads``)."""
@@ -333,20 +381,6 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
             for k, v in stats.items()
         }
 
-    def _division_labels(self, view, adv, to_attack, attacked) -> torch.Tensor:
-        """DDC-AT (docs/algorithms.md, DDC-AT): 1 where the eval-mode routed
-        prediction differs between the clean and the adversarial input, for the
-        clean half; all zeros for the adversarial half."""
-        from mmseg_robust.models.decode_heads import division_labels
-        with torch.no_grad():
-            clean = view.routed_prediction(view.images)
-            adv_pred = view.routed_prediction(adv)
-        division = division_labels(clean, adv_pred)
-        for j, i in enumerate(to_attack):
-            if i in attacked:
-                division[j] = 0
-        return division.long()
-
 
 def _check_load_from(runner) -> None:
     """Refuse a missing ``load_from`` before anything is built, naming the
@@ -381,10 +415,20 @@ def _check_load_from(runner) -> None:
         f'checkpoint with --cfg-options load_from=PATH.')
 
 
-def _with_division(sample, division: torch.Tensor):
-    """A new data sample with the fields and metainfo of ``sample`` plus
-    ``gt_division`` (the loader's sample is left as it was: a shallow copy would
-    share mmengine's field registry and list a field the original lacks)."""
-    new = sample.new()
-    new.set_field(PixelData(data=division), 'gt_division')
-    return new
+@LOOPS.register_module()
+class PIRATTrainLoop(AdversarialTrainLoop):
+    """:class:`AdversarialTrainLoop` with ``scheme='pirat'``."""
+    fixed_scheme = 'pirat'
+
+
+@LOOPS.register_module()
+class SATTrainLoop(AdversarialTrainLoop):
+    """:class:`AdversarialTrainLoop` with ``scheme='sat'``."""
+    fixed_scheme = 'sat'
+
+
+@LOOPS.register_module()
+class DDCATTrainLoop(AdversarialTrainLoop):
+    """:class:`AdversarialTrainLoop` with ``scheme='ddcat'`` (needs a DDC-AT
+    decode head)."""
+    fixed_scheme = 'ddcat'

@@ -11,6 +11,10 @@ checkpoint holds the state of every rank::
 (``state_r`` a dict with ``torch``, ``numpy``, ``python`` and, with CUDA,
 ``cuda``). Checkpoints written before per-rank states hold one such dict directly
 (rank 0's); they still load.
+
+The states are restored by :class:`~mmseg_robust.engine.AdversarialTrainLoop`'s
+batch iterator, after mmengine's ``IterBasedTrainLoop.run`` has advanced the data
+loader past the trained iterations and before it draws the next batch.
 """
 import logging
 import random
@@ -19,7 +23,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 from mmengine.dist import all_gather_object, get_dist_info
-from mmengine.hooks import Hook
+from mmengine.hooks import CheckpointHook, Hook
 from mmengine.logging import print_log
 
 __all__ = ['RandomStateHook']
@@ -28,8 +32,8 @@ __all__ = ['RandomStateHook']
 class RandomStateHook(Hook):
     """Saves the random state (torch, CUDA, numpy, python) of every rank in every
     checkpoint and, when the run *resumes* from it, hands each rank its own state
-    to :class:`AdversarialTrainLoop` (which restores it after advancing the data
-    loader, so the skipped batches do not consume it).
+    to :class:`AdversarialTrainLoop` (whose batch iterator restores it after the
+    data loader has been advanced, so the skipped batches do not consume it).
 
     * Only a resume restores: a checkpoint given as ``load_from`` without
       ``--resume`` (e.g. PIR-AT starting from the clean model) only provides the
@@ -41,10 +45,14 @@ class RandomStateHook(Hook):
     * Under DDP mmengine saves checkpoints on rank 0 only (``Runner.save_checkpoint``
       is ``master_only``, so ``before_save_checkpoint`` runs there alone and
       cannot communicate). The states of all ranks are therefore gathered in
-      ``after_train_iter`` of every iteration (one small ``all_gather_object``;
-      this hook's priority runs it right before :class:`CheckpointHook` saves) and
-      written by rank 0. A checkpoint saved outside a training iteration (e.g. a
-      best checkpoint after validation) holds rank 0's state only.
+      ``after_train_iter`` (one small ``all_gather_object``; this hook's priority
+      runs it right before :class:`CheckpointHook` saves) and written by rank 0 --
+      only at the iterations at which a :class:`CheckpointHook` of the runner
+      saves (the test ``CheckpointHook.after_train_iter`` makes: every
+      ``interval`` iterations from ``save_begin``, and the last one with
+      ``save_last``; every rank decides alike, so all of them join the
+      collective). A checkpoint saved at another moment (e.g. a best checkpoint
+      after validation, or by another hook) holds rank 0's state only.
     * Resuming with a different number of processes restores nothing (with a
       warning): the data shards and the batch composition change anyway, so the
       run cannot continue bitwise; mapping the saved states onto the new ranks
@@ -83,9 +91,23 @@ class RandomStateHook(Hook):
                          data_batch=None,
                          outputs=None) -> None:
         _, world_size = get_dist_info()
-        if world_size > 1:
-            # every rank runs this; rank 0 alone may save a checkpoint next
+        if world_size > 1 and self.checkpoint_due(runner):
+            # every rank runs this; rank 0 alone saves the checkpoint next
             self._gathered = (runner.iter, all_gather_object(self.capture()))
+
+    @staticmethod
+    def checkpoint_due(runner) -> bool:
+        """Whether a :class:`CheckpointHook` of ``runner`` saves a checkpoint in
+        this iteration's ``after_train_iter`` (its own test)."""
+        for hook in getattr(runner, 'hooks', ()):
+            if not isinstance(hook, CheckpointHook) or hook.by_epoch:
+                continue
+            if hook.every_n_train_iters(runner, hook.interval,
+                                        hook.save_begin) or (
+                                            hook.save_last
+                                            and hook.is_last_train_iter(runner)):
+                return True
+        return False
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         rank, world_size = get_dist_info()

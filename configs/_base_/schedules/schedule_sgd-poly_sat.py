@@ -6,7 +6,7 @@
 # max_iters (epochs x iterations per epoch at batch 16) in the top-level configs.
 max_iters = 1000  # placeholder, set by every top-level config
 optim_wrapper = dict(
-    type='AdversarialOptimWrapper',
+    type='OptimWrapper',
     optimizer=dict(type='SGD', lr=0.01, momentum=0.9, weight_decay=1e-4),
     paramwise_cfg=dict(
         custom_keys=dict(
