@@ -2,7 +2,7 @@
 # weight decay 0.05 (none on norms and 1-d parameters), 128 epochs of 20210 images
 # at 8 GPUs x 16 (157 iterations per epoch), 5 warm-up epochs (linear from
 # 1e-5 x lr) then linear decay to 0 (the reference's WarmupPolyLR, power 1).
-# Clean training; the PIR-AT configs switch the loop and the optimizer wrapper.
+# Clean training; the PIR-AT configs switch the train loop.
 train_images = 20210
 iters_per_epoch = train_images // (8 * 16)
 max_epochs = 128

@@ -2,7 +2,7 @@
 # weight decay 0.01 (none on norms and 1-d parameters), 50 epochs of 10582 images
 # at 8 GPUs x 32 (41 iterations per epoch), 10 warm-up epochs (linear from
 # 1e-5 x lr) then linear decay to 0 (the reference's WarmupPolyLR, power 1).
-# Clean training; the PIR-AT configs switch the loop and the optimizer wrapper.
+# Clean training; the PIR-AT configs switch the train loop.
 train_images = 10582
 iters_per_epoch = train_images // (8 * 32)
 max_epochs = 50
