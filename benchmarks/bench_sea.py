@@ -25,7 +25,7 @@ from mmengine.config import Config
 from mmengine.registry import init_default_scope
 
 import mmseg_robust  # noqa: F401
-from mmseg_robust.attacks import SEA
+from mmseg_robust.attacks import SEA_LOSSES, APGDLargeEps
 from mmseg_robust.evaluation.robustness_metric import (
     RECORD_COUNT_KEYS, counts_of_batch)
 from mmseg_robust.registry import MODELS
@@ -92,13 +92,20 @@ def main(argv=None):
     with torch.no_grad():
         y = view(x).argmax(1)  # labels = clean prediction: accuracy starts at 1
     seeds = list(range(args.batch))
-    sea = SEA(eps=8, n_iter=args.iters, class_weights=[1.0 / num_classes] *
-              num_classes, early_stop=False)
+    weights = [1.0 / num_classes] * num_classes
+    # SEA's members, built as SEA builds them: one APGDLargeEps per loss
+    members = {
+        f'APGD-{loss}': APGDLargeEps(
+            eps=8, steps=args.iters, early_stop=False,
+            loss=dict(type=loss, class_weights=weights)
+            if loss == 'Mask-CE-Bal' else loss)
+        for loss in SEA_LOSSES
+    }
 
     for _ in range(2):  # warm-up
         bare_pass(view, x, y)
     results = {}
-    for name, attack in sea.attacks.items():
+    for name, attack in members.items():
         attack.run(view, x, y, seeds=seeds)  # warm-up
         bare_times, attack_times = [], []
         for _ in range(args.repeats):

@@ -65,16 +65,31 @@ class _AdversarialEvalMixin:
         seed (int): seed of the random starts (per image, see :func:`image_seed`).
         resume (bool): save per-image results under
             ``work_dir/robustness_cache/<fingerprint>/`` and skip images found
-            there (an interrupted run restarted with the same command continues).
-        log_interval (int): log progress every this many batches.
+            there (an interrupted run restarted with the same command
+            continues). Default: True (test), False (val: the weights change
+            between validations).
+        log_interval (int): log progress every this many batches. Default: 1
+            (test), 10 (val).
     """
 
-    def _setup(self,
-               attacks: Union[dict, Sequence[dict]],
-               eps: Union[float, Sequence[float]] = 8,
-               seed: int = 0,
-               resume: bool = True,
-               log_interval: int = 1) -> None:
+    _stage = 'test'  # the hooks' stage: 'test' or 'val'
+    _defaults = dict(resume=True, log_interval=1)
+
+    def __init__(self,
+                 runner,
+                 dataloader,
+                 evaluator,
+                 attacks: Union[dict, Sequence[dict]],
+                 eps: Union[float, Sequence[float]] = 8,
+                 seed: int = 0,
+                 resume: Optional[bool] = None,
+                 log_interval: Optional[int] = None) -> None:
+        # mmengine's TestLoop / ValLoop (attacks run in fp32)
+        super().__init__(runner, dataloader, evaluator, fp16=False)
+        if resume is None:
+            resume = self._defaults['resume']
+        if log_interval is None:
+            log_interval = self._defaults['log_interval']
         if isinstance(attacks, dict):
             attacks = [attacks]
         if not attacks:
@@ -326,18 +341,6 @@ class AdversarialTestLoop(_AdversarialEvalMixin, TestLoop):
 
     _stage = 'test'
 
-    def __init__(self,
-                 runner,
-                 dataloader,
-                 evaluator,
-                 attacks,
-                 eps=8,
-                 seed: int = 0,
-                 resume: bool = True,
-                 log_interval: int = 1) -> None:
-        TestLoop.__init__(self, runner, dataloader, evaluator, fp16=False)
-        self._setup(attacks, eps, seed, resume, log_interval)
-
 
 @LOOPS.register_module()
 class AdversarialValLoop(_AdversarialEvalMixin, ValLoop):
@@ -353,15 +356,4 @@ class AdversarialValLoop(_AdversarialEvalMixin, ValLoop):
     """
 
     _stage = 'val'
-
-    def __init__(self,
-                 runner,
-                 dataloader,
-                 evaluator,
-                 attacks,
-                 eps=8,
-                 seed: int = 0,
-                 resume: bool = False,
-                 log_interval: int = 10) -> None:
-        ValLoop.__init__(self, runner, dataloader, evaluator, fp16=False)
-        self._setup(attacks, eps, seed, resume, log_interval)
+    _defaults = dict(resume=False, log_interval=10)
