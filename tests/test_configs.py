@@ -245,11 +245,16 @@ def test_pirat_config_protocol(path):
     assert cfg.train_dataloader.batch_size == (
         32 if voc else 14 if segmenter_sgd else 16)
     if name.endswith('_sea.py'):
+        # the SEA preset (configs/_base_/evaluators/sea.py) with the
+        # dataset's class weights
         assert cfg.test_cfg == dict(
-            type='AdversarialTestLoop', eps=[4, 8],
-            attacks=[dict(type='SEA', n_iter=300,
+            type='AdversarialTestLoop', eps=[4, 8], seed=0, resume=True,
+            log_interval=1,
+            attacks=[dict(type='SEA', steps=300,
                           class_weights='voc' if voc else 'ade20k')])
-        assert cfg.test_evaluator == dict(type='RobustnessMetric')
+        assert cfg.test_evaluator == dict(
+            type='RobustnessMetric', name='SEA', seed=0,
+            worst_case_modes=['best', 'reference'])
         assert model.backbone.get('init_cfg') is None
         return
     init = model.backbone.init_cfg

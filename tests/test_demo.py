@@ -58,18 +58,23 @@ def test_sea_stage_skipped_only_with_the_same_settings(demo, tmp_path):
     folder = tmp_path / 'work' / 'sea' / 'SAT'
     folder.mkdir(parents=True)
 
-    def write(name, eps, n_iter, images):
+    def write(name, eps, n_iter, images, key='steps'):
+        clean = dict(mIoU=50.0, aAcc=90.0, aAcc_img=90.0)
         (folder / name).write_text(json.dumps(dict(
-            eps=eps, attacks=[dict(type='SEA', n_iter=n_iter)],
-            summary=dict(num_images=images))))
+            schema_version=2, unit='percent', eps=eps,
+            attacks=[{'type': 'SEA', key: n_iter}],
+            summary=dict(num_images=images, clean=clean, eps={}))))
 
     write('robustness_20261121_100000.json', [2.0, 8.0], 300, 5)
     write('robustness_20261121_110000.json', [2.0, 8.0], 7, 100)
     assert d.sea_result('SAT') is None  # other iterations / images
-    write('robustness_20261121_090000.json', [2.0, 8.0], 7, 5)
+    (folder / 'robustness_20261121_120000.json').write_text('{"not": "a result"}')
+    assert d.sea_result('SAT') is None  # not a results file: skipped
+    # a file of the previous schema (n_iter, fractions) still counts
+    write('robustness_20261121_090000.json', [2.0, 8.0], 7, 5, key='n_iter')
     assert d.sea_result('SAT').endswith('robustness_20261121_090000.json')
     cmd = d.sea_cmd('SAT')
-    assert 'evaluator.eps=[2,8]' in cmd and 'evaluator.n_iter=7' in cmd
+    assert 'evaluator.eps=[2,8]' in cmd and 'evaluator.steps=7' in cmd
     assert 'test_dataloader.dataset.indices=5' in cmd
 
 

@@ -214,7 +214,10 @@ class Demo:
                                               'robustness_*.json')),
                            reverse=True):
             from mmseg_robust.evaluation import load_results
-            res = load_results(path)
+            try:
+                res = load_results(path)
+            except ValueError:  # not a results file (or cut short): skip it
+                continue
             attack = res.attacks[0] if res.attacks else {}
             got = dict(eps=sorted(res.eps),
                        steps=attack.get('steps', attack.get('n_iter')),
