@@ -1,7 +1,7 @@
 """Every config under configs/ builds its model (datasets absent, no pretrained
 files) and runs forward + backward on a small input; the PIR-AT / clean / SEA
 configs follow the papers' protocol (docs/algorithms.md sections 4 and 5.1); the data
-protocol's datasets and transforms (mmseg_robust/datasets/pirat_protocols.py)."""
+protocol's datasets and transforms (mmseg_robust/datasets/)."""
 import copy
 import glob
 import os.path as osp
@@ -14,7 +14,7 @@ from mmengine.registry import init_default_scope
 from PIL import Image, ImageFilter
 
 import mmseg_robust  # noqa: F401
-import mmseg_robust.datasets.pirat_protocols  # noqa: F401  (until imported by
+import mmseg_robust.datasets  # noqa: F401  (until imported by
 import mmseg_robust.models.backbones  # noqa: F401  the package __init__ files)
 from mmseg_robust.registry import DATASETS, MODELS, TRANSFORMS
 
