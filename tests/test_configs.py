@@ -140,6 +140,47 @@ def test_config_builds_model_and_trains_one_step(group):
 
 
 # ----------------------------------------------------------------------------
+# The config files: every shipped config loads, every base is used
+# ----------------------------------------------------------------------------
+BASE_DIR = osp.join(REPO, 'configs', '_base_')
+
+
+def _base_files(path):
+    """The files ``path`` inherits from directly (its ``_base_``, read without
+    executing the config); ``mmseg::`` bases are left out."""
+    import ast
+    for node in ast.parse(open(path).read()).body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and getattr(node.targets[0], 'id', None) == '_base_'):
+            bases = ast.literal_eval(node.value)
+            bases = [bases] if isinstance(bases, str) else bases
+            return [
+                osp.normpath(osp.join(osp.dirname(path), b)) for b in bases
+                if '::' not in b
+            ]
+    return []
+
+
+@pytest.mark.parametrize('path', ALL_CONFIGS, ids=rel)
+def test_shipped_config_loads(path):
+    cfg = Config.fromfile(path)
+    assert 'model' in cfg and 'train_dataloader' in cfg
+
+
+def test_every_base_file_is_used_by_a_shipped_config():
+    used, todo = set(), list(ALL_CONFIGS)
+    while todo:
+        for base in _base_files(todo.pop()):
+            assert osp.isfile(base), base
+            if base not in used:
+                used.add(base)
+                todo.append(base)
+    bases = set(glob.glob(osp.join(BASE_DIR, '**', '*.py'), recursive=True))
+    assert bases, BASE_DIR
+    assert sorted(map(rel, bases - used)) == []
+
+
+# ----------------------------------------------------------------------------
 # The PIR-AT configs
 # ----------------------------------------------------------------------------
 def _cfg(name):
