@@ -1,7 +1,7 @@
 """Every config under configs/ builds its model (datasets absent, no pretrained
 files) and runs forward + backward on a small input; the PIR-AT / clean / SEA
 configs follow the papers' protocol (docs/algorithms.md sections 4 and 5.1); the data
-protocol's datasets and transforms (mmseg_robust/datasets/pirat_protocols.py)."""
+protocol's datasets and transforms (mmseg_robust/datasets/)."""
 import copy
 import glob
 import os.path as osp
@@ -15,7 +15,7 @@ from mmengine.registry import init_default_scope
 from PIL import Image, ImageFilter
 
 import mmseg_robust  # noqa: F401
-import mmseg_robust.datasets.pirat_protocols  # noqa: F401  (until imported by
+import mmseg_robust.datasets  # noqa: F401  (until imported by
 import mmseg_robust.models.backbones  # noqa: F401  the package __init__ files)
 from mmseg_robust.registry import DATASETS, MODELS, TRANSFORMS
 
@@ -157,6 +157,47 @@ def test_config_builds_model_and_trains_one_step(group):
             out = model.predict(data['inputs'], data['data_samples'])
         assert out[0].seg_logits.data.shape == (model.decode_head.num_classes,
                                                 SIZE, SIZE)
+
+
+# ----------------------------------------------------------------------------
+# The config files: every shipped config loads, every base is used
+# ----------------------------------------------------------------------------
+BASE_DIR = osp.join(REPO, 'configs', '_base_')
+
+
+def _base_files(path):
+    """The files ``path`` inherits from directly (its ``_base_``, read without
+    executing the config); ``mmseg::`` bases are left out."""
+    import ast
+    for node in ast.parse(open(path).read()).body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and getattr(node.targets[0], 'id', None) == '_base_'):
+            bases = ast.literal_eval(node.value)
+            bases = [bases] if isinstance(bases, str) else bases
+            return [
+                osp.normpath(osp.join(osp.dirname(path), b)) for b in bases
+                if '::' not in b
+            ]
+    return []
+
+
+@pytest.mark.parametrize('path', ALL_CONFIGS, ids=rel)
+def test_shipped_config_loads(path):
+    cfg = Config.fromfile(path)
+    assert 'model' in cfg and 'train_dataloader' in cfg
+
+
+def test_every_base_file_is_used_by_a_shipped_config():
+    used, todo = set(), list(ALL_CONFIGS)
+    while todo:
+        for base in _base_files(todo.pop()):
+            assert osp.isfile(base), base
+            if base not in used:
+                used.add(base)
+                todo.append(base)
+    bases = set(glob.glob(osp.join(BASE_DIR, '**', '*.py'), recursive=True))
+    assert bases, BASE_DIR
+    assert sorted(map(rel, bases - used)) == []
 
 
 # ----------------------------------------------------------------------------

@@ -262,9 +262,10 @@ def _config_datasets(name, data_root):
 
 @pytest.mark.parametrize(
     'config, fixture, lengths, train_max, val_shape',
-    [('pirat_voc12aug.py', 'mini_voc', (11, 4), (473, 473), (473, 473)),
-     ('pirat_ade20k.py', 'mini_ade20k', (5, 3), (512, 512), (512, 512)),
-     ('cityscapes_449x449_semseg.py', 'mini_cityscapes', (4, 3), (449, 449), None)])
+    [('voc12aug_void-as-background_473x473.py', 'mini_voc', (11, 4), (473, 473),
+      (473, 473)),
+     ('ade20k151_512x512.py', 'mini_ade20k', (5, 3), (512, 512), (512, 512)),
+     ('cityscapes_449x449.py', 'mini_cityscapes', (4, 3), (449, 449), None)])
 def test_config_pipelines(request, config, fixture, lengths, train_max, val_shape):
     train, val = _config_datasets(config, request.getfixturevalue(fixture))
     assert (len(train), len(val)) == lengths
@@ -292,6 +293,6 @@ def test_config_pipelines(request, config, fixture, lengths, train_max, val_shap
 def test_ddcat_voc_config_trains_on_trainaug(mini_voc, mini_datasets):
     # voc_aug.py's aug.txt lacks the VOC train ids: train_aug is train.txt (with
     # SegmentationClass) + aug.txt (with SegmentationClassAug).
-    train, val = _config_datasets('pascal_voc12_aug_473x473_semseg.py', mini_voc)
+    train, val = _config_datasets('voc12aug_473x473.py', mini_voc)
     assert len(val) == mini_datasets.VOC_COUNTS['val']
     assert len(train) == mini_datasets.VOC_COUNTS['trainaug']

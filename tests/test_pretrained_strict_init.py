@@ -18,7 +18,7 @@ from mmseg_robust.registry import MODELS, WEIGHT_INITIALIZERS
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 MODEL_CFGS = [
     osp.join(REPO, 'configs', '_base_', 'models', name)
-    for name in ('pspnet_r50-d8_semseg.py', 'deeplabv3_r50-d8_semseg.py')
+    for name in ('pspnet_r50-stem128-d8.py', 'deeplabv3_r50-stem128-d8.py')
 ]
 TOP_LEVEL = sorted(
     glob.glob(osp.join(REPO, 'configs', 'sat', '*.py')) +

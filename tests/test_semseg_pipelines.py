@@ -15,8 +15,8 @@ from mmseg_robust.registry import TRANSFORMS
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DATASETS_DIR = osp.join(REPO, 'configs', '_base_', 'datasets')
-VOC = osp.join(DATASETS_DIR, 'pascal_voc12_aug_473x473_semseg.py')
-CITYSCAPES = osp.join(DATASETS_DIR, 'cityscapes_449x449_semseg.py')
+VOC = osp.join(DATASETS_DIR, 'voc12aug_473x473.py')
+CITYSCAPES = osp.join(DATASETS_DIR, 'cityscapes_449x449.py')
 TOP_LEVEL = sorted(
     glob.glob(osp.join(REPO, 'configs', 'sat', '*.py')) +
     glob.glob(osp.join(REPO, 'configs', 'ddcat', '*.py')))

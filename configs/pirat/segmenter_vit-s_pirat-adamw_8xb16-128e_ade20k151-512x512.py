@@ -11,9 +11,9 @@
 # Evaluate with segmenter_vit-s_pirat-adamw_8xb16-128e_ade20k151-512x512_sea.py.
 _base_ = [
     '../_base_/models/segmenter_vit-s_mask.py',
-    '../_base_/datasets/pirat_ade20k.py',
+    '../_base_/datasets/ade20k151_512x512.py',
     '../_base_/default_runtime.py',
-    '../_base_/schedules/pirat_ade20k_128e.py',
+    '../_base_/schedules/adamw_warmup-poly_8xb16-128e_ade20k.py',
 ]
 crop_size = (512, 512)
 data_preprocessor = dict(size=crop_size)

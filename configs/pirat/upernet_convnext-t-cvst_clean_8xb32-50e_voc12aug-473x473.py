@@ -7,9 +7,9 @@
 # Evaluate with upernet_convnext-t-cvst_clean_8xb32-50e_voc12aug-473x473_sea.py.
 _base_ = [
     '../_base_/models/upernet_convnext_cvst.py',
-    '../_base_/datasets/pirat_voc12aug.py',
+    '../_base_/datasets/voc12aug_void-as-background_473x473.py',
     '../_base_/default_runtime.py',
-    '../_base_/schedules/pirat_voc12aug_50e.py',
+    '../_base_/schedules/adamw_warmup-poly_8xb32-50e_voc12aug.py',
 ]
 crop_size = (473, 473)
 data_preprocessor = dict(size=crop_size)

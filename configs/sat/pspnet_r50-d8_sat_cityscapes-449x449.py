@@ -8,10 +8,10 @@
 # not restated here (they could not be checked against the paper); copy them from it
 # before quoting them. docs/algorithms.md reports SEA numbers for the VOC models only.
 _base_ = [
-    '../_base_/models/pspnet_r50-d8_semseg.py',
-    '../_base_/datasets/cityscapes_449x449_semseg.py',
+    '../_base_/models/pspnet_r50-stem128-d8.py',
+    '../_base_/datasets/cityscapes_449x449.py',
     '../_base_/default_runtime.py',
-    '../_base_/schedules/schedule_sgd-poly_sat.py',
+    '../_base_/schedules/sgd_poly_sat-bim3.py',
 ]
 crop_size = (449, 449)
 data_preprocessor = dict(size=crop_size)

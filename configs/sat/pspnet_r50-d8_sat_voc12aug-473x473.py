@@ -9,10 +9,10 @@
 # The clean and BIM mIoU of the DDC-AT paper's VOC table are not restated here (they
 # could not be checked against the paper); copy them from it before quoting them.
 _base_ = [
-    '../_base_/models/pspnet_r50-d8_semseg.py',
-    '../_base_/datasets/pascal_voc12_aug_473x473_semseg.py',
+    '../_base_/models/pspnet_r50-stem128-d8.py',
+    '../_base_/datasets/voc12aug_473x473.py',
     '../_base_/default_runtime.py',
-    '../_base_/schedules/schedule_sgd-poly_sat.py',
+    '../_base_/schedules/sgd_poly_sat-bim3.py',
 ]
 crop_size = (473, 473)
 data_preprocessor = dict(size=crop_size)

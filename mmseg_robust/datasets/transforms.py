@@ -1,73 +1,26 @@
-"""Data protocol of the SEA/PIR-AT papers (docs/algorithms.md section 5.1).
+"""Data transforms: a short-edge resize + centre crop and a random Gaussian blur.
 
-- PASCAL-VOC: 21 classes, the void label (255) mapped to background (0), as the
-  reference's colour-to-index conversion does (void's colour matches no class).
-- ADE20K: 151 classes, label 0 ("other") kept as a class (mmseg's ADE20KDataset
-  ignores it and shifts the rest down by one).
-- Evaluation on the centre crop after resizing the short side to the crop size
-  (473 VOC, 512 ADE20K): :class:`ShortEdgeResizeCenterCrop`.
-- Training augmentation: flip, scale [0.5, 2], random crop (mmseg's transforms)
-  and Gaussian blur with p=0.5: :class:`RandomGaussianBlur` (which also has the
-  fixed 5x5 OpenCV blur of the SAT/DDC-AT pipelines, sections 5.2 and 5.3).
+- :class:`ShortEdgeResizeCenterCrop`: the evaluation protocol of the SEA/PIR-AT
+  papers (docs/algorithms.md section 5.1): resize the short side to the crop
+  size (473 VOC, 512 ADE20K), evaluate on the centre crop.
+- :class:`RandomGaussianBlur`: the PSPNet-style blur augmentation (p=0.5), in the
+  PIL form of the PIR-AT trainings (random radius in [0, 1), section 5.1) or the
+  fixed 5x5 OpenCV form of the SAT/DDC-AT pipelines (sections 5.2 and 5.3).
 
-Resizing uses Pillow (``backend='pillow'``) like the reference, whose bilinear
-downscaling is antialiased (OpenCV's is not).
+Resizing uses Pillow (``backend='pillow'``) like the PIR-AT reference, whose
+bilinear downscaling is antialiased (OpenCV's is not).
 """
-from typing import Optional, Sequence
+from typing import Optional
 
 import cv2
 import mmcv
 import numpy as np
 from mmcv.transforms import BaseTransform
-from mmseg.datasets import ADE20KDataset, PascalVOCDataset
 from PIL import Image, ImageFilter
 
-from mmseg_robust.registry import DATASETS, TRANSFORMS
+from mmseg_robust.registry import TRANSFORMS
 
-__all__ = [
-    'ADE20K151Dataset', 'PascalVOCVoidAsBackgroundDataset', 'RandomGaussianBlur',
-    'ShortEdgeResizeCenterCrop'
-]
-
-
-@DATASETS.register_module()
-class PascalVOCVoidAsBackgroundDataset(PascalVOCDataset):
-    """PASCAL-VOC with the void label (255) mapped to background (0).
-
-    mmseg's ``PascalVOCDataset`` with a fixed ``label_map={255: 0}``, applied by
-    ``LoadAnnotations`` to every annotation (train and val, ``SegmentationClass``
-    and ``SegmentationClassAug``). Every pixel then carries one of the 21 labels;
-    only padding added by the data preprocessor is ignored.
-    Arguments as ``PascalVOCDataset`` (custom class subsets are not supported).
-    """
-
-    @classmethod
-    def get_label_map(cls, new_classes: Optional[Sequence] = None) -> dict:
-        if super().get_label_map(new_classes) is not None:
-            raise ValueError('PascalVOCVoidAsBackgroundDataset uses the 21 VOC '
-                             'classes; a class subset is not supported')
-        return {255: 0}
-
-
-@DATASETS.register_module()
-class ADE20K151Dataset(ADE20KDataset):
-    """ADE20K with 151 classes: label 0 ("other") is a class, not ignored.
-
-    mmseg's ``ADE20KDataset`` sets ``reduce_zero_label=True`` (150 classes, 0
-    ignored, labels shifted by -1); the SEA/PIR-AT models predict 151 classes on
-    the raw labels. Same files and arguments, ``reduce_zero_label`` must stay
-    False. Predictions and labels use the raw ADE20K indices (0..150).
-    """
-    METAINFO = dict(
-        classes=('other', ) + tuple(ADE20KDataset.METAINFO['classes']),
-        palette=[[0, 0, 0]] + list(ADE20KDataset.METAINFO['palette']))
-
-    def __init__(self, reduce_zero_label: bool = False, **kwargs) -> None:
-        if reduce_zero_label:
-            raise ValueError('ADE20K151Dataset keeps label 0 as a class: '
-                             'reduce_zero_label must be False (use mmseg\'s '
-                             'ADE20KDataset for the 150-class protocol)')
-        super().__init__(reduce_zero_label=False, **kwargs)
+__all__ = ['RandomGaussianBlur', 'ShortEdgeResizeCenterCrop']
 
 
 @TRANSFORMS.register_module()

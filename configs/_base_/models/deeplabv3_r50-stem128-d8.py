@@ -2,8 +2,8 @@
 # (reference dvlab-research/Robust-Semantic-Segmentation, docs/algorithms.md section 5.3):
 # ASPP with a 1x1 branch, atrous rates 6/12/18 and image pooling (256 channels each),
 # fused by a 1x1 bottleneck (DeepLabV3Head; mmseg's ASPPHead uses 3x3), auxiliary
-# head 1x1 conv 1024->256 on layer3. Backbone and losses as pspnet_r50-d8_semseg.py.
-_base_ = './pspnet_r50-d8_semseg.py'
+# head 1x1 conv 1024->256 on layer3. Backbone and losses as pspnet_r50-stem128-d8.py.
+_base_ = './pspnet_r50-stem128-d8.py'
 norm_cfg = dict(type='SyncBN', requires_grad=True)
 model = dict(
     decode_head=dict(
