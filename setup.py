@@ -26,8 +26,7 @@ if __name__ == '__main__':
         long_description=open('README.md').read(),
         long_description_content_type='text/markdown',
         license='Apache License 2.0',
-        packages=find_packages(exclude=('configs', 'tools', 'tests',
-                                        'benchmarks')),
+        packages=find_packages(exclude=('configs', 'tools', 'tests', 'benchmarks')),
         package_data={'mmseg_robust': ['attacks/data/*.json']},
         include_package_data=True,
         python_requires='>=3.8',
@@ -35,4 +34,5 @@ if __name__ == '__main__':
         # installed first, as in every OpenMMLab project: see README.
         install_requires=read_requirements('runtime.txt'),
         extras_require=dict(tests=read_requirements('tests.txt')),
-        zip_safe=False)
+        zip_safe=False,
+    )

@@ -11,6 +11,7 @@ the same process, interleaved, and the ratio of their medians is reported.
 ``--model-config`` times another config's model (e.g. UperNet-ConvNeXt-T) on the
 synthetic batches, padded by the data preprocessor to ``--size``.
 """
+
 import argparse
 import json
 import os.path as osp
@@ -37,10 +38,12 @@ def main(argv=None):
     parser.add_argument('--batch', type=int, default=8)
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--data-root', default=None)
-    parser.add_argument('--model-config', default=None,
-                        help='time the model of this config instead')
-    parser.add_argument('--size', type=int, default=None,
-                        help='pad the inputs to size x size')
+    parser.add_argument(
+        '--model-config', default=None, help='time the model of this config instead'
+    )
+    parser.add_argument(
+        '--size', type=int, default=None, help='pad the inputs to size x size'
+    )
     parser.add_argument('--out', default=None)
     args = parser.parse_args(argv)
 
@@ -92,8 +95,8 @@ def main(argv=None):
     results = {}
     for k in args.steps:
         loop.attack = ATTACKS.build(
-            dict(type='PGD', eps=4, steps=k, step_size=2.55,
-                 random_start=False))
+            dict(type='PGD', eps=4, steps=k, step_size=2.55, random_start=False)
+        )
         clean_step()
         adv_step()  # warm-up
         clean, adv = [], []
@@ -102,19 +105,23 @@ def main(argv=None):
             adv.append(timed(adv_step))
         c, a = statistics.median(clean), statistics.median(adv)
         results[k] = dict(clean_s=c, adversarial_s=a, ratio=a / c, limit=k + 1)
-        print(f'k={k}: clean step {c * 1e3:8.1f} ms  adversarial step '
-              f'{a * 1e3:8.1f} ms  ratio {a / c:.2f} (limit {k + 1})')
+        print(
+            f'k={k}: clean step {c * 1e3:8.1f} ms  adversarial step '
+            f'{a * 1e3:8.1f} ms  ratio {a / c:.2f} (limit {k + 1})'
+        )
     out = dict(
         config=osp.basename(args.config),
         model_config=args.model_config and osp.basename(args.model_config),
         size=args.size,
         batch=args.batch,
         repeats=args.repeats,
-        device=torch.cuda.get_device_name(device) if device.type == 'cuda' else
-        f'cpu ({platform.processor() or "x86_64"}, {torch.get_num_threads()} '
+        device=torch.cuda.get_device_name(device)
+        if device.type == 'cuda'
+        else f'cpu ({platform.processor() or "x86_64"}, {torch.get_num_threads()} '
         'threads)',
         torch=torch.__version__,
-        steps=results)
+        steps=results,
+    )
     if args.out:
         with open(args.out, 'w') as f:
             json.dump(out, f, indent=1)

@@ -12,6 +12,7 @@ absolute times are not comparable between runs, ratios are. An attack's
 per-iteration cost is its wall time divided by its number of forward+backward
 iterations (early stopping off, so every image stays in the batch). Target: <= 1.05.
 """
+
 import argparse
 import json
 import platform
@@ -26,8 +27,7 @@ from mmengine.registry import init_default_scope
 
 import mmseg_robust  # noqa: F401
 from mmseg_robust.attacks import SEA_LOSSES, APGDLargeEps
-from mmseg_robust.evaluation.robustness_metric import (
-    RECORD_COUNT_KEYS, counts_of_batch)
+from mmseg_robust.evaluation.robustness_metric import RECORD_COUNT_KEYS, counts_of_batch
 from mmseg_robust.registry import MODELS
 
 DEFAULT_CONFIG = 'configs/synthetic/upernet_convnext-micro_synthetic.py'
@@ -42,7 +42,7 @@ def bare_pass(view, x, y):
     """One forward + input-gradient pass: the unit of an attack iteration."""
     x = x.clone().requires_grad_(True)
     loss = F.cross_entropy(view(x), y, reduction='sum')
-    grad, = torch.autograd.grad(loss, x)
+    (grad,) = torch.autograd.grad(loss, x)
     return grad
 
 
@@ -59,13 +59,19 @@ def main(argv=None):
     parser.add_argument('--config', default=DEFAULT_CONFIG)
     parser.add_argument('--batch', type=int, default=8)
     parser.add_argument('--size', type=int, default=64)
-    parser.add_argument('--num-classes', type=int, default=None,
-                        help='override the decode heads\' class count')
-    parser.add_argument('--iters', type=int, default=30,
-                        help='iterations of each timed attack run')
+    parser.add_argument(
+        '--num-classes',
+        type=int,
+        default=None,
+        help="override the decode heads' class count",
+    )
+    parser.add_argument(
+        '--iters', type=int, default=30, help='iterations of each timed attack run'
+    )
     parser.add_argument('--repeats', type=int, default=5)
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available()
-                        else 'cpu')
+    parser.add_argument(
+        '--device', default='cuda' if torch.cuda.is_available() else 'cpu'
+    )
     parser.add_argument('--out', default=None)
     args = parser.parse_args(argv)
 
@@ -82,9 +88,11 @@ def main(argv=None):
     mean, std = pre.mean.to(device), pre.std.to(device)
 
     def view(images):  # the pixel-space view of SegmentorPixelView, unpadded
-        logits = model.encode_decode((images * 255 - mean) / std, [
-            dict(img_shape=images.shape[2:], pad_shape=images.shape[2:])
-        ] * images.shape[0])
+        logits = model.encode_decode(
+            (images * 255 - mean) / std,
+            [dict(img_shape=images.shape[2:], pad_shape=images.shape[2:])]
+            * images.shape[0],
+        )
         return logits
 
     g = torch.Generator().manual_seed(0)
@@ -96,9 +104,13 @@ def main(argv=None):
     # SEA's members, built as SEA builds them: one APGDLargeEps per loss
     members = {
         f'APGD-{loss}': APGDLargeEps(
-            eps=8, steps=args.iters, early_stop=False,
+            eps=8,
+            steps=args.iters,
+            early_stop=False,
             loss=dict(type=loss, class_weights=weights)
-            if loss == 'Mask-CE-Bal' else loss)
+            if loss == 'Mask-CE-Bal'
+            else loss,
+        )
         for loss in SEA_LOSSES
     }
 
@@ -112,17 +124,20 @@ def main(argv=None):
             # as many bare passes as attack iterations: both blocks last about
             # as long, so slow drifts of the machine's speed hit both alike
             bare_times.append(
-                timed(lambda: [bare_pass(view, x, y) for _ in range(args.iters)],
-                      device) / args.iters)
+                timed(
+                    lambda: [bare_pass(view, x, y) for _ in range(args.iters)], device
+                )
+                / args.iters
+            )
             attack_times.append(
-                timed(lambda: attack.run(view, x, y, seeds=seeds), device) /
-                args.iters)
-        bare, per_iter = statistics.median(bare_times), statistics.median(
-            attack_times)
-        results[name] = dict(
-            bare_s=bare, per_iter_s=per_iter, ratio=per_iter / bare)
-        print(f'{name:20s} bare {bare * 1e3:8.2f} ms  per iteration '
-              f'{per_iter * 1e3:8.2f} ms  ratio {per_iter / bare:.3f}')
+                timed(lambda: attack.run(view, x, y, seeds=seeds), device) / args.iters
+            )
+        bare, per_iter = statistics.median(bare_times), statistics.median(attack_times)
+        results[name] = dict(bare_s=bare, per_iter_s=per_iter, ratio=per_iter / bare)
+        print(
+            f'{name:20s} bare {bare * 1e3:8.2f} ms  per iteration '
+            f'{per_iter * 1e3:8.2f} ms  ratio {per_iter / bare:.3f}'
+        )
 
     # Bytes SEA keeps per image: per attack and eps, int64 intersect/union/label
     # area per class + correct/valid counts; never a prediction map.
@@ -136,7 +151,8 @@ def main(argv=None):
         bytes_per_image_per_attack_int64=per_attack,
         bytes_per_image_sea_int64=3 * per_attack,
         json_bytes_per_image_per_attack=json_bytes,
-        reference_bytes_per_image_per_attack_512x512=512 * 512 * 8)
+        reference_bytes_per_image_per_attack_512x512=512 * 512 * 8,
+    )
     print(json.dumps(memory, indent=1))
     out = dict(
         config=args.config,
@@ -145,11 +161,13 @@ def main(argv=None):
         iters=args.iters,
         repeats=args.repeats,
         device=torch.cuda.get_device_name(device)
-        if device.type == 'cuda' else f'cpu ({platform.processor() or "x86_64"}, '
+        if device.type == 'cuda'
+        else f'cpu ({platform.processor() or "x86_64"}, '
         f'{torch.get_num_threads()} threads)',
         torch=torch.__version__,
         attacks=results,
-        memory=memory)
+        memory=memory,
+    )
     if args.out:
         with open(args.out, 'w') as f:
             json.dump(out, f, indent=1)

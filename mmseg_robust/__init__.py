@@ -7,6 +7,7 @@ compatibility fixes of :mod:`mmseg_robust.utils.compat`. Enable it in a config w
 
     custom_imports = dict(imports=['mmseg_robust'], allow_failed_imports=False)
 """
+
 from .utils.compat import apply_compat
 from .version import __version__
 

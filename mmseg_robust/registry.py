@@ -15,11 +15,24 @@ Other projects import it and register their own attacks::
     class MyAttack(Attack):
         ...
 """
+
 from mmengine.registry import Registry, build_from_cfg
-from mmseg.registry import (DATA_SAMPLERS, DATASETS, EVALUATOR, HOOKS, LOOPS,
-                            METRICS, MODEL_WRAPPERS, MODELS, OPTIM_WRAPPERS,
-                            OPTIMIZERS, PARAM_SCHEDULERS, TRANSFORMS,
-                            VISUALIZERS, WEIGHT_INITIALIZERS)
+from mmseg.registry import (
+    DATA_SAMPLERS,
+    DATASETS,
+    EVALUATOR,
+    HOOKS,
+    LOOPS,
+    METRICS,
+    MODEL_WRAPPERS,
+    MODELS,
+    OPTIM_WRAPPERS,
+    OPTIMIZERS,
+    PARAM_SCHEDULERS,
+    TRANSFORMS,
+    VISUALIZERS,
+    WEIGHT_INITIALIZERS,
+)
 
 
 def _build_in_own_scope(cfg, registry, default_args=None):
@@ -42,7 +55,8 @@ ATTACKS = Registry(
     'attack',
     scope='mmseg_robust',
     build_func=_build_in_own_scope,
-    locations=['mmseg_robust.attacks'])
+    locations=['mmseg_robust.attacks'],
+)
 
 #: Batch composition schemes of adversarial training (``'pirat'``, ``'sat'``,
 #: ``'ddcat'``), selected by the train loop's ``scheme``.
@@ -50,11 +64,24 @@ TRAIN_SCHEMES = Registry(
     'adversarial training scheme',
     scope='mmseg_robust',
     build_func=_build_in_own_scope,
-    locations=['mmseg_robust.engine.train_schemes'])
+    locations=['mmseg_robust.engine.train_schemes'],
+)
 
 __all__ = [
-    'ATTACKS', 'DATASETS', 'DATA_SAMPLERS', 'EVALUATOR', 'HOOKS', 'LOOPS',
-    'METRICS', 'MODELS', 'MODEL_WRAPPERS', 'OPTIMIZERS', 'OPTIM_WRAPPERS',
-    'PARAM_SCHEDULERS', 'TRAIN_SCHEMES', 'TRANSFORMS', 'VISUALIZERS',
-    'WEIGHT_INITIALIZERS'
+    'ATTACKS',
+    'DATASETS',
+    'DATA_SAMPLERS',
+    'EVALUATOR',
+    'HOOKS',
+    'LOOPS',
+    'METRICS',
+    'MODELS',
+    'MODEL_WRAPPERS',
+    'OPTIMIZERS',
+    'OPTIM_WRAPPERS',
+    'PARAM_SCHEDULERS',
+    'TRAIN_SCHEMES',
+    'TRANSFORMS',
+    'VISUALIZERS',
+    'WEIGHT_INITIALIZERS',
 ]

@@ -1,5 +1,6 @@
 # --- foundation fixtures ---
 """Shared fixtures: repository paths, the synthetic dataset, running the tools."""
+
 import os
 import os.path as osp
 import subprocess
@@ -8,8 +9,9 @@ import sys
 import pytest
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-SMALL_CONFIG = osp.join(REPO, 'configs', 'synthetic',
-                        'upernet_convnext-micro_synthetic.py')
+SMALL_CONFIG = osp.join(
+    REPO, 'configs', 'synthetic', 'upernet_convnext-micro_synthetic.py'
+)
 # A small split so the end-to-end tests spend their time in the tools, not in data.
 TEST_SPLITS = dict(train=48, val=16)
 
@@ -23,6 +25,7 @@ def repo_root():
 def synthetic_root(tmp_path_factory):
     """A small synthetic dataset generated once per test session."""
     from mmseg_robust.datasets import generate_synthetic_dataset
+
     root = str(tmp_path_factory.mktemp('data') / 'synthetic_shapes')
     return generate_synthetic_dataset(root, splits=TEST_SPLITS)
 
@@ -35,7 +38,8 @@ def _data_options(root, splits=TEST_SPLITS):
             f'{loader}.dataset.data_root={root}',
             f'{loader}.dataset.generator_cfg.splits.train={splits["train"]}',
             f'{loader}.dataset.generator_cfg.splits.val={splits["val"]}',
-            f'{loader}.num_workers=0', f'{loader}.persistent_workers=False'
+            f'{loader}.num_workers=0',
+            f'{loader}.persistent_workers=False',
         ]
     return opts
 
@@ -67,17 +71,22 @@ def _run_tool(args, cwd=REPO, timeout=600, env=None):
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            timeout=timeout)
+            timeout=timeout,
+        )
 
     proc = run()
     prefix = ''
     if proc.returncode != 0 and TEARDOWN_ABORT in proc.stdout:
-        prefix = (f'[run_tool: teardown abort, ran again]\n'
-                  f'{proc.stdout}\n[run_tool: second run]\n')
+        prefix = (
+            f'[run_tool: teardown abort, ran again]\n'
+            f'{proc.stdout}\n[run_tool: second run]\n'
+        )
         proc = run()
     if proc.returncode != 0:
-        raise AssertionError(f'{" ".join(map(str, args))} failed '
-                             f'({proc.returncode}):\n{proc.stdout[-6000:]}')
+        raise AssertionError(
+            f'{" ".join(map(str, args))} failed '
+            f'({proc.returncode}):\n{proc.stdout[-6000:]}'
+        )
     return prefix + proc.stdout
 
 
@@ -97,10 +106,12 @@ def _test_module(filename):
     """A helper module of tests/, imported by path (the tests run in importlib
     mode, and mmseg's wheel owns the top-level name ``tests``)."""
     import importlib.util
+
     name = '_mmseg_robust_tests_' + filename[:-3]
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(
-            name, osp.join(REPO, 'tests', filename))
+            name, osp.join(REPO, 'tests', filename)
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
@@ -132,6 +143,8 @@ def tiny_models():
 @pytest.fixture(scope='session')
 def small_config():
     return SMALL_CONFIG
+
+
 # --- end foundation fixtures ---
 
 
@@ -159,12 +172,10 @@ def attack_models():
     import torch
 
     class LinearPixelModel(torch.nn.Module):
-
         def __init__(self, w, offset):
             super().__init__()
             self.register_buffer('w', torch.as_tensor(w, dtype=torch.float32))
-            self.register_buffer('offset',
-                                 torch.as_tensor(offset, dtype=torch.float32))
+            self.register_buffer('offset', torch.as_tensor(offset, dtype=torch.float32))
 
         def forward(self, x):
             return torch.einsum('kc,bchw->bkhw', self.w, x) + self.offset
@@ -172,15 +183,16 @@ def attack_models():
     def tiny_net(num_classes=4, seed=0, scale=0.8):
         g = torch.Generator().manual_seed(seed)
         net = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Tanh(),
-            torch.nn.Conv2d(16, num_classes, 3, padding=1))
+            torch.nn.Conv2d(3, 16, 3, padding=1),
+            torch.nn.Tanh(),
+            torch.nn.Conv2d(16, num_classes, 3, padding=1),
+        )
         with torch.no_grad():
             for p in net.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
         return net.eval().requires_grad_(False)
 
     class _CountBackward(torch.autograd.Function):
-
         @staticmethod
         def forward(ctx, x, recorder):
             ctx.recorder = recorder
@@ -192,7 +204,6 @@ def attack_models():
             return grad, None
 
     class Recorder:
-
         def __init__(self, model):
             self.model = model
             self.inputs = []
@@ -250,13 +261,18 @@ def attack_models():
             assert h == w == 1
             return x - eps / 255 * diff / diff.norm()
 
-        return types.SimpleNamespace(model=model, x=x, y=y,
-                                     linf_optimum=linf_optimum,
-                                     l2_optimum=l2_optimum)
+        return types.SimpleNamespace(
+            model=model, x=x, y=y, linf_optimum=linf_optimum, l2_optimum=l2_optimum
+        )
 
-    return types.SimpleNamespace(linear=LinearPixelModel, tiny_net=tiny_net,
-                                 Recorder=Recorder, batch=batch,
-                                 assert_feasible=assert_feasible, oracle=oracle)
+    return types.SimpleNamespace(
+        linear=LinearPixelModel,
+        tiny_net=tiny_net,
+        Recorder=Recorder,
+        batch=batch,
+        assert_feasible=assert_feasible,
+        oracle=oracle,
+    )
 
 
 @pytest.fixture
@@ -267,10 +283,13 @@ def attack_one_thread():
     machine (or under pytest -n 2 on two cores) that makes them ~100x slower.
     """
     import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
 # --- end attack fixtures ---
 
 
@@ -304,4 +323,6 @@ def mini_cityscapes(tmp_path_factory):
     """data_root (``.../cityscapes``) of a miniature converted Cityscapes."""
     root = str(tmp_path_factory.mktemp('mini_cityscapes'))
     return _mini_datasets_module().make_mini_cityscapes(root)
+
+
 # --- end miniature real-format datasets ---

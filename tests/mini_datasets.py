@@ -22,6 +22,7 @@ The images of every dataset and split are listed in :data:`VOC_IMAGES`,
 the expected counts in :data:`VOC_COUNTS`, :data:`ADE20K_COUNTS` and
 :data:`CITYSCAPES_COUNTS`.
 """
+
 import os
 import os.path as osp
 import zlib
@@ -30,9 +31,17 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
-    'ADE20K_COUNTS', 'ADE20K_IMAGES', 'CITYSCAPES_COUNTS', 'CITYSCAPES_IMAGES',
-    'VOC_COUNTS', 'VOC_IDS', 'VOC_IMAGES', 'make_mini_ade20k', 'make_mini_cityscapes',
-    'make_mini_voc', 'voc_palette'
+    'ADE20K_COUNTS',
+    'ADE20K_IMAGES',
+    'CITYSCAPES_COUNTS',
+    'CITYSCAPES_IMAGES',
+    'VOC_COUNTS',
+    'VOC_IDS',
+    'VOC_IMAGES',
+    'make_mini_ade20k',
+    'make_mini_cityscapes',
+    'make_mini_voc',
+    'voc_palette',
 ]
 
 # --------------------------------------------------------------------------------
@@ -42,13 +51,20 @@ __all__ = [
 # real data S overlaps both T and V, and some T ids are not in S (those have no
 # SegmentationClassAug file).
 _VOC_TRAIN = [
-    '2007_000032', '2007_000039', '2007_000063', '2008_000008', '2008_000015',
-    '2009_000012'
+    '2007_000032',
+    '2007_000039',
+    '2007_000063',
+    '2008_000008',
+    '2008_000015',
+    '2009_000012',
 ]
 _VOC_VAL = ['2007_000033', '2007_000042', '2008_000009', '2009_000013']
 _SBD_ONLY = ['2008_000123', '2008_000131', '2009_000201', '2010_000045', '2011_000003']
-_SBD = sorted(['2007_000032', '2008_000008', '2009_000012'] +
-              ['2007_000033', '2008_000009'] + _SBD_ONLY)
+_SBD = sorted(
+    ['2007_000032', '2008_000008', '2009_000012']
+    + ['2007_000033', '2008_000009']
+    + _SBD_ONLY
+)
 # Exactly what voc_aug.py computes (it writes Python set order; sorted here).
 _VOC_TRAINAUG = sorted(set(_VOC_TRAIN + _SBD) - set(_VOC_VAL))
 _VOC_AUG = sorted(set(_SBD) - set(_VOC_TRAIN + _VOC_VAL))
@@ -57,7 +73,8 @@ VOC_IDS = dict(
     val=list(_VOC_VAL),
     sbd=list(_SBD),
     aug=list(_VOC_AUG),
-    trainaug=list(_VOC_TRAINAUG))
+    trainaug=list(_VOC_TRAINAUG),
+)
 VOC_COUNTS = dict(train=6, val=4, sbd=10, aug=5, trainaug=11)
 assert {k: len(v) for k, v in VOC_IDS.items()} == VOC_COUNTS
 
@@ -66,9 +83,10 @@ assert {k: len(v) for k, v in VOC_IDS.items()} == VOC_COUNTS
 _VOC_SIZES = [(500, 375), (375, 500), (500, 333), (300, 200), (180, 240)]
 _VOC_ALL = sorted(set(_VOC_TRAIN + _VOC_VAL + _SBD))
 VOC_IMAGES = dict(
-    [(img_id, _VOC_SIZES[i % 5]) for i, img_id in enumerate(_VOC_TRAIN)] +
-    [(img_id, _VOC_SIZES[(i + 2) % 5]) for i, img_id in enumerate(_VOC_VAL)] +
-    [(img_id, _VOC_SIZES[(i + 1) % 5]) for i, img_id in enumerate(_SBD_ONLY)])
+    [(img_id, _VOC_SIZES[i % 5]) for i, img_id in enumerate(_VOC_TRAIN)]
+    + [(img_id, _VOC_SIZES[(i + 2) % 5]) for i, img_id in enumerate(_VOC_VAL)]
+    + [(img_id, _VOC_SIZES[(i + 1) % 5]) for i, img_id in enumerate(_SBD_ONLY)]
+)
 assert sorted(VOC_IMAGES) == _VOC_ALL
 
 # --------------------------------------------------------------------------------
@@ -76,7 +94,8 @@ assert sorted(VOC_IMAGES) == _VOC_ALL
 # --------------------------------------------------------------------------------
 _ADE_SIZES = dict(
     training=[(683, 512), (512, 768), (400, 300), (256, 341), (600, 450)],
-    validation=[(512, 683), (341, 256), (640, 480)])
+    validation=[(512, 683), (341, 256), (640, 480)],
+)
 ADE20K_IMAGES = {
     split: {
         f'ADE_{"train" if split == "training" else "val"}_{i + 1:08d}': size
@@ -90,10 +109,18 @@ ADE20K_COUNTS = dict(training=5, validation=3)
 # Cityscapes
 # --------------------------------------------------------------------------------
 _CITYSCAPES_SIZES = dict(
-    train=[('aachen', 0, 19, (512, 256)), ('aachen', 1, 19, (640, 320)),
-           ('bochum', 0, 313, (384, 192)), ('bochum', 0, 1097, (1024, 512))],
-    val=[('frankfurt', 0, 294, (512, 256)), ('lindau', 0, 19, (768, 384)),
-         ('lindau', 1, 19, (384, 192))])
+    train=[
+        ('aachen', 0, 19, (512, 256)),
+        ('aachen', 1, 19, (640, 320)),
+        ('bochum', 0, 313, (384, 192)),
+        ('bochum', 0, 1097, (1024, 512)),
+    ],
+    val=[
+        ('frankfurt', 0, 294, (512, 256)),
+        ('lindau', 0, 19, (768, 384)),
+        ('lindau', 1, 19, (384, 192)),
+    ],
+)
 CITYSCAPES_IMAGES = {
     split: {
         f'{city}/{city}_{seq:06d}_{frame:06d}': size
@@ -105,7 +132,25 @@ CITYSCAPES_COUNTS = dict(train=4, val=3)
 
 # Cityscapes labelId of every trainId (0..18), for the optional labelIds files.
 _CITYSCAPES_LABEL_IDS = [
-    7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33
+    7,
+    8,
+    11,
+    12,
+    13,
+    17,
+    19,
+    20,
+    21,
+    22,
+    23,
+    24,
+    25,
+    26,
+    27,
+    28,
+    31,
+    32,
+    33,
 ]
 _JPEG_QUALITY = 90
 
@@ -144,14 +189,16 @@ def _class_style(dataset, cls):
         texture=int(cls % 4),
         period=float(5 + (cls * 7) % 13),
         angle=float(np.deg2rad((cls * 37) % 180)),
-        shape=int((cls // 4) % 3))
+        shape=int((cls // 4) % 3),
+    )
 
 
 def _smooth_field(rng, h, w, grid=4, amplitude=40.0):
     """A smooth random (h, w, 3) offset field: a small grid, bilinearly upsampled."""
     small = rng.uniform(0, 255, (grid, grid, 3)).astype(np.uint8)
     field = np.asarray(
-        Image.fromarray(small).resize((w, h), Image.BILINEAR), np.float32)
+        Image.fromarray(small).resize((w, h), Image.BILINEAR), np.float32
+    )
     return (field / 255.0 - 0.5) * 2 * amplitude
 
 
@@ -164,21 +211,28 @@ def _texture(style, yy, xx):
     if kind == 1:  # checkerboard
         return ((xx // period + yy // period) % 2).astype(np.float32)
     if kind == 2:  # dots
-        return ((np.sin(2 * np.pi * xx / period) * np.sin(2 * np.pi * yy / period))
-                > 0.4).astype(np.float32)
+        return (
+            (np.sin(2 * np.pi * xx / period) * np.sin(2 * np.pi * yy / period)) > 0.4
+        ).astype(np.float32)
     return np.zeros_like(xx + yy, np.float32)  # plain
 
 
 def _paint(img, mask, style, y0, x0, rng, strength=1.0):
     """Paint a class's texture into ``img[y0:, x0:]`` where ``mask`` is set."""
     h, w = mask.shape
-    t = _texture(style,
-                 np.arange(y0, y0 + h, dtype=np.float32)[:, None],
-                 np.arange(x0, x0 + w, dtype=np.float32)[None, :]) * strength
+    t = (
+        _texture(
+            style,
+            np.arange(y0, y0 + h, dtype=np.float32)[:, None],
+            np.arange(x0, x0 + w, dtype=np.float32)[None, :],
+        )
+        * strength
+    )
     jitter = rng.uniform(-15, 15, 3).astype(np.float32)
     colour = (
-        style['colour'] + jitter + (style['colour2'] - style['colour']) * t[..., None])
-    np.copyto(img[y0:y0 + h, x0:x0 + w], colour, where=mask[..., None])
+        style['colour'] + jitter + (style['colour2'] - style['colour']) * t[..., None]
+    )
+    np.copyto(img[y0 : y0 + h, x0 : x0 + w], colour, where=mask[..., None])
 
 
 def _shape_mask(kind, h, w, cy, cx, ry, rx):
@@ -240,8 +294,9 @@ def _render(dataset, rng, size, stuff, things, num_things, noise=4.0):
     band = np.zeros((h, w), np.int64)
     for k in range(1, len(stuff)):
         base = h * (k / len(stuff) + rng.uniform(-0.08, 0.08))
-        wave = base + h * 0.04 * np.sin(2 * np.pi * xs / rng.uniform(0.3, 1.2) / w +
-                                        rng.uniform(0, 2 * np.pi))
+        wave = base + h * 0.04 * np.sin(
+            2 * np.pi * xs / rng.uniform(0.3, 1.2) / w + rng.uniform(0, 2 * np.pi)
+        )
         band += rows >= wave[None, :]
     for k, cls in enumerate(stuff):
         mask = band == k
@@ -311,22 +366,28 @@ def make_mini_voc(root, seed=0):
     for img_id in _VOC_ALL:
         rng = _rng(seed, img_id)
         things = rng.choice(np.arange(1, 21), 3, replace=False)
-        img, label, objects = _render('voc', rng, VOC_IMAGES[img_id], [0], things,
-                                      int(rng.integers(3, 6)))
+        img, label, objects = _render(
+            'voc', rng, VOC_IMAGES[img_id], [0], things, int(rng.integers(3, 6))
+        )
         _save(
             img,
             osp.join(data_root, 'JPEGImages', img_id + '.jpg'),
-            quality=_JPEG_QUALITY)
+            quality=_JPEG_QUALITY,
+        )
         if img_id in voc_ids:
             # VOC's annotation: a void band ~5 px wide around every object.
             void = _boundary(label, 3) & (_boundary(objects, 3) | objects)
             _save(
                 np.where(void, 255, label).astype(np.uint8),
-                osp.join(data_root, 'SegmentationClass', img_id + '.png'), 'P', palette)
+                osp.join(data_root, 'SegmentationClass', img_id + '.png'),
+                'P',
+                palette,
+            )
         if img_id in _SBD:
             # SBD's annotation (GTcls.Segmentation), as voc_aug.py writes it.
-            _save(label, osp.join(data_root, 'SegmentationClassAug', img_id + '.png'),
-                  'L')
+            _save(
+                label, osp.join(data_root, 'SegmentationClassAug', img_id + '.png'), 'L'
+            )
     sets = osp.join(data_root, 'ImageSets', 'Segmentation')
     for name in ('train', 'val', 'aug', 'trainaug'):
         _write_list(osp.join(sets, name + '.txt'), VOC_IDS[name])
@@ -358,14 +419,16 @@ def make_mini_ade20k(root, seed=0):
             rng = _rng(seed, name)
             stuff = list(rng.choice(_ADE_STUFF, 3, replace=False))
             things = rng.choice(_ADE_THINGS, 4, replace=False)
-            img, label, objects = _render('ade', rng, size, stuff, things,
-                                          int(rng.integers(3, 7)))
+            img, label, objects = _render(
+                'ade', rng, size, stuff, things, int(rng.integers(3, 7))
+            )
             # Unlabelled ("other", 0) gaps along the outline of the objects.
             label[_boundary(objects, 1) & ~objects] = 0
             _save(
                 img,
                 osp.join(data_root, 'images', split, name + '.jpg'),
-                quality=_JPEG_QUALITY)
+                quality=_JPEG_QUALITY,
+            )
             _save(label, osp.join(data_root, 'annotations', split, name + '.png'), 'L')
     return data_root
 
@@ -401,13 +464,8 @@ def make_mini_cityscapes(root, seed=0):
             stuff = [int(rng.choice(options)) for options in _CS_STUFF]
             things = rng.choice(_CS_THINGS, 4, replace=False)
             img, label, _ = _render(
-                'cityscapes',
-                rng,
-                size,
-                stuff,
-                things,
-                int(rng.integers(4, 8)),
-                noise=0)
+                'cityscapes', rng, size, stuff, things, int(rng.integers(4, 8)), noise=0
+            )
             w, h = size
             # Ego vehicle (a bonnet at the bottom) and rectification border.
             xs = np.arange(w) / w - 0.5
@@ -420,13 +478,16 @@ def make_mini_cityscapes(root, seed=0):
             label[:, -border:] = 255
             stem = osp.join(split, name)
             _save(img, osp.join(data_root, 'leftImg8bit', stem + '_leftImg8bit.png'))
-            _save(label,
-                  osp.join(data_root, 'gtFine', stem + '_gtFine_labelTrainIds.png'),
-                  'L')
+            _save(
+                label,
+                osp.join(data_root, 'gtFine', stem + '_gtFine_labelTrainIds.png'),
+                'L',
+            )
             ids = label_ids[label]
             ids[ego] = 1  # "ego vehicle"
             ids[:, :border] = ids[:, -border:] = 2  # "rectification border"
-            _save(ids, osp.join(data_root, 'gtFine', stem + '_gtFine_labelIds.png'),
-                  'L')
+            _save(
+                ids, osp.join(data_root, 'gtFine', stem + '_gtFine_labelIds.png'), 'L'
+            )
         _write_list(osp.join(data_root, f'{split}.txt'), list(images))
     return data_root

@@ -1,6 +1,7 @@
 """Adversarial training (PIR-AT / SAT / DDC-AT): batch composition, modes, no
 gradient leakage, stock optimizer wrappers, scheme loops, resume equals
 uninterrupted, two-process gloo training."""
+
 import copy
 import os.path as osp
 
@@ -19,16 +20,16 @@ CONFIGS = {
 }
 
 
-def _runner(repo_root, scheme, synthetic_root, work_dir, batch_size=4,
-            options=None, edit=None):
+def _runner(
+    repo_root, scheme, synthetic_root, work_dir, batch_size=4, options=None, edit=None
+):
     cfg = Config.fromfile(osp.join(repo_root, CONFIGS[scheme]))
     cfg.merge_from_dict(options or {})
     if edit is not None:
         edit(cfg)
     for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
         cfg[loader].dataset.data_root = synthetic_root
-        cfg[loader].dataset.generator_cfg = dict(
-            splits=dict(train=48, val=16))
+        cfg[loader].dataset.generator_cfg = dict(splits=dict(train=48, val=16))
         cfg[loader].num_workers = 0
         cfg[loader].persistent_workers = False
     cfg.train_dataloader.batch_size = batch_size
@@ -38,14 +39,12 @@ def _runner(repo_root, scheme, synthetic_root, work_dir, batch_size=4,
     cfg.experiment_name = f'{scheme}_{id(cfg)}'
     runner = Runner.from_cfg(cfg)
     runner.optim_wrapper = runner.build_optim_wrapper(runner.optim_wrapper)
-    runner.param_schedulers = runner.build_param_scheduler(
-        runner.param_schedulers)
+    runner.param_schedulers = runner.build_param_scheduler(runner.param_schedulers)
     return runner
 
 
 @pytest.mark.parametrize('scheme', ['pirat', 'sat'])
-def test_batch_composition(scheme, repo_root, synthetic_root, tmp_path,
-                           reset_mmengine):
+def test_batch_composition(scheme, repo_root, synthetic_root, tmp_path, reset_mmengine):
     runner = _runner(repo_root, scheme, synthetic_root, tmp_path)
     loop = runner.train_loop
     assert isinstance(loop, AdversarialTrainLoop) and loop.scheme == scheme
@@ -67,9 +66,7 @@ def test_batch_composition(scheme, repo_root, synthetic_root, tmp_path,
         # L-inf ball in 0..255 units and the pixel range
         assert (a.float() - b.float()).abs().max() <= eps + 1e-3
         assert a.min() >= 0 and a.max() <= 255
-    assert set(stats) >= {
-        'clean.loss', 'clean.acc', 'adv.loss', 'adv.acc'
-    }
+    assert set(stats) >= {'clean.loss', 'clean.acc', 'adv.loss', 'adv.acc'}
     assert stats['adv.acc'] <= stats['clean.acc']
     # labels unchanged
     for s, o in zip(adv['data_samples'], original['data_samples']):
@@ -77,7 +74,8 @@ def test_batch_composition(scheme, repo_root, synthetic_root, tmp_path,
 
 
 def test_eval_mode_for_the_attack_train_mode_for_the_update(
-        repo_root, synthetic_root, tmp_path, reset_mmengine):
+    repo_root, synthetic_root, tmp_path, reset_mmengine
+):
     runner = _runner(repo_root, 'pirat', synthetic_root, tmp_path)
     loop = runner.train_loop
     module = unwrap_model(runner.model)
@@ -86,10 +84,10 @@ def test_eval_mode_for_the_attack_train_mode_for_the_update(
 
     def spy_attack(*args, **kwargs):
         seen['attack_training'] = module.training
-        seen['attack_requires_grad'] = any(
-            p.requires_grad for p in module.parameters())
+        seen['attack_requires_grad'] = any(p.requires_grad for p in module.parameters())
         seen['attack_bn'] = [
-            m.training for m in module.modules()
+            m.training
+            for m in module.modules()
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
         ]
         return attack_run(*args, **kwargs)
@@ -99,7 +97,8 @@ def test_eval_mode_for_the_attack_train_mode_for_the_update(
     def spy_step(*args, **kwargs):
         seen['update_training'] = module.training
         seen['update_bn'] = [
-            m.training for m in module.modules()
+            m.training
+            for m in module.modules()
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
         ]
         # no parameter gradient before the update's own backward
@@ -121,9 +120,9 @@ def test_eval_mode_for_the_attack_train_mode_for_the_update(
     assert all(p.requires_grad for p in module.parameters())
 
 
-def test_attack_context_refuses_parameter_gradients(repo_root, synthetic_root,
-                                                    tmp_path,
-                                                    reset_mmengine):
+def test_attack_context_refuses_parameter_gradients(
+    repo_root, synthetic_root, tmp_path, reset_mmengine
+):
     runner = _runner(repo_root, 'pirat', synthetic_root, tmp_path)
     p = next(runner.model.parameters())
     with pytest.raises(RuntimeError, match='parameter gradient changed'):
@@ -133,8 +132,8 @@ def test_attack_context_refuses_parameter_gradients(repo_root, synthetic_root,
 
 def _small_model():
     return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
-        torch.nn.Conv2d(4, 2, 1))
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Conv2d(4, 2, 1)
+    )
 
 
 def test_attack_context_restores_the_model():
@@ -148,11 +147,16 @@ def test_attack_context_restores_the_model():
             assert not any(p.requires_grad for p in model.parameters())
             assert not torch.is_autocast_cpu_enabled()
             x = torch.rand(1, 3, 8, 8, requires_grad=True)
-            (grad, ) = torch.autograd.grad(model(x).sum(), x)
+            (grad,) = torch.autograd.grad(model(x).sum(), x)
             assert grad.dtype == torch.float32
     assert model.training and all(m.training for m in model.modules())
     assert [p.requires_grad for p in model.parameters()] == [
-        True, True, True, True, True, False
+        True,
+        True,
+        True,
+        True,
+        True,
+        False,
     ]
     assert all(p.grad is None for p in model.parameters())
     # an eval-mode model stays in eval mode
@@ -187,8 +191,9 @@ def test_attack_context_raises_if_a_parameter_gradient_changes():
 def test_loops_keep_mmengines_run():
     """One run_iter override: mmengine's IterBasedTrainLoop.run runs as is."""
     from mmengine.runner import IterBasedTrainLoop
-    from mmseg_robust.engine import (DDCATTrainLoop, PIRATTrainLoop,
-                                     SATTrainLoop)
+
+    from mmseg_robust.engine import DDCATTrainLoop, PIRATTrainLoop, SATTrainLoop
+
     assert 'run' not in AdversarialTrainLoop.__dict__
     assert 'run_iter' in AdversarialTrainLoop.__dict__
     for cls in (PIRATTrainLoop, SATTrainLoop, DDCATTrainLoop):
@@ -197,16 +202,23 @@ def test_loops_keep_mmengines_run():
         assert cls.run is IterBasedTrainLoop.run
 
 
-def _train_one_iteration(repo_root, synthetic_root, tmp_path, scheme,
-                         options=None):
+def _train_one_iteration(repo_root, synthetic_root, tmp_path, scheme, options=None):
     """runner.train() for one iteration; returns the runner and the batch the
     update got."""
-    runner = _runner(repo_root, scheme, synthetic_root, tmp_path,
-                     options=dict({
-                         'train_cfg.max_iters': 1,
-                         'train_cfg.val_interval': 100,
-                         'default_hooks.logger.interval': 1
-                     }, **(options or {})))
+    runner = _runner(
+        repo_root,
+        scheme,
+        synthetic_root,
+        tmp_path,
+        options=dict(
+            {
+                'train_cfg.max_iters': 1,
+                'train_cfg.val_interval': 100,
+                'default_hooks.logger.interval': 1,
+            },
+            **(options or {}),
+        ),
+    )
     module = unwrap_model(runner.model)
     before = {k: v.clone() for k, v in module.state_dict().items()}
     seen = {}
@@ -225,14 +237,16 @@ def _train_one_iteration(repo_root, synthetic_root, tmp_path, scheme,
 
 
 @pytest.mark.parametrize('scheme', ['pirat', 'sat', 'ddcat'])
-def test_stock_optim_wrapper_trains_adversarially(scheme, repo_root,
-                                                  synthetic_root, tmp_path,
-                                                  reset_mmengine):
+def test_stock_optim_wrapper_trains_adversarially(
+    scheme, repo_root, synthetic_root, tmp_path, reset_mmengine
+):
     from mmengine.optim import OptimWrapper
-    assert Config.fromfile(osp.join(
-        repo_root, CONFIGS[scheme])).optim_wrapper.type == 'OptimWrapper'
-    runner, seen = _train_one_iteration(repo_root, synthetic_root, tmp_path,
-                                        scheme)
+
+    assert (
+        Config.fromfile(osp.join(repo_root, CONFIGS[scheme])).optim_wrapper.type
+        == 'OptimWrapper'
+    )
+    runner, seen = _train_one_iteration(repo_root, synthetic_root, tmp_path, scheme)
     assert type(runner.optim_wrapper) is OptimWrapper
     assert seen['optim_wrapper'] is runner.optim_wrapper
     # the update got the scheme's adversarial batch
@@ -240,24 +254,29 @@ def test_stock_optim_wrapper_trains_adversarially(scheme, repo_root,
     attacked = loop.attacked_indices(4)
     assert attacked == ([0, 1, 2, 3] if scheme == 'pirat' else [2, 3])
     assert len(seen['batch']['inputs']) == 4
-    assert ('gt_division' in seen['batch']['data_samples'][0]) == (
-        scheme == 'ddcat')
+    assert ('gt_division' in seen['batch']['data_samples'][0]) == (scheme == 'ddcat')
     scalars = runner.message_hub.log_scalars
-    assert {'train/adv.acc', 'train/clean.acc',
-            'train/attack_time_share'} <= set(scalars)
+    assert {'train/adv.acc', 'train/clean.acc', 'train/attack_time_share'} <= set(
+        scalars
+    )
 
 
-def test_deprecated_optim_wrapper_names_still_work(repo_root, synthetic_root,
-                                                   tmp_path, reset_mmengine):
+def test_deprecated_optim_wrapper_names_still_work(
+    repo_root, synthetic_root, tmp_path, reset_mmengine
+):
     from mmengine.optim import OptimWrapper
+
     from mmseg_robust.engine import AdversarialOptimWrapper
     from mmseg_robust.registry import OPTIM_WRAPPERS
+
     model = _small_model()
     with pytest.warns(DeprecationWarning, match="type='OptimWrapper'"):
         wrapper = OPTIM_WRAPPERS.build(
             dict(
                 type='AdversarialOptimWrapper',
-                optimizer=torch.optim.SGD(model.parameters(), lr=0.1)))
+                optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            )
+        )
     assert isinstance(wrapper, AdversarialOptimWrapper)
     assert isinstance(wrapper, OptimWrapper)
     # its old attack_context method is the function's
@@ -267,16 +286,21 @@ def test_deprecated_optim_wrapper_names_still_work(repo_root, synthetic_root,
     # a config with the old name still trains adversarially
     with pytest.warns(DeprecationWarning):
         runner, _ = _train_one_iteration(
-            repo_root, synthetic_root, tmp_path, 'pirat',
-            {'optim_wrapper.type': 'AdversarialOptimWrapper'})
+            repo_root,
+            synthetic_root,
+            tmp_path,
+            'pirat',
+            {'optim_wrapper.type': 'AdversarialOptimWrapper'},
+        )
     assert isinstance(runner.optim_wrapper, AdversarialOptimWrapper)
     assert 'train/adv.acc' in runner.message_hub.log_scalars
 
 
-def test_scheme_loops_equal_the_scheme_option(repo_root, synthetic_root,
-                                              tmp_path, reset_mmengine):
-    from mmseg_robust.engine import (PIRATScheme, PIRATTrainLoop,
-                                     SATTrainLoop)
+def test_scheme_loops_equal_the_scheme_option(
+    repo_root, synthetic_root, tmp_path, reset_mmengine
+):
+    from mmseg_robust.engine import PIRATScheme, PIRATTrainLoop, SATTrainLoop
+
     def pirat_loop(cfg):  # type='PIRATTrainLoop' without a scheme key
         cfg.train_cfg.type = 'PIRATTrainLoop'
         cfg.train_cfg.pop('scheme')
@@ -284,8 +308,9 @@ def test_scheme_loops_equal_the_scheme_option(repo_root, synthetic_root,
     batch = state = None
     results = []
     for i, edit in enumerate((None, pirat_loop)):
-        runner = _runner(repo_root, 'pirat', synthetic_root, tmp_path / str(i),
-                         edit=edit)
+        runner = _runner(
+            repo_root, 'pirat', synthetic_root, tmp_path / str(i), edit=edit
+        )
         assert 'scheme' in runner.cfg.train_cfg or edit is not None
         loop = runner.train_loop
         assert type(loop) is (PIRATTrainLoop if edit else AdversarialTrainLoop)
@@ -301,26 +326,39 @@ def test_scheme_loops_equal_the_scheme_option(repo_root, synthetic_root,
     assert stats_a == stats_b
     for x, y in zip(a['inputs'], b['inputs']):
         assert torch.equal(x, y)
-    assert not any(
-        torch.equal(x, y) for x, y in zip(a['inputs'], batch['inputs']))
+    assert not any(torch.equal(x, y) for x, y in zip(a['inputs'], batch['inputs']))
     # a scheme loop refuses another scheme
     with pytest.raises(ValueError, match='AdversarialTrainLoop'):
-        _runner(repo_root, 'sat', synthetic_root, tmp_path / 'x',
-                options={'train_cfg.type': 'PIRATTrainLoop'}).train_loop
-    runner = _runner(repo_root, 'sat', synthetic_root, tmp_path / 'y',
-                     options={'train_cfg.type': 'SATTrainLoop'})
+        _runner(
+            repo_root,
+            'sat',
+            synthetic_root,
+            tmp_path / 'x',
+            options={'train_cfg.type': 'PIRATTrainLoop'},
+        ).train_loop
+    runner = _runner(
+        repo_root,
+        'sat',
+        synthetic_root,
+        tmp_path / 'y',
+        options={'train_cfg.type': 'SATTrainLoop'},
+    )
     assert isinstance(runner.train_loop, SATTrainLoop)
     assert runner.train_loop.attacked_indices(4) == [2, 3]
     assert not isinstance(runner.train_loop, PIRATTrainLoop)
 
 
-def test_schemes_are_registered_classes(repo_root, synthetic_root, tmp_path,
-                                        reset_mmengine):
-    from mmseg_robust.engine import (DDCATScheme, PIRATScheme, SATScheme,
-                                     TrainScheme)
+def test_schemes_are_registered_classes(
+    repo_root, synthetic_root, tmp_path, reset_mmengine
+):
+    from mmseg_robust.engine import DDCATScheme, PIRATScheme, SATScheme, TrainScheme
     from mmseg_robust.registry import TRAIN_SCHEMES
-    for name, cls in (('pirat', PIRATScheme), ('sat', SATScheme),
-                      ('ddcat', DDCATScheme)):
+
+    for name, cls in (
+        ('pirat', PIRATScheme),
+        ('sat', SATScheme),
+        ('ddcat', DDCATScheme),
+    ):
         scheme = TRAIN_SCHEMES.build(dict(type=name))
         assert type(scheme) is cls and scheme.name == name
     assert PIRATScheme().attacked_indices(3) == [0, 1, 2]
@@ -331,49 +369,95 @@ def test_schemes_are_registered_classes(repo_root, synthetic_root, tmp_path,
     with pytest.raises(ValueError, match='at least 2'):
         SATScheme().attacked_indices(1)
     with pytest.raises(ValueError, match='unknown adversarial training'):
-        _runner(repo_root, 'pirat', synthetic_root, tmp_path / 'u',
-                options={'train_cfg.scheme': 'nope'}).train_loop
+        _runner(
+            repo_root,
+            'pirat',
+            synthetic_root,
+            tmp_path / 'u',
+            options={'train_cfg.scheme': 'nope'},
+        ).train_loop
 
     # a scheme of one's own, by registered name
     @TRAIN_SCHEMES.register_module(name='_test_last_only')
     class LastOnly(TrainScheme):
-
         def attacked_indices(self, batch_size):
             return [batch_size - 1]
 
     try:
-        runner = _runner(repo_root, 'pirat', synthetic_root, tmp_path / 'o',
-                         options={'train_cfg.scheme': '_test_last_only'})
+        runner = _runner(
+            repo_root,
+            'pirat',
+            synthetic_root,
+            tmp_path / 'o',
+            options={'train_cfg.scheme': '_test_last_only'},
+        )
         loop = runner.train_loop
         assert loop.scheme == '_test_last_only'
         batch = next(iter(runner.train_dataloader))
         adv, _ = loop.adversarial_batch(copy.deepcopy(batch))
-        assert [not torch.equal(a, b) for a, b in zip(
-            adv['inputs'], batch['inputs'])] == [False, False, False, True]
+        assert [
+            not torch.equal(a, b) for a, b in zip(adv['inputs'], batch['inputs'])
+        ] == [False, False, False, True]
     finally:
         TRAIN_SCHEMES.module_dict.pop('_test_last_only')
 
 
-ITERS = ['load_from=None', 'train_cfg.val_interval=100',
-         'default_hooks.checkpoint.interval=3',
-         'default_hooks.logger.interval=1', 'param_scheduler.0.end=2',
-         'param_scheduler.1.begin=2', 'param_scheduler.1.end=6',
-         'train_dataloader.batch_size=4']
+ITERS = [
+    'load_from=None',
+    'train_cfg.val_interval=100',
+    'default_hooks.checkpoint.interval=3',
+    'default_hooks.logger.interval=1',
+    'param_scheduler.0.end=2',
+    'param_scheduler.1.begin=2',
+    'param_scheduler.1.end=6',
+    'train_dataloader.batch_size=4',
+]
 
 
-def test_resumed_equals_uninterrupted(run_tool, repo_root, synthetic_root,
-                                      data_options, tmp_path):
+def test_resumed_equals_uninterrupted(
+    run_tool, repo_root, synthetic_root, data_options, tmp_path
+):
     cfg = CONFIGS['sat']
     opts = ITERS + data_options(synthetic_root)
     full = str(tmp_path / 'full')
-    run_tool(['python', 'tools/train.py', cfg, '--work-dir', full,
-              '--cfg-options', 'train_cfg.max_iters=6'] + opts)
+    run_tool(
+        [
+            'python',
+            'tools/train.py',
+            cfg,
+            '--work-dir',
+            full,
+            '--cfg-options',
+            'train_cfg.max_iters=6',
+        ]
+        + opts
+    )
     part = str(tmp_path / 'part')
-    run_tool(['python', 'tools/train.py', cfg, '--work-dir', part,
-              '--cfg-options', 'train_cfg.max_iters=3'] + opts)
-    out = run_tool(['python', 'tools/train.py', cfg, '--work-dir', part,
-                    '--resume', '--cfg-options', 'train_cfg.max_iters=6'] +
-                   opts)
+    run_tool(
+        [
+            'python',
+            'tools/train.py',
+            cfg,
+            '--work-dir',
+            part,
+            '--cfg-options',
+            'train_cfg.max_iters=3',
+        ]
+        + opts
+    )
+    out = run_tool(
+        [
+            'python',
+            'tools/train.py',
+            cfg,
+            '--work-dir',
+            part,
+            '--resume',
+            '--cfg-options',
+            'train_cfg.max_iters=6',
+        ]
+        + opts
+    )
     assert 'Restored the random state saved at iteration 3' in out
     a = torch.load(osp.join(full, 'iter_6.pth'), weights_only=True)
     b = torch.load(osp.join(part, 'iter_6.pth'), weights_only=True)
@@ -381,35 +465,53 @@ def test_resumed_equals_uninterrupted(run_tool, repo_root, synthetic_root,
         assert torch.equal(value, b['state_dict'][key]), key
 
 
-def test_two_process_gloo_training(run_tool, synthetic_root, data_options,
-                                   tmp_path):
+def test_two_process_gloo_training(run_tool, synthetic_root, data_options, tmp_path):
     work = str(tmp_path / 'dist')
     out = run_tool(
-        ['bash', 'tools/dist_train.sh', CONFIGS['pirat'], '2', '--work-dir',
-         work, '--cfg-options', 'train_cfg.max_iters=4'] + ITERS +
-        data_options(synthetic_root),
-        env=dict(PORT='29671', CUDA_VISIBLE_DEVICES=''))
+        [
+            'bash',
+            'tools/dist_train.sh',
+            CONFIGS['pirat'],
+            '2',
+            '--work-dir',
+            work,
+            '--cfg-options',
+            'train_cfg.max_iters=4',
+        ]
+        + ITERS
+        + data_options(synthetic_root),
+        env=dict(PORT='29671', CUDA_VISIBLE_DEVICES=''),
+    )
     assert 'Distributed training: True' in out and 'GPU number: 2' in out
     assert 'adv.acc' in out and 'attack_time_share' in out
     assert osp.exists(osp.join(work, 'iter_4.pth'))
 
 
-def test_adversarial_val_loop_monitors_robustness(run_tool, repo_root,
-                                                  synthetic_root, data_options,
-                                                  tmp_path):
+def test_adversarial_val_loop_monitors_robustness(
+    run_tool, repo_root, synthetic_root, data_options, tmp_path
+):
     cfg = tmp_path / 'pirat_advval.py'
     cfg.write_text(
         f"_base_ = '{osp.join(repo_root, CONFIGS['pirat'])}'\n"
         "val_cfg = dict(_delete_=True, type='AdversarialValLoop', eps=4,\n"
         "               attacks=[dict(type='PGD', steps=2)])\n"
         "val_evaluator = dict(_delete_=True, type='RobustnessMetric',\n"
-        "                     name='PGD', worst_case_modes=['best'])\n")
+        "                     name='PGD', worst_case_modes=['best'])\n"
+    )
     out = run_tool(
-        ['python', 'tools/train.py', str(cfg), '--work-dir',
-         str(tmp_path / 'work'), '--cfg-options', 'train_cfg.max_iters=2',
-         'train_cfg.val_interval=2'] +
-        [o for o in ITERS if not o.startswith('train_cfg.val_interval')] +
-        data_options(synthetic_root))
+        [
+            'python',
+            'tools/train.py',
+            str(cfg),
+            '--work-dir',
+            str(tmp_path / 'work'),
+            '--cfg-options',
+            'train_cfg.max_iters=2',
+            'train_cfg.val_interval=2',
+        ]
+        + [o for o in ITERS if not o.startswith('train_cfg.val_interval')]
+        + data_options(synthetic_root)
+    )
     assert 'eps4/PGD/mIoU' in out and 'Iter(val)' in out
 
 
@@ -418,16 +520,17 @@ def _variable_size_batch(sizes, num_classes=5, seed=0):
     without Pad: uint8 images of different sizes, labels with void pixels."""
     from mmengine.structures import PixelData
     from mmseg.structures import SegDataSample
+
     g = torch.Generator().manual_seed(seed)
     inputs, samples = [], []
     for i, (h, w) in enumerate(sizes):
-        inputs.append(
-            torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8))
+        inputs.append(torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8))
         label = torch.randint(0, num_classes, (1, h, w), generator=g)
         label[:, :2] = 255
         sample = SegDataSample(gt_sem_seg=PixelData(data=label))
         sample.set_metainfo(
-            dict(img_shape=(h, w), ori_shape=(h, w), img_path=f'img{i}.png'))
+            dict(img_shape=(h, w), ori_shape=(h, w), img_path=f'img{i}.png')
+        )
         samples.append(sample)
     return dict(inputs=inputs, data_samples=samples)
 
@@ -436,12 +539,15 @@ def _accuracy_on(loop, batch, indices):
     """Pixel accuracy (%) of the eval-mode model on ``batch``'s images
     ``indices`` (valid pixels, void excluded), recomputed from the raw inputs."""
     from mmseg_robust.models import TrainingBatchPixelView
+
     module = unwrap_model(loop.runner.model).eval()
     processed = module.data_preprocessor(
-        dict(inputs=batch['inputs'],
-             data_samples=copy.deepcopy(batch['data_samples'])), True)
-    view = TrainingBatchPixelView(module, processed['inputs'],
-                                  processed['data_samples']).subset(indices)
+        dict(inputs=batch['inputs'], data_samples=copy.deepcopy(batch['data_samples'])),
+        True,
+    )
+    view = TrainingBatchPixelView(
+        module, processed['inputs'], processed['data_samples']
+    ).subset(indices)
     with torch.no_grad():
         pred = view(view.images).argmax(1)
     valid = view.labels != loop.ignore_index
@@ -451,8 +557,9 @@ def _accuracy_on(loop, batch, indices):
 
 
 @pytest.mark.parametrize('scheme', ['pirat', 'sat', 'ddcat'])
-def test_padded_variable_size_batch(scheme, repo_root, synthetic_root, tmp_path,
-                                    reset_mmengine):
+def test_padded_variable_size_batch(
+    scheme, repo_root, synthetic_root, tmp_path, reset_mmengine
+):
     """Crops smaller than the preprocessor's size are padded by it; the decode
     head would resize the whole batch to image 0's unpadded size (the crash of
     mmseg's standard pipelines). The view works at the padded size, keeps the
@@ -475,25 +582,30 @@ def test_padded_variable_size_batch(scheme, repo_root, synthetic_root, tmp_path,
     # attack (random labels: PGD's final iterate need not lower the accuracy)
     seen = list(range(len(sizes))) if scheme == 'ddcat' else attacked
     assert stats['clean.acc'] == pytest.approx(
-        _accuracy_on(loop, original, seen), abs=1e-4)
+        _accuracy_on(loop, original, seen), abs=1e-4
+    )
     if scheme != 'ddcat':  # (DDC-AT's batch keeps its clean half clean)
         assert stats['adv.acc'] == pytest.approx(
-            _accuracy_on(loop, adv, attacked), abs=1e-4)
+            _accuracy_on(loop, adv, attacked), abs=1e-4
+        )
     # the update sees the composed batch without a shape error
     runner.model.train()
     runner.call_hook('before_train_epoch')
     runner.model.train_step(adv, optim_wrapper=runner.optim_wrapper)
 
 
-def test_training_view_holds_the_padding(repo_root, synthetic_root, tmp_path,
-                                         reset_mmengine):
+def test_training_view_holds_the_padding(
+    repo_root, synthetic_root, tmp_path, reset_mmengine
+):
     from mmseg_robust.models import TrainingBatchPixelView
+
     runner = _runner(repo_root, 'pirat', synthetic_root, tmp_path)
     module = unwrap_model(runner.model).eval()
     batch = _variable_size_batch([(46, 40), (64, 64)])
     processed = module.data_preprocessor(batch, True)
-    view = TrainingBatchPixelView(module, processed['inputs'],
-                                  processed['data_samples'])
+    view = TrainingBatchPixelView(
+        module, processed['inputs'], processed['data_samples']
+    )
     assert view.images.shape == (2, 3, 64, 64)
     assert view.labels.shape == (2, 64, 64)
     # valid: exactly the unpadded content
@@ -507,7 +619,7 @@ def test_training_view_holds_the_padding(repo_root, synthetic_root, tmp_path,
         garbage[0, :, :, 40:] = 0.0
         assert torch.equal(view(garbage), logits)
     x = view.images.clone().requires_grad_(True)
-    grad, = torch.autograd.grad(view(x).sum(), x)
+    (grad,) = torch.autograd.grad(view(x).sum(), x)
     assert (grad[0, :, 46:] == 0).all() and (grad[0, :, :, 40:] == 0).all()
     assert grad[0, :, :46, :40].abs().sum() > 0
     # round trip to the loader's raw inputs (BGR, unpadded, 0..255)
@@ -517,11 +629,16 @@ def test_training_view_holds_the_padding(repo_root, synthetic_root, tmp_path,
         assert (r - b.float()).abs().max() < 1e-3
 
 
-def test_ignore_index_comes_from_the_model(repo_root, synthetic_root, tmp_path,
-                                           reset_mmengine):
+def test_ignore_index_comes_from_the_model(
+    repo_root, synthetic_root, tmp_path, reset_mmengine
+):
     runner = _runner(
-        repo_root, 'pirat', synthetic_root, tmp_path,
-        options={'model.decode_head.ignore_index': 4})
+        repo_root,
+        'pirat',
+        synthetic_root,
+        tmp_path,
+        options={'model.decode_head.ignore_index': 4},
+    )
     loop = runner.train_loop
     assert loop.ignore_index == 4 and loop.attack.ignore_index == 4
     # pixels labelled 4 are ignored by the attack and the logged accuracy
@@ -532,8 +649,9 @@ def test_ignore_index_comes_from_the_model(repo_root, synthetic_root, tmp_path,
     assert stats['clean.acc'] == 0 and stats['adv.acc'] == 0
 
 
-def test_ddcat_leaves_the_loader_samples_alone(repo_root, synthetic_root,
-                                               tmp_path, reset_mmengine):
+def test_ddcat_leaves_the_loader_samples_alone(
+    repo_root, synthetic_root, tmp_path, reset_mmengine
+):
     runner = _runner(repo_root, 'ddcat', synthetic_root, tmp_path)
     batch = next(iter(runner.train_dataloader))
     adv, _ = runner.train_loop.adversarial_batch(batch)
@@ -548,19 +666,20 @@ def test_ddcat_leaves_the_loader_samples_alone(repo_root, synthetic_root,
         assert new.metainfo == original.metainfo
 
 
-def test_leak_attack_grads_adds_the_attack_gradients(repo_root, synthetic_root,
-                                                     tmp_path,
-                                                     reset_mmengine):
+def test_leak_attack_grads_adds_the_attack_gradients(
+    repo_root, synthetic_root, tmp_path, reset_mmengine
+):
     """Opt-in reproduction of the PIR-AT reference's quirk: each attack step
     adds d(batch-mean objective)/d(theta), in eval mode, to the parameters'
     gradients. Oracle: the same sum recomputed from the attack's iterates."""
     import torch.nn.functional as F
+
     options = {
-        'train_cfg.attack':
-        dict(type='PGD', eps=4, steps=3, step_size=2.55, random_start=False)
+        'train_cfg.attack': dict(
+            type='PGD', eps=4, steps=3, step_size=2.55, random_start=False
+        )
     }
-    runner = _runner(repo_root, 'pirat', synthetic_root, tmp_path,
-                     options=options)
+    runner = _runner(repo_root, 'pirat', synthetic_root, tmp_path, options=options)
     loop = runner.train_loop
     module = unwrap_model(runner.model)
     batch = next(iter(runner.train_dataloader))
@@ -585,45 +704,54 @@ def test_leak_attack_grads_adds_the_attack_gradients(repo_root, synthetic_root,
     module.train()
     adv, _ = loop.adversarial_batch(copy.deepcopy(batch))
     assert module.training  # back in train mode
-    leaked = {n: p.grad.clone() for n, p in module.named_parameters()
-              if p.grad is not None}
+    leaked = {
+        n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None
+    }
     assert len(iterates) == 3 and leaked
     # oracle: sum over the iterates of the gradient of the mean per-image
     # objective (CE summed over valid pixels / H*W), eval mode
     for p in module.parameters():
         p.grad = None
     processed = module.data_preprocessor(
-        dict(inputs=batch['inputs'],
-             data_samples=copy.deepcopy(batch['data_samples'])), True)
+        dict(inputs=batch['inputs'], data_samples=copy.deepcopy(batch['data_samples'])),
+        True,
+    )
     from mmseg_robust.models import TrainingBatchPixelView
-    view = TrainingBatchPixelView(module, processed['inputs'],
-                                  processed['data_samples'])
+
+    view = TrainingBatchPixelView(
+        module, processed['inputs'], processed['data_samples']
+    )
     module.eval()
     b, h, w = view.labels.shape
     for x in iterates:
         logits = view(x)
-        ce = F.cross_entropy(logits, view.labels, ignore_index=255,
-                             reduction='none')
+        ce = F.cross_entropy(logits, view.labels, ignore_index=255, reduction='none')
         (ce.sum() / (h * w) / b).backward()
     module.train()
     for n, p in module.named_parameters():
         if n in leaked:
-            torch.testing.assert_close(leaked[n], p.grad, rtol=1e-4,
-                                       atol=1e-6)
+            torch.testing.assert_close(leaked[n], p.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_missing_load_from_names_the_command_that_writes_it(
-        repo_root, synthetic_root, tmp_path, reset_mmengine, monkeypatch):
+    repo_root, synthetic_root, tmp_path, reset_mmengine, monkeypatch
+):
     monkeypatch.chdir(repo_root)
     # the synthetic PIR-AT config starts from the clean model's checkpoint
     missing = 'work_dirs/upernet_convnext-micro_synthetic/iter_2000.pth'
-    assert Config.fromfile(osp.join(repo_root, CONFIGS['pirat'])).load_from \
-        == missing
+    assert Config.fromfile(osp.join(repo_root, CONFIGS['pirat'])).load_from == missing
     # raised when the loop is built (before any weight is initialised)
     with pytest.raises(FileNotFoundError) as info:
-        _runner(repo_root, 'pirat', synthetic_root, tmp_path,
-                options={'load_from': str(tmp_path / missing)}).train()
+        _runner(
+            repo_root,
+            'pirat',
+            synthetic_root,
+            tmp_path,
+            options={'load_from': str(tmp_path / missing)},
+        ).train()
     msg = str(info.value)
-    assert 'python tools/train.py configs/synthetic/' \
+    assert (
+        'python tools/train.py configs/synthetic/'
         'upernet_convnext-micro_synthetic.py' in msg
+    )
     assert '--cfg-options load_from=PATH' in msg

@@ -1,10 +1,17 @@
 """APGD and the progressive radius schedule (docs/algorithms.md sections 3.2, 3.3)."""
+
 import pytest
 import torch
 
-from mmseg_robust.attacks import (APGD, APGDLargeEps, APGDStepSizeControl,
-                                  apgd_checkpoints, pixel_accuracy,
-                                  radius_schedule, step_size_halving)
+from mmseg_robust.attacks import (
+    APGD,
+    APGDLargeEps,
+    APGDStepSizeControl,
+    apgd_checkpoints,
+    pixel_accuracy,
+    radius_schedule,
+    step_size_halving,
+)
 from mmseg_robust.attacks.objectives import CrossEntropy
 from mmseg_robust.registry import ATTACKS
 
@@ -15,7 +22,8 @@ EPS = {'Linf': 8, 'L2': 64}
 MAKERS = {
     'APGD': lambda eps, norm, **kw: APGD(eps=eps, norm=norm, n_iter=10, **kw),
     'APGDLargeEps': lambda eps, norm, **kw: APGDLargeEps(
-        eps=eps, norm=norm, n_iter=12, **kw),
+        eps=eps, norm=norm, n_iter=12, **kw
+    ),
 }
 
 
@@ -60,10 +68,9 @@ def test_radius_schedule():
     assert radius_schedule(300, 8) == [(90, 16.0), (90, 12.0), (120, 8.0)]
     assert radius_schedule(12, 4) == [(3, 8.0), (3, 6.0), (6, 4.0)]
     assert radius_schedule(10, 4) == [(3, 8.0), (3, 6.0), (4, 4.0)]
-    assert APGDLargeEps(eps=4, n_iter=300).stages == [(90, 8.0), (90, 6.0),
-                                                      (120, 4.0)]
+    assert APGDLargeEps(eps=4, n_iter=300).stages == [(90, 8.0), (90, 6.0), (120, 4.0)]
     with pytest.raises(ValueError, match='last radius factor'):
-        radius_schedule(300, 8, radius_factors=(2.0, 1.5), iter_fractions=(0.3, ))
+        radius_schedule(300, 8, radius_factors=(2.0, 1.5), iter_fractions=(0.3,))
     with pytest.raises(ValueError, match='one iteration fraction per stage'):
         radius_schedule(300, 8, radius_factors=(2.0, 1.0), iter_fractions=(0.3, 0.3))
 
@@ -71,12 +78,22 @@ def test_radius_schedule():
 def test_step_size_halving_conditions():
     t = torch.tensor
     # (a): increases <= 0.75 * window
-    a = step_size_halving(t([15., 16., 12.]), 20, t([1., 1., 1.]), t([0., 0., 0.]),
-                          t([True, True, True]))
+    a = step_size_halving(
+        t([15.0, 16.0, 12.0]),
+        20,
+        t([1.0, 1.0, 1.0]),
+        t([0.0, 0.0, 0.0]),
+        t([True, True, True]),
+    )
     assert a.tolist() == [True, False, True]
     # (b): not halved at the last check and the best CE did not improve
-    b = step_size_halving(t([20., 20., 20., 20.]), 20, t([1., 1., 2., 1.]),
-                          t([1., 1., 1., 2.]), t([False, True, False, False]))
+    b = step_size_halving(
+        t([20.0, 20.0, 20.0, 20.0]),
+        20,
+        t([1.0, 1.0, 2.0, 1.0]),
+        t([1.0, 1.0, 1.0, 2.0]),
+        t([False, True, False, False]),
+    )
     assert b.tolist() == [True, False, False, True]
 
 
@@ -105,7 +122,7 @@ def test_step_size_control_on_constructed_ce_traces():
         assert (halved is not None) == (i in checks)
         if i == 0:
             assert improved.tolist() == [True, True, True]
-        _, halved_high = start_high.update(i, saw[i:i + 1].clamp(max=0.9))
+        _, halved_high = start_high.update(i, saw[i : i + 1].clamp(max=0.9))
         if halved is not None:
             halvings.append(halved.tolist() + halved_high.tolist())
     assert [h[0] for h in halvings] == [False] * 6
@@ -176,8 +193,11 @@ def test_ignored_pixels_stay_at_the_starting_point(attack_models):
     adv = APGD(eps=8, n_iter=8).run(o.model, o.x, y, init=o.x).adv_images
     assert ((adv - o.x)[0, :, 1, :] == 0).all()
     keep = y != 255
-    assert torch.allclose(adv.permute(0, 2, 3, 1)[keep],
-                          o.linf_optimum(8).permute(0, 2, 3, 1)[keep], atol=1e-6)
+    assert torch.allclose(
+        adv.permute(0, 2, 3, 1)[keep],
+        o.linf_optimum(8).permute(0, 2, 3, 1)[keep],
+        atol=1e-6,
+    )
 
 
 # ---------------------------------------------------------------------- oracle
@@ -185,11 +205,14 @@ def test_ignored_pixels_stay_at_the_starting_point(attack_models):
 @pytest.mark.parametrize('loss', ['CE', 'Mask-CE', 'JS-Avg'])
 def test_linf_oracle(loss, early_stop, attack_models):
     o = attack_models.oracle()
-    for attack in (APGD(eps=8, n_iter=10, loss=loss, early_stop=early_stop),
-                   APGDLargeEps(eps=8, n_iter=12, loss=loss, early_stop=early_stop)):
+    for attack in (
+        APGD(eps=8, n_iter=10, loss=loss, early_stop=early_stop),
+        APGDLargeEps(eps=8, n_iter=12, loss=loss, early_stop=early_stop),
+    ):
         out = attack.run(o.model, o.x, o.y, seeds=[0, 1])
-        assert torch.allclose(out.adv_images, o.linf_optimum(8), atol=1e-5,
-                              rtol=0), attack
+        assert torch.allclose(out.adv_images, o.linf_optimum(8), atol=1e-5, rtol=0), (
+            attack
+        )
         assert torch.equal(out.adv_pred, o.y)  # the oracle stays correct
 
 
@@ -201,13 +224,16 @@ def test_l2_oracle_one_pixel(attack_models):
     # direction; a wrong step or projection would be off by ~eps = 0.08.
     o = attack_models.oracle(b=3, h=1, w=1)
     eps = 20
-    for attack in (APGD(eps=eps, norm='L2', n_iter=40),
-                   APGDLargeEps(eps=eps, norm='L2', n_iter=60)):
+    for attack in (
+        APGD(eps=eps, norm='L2', n_iter=40),
+        APGDLargeEps(eps=eps, norm='L2', n_iter=60),
+    ):
         adv = attack(o.model, o.x, o.y, seeds=[0, 1, 2])
         delta = (adv - o.x).flatten(1)
         best = (o.l2_optimum(eps) - o.x).flatten(1)
-        assert torch.allclose(delta.norm(dim=1), torch.full((3, ), eps / 255),
-                              atol=1e-5, rtol=0), attack
+        assert torch.allclose(
+            delta.norm(dim=1), torch.full((3,), eps / 255), atol=1e-5, rtol=0
+        ), attack
         assert (delta - best).norm(dim=1).max() < 2e-3, attack
         cos = torch.nn.functional.cosine_similarity(delta, best)
         assert (cos > 1 - 1e-3).all(), attack
@@ -220,17 +246,18 @@ def test_returned_point_is_the_lowest_accuracy_iterate(norm, attack_models):
     x, y = attack_models.batch(net=net, seed=3)
     rec = attack_models.Recorder(net)
     n = 12
-    out = APGD(eps=4 * EPS[norm], norm=norm, n_iter=n, loss=Wander(),
-               early_stop=False).run(rec, x, y, seeds=SEEDS)
+    out = APGD(
+        eps=4 * EPS[norm], norm=norm, n_iter=n, loss=Wander(), early_stop=False
+    ).run(rec, x, y, seeds=SEEDS)
     # x_0 .. x_n, one forward each, then one forward for the returned prediction
     assert len(rec.inputs) == n + 2
     assert torch.equal(rec.inputs[-1], out.adv_images)
-    iterates = rec.inputs[:n + 1]
+    iterates = rec.inputs[: n + 1]
     accs = torch.stack([pixel_accuracy(net(it).argmax(1), y) for it in iterates])
     picks = [_lowest_accuracy_pick(accs[:, i].tolist()) for i in range(len(x))]
     for i, t in enumerate(picks):
         assert torch.equal(out.adv_images[i], iterates[t][i])
-        assert torch.equal(out.adv_pred[i], net(iterates[t][i:i + 1]).argmax(1)[0])
+        assert torch.equal(out.adv_pred[i], net(iterates[t][i : i + 1]).argmax(1)[0])
     assert any(t != n for t in picks), 'test is trivial: every pick is the last'
 
 
@@ -297,9 +324,10 @@ def test_early_stop_gives_the_same_result_with_less_compute(attack_models):
     net = attack_models.tiny_net()
     x, y = attack_models.batch(b=6, h=2, w=2, net=net, seed=1)
     seeds = list(range(6))
-    for make in (lambda es: APGD(eps=128, n_iter=15, early_stop=es),
-                 lambda es: APGDLargeEps(eps=64, n_iter=20, early_stop=es,
-                                         loss='Mask-CE')):
+    for make in (
+        lambda es: APGD(eps=128, n_iter=15, early_stop=es),
+        lambda es: APGDLargeEps(eps=64, n_iter=20, early_stop=es, loss='Mask-CE'),
+    ):
         runs = {}
         for es in (False, True):
             rec = attack_models.Recorder(net)
@@ -317,8 +345,9 @@ def test_init_replaces_the_random_start(attack_models, problem):
     init = (x + 0.5).clamp(0, 1)  # far outside the ball: projected first
     rec = attack_models.Recorder(net)
     out = APGD(eps=8, n_iter=3, early_stop=False).run(rec, x, y, init=init)
-    assert torch.allclose(rec.inputs[0], (x + 8 / 255).clamp(0, 1).minimum(init),
-                          atol=1e-7, rtol=0)
+    assert torch.allclose(
+        rec.inputs[0], (x + 8 / 255).clamp(0, 1).minimum(init), atol=1e-7, rtol=0
+    )
     attack_models.assert_feasible(out.adv_images, x, 8, 'Linf')
     with pytest.raises(ValueError, match='init'):
         APGD(eps=8, n_iter=3).run(net, x, y, init=x[:2])
@@ -336,7 +365,7 @@ def test_stages_start_inside_the_smaller_balls(attack_models, problem):
     assert len(rec.inputs) == n + 4
     bounds = []
     for (n_i, eps_i), s in zip(stages, starts):
-        block = torch.stack(rec.inputs[s:s + n_i + 1])  # iterates of the stage
+        block = torch.stack(rec.inputs[s : s + n_i + 1])  # iterates of the stage
         dist = (block - x).abs().flatten(2).amax(2)
         assert (dist <= eps_i / 255 + 1e-6).all()
         bounds.append(dist.max().item() * 255)
@@ -346,11 +375,13 @@ def test_stages_start_inside_the_smaller_balls(attack_models, problem):
     proj = x + (stage1.adv_images - x).clamp(-12 / 255, 12 / 255)
     assert torch.allclose(rec.inputs[starts[1]], proj.clamp(0, 1), atol=1e-7)
     stage2 = APGD(eps=12, n_iter=6, early_stop=False).run(
-        net, x, y, init=rec.inputs[starts[1]])
+        net, x, y, init=rec.inputs[starts[1]]
+    )
     proj = x + (stage2.adv_images - x).clamp(-8 / 255, 8 / 255)
     assert torch.allclose(rec.inputs[starts[2]], proj.clamp(0, 1), atol=1e-7)
     final = APGD(eps=8, n_iter=8, early_stop=False).run(
-        net, x, y, init=rec.inputs[starts[2]])
+        net, x, y, init=rec.inputs[starts[2]]
+    )
     assert torch.equal(final.adv_images, out.adv_images)
 
 

@@ -1,6 +1,7 @@
 """The attack API every attack shares: one iteration argument (``steps``, alias
 ``n_iter``), the same ``stats`` keys, ensembles reporting their members, and the
 progress callback."""
+
 import pytest
 import torch
 
@@ -36,7 +37,8 @@ def _ce_and_acc(net, images, labels):
         logits = net(images)
     valid = effective_valid(labels, None, 255)
     ce = torch.nn.functional.cross_entropy(
-        logits, torch.where(valid, labels, 0), reduction='none')
+        logits, torch.where(valid, labels, 0), reduction='none'
+    )
     n = valid.sum()
     acc = ((logits.argmax(1) == labels) & valid).sum() / n
     return float((ce * valid).sum() / n), float(acc)
@@ -55,8 +57,10 @@ def test_stats_same_keys_and_final_at_the_returned_images(cfg, problem):
 def test_stats_start_at_the_clean_images_without_random_start(problem):
     net, x, y = problem
     loss, acc = _ce_and_acc(net, x, y)
-    for cfg in (dict(type='BIM', steps=2), dict(type='SEA', steps=3,
-                                                  class_weights=WEIGHTS)):
+    for cfg in (
+        dict(type='BIM', steps=2),
+        dict(type='SEA', steps=3, class_weights=WEIGHTS),
+    ):
         out = ATTACKS.build(dict(cfg, eps=8)).run(net, x, y)
         assert float(out.stats['start_loss']) == pytest.approx(loss, rel=1e-5)
         assert float(out.stats['start_acc']) == pytest.approx(acc, abs=1e-6)
@@ -89,6 +93,7 @@ def test_ensemble_reports_its_members_and_their_worst_case(problem):
     assert out.by_attack('SEA') == out.members
     # each member equals the member attack run alone with its derived seeds
     from mmseg_robust.attacks import derive_seeds
+
     for a, (name, member) in enumerate(sea.attacks.items()):
         alone = member.run(net, x, y, seeds=derive_seeds([1, 2, 3, 4], a))
         assert torch.equal(alone.adv_images, out.members[name].adv_images)
@@ -104,5 +109,5 @@ def test_ensemble_names_the_member_of_each_returned_image(problem):
     for i in range(x.shape[0]):
         member = out.members[out.source('SEA', i)]
         assert torch.equal(member.adv_images[i], out.adv_images[i])
-        correct = [int(((m.adv_pred[i] == y[i])).sum()) for m in out.members.values()]
+        correct = [int((m.adv_pred[i] == y[i]).sum()) for m in out.members.values()]
         assert names.index(out.source('SEA', i)) == correct.index(min(correct))

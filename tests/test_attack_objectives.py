@@ -1,13 +1,20 @@
 """Per-pixel objectives (docs/algorithms.md section 2) against hand computations."""
+
 import math
 
 import pytest
 import torch
 
-from mmseg_robust.attacks import (OBJECTIVES, BalancedMaskedCrossEntropy,
-                                  CosPGDLoss, build_objective,
-                                  class_weights_from_counts, count_label_pixels,
-                                  load_class_weights, objective_names)
+from mmseg_robust.attacks import (
+    OBJECTIVES,
+    BalancedMaskedCrossEntropy,
+    CosPGDLoss,
+    build_objective,
+    class_weights_from_counts,
+    count_label_pixels,
+    load_class_weights,
+    objective_names,
+)
 from mmseg_robust.registry import ATTACKS
 
 pytestmark = pytest.mark.usefixtures('attack_one_thread')
@@ -35,8 +42,15 @@ def _ce(j):
 
 
 def test_all_spec_names_are_registered():
-    assert OBJECTIVES == ('CE', 'Mask-CE', 'Mask-CE-Bal', 'JS-Avg', 'SegPGD',
-                          'CosPGD', 'Mask-Sph')
+    assert OBJECTIVES == (
+        'CE',
+        'Mask-CE',
+        'Mask-CE-Bal',
+        'JS-Avg',
+        'SegPGD',
+        'CosPGD',
+        'Mask-Sph',
+    )
     for name in OBJECTIVES:
         assert ATTACKS.get(name) is not None, name
     assert objective_names()[:7] == list(OBJECTIVES)
@@ -44,7 +58,7 @@ def test_all_spec_names_are_registered():
 
 def test_ce_by_hand_and_normalised_by_all_pixels():
     out = build_objective('CE')(Z, Y)
-    assert out.shape == (1, )
+    assert out.shape == (1,)
     assert out.item() == pytest.approx((_ce(0) + _ce(1)) / 2, rel=1e-6)
 
 
@@ -55,7 +69,8 @@ def test_normalisation_is_by_h_times_w_not_by_valid_pixels():
     ignored = Y.clone()
     ignored[0, 0, 0] = 255
     assert build_objective('CE')(Z, ignored).item() == pytest.approx(
-        _ce(1) / 2, rel=1e-6)
+        _ce(1) / 2, rel=1e-6
+    )
     # ignore index configurable
     other = Y.clone()
     other[0, 0, 1] = 7
@@ -118,7 +133,7 @@ def test_js_is_nan_free_for_saturated_logits():
     y = torch.tensor([[[0, 0, 1]]])
     obj = build_objective('JS-Avg')
     out = obj(z, y)
-    grad, = torch.autograd.grad(out.sum(), z)
+    (grad,) = torch.autograd.grad(out.sum(), z)
     assert torch.isfinite(out).all() and torch.isfinite(grad).all()
     # per pixel: 0 (right), log 2 (wrong), JS(p_y = 1/2)
     half = LOG2 + 0.5 * (0.5 * math.log(0.5) - 1.5 * math.log(1.5))
@@ -143,16 +158,16 @@ def test_cospgd_value_and_detached_factor(activation):
     z = Z.clone().requires_grad_(True)
     obj = build_objective(dict(type='CosPGD', activation=activation))
     out = obj(z, Y)
-    act = (z.detach().softmax(1) if activation == 'softmax' else
-           z.detach().sigmoid())
+    act = z.detach().softmax(1) if activation == 'softmax' else z.detach().sigmoid()
     cos = []
     for j in range(2):
         a = act[0, :, 0, j]
         cos.append((a[Y[0, 0, j]] / a.norm()).item())
-    assert out.item() == pytest.approx((cos[0] * _ce(0) + cos[1] * _ce(1)) / 2,
-                                       rel=1e-6)
+    assert out.item() == pytest.approx(
+        (cos[0] * _ce(0) + cos[1] * _ce(1)) / 2, rel=1e-6
+    )
     # the cosine factor is a constant for autograd: grad = cos * dCE/dz / (H*W)
-    grad, = torch.autograd.grad(out.sum(), z)
+    (grad,) = torch.autograd.grad(out.sum(), z)
     p = z.detach().softmax(1)
     onehot = torch.nn.functional.one_hot(Y, 3).permute(0, 3, 1, 2).float()
     cos_map = torch.tensor(cos).view(1, 1, 1, 2)
@@ -180,21 +195,21 @@ def test_objectives_return_per_image_values_and_gradients():
         if name == 'Mask-CE-Bal':
             cfg['class_weights'] = [0.1, 0.2, 0.3, 0.4]
         out = build_objective(cfg)(z, y, step=2, total_steps=4)
-        assert out.shape == (3, ), name
-        grad, = torch.autograd.grad(out.sum(), z, retain_graph=True)
+        assert out.shape == (3,), name
+        (grad,) = torch.autograd.grad(out.sum(), z, retain_graph=True)
         assert torch.isfinite(grad).all(), name
         # image 0 only depends on the logits of image 0
-        grad0, = torch.autograd.grad(out[0], z)
+        (grad0,) = torch.autograd.grad(out[0], z)
         assert grad0[1:].abs().sum() == 0, name
 
 
 def test_class_weight_vectors_load():
     voc = load_class_weights('voc')
-    assert voc.shape == (21, ) and voc[0].item() == pytest.approx(0.0007)
-    assert load_class_weights('VOC').shape == (21, )
-    assert load_class_weights('ade20k').shape == (151, )
+    assert voc.shape == (21,) and voc[0].item() == pytest.approx(0.0007)
+    assert load_class_weights('VOC').shape == (21,)
+    assert load_class_weights('ade20k').shape == (151,)
     assert torch.equal(load_class_weights([1, 2.5]), torch.tensor([1.0, 2.5]))
-    assert BalancedMaskedCrossEntropy('voc').class_weights.shape == (21, )
+    assert BalancedMaskedCrossEntropy('voc').class_weights.shape == (21,)
     with pytest.raises(ValueError, match='voc'):
         load_class_weights('cityscapes')
     with pytest.raises(ValueError, match='non-negative'):

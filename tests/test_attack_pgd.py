@@ -1,10 +1,10 @@
-"""FGSM, BIM, PGD (docs/algorithms.md section 3.1) and the Attack base class: invariants,
-analytic oracle, labels/valid handling, seeds and input errors."""
+"""FGSM, BIM, PGD (docs/algorithms.md section 3.1) and the Attack base class:
+invariants, analytic oracle, labels/valid handling, seeds and input errors."""
+
 import pytest
 import torch
 
-from mmseg_robust.attacks import (BIM, FGSM, PGD, Attack, AttackOutput,
-                                  pixel_accuracy)
+from mmseg_robust.attacks import BIM, FGSM, PGD, Attack, AttackOutput, pixel_accuracy
 from mmseg_robust.registry import ATTACKS
 
 pytestmark = pytest.mark.usefixtures('attack_one_thread')
@@ -15,8 +15,9 @@ ATTACKS_UNDER_TEST = {
     'FGSM': lambda eps, norm: FGSM(eps=eps, norm=norm),
     'BIM': lambda eps, norm: BIM(eps=eps, norm=norm, steps=5),
     'PGD': lambda eps, norm: PGD(eps=eps, norm=norm, steps=5),
-    'PGD-best': lambda eps, norm: PGD(eps=eps, norm=norm, steps=5,
-                                      best_iterate=True, loss='Mask-CE'),
+    'PGD-best': lambda eps, norm: PGD(
+        eps=eps, norm=norm, steps=5, best_iterate=True, loss='Mask-CE'
+    ),
 }
 EPS = {'Linf': 8, 'L2': 64}
 
@@ -75,14 +76,24 @@ def test_seeds_make_results_batch_independent(norm, problem):
 
 
 # ------------------------------------------------------------------------ oracle
-@pytest.mark.parametrize('loss', [
-    'CE', 'Mask-CE', 'SegPGD', 'JS-Avg', 'CosPGD',
-    dict(type='Mask-CE-Bal', class_weights=[0.3, 0.7])
-])
+@pytest.mark.parametrize(
+    'loss',
+    [
+        'CE',
+        'Mask-CE',
+        'SegPGD',
+        'JS-Avg',
+        'CosPGD',
+        dict(type='Mask-CE-Bal', class_weights=[0.3, 0.7]),
+    ],
+)
 def test_linf_oracle_pgd_reaches_the_optimal_vertex(loss, attack_models):
     o = attack_models.oracle()
-    for attack in (PGD(eps=8, steps=10, loss=loss), BIM(eps=8, steps=4, loss=loss),
-                   FGSM(eps=8, loss=loss)):
+    for attack in (
+        PGD(eps=8, steps=10, loss=loss),
+        BIM(eps=8, steps=4, loss=loss),
+        FGSM(eps=8, loss=loss),
+    ):
         adv = attack(o.model, o.x, o.y, seeds=[0, 1])
         assert torch.allclose(adv, o.linf_optimum(8), atol=1e-5, rtol=0), attack
 
@@ -90,8 +101,11 @@ def test_linf_oracle_pgd_reaches_the_optimal_vertex(loss, attack_models):
 def test_l2_oracle_one_pixel(attack_models):
     o = attack_models.oracle(b=3, h=1, w=1)
     eps = 20
-    for attack in (PGD(eps=eps, norm='L2', steps=40, step_size=eps),
-                   BIM(eps=eps, norm='L2', steps=3), FGSM(eps=eps, norm='L2')):
+    for attack in (
+        PGD(eps=eps, norm='L2', steps=40, step_size=eps),
+        BIM(eps=eps, norm='L2', steps=3),
+        FGSM(eps=eps, norm='L2'),
+    ):
         adv = attack(o.model, o.x, o.y, seeds=[0, 1, 2])
         assert torch.allclose(adv, o.l2_optimum(eps), atol=1e-5, rtol=0), attack
 
@@ -117,7 +131,8 @@ def test_best_iterate_returns_lowest_accuracy_iterate(attack_models):
 
     rec = attack_models.Recorder(net)
     out = PGD(eps=32, steps=8, loss=Wander(), best_iterate=True).run(
-        rec, x, y, seeds=SEEDS)
+        rec, x, y, seeds=SEEDS
+    )
     # x_0 .. x_8, then one forward for the returned iterate's prediction
     assert len(rec.inputs) == 10
     assert torch.equal(rec.inputs[-1], out.adv_images)
@@ -156,9 +171,11 @@ def test_ignored_and_padded_pixels_are_never_perturbed_by_bim(attack_models):
     counted = (y != 255) & valid
     delta = (adv - o.x).abs().amax(1)
     assert (delta[~counted] == 0).all()
-    assert torch.allclose(adv[:, :, counted[0] & counted[1]],
-                          o.linf_optimum(8)[:, :, counted[0] & counted[1]],
-                          atol=1e-6)
+    assert torch.allclose(
+        adv[:, :, counted[0] & counted[1]],
+        o.linf_optimum(8)[:, :, counted[0] & counted[1]],
+        atol=1e-6,
+    )
 
 
 @pytest.mark.parametrize('name', list(ATTACKS_UNDER_TEST))
@@ -198,12 +215,15 @@ def test_unknown_loss_lists_available_names():
         PGD(loss='Mask-XE')
 
 
-@pytest.mark.parametrize('kwargs,match', [
-    (dict(eps=-1), 'eps'),
-    (dict(norm='L1'), "'Linf'.*'L2'"),
-    (dict(steps=-2), 'steps'),
-    (dict(step_size=-1.0), 'step_size'),
-])
+@pytest.mark.parametrize(
+    'kwargs,match',
+    [
+        (dict(eps=-1), 'eps'),
+        (dict(norm='L1'), "'Linf'.*'L2'"),
+        (dict(steps=-2), 'steps'),
+        (dict(step_size=-1.0), 'step_size'),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PGD(**kwargs)
@@ -245,6 +265,7 @@ def test_input_errors(problem):
     def frozen(im):
         with torch.no_grad():
             return net(im)
+
     with pytest.raises(RuntimeError, match='no_grad'):
         attack(frozen, x, y)
 
@@ -273,11 +294,11 @@ def test_labels_at_another_resolution(problem):
     # mmseg evaluates at the original image size: the model view may upsample.
     net, x, y = problem
     y2 = torch.nn.functional.interpolate(
-        y[:, None].float(), scale_factor=2, mode='nearest')[:, 0].long()
+        y[:, None].float(), scale_factor=2, mode='nearest'
+    )[:, 0].long()
 
     def upsampling_view(im):
-        return torch.nn.functional.interpolate(
-            net(im), scale_factor=2, mode='bilinear')
+        return torch.nn.functional.interpolate(net(im), scale_factor=2, mode='bilinear')
 
     out = PGD(eps=8, steps=3, random_start=False).run(upsampling_view, x, y2)
     assert out.adv_pred.shape == y2.shape

@@ -1,10 +1,18 @@
 """SEA, the Segmentation Ensemble Attack (docs/algorithms.md section 4)."""
+
 import pytest
 import torch
 
-from mmseg_robust.attacks import (SEA, APGDLargeEps, BalancedMaskedCrossEntropy,
-                                  JensenShannonDivergence, MaskedCrossEntropy,
-                                  derive_seeds, num_correct, pixel_accuracy)
+from mmseg_robust.attacks import (
+    SEA,
+    APGDLargeEps,
+    BalancedMaskedCrossEntropy,
+    JensenShannonDivergence,
+    MaskedCrossEntropy,
+    derive_seeds,
+    num_correct,
+    pixel_accuracy,
+)
 from mmseg_robust.registry import ATTACKS
 
 pytestmark = pytest.mark.usefixtures('attack_one_thread')
@@ -30,13 +38,17 @@ def test_three_losses_in_order():
     sea = _sea()
     assert list(sea.attacks) == NAMES
     kinds = [type(a.objective) for a in sea.attacks.values()]
-    assert kinds == [BalancedMaskedCrossEntropy, MaskedCrossEntropy,
-                     JensenShannonDivergence]
+    assert kinds == [
+        BalancedMaskedCrossEntropy,
+        MaskedCrossEntropy,
+        JensenShannonDivergence,
+    ]
     for attack in sea.attacks.values():
         assert isinstance(attack, APGDLargeEps)
         assert attack.stages == [(3, 16.0), (3, 12.0), (4, 8.0)]
-    assert sea.attacks[NAMES[0]].objective.class_weights.tolist() == \
-        pytest.approx(WEIGHTS)
+    assert sea.attacks[NAMES[0]].objective.class_weights.tolist() == pytest.approx(
+        WEIGHTS
+    )
 
 
 def test_build_from_registry(problem):
@@ -52,10 +64,10 @@ def test_mask_ce_bal_without_class_weights_says_what_to_pass():
     with pytest.raises(ValueError, match="class_weights='voc' \\| 'ade20k'"):
         SEA(eps=8, n_iter=10)
     # fine without Mask-CE-Bal, or with weights inside the loss config
-    assert list(SEA(eps=8, n_iter=10, losses=('Mask-CE', 'JS-Avg')).attacks) == \
-        NAMES[1:]
-    sea = SEA(eps=8, n_iter=10,
-              losses=(dict(type='Mask-CE-Bal', class_weights='voc'), ))
+    assert (
+        list(SEA(eps=8, n_iter=10, losses=('Mask-CE', 'JS-Avg')).attacks) == NAMES[1:]
+    )
+    sea = SEA(eps=8, n_iter=10, losses=(dict(type='Mask-CE-Bal', class_weights='voc'),))
     assert sea.attacks['APGD-Mask-CE-Bal'].objective.class_weights.numel() == 21
 
 

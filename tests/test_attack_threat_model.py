@@ -1,5 +1,6 @@
 """Threat model (docs/algorithms.md section 1): norms, eps units, projection, random
 start, steepest-ascent direction."""
+
 import pytest
 import torch
 
@@ -21,9 +22,17 @@ def _dist(a, b, norm):
     return d.abs().amax(1) if norm == 'Linf' else d.norm(dim=1)
 
 
-@pytest.mark.parametrize('name,expected', [('Linf', 'Linf'), ('linf', 'Linf'),
-                                           ('inf', 'Linf'), ('LINF', 'Linf'),
-                                           ('L2', 'L2'), ('l2', 'L2')])
+@pytest.mark.parametrize(
+    'name,expected',
+    [
+        ('Linf', 'Linf'),
+        ('linf', 'Linf'),
+        ('inf', 'Linf'),
+        ('LINF', 'Linf'),
+        ('L2', 'L2'),
+        ('l2', 'L2'),
+    ],
+)
 def test_norm_names_are_case_insensitive(name, expected):
     assert canonical_norm(name) == expected
     assert ThreatModel(8, name).norm == expected
@@ -128,8 +137,9 @@ def test_per_image_seeds_make_random_start_batch_independent(norm):
     torch.manual_seed(0)
     full = tm.random_start(x, seeds=[10, 11, 12, 13])
     torch.manual_seed(123)  # the global RNG must not matter
-    halves = torch.cat([tm.random_start(x[:2], seeds=[10, 11]),
-                        tm.random_start(x[2:], seeds=[12, 13])])
+    halves = torch.cat(
+        [tm.random_start(x[:2], seeds=[10, 11]), tm.random_start(x[2:], seeds=[12, 13])]
+    )
     assert torch.equal(full, halves)
     swapped = tm.random_start(x[[1, 0]], seeds=[11, 10])
     assert torch.equal(swapped, full[[1, 0]])

@@ -1,6 +1,7 @@
 """ConvNeXt-CvSt and the strict ViT (docs/algorithms.md section 6): architecture,
 feature strides, parameter counts, the stem against a reference written from the
 spec, and strict ``Pretrained`` loading."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -49,8 +50,12 @@ def test_registered_in_mmseg_models():
 def test_tiny_features_at_strides_4_8_16_32(tiny):
     with torch.no_grad():
         outs = tiny(torch.rand(2, 3, 64, 64))
-    assert [tuple(o.shape) for o in outs] == [(2, 96, 16, 16), (2, 192, 8, 8),
-                                              (2, 384, 4, 4), (2, 768, 2, 2)]
+    assert [tuple(o.shape) for o in outs] == [
+        (2, 96, 16, 16),
+        (2, 192, 8, 8),
+        (2, 384, 4, 4),
+        (2, 768, 2, 2),
+    ]
     # Odd sizes (VOC's 473 crop) round up like the reference's padded convs.
     with torch.no_grad():
         outs = tiny(torch.rand(1, 3, 75, 75))
@@ -59,23 +64,27 @@ def test_tiny_features_at_strides_4_8_16_32(tiny):
 
 def test_only_the_stem_differs_from_mmpretrain_convnext(tiny):
     from mmpretrain.models.backbones import ConvNeXt
-    ref = ConvNeXt(arch='tiny', out_indices=[0, 1, 2, 3],
-                   gap_before_final_norm=False)
+
+    ref = ConvNeXt(arch='tiny', out_indices=[0, 1, 2, 3], gap_before_final_norm=False)
     ours = {k: v.shape for k, v in tiny.state_dict().items()}
     theirs = {k: v.shape for k, v in ref.state_dict().items()}
-    differ = {k for k in set(ours) | set(theirs)
-              if ours.get(k) != theirs.get(k)}
+    differ = {k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k)}
     assert differ == {
-        'downsample_layers.0.0.weight', 'downsample_layers.0.0.bias',
-        'downsample_layers.0.1.weight', 'downsample_layers.0.1.bias',
-        'downsample_layers.0.3.weight', 'downsample_layers.0.3.bias',
-        'downsample_layers.0.4.weight', 'downsample_layers.0.4.bias'
+        'downsample_layers.0.0.weight',
+        'downsample_layers.0.0.bias',
+        'downsample_layers.0.1.weight',
+        'downsample_layers.0.1.bias',
+        'downsample_layers.0.3.weight',
+        'downsample_layers.0.3.bias',
+        'downsample_layers.0.4.weight',
+        'downsample_layers.0.4.bias',
     }
     stem = tiny.downsample_layers[0]
     convs = [stem[0], stem[3]]
-    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding)
-            for c in convs] == [(3, 48, (3, 3), (2, 2), (1, 1)),
-                                (48, 96, (3, 3), (2, 2), (1, 1))]
+    assert [
+        (c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding)
+        for c in convs
+    ] == [(3, 48, (3, 3), (2, 2), (1, 1)), (48, 96, (3, 3), (2, 2), (1, 1))]
     assert [stem[i].eps for i in (1, 4)] == [1e-6, 1e-6]
     assert all(isinstance(stem[i], torch.nn.GELU) for i in (2, 5))
 
@@ -97,29 +106,29 @@ def test_stem_matches_reference_math(tiny):
 @pytest.mark.parametrize('arch', ['tiny', 'small'])
 def test_parameter_counts(arch, tiny):
     from mmpretrain.models.backbones import ConvNeXt
+
     model = tiny if arch == 'tiny' else ConvNeXtCvSt(arch=arch)
     # Independent count: mmpretrain's ConvNeXt with four output norms, minus the
     # patchify stem (4x4 conv 3->96 + LN), plus the conv stem (two 3x3 convs
     # 3->48->96, two LNs).
     patchify = (3 * 96 * 4 * 4 + 96) + 2 * 96
     conv_stem = (3 * 48 * 9 + 48) + 2 * 48 + (48 * 96 * 9 + 96) + 2 * 96
-    ref = ConvNeXt(arch=arch, out_indices=[0, 1, 2, 3],
-                   gap_before_final_norm=False)
+    ref = ConvNeXt(arch=arch, out_indices=[0, 1, 2, 3], gap_before_final_norm=False)
     assert _count(model) == _count(ref) - patchify + conv_stem == PARAMS[arch]
 
 
 def test_frozen_stages_freeze_the_conv_stem():
     model = ConvNeXtCvSt(
-        arch=dict(depths=[1, 1, 1, 1], channels=[16, 32, 64, 128]),
-        frozen_stages=1)
-    assert not any(p.requires_grad
-                   for p in model.downsample_layers[0].parameters())
+        arch=dict(depths=[1, 1, 1, 1], channels=[16, 32, 64, 128]), frozen_stages=1
+    )
+    assert not any(p.requires_grad for p in model.downsample_layers[0].parameters())
     assert all(p.requires_grad for p in model.stages[1].parameters())
 
 
 def _small_convnext(**kwargs):
     return ConvNeXtCvSt(
-        arch=dict(depths=[1, 1, 2, 1], channels=[16, 32, 64, 128]), **kwargs)
+        arch=dict(depths=[1, 1, 2, 1], channels=[16, 32, 64, 128]), **kwargs
+    )
 
 
 def test_pretrained_init_loads_strictly(tmp_path):
@@ -127,8 +136,7 @@ def test_pretrained_init_loads_strictly(tmp_path):
     src = _small_convnext()
     path = tmp_path / 'backbone.pth'
     torch.save({'state_dict': src.state_dict(), 'meta': {}}, path)
-    model = _small_convnext(
-        init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    model = _small_convnext(init_cfg=dict(type='Pretrained', checkpoint=str(path)))
     model.init_weights()
     for k, v in src.state_dict().items():
         torch.testing.assert_close(model.state_dict()[k], v)
@@ -136,19 +144,24 @@ def test_pretrained_init_loads_strictly(tmp_path):
     full = {f'backbone.{k}': v for k, v in src.state_dict().items()}
     full['decode_head.conv_seg.weight'] = torch.zeros(2, 2)
     torch.save({'state_dict': full}, tmp_path / 'full.pth')
-    model = _small_convnext(init_cfg=dict(
-        type='Pretrained', checkpoint=str(tmp_path / 'full.pth'),
-        prefix='backbone.'))
+    model = _small_convnext(
+        init_cfg=dict(
+            type='Pretrained', checkpoint=str(tmp_path / 'full.pth'), prefix='backbone.'
+        )
+    )
     model.init_weights()
     torch.testing.assert_close(model.stages[2][1].gamma, src.stages[2][1].gamma)
 
 
-@pytest.mark.parametrize('change, match', [
-    ('missing', 'stages.2.1.gamma'),
-    ('unexpected', 'head.fc.weight'),
-    ('shape', 'norm3.weight'),
-    ('timm_names', 'stem.stem.0.weight'),
-])
+@pytest.mark.parametrize(
+    'change, match',
+    [
+        ('missing', 'stages.2.1.gamma'),
+        ('unexpected', 'head.fc.weight'),
+        ('shape', 'norm3.weight'),
+        ('timm_names', 'stem.stem.0.weight'),
+    ],
+)
 def test_pretrained_init_refuses_a_file_that_does_not_fit(tmp_path, change, match):
     state = _small_convnext().state_dict()
     if change == 'missing':
@@ -170,9 +183,16 @@ def test_pretrained_init_refuses_a_file_that_does_not_fit(tmp_path, change, matc
 
 
 def _vit(**kwargs):
-    cfg = dict(img_size=(64, 64), patch_size=16, embed_dims=48, num_layers=2,
-               num_heads=3, final_norm=True, with_cls_token=True,
-               interpolate_mode='bilinear')
+    cfg = dict(
+        img_size=(64, 64),
+        patch_size=16,
+        embed_dims=48,
+        num_layers=2,
+        num_heads=3,
+        final_norm=True,
+        with_cls_token=True,
+        interpolate_mode='bilinear',
+    )
     cfg.update(kwargs)
     return VisionTransformerStrict(**cfg)
 
@@ -181,24 +201,26 @@ def test_vit_strict_resizes_pos_embed_and_loads(tmp_path):
     torch.manual_seed(2)
     src = _vit(img_size=(224, 224))
     torch.save(src.state_dict(), tmp_path / 'vit.pth')
-    model = _vit(init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path /
-                                                                 'vit.pth')))
+    model = _vit(init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'vit.pth')))
     model.init_weights()
     assert model.pos_embed.shape == (1, 17, 48)
     grid = src.pos_embed[:, 1:].reshape(1, 14, 14, 48).permute(0, 3, 1, 2)
-    expected = F.interpolate(grid, size=(4, 4), mode='bilinear',
-                             align_corners=False).flatten(2).transpose(1, 2)
+    expected = (
+        F.interpolate(grid, size=(4, 4), mode='bilinear', align_corners=False)
+        .flatten(2)
+        .transpose(1, 2)
+    )
     torch.testing.assert_close(model.pos_embed[:, 1:], expected)
     torch.testing.assert_close(model.layers[1].ln2.weight, src.layers[1].ln2.weight)
 
 
 def test_vit_strict_refuses_timm_names(tmp_path):
     state = _vit().state_dict()
-    state['blocks.0.attn.qkv.weight'] = state.pop(
-        'layers.0.attn.attn.in_proj_weight')
+    state['blocks.0.attn.qkv.weight'] = state.pop('layers.0.attn.attn.in_proj_weight')
     torch.save(state, tmp_path / 'timm.pth')
-    model = _vit(init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path /
-                                                                 'timm.pth')))
+    model = _vit(
+        init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'timm.pth'))
+    )
     with pytest.raises(KeyError, match='blocks.0.attn.qkv.weight'):
         model.init_weights()
 
@@ -206,10 +228,13 @@ def test_vit_strict_refuses_timm_names(tmp_path):
 def test_vit_conv_stem_stride_16():
     model = _vit(stem='conv', embed_dims=384, num_heads=6, out_indices=-1)
     with torch.no_grad():
-        (out, ) = model(torch.rand(1, 3, 64, 80))
+        (out,) = model(torch.rand(1, 3, 64, 80))
     assert out.shape == (1, 384, 4, 5)
-    names = {k.split('.')[2] for k in model.state_dict()
-             if k.startswith('patch_embed.projection.')}
+    names = {
+        k.split('.')[2]
+        for k in model.state_dict()
+        if k.startswith('patch_embed.projection.')
+    }
     assert names == {'0', '1', '3', '4', '6', '7', '9', '10', '12'}
     with pytest.raises(ValueError, match='patch_size=16'):
         _vit(stem='conv', patch_size=8)

@@ -1,6 +1,7 @@
 """mmseg_robust/models/checkpoint.py: reading checkpoint files, finding their state
 dict, and checking it against a model (the one check the strict pretrained init,
 the converters and the evaluation loop share)."""
+
 import argparse
 from collections import OrderedDict
 
@@ -10,11 +11,15 @@ import torch.nn as nn
 from mmengine.registry import DefaultScope
 
 import mmseg_robust.models.decode_heads  # noqa: F401  (registers the heads)
-from mmseg_robust.models.checkpoint import (CheckpointError,
-                                            check_checkpoint_fits,
-                                            check_state_dict, expected_shapes,
-                                            load_checkpoint_file,
-                                            save_checkpoint, unwrap_state_dict)
+from mmseg_robust.models.checkpoint import (
+    CheckpointError,
+    check_checkpoint_fits,
+    check_state_dict,
+    expected_shapes,
+    load_checkpoint_file,
+    save_checkpoint,
+    unwrap_state_dict,
+)
 from mmseg_robust.registry import MODELS
 
 
@@ -35,6 +40,7 @@ def _ddp(module):
     """``module`` in an mmengine DDP wrapper, without a process group (only
     ``.module`` is used)."""
     from mmengine.model import MMDistributedDataParallel
+
     wrapper = MMDistributedDataParallel.__new__(MMDistributedDataParallel)
     nn.Module.__init__(wrapper)
     wrapper.module = module
@@ -49,13 +55,17 @@ def _state():
 # ----------------------------------------------------------------------------
 # load_checkpoint_file / unwrap_state_dict / save_checkpoint
 # ----------------------------------------------------------------------------
-@pytest.mark.parametrize('wrap', [
-    lambda sd: sd,
-    lambda sd: {'state_dict': sd, 'meta': {'iter': 3}},
-    lambda sd: {'model': sd, 'epoch': 7},
-    lambda sd: {'state_dict': {'module.' + k: v for k, v in sd.items()}},
-    lambda sd: {'module.' + k: v for k, v in sd.items()},
-], ids=['plain', 'mmengine', 'timm', 'ddp-in-state_dict', 'ddp'])
+@pytest.mark.parametrize(
+    'wrap',
+    [
+        lambda sd: sd,
+        lambda sd: {'state_dict': sd, 'meta': {'iter': 3}},
+        lambda sd: {'model': sd, 'epoch': 7},
+        lambda sd: {'state_dict': {'module.' + k: v for k, v in sd.items()}},
+        lambda sd: {'module.' + k: v for k, v in sd.items()},
+    ],
+    ids=['plain', 'mmengine', 'timm', 'ddp-in-state_dict', 'ddp'],
+)
 def test_unwrap_variants(wrap):
     sd = _state()
     out = unwrap_state_dict(wrap(sd))
@@ -93,8 +103,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_load_refuses_unsafe_files_naming_file_and_fix(tmp_path):
     path = tmp_path / 'pickled.pth'
-    torch.save({'state_dict': _state(), 'args': argparse.Namespace(lr=0.1)},
-               path)
+    torch.save({'state_dict': _state(), 'args': argparse.Namespace(lr=0.1)}, path)
     with pytest.raises(RuntimeError) as info:
         load_checkpoint_file(str(path))
     assert str(path) in str(info.value)
@@ -118,13 +127,21 @@ def test_expected_shapes_of_modules_wrappers_and_configs():
     assert all(isinstance(s, torch.Size) for s in shapes.values())
 
     assert expected_shapes(_ddp(net)) == shapes
-    head = dict(type='FCNHead', in_channels=8, channels=4, num_convs=1,
-                num_classes=3, in_index=0)
+    head = dict(
+        type='FCNHead',
+        in_channels=8,
+        channels=4,
+        num_convs=1,
+        num_classes=3,
+        in_index=0,
+    )
     from_cfg = expected_shapes(head)  # built on the meta device
     built = MODELS.build(head)
     assert from_cfg == {k: v.shape for k, v in built.state_dict().items()}
     assert expected_shapes(head, prefix='conv_seg.') == {
-        'weight': torch.Size([3, 4, 1, 1]), 'bias': torch.Size([3])}
+        'weight': torch.Size([3, 4, 1, 1]),
+        'bias': torch.Size([3]),
+    }
 
 
 def test_check_state_dict_names_missing_unexpected_and_misshapen():
@@ -141,13 +158,14 @@ def test_check_state_dict_names_missing_unexpected_and_misshapen():
     assert msg.startswith('the file x.pth does not fit the model:')
     assert 'missing in the checkpoint (1): 1.running_var' in msg
     assert 'not in the model (1): head.fc.weight' in msg
-    assert ('wrong shape (1): 2.weight: (2, 4, 3, 3) in the checkpoint, '
-            '(2, 4, 1, 1) in the model') in msg
+    assert (
+        'wrong shape (1): 2.weight: (2, 4, 3, 3) in the checkpoint, '
+        '(2, 4, 1, 1) in the model'
+    ) in msg
     assert msg.endswith('\nDo this.')
     # each kind alone
     with pytest.raises(KeyError, match='missing in the checkpoint'):
-        check_state_dict({k: v for k, v in sd.items() if k != '0.bias'},
-                         expected)
+        check_state_dict({k: v for k, v in sd.items() if k != '0.bias'}, expected)
     with pytest.raises(ValueError, match=r'wrong shape \(1\): 0.bias'):
         check_state_dict(dict(sd, **{'0.bias': torch.zeros(5)}), expected)
     # long lists are cut, with the count
@@ -171,8 +189,9 @@ def test_check_state_dict_source_names_and_num_batches_tracked():
     # converted tensors are named with their source
     bad = dict(sd, **{'2.weight': torch.zeros(2, 4, 3, 3), 'x': torch.zeros(1)})
     with pytest.raises(CheckpointError) as info:
-        check_state_dict(bad, expected,
-                         source_names={'2.weight': 'cls.4.weight', 'x': 'aux.x'})
+        check_state_dict(
+            bad, expected, source_names={'2.weight': 'cls.4.weight', 'x': 'aux.x'}
+        )
     assert '2.weight (from cls.4.weight): (2, 4, 3, 3)' in str(info.value)
     assert 'x (from aux.x)' in str(info.value)
     # nothing is filled when the check fails
@@ -191,20 +210,37 @@ def _segmentor_cfg(head_type):
     return dict(
         type='EncoderDecoder',
         data_preprocessor=dict(type='SegDataPreProcessor'),
-        backbone=dict(type='ResNetV1c', depth=18, base_channels=8,
-                      stem_channels=8, num_stages=4, out_indices=(3, ),
-                      norm_cfg=norm),
-        decode_head=dict(type=head_type, in_channels=64, in_index=0, channels=8,
-                         pool_scales=(1, 2), num_classes=3, norm_cfg=norm,
-                         align_corners=False),
-        train_cfg=dict(), test_cfg=dict(mode='whole'))
+        backbone=dict(
+            type='ResNetV1c',
+            depth=18,
+            base_channels=8,
+            stem_channels=8,
+            num_stages=4,
+            out_indices=(3,),
+            norm_cfg=norm,
+        ),
+        decode_head=dict(
+            type=head_type,
+            in_channels=64,
+            in_index=0,
+            channels=8,
+            pool_scales=(1, 2),
+            num_classes=3,
+            norm_cfg=norm,
+            align_corners=False,
+        ),
+        train_cfg=dict(),
+        test_cfg=dict(mode='whole'),
+    )
 
 
 @pytest.fixture(scope='module')
 def models():
     with DefaultScope.overwrite_default_scope('mmseg'):
-        return (MODELS.build(_segmentor_cfg('PSPHead')),
-                MODELS.build(_segmentor_cfg('DDCATPSPHead')))
+        return (
+            MODELS.build(_segmentor_cfg('PSPHead')),
+            MODELS.build(_segmentor_cfg('DDCATPSPHead')),
+        )
 
 
 def test_check_checkpoint_fits_passes_a_good_checkpoint(tmp_path, models):
@@ -249,8 +285,9 @@ def test_ddcat_checkpoint_against_plain_model_names_the_export(tmp_path, models)
     msg = str(info.value)
     assert 'decode_head.cls2.weight' in msg  # the mismatch itself
     assert 'DDC-AT training checkpoint' in msg
-    assert (f'python tools/model_converters/export_ddcat.py DDCAT_CONFIG {path} '
-            'OUT.pth') in msg
+    assert (
+        f'python tools/model_converters/export_ddcat.py DDCAT_CONFIG {path} OUT.pth'
+    ) in msg
     # the other way round is no DDC-AT export case
     torch.save({'state_dict': plain.state_dict()}, path)
     with pytest.raises(CheckpointError) as info:
@@ -262,11 +299,17 @@ def test_ddcat_checkpoint_against_plain_model_names_the_export(tmp_path, models)
 def test_reference_semseg_checkpoint_names_the_converter(tmp_path, models):
     plain, _ = models
     path = str(tmp_path / 'train_epoch_50.pth')
-    torch.save({'state_dict': OrderedDict([
-        ('module.layer0.0.weight', torch.zeros(8, 3, 3, 3)),
-        ('module.cls1.4.weight', torch.zeros(3, 8, 1, 1)),
-    ])}, path)
+    torch.save(
+        {
+            'state_dict': OrderedDict(
+                [
+                    ('module.layer0.0.weight', torch.zeros(8, 3, 3, 3)),
+                    ('module.cls1.4.weight', torch.zeros(3, 8, 1, 1)),
+                ]
+            )
+        },
+        path,
+    )
     with pytest.raises(CheckpointError) as info:
         check_checkpoint_fits(path, plain)
-    assert f'python tools/model_converters/ddcat_semseg.py {path}' in str(
-        info.value)
+    assert f'python tools/model_converters/ddcat_semseg.py {path}' in str(info.value)

@@ -1,4 +1,5 @@
 """The narrow compatibility fixes applied when mmseg_robust is imported."""
+
 import pickle
 import textwrap
 
@@ -9,15 +10,17 @@ import torch
 
 def _runner_like_checkpoint():
     from mmengine.logging import MessageHub
+
     hub = MessageHub.get_instance('compat_test')
     hub.update_scalar('train/loss', 1.5)
     hub.update_scalar('train/loss', np.float64(0.5))
     hub.update_info('iter', 3)
     return dict(
-        meta=dict(seed=np.int64(0), iter=3, dataset_meta=dict(classes=('a', ))),
+        meta=dict(seed=np.int64(0), iter=3, dataset_meta=dict(classes=('a',))),
         state_dict=dict(w=torch.ones(2)),
         message_hub=hub.state_dict(),
-        extra=np.arange(3.0))
+        extra=np.arange(3.0),
+    )
 
 
 class _Arbitrary:
@@ -26,6 +29,7 @@ class _Arbitrary:
 
 def test_runner_checkpoint_loads_with_weights_only(tmp_path):
     import mmseg_robust  # noqa: F401
+
     path = tmp_path / 'ckpt.pth'
     torch.save(_runner_like_checkpoint(), path)
     ckpt = torch.load(path, weights_only=True)
@@ -37,6 +41,7 @@ def test_runner_checkpoint_loads_with_weights_only(tmp_path):
 
 def test_other_globals_are_still_refused(tmp_path):
     import mmseg_robust  # noqa: F401
+
     path = tmp_path / 'evil.pth'
     torch.save(dict(obj=_Arbitrary()), path)
     with pytest.raises(pickle.UnpicklingError, match='_Arbitrary'):
@@ -48,9 +53,11 @@ def test_the_fix_is_needed_without_mmseg_robust(tmp_path, run_tool):
     # same file is refused, so the fix (not a lenient torch) is what loads it.
     path = tmp_path / 'ckpt.pth'
     torch.save(_runner_like_checkpoint(), path)
-    out = run_tool([
-        'python', '-c',
-        textwrap.dedent(f"""
+    out = run_tool(
+        [
+            'python',
+            '-c',
+            textwrap.dedent(f"""
             import torch
             try:
                 torch.load('{path}')
@@ -60,8 +67,9 @@ def test_the_fix_is_needed_without_mmseg_robust(tmp_path, run_tool):
             import mmseg_robust
             torch.load('{path}')
             print('LOADED AFTER IMPORT')
-            """)
-    ])
+            """),
+        ]
+    )
     assert 'REFUSED UnpicklingError' in out
     assert 'LOADED AFTER IMPORT' in out
 
@@ -84,15 +92,18 @@ def test_pytorch_launcher_on_cpu_uses_gloo_and_cpu_ddp(run_tool, tmp_path):
         print('DDP OK', ddp.device_ids)
         dist.destroy_process_group()
         """)
-    out = run_tool(['python', '-c', script],
-                   cwd=str(tmp_path),
-                   env=dict(
-                       RANK='0',
-                       LOCAL_RANK='0',
-                       WORLD_SIZE='1',
-                       MASTER_ADDR='127.0.0.1',
-                       MASTER_PORT='29631',
-                       CUDA_VISIBLE_DEVICES=''))
+    out = run_tool(
+        ['python', '-c', script],
+        cwd=str(tmp_path),
+        env=dict(
+            RANK='0',
+            LOCAL_RANK='0',
+            WORLD_SIZE='1',
+            MASTER_ADDR='127.0.0.1',
+            MASTER_PORT='29631',
+            CUDA_VISIBLE_DEVICES='',
+        ),
+    )
     assert 'BACKEND gloo' in out
     assert 'DDP OK None' in out
 
@@ -112,4 +123,5 @@ def test_getattr_is_allowed_only_for_history_buffer(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match='refuses getattr'):
         torch.load(path, weights_only=True)
     from mmengine.logging.history_buffer import HistoryBuffer
+
     assert history_buffer_getattr(HistoryBuffer, 'mean') is HistoryBuffer.mean

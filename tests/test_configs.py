@@ -2,6 +2,7 @@
 files) and runs forward + backward on a small input; the PIR-AT / clean / SEA
 configs follow the papers' protocol (docs/algorithms.md sections 4 and 5.1); the data
 protocol's datasets and transforms (mmseg_robust/datasets/)."""
+
 import copy
 import glob
 import os.path as osp
@@ -27,6 +28,7 @@ def _import_all_model_modules():
     import pkgutil
 
     import mmseg_robust.models as models
+
     for info in pkgutil.walk_packages(models.__path__, models.__name__ + '.'):
         importlib.import_module(info.name)
 
@@ -34,8 +36,10 @@ def _import_all_model_modules():
 _import_all_model_modules()
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 ALL_CONFIGS = sorted(
-    p for p in glob.glob(osp.join(REPO, 'configs', '**', '*.py'), recursive=True)
-    if '_base_' not in p)
+    p
+    for p in glob.glob(osp.join(REPO, 'configs', '**', '*.py'), recursive=True)
+    if '_base_' not in p
+)
 PIRAT_DIR = osp.join(REPO, 'configs', 'pirat')
 # Short names of full configs (the project's design card names them), checked
 # by test_short_config_names_are_their_full_configs.
@@ -45,13 +49,16 @@ SHORT_NAMES = {
     ),
 }
 PIRAT_CONFIGS = sorted(
-    p for p in glob.glob(osp.join(PIRAT_DIR, '*.py'))
-    if osp.basename(p) not in SHORT_NAMES)
+    p
+    for p in glob.glob(osp.join(PIRAT_DIR, '*.py'))
+    if osp.basename(p) not in SHORT_NAMES
+)
 SIZE = 64
 # A PIR-AT config's comment with the published SEA mIoU of its model.
 PUBLISHED_RE = re.compile(
     r'# Published SEA mIoU \(Croce, Singh & Hein, ECCV 2024\), clean / eps 4/255 / '
-    r'eps 8/255:\n#\s+([\d.]+) / ([\d.]+) / ([\d.]+)')
+    r'eps 8/255:\n#\s+([\d.]+) / ([\d.]+) / ([\d.]+)'
+)
 
 
 def _published_sea_miou():
@@ -116,25 +123,26 @@ MODEL_GROUPS = sorted(_GROUPS.values())
 def _batch(model, num_classes, seed=0):
     from mmengine.structures import PixelData
     from mmseg.structures import SegDataSample
+
     g = torch.Generator().manual_seed(seed)
     samples, inputs = [], []
     for _ in range(2):
-        img = torch.randint(0, 256, (3, SIZE, SIZE), generator=g,
-                            dtype=torch.uint8)
+        img = torch.randint(0, 256, (3, SIZE, SIZE), generator=g, dtype=torch.uint8)
         label = torch.randint(0, num_classes, (1, SIZE, SIZE), generator=g)
         # gt_division: DDC-AT heads need it (zeros: nothing routed).
         sample = SegDataSample(
             gt_sem_seg=PixelData(data=label),
-            gt_division=PixelData(data=torch.zeros_like(label)))
+            gt_division=PixelData(data=torch.zeros_like(label)),
+        )
         sample.set_metainfo(dict(img_shape=(SIZE, SIZE), ori_shape=(SIZE, SIZE)))
         inputs.append(img)
         samples.append(sample)
-    return model.data_preprocessor(dict(inputs=inputs, data_samples=samples),
-                                   training=True)
+    return model.data_preprocessor(
+        dict(inputs=inputs, data_samples=samples), training=True
+    )
 
 
-@pytest.mark.parametrize('group', MODEL_GROUPS,
-                         ids=[rel(g[0]) for g in MODEL_GROUPS])
+@pytest.mark.parametrize('group', MODEL_GROUPS, ids=[rel(g[0]) for g in MODEL_GROUPS])
 def test_config_builds_model_and_trains_one_step(group):
     init_default_scope('mmseg')
     for path in group:  # every config of the group parses
@@ -155,8 +163,11 @@ def test_config_builds_model_and_trains_one_step(group):
         model.eval()
         with torch.no_grad():
             out = model.predict(data['inputs'], data['data_samples'])
-        assert out[0].seg_logits.data.shape == (model.decode_head.num_classes,
-                                                SIZE, SIZE)
+        assert out[0].seg_logits.data.shape == (
+            model.decode_head.num_classes,
+            SIZE,
+            SIZE,
+        )
 
 
 # ----------------------------------------------------------------------------
@@ -169,13 +180,18 @@ def _base_files(path):
     """The files ``path`` inherits from directly (its ``_base_``, read without
     executing the config); ``mmseg::`` bases are left out."""
     import ast
+
     for node in ast.parse(open(path).read()).body:
-        if (isinstance(node, ast.Assign) and len(node.targets) == 1
-                and getattr(node.targets[0], 'id', None) == '_base_'):
+        if (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and getattr(node.targets[0], 'id', None) == '_base_'
+        ):
             bases = ast.literal_eval(node.value)
             bases = [bases] if isinstance(bases, str) else bases
             return [
-                osp.normpath(osp.join(osp.dirname(path), b)) for b in bases
+                osp.normpath(osp.join(osp.dirname(path), b))
+                for b in bases
                 if '::' not in b
             ]
     return []
@@ -260,53 +276,84 @@ def test_pirat_config_protocol(path):
         assert backbone.drop_path_rate == {'t': 0.4, 's': 0.3}[size]
         head, aux = model.decode_head, model.auxiliary_head
         assert (head.type, head.channels, tuple(head.pool_scales)) == (
-            'UPerHead', 512, (1, 2, 3, 6))
-        assert (aux.type, aux.in_channels, aux.in_index, aux.channels,
-                aux.loss_decode.loss_weight) == ('FCNHead', 384, 2, 256, 0.4)
+            'UPerHead',
+            512,
+            (1, 2, 3, 6),
+        )
+        assert (
+            aux.type,
+            aux.in_channels,
+            aux.in_index,
+            aux.channels,
+            aux.loss_decode.loss_weight,
+        ) == ('FCNHead', 384, 2, 256, 0.4)
         assert aux.num_classes == num_classes
     else:
         backbone = model.backbone
-        assert (backbone.embed_dims, backbone.num_layers, backbone.num_heads,
-                backbone.patch_size) == (384, 12, 6, 16)
+        assert (
+            backbone.embed_dims,
+            backbone.num_layers,
+            backbone.num_heads,
+            backbone.patch_size,
+        ) == (384, 12, 6, 16)
         assert model.decode_head.num_layers == 2
     # Data: the protocol datasets and evaluation crops.
     dataset = cfg.test_dataloader.dataset
-    assert dataset.type == ('PascalVOCVoidAsBackgroundDataset'
-                            if voc else 'ADE20K151Dataset')
-    assert dict(type='ShortEdgeResizeCenterCrop', crop_size=crop,
-                backend='pillow') in dataset.pipeline
+    assert dataset.type == (
+        'PascalVOCVoidAsBackgroundDataset' if voc else 'ADE20K151Dataset'
+    )
+    assert (
+        dict(type='ShortEdgeResizeCenterCrop', crop_size=crop, backend='pillow')
+        in dataset.pipeline
+    )
     train_ds = cfg.train_dataloader.dataset
     pipeline = (train_ds.datasets[0] if voc else train_ds).pipeline
     types = [t['type'] for t in pipeline]
     assert types == [
-        'LoadImageFromFile', 'LoadAnnotations', 'RandomResize', 'RandomCrop',
-        'RandomFlip', 'RandomGaussianBlur', 'PackSegInputs'
+        'LoadImageFromFile',
+        'LoadAnnotations',
+        'RandomResize',
+        'RandomCrop',
+        'RandomFlip',
+        'RandomGaussianBlur',
+        'PackSegInputs',
     ]
     assert tuple(pipeline[2]['ratio_range']) == (0.5, 2.0)
     assert cfg.train_dataloader.batch_size == (
-        32 if voc else 14 if segmenter_sgd else 16)
+        32 if voc else 14 if segmenter_sgd else 16
+    )
     if name.endswith('_sea.py'):
         # the SEA preset (configs/_base_/evaluators/sea.py) with the
         # dataset's class weights
         assert cfg.test_cfg == dict(
-            type='AdversarialTestLoop', eps=[4, 8], seed=0, resume=True,
+            type='AdversarialTestLoop',
+            eps=[4, 8],
+            seed=0,
+            resume=True,
             log_interval=1,
-            attacks=[dict(type='SEA', steps=300,
-                          class_weights='voc' if voc else 'ade20k')])
+            attacks=[
+                dict(type='SEA', steps=300, class_weights='voc' if voc else 'ade20k')
+            ],
+        )
         assert cfg.test_evaluator == dict(
-            type='RobustnessMetric', name='SEA', seed=0,
-            worst_case_modes=['best', 'reference'])
+            type='RobustnessMetric',
+            name='SEA',
+            seed=0,
+            worst_case_modes=['best', 'reference'],
+        )
         assert model.backbone.get('init_cfg') is None
         return
     init = model.backbone.init_cfg
     assert init.type == 'Pretrained' and init.checkpoint.startswith(
-        'checkpoints/revisiting_at/')
+        'checkpoints/revisiting_at/'
+    )
     if '_pirat' in name:
         assert 'linf4' in init.checkpoint
         assert cfg.train_cfg.type == 'AdversarialTrainLoop'
         assert cfg.train_cfg.scheme == 'pirat'
         assert cfg.train_cfg.attack == dict(
-            type='PGD', eps=4, steps=5, step_size=2.55, random_start=False)
+            type='PGD', eps=4, steps=5, step_size=2.55, random_start=False
+        )
         assert cfg.optim_wrapper.type == 'OptimWrapper'
     else:
         assert 'clean' in init.checkpoint
@@ -314,18 +361,32 @@ def test_pirat_config_protocol(path):
         assert cfg.optim_wrapper.type == 'OptimWrapper'
     opt = cfg.optim_wrapper.optimizer
     assert (opt.type, opt.lr, opt.weight_decay) == (
-        ('AdamW', 1e-3, 0.01) if voc else ('SGD', 1e-3, 1e-5) if segmenter_sgd
-        else ('AdamW', 1e-4, 0.05))
+        ('AdamW', 1e-3, 0.01)
+        if voc
+        else ('SGD', 1e-3, 1e-5)
+        if segmenter_sgd
+        else ('AdamW', 1e-4, 0.05)
+    )
 
 
-@pytest.mark.parametrize('name, iters, warmup', [
-    ('upernet_convnext-t-cvst_pirat_8xb32-50e_voc12aug-473x473.py', 50 * 41,
-     10 * 41),
-    ('upernet_convnext-s-cvst_clean_8xb16-128e_ade20k151-512x512.py', 128 * 157,
-     5 * 157),
-])
+@pytest.mark.parametrize(
+    'name, iters, warmup',
+    [
+        (
+            'upernet_convnext-t-cvst_pirat_8xb32-50e_voc12aug-473x473.py',
+            50 * 41,
+            10 * 41,
+        ),
+        (
+            'upernet_convnext-s-cvst_clean_8xb16-128e_ade20k151-512x512.py',
+            128 * 157,
+            5 * 157,
+        ),
+    ],
+)
 def test_schedule_warmup_then_linear_decay(name, iters, warmup):
     from mmengine.optim.scheduler import LinearLR, PolyLR
+
     cfg = _cfg(name)
     assert cfg.train_cfg.max_iters == iters
     lr = cfg.optim_wrapper.optimizer.lr
@@ -349,18 +410,22 @@ def test_schedule_warmup_then_linear_decay(name, iters, warmup):
     assert lrs[mid] == pytest.approx(lr * (iters - mid) / (iters - warmup), rel=2e-3)
     assert lrs[-1] <= lr / (iters - warmup)
     diffs = np.diff(lrs)
-    assert (diffs[:warmup - 1] > 0).all() and (diffs[warmup:] < 0).all()
+    assert (diffs[: warmup - 1] > 0).all() and (diffs[warmup:] < 0).all()
 
 
 def test_no_weight_decay_on_norms_and_1d_parameters():
     from mmengine.optim import build_optim_wrapper
+
     init_default_scope('mmseg')
     name = 'upernet_convnext-t-cvst_clean_8xb32-50e_voc12aug-473x473.py'
     cfg = _cfg(name)
     model = MODELS.build(ConfigDict(small_model_cfg(osp.join(PIRAT_DIR, name))))
     wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
-    decay = {id(p): g['weight_decay'] for g in wrapper.optimizer.param_groups
-             for p in g['params']}
+    decay = {
+        id(p): g['weight_decay']
+        for g in wrapper.optimizer.param_groups
+        for p in g['params']
+    }
     for pname, p in model.named_parameters():
         expected = 0.0 if p.ndim <= 1 else 0.01
         assert decay[id(p)] == expected, pname
@@ -373,9 +438,11 @@ def _write_sample(root, img_dir, ann_dir, name, w, h, labels, seed=0):
     rng = np.random.default_rng(seed)
     img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     osp.isdir(osp.join(root, img_dir)) or __import__('os').makedirs(
-        osp.join(root, img_dir))
+        osp.join(root, img_dir)
+    )
     osp.isdir(osp.join(root, ann_dir)) or __import__('os').makedirs(
-        osp.join(root, ann_dir))
+        osp.join(root, ann_dir)
+    )
     Image.fromarray(img).save(osp.join(root, img_dir, name + '.jpg'), quality=100)
     seg = rng.choice(np.asarray(labels, dtype=np.uint8), size=(h, w))
     Image.fromarray(seg).save(osp.join(root, ann_dir, name + '.png'))
@@ -390,20 +457,22 @@ def _reference_eval_crop(array, s, resample):
     else:
         ow, oh = s, int(1.0 * h * s / w)
     out = np.asarray(Image.fromarray(array).resize((ow, oh), resample))
-    x1, y1 = int(round((ow - s) / 2.)), int(round((oh - s) / 2.))
-    return out[y1:y1 + s, x1:x1 + s]
+    x1, y1 = int(round((ow - s) / 2.0)), int(round((oh - s) / 2.0))
+    return out[y1 : y1 + s, x1 : x1 + s]
 
 
 def test_voc_protocol_void_to_background_and_centre_crop(tmp_path):
     init_default_scope('mmseg')
     cfg = _cfg('upernet_convnext-t-cvst_pirat_8xb32-50e_voc12aug-473x473_sea.py')
     root = str(tmp_path / 'VOC2012')
-    seg = _write_sample(root, 'JPEGImages', 'SegmentationClass', 'a', 500, 375,
-                        [0, 3, 15, 255])
+    seg = _write_sample(
+        root, 'JPEGImages', 'SegmentationClass', 'a', 500, 375, [0, 3, 15, 255]
+    )
     (tmp_path / 'VOC2012' / 'ImageSets' / 'Segmentation').mkdir(parents=True)
     for split in ('val', 'train'):
-        (tmp_path / 'VOC2012' / 'ImageSets' / 'Segmentation' /
-         f'{split}.txt').write_text('a\n')
+        (
+            tmp_path / 'VOC2012' / 'ImageSets' / 'Segmentation' / f'{split}.txt'
+        ).write_text('a\n')
     ds_cfg = dict(cfg.test_dataloader.dataset, data_root=root)
     ds = DATASETS.build(ds_cfg)
     assert len(ds.metainfo['classes']) == 21
@@ -418,7 +487,8 @@ def test_voc_protocol_void_to_background_and_centre_crop(tmp_path):
     bgr = np.asarray(Image.open(osp.join(root, 'JPEGImages', 'a.jpg')))[..., ::-1]
     img = out['inputs'].permute(1, 2, 0).numpy()
     np.testing.assert_array_equal(
-        img, _reference_eval_crop(np.ascontiguousarray(bgr), 473, Image.BILINEAR))
+        img, _reference_eval_crop(np.ascontiguousarray(bgr), 473, Image.BILINEAR)
+    )
     # The training pipeline runs and keeps the mapping.
     np.random.seed(0)
     train_cfg = dict(cfg.train_dataloader.dataset.datasets[0], data_root=root)
@@ -431,31 +501,30 @@ def test_ade20k_protocol_keeps_label_zero(tmp_path):
     init_default_scope('mmseg')
     cfg = _cfg('upernet_convnext-t-cvst_pirat_8xb16-128e_ade20k151-512x512.py')
     root = str(tmp_path / 'ADEChallengeData2016')
-    seg = _write_sample(root, 'images/validation', 'annotations/validation', 'b',
-                        400, 600, [0, 1, 150])
+    seg = _write_sample(
+        root, 'images/validation', 'annotations/validation', 'b', 400, 600, [0, 1, 150]
+    )
     ds = DATASETS.build(dict(cfg.val_dataloader.dataset, data_root=root))
     assert len(ds.metainfo['classes']) == 151
     assert ds.metainfo['classes'][0] == 'other'
     gt = ds[0]['data_samples'].gt_sem_seg.data[0].numpy()
-    np.testing.assert_array_equal(
-        gt, _reference_eval_crop(seg, 512, Image.NEAREST))
+    np.testing.assert_array_equal(gt, _reference_eval_crop(seg, 512, Image.NEAREST))
     assert {0, 1, 150} == set(np.unique(gt).tolist())
     with pytest.raises(ValueError, match='reduce_zero_label'):
-        DATASETS.build(dict(cfg.val_dataloader.dataset, data_root=root,
-                            reduce_zero_label=True))
+        DATASETS.build(
+            dict(cfg.val_dataloader.dataset, data_root=root, reduce_zero_label=True)
+        )
 
 
 def test_random_gaussian_blur_matches_pil():
-    blur = TRANSFORMS.build(dict(type='RandomGaussianBlur', prob=1.0,
-                                 max_radius=1.0))
+    blur = TRANSFORMS.build(dict(type='RandomGaussianBlur', prob=1.0, max_radius=1.0))
     img = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
     np.random.seed(3)
     out = blur(dict(img=img.copy()))['img']
     np.random.seed(3)
     np.random.rand()  # the probability draw
     radius = float(np.random.rand())
-    expected = np.asarray(Image.fromarray(img).filter(
-        ImageFilter.GaussianBlur(radius)))
+    expected = np.asarray(Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius)))
     np.testing.assert_array_equal(out, expected)
     never = TRANSFORMS.build(dict(type='RandomGaussianBlur', prob=0.0))
     np.testing.assert_array_equal(never(dict(img=img.copy()))['img'], img)

@@ -1,5 +1,6 @@
 """The robustness-curve tool and ``tools/test.py --show-dir`` with an attack
 evaluator, end to end on the small model and the small synthetic split."""
+
 import glob
 import json
 import os.path as osp
@@ -8,29 +9,53 @@ import numpy as np
 import pytest
 
 ITERS = [
-    'train_cfg.max_iters=6', 'train_cfg.val_interval=6',
-    'default_hooks.checkpoint.interval=6', 'default_hooks.logger.interval=1'
+    'train_cfg.max_iters=6',
+    'train_cfg.val_interval=6',
+    'default_hooks.checkpoint.interval=6',
+    'default_hooks.logger.interval=1',
 ]
 
 
 @pytest.fixture(scope='module')
-def small_checkpoint(run_tool, small_config, synthetic_root, data_options,
-                     tmp_path_factory):
+def small_checkpoint(
+    run_tool, small_config, synthetic_root, data_options, tmp_path_factory
+):
     work = str(tmp_path_factory.mktemp('curve_train'))
-    run_tool(['python', 'tools/train.py', small_config, '--work-dir', work,
-              '--cfg-options'] + ITERS + data_options(synthetic_root))
+    run_tool(
+        ['python', 'tools/train.py', small_config, '--work-dir', work, '--cfg-options']
+        + ITERS
+        + data_options(synthetic_root)
+    )
     return osp.join(work, 'iter_6.pth')
 
 
-def test_robustness_curve_tool(run_tool, small_config, small_checkpoint,
-                               synthetic_root, data_options, tmp_path):
+def test_robustness_curve_tool(
+    run_tool, small_config, small_checkpoint, synthetic_root, data_options, tmp_path
+):
     work = str(tmp_path / 'curve')
-    out = run_tool([
-        'python', 'tools/analysis_tools/robustness_curve.py', small_config,
-        small_checkpoint, '--eps', '0', '2', '8', '--n-iter', '6',
-        '--num-images', '8', '--name', 'tiny', '--work-dir', work,
-        '--cfg-options', 'test_dataloader.batch_size=4'
-    ] + data_options(synthetic_root))
+    out = run_tool(
+        [
+            'python',
+            'tools/analysis_tools/robustness_curve.py',
+            small_config,
+            small_checkpoint,
+            '--eps',
+            '0',
+            '2',
+            '8',
+            '--n-iter',
+            '6',
+            '--num-images',
+            '8',
+            '--name',
+            'tiny',
+            '--work-dir',
+            work,
+            '--cfg-options',
+            'test_dataloader.batch_size=4',
+        ]
+        + data_options(synthetic_root)
+    )
     report = osp.join(work, 'robustness_curve')
     for name in ('report.md', 'report.json', 'robustness_curve.png'):
         assert osp.isfile(osp.join(report, name)), name
@@ -43,42 +68,57 @@ def test_robustness_curve_tool(run_tool, small_config, small_checkpoint,
     # the curve agrees with the evaluation's own JSON and is non-increasing
     result = json.load(open(glob.glob(osp.join(work, 'robustness_*.json'))[0]))
     worst = result['summary']['eps']['8']['worst_case']
-    assert row['eps']['8']['mIoU'] == pytest.approx(worst['mIoU'],
-                                                    abs=0.01)
-    assert row['eps']['8']['aAcc'] == pytest.approx(worst['aAcc_img'],
-                                                    abs=0.01)
-    curve = [row['clean']['aAcc'], row['eps']['2']['aAcc'],
-             row['eps']['8']['aAcc']]
+    assert row['eps']['8']['mIoU'] == pytest.approx(worst['mIoU'], abs=0.01)
+    assert row['eps']['8']['aAcc'] == pytest.approx(worst['aAcc_img'], abs=0.01)
+    curve = [row['clean']['aAcc'], row['eps']['2']['aAcc'], row['eps']['8']['aAcc']]
     assert curve == sorted(curve, reverse=True)
     # the table is printed
     assert 'tiny' in out and '8/255' in out
 
 
-def test_curve_tool_refuses_no_positive_eps(run_tool, small_config,
-                                            small_checkpoint):
+def test_curve_tool_refuses_no_positive_eps(run_tool, small_config, small_checkpoint):
     with pytest.raises(AssertionError, match='at least one radius > 0'):
-        run_tool([
-            'python', 'tools/analysis_tools/robustness_curve.py', small_config,
-            small_checkpoint, '--eps', '0'
-        ])
+        run_tool(
+            [
+                'python',
+                'tools/analysis_tools/robustness_curve.py',
+                small_config,
+                small_checkpoint,
+                '--eps',
+                '0',
+            ]
+        )
 
 
-def test_show_dir_saves_adversarial_examples(run_tool, small_config,
-                                             small_checkpoint, synthetic_root,
-                                             data_options, tmp_path):
+def test_show_dir_saves_adversarial_examples(
+    run_tool, small_config, small_checkpoint, synthetic_root, data_options, tmp_path
+):
     from mmseg_robust.reporting import load_example
+
     show = str(tmp_path / 'show')
-    run_tool([
-        'python', 'tools/test.py', small_config, small_checkpoint,
-        '--work-dir', str(tmp_path / 'sea'), '--show-dir', show,
-        '--cfg-options', 'evaluator=SEA', 'evaluator.eps=[2,8]',
-        'evaluator.n_iter=6', 'test_dataloader.dataset.indices=4',
-        'test_dataloader.batch_size=2'
-    ] + data_options(synthetic_root))
+    run_tool(
+        [
+            'python',
+            'tools/test.py',
+            small_config,
+            small_checkpoint,
+            '--work-dir',
+            str(tmp_path / 'sea'),
+            '--show-dir',
+            show,
+            '--cfg-options',
+            'evaluator=SEA',
+            'evaluator.eps=[2,8]',
+            'evaluator.n_iter=6',
+            'test_dataloader.dataset.indices=4',
+            'test_dataloader.batch_size=2',
+        ]
+        + data_options(synthetic_root)
+    )
     arrays = sorted(glob.glob(osp.join(show, '*_example.npz')))
     assert len(arrays) == 4
     for path in arrays:
-        stem = path[:-len('_example.npz')]
+        stem = path[: -len('_example.npz')]
         # mmseg's visualizer drawing (GT | adversarial prediction, side by side)
         # and the six-panel picture
         for png in (stem + '.png', stem + '_panels.png'):
@@ -97,21 +137,32 @@ def test_show_dir_saves_adversarial_examples(run_tool, small_config,
         valid = gt != 255
         acc = ((ex['adv_pred'] == gt) & valid).sum() / max(valid.sum(), 1)
         assert acc == pytest.approx(ex['adv_acc'])
-        clean_acc = ((ex['clean_pred'] == gt) & valid).sum() / max(
-            valid.sum(), 1)
+        clean_acc = ((ex['clean_pred'] == gt) & valid).sum() / max(valid.sum(), 1)
         assert clean_acc == pytest.approx(ex['clean_acc'])
     # the adversarial JSON is written as without --show-dir
     assert glob.glob(str(tmp_path / 'sea' / 'robustness_*.json'))
     # rerun in the same work dir: the images come from the cache, are not
     # attacked again and have no example; the log says so and how to draw them
     show2 = str(tmp_path / 'show2')
-    out = run_tool([
-        'python', 'tools/test.py', small_config, small_checkpoint,
-        '--work-dir', str(tmp_path / 'sea'), '--show-dir', show2,
-        '--cfg-options', 'evaluator=SEA', 'evaluator.eps=[2,8]',
-        'evaluator.n_iter=6', 'test_dataloader.dataset.indices=4',
-        'test_dataloader.batch_size=2'
-    ] + data_options(synthetic_root))
+    out = run_tool(
+        [
+            'python',
+            'tools/test.py',
+            small_config,
+            small_checkpoint,
+            '--work-dir',
+            str(tmp_path / 'sea'),
+            '--show-dir',
+            show2,
+            '--cfg-options',
+            'evaluator=SEA',
+            'evaluator.eps=[2,8]',
+            'evaluator.n_iter=6',
+            'test_dataloader.dataset.indices=4',
+            'test_dataloader.batch_size=2',
+        ]
+        + data_options(synthetic_root)
+    )
     assert not glob.glob(osp.join(show2, '*_example.npz'))
     assert '4 images were restored from the robustness cache' in out
     assert 'evaluator.resume=False' in out
@@ -123,12 +174,16 @@ def test_show_dir_needs_an_adversarial_loop(repo_root):
 
     from mmengine.config import Config
 
-    from mmseg_robust.engine import (AdversarialVisualizationHook,
-                                     add_adversarial_visualization,
-                                     apply_robustness_evaluator,
-                                     is_robustness_evaluation)
+    from mmseg_robust.engine import (
+        AdversarialVisualizationHook,
+        add_adversarial_visualization,
+        apply_robustness_evaluator,
+        is_robustness_evaluation,
+    )
+
     cfg = Config.fromfile(
-        osp.join(repo_root, 'configs/synthetic/upernet_convnext-micro_synthetic.py'))
+        osp.join(repo_root, 'configs/synthetic/upernet_convnext-micro_synthetic.py')
+    )
     assert not is_robustness_evaluation(cfg)
     apply_robustness_evaluator(cfg, dict(type='PGD', eps=[4]))
     assert is_robustness_evaluation(cfg)
@@ -146,54 +201,76 @@ def test_show_dir_needs_an_adversarial_loop(repo_root):
 
 def test_evaluator_name_with_options_on_the_command_line():
     from mmseg_robust.engine import normalize_evaluator_options
+
     # `evaluator=SEA evaluator.eps=4,8`: mmengine would try to set .eps on 'SEA'
-    got = normalize_evaluator_options({'evaluator': 'SEA',
-                                       'evaluator.eps': [4, 8], 'x': 1})
+    got = normalize_evaluator_options(
+        {'evaluator': 'SEA', 'evaluator.eps': [4, 8], 'x': 1}
+    )
     assert got == {'evaluator.type': 'SEA', 'evaluator.eps': [4, 8], 'x': 1}
     # alone, or with evaluator.type given, nothing changes
-    assert normalize_evaluator_options({'evaluator': 'SEA'}) == {
-        'evaluator': 'SEA'}
+    assert normalize_evaluator_options({'evaluator': 'SEA'}) == {'evaluator': 'SEA'}
     assert normalize_evaluator_options(None) is None
 
 
-def test_out_with_an_attack_evaluator(run_tool, small_config, small_checkpoint,
-                                      synthetic_root, data_options, tmp_path):
+def test_out_with_an_attack_evaluator(
+    run_tool, small_config, small_checkpoint, synthetic_root, data_options, tmp_path
+):
     """`tools/test.py CFG CKPT --cfg-options evaluator=SEA --out DIR`: the metric
     takes mmseg's output_dir/keep_results and writes its one results file there
     (with the per-image records), not in the work dir."""
     out_dir, work = tmp_path / 'out', tmp_path / 'work'
-    run_tool([
-        'python', 'tools/test.py', small_config, small_checkpoint, '--work-dir',
-        str(work), '--out',
-        str(out_dir), '--cfg-options', 'evaluator=SEA', 'evaluator.eps=8',
-        'evaluator.steps=4', 'test_dataloader.batch_size=4'
-    ] + data_options(synthetic_root) + ['test_dataloader.dataset.indices=4'])
+    run_tool(
+        [
+            'python',
+            'tools/test.py',
+            small_config,
+            small_checkpoint,
+            '--work-dir',
+            str(work),
+            '--out',
+            str(out_dir),
+            '--cfg-options',
+            'evaluator=SEA',
+            'evaluator.eps=8',
+            'evaluator.steps=4',
+            'test_dataloader.batch_size=4',
+        ]
+        + data_options(synthetic_root)
+        + ['test_dataloader.dataset.indices=4']
+    )
     written_files = glob.glob(str(out_dir / 'robustness_*.json'))
     assert len(written_files) == 1
     assert not glob.glob(str(work / 'robustness_*.json'))
     with open(written_files[0]) as f:
         written = json.load(f)
     assert written['summary']['num_images'] == 4
-    assert written['metrics']['mIoU'] == round(
-        written['summary']['clean']['mIoU'], 2)
+    assert written['metrics']['mIoU'] == round(written['summary']['clean']['mIoU'], 2)
     # keep_results (set by --out): one record per image, with its counts
     assert len(written['images']) == 4
     worst = written['summary']['eps']['8']['worst_case']
     assert worst['mIoU'] <= written['summary']['clean']['mIoU']
 
 
-@pytest.mark.parametrize('typed, expected', [('best', ['best']),
-                                             ('reference', ['reference']),
-                                             (['best', 'reference'],
-                                              ['best', 'reference'])])
+@pytest.mark.parametrize(
+    'typed, expected',
+    [
+        ('best', ['best']),
+        ('reference', ['reference']),
+        (['best', 'reference'], ['best', 'reference']),
+    ],
+)
 def test_worst_case_modes_as_typed_on_the_command_line(typed, expected):
     """`--cfg-options evaluator.worst_case_modes=best` gives one string."""
     from mmengine.config import Config, DictAction
 
     from mmseg_robust.engine import apply_robustness_evaluator
+
     cfg = Config(
-        dict(model=dict(decode_head=dict(num_classes=21)),
-             test_dataloader=dict(dataset=dict(type='PascalVOCDataset'))))
+        dict(
+            model=dict(decode_head=dict(num_classes=21)),
+            test_dataloader=dict(dataset=dict(type='PascalVOCDataset')),
+        )
+    )
     if isinstance(typed, str):  # what DictAction makes of the typed option
         typed = DictAction._parse_iterable(typed)
     apply_robustness_evaluator(cfg, dict(type='SEA', worst_case_modes=typed))

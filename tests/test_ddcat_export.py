@@ -1,4 +1,5 @@
 """Export of DDC-AT models as plain PSPNet / DeepLabv3 (cls1 only)."""
+
 import importlib.util
 import os.path as osp
 
@@ -9,8 +10,11 @@ from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
 import mmseg_robust.models.decode_heads  # noqa: F401  (registers the heads)
-from mmseg_robust.models.converters import (export_plain_state_dict,
-                                            plain_head_cfg, plain_model_cfg)
+from mmseg_robust.models.converters import (
+    export_plain_state_dict,
+    plain_head_cfg,
+    plain_model_cfg,
+)
 from mmseg_robust.registry import MODELS
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -26,13 +30,15 @@ def _one_thread_mmseg_scope():
 
 
 def test_plain_head_cfg():
-    assert plain_head_cfg(dict(type='DDCATPSPHead', loss_mask_weight=1.0,
-                               channels=8)) == dict(type='PSPHead', channels=8)
-    assert plain_head_cfg(dict(type='DDCATASPPHead')) == dict(
-        type='DeepLabV3Head', bottleneck_kernel_size=1)
     assert plain_head_cfg(
-        dict(type='mmseg.DDCATASPPHead',
-             bottleneck_kernel_size=3)) == dict(type='mmseg.ASPPHead')
+        dict(type='DDCATPSPHead', loss_mask_weight=1.0, channels=8)
+    ) == dict(type='PSPHead', channels=8)
+    assert plain_head_cfg(dict(type='DDCATASPPHead')) == dict(
+        type='DeepLabV3Head', bottleneck_kernel_size=1
+    )
+    assert plain_head_cfg(
+        dict(type='mmseg.DDCATASPPHead', bottleneck_kernel_size=3)
+    ) == dict(type='mmseg.ASPPHead')
     with pytest.raises(ValueError, match='not a DDC-AT decode head'):
         plain_head_cfg(dict(type='PSPHead'))
 
@@ -50,11 +56,11 @@ def test_exported_model_gives_cls1_logits_exactly(head_type, tiny_models):
     with torch.no_grad():
         cls1 = model.decode_head.branch_logits(model.extract_feat(x))[0]
         cls1 = nn.functional.interpolate(
-            cls1, (33, 33), mode='bilinear', align_corners=True)
+            cls1, (33, 33), mode='bilinear', align_corners=True
+        )
         ours = model.encode_decode(x, metas)
         exported = plain.encode_decode(x, metas)
-        routed = model.decode_head.routed_logits(
-            model.extract_feat(x), size=(33, 33))
+        routed = model.decode_head.routed_logits(model.extract_feat(x), size=(33, 33))
     assert torch.equal(exported, ours) and torch.equal(exported, cls1)
     assert not torch.equal(exported, routed)  # the routing was really dropped
     with pytest.raises(ValueError, match='not a DDC-AT checkpoint'):
@@ -67,15 +73,19 @@ def test_export_tool(tmp_path, capsys, tiny_models):
             default_scope='mmseg',
             custom_imports=dict(imports=['mmseg_robust']),
             model=tiny_models.tiny_segmentor_cfg('DDCATASPPHead'),
-            train_cfg=dict(
-                type='AdversarialTrainLoop', scheme='ddcat', max_iters=10)))
+            train_cfg=dict(type='AdversarialTrainLoop', scheme='ddcat', max_iters=10),
+        )
+    )
     cfg_path, ckpt_path = tmp_path / 'ddcat.py', tmp_path / 'iter_10.pth'
     cfg.dump(str(cfg_path))
     model = tiny_models.trained_like(MODELS.build(cfg.model))
     torch.save(
         dict(
             meta=dict(iter=10, dataset_meta=dict(classes=('a', 'b', 'c', 'd'))),
-            state_dict=model.state_dict()), ckpt_path)
+            state_dict=model.state_dict(),
+        ),
+        ckpt_path,
+    )
     path = osp.join(REPO, 'tools', 'model_converters', 'export_ddcat.py')
     spec = importlib.util.spec_from_file_location('export_ddcat_tool', path)
     tool = importlib.util.module_from_spec(spec)
@@ -84,7 +94,7 @@ def test_export_tool(tmp_path, capsys, tiny_models):
     assert tool.main([str(cfg_path), str(ckpt_path), str(out)]) == 0
     assert capsys.readouterr().out.splitlines()[-2:] == [
         f'wrote plain checkpoint: {out}',
-        f'wrote plain config: {tmp_path / "plain.py"}'
+        f'wrote plain config: {tmp_path / "plain.py"}',
     ]
     plain_cfg = Config.fromfile(str(tmp_path / 'plain.py'))
     assert plain_cfg.model.decode_head.type == 'DeepLabV3Head'
@@ -96,5 +106,4 @@ def test_export_tool(tmp_path, capsys, tiny_models):
     x = torch.randn(1, 3, 25, 25)
     metas = [dict(img_shape=(25, 25), pad_shape=(25, 25))]
     with torch.no_grad():
-        assert torch.equal(
-            plain.encode_decode(x, metas), model.encode_decode(x, metas))
+        assert torch.equal(plain.encode_decode(x, metas), model.encode_decode(x, metas))

@@ -1,4 +1,6 @@
-"""DDC-AT heads (docs/algorithms.md section 5.3): routing, division labels, loss, eval."""
+"""DDC-AT heads (docs/algorithms.md section 5.3): routing, division labels, loss,
+eval."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,8 +9,12 @@ from mmengine.structures import PixelData
 from mmseg.structures import SegDataSample
 
 import mmseg_robust.models.decode_heads  # noqa: F401  (registers the heads)
-from mmseg_robust.models.decode_heads import (DDCATASPPHead, DDCATPSPHead,
-                                              division_labels, route_logits)
+from mmseg_robust.models.decode_heads import (
+    DDCATASPPHead,
+    DDCATPSPHead,
+    division_labels,
+    route_logits,
+)
 from mmseg_robust.registry import MODELS
 
 HEADS = ['DDCATPSPHead', 'DDCATASPPHead']
@@ -33,8 +39,8 @@ def make_head(head_type='DDCATPSPHead', **kwargs):
         dropout_ratio=0.1,
         norm_cfg=dict(type='BN'),
         align_corners=True,
-        loss_decode=dict(
-            type='CrossEntropyLoss', loss_weight=1.0, avg_non_ignore=True))
+        loss_decode=dict(type='CrossEntropyLoss', loss_weight=1.0, avg_non_ignore=True),
+    )
     cfg.update(kwargs)
     torch.manual_seed(0)
     head = MODELS.build(cfg)
@@ -46,9 +52,9 @@ def samples(labels, division=None):
     out = []
     for i in range(labels.shape[0]):
         s = SegDataSample(metainfo=dict(img_shape=tuple(labels.shape[1:])))
-        s.gt_sem_seg = PixelData(data=labels[i:i + 1].long())
+        s.gt_sem_seg = PixelData(data=labels[i : i + 1].long())
         if division is not None:
-            s.gt_division = PixelData(data=division[i:i + 1].long())
+            s.gt_division = PixelData(data=division[i : i + 1].long())
         out.append(s)
     return out
 
@@ -85,8 +91,7 @@ def test_division_labels_hand_example():
 @pytest.mark.parametrize('head_type', HEADS)
 def test_routed_logits_from_branches(head_type, monkeypatch):
     head = make_head(head_type, num_classes=2)
-    monkeypatch.setattr(head, 'branch_logits',
-                        lambda inputs: (CLS1, CLS2, MASK1))
+    monkeypatch.setattr(head, 'branch_logits', lambda inputs: (CLS1, CLS2, MASK1))
     assert torch.equal(head.routed_logits([None]), ROUTED)
     # with size: upsample all branches first, then route (the reference)
     size = (3, 3)
@@ -117,15 +122,13 @@ def test_eval_forward_is_cls1_and_plain_head(head_type):
     }
     plain.load_state_dict(sd, strict=True)
     metas = [dict(img_shape=(17, 17), pad_shape=(17, 17))] * 2
-    assert torch.equal(
-        head.predict(x, metas, None), plain.predict(x, metas, None))
+    assert torch.equal(head.predict(x, metas, None), plain.predict(x, metas, None))
     assert isinstance(head, DDCATPSPHead if head_type == HEADS[0] else DDCATASPPHead)
 
 
 def test_loss_matches_hand_computation(monkeypatch):
     head = make_head(num_classes=2)
-    monkeypatch.setattr(head, 'branch_logits',
-                        lambda inputs: (CLS1, CLS2, MASK1))
+    monkeypatch.setattr(head, 'branch_logits', lambda inputs: (CLS1, CLS2, MASK1))
     labels = torch.tensor([[[0, 1], [255, 1]]])  # one ignored pixel
     division = torch.tensor([[[1, 0], [1, 1]]])  # incl. the ignored pixel
     losses = head.loss([None], samples(labels, division), None)
@@ -161,7 +164,8 @@ def test_loss_upsamples_then_routes_and_no_grad_through_routing(head_type):
     ]
     final = torch.where(up[2].argmax(1, keepdim=True) == 1, up[1], up[0])
     assert torch.allclose(
-        losses['loss_ce'], F.cross_entropy(final, labels, ignore_index=255))
+        losses['loss_ce'], F.cross_entropy(final, labels, ignore_index=255)
+    )
     assert torch.allclose(losses['loss_mask'], F.cross_entropy(up[2], division))
     # the routing is hard: the segmentation loss gives mask1 no gradient
     head.zero_grad()
@@ -181,11 +185,13 @@ def test_missing_division_labels_raise():
     assert 'gt_division' in msg and 'AdversarialTrainLoop' in msg
     assert "scheme='ddcat'" in msg
     with pytest.raises(ValueError, match='shape'):
-        head.loss([torch.randn(2, 8, 3, 3)],
-                  samples(labels, torch.zeros(2, 8, 9)), None)
+        head.loss(
+            [torch.randn(2, 8, 3, 3)], samples(labels, torch.zeros(2, 8, 9)), None
+        )
     with pytest.raises(ValueError, match='0/1'):
-        head.loss([torch.randn(2, 8, 3, 3)],
-                  samples(labels, torch.full((2, 9, 9), 2)), None)
+        head.loss(
+            [torch.randn(2, 8, 3, 3)], samples(labels, torch.full((2, 9, 9), 2)), None
+        )
 
 
 def test_aspp_bottleneck_kernel():

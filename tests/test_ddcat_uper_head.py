@@ -1,5 +1,6 @@
 """DDC-AT UPerNet head (docs/algorithms.md section 5.3 on mmseg's UPerHead): cls1 is the
 plain UPerHead (``fpn_bottleneck`` + ``conv_seg``), export, end-to-end training."""
+
 import importlib.util
 import os.path as osp
 
@@ -12,10 +13,12 @@ from mmengine.structures import PixelData
 from mmseg.structures import SegDataSample
 
 import mmseg_robust.models.decode_heads  # noqa: F401  (registers the heads)
-from mmseg_robust.models.converters import (export_plain_state_dict,
-                                            plain_head_cfg, plain_model_cfg)
-from mmseg_robust.models.decode_heads import (DDCAT_EXTRA_BRANCHES,
-                                              DDCATUPerHead)
+from mmseg_robust.models.converters import (
+    export_plain_state_dict,
+    plain_head_cfg,
+    plain_model_cfg,
+)
+from mmseg_robust.models.decode_heads import DDCAT_EXTRA_BRANCHES, DDCATUPerHead
 from mmseg_robust.registry import MODELS
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -44,7 +47,8 @@ def make_head(head_type='DDCATUPerHead', **kwargs):
         dropout_ratio=0.1,
         norm_cfg=dict(type='BN'),
         align_corners=False,
-        loss_decode=dict(type='CrossEntropyLoss', loss_weight=1.0))
+        loss_decode=dict(type='CrossEntropyLoss', loss_weight=1.0),
+    )
     cfg.update(kwargs)
     torch.manual_seed(0)
     head = MODELS.build(cfg)
@@ -54,18 +58,15 @@ def make_head(head_type='DDCATUPerHead', **kwargs):
 
 def features(b=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [
-        torch.randn(b, c, s, s, generator=g)
-        for c, s in ((4, 12), (6, 6), (8, 3))
-    ]
+    return [torch.randn(b, c, s, s, generator=g) for c, s in ((4, 12), (6, 6), (8, 3))]
 
 
 def samples(labels, division):
     out = []
     for i in range(labels.shape[0]):
         s = SegDataSample(metainfo=dict(img_shape=tuple(labels.shape[1:])))
-        s.gt_sem_seg = PixelData(data=labels[i:i + 1].long())
-        s.gt_division = PixelData(data=division[i:i + 1].long())
+        s.gt_sem_seg = PixelData(data=labels[i : i + 1].long())
+        s.gt_division = PixelData(data=division[i : i + 1].long())
         out.append(s)
     return out
 
@@ -79,9 +80,12 @@ def test_branches_copy_fpn_bottleneck():
     for name in ('cls2_bottleneck', 'mask1_bottleneck'):
         conv = getattr(head, name).conv
         assert conv is not ref
-        assert (conv.in_channels, conv.out_channels, conv.kernel_size,
-                conv.padding) == (ref.in_channels, ref.out_channels,
-                                  ref.kernel_size, ref.padding)
+        assert (
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.padding,
+        ) == (ref.in_channels, ref.out_channels, ref.kernel_size, ref.padding)
         assert not torch.equal(conv.weight, ref.weight)
     # the plain UPerHead's keys are unchanged; the extra ones are the branches
     plain_keys = set(make_head('UPerHead').state_dict())
@@ -108,8 +112,7 @@ def test_eval_forward_is_cls1_and_plain_uperhead(align_corners, tiny_models):
     metas = [dict(img_shape=(47, 47), pad_shape=(47, 47))] * 2
     with torch.no_grad():
         assert torch.equal(head(x), plain(x))
-        assert torch.equal(
-            head.predict(x, metas, None), plain.predict(x, metas, None))
+        assert torch.equal(head.predict(x, metas, None), plain.predict(x, metas, None))
 
 
 def test_routing_and_loss_shapes_and_gradients():
@@ -147,16 +150,16 @@ def test_config_is_sat_config_with_ddcat_head_and_scheme():
     assert ddcat.model.decode_head.type == 'DDCATUPerHead'
     assert ddcat.train_cfg.type == 'AdversarialTrainLoop'
     assert ddcat.train_cfg.scheme == 'ddcat'
-    assert ddcat.train_cfg.attack == dict(
-        type='BIM', eps=7.65, steps=3, step_size=2.55)
+    assert ddcat.train_cfg.attack == dict(type='BIM', eps=7.65, steps=3, step_size=2.55)
     assert ddcat.optim_wrapper.type == 'OptimWrapper'
     # everything else is the SAT config's (schedule, data, initialisation)
     ddcat, sat = ddcat.to_dict(), sat.to_dict()
     assert plain_model_cfg(ddcat.pop('model')) == sat.pop('model')
     assert {**ddcat.pop('train_cfg'), 'scheme': 'sat'} == sat.pop('train_cfg')
     assert ddcat == sat
-    assert plain_head_cfg(dict(type='DDCATUPerHead', loss_mask_weight=1.0,
-                               channels=8)) == dict(type='UPerHead', channels=8)
+    assert plain_head_cfg(
+        dict(type='DDCATUPerHead', loss_mask_weight=1.0, channels=8)
+    ) == dict(type='UPerHead', channels=8)
 
 
 def test_export_gives_cls1_logits_exactly(tmp_path, tiny_models):
@@ -167,16 +170,18 @@ def test_export_gives_cls1_logits_exactly(tmp_path, tiny_models):
     with torch.no_grad():
         feats = model.extract_feat(x)
         cls1 = F.interpolate(
-            model.decode_head.branch_logits(feats)[0], (40, 40),
-            mode='bilinear', align_corners=False)
+            model.decode_head.branch_logits(feats)[0],
+            (40, 40),
+            mode='bilinear',
+            align_corners=False,
+        )
         routed = model.decode_head.routed_logits(feats, size=(40, 40))
         ours = model.encode_decode(x, metas)
     assert torch.equal(ours, cls1) and not torch.equal(ours, routed)
     # the export functions
     plain = MODELS.build(plain_model_cfg(cfg.model)).eval()
     assert type(plain.decode_head).__name__ == 'UPerHead'
-    plain.load_state_dict(
-        export_plain_state_dict(model.state_dict()), strict=True)
+    plain.load_state_dict(export_plain_state_dict(model.state_dict()), strict=True)
     with torch.no_grad():
         assert torch.equal(plain.encode_decode(x, metas), cls1)
     # the tool
@@ -184,7 +189,8 @@ def test_export_gives_cls1_logits_exactly(tmp_path, tiny_models):
     torch.save(dict(meta=dict(iter=4), state_dict=model.state_dict()), ckpt)
     spec = importlib.util.spec_from_file_location(
         'export_ddcat_tool',
-        osp.join(REPO, 'tools', 'model_converters', 'export_ddcat.py'))
+        osp.join(REPO, 'tools', 'model_converters', 'export_ddcat.py'),
+    )
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     assert tool.main([DDCAT_CONFIG, str(ckpt), str(out)]) == 0
@@ -197,19 +203,31 @@ def test_export_gives_cls1_logits_exactly(tmp_path, tiny_models):
         assert torch.equal(plain.encode_decode(x, metas), cls1)
 
 
-def test_train_tool_trains_ddcat_upernet(run_tool, synthetic_root, data_options,
-                                         tmp_path):
+def test_train_tool_trains_ddcat_upernet(
+    run_tool, synthetic_root, data_options, tmp_path
+):
     work = str(tmp_path / 'ddcat')
-    out = run_tool([
-        'python', 'tools/train.py', DDCAT_CONFIG, '--work-dir', work,
-        '--cfg-options', 'load_from=None', 'train_cfg.max_iters=4',
-        'train_cfg.val_interval=100',
-        'default_hooks.checkpoint.interval=4', 'default_hooks.logger.interval=1',
-        'train_dataloader.batch_size=4'
-    ] + data_options(synthetic_root))
+    out = run_tool(
+        [
+            'python',
+            'tools/train.py',
+            DDCAT_CONFIG,
+            '--work-dir',
+            work,
+            '--cfg-options',
+            'load_from=None',
+            'train_cfg.max_iters=4',
+            'train_cfg.val_interval=100',
+            'default_hooks.checkpoint.interval=4',
+            'default_hooks.logger.interval=1',
+            'train_dataloader.batch_size=4',
+        ]
+        + data_options(synthetic_root)
+    )
     assert 'Iter(train) [4/4]' in out
     assert 'decode.loss_mask' in out and 'decode.acc_mask' in out
     assert 'adv.acc' in out
     ckpt = torch.load(
-        osp.join(work, 'iter_4.pth'), map_location='cpu', weights_only=True)
+        osp.join(work, 'iter_4.pth'), map_location='cpu', weights_only=True
+    )
     assert any(k.startswith('decode_head.mask1.') for k in ckpt['state_dict'])

@@ -1,22 +1,24 @@
 """Tests of mmseg_robust.evaluation.counts (per-image counts, metrics)."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from mmseg_robust.evaluation.counts import (COUNT_KEYS, miou_from_counts,
-                                            per_image_counts, pixel_accuracy,
-                                            pooled_metrics)
+from mmseg_robust.evaluation.counts import (
+    COUNT_KEYS,
+    miou_from_counts,
+    per_image_counts,
+    pixel_accuracy,
+    pooled_metrics,
+)
 
 NUM_CLASSES = 5
 IGNORE = 255
 
 
-def _random_maps(seed,
-                 shape=(3, 7, 9),
-                 num_classes=NUM_CLASSES,
-                 ignore_frac=0.2):
+def _random_maps(seed, shape=(3, 7, 9), num_classes=NUM_CLASSES, ignore_frac=0.2):
     """Random (pred, label) with ~ignore_frac ignored labels.
 
     pred at ignored pixels is sometimes junk (255) on purpose: it must not be
@@ -31,8 +33,11 @@ def _random_maps(seed,
     pred = torch.where(keep, label, pred)
     ignored = torch.rand(shape, generator=g) < ignore_frac
     label = label.masked_fill(ignored, IGNORE)
-    pred = torch.where(ignored & (torch.rand(shape, generator=g) < 0.5),
-                       torch.full_like(pred, IGNORE), pred)
+    pred = torch.where(
+        ignored & (torch.rand(shape, generator=g) < 0.5),
+        torch.full_like(pred, IGNORE),
+        pred,
+    )
     return pred, label
 
 
@@ -45,8 +50,7 @@ def _brute_force(pred, label, num_classes, ignore_index, valid=None):
     for r in range(label.shape[0]):
         for c in range(label.shape[1]):
             y, p = int(label[r, c]), int(pred[r, c])
-            if y == ignore_index or (valid is not None
-                                     and not bool(valid[r, c])):
+            if y == ignore_index or (valid is not None and not bool(valid[r, c])):
                 continue
             n_valid += 1
             label_area[y] += 1
@@ -61,7 +65,8 @@ def _brute_force(pred, label, num_classes, ignore_index, valid=None):
         pred_area=pred_area,
         label_area=label_area,
         correct=correct,
-        valid=n_valid)
+        valid=n_valid,
+    )
 
 
 @pytest.mark.parametrize('seed', [0, 1, 2])
@@ -84,7 +89,7 @@ def test_batch_equals_per_image():
     batch = per_image_counts(pred, label, NUM_CLASSES, IGNORE)
     for key in COUNT_KEYS:
         assert batch[key].shape == (4, NUM_CLASSES)
-    assert batch['correct'].shape == (4, ) and batch['valid'].shape == (4, )
+    assert batch['correct'].shape == (4,) and batch['valid'].shape == (4,)
     for b in range(4):
         single = per_image_counts(pred[b], label[b], NUM_CLASSES, IGNORE)
         for key in COUNT_KEYS:
@@ -99,30 +104,31 @@ def test_valid_mask_excludes_pixels():
     valid = torch.rand(label.shape, generator=g) < 0.6
     got = per_image_counts(pred, label, NUM_CLASSES, IGNORE, valid=valid)
     # Excluding a pixel by mask is the same as labelling it ignore_index.
-    want = per_image_counts(pred, label.masked_fill(~valid, IGNORE),
-                            NUM_CLASSES, IGNORE)
+    want = per_image_counts(
+        pred, label.masked_fill(~valid, IGNORE), NUM_CLASSES, IGNORE
+    )
     for key in COUNT_KEYS + ('correct', 'valid'):
         assert torch.equal(got[key], want[key]), key
     for b in range(2):
-        oracle = _brute_force(
-            pred[b], label[b], NUM_CLASSES, IGNORE, valid=valid[b])
+        oracle = _brute_force(pred[b], label[b], NUM_CLASSES, IGNORE, valid=valid[b])
         assert got['intersect'][b].tolist() == oracle['intersect']
         assert int(got['valid'][b]) == oracle['valid']
-    assert (got['valid'] < per_image_counts(pred, label, NUM_CLASSES,
-                                            IGNORE)['valid']).all()
+    assert (
+        got['valid'] < per_image_counts(pred, label, NUM_CLASSES, IGNORE)['valid']
+    ).all()
 
 
 def test_matches_mmseg_intersect_and_union():
     # Only where mmseg (and the mmcv it imports) is installed.
-    IoUMetric = pytest.importorskip(
-        'mmseg.evaluation.metrics.iou_metric').IoUMetric
+    IoUMetric = pytest.importorskip('mmseg.evaluation.metrics.iou_metric').IoUMetric
     for seed in range(3):
         pred, label = _random_maps(10 + seed, shape=(13, 17))
         ref = IoUMetric.intersect_and_union(pred, label, NUM_CLASSES, IGNORE)
         got = per_image_counts(pred, label, NUM_CLASSES, IGNORE)
         for key, ref_value in zip(COUNT_KEYS, ref):
             np.testing.assert_array_equal(
-                got[key].numpy(), ref_value.numpy(), err_msg=key)
+                got[key].numpy(), ref_value.numpy(), err_msg=key
+            )
 
 
 def test_empty_and_fully_ignored_image():
@@ -142,8 +148,7 @@ def test_out_of_range_classes_raise():
         per_image_counts(pred, label, NUM_CLASSES, IGNORE)
     label = torch.tensor([[0, 1], [2, 3]])
     with pytest.raises(ValueError, match='predictions outside'):
-        per_image_counts(
-            torch.full_like(label, -1), label, NUM_CLASSES, IGNORE)
+        per_image_counts(torch.full_like(label, -1), label, NUM_CLASSES, IGNORE)
     with pytest.raises(ValueError, match='same shape'):
         per_image_counts(pred[:1], label, NUM_CLASSES, IGNORE)
     with pytest.raises(ValueError, match='integer'):
@@ -163,8 +168,7 @@ def test_miou_from_counts_excludes_zero_union():
     miou = miou_from_counts(np.array([1, 0, 2]), np.array([2, 0, 8]))
     assert miou == pytest.approx((0.5 + 0.25) / 2)
     assert math.isnan(miou_from_counts(np.zeros(3), np.zeros(3)))
-    rows = miou_from_counts(
-        np.array([[1, 0], [0, 3]]), np.array([[2, 0], [4, 4]]))
+    rows = miou_from_counts(np.array([[1, 0], [0, 3]]), np.array([[2, 0], [4, 4]]))
     np.testing.assert_allclose(rows, [0.5, 0.375])
 
 
@@ -174,10 +178,9 @@ def test_pooled_metrics_hand_example():
     # Class counts: I = [1, 1, 1], label area = [2, 1, 2],
     # pred area = [2, 2, 1].
     c1 = per_image_counts(
-        torch.tensor([[0, 1, 1, 2]]), torch.tensor([[0, 0, 1, IGNORE]]), 3,
-        IGNORE)
-    c2 = per_image_counts(
-        torch.tensor([[2, 0]]), torch.tensor([[2, 2]]), 3, IGNORE)
+        torch.tensor([[0, 1, 1, 2]]), torch.tensor([[0, 0, 1, IGNORE]]), 3, IGNORE
+    )
+    c2 = per_image_counts(torch.tensor([[2, 0]]), torch.tensor([[2, 2]]), 3, IGNORE)
     m = pooled_metrics([c1, c2])
     iou = np.array([1 / 3, 1 / 2, 1 / 2])  # I / (pred + label - I)
     np.testing.assert_allclose(m['IoU'], iou)
@@ -194,9 +197,7 @@ def test_pooled_metrics_batches_and_absent_class():
     pred = pred.clamp(max=3)
     # 6 classes, of which 4 and 5 never occur.
     batch = per_image_counts(pred, label, 6, IGNORE)
-    singles = [
-        per_image_counts(pred[b], label[b], 6, IGNORE) for b in range(3)
-    ]
+    singles = [per_image_counts(pred[b], label[b], 6, IGNORE) for b in range(3)]
     m_batch, m_single = pooled_metrics([batch]), pooled_metrics(singles)
     assert m_batch['mIoU'] == m_single['mIoU'] and m_batch['num_images'] == 3
     assert np.isnan(m_batch['IoU'][4:]).all()

@@ -1,4 +1,5 @@
 """Tests of mmseg_robust.evaluation.worst_case (docs/algorithms.md section 4)."""
+
 import itertools
 
 import numpy as np
@@ -33,11 +34,11 @@ def _miou_of_choice(inter, union, choice):
 def _exhaustive_min(inter, union):
     """Exact optimum over all A^N assignments (tiny cases only)."""
     num_attacks, num_images, _ = inter.shape
-    choices = np.array(
-        list(itertools.product(range(num_attacks), repeat=num_images)))
+    choices = np.array(list(itertools.product(range(num_attacks), repeat=num_images)))
     images = np.arange(num_images)
-    return miou_from_counts(inter[choices, images].sum(1),
-                            union[choices, images].sum(1)).min()
+    return miou_from_counts(
+        inter[choices, images].sum(1), union[choices, images].sum(1)
+    ).min()
 
 
 def _pooled_per_attack(inter, union):
@@ -56,20 +57,17 @@ def test_worst_case_aacc_hand_example():
 
 
 def test_single_attack_is_pooled_miou():
-    inter, union = _random_counts(
-        0, num_attacks=1, num_images=20, num_classes=6)
+    inter, union = _random_counts(0, num_attacks=1, num_images=20, num_classes=6)
     miou, choice = worst_case_miou(inter, union)
-    assert miou == pytest.approx(
-        _pooled_per_attack(inter, union)[0], abs=1e-15)
-    assert choice.dtype == np.int64 and choice.shape == (20, )
+    assert miou == pytest.approx(_pooled_per_attack(inter, union)[0], abs=1e-15)
+    assert choice.dtype == np.int64 and choice.shape == (20,)
     assert not choice.any()
 
 
 @pytest.mark.parametrize('mode', ['best', 'reference'])
 def test_never_above_attack_zero_and_consistent(mode):
     for seed in range(10):
-        inter, union = _random_counts(
-            seed, num_attacks=4, num_images=30, num_classes=6)
+        inter, union = _random_counts(seed, num_attacks=4, num_images=30, num_classes=6)
         miou, choice = worst_case_miou(inter, union, mode=mode, seed=seed)
         pooled = _pooled_per_attack(inter, union)
         # Greedy starts on attack 0 and only accepts improvements.
@@ -79,8 +77,7 @@ def test_never_above_attack_zero_and_consistent(mode):
             # images ('reference' cannot move an image back to a lower attack).
             assert miou <= pooled.min()
         # The reported value is the mIoU of the reported choice.
-        assert miou == pytest.approx(
-            _miou_of_choice(inter, union, choice), abs=1e-12)
+        assert miou == pytest.approx(_miou_of_choice(inter, union, choice), abs=1e-12)
 
 
 def test_best_mode_reaches_exhaustive_optimum_on_most_tiny_cases():
@@ -105,9 +102,9 @@ def _reference_greedy_oracle(inter, union):
     package's vectorised implementation."""
     import random
     import statistics
+
     inter, union = inter.tolist(), union.tolist()
-    num_attacks, num_images, num_classes = (len(inter), len(inter[0]),
-                                            len(inter[0][0]))
+    num_attacks, num_images, num_classes = (len(inter), len(inter[0]), len(inter[0][0]))
     classes = range(num_classes)
     run_i = [sum(inter[0][n][k] for n in range(num_images)) for k in classes]
     run_u = [sum(union[0][n][k] for n in range(num_images)) for k in classes]
@@ -127,15 +124,20 @@ def _reference_greedy_oracle(inter, union):
             for n in order:
                 for a in range(num_attacks):  # (i) in order, current included
                     cur = selected[n]
-                    cand_i = [run_i[k] - inter[cur][n][k] + inter[a][n][k]
-                              for k in classes]
-                    cand_u = [run_u[k] - union[cur][n][k] + union[a][n][k]
-                              for k in classes]
+                    cand_i = [
+                        run_i[k] - inter[cur][n][k] + inter[a][n][k] for k in classes
+                    ]
+                    cand_u = [
+                        run_u[k] - union[cur][n][k] + union[a][n][k] for k in classes
+                    ]
                     # (ii) running union before the candidate, + 1e-8
-                    est = statistics.mean([
-                        cand_i[k] / (cand_u[k] + 1e-8) for k in classes
-                        if run_u[k] != 0
-                    ])
+                    est = statistics.mean(
+                        [
+                            cand_i[k] / (cand_u[k] + 1e-8)
+                            for k in classes
+                            if run_u[k] != 0
+                        ]
+                    )
                     if est < final:  # M from before this image's visit
                         selected[n] = a
                         run_i, run_u = cand_i, cand_u
@@ -156,9 +158,11 @@ def test_reference_mode_equals_the_reference_greedy_oracle():
     for seed in range(60):
         rng = np.random.default_rng(1000 + seed)
         inter, union = _random_counts(
-            1000 + seed, num_attacks=3,
+            1000 + seed,
+            num_attacks=3,
             num_images=int(rng.integers(2, 40)),
-            num_classes=int(rng.integers(2, 9)))
+            num_classes=int(rng.integers(2, 9)),
+        )
         expected, expected_choice = _reference_greedy_oracle(inter, union)
         miou, choice = worst_case_miou(inter, union, mode='reference')
         assert miou == expected, seed
@@ -188,9 +192,9 @@ def test_reference_mode_never_moves_an_image_back():
     # the reference can only move images to higher-index attacks.
     for seed in range(10):
         inter, union = _random_counts(
-            1200 + seed, num_attacks=3, num_images=15, num_classes=5)
-        _, one_round = worst_case_miou(inter, union, mode='reference',
-                                       max_rounds=1)
+            1200 + seed, num_attacks=3, num_images=15, num_classes=5
+        )
+        _, one_round = worst_case_miou(inter, union, mode='reference', max_rounds=1)
         _, full = worst_case_miou(inter, union, mode='reference')
         assert (full >= one_round).all()
 
@@ -200,7 +204,8 @@ def test_best_never_weaker_than_reference_per_visit():
     # candidates, so it can never end above 'reference'.
     for seed in range(20):
         inter, union = _random_counts(
-            200 + seed, num_attacks=4, num_images=1, num_classes=5)
+            200 + seed, num_attacks=4, num_images=1, num_classes=5
+        )
         best, _ = worst_case_miou(inter, union, mode='best', max_rounds=1)
         ref, _ = worst_case_miou(inter, union, mode='reference', max_rounds=1)
         assert best <= ref
@@ -215,9 +220,9 @@ def test_result_is_single_swap_local_optimum(mode):
     # mIoU. (Not 'reference': it never moves an image to a lower attack.)
     for seed in range(5):
         inter, union = _random_counts(
-            500 + seed, num_attacks=3, num_images=12, num_classes=4)
-        miou, choice = worst_case_miou(
-            inter, union, mode=mode, tol=0.0, seed=seed)
+            500 + seed, num_attacks=3, num_images=12, num_classes=4
+        )
+        miou, choice = worst_case_miou(inter, union, mode=mode, tol=0.0, seed=seed)
         for i in range(inter.shape[1]):
             for a in range(inter.shape[0]):
                 moved = choice.copy()
@@ -227,27 +232,25 @@ def test_result_is_single_swap_local_optimum(mode):
 
 
 def test_same_seed_same_result():
-    inter, union = _random_counts(
-        7, num_attacks=3, num_images=50, num_classes=8)
+    inter, union = _random_counts(7, num_attacks=3, num_images=50, num_classes=8)
     for mode in ('best', 'reference'):
         m1, c1 = worst_case_miou(inter, union, mode=mode, seed=3)
         m2, c2 = worst_case_miou(inter, union, mode=mode, seed=3)
         assert m1 == m2 and np.array_equal(c1, c2)
     # torch input gives the same as numpy input
-    m3, c3 = worst_case_miou(
-        torch.from_numpy(inter), torch.from_numpy(union), seed=3)
+    m3, c3 = worst_case_miou(torch.from_numpy(inter), torch.from_numpy(union), seed=3)
     m4, c4 = worst_case_miou(inter, union, seed=3)
     assert m3 == m4 and np.array_equal(c3, c4)
 
 
 def test_zero_union_classes_are_excluded():
-    inter, union = _random_counts(
-        8, num_attacks=3, num_images=15, num_classes=5)
+    inter, union = _random_counts(8, num_attacks=3, num_images=15, num_classes=5)
     # Two extra classes nobody labels or predicts: they must not count as IoU 0
     # (which would pull the mean down) nor change the greedy's choices.
     pad = ((0, 0), (0, 0), (0, 2))
     miou_pad, choice_pad = worst_case_miou(
-        np.pad(inter, pad), np.pad(union, pad), seed=1)
+        np.pad(inter, pad), np.pad(union, pad), seed=1
+    )
     miou, choice = worst_case_miou(inter, union, seed=1)
     assert miou_pad == pytest.approx(miou, abs=1e-15)
     assert np.array_equal(choice_pad, choice)

@@ -5,6 +5,7 @@ write tests/mini_datasets.py's datasets in the layouts of the official archives
 and mmseg's converters; these tests read them through mmseg's (and our) dataset
 classes and the configs' pipelines.
 """
+
 import os
 import os.path as osp
 import time
@@ -17,12 +18,14 @@ import mmseg_robust  # noqa: F401  (registers our datasets and transforms)
 
 LOAD = [dict(type='LoadImageFromFile'), dict(type='LoadAnnotations')]
 CONFIGS = osp.join(
-    osp.dirname(osp.dirname(osp.abspath(__file__))), 'configs', '_base_', 'datasets')
+    osp.dirname(osp.dirname(osp.abspath(__file__))), 'configs', '_base_', 'datasets'
+)
 
 
 @pytest.fixture(autouse=True)
 def _mmseg_scope():
     from mmengine.registry import init_default_scope
+
     init_default_scope('mmseg')
 
 
@@ -55,16 +58,17 @@ def _load(ds, index):
 
 def _name(path, suffix):
     assert path.endswith(suffix), path
-    return osp.basename(path)[:-len(suffix)]
+    return osp.basename(path)[: -len(suffix)]
 
 
-def test_generation_is_fast_and_deterministic(tmp_path, mini_datasets, mini_voc,
-                                              mini_ade20k, mini_cityscapes):
+def test_generation_is_fast_and_deterministic(
+    tmp_path, mini_datasets, mini_voc, mini_ade20k, mini_cityscapes
+):
     start = time.perf_counter()
     roots = [
         mini_datasets.make_mini_voc(str(tmp_path)),
         mini_datasets.make_mini_ade20k(str(tmp_path)),
-        mini_datasets.make_mini_cityscapes(str(tmp_path))
+        mini_datasets.make_mini_cityscapes(str(tmp_path)),
     ]
     elapsed = time.perf_counter() - start
     assert elapsed < 5, f'generation took {elapsed:.1f} s'
@@ -84,16 +88,18 @@ def test_voc_layout_matches_voc_aug_converter(mini_voc, mini_datasets):
         n: _read_list(osp.join(sets, f'{n}.txt'))
         for n in ('train', 'val', 'aug', 'trainaug')
     }
-    assert sorted(
-        os.listdir(sets)) == ['aug.txt', 'train.txt', 'trainaug.txt', 'val.txt']
-    assert {
-        n: len(v)
-        for n, v in lists.items()
-    } == dict(
+    assert sorted(os.listdir(sets)) == [
+        'aug.txt',
+        'train.txt',
+        'trainaug.txt',
+        'val.txt',
+    ]
+    assert {n: len(v) for n, v in lists.items()} == dict(
         train=counts['train'],
         val=counts['val'],
         aug=counts['aug'],
-        trainaug=counts['trainaug'])
+        trainaug=counts['trainaug'],
+    )
     train, val, sbd = lists['train'], lists['val'], ids['sbd']
     # What tools/dataset_converters/voc_aug.py computes.
     assert set(lists['trainaug']) == set(train + sbd) - set(val)
@@ -105,14 +111,15 @@ def test_voc_layout_matches_voc_aug_converter(mini_voc, mini_datasets):
     assert set(train) - set(sbd)
     # Files: every listed id has a JPEG; VOC labels for VOC ids, SBD for SBD.
     all_ids = set(train + val + sbd)
-    assert sorted(os.listdir(osp.join(mini_voc,
-                                      'JPEGImages'))) == sorted(i + '.jpg'
-                                                                for i in all_ids)
+    assert sorted(os.listdir(osp.join(mini_voc, 'JPEGImages'))) == sorted(
+        i + '.jpg' for i in all_ids
+    )
     assert sorted(os.listdir(osp.join(mini_voc, 'SegmentationClass'))) == sorted(
-        i + '.png' for i in train + val)
-    assert sorted(os.listdir(osp.join(mini_voc,
-                                      'SegmentationClassAug'))) == sorted(i + '.png'
-                                                                          for i in sbd)
+        i + '.png' for i in train + val
+    )
+    assert sorted(os.listdir(osp.join(mini_voc, 'SegmentationClassAug'))) == sorted(
+        i + '.png' for i in sbd
+    )
     palette = mini_datasets.voc_palette()
     assert palette[:6] == [0, 0, 0, 128, 0, 0] and palette[-3:] == [224, 224, 192]
     for img_id in sorted(all_ids):
@@ -120,14 +127,16 @@ def test_voc_layout_matches_voc_aug_converter(mini_voc, mini_datasets):
             assert (im.format, im.mode) == ('JPEG', 'RGB')
             assert im.size == mini_datasets.VOC_IMAGES[img_id]
         if img_id in train + val:
-            with Image.open(osp.join(mini_voc, 'SegmentationClass',
-                                     img_id + '.png')) as im:
+            with Image.open(
+                osp.join(mini_voc, 'SegmentationClass', img_id + '.png')
+            ) as im:
                 assert (im.format, im.mode) == ('PNG', 'P')
                 assert im.getpalette()[:768] == palette
                 assert im.size == mini_datasets.VOC_IMAGES[img_id]
         if img_id in sbd:
             with Image.open(
-                    osp.join(mini_voc, 'SegmentationClassAug', img_id + '.png')) as im:
+                osp.join(mini_voc, 'SegmentationClassAug', img_id + '.png')
+            ) as im:
                 assert (im.format, im.mode) == ('PNG', 'L')
                 assert im.size == mini_datasets.VOC_IMAGES[img_id]
 
@@ -142,14 +151,18 @@ def test_voc_through_mmseg_datasets(mini_voc, mini_datasets):
             data_root=mini_voc,
             data_prefix=dict(img_path='JPEGImages', seg_map_path=seg),
             ann_file=f'ImageSets/Segmentation/{ann}.txt',
-            pipeline=LOAD)
+            pipeline=LOAD,
+        )
 
     train = voc('train', 'SegmentationClass')
     aug = voc('aug', 'SegmentationClassAug')
     val = voc('val', 'SegmentationClass')
     counts = mini_datasets.VOC_COUNTS
-    assert (len(train), len(aug), len(val)) == (counts['train'], counts['aug'],
-                                                counts['val'])
+    assert (len(train), len(aug), len(val)) == (
+        counts['train'],
+        counts['aug'],
+        counts['val'],
+    )
     # train + aug is the 'trainaug' list, nothing twice, every file present.
     listed = [
         _name(train.get_data_info(i)['img_path'], '.jpg') for i in range(len(train))
@@ -188,13 +201,16 @@ def test_ade20k_through_mmseg_datasets(mini_ade20k, mini_datasets):
     from mmseg.datasets import ADE20KDataset
 
     from mmseg_robust.datasets import ADE20K151Dataset
+
     counts, images = mini_datasets.ADE20K_COUNTS, mini_datasets.ADE20K_IMAGES
     for split in ('training', 'validation'):
         kwargs = dict(
             data_root=mini_ade20k,
             data_prefix=dict(
-                img_path=f'images/{split}', seg_map_path=f'annotations/{split}'),
-            pipeline=LOAD)
+                img_path=f'images/{split}', seg_map_path=f'annotations/{split}'
+            ),
+            pipeline=LOAD,
+        )
         ade150, ade151 = ADE20KDataset(**kwargs), ADE20K151Dataset(**kwargs)
         assert len(ade150) == len(ade151) == counts[split]
         names = [
@@ -217,24 +233,30 @@ def test_ade20k_through_mmseg_datasets(mini_ade20k, mini_datasets):
 
 def test_cityscapes_through_mmseg_datasets(mini_cityscapes, mini_datasets):
     from mmseg.datasets import CityscapesDataset
+
     counts, images = mini_datasets.CITYSCAPES_COUNTS, mini_datasets.CITYSCAPES_IMAGES
     for split in ('train', 'val'):
         # The list tools/dataset_converters/cityscapes.py writes.
-        assert sorted(_read_list(osp.join(mini_cityscapes,
-                                          f'{split}.txt'))) == sorted(images[split])
+        assert sorted(_read_list(osp.join(mini_cityscapes, f'{split}.txt'))) == sorted(
+            images[split]
+        )
         ds = CityscapesDataset(
             data_root=mini_cityscapes,
             data_prefix=dict(
-                img_path=f'leftImg8bit/{split}', seg_map_path=f'gtFine/{split}'),
-            pipeline=LOAD)
+                img_path=f'leftImg8bit/{split}', seg_map_path=f'gtFine/{split}'
+            ),
+            pipeline=LOAD,
+        )
         assert len(ds) == counts[split]
         for i in range(len(ds)):
             info = ds.get_data_info(i)
-            rel = osp.relpath(info['img_path'],
-                              osp.join(mini_cityscapes, 'leftImg8bit', split))
-            name = rel[:-len('_leftImg8bit.png')]
-            assert info['seg_map_path'] == osp.join(mini_cityscapes, 'gtFine', split,
-                                                    name + '_gtFine_labelTrainIds.png')
+            rel = osp.relpath(
+                info['img_path'], osp.join(mini_cityscapes, 'leftImg8bit', split)
+            )
+            name = rel[: -len('_leftImg8bit.png')]
+            assert info['seg_map_path'] == osp.join(
+                mini_cityscapes, 'gtFine', split, name + '_gtFine_labelTrainIds.png'
+            )
             img, label = _load(ds, i)
             w, h = images[split][name]
             assert img.shape == (h, w, 3) and w == 2 * h
@@ -250,6 +272,7 @@ def _config_datasets(name, data_root):
     from mmengine.config import Config
 
     from mmseg_robust.registry import DATASETS
+
     cfg = Config.fromfile(osp.join(CONFIGS, name))
     out = []
     for loader in (cfg.train_dataloader, cfg.val_dataloader):
@@ -262,10 +285,18 @@ def _config_datasets(name, data_root):
 
 @pytest.mark.parametrize(
     'config, fixture, lengths, train_max, val_shape',
-    [('voc12aug_void-as-background_473x473.py', 'mini_voc', (11, 4), (473, 473),
-      (473, 473)),
-     ('ade20k151_512x512.py', 'mini_ade20k', (5, 3), (512, 512), (512, 512)),
-     ('cityscapes_449x449.py', 'mini_cityscapes', (4, 3), (449, 449), None)])
+    [
+        (
+            'voc12aug_void-as-background_473x473.py',
+            'mini_voc',
+            (11, 4),
+            (473, 473),
+            (473, 473),
+        ),
+        ('ade20k151_512x512.py', 'mini_ade20k', (5, 3), (512, 512), (512, 512)),
+        ('cityscapes_449x449.py', 'mini_cityscapes', (4, 3), (449, 449), None),
+    ],
+)
 def test_config_pipelines(request, config, fixture, lengths, train_max, val_shape):
     train, val = _config_datasets(config, request.getfixturevalue(fixture))
     assert (len(train), len(val)) == lengths

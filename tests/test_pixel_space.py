@@ -1,4 +1,5 @@
 """The pixel-space view reproduces mmseg's own test-time logits and predictions."""
+
 import copy
 
 import pytest
@@ -40,16 +41,21 @@ def _batch(synthetic_root, resize=None, n=3):
             type='SyntheticShapesDataset',
             data_root=synthetic_root,
             generator_cfg=dict(splits=dict(train=48, val=16)),
-            data_prefix=dict(
-                img_path='img_dir/val', seg_map_path='ann_dir/val'),
-            pipeline=pipeline))
+            data_prefix=dict(img_path='img_dir/val', seg_map_path='ann_dir/val'),
+            pipeline=pipeline,
+        )
+    )
     return pseudo_collate([ds[i] for i in range(n)])
 
 
 CASES = {
     'whole': (dict(), None, None, False),
-    'slide': (dict(mode='slide', crop_size=(32, 32), stride=(24, 24)), None,
-              None, False),
+    'slide': (
+        dict(mode='slide', crop_size=(32, 32), stride=(24, 24)),
+        None,
+        None,
+        False,
+    ),
     'padding': (dict(), dict(size_divisor=32), (48, 40), False),
     'resized_raw_input': (dict(), None, (40, 40), True),
 }
@@ -92,7 +98,7 @@ def test_view_gradients_reach_pixels_only(small_config, synthetic_root):
     view = SegmentorPixelView(model, _batch(synthetic_root))
     x = view.images.clone().requires_grad_(True)
     loss = torch.nn.functional.cross_entropy(view(x), view.labels)
-    grad, = torch.autograd.grad(loss, x)
+    (grad,) = torch.autograd.grad(loss, x)
     assert grad.abs().sum() > 0
     assert all(p.grad is None for p in model.parameters())
 

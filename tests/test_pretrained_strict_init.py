@@ -3,6 +3,7 @@
 ResNet-50 of the SAT/DDC-AT configs (docs/algorithms.md sections 5.2, 5.3): mmengine's
 ``Pretrained`` loads with ``strict=False``, so a wrong file would leave a random
 backbone after a mere warning."""
+
 import copy
 import glob
 import os.path as osp
@@ -21,8 +22,9 @@ MODEL_CFGS = [
     for name in ('pspnet_r50-stem128-d8.py', 'deeplabv3_r50-stem128-d8.py')
 ]
 TOP_LEVEL = sorted(
-    glob.glob(osp.join(REPO, 'configs', 'sat', '*.py')) +
-    glob.glob(osp.join(REPO, 'configs', 'ddcat', '*.py')))
+    glob.glob(osp.join(REPO, 'configs', 'sat', '*.py'))
+    + glob.glob(osp.join(REPO, 'configs', 'ddcat', '*.py'))
+)
 CHECKPOINT = 'checkpoints/semseg_resnet50_v2_backbone.pth'
 
 
@@ -52,19 +54,20 @@ def _file(tmp_path, state, name='backbone.pth', wrap=True):
     return path
 
 
-@pytest.mark.parametrize('path', MODEL_CFGS + TOP_LEVEL,
-                         ids=lambda p: osp.relpath(p, REPO))
+@pytest.mark.parametrize(
+    'path', MODEL_CFGS + TOP_LEVEL, ids=lambda p: osp.relpath(p, REPO)
+)
 def test_sat_ddcat_configs_initialise_the_resnet_strictly(path):
     cfg = Config.fromfile(path)
     assert cfg.model.backbone.type == 'ResNetV1c'
     assert cfg.model.backbone.init_cfg == dict(
-        type='PretrainedStrict', checkpoint=CHECKPOINT)
+        type='PretrainedStrict', checkpoint=CHECKPOINT
+    )
 
 
 def test_registered_in_mmseg_scope():
     assert 'PretrainedStrict' in WEIGHT_INITIALIZERS.module_dict
-    init = WEIGHT_INITIALIZERS.build(
-        dict(type='PretrainedStrict', checkpoint='x.pth'))
+    init = WEIGHT_INITIALIZERS.build(dict(type='PretrainedStrict', checkpoint='x.pth'))
     assert (init.checkpoint, init.prefix) == ('x.pth', None)
 
 
@@ -93,8 +96,7 @@ def test_prefix_takes_the_backbone_of_a_segmentor_file(tmp_path):
     full = {f'backbone.{k}': v for k, v in state.items()}
     full['decode_head.conv_seg.weight'] = torch.zeros(21, 512, 1, 1)
     path = _file(tmp_path, full)
-    model = _build(dict(type='PretrainedStrict', checkpoint=path,
-                        prefix='backbone.'))
+    model = _build(dict(type='PretrainedStrict', checkpoint=path, prefix='backbone.'))
     model.init_weights()
     for name, tensor in state.items():
         torch.testing.assert_close(model.state_dict()[name], tensor, msg=name)
@@ -137,8 +139,7 @@ def test_mmengine_pretrained_would_only_warn(tmp_path):
     path = _file(tmp_path, renamed, name='renamed.pth')
     model = _build(dict(type='Pretrained', checkpoint=path))
     model.init_weights()  # no error
-    assert not torch.equal(model.state_dict()['stem.0.weight'],
-                           state['stem.0.weight'])
+    assert not torch.equal(model.state_dict()['stem.0.weight'], state['stem.0.weight'])
 
 
 def test_children_do_not_reinitialise_the_loaded_weights(tmp_path):
@@ -147,14 +148,13 @@ def test_children_do_not_reinitialise_the_loaded_weights(tmp_path):
     from mmengine.model import BaseModule
 
     class Child(BaseModule):
-
         def __init__(self):
-            super().__init__(init_cfg=dict(type='Constant', layer='Conv2d',
-                                           val=0.0, bias=0.0))
+            super().__init__(
+                init_cfg=dict(type='Constant', layer='Conv2d', val=0.0, bias=0.0)
+            )
             self.conv = torch.nn.Conv2d(3, 4, 3)
 
     class Parent(BaseModule):
-
         def __init__(self, init_cfg=None):
             super().__init__(init_cfg=init_cfg)
             self.child = Child()
@@ -164,6 +164,5 @@ def test_children_do_not_reinitialise_the_loaded_weights(tmp_path):
     path = _file(tmp_path, state)
     model = Parent(init_cfg=dict(type='PretrainedStrict', checkpoint=path))
     model.init_weights()
-    torch.testing.assert_close(model.child.conv.weight,
-                               state['child.conv.weight'])
+    torch.testing.assert_close(model.child.conv.weight, state['child.conv.weight'])
     assert model.child.conv.weight.abs().sum() > 0

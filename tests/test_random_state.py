@@ -1,5 +1,6 @@
 """RandomStateHook: only a resume restores the saved random state (load_from keeps
 the configured seed), and under DDP every rank saves and restores its own state."""
+
 import os.path as osp
 import random
 import socket
@@ -22,7 +23,8 @@ def _capture():
     return dict(
         torch=torch.get_rng_state(),
         numpy=np.random.get_state(),
-        python=random.getstate())
+        python=random.getstate(),
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -40,8 +42,11 @@ def _seed(seed):
 
 
 def _draws():
-    return (torch.rand(4).tolist(), np.random.rand(4).tolist(),
-            [random.random() for _ in range(4)])
+    return (
+        torch.rand(4).tolist(),
+        np.random.rand(4).tolist(),
+        [random.random() for _ in range(4)],
+    )
 
 
 def _state_of_seed(seed):
@@ -53,23 +58,24 @@ def _runner(it, checkpoint_interval=1, max_iters=100):
     """What the hook reads from the runner: the train loop's iteration, the
     CheckpointHook (every ``checkpoint_interval`` iterations) and max_iters."""
     from mmengine.hooks import CheckpointHook
+
     return types.SimpleNamespace(
         iter=it,
         max_iters=max_iters,
-        hooks=[CheckpointHook(interval=checkpoint_interval, by_epoch=False)])
+        hooks=[CheckpointHook(interval=checkpoint_interval, by_epoch=False)],
+    )
 
 
 def _fake_dist(monkeypatch, rank, world_size, gathered=None):
     monkeypatch.setattr(
-        random_state_module,
-        'get_dist_info',
-        lambda: (rank, world_size),
-        raising=False)
+        random_state_module, 'get_dist_info', lambda: (rank, world_size), raising=False
+    )
     monkeypatch.setattr(
         random_state_module,
         'all_gather_object',
         lambda obj: list(gathered),
-        raising=False)
+        raising=False,
+    )
 
 
 def _load(hook, checkpoint, runner_iter):
@@ -153,8 +159,7 @@ def test_states_are_gathered_only_when_a_checkpoint_is_saved(monkeypatch):
         calls.append(obj)
         return [obj, obj]
 
-    monkeypatch.setattr(random_state_module, 'all_gather_object',
-                        all_gather_object)
+    monkeypatch.setattr(random_state_module, 'all_gather_object', all_gather_object)
     hook = RandomStateHook()
     gathered_at = []
     for it in range(8):
@@ -172,6 +177,7 @@ def test_states_are_gathered_only_when_a_checkpoint_is_saved(monkeypatch):
     assert gathered_at == [2, 5, 7]
     # no CheckpointHook (or by_epoch): never gathered
     from mmengine.hooks import CheckpointHook
+
     calls.clear()
     for hooks in ([], [CheckpointHook(interval=1, by_epoch=True)]):
         runner = types.SimpleNamespace(iter=2, max_iters=3, hooks=hooks)
@@ -179,8 +185,7 @@ def test_states_are_gathered_only_when_a_checkpoint_is_saved(monkeypatch):
     assert calls == []
     # one process: nothing to gather
     _fake_dist(monkeypatch, 0, 1)
-    monkeypatch.setattr(random_state_module, 'all_gather_object',
-                        all_gather_object)
+    monkeypatch.setattr(random_state_module, 'all_gather_object', all_gather_object)
     hook.after_train_iter(_runner(2), batch_idx=2)
     assert calls == []
 
@@ -188,8 +193,7 @@ def test_states_are_gathered_only_when_a_checkpoint_is_saved(monkeypatch):
 @pytest.mark.parametrize('saved,now', [(2, 1), (1, 2), (2, 4)])
 def test_a_different_world_size_restores_nothing(monkeypatch, saved, now):
     states = [_state_of_seed(10 + r) for r in range(saved)]
-    ckpt = dict(
-        meta=dict(iter=6), random_state=dict(world_size=saved, states=states))
+    ckpt = dict(meta=dict(iter=6), random_state=dict(world_size=saved, states=states))
     for rank in range(now):
         _fake_dist(monkeypatch, rank, now)
         _seed(0)
@@ -228,8 +232,7 @@ def _free_port():
 
 
 def _weights(path):
-    return torch.load(
-        path, map_location='cpu', weights_only=True)['state_dict']
+    return torch.load(path, map_location='cpu', weights_only=True)['state_dict']
 
 
 def _assert_same_weights(a, b):
@@ -245,16 +248,21 @@ def _differ(a, b):
 # Drop path in the backbone and dropout in the head draw random numbers every
 # iteration; no validation; LR schedule independent of max_iters.
 OPTS = [
-    'train_cfg.val_begin=1000', 'default_hooks.checkpoint.interval=1',
-    'default_hooks.logger.interval=1', 'param_scheduler.0.end=1',
-    'param_scheduler.1.begin=1', 'param_scheduler.1.end=4',
-    'train_dataloader.batch_size=2', 'model.backbone.drop_path_rate=0.2',
-    'randomness.seed=0'
+    'train_cfg.val_begin=1000',
+    'default_hooks.checkpoint.interval=1',
+    'default_hooks.logger.interval=1',
+    'param_scheduler.0.end=1',
+    'param_scheduler.1.begin=1',
+    'param_scheduler.1.end=4',
+    'train_dataloader.batch_size=2',
+    'model.backbone.drop_path_rate=0.2',
+    'randomness.seed=0',
 ]
 
 
-def test_load_from_trains_with_the_configured_seed(run_tool, synthetic_root,
-                                                   data_options, tmp_path):
+def test_load_from_trains_with_the_configured_seed(
+    run_tool, synthetic_root, data_options, tmp_path
+):
     # Two checkpoints with the same weights but different random states, given
     # as load_from (no --resume): both runs must train like the seed says.
     # (The weights are the model's seeded initialisation: an empty state_dict,
@@ -269,18 +277,29 @@ def test_load_from_trains_with_the_configured_seed(run_tool, synthetic_root,
         torch.save(ckpt, path)
         work = str(tmp_path / f'run{seed}')
         outs.append(
-            run_tool([
-                'python', 'tools/train.py', PIRAT, '--work-dir', work,
-                '--cfg-options', f'load_from={path}', 'train_cfg.max_iters=1'
-            ] + opts))
+            run_tool(
+                [
+                    'python',
+                    'tools/train.py',
+                    PIRAT,
+                    '--work-dir',
+                    work,
+                    '--cfg-options',
+                    f'load_from={path}',
+                    'train_cfg.max_iters=1',
+                ]
+                + opts
+            )
+        )
         assert f'Load checkpoint from {path}' in outs[-1]
         results.append(_weights(osp.join(work, 'iter_1.pth')))
     _assert_same_weights(*results)
     assert not any('Restored the random state' in out for out in outs)
 
 
-def test_ddp_resume_equals_uninterrupted(run_tool, synthetic_root,
-                                         data_options, tmp_path):
+def test_ddp_resume_equals_uninterrupted(
+    run_tool, synthetic_root, data_options, tmp_path
+):
     # Two gloo CPU processes with different per-rank streams (diff_rank_seed):
     # 2 iterations straight vs. resumed from that run's checkpoint at 1 (in a
     # new work_dir: --resume with load_from resumes from that file), batch 2
@@ -289,21 +308,26 @@ def test_ddp_resume_equals_uninterrupted(run_tool, synthetic_root,
     # the loop gives every process rank 0's buffers before the attack
     # (AdversarialTrainLoop._sync_buffers); that divergence is not the random
     # state's and is not understood yet.
-    opts = OPTS + [
-        'randomness.diff_rank_seed=True', 'model.decode_head.norm_cfg.type=GN',
-        'model.decode_head.norm_cfg.num_groups=8',
-        'model.auxiliary_head.norm_cfg.type=GN',
-        'model.auxiliary_head.norm_cfg.num_groups=8'
-    ] + data_options(synthetic_root)
+    opts = (
+        OPTS
+        + [
+            'randomness.diff_rank_seed=True',
+            'model.decode_head.norm_cfg.type=GN',
+            'model.decode_head.norm_cfg.num_groups=8',
+            'model.auxiliary_head.norm_cfg.type=GN',
+            'model.auxiliary_head.norm_cfg.num_groups=8',
+        ]
+        + data_options(synthetic_root)
+    )
 
     def dist_train(work, load_from, *extra):
         return run_tool(
-            ['bash', 'tools/dist_train.sh', PIRAT, '2', '--work-dir', work] +
-            list(extra) + [
-                '--cfg-options', f'load_from={load_from}',
-                'train_cfg.max_iters=2'
-            ] + opts,
-            env=dict(PORT=_free_port(), CUDA_VISIBLE_DEVICES=''))
+            ['bash', 'tools/dist_train.sh', PIRAT, '2', '--work-dir', work]
+            + list(extra)
+            + ['--cfg-options', f'load_from={load_from}', 'train_cfg.max_iters=2']
+            + opts,
+            env=dict(PORT=_free_port(), CUDA_VISIBLE_DEVICES=''),
+        )
 
     full = str(tmp_path / 'full')
     dist_train(full, None)
@@ -313,15 +337,15 @@ def test_ddp_resume_equals_uninterrupted(run_tool, synthetic_root,
     assert 'Iter(train) [1/2]' not in out
     _assert_same_weights(
         _weights(osp.join(full, 'iter_2.pth')),
-        _weights(osp.join(resumed, 'iter_2.pth')))
+        _weights(osp.join(resumed, 'iter_2.pth')),
+    )
     # the checkpoint holds both ranks' (different) states, and the iteration
     # after the resume changes the weights (the comparison is not vacuous)
     saved = torch.load(
-        osp.join(full, 'iter_1.pth'), map_location='cpu',
-        weights_only=True)['random_state']
+        osp.join(full, 'iter_1.pth'), map_location='cpu', weights_only=True
+    )['random_state']
     assert saved['world_size'] == 2
-    assert not torch.equal(saved['states'][0]['torch'],
-                           saved['states'][1]['torch'])
+    assert not torch.equal(saved['states'][0]['torch'], saved['states'][1]['torch'])
     assert _differ(
-        _weights(osp.join(full, 'iter_1.pth')),
-        _weights(osp.join(full, 'iter_2.pth')))
+        _weights(osp.join(full, 'iter_1.pth')), _weights(osp.join(full, 'iter_2.pth'))
+    )

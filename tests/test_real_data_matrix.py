@@ -10,6 +10,7 @@ iteration counts and the attack's iterations are shrunk, by a test-only child
 config (the shipped file is its ``_base_``); the data roots point at the
 miniature trees of ``tests/mini_datasets.py``.
 """
+
 import glob
 import json
 import os.path as osp
@@ -24,36 +25,34 @@ SEA_ITERS = 4  # SEA's three APGD stages of 1, 1 and 2 iterations
 # Width/depth reductions by backbone type (heads follow the backbone's widths).
 _RESNET = dict(depth=18, stem_channels=16, base_channels=8)  # widths 8..64
 SHRINK = {
-    'ConvNeXtCvSt':
-    dict(
+    'ConvNeXtCvSt': dict(
         backbone=dict(
-            arch=dict(
-                _delete_=True, depths=[1, 1, 1, 1], channels=[8, 16, 32,
-                                                               64])),
+            arch=dict(_delete_=True, depths=[1, 1, 1, 1], channels=[8, 16, 32, 64])
+        ),
         decode_head=dict(in_channels=[8, 16, 32, 64], channels=16),
-        auxiliary_head=dict(in_channels=32, channels=8)),
-    'VisionTransformerStrict':
-    dict(
+        auxiliary_head=dict(in_channels=32, channels=8),
+    ),
+    'VisionTransformerStrict': dict(
         backbone=dict(embed_dims=64, num_layers=1, num_heads=2),
         decode_head=dict(
-            in_channels=64,
-            channels=64,
-            embed_dims=64,
-            num_layers=1,
-            num_heads=2)),
-    'ResNetV1c':
-    dict(
+            in_channels=64, channels=64, embed_dims=64, num_layers=1, num_heads=2
+        ),
+    ),
+    'ResNetV1c': dict(
         backbone=_RESNET,
         decode_head=dict(in_channels=64, channels=16),
-        auxiliary_head=dict(in_channels=32, channels=16)),
+        auxiliary_head=dict(in_channels=32, channels=16),
+    ),
 }
 
 # Shipped configs: training config -> (dataset fixture, evaluation config or None
 # for --cfg-options evaluator=SEA).
 TRAIN_CONFIGS = sorted(
-    p for d in ('pirat', 'sat', 'ddcat')
+    p
+    for d in ('pirat', 'sat', 'ddcat')
     for p in glob.glob(osp.join(REPO, 'configs', d, '*.py'))
-    if not p.endswith('_sea.py'))
+    if not p.endswith('_sea.py')
+)
 
 
 def _dataset_fixture(path):
@@ -95,8 +94,7 @@ def data_root_options(cfg, root):
     for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
         if cfg.get(loader):
             walk(cfg[loader].get('dataset'), f'{loader}.dataset')
-            opts += [f'{loader}.num_workers=0',
-                     f'{loader}.persistent_workers=False']
+            opts += [f'{loader}.num_workers=0', f'{loader}.persistent_workers=False']
     return opts
 
 
@@ -141,6 +139,7 @@ def _run_tools(tools_in_one_process, *invocations):
     tools_in_one_process.py: the ~8 s import of torch/mmseg is paid once per
     test worker, not once per tool)."""
     import sys
+
     argv = []
     for inv in invocations:
         argv += ([':::'] if argv else []) + [str(a) for a in inv]
@@ -166,15 +165,24 @@ def _train_then_sea(tools, tmp_path, train_cfg, sea_cfg, root, eval_opts):
     _run_tools(
         tools,
         [
-            osp.join(REPO, 'tools', 'train.py'), train_cfg, '--work-dir', work,
-            '--cfg-options', *data_root_options(
-                Config.fromfile(train_cfg), root)
+            osp.join(REPO, 'tools', 'train.py'),
+            train_cfg,
+            '--work-dir',
+            work,
+            '--cfg-options',
+            *data_root_options(Config.fromfile(train_cfg), root),
         ],
         [
-            osp.join(REPO, 'tools', 'test.py'), sea_cfg, ckpt, '--work-dir',
-            test_work, '--cfg-options', *data_root_options(
-                Config.fromfile(sea_cfg), root), *eval_opts
-        ])
+            osp.join(REPO, 'tools', 'test.py'),
+            sea_cfg,
+            ckpt,
+            '--work-dir',
+            test_work,
+            '--cfg-options',
+            *data_root_options(Config.fromfile(sea_cfg), root),
+            *eval_opts,
+        ],
+    )
     train_log = _log_text(work)
     assert f'Iter(train) [{ITERS}/{ITERS}]' in train_log, train_log[-3000:]
     results = sorted(glob.glob(str(test_work / 'robustness_*.json')))
@@ -204,9 +212,9 @@ ONE = 'test_dataloader = dict(dataset=dict(indices=1))'
 
 
 @pytest.mark.parametrize('config', TRAIN_CONFIGS, ids=_rel)
-def test_shipped_config_trains_and_evaluates(config, request, tmp_path,
-                                             tools_in_one_process,
-                                             reset_mmengine):
+def test_shipped_config_trains_and_evaluates(
+    config, request, tmp_path, tools_in_one_process, reset_mmengine
+):
     root = request.getfixturevalue(_dataset_fixture(config))
     cfg = Config.fromfile(config)
     shrink = _model_shrink(cfg)
@@ -219,8 +227,9 @@ def test_shipped_config_trains_and_evaluates(config, request, tmp_path,
     else:
         sea_cfg = write_child(tmp_path, config, 'sea_' + name, shrink, extra=ONE)
         eval_opts = EVALUATOR_SEA
-    result, log = _train_then_sea(tools_in_one_process, tmp_path, train_cfg,
-                                  sea_cfg, root, eval_opts)
+    result, log = _train_then_sea(
+        tools_in_one_process, tmp_path, train_cfg, sea_cfg, root, eval_opts
+    )
     if Config.fromfile(train_cfg).train_cfg.type == 'AdversarialTrainLoop':
         assert 'adv.acc' in log
     _check_sea(result, num_images=1)
@@ -234,7 +243,8 @@ def test_shipped_config_trains_and_evaluates(config, request, tmp_path,
 _RESNET_HEADS = dict(
     backbone=_RESNET,
     decode_head=dict(in_channels=64, channels=16),
-    auxiliary_head=dict(in_channels=32, channels=16))
+    auxiliary_head=dict(in_channels=32, channels=16),
+)
 
 
 def _hrnet_ocr_shrink(cfg):
@@ -242,14 +252,13 @@ def _hrnet_ocr_shrink(cfg):
     heads are a list in the CascadeEncoderDecoder: replaced whole)."""
     widths = [8, 16, 32, 64]
     stages = dict(
-        stage1=dict(num_blocks=(1, ), num_channels=(16, )),
+        stage1=dict(num_blocks=(1,), num_channels=(16,)),
         stage2=dict(num_blocks=(1, 1), num_channels=tuple(widths[:2])),
         stage3=dict(
-            num_modules=1, num_blocks=(1, 1, 1),
-            num_channels=tuple(widths[:3])),
-        stage4=dict(
-            num_modules=1, num_blocks=(1, 1, 1, 1),
-            num_channels=tuple(widths)))
+            num_modules=1, num_blocks=(1, 1, 1), num_channels=tuple(widths[:3])
+        ),
+        stage4=dict(num_modules=1, num_blocks=(1, 1, 1, 1), num_channels=tuple(widths)),
+    )
     heads = [dict(h) for h in cfg.model.decode_head]
     heads[0].update(in_channels=widths, channels=sum(widths))
     heads[1].update(in_channels=widths, channels=16, ocr_channels=16)
@@ -258,54 +267,83 @@ def _hrnet_ocr_shrink(cfg):
 
 ZOO = [
     # (mmseg config, dataset fixture, scheme, shrunk model)
-    ('pspnet/pspnet_r50-d8_4xb4-80k_ade20k-512x512.py', 'mini_ade20k', 'pirat',
-     _RESNET_HEADS),
-    ('ocrnet/ocrnet_hr18s_4xb4-80k_ade20k-512x512.py', 'mini_ade20k', 'sat',
-     _hrnet_ocr_shrink),
-    ('segformer/segformer_mit-b0_8xb2-160k_ade20k-512x512.py', 'mini_ade20k',
-     'pirat',
-     dict(backbone=dict(num_layers=[1, 1, 1, 1]), decode_head=dict(channels=32))),
-    ('segmenter/segmenter_vit-t_mask_8xb1-160k_ade20k-512x512.py', 'mini_ade20k',
-     'sat',
-     dict(
-         backbone=dict(embed_dims=64, num_heads=2, num_layers=1),
-         decode_head=dict(
-             in_channels=64,
-             channels=64,
-             embed_dims=64,
-             num_heads=2,
-             num_layers=1))),
-    ('deeplabv3plus/deeplabv3plus_r50-d8_4xb2-40k_cityscapes-512x1024.py',
-     'mini_cityscapes', 'pirat',
-     dict(
-         backbone=_RESNET,
-         decode_head=dict(
-             in_channels=64, channels=16, c1_in_channels=8, c1_channels=8),
-         auxiliary_head=dict(in_channels=32, channels=16))),
-    ('upernet/upernet_r50_4xb2-40k_cityscapes-512x1024.py', 'mini_cityscapes',
-     'sat',
-     dict(
-         backbone=_RESNET,
-         decode_head=dict(in_channels=[8, 16, 32, 64], channels=16),
-         auxiliary_head=dict(in_channels=32, channels=16))),
+    (
+        'pspnet/pspnet_r50-d8_4xb4-80k_ade20k-512x512.py',
+        'mini_ade20k',
+        'pirat',
+        _RESNET_HEADS,
+    ),
+    (
+        'ocrnet/ocrnet_hr18s_4xb4-80k_ade20k-512x512.py',
+        'mini_ade20k',
+        'sat',
+        _hrnet_ocr_shrink,
+    ),
+    (
+        'segformer/segformer_mit-b0_8xb2-160k_ade20k-512x512.py',
+        'mini_ade20k',
+        'pirat',
+        dict(backbone=dict(num_layers=[1, 1, 1, 1]), decode_head=dict(channels=32)),
+    ),
+    (
+        'segmenter/segmenter_vit-t_mask_8xb1-160k_ade20k-512x512.py',
+        'mini_ade20k',
+        'sat',
+        dict(
+            backbone=dict(embed_dims=64, num_heads=2, num_layers=1),
+            decode_head=dict(
+                in_channels=64, channels=64, embed_dims=64, num_heads=2, num_layers=1
+            ),
+        ),
+    ),
+    (
+        'deeplabv3plus/deeplabv3plus_r50-d8_4xb2-40k_cityscapes-512x1024.py',
+        'mini_cityscapes',
+        'pirat',
+        dict(
+            backbone=_RESNET,
+            decode_head=dict(
+                in_channels=64, channels=16, c1_in_channels=8, c1_channels=8
+            ),
+            auxiliary_head=dict(in_channels=32, channels=16),
+        ),
+    ),
+    (
+        'upernet/upernet_r50_4xb2-40k_cityscapes-512x1024.py',
+        'mini_cityscapes',
+        'sat',
+        dict(
+            backbone=_RESNET,
+            decode_head=dict(in_channels=[8, 16, 32, 64], channels=16),
+            auxiliary_head=dict(in_channels=32, channels=16),
+        ),
+    ),
 ]
 
 # What the README tells users to write to train any mmseg config adversarially
 # (write_child shortens the attack to 1 step for the test).
-USER_CONFIG = '''_base_ = 'mmseg::{config}'
+USER_CONFIG = """_base_ = 'mmseg::{config}'
 custom_imports = dict(imports=['mmseg_robust'], allow_failed_imports=False)
 train_cfg = dict(
     type='AdversarialTrainLoop',
     scheme='{scheme}',
     attack=dict(type='PGD', eps=4, steps=5, step_size=2.55, random_start=False))
-'''
+"""
 
 
 @pytest.mark.parametrize(
-    'config, dataset, scheme, shrink', ZOO, ids=[z[0] for z in ZOO])
+    'config, dataset, scheme, shrink', ZOO, ids=[z[0] for z in ZOO]
+)
 def test_mmseg_zoo_config_trains_adversarially_and_evaluates(
-        config, dataset, scheme, shrink, request, tmp_path,
-        tools_in_one_process, reset_mmengine):
+    config,
+    dataset,
+    scheme,
+    shrink,
+    request,
+    tmp_path,
+    tools_in_one_process,
+    reset_mmengine,
+):
     root = request.getfixturevalue(dataset)
     user = tmp_path / ('adv_' + osp.basename(config))
     user.write_text(USER_CONFIG.format(config=config, scheme=scheme))
@@ -320,28 +358,37 @@ def test_mmseg_zoo_config_trains_adversarially_and_evaluates(
         model,
         # one validation image: slide inference of the Cityscapes configs
         # runs 9 windows per forward pass
-        extra=ONE)
-    result, log = _train_then_sea(tools_in_one_process, tmp_path, child, child,
-                                  root, EVALUATOR_SEA)
+        extra=ONE,
+    )
+    result, log = _train_then_sea(
+        tools_in_one_process, tmp_path, child, child, root, EVALUATOR_SEA
+    )
     assert 'adv.acc' in log  # the adversarial loop trained
     _check_sea(result, num_images=1)
 
 
-def test_design_card_command_dist_train_short_name(mini_ade20k, tmp_path,
-                                                   run_tool):
+def test_design_card_command_dist_train_short_name(mini_ade20k, tmp_path, run_tool):
     """`tools/dist_train.sh configs/pirat/upernet_convnext_t_ade20k.py N` (here 2
     CPU processes, the model shrunk): PIR-AT on ADE20K's real pipeline."""
     config = osp.join(REPO, 'configs', 'pirat', 'upernet_convnext_t_ade20k.py')
     cfg = Config.fromfile(config)
-    child = write_child(tmp_path, config, 'upernet_convnext_t_ade20k.py',
-                        _model_shrink(cfg))
+    child = write_child(
+        tmp_path, config, 'upernet_convnext_t_ade20k.py', _model_shrink(cfg)
+    )
     work = tmp_path / 'work'
     out = run_tool(
         [
-            'bash', 'tools/dist_train.sh', child, '2', '--work-dir',
-            str(work), '--cfg-options', *data_root_options(cfg, mini_ade20k)
+            'bash',
+            'tools/dist_train.sh',
+            child,
+            '2',
+            '--work-dir',
+            str(work),
+            '--cfg-options',
+            *data_root_options(cfg, mini_ade20k),
         ],
-        env=dict(PORT='29693', CUDA_VISIBLE_DEVICES=''))
+        env=dict(PORT='29693', CUDA_VISIBLE_DEVICES=''),
+    )
     assert 'Distributed training: True' in out and 'GPU number: 2' in out
     assert f'Iter(train) [{ITERS}/{ITERS}]' in out and 'adv.acc' in out
     assert (work / f'iter_{ITERS}.pth').exists()

@@ -1,12 +1,14 @@
 """Registration: components are found by name from configs that only add
 `custom_imports`, and other projects can extend the ATTACKS registry."""
+
 import textwrap
 
 import pytest
 
 
 def test_config_with_only_custom_imports_builds_our_components(
-        tmp_path, run_tool, synthetic_root):
+    tmp_path, run_tool, synthetic_root
+):
     # A fresh interpreter that never imports mmseg_robust itself: only the
     # config's custom_imports may register our components.
     cfg = tmp_path / 'user_cfg.py'
@@ -20,7 +22,8 @@ def test_config_with_only_custom_imports_builds_our_components(
                        data_prefix=dict(img_path='img_dir/val',
                                         seg_map_path='ann_dir/val'),
                        pipeline=[])
-        """))
+        """)
+    )
     script = textwrap.dedent(f"""
         import sys
         from mmengine.config import Config
@@ -54,10 +57,19 @@ def test_registries_are_mmseg_own():
     import mmseg.registry as mmseg_registry
 
     import mmseg_robust.registry as ours
-    for name in ('MODELS', 'LOOPS', 'HOOKS', 'METRICS', 'OPTIM_WRAPPERS',
-                 'DATASETS', 'TRANSFORMS'):
+
+    for name in (
+        'MODELS',
+        'LOOPS',
+        'HOOKS',
+        'METRICS',
+        'OPTIM_WRAPPERS',
+        'DATASETS',
+        'TRANSFORMS',
+    ):
         assert getattr(ours, name) is getattr(mmseg_registry, name)
     from mmseg_robust.datasets import SyntheticShapesDataset
+
     assert ours.DATASETS.get('SyntheticShapesDataset') is SyntheticShapesDataset
 
 
@@ -66,7 +78,6 @@ def test_other_project_registers_an_attack():
 
     @ATTACKS.register_module(name='UserNoiseAttack_test')
     class UserNoiseAttack:
-
         def __init__(self, eps=1.0):
             self.eps = eps
 

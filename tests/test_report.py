@@ -1,4 +1,5 @@
 """Reporting: robustness result rows, tables, reports, curves and picture grids."""
+
 import copy
 import json
 import os.path as osp
@@ -7,10 +8,17 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from mmseg_robust.reporting import (amplified_perturbation, colorize,
-                                    format_table, load_example, load_result,
-                                    plot_robustness_curve, save_example,
-                                    save_picture_grid, write_report)
+from mmseg_robust.reporting import (
+    amplified_perturbation,
+    colorize,
+    format_table,
+    load_example,
+    load_result,
+    plot_robustness_curve,
+    save_example,
+    save_picture_grid,
+    write_report,
+)
 from mmseg_robust.reporting.pictures import _grid_figure
 from mmseg_robust.reporting.report import _curve_figure
 
@@ -30,48 +38,47 @@ def _robustness_json(clean_miou, clean_acc, robust, checkpoint):
             attacks={
                 'APGD-Mask-CE-Bal': _attack_result(miou + 0.02, acc + 0.03),
                 'APGD-Mask-CE': _attack_result(miou + 0.01, acc + 0.02),
-                'APGD-JS-Avg': _attack_result(miou + 0.03, acc + 0.01)
+                'APGD-JS-Avg': _attack_result(miou + 0.03, acc + 0.01),
             },
             worst_case=dict(
-                aAcc_img=acc,
-                mIoU=miou,
-                mIoU_best=miou,
-                mIoU_reference=miou + 0.001))
+                aAcc_img=acc, mIoU=miou, mIoU_best=miou, mIoU_reference=miou + 0.001
+            ),
+        )
     return {
-        'metrics': {
-            'mIoU': 100 * clean_miou
-        },
+        'metrics': {'mIoU': 100 * clean_miou},
         'summary': {
-            'num_images':
-            16,
+            'num_images': 16,
             # pooled aAcc deliberately differs from aAcc_img: the latter is used
-            'clean':
-            dict(
+            'clean': dict(
                 mIoU=clean_miou,
                 aAcc=clean_acc + 0.05,
                 aAcc_img=clean_acc,
-                IoU=[0.5, 0.6]),
-            'eps':
-            eps
+                IoU=[0.5, 0.6],
+            ),
+            'eps': eps,
         },
         'attacks': [dict(type='SEA', n_iter=300, class_weights='voc')],
         'eps': [float(k) for k in robust],
         'seed': 0,
         'checkpoint': checkpoint,
-        'timestamp': '20261121_163000'
+        'timestamp': '20261121_163000',
     }
 
 
 @pytest.fixture
 def results():
-    pirat = _robustness_json(0.536, 0.894, {
-        '4': (0.30, 0.75),
-        '8': (0.12, 0.43)
-    }, 'work_dirs/pirat_convnext/iter_2000.pth')
-    clean = _robustness_json(0.612, 0.921, {
-        '4': (0.049, 0.19),
-        '8': (0.0, 0.01)
-    }, 'work_dirs/clean_convnext/iter_2000.pth')
+    pirat = _robustness_json(
+        0.536,
+        0.894,
+        {'4': (0.30, 0.75), '8': (0.12, 0.43)},
+        'work_dirs/pirat_convnext/iter_2000.pth',
+    )
+    clean = _robustness_json(
+        0.612,
+        0.921,
+        {'4': (0.049, 0.19), '8': (0.0, 0.01)},
+        'work_dirs/clean_convnext/iter_2000.pth',
+    )
     return pirat, clean
 
 
@@ -85,14 +92,8 @@ def test_load_result_percent_and_fields(results, tmp_path):
     assert row['checkpoint'] == 'work_dirs/pirat_convnext/iter_2000.pth'
     assert row['clean'] == {'mIoU': 53.6, 'aAcc': 89.4}
     assert row['eps'] == {
-        '4': {
-            'mIoU': 30.0,
-            'aAcc': 75.0
-        },
-        '8': {
-            'mIoU': 12.0,
-            'aAcc': 43.0
-        }
+        '4': {'mIoU': 30.0, 'aAcc': 75.0},
+        '8': {'mIoU': 12.0, 'aAcc': 43.0},
     }
     # the dict works as well, with an explicit name
     assert load_result(results[0], name='PIR-AT')['name'] == 'PIR-AT'
@@ -100,12 +101,12 @@ def test_load_result_percent_and_fields(results, tmp_path):
 
 
 def test_load_result_eps_numeric_order_and_defaults(results):
-    data = _robustness_json(0.5, 0.9, {
-        '8': (0.2, 0.4),
-        '2': (0.4, 0.8),
-        '16': (0.1, 0.2),
-        '0.5': (0.45, 0.85)
-    }, None)
+    data = _robustness_json(
+        0.5,
+        0.9,
+        {'8': (0.2, 0.4), '2': (0.4, 0.8), '16': (0.1, 0.2), '0.5': (0.45, 0.85)},
+        None,
+    )
     data['attacks'] = [dict(type='PGD', steps=100)]
     row = load_result(data)
     assert list(row['eps']) == ['0.5', '2', '8', '16']
@@ -125,10 +126,7 @@ def test_load_result_without_summary_raises(tmp_path):
 
 
 def test_format_table_markdown(results):
-    rows = [
-        load_result(results[0], 'PIR-AT'),
-        load_result(results[1], 'clean')
-    ]
+    rows = [load_result(results[0], 'PIR-AT'), load_result(results[1], 'clean')]
     # a third model evaluated at eps 4 only
     partial = copy.deepcopy(results[0])
     del partial['summary']['eps']['8']
@@ -138,30 +136,35 @@ def test_format_table_markdown(results):
     assert len(lines) == 2 + 3
     header = [c.strip() for c in lines[0].strip('|').split('|')]
     assert header == [
-        'model', 'clean mIoU', 'clean aACC', 'SEA ε=4/255 mIoU',
-        'SEA ε=4/255 aACC', 'SEA ε=8/255 mIoU', 'SEA ε=8/255 aACC'
+        'model',
+        'clean mIoU',
+        'clean aACC',
+        'SEA ε=4/255 mIoU',
+        'SEA ε=4/255 aACC',
+        'SEA ε=8/255 mIoU',
+        'SEA ε=8/255 aACC',
     ]
     assert set(lines[1]) <= set('|-: ') and lines[1].count('---') == 7
-    cells = [[c.strip() for c in line.strip('|').split('|')]
-             for line in lines[2:]]
-    assert cells[0] == [
-        'PIR-AT', '53.6', '89.4', '30.0', '75.0', '12.0', '43.0'
-    ]
+    cells = [[c.strip() for c in line.strip('|').split('|')] for line in lines[2:]]
+    assert cells[0] == ['PIR-AT', '53.6', '89.4', '30.0', '75.0', '12.0', '43.0']
     assert cells[1] == ['clean', '61.2', '92.1', '4.9', '19.0', '0.0', '1.0']
     assert cells[2] == ['partial', '53.6', '89.4', '30.0', '75.0', '-', '-']
 
 
 def test_format_table_text_and_errors(results):
-    rows = [
-        load_result(results[0], 'PIR-AT'),
-        load_result(results[1], 'clean')
-    ]
+    rows = [load_result(results[0], 'PIR-AT'), load_result(results[1], 'clean')]
     text = format_table(rows, fmt='text')
     lines = text.splitlines()
     assert len(lines) == 4 and '|' not in text
     assert lines[0].split()[:3] == ['model', 'clean', 'mIoU']
     assert lines[2].split() == [
-        'PIR-AT', '53.6', '89.4', '30.0', '75.0', '12.0', '43.0'
+        'PIR-AT',
+        '53.6',
+        '89.4',
+        '30.0',
+        '75.0',
+        '12.0',
+        '43.0',
     ]
     # columns are aligned: every number ends where its header ends
     assert len({len(line) for line in lines}) == 1
@@ -175,15 +178,12 @@ def test_format_table_text_and_errors(results):
 
 
 def test_curve_figure_lines(results):
-    rows = [
-        load_result(results[0], 'PIR-AT'),
-        load_result(results[1], 'clean')
-    ]
+    rows = [load_result(results[0], 'PIR-AT'), load_result(results[1], 'clean')]
     fig = _curve_figure(rows, 'curves')
     assert len(fig.axes) == 2
     expected = {
         'mIoU': [[53.6, 30.0, 12.0], [61.2, 4.9, 0.0]],
-        'aACC': [[89.4, 75.0, 43.0], [92.1, 19.0, 1.0]]
+        'aACC': [[89.4, 75.0, 43.0], [92.1, 19.0, 1.0]],
     }
     for ax, metric in zip(fig.axes, ('mIoU', 'aACC')):
         assert ax.get_ylabel() == f'{metric} (%)'
@@ -191,8 +191,7 @@ def test_curve_figure_lines(results):
         assert ax.get_ylim() == (0.0, 100.0)
         lines = ax.get_lines()
         assert len(lines) == 2
-        for line, ys, name in zip(lines, expected[metric],
-                                  ('PIR-AT', 'clean')):
+        for line, ys, name in zip(lines, expected[metric], ('PIR-AT', 'clean')):
             np.testing.assert_allclose(line.get_xdata(), [0, 4, 8])
             np.testing.assert_allclose(line.get_ydata(), ys)
             assert line.get_label() == name
@@ -204,30 +203,25 @@ def _check_png(path, min_width=100):
     with open(path, 'rb') as f:
         assert f.read(8) == PNG_MAGIC
     img = mpimg.imread(path)
-    assert img.ndim == 3 and img.shape[2] in (3,
-                                              4) and img.shape[1] > min_width
+    assert img.ndim == 3 and img.shape[2] in (3, 4) and img.shape[1] > min_width
     return img
 
 
 def test_write_report(results, tmp_path, capsys):
-    rows = [
-        load_result(results[0], 'PIR-AT'),
-        load_result(results[1], 'clean')
-    ]
+    rows = [load_result(results[0], 'PIR-AT'), load_result(results[1], 'clean')]
     settings = {
         'attack': 'SEA',
         'iterations': 300,
         'images': 16,
         'seed': 0,
-        'machine': 'test box'
+        'machine': 'test box',
     }
     out_dir = tmp_path / 'report'
-    paths = write_report(
-        rows, str(out_dir), title='My report', settings=settings)
+    paths = write_report(rows, str(out_dir), title='My report', settings=settings)
     assert paths == {
         'markdown': osp.join(str(out_dir), 'report.md'),
         'json': osp.join(str(out_dir), 'report.json'),
-        'plot': osp.join(str(out_dir), 'robustness_curve.png')
+        'plot': osp.join(str(out_dir), 'robustness_curve.png'),
     }
     md = open(paths['markdown'], encoding='utf-8').read()
     assert md.startswith('# My report')
@@ -236,11 +230,7 @@ def test_write_report(results, tmp_path, capsys):
     assert '![robustness curve](robustness_curve.png)' in md
     with open(paths['json'], encoding='utf-8') as f:
         report = json.load(f)
-    assert report == {
-        'title': 'My report',
-        'settings': settings,
-        'models': rows
-    }
+    assert report == {'title': 'My report', 'settings': settings, 'models': rows}
     img = _check_png(paths['plot'])
     assert img.shape[1] > img.shape[0]  # two side-by-side axes
     printed = capsys.readouterr().out
@@ -253,10 +243,11 @@ def test_write_report(results, tmp_path, capsys):
             'attack': 'SEA',
             'iterations': 300,
             'images': 16,
-            'seed': 0
+            'seed': 0,
         }
     assert plot_robustness_curve(rows, str(tmp_path / 'c.png')) == str(
-        tmp_path / 'c.png')
+        tmp_path / 'c.png'
+    )
 
 
 # ---------------------------------------------------------------- pictures
@@ -266,11 +257,9 @@ def test_colorize():
     labels = np.array([[0, 1], [255, 3]])
     out = colorize(labels, PALETTE)
     assert out.dtype == np.uint8 and out.shape == (2, 2, 3)
-    assert out[0, 0].tolist() == PALETTE[0] and out[0,
-                                                    1].tolist() == PALETTE[1]
+    assert out[0, 0].tolist() == PALETTE[0] and out[0, 1].tolist() == PALETTE[1]
     assert out[1, 0].tolist() == [0, 0, 0] and out[1, 1].tolist() == PALETTE[3]
-    assert colorize(
-        np.array([[7]]), PALETTE, ignore_index=7).tolist() == [[[0, 0, 0]]]
+    assert colorize(np.array([[7]]), PALETTE, ignore_index=7).tolist() == [[[0, 0, 0]]]
     with pytest.raises(ValueError, match='label 4'):
         colorize(np.array([[0, 4]]), PALETTE)
 
@@ -281,25 +270,28 @@ def test_amplified_perturbation():
     eps = 8.0
     np.testing.assert_allclose(amplified_perturbation(image, image, eps), 0.5)
     np.testing.assert_allclose(
-        amplified_perturbation(image, image + eps / 255, eps), 1.0, atol=1e-5)
+        amplified_perturbation(image, image + eps / 255, eps), 1.0, atol=1e-5
+    )
     np.testing.assert_allclose(
-        amplified_perturbation(image, image - eps / 255, eps), 0.0, atol=1e-5)
+        amplified_perturbation(image, image - eps / 255, eps), 0.0, atol=1e-5
+    )
     half = amplified_perturbation(image, image + eps / 255 / 2, eps)
     np.testing.assert_allclose(half, 0.75, atol=1e-5)
     # clipped beyond the radius, no division by zero at eps 0
     assert amplified_perturbation(image, image + 0.5, eps).max() == 1.0
-    np.testing.assert_array_equal(
-        amplified_perturbation(image, image + 0.1, 0), 0.5)
+    np.testing.assert_array_equal(amplified_perturbation(image, image + 0.1, 0), 0.5)
 
 
-def _example(rng,
-             name='img_0',
-             eps=8.0,
-             size=(24, 32),
-             label_size=(12, 16),
-             clean_acc=0.9,
-             adv_acc=0.03):
-    image = rng.uniform(0, 1, size + (3, )).astype(np.float32)
+def _example(
+    rng,
+    name='img_0',
+    eps=8.0,
+    size=(24, 32),
+    label_size=(12, 16),
+    clean_acc=0.9,
+    adv_acc=0.03,
+):
+    image = rng.uniform(0, 1, size + (3,)).astype(np.float32)
     delta = rng.uniform(-eps / 255, eps / 255, image.shape).astype(np.float32)
     adv = np.clip(image + delta, 0, 1).astype(np.float32)
     gt = rng.integers(0, len(PALETTE), label_size)
@@ -314,7 +306,8 @@ def _example(rng,
         eps=eps,
         attack='APGD-Mask-CE',
         clean_acc=clean_acc,
-        adv_acc=adv_acc)
+        adv_acc=adv_acc,
+    )
 
 
 def test_save_load_example_round_trip(tmp_path):
@@ -332,33 +325,35 @@ def test_save_load_example_round_trip(tmp_path):
         assert type(back[key]) is str and back[key] == ex[key]
     assert np.abs(back['adv_image'] - back['image']).max() <= 8 / 255 + 1e-6
     with pytest.raises(ValueError, match='adv_pred'):
-        save_example({
-            k: v
-            for k, v in ex.items() if k != 'adv_pred'
-        }, str(tmp_path / 'bad.npz'))
+        save_example(
+            {k: v for k, v in ex.items() if k != 'adv_pred'}, str(tmp_path / 'bad.npz')
+        )
 
 
 def test_grid_titles(tmp_path):
     rng = np.random.default_rng(0)
     examples = [
         _example(rng, 'frankfurt_0001'),
-        _example(rng, 'lindau_0002', eps=4.0, clean_acc=0.5, adv_acc=0.25)
+        _example(rng, 'lindau_0002', eps=4.0, clean_acc=0.5, adv_acc=0.25),
     ]
     fig = _grid_figure(
         examples,
         PALETTE,
         title='SEA examples',
-        class_names=['road', 'sidewalk', 'building', 'wall'])
+        class_names=['road', 'sidewalk', 'building', 'wall'],
+    )
     assert len(fig.axes) == 12
     row0 = [ax.get_title() for ax in fig.axes[:6]]
     assert row0 == [
-        'clean image', 'adversarial (ε=8/255)', 'perturbation ×15.9',
-        'ground truth', 'clean prediction (acc 90%)',
-        'adversarial prediction (acc 3%)'
+        'clean image',
+        'adversarial (ε=8/255)',
+        'perturbation ×15.9',
+        'ground truth',
+        'clean prediction (acc 90%)',
+        'adversarial prediction (acc 3%)',
     ]
     row1 = [ax.get_title() for ax in fig.axes[6:]]
-    assert row1[1] == 'adversarial (ε=4/255)' and row1[
-        2] == 'perturbation ×31.9'
+    assert row1[1] == 'adversarial (ε=4/255)' and row1[2] == 'perturbation ×31.9'
     assert row1[4].endswith('(acc 50%)') and row1[5].endswith('(acc 25%)')
     assert 'frankfurt_0001' in fig.axes[0].get_ylabel()
     assert 'lindau_0002' in fig.axes[6].get_ylabel()
@@ -374,7 +369,8 @@ def test_save_picture_grid_height_grows(tmp_path):
     examples = [_example(rng, f'img_{i}') for i in range(3)]
     one = save_picture_grid(examples[:1], str(tmp_path / 'one.png'), PALETTE)
     three = save_picture_grid(
-        examples, str(tmp_path / 'g' / 'three.png'), PALETTE, title='three')
+        examples, str(tmp_path / 'g' / 'three.png'), PALETTE, title='three'
+    )
     assert three == str(tmp_path / 'g' / 'three.png')
     img1, img3 = _check_png(one), _check_png(three)
     assert img1.shape[1] == img3.shape[1]
@@ -387,18 +383,31 @@ def test_save_picture_grid_height_grows(tmp_path):
 def test_results_schema_2_is_percent_and_version_1_is_converted(results, tmp_path):
     """One schema: version 2 files are percent as written, version 1 files
     (fractions) are scaled on reading, both give the same row."""
-    from mmseg_robust.evaluation.results import (SCHEMA_VERSION, RobustnessResults,
-                                                 load_results, write_results)
+    from mmseg_robust.evaluation.results import (
+        SCHEMA_VERSION,
+        RobustnessResults,
+        load_results,
+        write_results,
+    )
+
     old = results[0]
     new = load_results(old)
     assert new.summary['clean']['mIoU'] == pytest.approx(
-        100 * old['summary']['clean']['mIoU'])
+        100 * old['summary']['clean']['mIoU']
+    )
     assert new.summary['num_images'] == old['summary']['num_images']
     path = write_results(
-        RobustnessResults(summary=new.summary, metrics=new.metrics,
-                          worst_case_modes=['best'], attacks=new.attacks,
-                          eps=new.eps, checkpoint=old['checkpoint'],
-                          timestamp='20261130_000000'), str(tmp_path))
+        RobustnessResults(
+            summary=new.summary,
+            metrics=new.metrics,
+            worst_case_modes=['best'],
+            attacks=new.attacks,
+            eps=new.eps,
+            checkpoint=old['checkpoint'],
+            timestamp='20261130_000000',
+        ),
+        str(tmp_path),
+    )
     assert path.endswith('robustness_20261130_000000.json')
     written = json.loads(open(path).read())
     assert written['schema_version'] == SCHEMA_VERSION

@@ -1,6 +1,7 @@
 """Robustness evaluation through the stock tools/test.py and dist_test.sh:
 invariants, determinism, distributed == single process, resume == uninterrupted,
 and clear errors."""
+
 import glob
 import json
 import os
@@ -9,21 +10,33 @@ import os.path as osp
 import pytest
 
 N_IMAGES = 7  # odd: uneven last batch and uneven split over 2 ranks
-SEA = ['evaluator.type=SEA', 'evaluator.eps=0,2,8', 'evaluator.steps=10',
-       f'test_dataloader.dataset.indices={N_IMAGES}',
-       'test_dataloader.batch_size=2']
+SEA = [
+    'evaluator.type=SEA',
+    'evaluator.eps=0,2,8',
+    'evaluator.steps=10',
+    f'test_dataloader.dataset.indices={N_IMAGES}',
+    'test_dataloader.batch_size=2',
+]
 
 
 @pytest.fixture(scope='module')
-def checkpoint(run_tool, small_config, synthetic_root, data_options,
-               tmp_path_factory):
+def checkpoint(run_tool, small_config, synthetic_root, data_options, tmp_path_factory):
     """The small model after a few iterations: weak but not random."""
     work = str(tmp_path_factory.mktemp('robust_ckpt'))
-    run_tool([
-        'python', 'tools/train.py', small_config, '--work-dir', work,
-        '--cfg-options', 'train_cfg.max_iters=150', 'train_cfg.val_interval=150',
-        'default_hooks.checkpoint.interval=150'
-    ] + data_options(synthetic_root))
+    run_tool(
+        [
+            'python',
+            'tools/train.py',
+            small_config,
+            '--work-dir',
+            work,
+            '--cfg-options',
+            'train_cfg.max_iters=150',
+            'train_cfg.val_interval=150',
+            'default_hooks.checkpoint.interval=150',
+        ]
+        + data_options(synthetic_root)
+    )
     return osp.join(work, 'iter_150.pth')
 
 
@@ -32,8 +45,7 @@ def _test(run_tool, cfg, ckpt, work, opts, launcher=None, env=None):
         cmd = ['bash', 'tools/dist_test.sh', cfg, ckpt, '2']
     else:
         cmd = ['python', 'tools/test.py', cfg, ckpt]
-    out = run_tool(cmd + ['--work-dir', work, '--cfg-options'] + opts,
-                   env=env)
+    out = run_tool(cmd + ['--work-dir', work, '--cfg-options'] + opts, env=env)
     files = sorted(glob.glob(osp.join(work, 'robustness_*.json')))
     assert files, out[-3000:]
     with open(files[-1]) as f:
@@ -41,12 +53,17 @@ def _test(run_tool, cfg, ckpt, work, opts, launcher=None, env=None):
 
 
 @pytest.fixture(scope='module')
-def reference(run_tool, small_config, checkpoint, synthetic_root, data_options,
-              tmp_path_factory):
+def reference(
+    run_tool, small_config, checkpoint, synthetic_root, data_options, tmp_path_factory
+):
     work = str(tmp_path_factory.mktemp('sea_ref'))
-    return _test(run_tool, small_config, checkpoint, work,
-                 SEA + ['evaluator.resume=False'] +
-                 data_options(synthetic_root))
+    return _test(
+        run_tool,
+        small_config,
+        checkpoint,
+        work,
+        SEA + ['evaluator.resume=False'] + data_options(synthetic_root),
+    )
 
 
 def test_invariants(reference):
@@ -65,7 +82,9 @@ def test_invariants(reference):
         res = s['eps'][eps]
         worst = res['worst_case']
         assert set(res['attacks']) == {
-            'APGD-Mask-CE-Bal', 'APGD-Mask-CE', 'APGD-JS-Avg'
+            'APGD-Mask-CE-Bal',
+            'APGD-Mask-CE',
+            'APGD-JS-Avg',
         }
         for r in res['attacks'].values():
             # robust <= clean, worst case <= every single attack
@@ -83,8 +102,7 @@ def test_invariants(reference):
     assert result['metrics']['eps8/SEA/mIoU'] == round(w[2]['mIoU'], 2)
     assert result['metrics']['aAcc_img'] == round(clean['aAcc_img'], 2)
     assert result['attacks'] == [
-        dict(type='SEA', steps=10, class_weights=result['attacks'][0]
-             ['class_weights'])
+        dict(type='SEA', steps=10, class_weights=result['attacks'][0]['class_weights'])
     ] and result['eps'] == [0, 2, 8]
     assert 'Robustness results written to' in out
     # warnings that do not apply to a robustness evaluation are gone
@@ -92,16 +110,34 @@ def test_invariants(reference):
     assert 'running eps 8: APGD-JS-Avg' in out and 'ETA' in out
 
 
-def test_same_seed_same_result(reference, run_tool, small_config, checkpoint,
-                               synthetic_root, data_options, tmp_path):
-    again, _ = _test(run_tool, small_config, checkpoint, str(tmp_path),
-                     SEA + ['evaluator.resume=False'] +
-                     data_options(synthetic_root))
+def test_same_seed_same_result(
+    reference,
+    run_tool,
+    small_config,
+    checkpoint,
+    synthetic_root,
+    data_options,
+    tmp_path,
+):
+    again, _ = _test(
+        run_tool,
+        small_config,
+        checkpoint,
+        str(tmp_path),
+        SEA + ['evaluator.resume=False'] + data_options(synthetic_root),
+    )
     assert again['summary'] == reference[0]['summary']
 
 
-def test_two_processes_equal_one(reference, run_tool, small_config, checkpoint,
-                                 synthetic_root, data_options, tmp_path):
+def test_two_processes_equal_one(
+    reference,
+    run_tool,
+    small_config,
+    checkpoint,
+    synthetic_root,
+    data_options,
+    tmp_path,
+):
     dist, out = _test(
         run_tool,
         small_config,
@@ -109,25 +145,32 @@ def test_two_processes_equal_one(reference, run_tool, small_config, checkpoint,
         str(tmp_path),
         SEA + ['evaluator.resume=False'] + data_options(synthetic_root),
         launcher='dist',
-        env=dict(PORT='29661', CUDA_VISIBLE_DEVICES=''))
+        env=dict(PORT='29661', CUDA_VISIBLE_DEVICES=''),
+    )
     assert 'Distributed training: True' in out
     assert dist['summary'] == reference[0]['summary']
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(
-        reference, run_tool, small_config, checkpoint, synthetic_root,
-        data_options, tmp_path):
+    reference,
+    run_tool,
+    small_config,
+    checkpoint,
+    synthetic_root,
+    data_options,
+    tmp_path,
+):
     work = str(tmp_path)
     opts = SEA + data_options(synthetic_root)
     full, _ = _test(run_tool, small_config, checkpoint, work, opts)
     assert full['summary'] == reference[0]['summary']
     # Simulate a kill after 3 images: keep 3 lines and half of the 4th.
-    cache, = glob.glob(osp.join(work, 'robustness_cache', '*', 'rank0.jsonl'))
+    (cache,) = glob.glob(osp.join(work, 'robustness_cache', '*', 'rank0.jsonl'))
     lines = open(cache).read().splitlines(keepends=True)
     assert len(lines) == N_IMAGES
     with open(cache, 'w') as f:
         f.writelines(lines[:3])
-        f.write(lines[3][:len(lines[3]) // 2])
+        f.write(lines[3][: len(lines[3]) // 2])
     for old in glob.glob(osp.join(work, 'robustness_*.json')):
         os.remove(old)
     resumed, out = _test(run_tool, small_config, checkpoint, work, opts)
@@ -137,41 +180,80 @@ def test_interrupted_then_resumed_equals_uninterrupted(
 
 
 def test_checkpoint_with_other_class_count_is_refused(
-        run_tool, small_config, checkpoint, synthetic_root, data_options,
-        tmp_path):
+    run_tool, small_config, checkpoint, synthetic_root, data_options, tmp_path
+):
     with pytest.raises(AssertionError) as err:
-        run_tool([
-            'python', 'tools/test.py', small_config, checkpoint, '--work-dir',
-            str(tmp_path), '--cfg-options', 'model.decode_head.num_classes=6'
-        ] + SEA + data_options(synthetic_root))
+        run_tool(
+            [
+                'python',
+                'tools/test.py',
+                small_config,
+                checkpoint,
+                '--work-dir',
+                str(tmp_path),
+                '--cfg-options',
+                'model.decode_head.num_classes=6',
+            ]
+            + SEA
+            + data_options(synthetic_root)
+        )
     msg = str(err.value)
     assert 'wrong shape' in msg and 'test random weights' in msg
     assert 'decode_head.conv_seg.weight' in msg and 'num_classes' in msg
 
 
 def test_plain_test_refuses_a_checkpoint_that_does_not_fit(
-        run_tool, small_config, checkpoint, synthetic_root, data_options,
-        tmp_path):
+    run_tool, small_config, checkpoint, synthetic_root, data_options, tmp_path
+):
     # no attack evaluator: mmseg's own test, which alone would only warn
     with pytest.raises(AssertionError) as err:
-        run_tool([
-            'python', 'tools/test.py', small_config, checkpoint, '--work-dir',
-            str(tmp_path), '--cfg-options', 'model.decode_head.num_classes=6'
-        ] + data_options(synthetic_root))
+        run_tool(
+            [
+                'python',
+                'tools/test.py',
+                small_config,
+                checkpoint,
+                '--work-dir',
+                str(tmp_path),
+                '--cfg-options',
+                'model.decode_head.num_classes=6',
+            ]
+            + data_options(synthetic_root)
+        )
     msg = str(err.value)
     assert 'wrong shape' in msg and 'decode_head.conv_seg.weight' in msg
 
 
-@pytest.mark.parametrize('opts, match', [
-    (['evaluator=FOO'], "unknown evaluator 'FOO'"),
-    (['evaluator.type=SEA', 'evaluator.eps=-1'], 'eps'),
-    (['evaluator.type=PGD', 'evaluator.norm=L1'], 'Linf'),
-    (['evaluator.type=SEA', 'evaluator.iters=3'], 'unknown evaluator option'),
-])
-def test_bad_evaluator_options(opts, match, run_tool, small_config, checkpoint,
-                               synthetic_root, data_options, tmp_path):
+@pytest.mark.parametrize(
+    'opts, match',
+    [
+        (['evaluator=FOO'], "unknown evaluator 'FOO'"),
+        (['evaluator.type=SEA', 'evaluator.eps=-1'], 'eps'),
+        (['evaluator.type=PGD', 'evaluator.norm=L1'], 'Linf'),
+        (['evaluator.type=SEA', 'evaluator.iters=3'], 'unknown evaluator option'),
+    ],
+)
+def test_bad_evaluator_options(
+    opts,
+    match,
+    run_tool,
+    small_config,
+    checkpoint,
+    synthetic_root,
+    data_options,
+    tmp_path,
+):
     with pytest.raises(AssertionError, match=match):
-        run_tool([
-            'python', 'tools/test.py', small_config, checkpoint, '--work-dir',
-            str(tmp_path), '--cfg-options'
-        ] + opts + data_options(synthetic_root))
+        run_tool(
+            [
+                'python',
+                'tools/test.py',
+                small_config,
+                checkpoint,
+                '--work-dir',
+                str(tmp_path),
+                '--cfg-options',
+            ]
+            + opts
+            + data_options(synthetic_root)
+        )

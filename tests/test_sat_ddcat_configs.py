@@ -1,5 +1,6 @@
 """SAT and DDC-AT configs (docs/algorithms.md sections 5.2, 5.3): settings of the
 reference, and every model builds and trains one step on a small input."""
+
 import glob
 import os.path as osp
 
@@ -16,8 +17,9 @@ from mmseg_robust.registry import MODELS
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIGS = sorted(
-    glob.glob(osp.join(REPO, 'configs', 'sat', '*.py')) +
-    glob.glob(osp.join(REPO, 'configs', 'ddcat', '*.py')))
+    glob.glob(osp.join(REPO, 'configs', 'sat', '*.py'))
+    + glob.glob(osp.join(REPO, 'configs', 'ddcat', '*.py'))
+)
 IDS = [osp.join(*c.split(osp.sep)[-2:]) for c in CONFIGS]
 
 
@@ -47,26 +49,25 @@ def test_config_settings(path):
     # adversarial training: BIM eps 0.03, 3 steps of 0.01, in /255 units
     assert cfg.train_cfg.type == 'AdversarialTrainLoop'
     assert cfg.train_cfg.scheme == scheme
-    assert cfg.train_cfg.attack == dict(
-        type='BIM', eps=7.65, steps=3, step_size=2.55)
+    assert cfg.train_cfg.attack == dict(type='BIM', eps=7.65, steps=3, step_size=2.55)
     # 50 epochs of 661 (VOC) / 400 epochs of 186 (Cityscapes) iterations
     max_iters = 33050 if voc else 74400
     assert cfg.train_cfg.max_iters == max_iters
     # SGD 0.01, momentum 0.9, wd 1e-4, heads 10x, poly 0.9
     assert cfg.optim_wrapper.type == 'OptimWrapper'
     assert cfg.optim_wrapper.optimizer == dict(
-        type='SGD', lr=0.01, momentum=0.9, weight_decay=1e-4)
+        type='SGD', lr=0.01, momentum=0.9, weight_decay=1e-4
+    )
     keys = cfg.optim_wrapper.paramwise_cfg.custom_keys
     assert keys.decode_head.lr_mult == keys.auxiliary_head.lr_mult == 10.0
-    (sched, ) = cfg.param_scheduler
+    (sched,) = cfg.param_scheduler
     assert (sched.type, sched.power, sched.end) == ('PolyLR', 0.9, max_iters)
     # batch 16 = 2 per GPU x 8
     assert cfg.train_dataloader.batch_size == 2
     dataset = cfg.train_dataloader.dataset
     # VOC: train.txt + aug.txt (ConcatDataset of two datasets, one pipeline)
     pipeline = (dataset.datasets[0] if voc else dataset).pipeline
-    assert [t for t in pipeline if t.type == 'RandomCrop'
-            ][0].crop_size == (crop, crop)
+    assert [t for t in pipeline if t.type == 'RandomCrop'][0].crop_size == (crop, crop)
     model = cfg.model
     assert model.data_preprocessor.mean == [123.675, 116.28, 103.53]
     assert model.data_preprocessor.std == [58.395, 57.12, 57.375]
@@ -83,8 +84,7 @@ def test_config_settings(path):
     if 'deeplabv3' in path:
         assert head.dilations == (1, 6, 12, 18)
         assert head.bottleneck_kernel_size == 1 and head.channels == 256
-        assert head.type == ('DDCATASPPHead' if scheme == 'ddcat' else
-                             'DeepLabV3Head')
+        assert head.type == ('DDCATASPPHead' if scheme == 'ddcat' else 'DeepLabV3Head')
     else:
         assert head.pool_scales == (1, 2, 3, 6) and head.channels == 512
         assert head.type == ('DDCATPSPHead' if scheme == 'ddcat' else 'PSPHead')
@@ -98,8 +98,7 @@ def test_config_settings(path):
 def _samples(n, size, num_classes, division):
     out = []
     for _ in range(n):
-        s = SegDataSample(
-            metainfo=dict(img_shape=size, pad_shape=size, ori_shape=size))
+        s = SegDataSample(metainfo=dict(img_shape=size, pad_shape=size, ori_shape=size))
         labels = torch.randint(0, num_classes, (1, *size))
         labels[:, :2] = 255
         s.gt_sem_seg = PixelData(data=labels)
@@ -134,5 +133,6 @@ def test_model_builds_and_trains_one_step(path):
     model.eval()
     with torch.no_grad():
         logits = model.encode_decode(
-            x, [dict(img_shape=(33, 33), pad_shape=(33, 33))] * 2)
+            x, [dict(img_shape=(33, 33), pad_shape=(33, 33))] * 2
+        )
     assert logits.shape == (2, n_cls, 33, 33)

@@ -3,6 +3,7 @@ trains with the reference's schedule (Segmenter's own: SGD lr 1e-3, momentum 0.9
 weight decay 1e-5, polynomial decay of power 0.9 to 1e-5, 32 epochs of ADE20K's
 20210 training images at batch 14 per GPU on 8 GPUs); the AdamW schedule of the
 ADE20K UperNets is kept as a clearly named variant."""
+
 import os.path as osp
 
 import pytest
@@ -30,13 +31,15 @@ def test_reference_schedule(name):
     assert cfg.optim_wrapper.type == 'OptimWrapper'
     # Nothing of the AdamW base schedule survives.
     assert 'betas' not in opt and 'eps' not in opt
-    (poly, ) = cfg.param_scheduler
-    assert poly == dict(type='PolyLR', power=0.9, eta_min=1e-5, by_epoch=False,
-                        begin=0, end=MAX_ITERS)
+    (poly,) = cfg.param_scheduler
+    assert poly == dict(
+        type='PolyLR', power=0.9, eta_min=1e-5, by_epoch=False, begin=0, end=MAX_ITERS
+    )
     assert cfg.train_cfg.max_iters == MAX_ITERS == 5760
     assert cfg.train_cfg.type == 'AdversarialTrainLoop'
     assert cfg.train_cfg.attack == dict(
-        type='PGD', eps=4, steps=5, step_size=2.55, random_start=False)
+        type='PGD', eps=4, steps=5, step_size=2.55, random_start=False
+    )
     assert cfg.default_hooks.checkpoint.interval == cfg.train_cfg.val_interval
     assert MAX_ITERS % cfg.train_cfg.val_interval == 0
 
@@ -47,6 +50,7 @@ def test_reference_learning_rate_curve():
     # counts T = end - begin - 1 (it reaches lr_min at the last iteration, one
     # step early, as the project's other schedules).
     from mmengine.optim.scheduler import PolyLR
+
     cfg = _cfg(REFERENCE)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     sched = dict(cfg.param_scheduler[0])
@@ -58,7 +62,7 @@ def test_reference_learning_rate_curve():
         opt.step()
         scheduler.step()
     for t in (0, 1, MAX_ITERS // 3, MAX_ITERS // 2, MAX_ITERS - 2, MAX_ITERS - 1):
-        expected = (1e-3 - 1e-5) * (1 - t / (MAX_ITERS - 1))**0.9 + 1e-5
+        expected = (1e-3 - 1e-5) * (1 - t / (MAX_ITERS - 1)) ** 0.9 + 1e-5
         assert lrs[t] == pytest.approx(expected, rel=1e-6), t
     assert opt.param_groups[0]['lr'] == pytest.approx(1e-5)
 

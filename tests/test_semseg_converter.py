@@ -6,6 +6,7 @@ a width parameter ``w`` (64 = the real model): at w=64 on the meta device it giv
 the exact reference key names and shapes, at a small width it runs, and the
 converted mmseg model must reproduce its logits.
 """
+
 import copy
 import importlib.util
 import os.path as osp
@@ -19,8 +20,10 @@ from mmengine.registry import DefaultScope
 
 import mmseg_robust.models.decode_heads  # noqa: F401  (registers the heads)
 from mmseg_robust.models.checkpoint import CheckpointError, expected_shapes
-from mmseg_robust.models.converters import (convert_semseg_state_dict,
-                                            detect_semseg_layout)
+from mmseg_robust.models.converters import (
+    convert_semseg_state_dict,
+    detect_semseg_layout,
+)
 from mmseg_robust.registry import MODELS
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -41,13 +44,13 @@ def _conv_bn(cin, cout, k, **kw):
 
 
 class RefBottleneck(nn.Module):
-
     def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=dilation,
-                               dilation=dilation, bias=False)
+        self.conv2 = nn.Conv2d(
+            planes, planes, 3, stride, padding=dilation, dilation=dilation, bias=False
+        )
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
@@ -63,8 +66,12 @@ class RefBottleneck(nn.Module):
 
 def _classifier(cin, mid, k, num_out):
     # Sequential(conv, BN, ReLU, Dropout2d, conv1x1): keys .0, .1, .4
-    return nn.Sequential(*_conv_bn(cin, mid, k, padding=k // 2), nn.ReLU(),
-                         nn.Dropout2d(0.1), nn.Conv2d(mid, num_out, 1))
+    return nn.Sequential(
+        *_conv_bn(cin, mid, k, padding=k // 2),
+        nn.ReLU(),
+        nn.Dropout2d(0.1),
+        nn.Conv2d(mid, num_out, 1),
+    )
 
 
 class RefNet(nn.Module):
@@ -74,10 +81,14 @@ class RefNet(nn.Module):
         super().__init__()
         self.arch, self.ddcat = arch, ddcat
         self.layer0 = nn.Sequential(
-            *_conv_bn(3, w, 3, stride=2, padding=1), nn.ReLU(),
-            *_conv_bn(w, w, 3, padding=1), nn.ReLU(),
-            *_conv_bn(w, 2 * w, 3, padding=1), nn.ReLU(),
-            nn.MaxPool2d(3, 2, 1))
+            *_conv_bn(3, w, 3, stride=2, padding=1),
+            nn.ReLU(),
+            *_conv_bn(w, w, 3, padding=1),
+            nn.ReLU(),
+            *_conv_bn(w, 2 * w, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(3, 2, 1),
+        )
         self.inplanes = 2 * w
         self.layer1 = self._layer(w, 3, 1, 1)
         self.layer2 = self._layer(2 * w, 4, 2, 1)
@@ -87,19 +98,24 @@ class RefNet(nn.Module):
         if arch == 'pspnet':
             self.ppm = nn.Module()
             self.ppm.features = nn.ModuleList(
-                nn.Sequential(nn.AdaptiveAvgPool2d(b), *_conv_bn(fea, fea // 4, 1),
-                              nn.ReLU()) for b in (1, 2, 3, 6))
+                nn.Sequential(
+                    nn.AdaptiveAvgPool2d(b), *_conv_bn(fea, fea // 4, 1), nn.ReLU()
+                )
+                for b in (1, 2, 3, 6)
+            )
             cat, mid, k, aux_mid, aux_k = 2 * fea, 8 * w, 3, 4 * w, 3
         else:
             out = 4 * w
             convs = [nn.Sequential(*_conv_bn(fea, out, 1), nn.ReLU())]
             convs += [
-                nn.Sequential(*_conv_bn(fea, out, 3, padding=r, dilation=r),
-                              nn.ReLU()) for r in (6, 12, 18)
+                nn.Sequential(*_conv_bn(fea, out, 3, padding=r, dilation=r), nn.ReLU())
+                for r in (6, 12, 18)
             ]
             convs.append(
-                nn.Sequential(nn.AdaptiveAvgPool2d(1), *_conv_bn(fea, out, 1),
-                              nn.ReLU()))
+                nn.Sequential(
+                    nn.AdaptiveAvgPool2d(1), *_conv_bn(fea, out, 1), nn.ReLU()
+                )
+            )
             self.aspp = nn.Module()
             self.aspp.convs = nn.ModuleList(convs)
             cat, mid, k, aux_mid, aux_k = 5 * out, out, 1, out, 1
@@ -119,8 +135,7 @@ class RefNet(nn.Module):
         layers = [RefBottleneck(self.inplanes, planes, stride, dilation, down)]
         self.inplanes = planes * 4
         layers += [
-            RefBottleneck(self.inplanes, planes, 1, dilation)
-            for _ in range(1, blocks)
+            RefBottleneck(self.inplanes, planes, 1, dilation) for _ in range(1, blocks)
         ]
         return nn.Sequential(*layers)
 
@@ -161,8 +176,7 @@ def reference_checkpoint(arch, ddcat, w=64, classes=21, meta=False):
         with torch.device('meta'):
             net = RefNet(arch, ddcat, w, classes)
         sd = {
-            k: torch.zeros(v.shape, dtype=v.dtype)
-            for k, v in net.state_dict().items()
+            k: torch.zeros(v.shape, dtype=v.dtype) for k, v in net.state_dict().items()
         }
     else:
         torch.manual_seed(0)
@@ -176,8 +190,11 @@ def reference_checkpoint(arch, ddcat, w=64, classes=21, meta=False):
                     mod.running_var.uniform_(0.5, 1.5)
                     mod.num_batches_tracked.fill_(7)
         sd = net.state_dict()
-    ckpt = dict(epoch=50, state_dict={'module.' + k: v for k, v in sd.items()},
-                optimizer=dict(state={}, param_groups=[dict(lr=0.0, params=[0])]))
+    ckpt = dict(
+        epoch=50,
+        state_dict={'module.' + k: v for k, v in sd.items()},
+        optimizer=dict(state={}, param_groups=[dict(lr=0.0, params=[0])]),
+    )
     return ckpt, net
 
 
@@ -201,8 +218,11 @@ def model_cfg(arch, ddcat, w=64, classes=None):
         norm = dict(type='BN', requires_grad=True)
         cfg['backbone'].update(stem_channels=2 * w, base_channels=w, norm_cfg=norm)
         head, aux = cfg['decode_head'], cfg['auxiliary_head']
-        head.update(in_channels=32 * w, norm_cfg=norm,
-                    channels=8 * w if arch == 'pspnet' else 4 * w)
+        head.update(
+            in_channels=32 * w,
+            norm_cfg=norm,
+            channels=8 * w if arch == 'pspnet' else 4 * w,
+        )
         aux.update(in_channels=16 * w, channels=4 * w, norm_cfg=norm)
     return cfg
 
@@ -211,8 +231,7 @@ def model_cfg(arch, ddcat, w=64, classes=None):
 def test_full_size_reference_keys_fill_our_configs(arch, ddcat):
     classes = 19 if arch == 'deeplabv3' else 21
     ckpt, _ = reference_checkpoint(arch, ddcat, classes=classes, meta=True)
-    layout = detect_semseg_layout(
-        {k[7:]: v for k, v in ckpt['state_dict'].items()})
+    layout = detect_semseg_layout({k[7:]: v for k, v in ckpt['state_dict'].items()})
     assert layout == (arch, 'ddcat' if ddcat else 'plain', classes, True)
     cfg = model_cfg(arch, ddcat)
     expected = expected_shapes(cfg)
@@ -240,8 +259,8 @@ def test_converted_model_reproduces_reference_logits(arch, ddcat):
         ours = model.encode_decode(x, metas)
         feats = model.extract_feat(x)
         ours_aux = F.interpolate(
-            model.auxiliary_head(feats), (41, 41), mode='bilinear',
-            align_corners=True)
+            model.auxiliary_head(feats), (41, 41), mode='bilinear', align_corners=True
+        )
         assert torch.allclose(ours, main, rtol=1e-9, atol=1e-9)
         assert torch.allclose(ours_aux, aux, rtol=1e-9, atol=1e-9)
         if ddcat:
@@ -299,8 +318,14 @@ def test_layout_errors():
 
 def test_imagenet_backbone_and_missing_num_batches_tracked():
     ckpt, net = reference_checkpoint('pspnet', False, w=4, classes=5)
-    names = {'0': 'conv1', '1': 'bn1', '3': 'conv2', '4': 'bn2', '6': 'conv3',
-             '7': 'bn3'}
+    names = {
+        '0': 'conv1',
+        '1': 'bn1',
+        '3': 'conv2',
+        '4': 'bn2',
+        '6': 'conv3',
+        '7': 'bn3',
+    }
     sd = {}
     for k, v in net.state_dict().items():
         if k.startswith('layer0.'):
@@ -350,6 +375,7 @@ def test_tool_writes_a_safe_checkpoint_for_a_config(tmp_path, capsys):
     MODELS.build(plain_cfg.model).load_state_dict(written['state_dict'], strict=True)
     # default configs are found from the layout and the class count
     assert tool.default_config('deeplabv3', 'ddcat', 19).endswith(
-        osp.join('ddcat', 'deeplabv3_r50-d8_ddcat_cityscapes-449x449.py'))
+        osp.join('ddcat', 'deeplabv3_r50-d8_ddcat_cityscapes-449x449.py')
+    )
     with pytest.raises(CheckpointError, match='--config'):
         tool.default_config('pspnet', 'plain', 5)

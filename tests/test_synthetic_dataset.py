@@ -1,4 +1,5 @@
 """The embedded synthetic dataset: deterministic, mmseg layout, loads through mmseg."""
+
 import json
 import os
 import os.path as osp
@@ -8,8 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from mmseg_robust.datasets import (CLASSES, generate_synthetic_dataset,
-                                   render_sample)
+from mmseg_robust.datasets import CLASSES, generate_synthetic_dataset, render_sample
 
 
 def test_render_is_deterministic_and_labels_in_range():
@@ -43,8 +43,9 @@ def test_layout_meta_and_reuse(tmp_path):
     assert meta['splits'] == dict(train=3, val=2) and meta['size'] == 32
     mtime = os.path.getmtime(osp.join(root, 'img_dir', 'train', '00000.png'))
     generate_synthetic_dataset(root, splits=dict(train=3, val=2), size=32)
-    assert os.path.getmtime(osp.join(root, 'img_dir', 'train',
-                                     '00000.png')) == mtime  # reused, not redone
+    assert (
+        os.path.getmtime(osp.join(root, 'img_dir', 'train', '00000.png')) == mtime
+    )  # reused, not redone
     with pytest.raises(RuntimeError, match='Delete the folder'):
         generate_synthetic_dataset(root, splits=dict(train=4, val=2), size=32)
 
@@ -58,12 +59,12 @@ def test_refuses_foreign_folder(tmp_path):
 def test_concurrent_generation_is_safe(tmp_path):
     # Several processes (like the ranks of a distributed job) generate at once.
     root = str(tmp_path / 'race')
-    code = ('from mmseg_robust.datasets import generate_synthetic_dataset; '
-            f'generate_synthetic_dataset({root!r}, splits=dict(train=6, val=2), '
-            'size=32)')
-    procs = [
-        subprocess.Popen([sys.executable, '-c', code]) for _ in range(3)
-    ]
+    code = (
+        'from mmseg_robust.datasets import generate_synthetic_dataset; '
+        f'generate_synthetic_dataset({root!r}, splits=dict(train=6, val=2), '
+        'size=32)'
+    )
+    procs = [subprocess.Popen([sys.executable, '-c', code]) for _ in range(3)]
     assert [p.wait(120) for p in procs] == [0, 0, 0]
     assert len(os.listdir(osp.join(root, 'img_dir', 'train'))) == 6
     # no temporary folders left behind
@@ -74,19 +75,21 @@ def test_loads_through_mmseg_pipeline(synthetic_root):
     from mmengine.registry import init_default_scope
 
     from mmseg_robust.registry import DATASETS
+
     init_default_scope('mmseg')
     ds = DATASETS.build(
         dict(
             type='SyntheticShapesDataset',
             data_root=synthetic_root,
             generator_cfg=dict(splits=dict(train=48, val=16)),
-            data_prefix=dict(
-                img_path='img_dir/val', seg_map_path='ann_dir/val'),
+            data_prefix=dict(img_path='img_dir/val', seg_map_path='ann_dir/val'),
             pipeline=[
                 dict(type='LoadImageFromFile'),
                 dict(type='LoadAnnotations'),
-                dict(type='PackSegInputs')
-            ]))
+                dict(type='PackSegInputs'),
+            ],
+        )
+    )
     assert len(ds) == 16
     assert ds.metainfo['classes'] == CLASSES
     sample = ds[0]

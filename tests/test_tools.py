@@ -1,4 +1,5 @@
 """End to end through the stock tools: train, test, 2-process gloo, --resume."""
+
 import glob
 import json
 import os.path as osp
@@ -7,12 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-ITERS = ['train_cfg.max_iters=6', 'train_cfg.val_interval=6',
-         'default_hooks.checkpoint.interval=3',
-         'default_hooks.logger.interval=1',
-         'param_scheduler.0.end=2', 'param_scheduler.1.begin=2',
-         'param_scheduler.1.end=6',
-         'train_dataloader.batch_size=4']
+ITERS = [
+    'train_cfg.max_iters=6',
+    'train_cfg.val_interval=6',
+    'default_hooks.checkpoint.interval=3',
+    'default_hooks.logger.interval=1',
+    'param_scheduler.0.end=2',
+    'param_scheduler.1.begin=2',
+    'param_scheduler.1.end=6',
+    'train_dataloader.batch_size=4',
+]
 
 
 def _train(run_tool, cfg, work, data_opts, extra=(), launcher=None):
@@ -48,18 +53,26 @@ def _pooled_miou(config, checkpoint, data_root, num_classes=5, ignore_index=255)
     return 100 * float(np.mean(inter[union > 0] / union[union > 0]))
 
 
-def test_train_then_test(run_tool, small_config, synthetic_root, data_options,
-                         tmp_path):
+def test_train_then_test(
+    run_tool, small_config, synthetic_root, data_options, tmp_path
+):
     work = str(tmp_path / 'clean')
-    out = run_tool(
-        _train(run_tool, small_config, work, data_options(synthetic_root)))
+    out = run_tool(_train(run_tool, small_config, work, data_options(synthetic_root)))
     assert 'Iter(train) [6/6]' in out
     ckpt = osp.join(work, 'iter_6.pth')
     assert osp.exists(ckpt)
-    out = run_tool([
-        'python', 'tools/test.py', small_config, ckpt, '--work-dir',
-        str(tmp_path / 'test'), '--cfg-options'
-    ] + data_options(synthetic_root))
+    out = run_tool(
+        [
+            'python',
+            'tools/test.py',
+            small_config,
+            ckpt,
+            '--work-dir',
+            str(tmp_path / 'test'),
+            '--cfg-options',
+        ]
+        + data_options(synthetic_root)
+    )
     assert 'mIoU' in out
     results = glob.glob(str(tmp_path / 'test' / '*' / '*.json'))
     assert results, 'tools/test.py wrote no metrics JSON'
@@ -67,18 +80,20 @@ def test_train_then_test(run_tool, small_config, synthetic_root, data_options,
     # the value, not only its range: the trained checkpoint's mIoU on the val split
     # (the tool rounds to 2 decimals)
     assert metrics['mIoU'] == pytest.approx(
-        _pooled_miou(small_config, ckpt, synthetic_root), abs=0.011)
+        _pooled_miou(small_config, ckpt, synthetic_root), abs=0.011
+    )
 
 
-def test_resume_continues_interrupted_run(run_tool, small_config,
-                                          synthetic_root, data_options,
-                                          tmp_path):
+def test_resume_continues_interrupted_run(
+    run_tool, small_config, synthetic_root, data_options, tmp_path
+):
     work = str(tmp_path / 'resume')
     # Interrupted after the checkpoint at iter 3: the run's max_iters is 6 but the
     # process stops at 3 (as if killed right after saving).
     run_tool(
-        _train(run_tool, small_config, work, data_options(synthetic_root)) +
-        ['train_cfg.max_iters=3'])
+        _train(run_tool, small_config, work, data_options(synthetic_root))
+        + ['train_cfg.max_iters=3']
+    )
     assert osp.exists(osp.join(work, 'iter_3.pth'))
     out = run_tool(
         _train(
@@ -86,24 +101,25 @@ def test_resume_continues_interrupted_run(run_tool, small_config,
             small_config,
             work,
             data_options(synthetic_root),
-            extra=['--resume']))
+            extra=['--resume'],
+        )
+    )
     assert 'resumed epoch: 0, iter: 3' in out
     assert 'Iter(train) [4/6]' in out and 'Iter(train) [1/6]' not in out
     ckpt = torch.load(osp.join(work, 'iter_6.pth'), weights_only=True)
     assert ckpt['meta']['iter'] == 6
 
 
-def test_dist_train_two_cpu_processes(run_tool, small_config, synthetic_root,
-                                      data_options, tmp_path):
+def test_dist_train_two_cpu_processes(
+    run_tool, small_config, synthetic_root, data_options, tmp_path
+):
     work = str(tmp_path / 'dist')
     out = run_tool(
         _train(
-            run_tool,
-            small_config,
-            work,
-            data_options(synthetic_root),
-            launcher='dist'),
-        env=dict(PORT='29641', CUDA_VISIBLE_DEVICES=''))
+            run_tool, small_config, work, data_options(synthetic_root), launcher='dist'
+        ),
+        env=dict(PORT='29641', CUDA_VISIBLE_DEVICES=''),
+    )
     assert 'Distributed training: True' in out
     assert 'GPU number: 2' in out  # mmengine's name for the world size
     assert 'using the gloo backend instead of nccl' in out
@@ -112,7 +128,7 @@ def test_dist_train_two_cpu_processes(run_tool, small_config, synthetic_root,
 
 # A stand-in for SLURM's srun on one machine: starts --ntasks local tasks of the
 # command with the environment SLURM gives them (no scontrol: MASTER_ADDR is set).
-FAKE_SRUN = r'''#!/usr/bin/env bash
+FAKE_SRUN = r"""#!/usr/bin/env bash
 ntasks=1
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -132,22 +148,24 @@ done
 rc=0
 for p in "${pids[@]}"; do wait "$p" || rc=$?; done
 exit $rc
-'''
+"""
 
 
-def test_slurm_test_sh_with_evaluator_sea(run_tool, small_config,
-                                          synthetic_root, data_options,
-                                          tmp_path):
+def test_slurm_test_sh_with_evaluator_sea(
+    run_tool, small_config, synthetic_root, data_options, tmp_path
+):
     """`tools/slurm_test.sh PARTITION JOB CONFIG CKPT --cfg-options evaluator=SEA`
     as the README writes it, on 2 CPU tasks of a stand-in srun (mmengine's slurm
     set-up without CUDA: mmseg_robust.utils.compat)."""
     import os
     import stat
     import sys
+
     work = str(tmp_path / 'train')
     run_tool(
-        _train(run_tool, small_config, work, data_options(synthetic_root)) +
-        ['train_cfg.max_iters=1', 'default_hooks.checkpoint.interval=1'])
+        _train(run_tool, small_config, work, data_options(synthetic_root))
+        + ['train_cfg.max_iters=1', 'default_hooks.checkpoint.interval=1']
+    )
     ckpt = osp.join(work, 'iter_1.pth')
     bin_dir = tmp_path / 'bin'
     bin_dir.mkdir()
@@ -157,21 +175,32 @@ def test_slurm_test_sh_with_evaluator_sea(run_tool, small_config,
     test_work = tmp_path / 'sea'
     out = run_tool(
         [
-            'bash', 'tools/slurm_test.sh', 'PARTITION', 'JOB', small_config,
-            ckpt, '--work-dir',
-            str(test_work), '--cfg-options', 'evaluator=SEA',
-            'evaluator.eps=4', 'evaluator.n_iter=4'
-        ] + data_options(synthetic_root) +
-        ['test_dataloader.dataset.indices=6'],
+            'bash',
+            'tools/slurm_test.sh',
+            'PARTITION',
+            'JOB',
+            small_config,
+            ckpt,
+            '--work-dir',
+            str(test_work),
+            '--cfg-options',
+            'evaluator=SEA',
+            'evaluator.eps=4',
+            'evaluator.n_iter=4',
+        ]
+        + data_options(synthetic_root)
+        + ['test_dataloader.dataset.indices=6'],
         env=dict(
             PATH=os.pathsep.join(
-                [str(bin_dir),
-                 osp.dirname(sys.executable), os.environ['PATH']]),
+                [str(bin_dir), osp.dirname(sys.executable), os.environ['PATH']]
+            ),
             GPUS='2',
             GPUS_PER_NODE='2',
             MASTER_ADDR='127.0.0.1',
             MASTER_PORT='29683',
-            CUDA_VISIBLE_DEVICES=''))
+            CUDA_VISIBLE_DEVICES='',
+        ),
+    )
     assert 'fake srun: 2 tasks' in out and '--launcher=slurm' in out
     assert 'Distributed launcher: slurm' in out and 'GPU number: 2' in out
     results = glob.glob(str(test_work / 'robustness_*.json'))

@@ -8,6 +8,7 @@ mmengine's singletons (loggers, message hub, visualizer, default scope) are rese
 as mmengine's ``RunnerTestCase`` does between Runners. The end-to-end tests use it
 to pay the ~8 s import of torch/mmseg once per case instead of once per tool.
 """
+
 import runpy
 import sys
 
@@ -25,6 +26,7 @@ def reset_singletons() -> None:
     from mmengine.logging import MessageHub, MMLogger
     from mmengine.registry import DefaultScope
     from mmengine.visualization import Visualizer
+
     for logger in list(MMLogger._instance_dict.values()):
         for handler in list(logger.handlers):
             logger.removeHandler(handler)

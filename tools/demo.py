@@ -20,6 +20,7 @@ seconds. The defaults fit in about 15 minutes on 2 CPU cores; the SEA settings a
 reduced from the paper's (``--sea-iters 300``, all 100 images) and the report says
 which were used.
 """
+
 import argparse
 import glob
 import os
@@ -52,29 +53,49 @@ LOADER_OPTS = [
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split('\n\n')[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument('--work-dir', default=osp.join('work_dirs', 'demo'))
     p.add_argument('--data-root', default=osp.join('data', 'synthetic_shapes'))
-    p.add_argument('--jobs', type=int, default=2,
-                   help='trainings/evaluations run in parallel')
+    p.add_argument(
+        '--jobs', type=int, default=2, help='trainings/evaluations run in parallel'
+    )
     p.add_argument('--clean-iters', type=int, default=2000)
-    p.add_argument('--at-iters', type=int, default=1000,
-                   help='adversarial training iterations per robust model')
-    p.add_argument('--eps', type=float, nargs='+', default=[2, 4, 8],
-                   help='SEA radii (/255); 0 (clean) is always reported')
-    p.add_argument('--sea-iters', type=int, default=100,
-                   help='iterations of each SEA attack (the paper: 300)')
-    p.add_argument('--sea-images', type=int, default=48,
-                   help='validation images evaluated (all: 100)')
-    p.add_argument('--grid-images', type=int, default=4,
-                   help='rows of each picture grid')
-    p.add_argument('--poll', type=float, default=10.0,
-                   help='seconds between progress lines')
+    p.add_argument(
+        '--at-iters',
+        type=int,
+        default=1000,
+        help='adversarial training iterations per robust model',
+    )
+    p.add_argument(
+        '--eps',
+        type=float,
+        nargs='+',
+        default=[2, 4, 8],
+        help='SEA radii (/255); 0 (clean) is always reported',
+    )
+    p.add_argument(
+        '--sea-iters',
+        type=int,
+        default=100,
+        help='iterations of each SEA attack (the paper: 300)',
+    )
+    p.add_argument(
+        '--sea-images',
+        type=int,
+        default=48,
+        help='validation images evaluated (all: 100)',
+    )
+    p.add_argument(
+        '--grid-images', type=int, default=4, help='rows of each picture grid'
+    )
+    p.add_argument(
+        '--poll', type=float, default=10.0, help='seconds between progress lines'
+    )
     return p.parse_args(argv)
 
 
 class Demo:
-
     def __init__(self, args):
         self.args = args
         self.work = osp.abspath(args.work_dir)
@@ -89,8 +110,7 @@ class Demo:
     def data_opts(self):
         return [
             f'{loader}.dataset.data_root={self.data_root}'
-            for loader in ('train_dataloader', 'val_dataloader',
-                           'test_dataloader')
+            for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')
         ] + LOADER_OPTS
 
     def train_dir(self, model):
@@ -110,8 +130,12 @@ class Demo:
         # the cores are shared by the jobs that run at once (a lone job gets all)
         parallel = max(1, min(self.args.jobs, len(jobs)))
         threads = str(max(1, (os.cpu_count() or 1) // parallel))
-        env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
-                   PYTHONUNBUFFERED='1')
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS=threads,
+            MKL_NUM_THREADS=threads,
+            PYTHONUNBUFFERED='1',
+        )
         env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
         pending, running, failed = list(jobs), {}, []
         last = 0.0
@@ -123,9 +147,13 @@ class Demo:
                 # progress() reads only what follows the last marker
                 f.write(f'{_MARKER} {datetime.now().isoformat()}\n')
                 f.flush()
-                running[name] = (subprocess.Popen(
-                    cmd, cwd=REPO, env=env, stdout=f,
-                    stderr=subprocess.STDOUT), log, f)
+                running[name] = (
+                    subprocess.Popen(
+                        cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT
+                    ),
+                    log,
+                    f,
+                )
             time.sleep(1.0)
             for name, (proc, log, f) in list(running.items()):
                 if proc.poll() is not None:
@@ -133,32 +161,42 @@ class Demo:
                     del running[name]
                     if proc.returncode != 0:
                         failed.append((name, log))
-                        self.say(f'{what}: {name} FAILED (exit '
-                                 f'{proc.returncode}), log: {log}')
+                        self.say(
+                            f'{what}: {name} FAILED (exit '
+                            f'{proc.returncode}), log: {log}'
+                        )
                     else:
                         self.say(f'{what}: {name} done')
             if running and time.time() - last >= self.args.poll:
                 last = time.time()
-                self.say(f'{what}: ' + ' | '.join(
-                    f'{name} {progress(log)}'
-                    for name, (_, log, _) in running.items()) +
-                         (f' | waiting: {", ".join(j[0] for j in pending)}'
-                          if pending else ''))
+                self.say(
+                    f'{what}: '
+                    + ' | '.join(
+                        f'{name} {progress(log)}'
+                        for name, (_, log, _) in running.items()
+                    )
+                    + (
+                        f' | waiting: {", ".join(j[0] for j in pending)}'
+                        if pending
+                        else ''
+                    )
+                )
         if failed:
-            tails = '\n'.join(f'--- {n}: {log}\n' + tail(log)
-                              for n, log in failed)
-            raise SystemExit(f'{what} failed for {[n for n, _ in failed]}; '
-                             f'rerun the same command to retry the rest.\n'
-                             f'{tails}')
+            tails = '\n'.join(f'--- {n}: {log}\n' + tail(log) for n, log in failed)
+            raise SystemExit(
+                f'{what} failed for {[n for n, _ in failed]}; '
+                f'rerun the same command to retry the rest.\n'
+                f'{tails}'
+            )
 
     # -------------------------------------------------------------- stages
     def stage_data(self):
         from mmseg_robust.datasets import generate_synthetic_dataset
+
         if osp.isdir(self.data_root):
             self.say(f'1/5 data: found {self.data_root}')
             return
-        self.say(f'1/5 data: generating the synthetic dataset in '
-                 f'{self.data_root}')
+        self.say(f'1/5 data: generating the synthetic dataset in {self.data_root}')
         generate_synthetic_dataset(self.data_root)
 
     def train_cmd(self, model, load_from=None):
@@ -181,8 +219,11 @@ class Demo:
         elif model != 'clean':
             opts.append(f'load_from={load_from}')
         cmd = [
-            sys.executable, 'tools/train.py',
-            osp.join(CONFIG_DIR, config), '--work-dir', self.train_dir(model)
+            sys.executable,
+            'tools/train.py',
+            osp.join(CONFIG_DIR, config),
+            '--work-dir',
+            self.train_dir(model),
         ]
         if resume:
             cmd.append('--resume')
@@ -192,36 +233,48 @@ class Demo:
         todo = [m for m in models if not osp.isfile(self.checkpoint(m))]
         for m in models:
             if m not in todo:
-                self.say(f'{number} {title}: {m} already trained: '
-                         f'{self.checkpoint(m)}')
+                self.say(f'{number} {title}: {m} already trained: {self.checkpoint(m)}')
         if not todo:
             return
-        jobs = [(m, self.train_cmd(m, self.checkpoint('clean')),
-                 osp.join(self.train_dir(m), 'train.log')) for m in todo]
-        self.say(f'{number} {title}: training {", ".join(todo)} '
-                 f'({len(todo)} job(s), {self.args.jobs} at a time)')
+        jobs = [
+            (
+                m,
+                self.train_cmd(m, self.checkpoint('clean')),
+                osp.join(self.train_dir(m), 'train.log'),
+            )
+            for m in todo
+        ]
+        self.say(
+            f'{number} {title}: training {", ".join(todo)} '
+            f'({len(todo)} job(s), {self.args.jobs} at a time)'
+        )
         self.run_jobs(jobs, f'{number} {title}')
 
     def sea_settings(self):
-        return dict(eps=sorted(float(e) for e in self.args.eps if e > 0),
-                    steps=self.args.sea_iters,
-                    images=self.args.sea_images)
+        return dict(
+            eps=sorted(float(e) for e in self.args.eps if e > 0),
+            steps=self.args.sea_iters,
+            images=self.args.sea_images,
+        )
 
     def sea_result(self, model):
         """The newest robustness JSON of ``model`` with the demo's settings."""
         want = self.sea_settings()
-        for path in sorted(glob.glob(osp.join(self.sea_dir(model),
-                                              'robustness_*.json')),
-                           reverse=True):
+        for path in sorted(
+            glob.glob(osp.join(self.sea_dir(model), 'robustness_*.json')), reverse=True
+        ):
             from mmseg_robust.evaluation import load_results
+
             try:
                 res = load_results(path)
             except ValueError:  # not a results file (or cut short): skip it
                 continue
             attack = res.attacks[0] if res.attacks else {}
-            got = dict(eps=sorted(res.eps),
-                       steps=attack.get('steps', attack.get('n_iter')),
-                       images=res.summary.get('num_images'))
+            got = dict(
+                eps=sorted(res.eps),
+                steps=attack.get('steps', attack.get('n_iter')),
+                images=res.summary.get('num_images'),
+            )
             if got == want:
                 return path
         return None
@@ -230,14 +283,20 @@ class Demo:
         s = self.sea_settings()
         eps = ','.join(f'{e:g}' for e in s['eps'])
         return [
-            sys.executable, 'tools/test.py',
-            osp.join(CONFIG_DIR, MODELS[model][0]), self.checkpoint(model),
-            '--work-dir', self.sea_dir(model), '--show-dir',
-            osp.join(self.sea_dir(model), 'show'), '--cfg-options',
-            'evaluator=SEA', f'evaluator.eps=[{eps}]',
+            sys.executable,
+            'tools/test.py',
+            osp.join(CONFIG_DIR, MODELS[model][0]),
+            self.checkpoint(model),
+            '--work-dir',
+            self.sea_dir(model),
+            '--show-dir',
+            osp.join(self.sea_dir(model), 'show'),
+            '--cfg-options',
+            'evaluator=SEA',
+            f'evaluator.eps=[{eps}]',
             f'evaluator.steps={s["steps"]}',
             f'test_dataloader.dataset.indices={s["images"]}',
-            'test_dataloader.batch_size=8'
+            'test_dataloader.batch_size=8',
         ] + self.data_opts()
 
     def stage_sea(self):
@@ -249,21 +308,29 @@ class Demo:
         if not todo:
             return
         s = self.sea_settings()
-        self.say(f'4/5 SEA: evaluating {", ".join(todo)} at eps '
-                 f'{s["eps"]}/255, {s["steps"]} iterations per attack, '
-                 f'{s["images"]} images')
+        self.say(
+            f'4/5 SEA: evaluating {", ".join(todo)} at eps '
+            f'{s["eps"]}/255, {s["steps"]} iterations per attack, '
+            f'{s["images"]} images'
+        )
         # the clean model breaks fastest (early stop): schedule it last
         todo.sort(key=lambda m: m == 'clean')
-        jobs = [(m, self.sea_cmd(m), osp.join(self.sea_dir(m), 'test.log'))
-                for m in todo]
+        jobs = [
+            (m, self.sea_cmd(m), osp.join(self.sea_dir(m), 'test.log')) for m in todo
+        ]
         self.run_jobs(jobs, '4/5 SEA')
 
     def stage_report(self):
         import torch
 
         from mmseg_robust.datasets.synthetic import CLASSES, PALETTE
-        from mmseg_robust.reporting import (load_example, load_result,
-                                            save_picture_grid, write_report)
+        from mmseg_robust.reporting import (
+            load_example,
+            load_result,
+            save_picture_grid,
+            write_report,
+        )
+
         out = osp.join(self.work, 'report')
         self.say(f'5/5 report: writing {out}')
         rows = [load_result(self.sea_result(m), name=m) for m in MODELS]
@@ -273,28 +340,38 @@ class Demo:
             'iterations per attack': s['steps'],
             'images': s['images'],
             'dataset': 'synthetic shapes (val)',
-            'training': (f'clean {self.args.clean_iters} it; PIR-AT/SAT/DDC-AT '
-                         f'{self.args.at_iters} it from the clean model'),
+            'training': (
+                f'clean {self.args.clean_iters} it; PIR-AT/SAT/DDC-AT '
+                f'{self.args.at_iters} it from the clean model'
+            ),
             'machine': machine(torch),
             'date': datetime.now().strftime('%Y-%m-%d'),
         }
-        paths = write_report(rows, out, title='mmseg_robust demo: robustness '
-                             'on the synthetic dataset', settings=settings)
+        paths = write_report(
+            rows,
+            out,
+            title='mmseg_robust demo: robustness on the synthetic dataset',
+            settings=settings,
+        )
         eps = max(s['eps'])
         for m in MODELS:
             files = sorted(
-                glob.glob(osp.join(self.sea_dir(m), 'show',
-                                   '*_example.npz')))[:self.args.grid_images]
+                glob.glob(osp.join(self.sea_dir(m), 'show', '*_example.npz'))
+            )[: self.args.grid_images]
             if not files:
-                self.say(f'5/5 report: no saved examples for {m} (evaluated '
-                         f'from the cache only); skipping its picture grid')
+                self.say(
+                    f'5/5 report: no saved examples for {m} (evaluated '
+                    f'from the cache only); skipping its picture grid'
+                )
                 continue
             path = osp.join(out, f'examples_{m}.png')
-            save_picture_grid([load_example(f) for f in files],
-                              path,
-                              PALETTE,
-                              title=f'{m}: SEA worst case at ε={eps:g}/255',
-                              class_names=CLASSES)
+            save_picture_grid(
+                [load_example(f) for f in files],
+                path,
+                PALETTE,
+                title=f'{m}: SEA worst case at ε={eps:g}/255',
+                class_names=CLASSES,
+            )
             paths[f'examples_{m}'] = path
         for k, v in paths.items():
             self.say(f'5/5 report: {k}: {v}')
@@ -306,8 +383,7 @@ class Demo:
         self.stage_data()
         self.stage_train(['clean'], '2/5', 'clean training')
         # slowest first, so that the cores stay busy to the end
-        self.stage_train(['DDC-AT', 'SAT', 'PIR-AT'], '3/5',
-                         'adversarial training')
+        self.stage_train(['DDC-AT', 'SAT', 'PIR-AT'], '3/5', 'adversarial training')
         self.stage_sea()
         paths = self.stage_report()
         self.say(f'done in {time.time() - self.t0:.0f} s')
@@ -315,8 +391,10 @@ class Demo:
 
 
 _MARKER = '=== tools/demo.py started this job at'
-_ITER = re.compile(r'Iter\((?:train|val|test)\)\s*\[\s*(\d+)/(\d+)\].*?'
-                   r'eta: (\S+)')
+_ITER = re.compile(
+    r'Iter\((?:train|val|test)\)\s*\[\s*(\d+)/(\d+)\].*?'
+    r'eta: (\S+)'
+)
 _ROBUST = re.compile(r'Robustness \[(\d+)/(\d+) batches\] (.*)')
 
 
@@ -328,7 +406,7 @@ def progress(log: str) -> str:
     except OSError:
         return 'starting'
     starts = [i for i, line in enumerate(lines) if line.startswith(_MARKER)]
-    lines = lines[starts[-1] + 1 if starts else 0:][-200:]
+    lines = lines[starts[-1] + 1 if starts else 0 :][-200:]
     robust = [m.groups() for m in map(_ROBUST.search, lines) if m]
     if robust:
         done, total, rest = robust[-1]
@@ -336,9 +414,11 @@ def progress(log: str) -> str:
         # the ETA is on the per-batch lines, the attack running on every line
         etas = [re.search(r'ETA (\S+)', r[2]) for r in robust]
         eta = next((e.group(1) for e in reversed(etas) if e), None)
-        return (f'batch {done}/{total}' +
-                (f' {attack.group(1)}' if attack else '') +
-                (f' ETA {eta}' if eta else ''))
+        return (
+            f'batch {done}/{total}'
+            + (f' {attack.group(1)}' if attack else '')
+            + (f' ETA {eta}' if eta else '')
+        )
     for line in reversed(lines):
         m = _ITER.search(line)
         if m and 'Iter(train)' in line:
@@ -356,6 +436,7 @@ def tail(path: str, n: int = 30) -> str:
 
 def machine(torch) -> str:
     import platform
+
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f'{platform.machine()} CPU, {os.cpu_count()} cores'

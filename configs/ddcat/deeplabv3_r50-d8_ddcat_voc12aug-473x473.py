@@ -1,7 +1,7 @@
-# DDC-AT (Xu, Zhao & Jia, ICCV 2021; docs/algorithms.md section 5.3): DeepLabv3, deep-stem
-# ResNet-50, output stride 8, on PASCAL VOC 2012 train_aug, crop 473, 50 epochs x 661
-# iterations (10582 images / batch 16), batch 16 = 2/GPU x 8 GPUs. Training as SAT
-# plus the DDC-AT branches: cls1 (kept), cls2 and the router mask1, trained with
+# DDC-AT (Xu, Zhao & Jia, ICCV 2021; docs/algorithms.md section 5.3): DeepLabv3,
+# deep-stem ResNet-50, output stride 8, on PASCAL VOC 2012 train_aug, crop 473, 50
+# epochs x 661 iterations (10582 images / batch 16), batch 16 = 2/GPU x 8 GPUs. Training
+# as SAT plus the DDC-AT branches: cls1 (kept), cls2 and the router mask1, trained with
 # CE(routed output) + 1.0 CE(mask1, division labels) + 0.4 CE(aux).
 # Published numbers: SEA (Croce, Singh & Hein, ECCV 2024; docs/algorithms.md section 4)
 # drives the released reference model of this config to about 0 mIoU at eps 4/255.

@@ -7,7 +7,7 @@
 # Run: python tools/test.py THIS_CONFIG CHECKPOINT [--launcher ...]
 _base_ = [
     './segmenter_vit-s_pirat-adamw_8xb16-128e_ade20k151-512x512.py',
-    '../_base_/evaluators/sea.py'
+    '../_base_/evaluators/sea.py',
 ]
 # The weights come from the tested checkpoint.
 model = dict(backbone=dict(init_cfg=None))

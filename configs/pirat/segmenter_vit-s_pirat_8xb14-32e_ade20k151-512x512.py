@@ -25,9 +25,11 @@ model = dict(
     data_preprocessor=data_preprocessor,
     backbone=dict(
         init_cfg=dict(
-            type='Pretrained',
-            checkpoint='checkpoints/revisiting_at/vit_s_linf4.pth')),
-    decode_head=dict(num_classes=151))
+            type='Pretrained', checkpoint='checkpoints/revisiting_at/vit_s_linf4.pth'
+        )
+    ),
+    decode_head=dict(num_classes=151),
+)
 # The schedule replaces the one of the base file (AdamW, 128 epochs at batch 16).
 train_images = 20210
 batch_size = 14  # per GPU, 8 GPUs
@@ -47,21 +49,20 @@ optim_wrapper = dict(
         custom_keys=dict(
             pos_embed=dict(decay_mult=0.0),
             cls_token=dict(decay_mult=0.0),
-            cls_emb=dict(decay_mult=0.0))))
+            cls_emb=dict(decay_mult=0.0),
+        ),
+    ),
+)
 param_scheduler = [
     dict(
-        type='PolyLR',
-        power=0.9,
-        eta_min=1e-5,
-        by_epoch=False,
-        begin=0,
-        end=max_iters),
+        type='PolyLR', power=0.9, eta_min=1e-5, by_epoch=False, begin=0, end=max_iters
+    ),
 ]
 train_cfg = dict(
     type='AdversarialTrainLoop',
     scheme='pirat',
-    attack=dict(
-        type='PGD', eps=4, steps=5, step_size=2.55, random_start=False),
+    attack=dict(type='PGD', eps=4, steps=5, step_size=2.55, random_start=False),
     max_iters=max_iters,
-    val_interval=val_interval)
+    val_interval=val_interval,
+)
 default_hooks = dict(checkpoint=dict(interval=val_interval))

@@ -13,4 +13,7 @@ model = dict(
         drop_path_rate=0.3,
         init_cfg=dict(
             type='Pretrained',
-            checkpoint='checkpoints/revisiting_at/convnext_s_cvst_clean.pth')))
+            checkpoint='checkpoints/revisiting_at/convnext_s_cvst_clean.pth',
+        ),
+    )
+)

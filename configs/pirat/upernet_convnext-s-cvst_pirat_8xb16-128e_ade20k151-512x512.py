@@ -1,5 +1,5 @@
-# PIR-AT (docs/algorithms.md section 5.1): UperNet-ConvNeXt-S-CvSt on ADE20K (151 classes),
-# backbone initialised from the L-inf 4/255 robust ImageNet ConvNeXt-S-CvSt of
+# PIR-AT (docs/algorithms.md section 5.1): UperNet-ConvNeXt-S-CvSt on ADE20K (151
+# classes), backbone initialised from the L-inf 4/255 robust ImageNet ConvNeXt-S-CvSt of
 # revisiting-at, trained on PGD adversarial images only (L-inf eps 4/255, 5 steps of
 # 2.55/255, no random start).
 # Published SEA mIoU (Croce, Singh & Hein, ECCV 2024), clean / eps 4/255 / eps 8/255:
@@ -13,4 +13,7 @@ model = dict(
         drop_path_rate=0.3,
         init_cfg=dict(
             type='Pretrained',
-            checkpoint='checkpoints/revisiting_at/convnext_s_cvst_linf4.pth')))
+            checkpoint='checkpoints/revisiting_at/convnext_s_cvst_linf4.pth',
+        ),
+    )
+)

@@ -1,6 +1,6 @@
-# PIR-AT (docs/algorithms.md section 5.1): UperNet-ConvNeXt-S-CvSt on PASCAL-VOC 2012 (+SBD
-# aug), backbone initialised from the L-inf 4/255 robust ImageNet ConvNeXt-S-CvSt of
-# revisiting-at, trained on PGD adversarial images only (L-inf eps 4/255, 5 steps of
+# PIR-AT (docs/algorithms.md section 5.1): UperNet-ConvNeXt-S-CvSt on PASCAL-VOC 2012
+# (+SBD aug), backbone initialised from the L-inf 4/255 robust ImageNet ConvNeXt-S-CvSt
+# of revisiting-at, trained on PGD adversarial images only (L-inf eps 4/255, 5 steps of
 # 2.55/255, no random start).
 # Published SEA mIoU (Croce, Singh & Hein, ECCV 2024), clean / eps 4/255 / eps 8/255:
 #   76.6 / 66.0 / 36.4  (the released checkpoint's README: 76.6 / 66.2 / 38.0).
@@ -13,4 +13,7 @@ model = dict(
         drop_path_rate=0.3,
         init_cfg=dict(
             type='Pretrained',
-            checkpoint='checkpoints/revisiting_at/convnext_s_cvst_linf4.pth')))
+            checkpoint='checkpoints/revisiting_at/convnext_s_cvst_linf4.pth',
+        ),
+    )
+)

@@ -8,7 +8,7 @@
 # Run: python tools/test.py THIS_CONFIG CHECKPOINT [--launcher ...]
 _base_ = [
     './upernet_convnext-t-cvst_clean_8xb16-128e_ade20k151-512x512.py',
-    '../_base_/evaluators/sea.py'
+    '../_base_/evaluators/sea.py',
 ]
 # The weights come from the tested checkpoint.
 model = dict(backbone=dict(init_cfg=None))

@@ -20,6 +20,9 @@ model = dict(
         drop_path_rate=0.4,
         init_cfg=dict(
             type='Pretrained',
-            checkpoint='checkpoints/revisiting_at/convnext_t_cvst_clean.pth')),
+            checkpoint='checkpoints/revisiting_at/convnext_t_cvst_clean.pth',
+        ),
+    ),
     decode_head=dict(num_classes=21),
-    auxiliary_head=dict(num_classes=21))
+    auxiliary_head=dict(num_classes=21),
+)

@@ -1,5 +1,5 @@
-# PIR-AT (docs/algorithms.md section 5.1): UperNet-ConvNeXt-T-CvSt on ADE20K (151 classes),
-# backbone initialised from the L-inf 4/255 robust ImageNet ConvNeXt-T-CvSt of
+# PIR-AT (docs/algorithms.md section 5.1): UperNet-ConvNeXt-T-CvSt on ADE20K (151
+# classes), backbone initialised from the L-inf 4/255 robust ImageNet ConvNeXt-T-CvSt of
 # revisiting-at, trained on PGD adversarial images only (L-inf eps 4/255, 5 steps of
 # 2.55/255, no random start).
 # Published SEA mIoU (Croce, Singh & Hein, ECCV 2024), clean / eps 4/255 / eps 8/255:
@@ -20,13 +20,16 @@ model = dict(
         drop_path_rate=0.4,
         init_cfg=dict(
             type='Pretrained',
-            checkpoint='checkpoints/revisiting_at/convnext_t_cvst_linf4.pth')),
+            checkpoint='checkpoints/revisiting_at/convnext_t_cvst_linf4.pth',
+        ),
+    ),
     decode_head=dict(num_classes=151),
-    auxiliary_head=dict(num_classes=151))
+    auxiliary_head=dict(num_classes=151),
+)
 # ADE20K: 5 steps as for VOC (the latest public reference config uses 20).
 train_cfg = dict(
     type='AdversarialTrainLoop',
     scheme='pirat',
-    attack=dict(
-        type='PGD', eps=4, steps=5, step_size=2.55, random_start=False))
+    attack=dict(type='PGD', eps=4, steps=5, step_size=2.55, random_start=False),
+)
 optim_wrapper = dict(type='OptimWrapper')

@@ -21,16 +21,11 @@ model = dict(
     decode_head=dict(num_classes=21),
     auxiliary_head=dict(num_classes=21),
     # sliding window with 2/3 overlap, as the reference's test script
-    test_cfg=dict(mode='slide', crop_size=crop_size, stride=(316, 316)))
+    test_cfg=dict(mode='slide', crop_size=crop_size, stride=(316, 316)),
+)
 max_iters = 33050
 param_scheduler = [
-    dict(
-        type='PolyLR',
-        eta_min=0.0,
-        power=0.9,
-        begin=0,
-        end=max_iters,
-        by_epoch=False)
+    dict(type='PolyLR', eta_min=0.0, power=0.9, begin=0, end=max_iters, by_epoch=False)
 ]
 train_cfg = dict(max_iters=max_iters, val_interval=3305)
 default_hooks = dict(checkpoint=dict(interval=3305))

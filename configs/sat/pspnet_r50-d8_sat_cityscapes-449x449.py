@@ -20,16 +20,11 @@ model = dict(
     decode_head=dict(num_classes=19),
     auxiliary_head=dict(num_classes=19),
     # sliding window with 2/3 overlap, as the reference's test script
-    test_cfg=dict(mode='slide', crop_size=crop_size, stride=(300, 300)))
+    test_cfg=dict(mode='slide', crop_size=crop_size, stride=(300, 300)),
+)
 max_iters = 74400
 param_scheduler = [
-    dict(
-        type='PolyLR',
-        eta_min=0.0,
-        power=0.9,
-        begin=0,
-        end=max_iters,
-        by_epoch=False)
+    dict(type='PolyLR', eta_min=0.0, power=0.9, begin=0, end=max_iters, by_epoch=False)
 ]
 train_cfg = dict(max_iters=max_iters, val_interval=7440)
 default_hooks = dict(checkpoint=dict(interval=7440))

@@ -14,5 +14,6 @@ model = dict(decode_head=dict(type='DDCATUPerHead', loss_mask_weight=1.0))
 train_cfg = dict(
     type='AdversarialTrainLoop',
     scheme='ddcat',
-    attack=dict(type='BIM', eps=7.65, steps=3, step_size=2.55))
+    attack=dict(type='BIM', eps=7.65, steps=3, step_size=2.55),
+)
 optim_wrapper = dict(type='OptimWrapper')

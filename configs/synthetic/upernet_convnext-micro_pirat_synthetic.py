@@ -13,12 +13,8 @@ max_iters = 1000
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.05, by_epoch=False, begin=0, end=50),
     dict(
-        type='PolyLR',
-        eta_min=0.0,
-        power=1.0,
-        begin=50,
-        end=max_iters,
-        by_epoch=False),
+        type='PolyLR', eta_min=0.0, power=1.0, begin=50, end=max_iters, by_epoch=False
+    ),
 ]
 
 train_cfg = dict(
@@ -27,6 +23,6 @@ train_cfg = dict(
     scheme='pirat',
     max_iters=max_iters,
     val_interval=500,
-    attack=dict(
-        type='PGD', eps=4, steps=2, step_size=2.55, random_start=False))
+    attack=dict(type='PGD', eps=4, steps=2, step_size=2.55, random_start=False),
+)
 optim_wrapper = dict(type='OptimWrapper')

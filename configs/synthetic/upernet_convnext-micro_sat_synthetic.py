@@ -1,5 +1,5 @@
-# SAT (docs/algorithms.md 5.2) on the synthetic dataset: per GPU, first half of the batch
-# clean, second half adversarial (BIM, 3 steps of 2.55/255, eps 7.65/255 = 0.03,
+# SAT (docs/algorithms.md 5.2) on the synthetic dataset: per GPU, first half of the
+# batch clean, second half adversarial (BIM, 3 steps of 2.55/255, eps 7.65/255 = 0.03,
 # no random start, CE of the main head); labels unchanged.
 _base_ = './upernet_convnext-micro_synthetic.py'
 
@@ -13,12 +13,8 @@ max_iters = 1000
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.05, by_epoch=False, begin=0, end=50),
     dict(
-        type='PolyLR',
-        eta_min=0.0,
-        power=1.0,
-        begin=50,
-        end=max_iters,
-        by_epoch=False),
+        type='PolyLR', eta_min=0.0, power=1.0, begin=50, end=max_iters, by_epoch=False
+    ),
 ]
 
 train_cfg = dict(
@@ -27,5 +23,6 @@ train_cfg = dict(
     scheme='sat',
     max_iters=max_iters,
     val_interval=500,
-    attack=dict(type='BIM', eps=7.65, steps=3, step_size=2.55))
+    attack=dict(type='BIM', eps=7.65, steps=3, step_size=2.55),
+)
 optim_wrapper = dict(type='OptimWrapper')

@@ -11,28 +11,82 @@ Example:
     >>> attack = ATTACKS.build(dict(type='APGD', eps=8, n_iter=100, loss='Mask-CE'))
     >>> out = attack.run(model, images, labels)  # out.adv_images, out.adv_pred
 """
-from .apgd import (APGD, APGDLargeEps, APGDStepSizeControl, apgd_checkpoints,
-                   apgd_run, radius_schedule, step_size_halving)
+
+from .apgd import (
+    APGD,
+    APGDLargeEps,
+    APGDStepSizeControl,
+    apgd_checkpoints,
+    apgd_run,
+    radius_schedule,
+    step_size_halving,
+)
 from .base import Attack, AttackOutput, SegmentationTarget
-from .objectives import (OBJECTIVES, BalancedMaskedCrossEntropy, CosPGDLoss,
-                         CrossEntropy, JensenShannonDivergence, MaskedCrossEntropy,
-                         MaskedSphericalLoss, Objective, SegPGDLoss,
-                         build_objective, class_weights_from_counts,
-                         count_label_pixels, load_class_weights, objective_names)
+from .objectives import (
+    OBJECTIVES,
+    BalancedMaskedCrossEntropy,
+    CosPGDLoss,
+    CrossEntropy,
+    JensenShannonDivergence,
+    MaskedCrossEntropy,
+    MaskedSphericalLoss,
+    Objective,
+    SegPGDLoss,
+    build_objective,
+    class_weights_from_counts,
+    count_label_pixels,
+    load_class_weights,
+    objective_names,
+)
 from .pgd import BIM, FGSM, PGD
 from .sea import SEA, SEA_LOSSES, derive_seeds
-from .seg_logits import (SegLogits, check_labels, effective_valid, num_correct,
-                         pixel_accuracy)
+from .seg_logits import (
+    SegLogits,
+    check_labels,
+    effective_valid,
+    num_correct,
+    pixel_accuracy,
+)
 from .threat_model import NORMS, ThreatModel, canonical_norm, check_eps
 
 __all__ = [
-    'APGD', 'BIM', 'FGSM', 'NORMS', 'OBJECTIVES', 'PGD', 'SEA', 'SEA_LOSSES',
-    'APGDLargeEps', 'APGDStepSizeControl', 'Attack', 'AttackOutput',
-    'BalancedMaskedCrossEntropy', 'CosPGDLoss', 'CrossEntropy',
-    'JensenShannonDivergence', 'MaskedCrossEntropy', 'MaskedSphericalLoss', 'Objective',
-    'SegLogits', 'SegPGDLoss', 'SegmentationTarget', 'ThreatModel', 'apgd_checkpoints',
-    'apgd_run', 'build_objective', 'canonical_norm', 'check_eps', 'check_labels',
-    'class_weights_from_counts', 'count_label_pixels', 'derive_seeds',
-    'effective_valid', 'load_class_weights', 'num_correct', 'objective_names',
-    'pixel_accuracy', 'radius_schedule', 'step_size_halving'
+    'APGD',
+    'BIM',
+    'FGSM',
+    'NORMS',
+    'OBJECTIVES',
+    'PGD',
+    'SEA',
+    'SEA_LOSSES',
+    'APGDLargeEps',
+    'APGDStepSizeControl',
+    'Attack',
+    'AttackOutput',
+    'BalancedMaskedCrossEntropy',
+    'CosPGDLoss',
+    'CrossEntropy',
+    'JensenShannonDivergence',
+    'MaskedCrossEntropy',
+    'MaskedSphericalLoss',
+    'Objective',
+    'SegLogits',
+    'SegPGDLoss',
+    'SegmentationTarget',
+    'ThreatModel',
+    'apgd_checkpoints',
+    'apgd_run',
+    'build_objective',
+    'canonical_norm',
+    'check_eps',
+    'check_labels',
+    'class_weights_from_counts',
+    'count_label_pixels',
+    'derive_seeds',
+    'effective_valid',
+    'load_class_weights',
+    'num_correct',
+    'objective_names',
+    'pixel_accuracy',
+    'radius_schedule',
+    'step_size_halving',
 ]

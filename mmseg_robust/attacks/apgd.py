@@ -6,20 +6,36 @@ The pure helpers :func:`apgd_checkpoints`, :func:`step_size_halving` and
 schedule logic, so it can be tested without a model; :func:`apgd_run` is the
 optimiser loop shared by :class:`APGD` and :class:`APGDLargeEps`.
 """
+
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from mmseg_robust.registry import ATTACKS
-from .base import (Attack, AttackOutput, SegmentationTarget, batch_stats, bcast,
-                   better_iterate, input_gradient, output_at, resolve_steps)
+
+from .base import (
+    Attack,
+    AttackOutput,
+    SegmentationTarget,
+    batch_stats,
+    bcast,
+    better_iterate,
+    input_gradient,
+    output_at,
+    resolve_steps,
+)
 from .objectives import Objective
 from .threat_model import ThreatModel
 
 __all__ = [
-    'APGD', 'APGDLargeEps', 'APGDStepSizeControl', 'apgd_checkpoints', 'apgd_run',
-    'radius_schedule', 'step_size_halving'
+    'APGD',
+    'APGDLargeEps',
+    'APGDStepSizeControl',
+    'apgd_checkpoints',
+    'apgd_run',
+    'radius_schedule',
+    'step_size_halving',
 ]
 
 LossConfig = Union[str, dict, Objective]
@@ -58,9 +74,14 @@ def apgd_checkpoints(n_iter: int) -> List[int]:
     return _apgd_windows(n_iter)[0]
 
 
-def step_size_halving(n_increases: Tensor, window: int, best_ce: Tensor,
-                      best_ce_at_last_check: Tensor, halved_at_last_check: Tensor,
-                      rho: float = 0.75) -> Tensor:
+def step_size_halving(
+    n_increases: Tensor,
+    window: int,
+    best_ce: Tensor,
+    best_ce_at_last_check: Tensor,
+    halved_at_last_check: Tensor,
+    rho: float = 0.75,
+) -> Tensor:
     """Which images halve their step size at a checkpoint (section 3.2).
 
     Args:
@@ -105,8 +126,9 @@ class APGDStepSizeControl:
         >>> improved, halved = ctl.update(0, ce1)  # halved is None off checkpoints
     """
 
-    def __init__(self, n_iter: int, ce0: Tensor, eta0: float,
-                 rho: float = 0.75) -> None:
+    def __init__(
+        self, n_iter: int, ce0: Tensor, eta0: float, rho: float = 0.75
+    ) -> None:
         checks, windows = _apgd_windows(n_iter)
         self._windows = dict(zip(checks, windows))
         self.rho = rho
@@ -126,9 +148,14 @@ class APGDStepSizeControl:
         window = self._windows.get(i)
         if window is None:
             return improved, None
-        halved = step_size_halving(self.n_increases, window, self.ce_best,
-                                   self.ce_best_at_last_check,
-                                   self.halved_at_last_check, self.rho)
+        halved = step_size_halving(
+            self.n_increases,
+            window,
+            self.ce_best,
+            self.ce_best_at_last_check,
+            self.halved_at_last_check,
+            self.rho,
+        )
         self.eta = torch.where(halved, 0.5 * self.eta, self.eta)
         self.halved_at_last_check = halved
         self.ce_best_at_last_check = self.ce_best
@@ -137,15 +164,23 @@ class APGDStepSizeControl:
 
     def select(self, keep: Tensor) -> None:
         """Keep the images of the bool mask ``keep`` (early stop)."""
-        for name in ('eta', 'ce_prev', 'ce_best', 'ce_best_at_last_check',
-                     'n_increases', 'halved_at_last_check'):
+        for name in (
+            'eta',
+            'ce_prev',
+            'ce_best',
+            'ce_best_at_last_check',
+            'n_increases',
+            'halved_at_last_check',
+        ):
             setattr(self, name, getattr(self, name)[keep])
 
 
-def radius_schedule(n_iter: int, eps: float,
-                    radius_factors: Sequence[float] = (2.0, 1.5, 1.0),
-                    iter_fractions: Sequence[float] = (0.3, 0.3)
-                    ) -> List[Tuple[int, float]]:
+def radius_schedule(
+    n_iter: int,
+    eps: float,
+    radius_factors: Sequence[float] = (2.0, 1.5, 1.0),
+    iter_fractions: Sequence[float] = (0.3, 0.3),
+) -> List[Tuple[int, float]]:
     """Stages ``[(n_i, eps_i)]`` of the progressive radius reduction (section 3.3).
 
     Every stage but the last gets ``int(fraction * n_iter)`` iterations, the last
@@ -159,14 +194,17 @@ def radius_schedule(n_iter: int, eps: float,
         raise ValueError(
             f'need one iteration fraction per stage but the last: got '
             f'{len(radius_factors)} radius factors and {len(iter_fractions)} '
-            f'fractions')
+            f'fractions'
+        )
     if float(radius_factors[-1]) != 1.0:
         raise ValueError(
             f'the last radius factor must be 1 so that the output lies in the '
-            f'eps-ball, got {radius_factors[-1]}')
+            f'eps-ball, got {radius_factors[-1]}'
+        )
     if any(f < 0 for f in iter_fractions) or sum(iter_fractions) > 1:
-        raise ValueError(f'iter_fractions must be >= 0 and sum to <= 1, got '
-                         f'{tuple(iter_fractions)}')
+        raise ValueError(
+            f'iter_fractions must be >= 0 and sum to <= 1, got {tuple(iter_fractions)}'
+        )
     sizes = [int(f * n_iter) for f in iter_fractions]
     sizes.append(n_iter - sum(sizes))
     return [(n, float(f) * eps) for n, f in zip(sizes, radius_factors)]
@@ -175,9 +213,15 @@ def radius_schedule(n_iter: int, eps: float,
 # --------------------------------------------------------------------------------
 # the optimiser loop (section 3.2)
 # --------------------------------------------------------------------------------
-def _evaluate(target: SegmentationTarget, objective: Objective, x_adv: Tensor,
-              step: int, total_steps: int, need_grad: bool,
-              stats: Optional[dict] = None):
+def _evaluate(
+    target: SegmentationTarget,
+    objective: Objective,
+    x_adv: Tensor,
+    step: int,
+    total_steps: int,
+    need_grad: bool,
+    stats: Optional[dict] = None,
+):
     """Forward at ``x_adv`` (and backward when ``need_grad``).
 
     Returns ``(grad or None, per-image CE, correct-pixel counts)``; the logits are
@@ -199,10 +243,19 @@ def _evaluate(target: SegmentationTarget, objective: Objective, x_adv: Tensor,
         return grad, s.image_ce, s.num_correct
 
 
-def apgd_run(target: SegmentationTarget, objective: Objective, tm: ThreatModel,
-             x: Tensor, x0: Tensor, radius: float, n_iter: int, rho: float = 0.75,
-             early_stop: bool = True, predict_output: bool = True,
-             stats: Optional[dict] = None) -> AttackOutput:
+def apgd_run(
+    target: SegmentationTarget,
+    objective: Objective,
+    tm: ThreatModel,
+    x: Tensor,
+    x0: Tensor,
+    radius: float,
+    n_iter: int,
+    rho: float = 0.75,
+    early_stop: bool = True,
+    predict_output: bool = True,
+    stats: Optional[dict] = None,
+) -> AttackOutput:
     """One APGD run of ``n_iter`` iterations at ``radius`` (section 3.2).
 
     Args:
@@ -230,8 +283,9 @@ def apgd_run(target: SegmentationTarget, objective: Objective, tm: ThreatModel,
     """
     out_x = x0.detach().clone()
     start = None if stats is not None else {}
-    grad, ce, n_correct = _evaluate(target, objective, out_x.clone(), 1, n_iter,
-                                    n_iter > 0, start)
+    grad, ce, n_correct = _evaluate(
+        target, objective, out_x.clone(), 1, n_iter, n_iter > 0, start
+    )
     stats = dict(stats if start is None else start)
 
     def finish(points: Tensor) -> AttackOutput:
@@ -256,13 +310,13 @@ def apgd_run(target: SegmentationTarget, objective: Objective, tm: ThreatModel,
                 pos = torch.nonzero(done).squeeze(1) if idx is None else idx[done]
                 out_x[pos] = ret_x[done]
                 keep = ~done
-                idx = (torch.nonzero(keep).squeeze(1) if idx is None else
-                       idx[keep])
+                idx = torch.nonzero(keep).squeeze(1) if idx is None else idx[keep]
                 if idx.numel() == 0:
                     return finish(out_x)
                 x_a, x_adv, x_prev, grad, x_best, g_best, ret_n, ret_x = (
-                    t[keep] for t in (x_a, x_adv, x_prev, grad, x_best, g_best,
-                                      ret_n, ret_x))
+                    t[keep]
+                    for t in (x_a, x_adv, x_prev, grad, x_best, g_best, ret_n, ret_x)
+                )
                 ctl.select(keep)
                 t_a = target.subset(idx)
                 with torch.no_grad():
@@ -272,18 +326,18 @@ def apgd_run(target: SegmentationTarget, objective: Objective, tm: ThreatModel,
             # z = P(x + eta * dir(grad)); momentum update
             # x_new = P(x + a (z - x) + (1 - a) (x - x_prev)), a = 1 at the
             # first iteration (x_new = z, already projected), else 0.75
-            z = project(torch.addcmul(x_adv, bcast(ctl.eta, x_adv),
-                                      tm.direction(grad)))
+            z = project(torch.addcmul(x_adv, bcast(ctl.eta, x_adv), tm.direction(grad)))
             if i == 0:
                 x_new = z
             else:
                 x_new = project(
                     torch.lerp(x_adv, z, _MOMENTUM).add_(
-                        x_adv - x_prev, alpha=1.0 - _MOMENTUM))
+                        x_adv - x_prev, alpha=1.0 - _MOMENTUM
+                    )
+                )
         x_prev, x_adv = x_adv, x_new
         # the last iterate needs no backward pass
-        g, ce, n_correct = _evaluate(t_a, objective, x_adv, i + 2, n_iter,
-                                     not last)
+        g, ce, n_correct = _evaluate(t_a, objective, x_adv, i + 2, n_iter, not last)
         with torch.no_grad():
             upd = better_iterate(n_correct, ret_n)
             ret_n = torch.where(upd, n_correct, ret_n)
@@ -343,10 +397,17 @@ class APGD(Attack):
         >>> adv_images = attack(model, images, labels)
     """
 
-    def __init__(self, eps: float = 8, norm: str = 'Linf',
-                 steps: Optional[int] = None, loss: LossConfig = 'CE',
-                 rho: float = 0.75, early_stop: bool = True,
-                 ignore_index: int = 255, n_iter: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        eps: float = 8,
+        norm: str = 'Linf',
+        steps: Optional[int] = None,
+        loss: LossConfig = 'CE',
+        rho: float = 0.75,
+        early_stop: bool = True,
+        ignore_index: int = 255,
+        n_iter: Optional[int] = None,
+    ) -> None:
         super().__init__(eps, norm, ignore_index)
         self.steps = resolve_steps(steps, n_iter, 100, type(self).__name__)
         self.rho = float(rho)
@@ -354,22 +415,31 @@ class APGD(Attack):
         self.objective = self._build_objective(loss)
 
     def __repr__(self) -> str:
-        return (f'{type(self).__name__}(eps={self.eps:g}, norm={self.norm!r}, '
-                f'steps={self.steps}, loss={self.objective!r})')
+        return (
+            f'{type(self).__name__}(eps={self.eps:g}, norm={self.norm!r}, '
+            f'steps={self.steps}, loss={self.objective!r})'
+        )
 
     def objectives(self) -> List[Objective]:
         return [self.objective]
 
-    def run(self, model, images: Tensor, labels: Tensor,
-            valid: Optional[Tensor] = None, seeds: Optional[Sequence[int]] = None,
-            init: Optional[Tensor] = None) -> AttackOutput:
+    def run(
+        self,
+        model,
+        images: Tensor,
+        labels: Tensor,
+        valid: Optional[Tensor] = None,
+        seeds: Optional[Sequence[int]] = None,
+        init: Optional[Tensor] = None,
+    ) -> AttackOutput:
         """Attack a batch; ``init`` (optional) replaces the random start."""
         x, target, seeds = self._prepare(model, images, labels, valid, seeds)
         if init is not None:
             if not isinstance(init, Tensor) or init.shape != images.shape:
                 raise ValueError(
                     f'init must be a tensor of the images shape '
-                    f'{tuple(images.shape)}, got {getattr(init, "shape", init)}')
+                    f'{tuple(images.shape)}, got {getattr(init, "shape", init)}'
+                )
             init = init.detach().to(device=x.device, dtype=torch.float32)
         with torch.enable_grad():
             out = self._attack(target, x, seeds, init)
@@ -378,10 +448,20 @@ class APGD(Attack):
     def _attack(self, target, x, seeds, init=None) -> AttackOutput:
         tm = self.threat_model
         with torch.no_grad():
-            x0 = tm.random_start(x, seeds=seeds) if init is None else \
-                tm.project(init, x)
-        return apgd_run(target, self.objective, tm, x, x0, tm.radius, self.steps,
-                        self.rho, self.early_stop)
+            x0 = (
+                tm.random_start(x, seeds=seeds) if init is None else tm.project(init, x)
+            )
+        return apgd_run(
+            target,
+            self.objective,
+            tm,
+            x,
+            x0,
+            tm.radius,
+            self.steps,
+            self.rho,
+            self.early_stop,
+        )
 
 
 @ATTACKS.register_module()
@@ -420,26 +500,36 @@ class APGDLargeEps(Attack):
         >>> adv_images = attack(model, images, labels)
     """
 
-    def __init__(self, eps: float = 8, norm: str = 'Linf',
-                 steps: Optional[int] = None, loss: LossConfig = 'CE',
-                 radius_factors: Sequence[float] = (2.0, 1.5, 1.0),
-                 iter_fractions: Sequence[float] = (0.3, 0.3), rho: float = 0.75,
-                 early_stop: bool = True, ignore_index: int = 255,
-                 n_iter: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        eps: float = 8,
+        norm: str = 'Linf',
+        steps: Optional[int] = None,
+        loss: LossConfig = 'CE',
+        radius_factors: Sequence[float] = (2.0, 1.5, 1.0),
+        iter_fractions: Sequence[float] = (0.3, 0.3),
+        rho: float = 0.75,
+        early_stop: bool = True,
+        ignore_index: int = 255,
+        n_iter: Optional[int] = None,
+    ) -> None:
         super().__init__(eps, norm, ignore_index)
         self.steps = resolve_steps(steps, n_iter, 300, type(self).__name__)
         self.radius_factors = tuple(float(f) for f in radius_factors)
         self.iter_fractions = tuple(float(f) for f in iter_fractions)
-        self.stages = radius_schedule(self.steps, self.eps, self.radius_factors,
-                                      self.iter_fractions)
+        self.stages = radius_schedule(
+            self.steps, self.eps, self.radius_factors, self.iter_fractions
+        )
         self.rho = float(rho)
         self.early_stop = bool(early_stop)
         self.objective = self._build_objective(loss)
 
     def __repr__(self) -> str:
-        return (f'{type(self).__name__}(eps={self.eps:g}, norm={self.norm!r}, '
-                f'steps={self.steps}, loss={self.objective!r}, '
-                f'stages={self.stages})')
+        return (
+            f'{type(self).__name__}(eps={self.eps:g}, norm={self.norm!r}, '
+            f'steps={self.steps}, loss={self.objective!r}, '
+            f'stages={self.stages})'
+        )
 
     def objectives(self) -> List[Objective]:
         return [self.objective]
@@ -448,15 +538,25 @@ class APGDLargeEps(Attack):
         tm = self.threat_model
         out, stats = None, None
         for stage, (n_stage, eps_stage) in enumerate(self.stages):
-            radius = eps_stage / 255.
+            radius = eps_stage / 255.0
             with torch.no_grad():
                 if stage == 0:
                     x0 = tm.random_start(x, radius, seeds)
                 else:
                     x0 = tm.project(out.adv_images, x, radius)
             last = stage == len(self.stages) - 1
-            out = apgd_run(target, self.objective, tm, x, x0, radius, n_stage,
-                           self.rho, self.early_stop, predict_output=last,
-                           stats=stats)
+            out = apgd_run(
+                target,
+                self.objective,
+                tm,
+                x,
+                x0,
+                radius,
+                n_stage,
+                self.rho,
+                self.early_stop,
+                predict_output=last,
+                stats=stats,
+            )
             stats = out.stats
         return out

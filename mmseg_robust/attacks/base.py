@@ -7,6 +7,7 @@ Attacks never switch the model's mode and never touch parameter gradients: they
 differentiate the objective w.r.t. the input only (``torch.autograd.grad``), in
 fp32, under ``torch.enable_grad()``.
 """
+
 import contextlib
 import copy
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
@@ -19,8 +20,12 @@ from .seg_logits import SegLogits, check_labels, effective_valid, pixel_accuracy
 from .threat_model import ThreatModel
 
 __all__ = [
-    'Attack', 'AttackOutput', 'STATS_KEYS', 'SegmentationTarget', 'pixel_accuracy',
-    'resolve_steps'
+    'Attack',
+    'AttackOutput',
+    'STATS_KEYS',
+    'SegmentationTarget',
+    'pixel_accuracy',
+    'resolve_steps',
 ]
 
 #: The keys of :attr:`AttackOutput.stats`, the same for every attack.
@@ -50,6 +55,7 @@ class AttackOutput(NamedTuple):
         worst_member (Tensor, optional): for an ensemble, long ``(B,)``: per
             image the position in ``members`` of the output it returns.
     """
+
     adv_images: Tensor
     adv_pred: Tensor
     stats: Optional[dict] = None
@@ -100,9 +106,14 @@ class SegmentationTarget:
         >>> s = target.evaluate(images)  # SegLogits: s.ce, s.pred, s.accuracy
     """
 
-    def __init__(self, model: ModelView, labels: Tensor,
-                 valid: Optional[Tensor] = None, ignore_index: int = 255,
-                 objectives: Sequence[Objective] = ()) -> None:
+    def __init__(
+        self,
+        model: ModelView,
+        labels: Tensor,
+        valid: Optional[Tensor] = None,
+        ignore_index: int = 255,
+        objectives: Sequence[Objective] = (),
+    ) -> None:
         self.model = model
         self.raw_labels = labels
         self.raw_valid = valid
@@ -120,15 +131,19 @@ class SegmentationTarget:
         """fp32 logits of the model at ``x``; checks the shape on first use."""
         with _no_autocast(x.device):
             logits = self.model(x)
-        if not isinstance(logits, Tensor) or logits.dim() != 4 or \
-                logits.shape[0] != x.shape[0] or \
-                logits.shape[2:] != self.labels.shape[1:]:
+        if (
+            not isinstance(logits, Tensor)
+            or logits.dim() != 4
+            or logits.shape[0] != x.shape[0]
+            or logits.shape[2:] != self.labels.shape[1:]
+        ):
             got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits)
             raise ValueError(
                 f'the model view must return logits (B, K, H, W) at the label '
                 f'resolution {tuple(self.labels.shape[1:])} for images '
                 f'{tuple(x.shape)}, got {got}; resize the logits inside the model '
-                'view')
+                'view'
+            )
         if self.num_classes is None:
             self._first_forward(logits.shape[1])
         return logits.float()
@@ -141,8 +156,14 @@ class SegmentationTarget:
 
     def evaluate(self, x: Tensor, step: int = 1, total_steps: int = 1) -> SegLogits:
         """Forward ``x`` and wrap the logits with this target's labels."""
-        return SegLogits(self.forward(x), self.labels, self.valid, step, total_steps,
-                         all_valid=self.all_valid)
+        return SegLogits(
+            self.forward(x),
+            self.labels,
+            self.valid,
+            step,
+            total_steps,
+            all_valid=self.all_valid,
+        )
 
     def subset(self, keep: Tensor) -> 'SegmentationTarget':
         """The target of the images selected by ``keep`` (bool or index tensor)."""
@@ -161,8 +182,9 @@ def input_gradient(objective: Tensor, x: Tensor) -> Tensor:
         raise RuntimeError(
             'the attack objective does not depend on the input with gradients: '
             'the model view must not run under torch.no_grad() nor detach its '
-            'input or logits')
-    grad, = torch.autograd.grad(objective, x, allow_unused=True)
+            'input or logits'
+        )
+    (grad,) = torch.autograd.grad(objective, x, allow_unused=True)
     return torch.zeros_like(x) if grad is None else grad
 
 
@@ -173,8 +195,9 @@ def better_iterate(n_correct: Tensor, best_n_correct: Tensor) -> Tensor:
     an image that reached accuracy 0 keeps that point, so it can leave the batch
     without changing the result. Comparing correct-pixel counts is exact.
     """
-    return (n_correct < best_n_correct) | ((n_correct == best_n_correct)
-                                           & (best_n_correct > 0))
+    return (n_correct < best_n_correct) | (
+        (n_correct == best_n_correct) & (best_n_correct > 0)
+    )
 
 
 def bcast(mask: Tensor, like: Tensor) -> Tensor:
@@ -190,34 +213,43 @@ def batch_stats(s: SegLogits, prefix: str) -> dict:
         ce = torch.where(s.valid, s.ce.detach(), 0.0)
         return {
             f'{prefix}_loss': ce.sum() / n_valid,
-            f'{prefix}_acc': s.num_correct.sum() / n_valid
+            f'{prefix}_acc': s.num_correct.sum() / n_valid,
         }
 
 
-def output_at(target: SegmentationTarget, points: Tensor,
-              stats: Optional[dict] = None) -> AttackOutput:
+def output_at(
+    target: SegmentationTarget, points: Tensor, stats: Optional[dict] = None
+) -> AttackOutput:
     """The attack output for ``points``: one forward gives the prediction and the
     ``final_*`` statistics (added to ``stats``, which holds the ``start_*``)."""
     with torch.no_grad():
         s = target.evaluate(points)
-        return AttackOutput(points, s.pred, dict(stats or {}, **batch_stats(
-            s, 'final')))
+        return AttackOutput(
+            points, s.pred, dict(stats or {}, **batch_stats(s, 'final'))
+        )
 
 
-def resolve_steps(steps: Optional[int], n_iter: Optional[int], default: int,
-                  owner: str) -> int:
+def resolve_steps(
+    steps: Optional[int], n_iter: Optional[int], default: int, owner: str
+) -> int:
     """The iteration count of an attack: ``steps``, or its alias ``n_iter`` (the
     SEA/APGD reference's name); both given and different is an error."""
     name = 'steps'
     if n_iter is not None:
         if steps is not None and steps != n_iter:
-            raise ValueError(f'{owner}: steps={steps} and n_iter={n_iter} disagree; '
-                             'n_iter is an alias of steps, give one of them')
+            raise ValueError(
+                f'{owner}: steps={steps} and n_iter={n_iter} disagree; '
+                'n_iter is an alias of steps, give one of them'
+            )
         steps, name = n_iter, 'n_iter'
     if steps is None:
         steps = default
-    if isinstance(steps, bool) or not isinstance(steps, (int, float)) or \
-            int(steps) != steps or steps < 0:
+    if (
+        isinstance(steps, bool)
+        or not isinstance(steps, (int, float))
+        or int(steps) != steps
+        or steps < 0
+    ):
         raise ValueError(f'{owner}: {name} must be an int >= 0, got {steps!r}')
     return int(steps)
 
@@ -245,8 +277,9 @@ class Attack:
         >>> adv_images = attack(model, images, labels)
     """
 
-    def __init__(self, eps: float = 8, norm: str = 'Linf',
-                 ignore_index: int = 255) -> None:
+    def __init__(
+        self, eps: float = 8, norm: str = 'Linf', ignore_index: int = 255
+    ) -> None:
         self.threat_model = ThreatModel(eps, norm)
         self.ignore_index = ignore_index
 
@@ -273,10 +306,15 @@ class Attack:
         return []
 
     # ---------------------------------------------------------------- public API
-    def run(self, model: ModelView, images: Tensor, labels: Tensor,
-            valid: Optional[Tensor] = None,
-            seeds: Optional[Sequence[int]] = None,
-            progress: Optional[Callable[[str], None]] = None) -> AttackOutput:
+    def run(
+        self,
+        model: ModelView,
+        images: Tensor,
+        labels: Tensor,
+        valid: Optional[Tensor] = None,
+        seeds: Optional[Sequence[int]] = None,
+        progress: Optional[Callable[[str], None]] = None,
+    ) -> AttackOutput:
         """Attack a batch.
 
         Args:
@@ -303,59 +341,74 @@ class Attack:
         if progress is not None:
             progress(text)
 
-    def __call__(self, model: ModelView, images: Tensor, labels: Tensor,
-                 valid: Optional[Tensor] = None,
-                 seeds: Optional[Sequence[int]] = None) -> Tensor:
+    def __call__(
+        self,
+        model: ModelView,
+        images: Tensor,
+        labels: Tensor,
+        valid: Optional[Tensor] = None,
+        seeds: Optional[Sequence[int]] = None,
+    ) -> Tensor:
         """Adversarial images ``(B, 3, H, W)``; same as ``run(...).adv_images``."""
         return self.run(model, images, labels, valid, seeds).adv_images
 
     # ----------------------------------------------------------------- internals
-    def _attack(self, target: SegmentationTarget, x: Tensor,
-                seeds: Optional[List[int]]) -> AttackOutput:
+    def _attack(
+        self, target: SegmentationTarget, x: Tensor, seeds: Optional[List[int]]
+    ) -> AttackOutput:
         raise NotImplementedError
 
     def _prepare(self, model, images, labels, valid, seeds):
         """Check the inputs; return fp32 images, the target and the seeds."""
         if not callable(model):
             raise TypeError(f'model must be callable, got {type(model)}')
-        if not isinstance(images, Tensor) or images.dim() != 4 or \
-                not images.is_floating_point():
+        if (
+            not isinstance(images, Tensor)
+            or images.dim() != 4
+            or not images.is_floating_point()
+        ):
             raise ValueError(
                 'images must be a float tensor (B, C, H, W) in [0, 1], got '
-                f'{getattr(images, "shape", type(images))}')
+                f'{getattr(images, "shape", type(images))}'
+            )
         b = images.shape[0]
         # Labels are usually at the image resolution, but may be at another one
         # (mmseg evaluates at the original image size): the model view then
         # returns logits at the label resolution.
-        if not isinstance(labels, Tensor) or labels.dim() != 3 or \
-                labels.shape[0] != b:
+        if not isinstance(labels, Tensor) or labels.dim() != 3 or labels.shape[0] != b:
             raise ValueError(
                 f'labels must be a tensor (B, H, W) with B = {b}, got '
-                f'{getattr(labels, "shape", type(labels))}')
+                f'{getattr(labels, "shape", type(labels))}'
+            )
         h, w = labels.shape[1:]
         if labels.is_floating_point() or labels.dtype == torch.bool:
             raise ValueError(f'labels must be integer (long), got {labels.dtype}')
-        if valid is not None and (not isinstance(valid, Tensor)
-                                  or valid.shape != (b, h, w)):
+        if valid is not None and (
+            not isinstance(valid, Tensor) or valid.shape != (b, h, w)
+        ):
             raise ValueError(
                 f'valid must be a bool tensor (B, H, W) = {(b, h, w)}, got '
-                f'{getattr(valid, "shape", type(valid))}')
+                f'{getattr(valid, "shape", type(valid))}'
+            )
         if images.numel() and (float(images.min()) < 0 or float(images.max()) > 1):
             raise ValueError(
                 f'images must be in pixel space [0, 1], got values in '
                 f'[{float(images.min()):.4g}, {float(images.max()):.4g}]; attack the '
-                f'un-normalised images (the model view normalises)')
+                f'un-normalised images (the model view normalises)'
+            )
         if seeds is not None:
             seeds = [int(s) for s in seeds]
             if len(seeds) != b:
-                raise ValueError(f'seeds must hold one int per image ({b}), got '
-                                 f'{len(seeds)}')
+                raise ValueError(
+                    f'seeds must hold one int per image ({b}), got {len(seeds)}'
+                )
         x = images.detach().float()
         labels = labels.detach().to(device=x.device, dtype=torch.long)
         if valid is not None:
             valid = valid.detach().to(device=x.device, dtype=torch.bool)
-        target = SegmentationTarget(model, labels, valid, self.ignore_index,
-                                    self.objectives())
+        target = SegmentationTarget(
+            model, labels, valid, self.ignore_index, self.objectives()
+        )
         return x, target, seeds
 
     @classmethod
@@ -363,11 +416,17 @@ class Attack:
         members = None
         if out.members:
             members = {k: cls._finish(o, images) for k, o in out.members.items()}
-        stats = {k: v.detach() if isinstance(v, Tensor) else v
-                 for k, v in (out.stats or {}).items()}
-        return AttackOutput(out.adv_images.detach().to(images.dtype),
-                            out.adv_pred.detach(), stats, members,
-                            out.worst_member)
+        stats = {
+            k: v.detach() if isinstance(v, Tensor) else v
+            for k, v in (out.stats or {}).items()
+        }
+        return AttackOutput(
+            out.adv_images.detach().to(images.dtype),
+            out.adv_pred.detach(),
+            stats,
+            members,
+            out.worst_member,
+        )
 
     def _build_objective(self, loss) -> Objective:
         # The objective's own ignore_index only matters when it is called directly:

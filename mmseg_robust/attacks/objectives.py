@@ -12,6 +12,7 @@ Objectives are registered in ``ATTACKS`` under the spec's names::
 and attacks build them from a name or a config dict (``loss='Mask-CE'`` or
 ``loss=dict(type='Mask-CE-Bal', class_weights='voc')``).
 """
+
 import json
 import math
 from pathlib import Path
@@ -21,23 +22,34 @@ import torch
 from torch import Tensor
 
 from mmseg_robust.registry import ATTACKS
+
 from .seg_logits import SegLogits, check_labels, effective_valid
 
 __all__ = [
-    'OBJECTIVES', 'BalancedMaskedCrossEntropy', 'CosPGDLoss', 'CrossEntropy',
-    'JensenShannonDivergence', 'MaskedCrossEntropy', 'MaskedSphericalLoss',
-    'Objective', 'SegPGDLoss', 'build_objective', 'class_weights_from_counts',
-    'count_label_pixels', 'load_class_weights', 'objective_names'
+    'OBJECTIVES',
+    'BalancedMaskedCrossEntropy',
+    'CosPGDLoss',
+    'CrossEntropy',
+    'JensenShannonDivergence',
+    'MaskedCrossEntropy',
+    'MaskedSphericalLoss',
+    'Objective',
+    'SegPGDLoss',
+    'build_objective',
+    'class_weights_from_counts',
+    'count_label_pixels',
+    'load_class_weights',
+    'objective_names',
 ]
 
 #: Names of the objectives of docs/algorithms.md section 2, in the order of its table.
-OBJECTIVES = ('CE', 'Mask-CE', 'Mask-CE-Bal', 'JS-Avg', 'SegPGD', 'CosPGD',
-              'Mask-Sph')
+OBJECTIVES = ('CE', 'Mask-CE', 'Mask-CE-Bal', 'JS-Avg', 'SegPGD', 'CosPGD', 'Mask-Sph')
 
 ClassWeights = Union[str, Sequence[float], Tensor]
 
-_CLASS_WEIGHTS_FILE = Path(__file__).resolve().parent / 'data' / \
-    'sea_class_weights.json'
+_CLASS_WEIGHTS_FILE = (
+    Path(__file__).resolve().parent / 'data' / 'sea_class_weights.json'
+)
 _LOG2 = math.log(2.0)
 
 
@@ -81,14 +93,19 @@ class Objective:
         """Per-image objective ``(B,)`` = sum over valid pixels / (H*W)."""
         return s.reduce(self.pixel_loss(s))
 
-    def __call__(self, logits: Tensor, labels: Tensor,
-                 valid: Optional[Tensor] = None, step: int = 1,
-                 total_steps: int = 1) -> Tensor:
-        if logits.dim() != 4 or labels.shape != (logits.shape[0],
-                                                 *logits.shape[2:]):
+    def __call__(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        valid: Optional[Tensor] = None,
+        step: int = 1,
+        total_steps: int = 1,
+    ) -> Tensor:
+        if logits.dim() != 4 or labels.shape != (logits.shape[0], *logits.shape[2:]):
             raise ValueError(
                 f'expected logits (B, K, H, W) and labels (B, H, W), got '
-                f'{tuple(logits.shape)} and {tuple(labels.shape)}')
+                f'{tuple(logits.shape)} and {tuple(labels.shape)}'
+            )
         labels = labels.long()
         check_labels(labels, logits.shape[1], self.ignore_index, valid)
         self.check_num_classes(logits.shape[1])
@@ -111,6 +128,7 @@ class CrossEntropy(Objective):
         >>> obj = ATTACKS.build(dict(type='CE'))
         >>> per_image = obj(logits, labels)  # (B,)
     """
+
     name = 'CE'
 
     def pixel_loss(self, s: SegLogits) -> Tensor:
@@ -130,6 +148,7 @@ class MaskedCrossEntropy(Objective):
         >>> obj = ATTACKS.build(dict(type='Mask-CE'))
         >>> per_image = obj(logits, labels)  # (B,)
     """
+
     name = 'Mask-CE'
 
     def pixel_loss(self, s: SegLogits) -> Tensor:
@@ -153,15 +172,18 @@ class BalancedMaskedCrossEntropy(Objective):
         >>> obj = ATTACKS.build(dict(type='Mask-CE-Bal', class_weights='voc'))
         >>> per_image = obj(logits, labels)  # (B,), logits with K=21
     """
+
     name = 'Mask-CE-Bal'
 
-    def __init__(self, class_weights: ClassWeights = None,
-                 ignore_index: int = 255) -> None:
+    def __init__(
+        self, class_weights: ClassWeights = None, ignore_index: int = 255
+    ) -> None:
         super().__init__(ignore_index)
         if class_weights is None:
             raise ValueError(
                 "Mask-CE-Bal needs class weights: pass class_weights='voc' | "
-                "'ade20k' | a list of K per-class weights")
+                "'ade20k' | a list of K per-class weights"
+            )
         self.class_weights = load_class_weights(class_weights)
         self._on_device: Dict[torch.device, Tensor] = {}
 
@@ -171,7 +193,8 @@ class BalancedMaskedCrossEntropy(Objective):
             raise ValueError(
                 f'Mask-CE-Bal has {n} class weights but the model predicts '
                 f'K={num_classes} classes; pass class_weights with one weight per '
-                f"class ('voc' has 21, 'ade20k' 151)")
+                f"class ('voc' has 21, 'ade20k' 151)"
+            )
 
     def pixel_loss(self, s: SegLogits) -> Tensor:
         device = s.logits.device
@@ -204,6 +227,7 @@ class JensenShannonDivergence(Objective):
         >>> obj = ATTACKS.build(dict(type='JS-Avg'))
         >>> per_image = obj(logits, labels)  # (B,), each <= log 2
     """
+
     name = 'JS-Avg'
 
     def pixel_loss(self, s: SegLogits) -> Tensor:
@@ -226,6 +250,7 @@ class SegPGDLoss(Objective):
         >>> obj = ATTACKS.build(dict(type='SegPGD'))
         >>> per_image = obj(logits, labels, step=3, total_steps=10)  # (B,)
     """
+
     name = 'SegPGD'
 
     def pixel_loss(self, s: SegLogits) -> Tensor:
@@ -247,14 +272,15 @@ class CosPGDLoss(Objective):
         >>> obj = ATTACKS.build(dict(type='CosPGD', activation='softmax'))
         >>> per_image = obj(logits, labels)  # (B,)
     """
+
     name = 'CosPGD'
 
     def __init__(self, activation: str = 'softmax', ignore_index: int = 255) -> None:
         super().__init__(ignore_index)
         if activation not in ('softmax', 'sigmoid'):
             raise ValueError(
-                f"CosPGD activation must be 'softmax' or 'sigmoid', got "
-                f'{activation!r}')
+                f"CosPGD activation must be 'softmax' or 'sigmoid', got {activation!r}"
+            )
         self.activation = activation
 
     def pixel_loss(self, s: SegLogits) -> Tensor:
@@ -284,6 +310,7 @@ class MaskedSphericalLoss(Objective):
         >>> obj = ATTACKS.build(dict(type='Mask-Sph'))
         >>> per_image = obj(logits, labels)  # (B,)
     """
+
     name = 'Mask-Sph'
 
     def pixel_loss(self, s: SegLogits) -> Tensor:
@@ -299,11 +326,13 @@ def objective_names() -> list:
     """Names of all objectives registered in ``ATTACKS`` (spec names first)."""
     ATTACKS.import_from_location()
     names = [
-        name for name, cls in ATTACKS.module_dict.items()
+        name
+        for name, cls in ATTACKS.module_dict.items()
         if isinstance(cls, type) and issubclass(cls, Objective)
     ]
     return [n for n in OBJECTIVES if n in names] + sorted(
-        n for n in names if n not in OBJECTIVES)
+        n for n in names if n not in OBJECTIVES
+    )
 
 
 def build_objective(cfg: Union[str, dict, Objective], **defaults) -> Objective:
@@ -325,7 +354,8 @@ def build_objective(cfg: Union[str, dict, Objective], **defaults) -> Objective:
     if not isinstance(cfg, dict) or 'type' not in cfg:
         raise TypeError(
             f"loss must be an objective name, a dict with a 'type' key or an "
-            f'Objective instance, got {cfg!r}')
+            f'Objective instance, got {cfg!r}'
+        )
     args = dict(cfg)
     name = args.pop('type')
     cls = name if isinstance(name, type) else ATTACKS.get(name)
@@ -333,7 +363,8 @@ def build_objective(cfg: Union[str, dict, Objective], **defaults) -> Objective:
     if not known:
         raise ValueError(
             f'unknown attack objective {name!r}; available: '
-            f"{', '.join(objective_names())}")
+            f'{", ".join(objective_names())}'
+        )
     for key, value in defaults.items():
         args.setdefault(key, value)
     return cls(**args)
@@ -354,20 +385,23 @@ def load_class_weights(class_weights: ClassWeights) -> Tensor:
         if key not in table:
             raise ValueError(
                 f'unknown class-weight vector {class_weights!r}; shipped: '
-                f"{', '.join(sorted(table))}, or pass a list of per-class weights")
+                f'{", ".join(sorted(table))}, or pass a list of per-class weights'
+            )
         return torch.tensor(table[key], dtype=torch.float32)
     weights = torch.as_tensor(class_weights, dtype=torch.float32).detach().cpu()
     if weights.dim() != 1 or weights.numel() == 0:
         raise ValueError(
             f'class_weights must be a 1-d vector with one weight per class, got '
-            f'shape {tuple(weights.shape)}')
+            f'shape {tuple(weights.shape)}'
+        )
     if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
         raise ValueError('class_weights must be finite and non-negative')
     return weights.clone()
 
 
-def count_label_pixels(labels: Tensor, num_classes: int,
-                       ignore_index: int = 255) -> Tensor:
+def count_label_pixels(
+    labels: Tensor, num_classes: int, ignore_index: int = 255
+) -> Tensor:
     """Pixel count per class of label maps (any shape), long ``(num_classes,)``;
     ``ignore_index`` is skipped. Sum these over a training set and pass the total to
     :func:`class_weights_from_counts`."""

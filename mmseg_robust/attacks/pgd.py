@@ -1,12 +1,23 @@
 """FGSM, BIM and PGD in pixel space (docs/algorithms.md section 3.1)."""
+
 from typing import List, Optional, Union
 
 import torch
 from torch import Tensor
 
 from mmseg_robust.registry import ATTACKS
-from .base import (Attack, AttackOutput, SegmentationTarget, batch_stats, bcast,
-                   better_iterate, input_gradient, output_at, resolve_steps)
+
+from .base import (
+    Attack,
+    AttackOutput,
+    SegmentationTarget,
+    batch_stats,
+    bcast,
+    better_iterate,
+    input_gradient,
+    output_at,
+    resolve_steps,
+)
 from .objectives import Objective
 from .seg_logits import SegLogits
 
@@ -50,11 +61,18 @@ class PGD(Attack):
         >>> adv_images = attack(model, images, labels)
     """
 
-    def __init__(self, eps: float = 8, norm: str = 'Linf',
-                 steps: Optional[int] = None,
-                 step_size: Optional[float] = None, random_start: bool = True,
-                 loss: LossConfig = 'CE', best_iterate: bool = False,
-                 ignore_index: int = 255, n_iter: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        eps: float = 8,
+        norm: str = 'Linf',
+        steps: Optional[int] = None,
+        step_size: Optional[float] = None,
+        random_start: bool = True,
+        loss: LossConfig = 'CE',
+        best_iterate: bool = False,
+        ignore_index: int = 255,
+        n_iter: Optional[int] = None,
+    ) -> None:
         super().__init__(eps, norm, ignore_index)
         self.steps = resolve_steps(steps, n_iter, 10, type(self).__name__)
         if step_size is None:
@@ -67,18 +85,21 @@ class PGD(Attack):
         self.objective = self._build_objective(loss)
 
     def __repr__(self) -> str:
-        return (f'{type(self).__name__}(eps={self.eps:g}, norm={self.norm!r}, '
-                f'steps={self.steps}, step_size={self.step_size:g}, '
-                f'random_start={self.random_start}, loss={self.objective!r}, '
-                f'best_iterate={self.best_iterate})')
+        return (
+            f'{type(self).__name__}(eps={self.eps:g}, norm={self.norm!r}, '
+            f'steps={self.steps}, step_size={self.step_size:g}, '
+            f'random_start={self.random_start}, loss={self.objective!r}, '
+            f'best_iterate={self.best_iterate})'
+        )
 
     def objectives(self) -> List[Objective]:
         return [self.objective]
 
-    def _attack(self, target: SegmentationTarget, x: Tensor,
-                seeds: Optional[List[int]]) -> AttackOutput:
+    def _attack(
+        self, target: SegmentationTarget, x: Tensor, seeds: Optional[List[int]]
+    ) -> AttackOutput:
         tm = self.threat_model
-        alpha = self.step_size / 255.
+        alpha = self.step_size / 255.0
         if self.random_start:
             x_adv = tm.random_start(x, seeds=seeds)
         else:
@@ -99,8 +120,7 @@ class PGD(Attack):
                 x_adv = tm.project(x_adv + alpha * tm.direction(grad), x)
         # The final iterate still needs its prediction: one forward, no backward.
         with torch.no_grad():
-            s = target.evaluate(x_adv, step=self.steps + 1,
-                                total_steps=self.steps)
+            s = target.evaluate(x_adv, step=self.steps + 1, total_steps=self.steps)
             if self.steps == 0:
                 stats.update(batch_stats(s, 'start'))
         if not self.best_iterate:
@@ -116,8 +136,10 @@ def _keep_best(best, x_adv: Tensor, s: SegLogits):
     if best is None:
         return n_correct, x_adv
     upd = better_iterate(n_correct, best[0])
-    return (torch.where(upd, n_correct, best[0]),
-            torch.where(bcast(upd, x_adv), x_adv, best[1]))
+    return (
+        torch.where(upd, n_correct, best[0]),
+        torch.where(bcast(upd, x_adv), x_adv, best[1]),
+    )
 
 
 @ATTACKS.register_module()
@@ -145,14 +167,28 @@ class BIM(PGD):
         >>> adv_images = attack(model, images, labels)
     """
 
-    def __init__(self, eps: float = 8, norm: str = 'Linf',
-                 steps: Optional[int] = None,
-                 step_size: Optional[float] = None, loss: LossConfig = 'CE',
-                 best_iterate: bool = False, ignore_index: int = 255,
-                 n_iter: Optional[int] = None) -> None:
-        super().__init__(eps=eps, norm=norm, steps=steps, step_size=step_size,
-                         random_start=False, loss=loss, best_iterate=best_iterate,
-                         ignore_index=ignore_index, n_iter=n_iter)
+    def __init__(
+        self,
+        eps: float = 8,
+        norm: str = 'Linf',
+        steps: Optional[int] = None,
+        step_size: Optional[float] = None,
+        loss: LossConfig = 'CE',
+        best_iterate: bool = False,
+        ignore_index: int = 255,
+        n_iter: Optional[int] = None,
+    ) -> None:
+        super().__init__(
+            eps=eps,
+            norm=norm,
+            steps=steps,
+            step_size=step_size,
+            random_start=False,
+            loss=loss,
+            best_iterate=best_iterate,
+            ignore_index=ignore_index,
+            n_iter=n_iter,
+        )
 
 
 @ATTACKS.register_module()
@@ -177,8 +213,20 @@ class FGSM(PGD):
         >>> adv_images = attack(model, images, labels)
     """
 
-    def __init__(self, eps: float = 8, norm: str = 'Linf', loss: LossConfig = 'CE',
-                 ignore_index: int = 255) -> None:
-        super().__init__(eps=eps, norm=norm, steps=1, step_size=eps,
-                         random_start=False, loss=loss, best_iterate=False,
-                         ignore_index=ignore_index)
+    def __init__(
+        self,
+        eps: float = 8,
+        norm: str = 'Linf',
+        loss: LossConfig = 'CE',
+        ignore_index: int = 255,
+    ) -> None:
+        super().__init__(
+            eps=eps,
+            norm=norm,
+            steps=1,
+            step_size=eps,
+            random_start=False,
+            loss=loss,
+            best_iterate=False,
+            ignore_index=ignore_index,
+        )

@@ -1,4 +1,5 @@
 """SEA, the Segmentation Ensemble Attack (docs/algorithms.md section 4)."""
+
 import hashlib
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -6,9 +7,16 @@ import torch
 from torch import Tensor
 
 from mmseg_robust.registry import ATTACKS
+
 from .apgd import APGDLargeEps
-from .base import (Attack, AttackOutput, SegmentationTarget, batch_stats, bcast,
-                   resolve_steps)
+from .base import (
+    Attack,
+    AttackOutput,
+    SegmentationTarget,
+    batch_stats,
+    bcast,
+    resolve_steps,
+)
 from .objectives import BalancedMaskedCrossEntropy, ClassWeights, Objective
 from .seg_logits import num_correct
 
@@ -25,8 +33,9 @@ def derive_seeds(seeds: Optional[Sequence[int]], salt: int) -> Optional[List[int
         return None
     out = []
     for s in seeds:
-        digest = hashlib.blake2b(f'{int(s)}/{int(salt)}'.encode(),
-                                 digest_size=8).digest()
+        digest = hashlib.blake2b(
+            f'{int(s)}/{int(salt)}'.encode(), digest_size=8
+        ).digest()
         out.append(int.from_bytes(digest, 'little') >> 1)  # fits int64
     return out
 
@@ -69,22 +78,34 @@ class SEA(Attack):
         >>> per_attack = out.members  # {'APGD-Mask-CE-Bal': AttackOutput, ...}
     """
 
-    def __init__(self, eps: float = 8, steps: Optional[int] = None,
-                 norm: str = 'Linf',
-                 losses: Sequence[Union[str, dict, Objective]] = SEA_LOSSES,
-                 class_weights: Optional[ClassWeights] = None,
-                 early_stop: bool = True, ignore_index: int = 255,
-                 n_iter: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        eps: float = 8,
+        steps: Optional[int] = None,
+        norm: str = 'Linf',
+        losses: Sequence[Union[str, dict, Objective]] = SEA_LOSSES,
+        class_weights: Optional[ClassWeights] = None,
+        early_stop: bool = True,
+        ignore_index: int = 255,
+        n_iter: Optional[int] = None,
+    ) -> None:
         super().__init__(eps, norm, ignore_index)
         if isinstance(losses, (str, dict)) or len(losses) == 0:
-            raise ValueError(f'losses must be a non-empty sequence of objectives, '
-                             f'got {losses!r}')
+            raise ValueError(
+                f'losses must be a non-empty sequence of objectives, got {losses!r}'
+            )
         self.steps = resolve_steps(steps, n_iter, 300, type(self).__name__)
         self.attacks: Dict[str, APGDLargeEps] = {}
         for loss in losses:
             cfg = _with_class_weights(loss, class_weights)
-            attack = APGDLargeEps(eps=eps, norm=norm, steps=self.steps, loss=cfg,
-                                  early_stop=early_stop, ignore_index=ignore_index)
+            attack = APGDLargeEps(
+                eps=eps,
+                norm=norm,
+                steps=self.steps,
+                loss=cfg,
+                early_stop=early_stop,
+                ignore_index=ignore_index,
+            )
             name = base = f'APGD-{_loss_name(attack.objective)}'
             k = 2
             while name in self.attacks:
@@ -92,15 +113,22 @@ class SEA(Attack):
             self.attacks[name] = attack
 
     def __repr__(self) -> str:
-        return (f'{type(self).__name__}(eps={self.eps:g}, norm={self.norm!r}, '
-                f'steps={self.steps}, attacks={list(self.attacks)})')
+        return (
+            f'{type(self).__name__}(eps={self.eps:g}, norm={self.norm!r}, '
+            f'steps={self.steps}, attacks={list(self.attacks)})'
+        )
 
     def objectives(self) -> List[Objective]:
         return [a.objective for a in self.attacks.values()]
 
-    def run_all(self, model, images: Tensor, labels: Tensor,
-                valid: Optional[Tensor] = None,
-                seeds: Optional[Sequence[int]] = None) -> Dict[str, AttackOutput]:
+    def run_all(
+        self,
+        model,
+        images: Tensor,
+        labels: Tensor,
+        valid: Optional[Tensor] = None,
+        seeds: Optional[Sequence[int]] = None,
+    ) -> Dict[str, AttackOutput]:
         """Every member attack's output: ``run(...).members``.
 
         Returns:
@@ -109,8 +137,9 @@ class SEA(Attack):
         """
         return self.run(model, images, labels, valid, seeds).members
 
-    def _attack(self, target: SegmentationTarget, x: Tensor,
-                seeds: Optional[List[int]]) -> AttackOutput:
+    def _attack(
+        self, target: SegmentationTarget, x: Tensor, seeds: Optional[List[int]]
+    ) -> AttackOutput:
         members = {}
         for a, (name, attack) in enumerate(self.attacks.items()):
             self.report(name)
@@ -118,25 +147,26 @@ class SEA(Attack):
         outs = list(members.values())
         # worst case per image: lowest accuracy, i.e. fewest correct valid pixels
         # (the valid count is the same for every attack); argmin keeps the first.
-        counts = torch.stack([
-            num_correct(o.adv_pred, target.labels, target.valid) for o in outs
-        ])
+        counts = torch.stack(
+            [num_correct(o.adv_pred, target.labels, target.valid) for o in outs]
+        )
         worst = counts.argmin(dim=0)
         adv, pred = outs[0].adv_images, outs[0].adv_pred
         for a, o in enumerate(outs[1:], start=1):
             pick = worst == a
             adv = torch.where(bcast(pick, adv), o.adv_images, adv)
             pred = torch.where(bcast(pick, pred), o.adv_pred, pred)
-        return AttackOutput(adv, pred, self._stats(target, x, adv), members,
-                            worst)
+        return AttackOutput(adv, pred, self._stats(target, x, adv), members, worst)
 
     @staticmethod
     def _stats(target: SegmentationTarget, x: Tensor, adv: Tensor) -> dict:
         """``start_*`` at the clean images (every member starts from them) and
         ``final_*`` at the worst case: two forwards, no backward."""
         with torch.no_grad():
-            return dict(batch_stats(target.evaluate(x), 'start'),
-                        **batch_stats(target.evaluate(adv), 'final'))
+            return dict(
+                batch_stats(target.evaluate(x), 'start'),
+                **batch_stats(target.evaluate(adv), 'final'),
+            )
 
 
 def _loss_name(objective: Objective) -> str:
@@ -149,13 +179,15 @@ def _with_class_weights(loss, class_weights):
         return loss
     cfg = dict(type=loss) if isinstance(loss, str) else dict(loss)
     kind = cfg.get('type')
-    is_bal = kind == 'Mask-CE-Bal' or (isinstance(kind, type) and issubclass(
-        kind, BalancedMaskedCrossEntropy))
+    is_bal = kind == 'Mask-CE-Bal' or (
+        isinstance(kind, type) and issubclass(kind, BalancedMaskedCrossEntropy)
+    )
     if is_bal and cfg.get('class_weights') is None:
         if class_weights is None:
             raise ValueError(
                 "SEA's Mask-CE-Bal attack needs class weights: pass "
                 "class_weights='voc' | 'ade20k' | a list of K per-class weights "
-                "(or drop 'Mask-CE-Bal' from losses)")
+                "(or drop 'Mask-CE-Bal' from losses)"
+            )
         cfg['class_weights'] = class_weights
     return cfg

@@ -1,10 +1,12 @@
-"""Per-pixel quantities shared by objectives and optimisers (docs/algorithms.md section 2).
+"""Per-pixel quantities shared by objectives and optimisers (docs/algorithms.md,
+section 2).
 
 :class:`SegLogits` wraps one forward pass (logits at the input resolution, labels,
 valid mask) and computes each derived quantity (log-probabilities, cross-entropy,
 prediction, correctness, per-image accuracy) at most once, so an attack iteration
 pays for a single log-softmax and a single argmax whatever the objective.
 """
+
 from functools import cached_property
 from typing import Optional
 
@@ -13,12 +15,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    'SegLogits', 'check_labels', 'effective_valid', 'num_correct', 'pixel_accuracy'
+    'SegLogits',
+    'check_labels',
+    'effective_valid',
+    'num_correct',
+    'pixel_accuracy',
 ]
 
 
-def effective_valid(labels: Tensor, valid: Optional[Tensor] = None,
-                    ignore_index: int = 255) -> Tensor:
+def effective_valid(
+    labels: Tensor, valid: Optional[Tensor] = None, ignore_index: int = 255
+) -> Tensor:
     """Pixels that count: ``valid & (labels != ignore_index)``, bool ``(B, H, W)``."""
     mask = labels != ignore_index
     if valid is not None:
@@ -26,8 +33,12 @@ def effective_valid(labels: Tensor, valid: Optional[Tensor] = None,
     return mask
 
 
-def check_labels(labels: Tensor, num_classes: int, ignore_index: int = 255,
-                 valid: Optional[Tensor] = None) -> None:
+def check_labels(
+    labels: Tensor,
+    num_classes: int,
+    ignore_index: int = 255,
+    valid: Optional[Tensor] = None,
+) -> None:
     """Raise ``ValueError`` if a label is neither in ``[0, num_classes)`` nor
     ``ignore_index``. Pixels where ``valid`` is False (padding) are not checked.
 
@@ -44,7 +55,8 @@ def check_labels(labels: Tensor, num_classes: int, ignore_index: int = 255,
             f'labels contain values {shown}{more} outside [0, {num_classes}) '
             f'(the model predicts K={num_classes} classes) that are not the '
             f'ignore index {ignore_index}; map them to a class or to the ignore '
-            f'index, or set ignore_index to the value your dataset uses')
+            f'index, or set ignore_index to the value your dataset uses'
+        )
 
 
 def num_correct(pred: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
@@ -52,8 +64,12 @@ def num_correct(pred: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
     return ((pred == labels) & valid).sum(dim=(1, 2))
 
 
-def pixel_accuracy(pred: Tensor, labels: Tensor, valid: Optional[Tensor] = None,
-                   ignore_index: int = 255) -> Tensor:
+def pixel_accuracy(
+    pred: Tensor,
+    labels: Tensor,
+    valid: Optional[Tensor] = None,
+    ignore_index: int = 255,
+) -> Tensor:
     """Per-image pixel accuracy: correct and valid pixels / valid pixels.
 
     Args:
@@ -90,9 +106,15 @@ class SegLogits:
         >>> s.ce.shape, s.accuracy.shape  # (B, H, W), (B,)
     """
 
-    def __init__(self, logits: Tensor, labels: Tensor, valid: Tensor,
-                 step: int = 1, total_steps: int = 1,
-                 all_valid: bool = False) -> None:
+    def __init__(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        valid: Tensor,
+        step: int = 1,
+        total_steps: int = 1,
+        all_valid: bool = False,
+    ) -> None:
         self.logits = logits
         self.labels = labels
         self.valid = valid

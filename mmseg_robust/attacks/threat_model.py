@@ -5,6 +5,7 @@ Images are float tensors ``(B, C, H, W)`` with values in ``[0, 1]``. Radii are g
 helpers here take an optional ``radius`` already converted to ``[0, 1]`` units, which
 is what the optimisers pass around.
 """
+
 import math
 from typing import List, Optional, Sequence
 
@@ -32,7 +33,8 @@ def canonical_norm(norm: str) -> str:
     if key not in _NORM_ALIASES:
         raise ValueError(
             f"norm must be 'Linf' (also 'linf', 'inf') or 'L2' (also 'l2'), "
-            f'got {norm!r}')
+            f'got {norm!r}'
+        )
     return _NORM_ALIASES[key]
 
 
@@ -47,7 +49,8 @@ def check_eps(eps: float) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(
             f'eps must be finite and >= 0 (in /255 units, eps=8 means 8/255), '
-            f'got {eps!r}')
+            f'got {eps!r}'
+        )
     return value
 
 
@@ -85,7 +88,7 @@ class ThreatModel:
     @property
     def radius(self) -> float:
         """The radius in ``[0, 1]`` pixel units (``eps / 255``)."""
-        return self.eps / 255.
+        return self.eps / 255.0
 
     def __repr__(self) -> str:
         return f'{type(self).__name__}(eps={self.eps:g}/255, norm={self.norm!r})'
@@ -93,8 +96,9 @@ class ThreatModel:
     def _radius(self, radius: Optional[float]) -> float:
         return self.radius if radius is None else float(radius)
 
-    def project(self, x_adv: Tensor, x: Tensor, radius: Optional[float] = None
-                ) -> Tensor:
+    def project(
+        self, x_adv: Tensor, x: Tensor, radius: Optional[float] = None
+    ) -> Tensor:
         """Project ``x_adv`` onto the ball around ``x``, then clip to ``[0, 1]``.
 
         Clipping after the ball projection keeps the point in the ball (each
@@ -134,8 +138,12 @@ class ThreatModel:
         norms = grad.flatten(1).norm(p=2, dim=1).clamp_min(_TINY)
         return grad / norms.view(-1, *([1] * (grad.dim() - 1)))
 
-    def random_start(self, x: Tensor, radius: Optional[float] = None,
-                     seeds: Optional[Sequence[int]] = None) -> Tensor:
+    def random_start(
+        self,
+        x: Tensor,
+        radius: Optional[float] = None,
+        seeds: Optional[Sequence[int]] = None,
+    ) -> Tensor:
         """A point drawn uniformly from the ball around ``x``, clipped to ``[0, 1]``.
 
         Args:
@@ -149,10 +157,12 @@ class ThreatModel:
         if seeds is None:
             noise = self._sample_unit_ball(x.shape, x.device, None)
         else:
-            noise = torch.cat([
-                self._sample_unit_ball((1, *x.shape[1:]), torch.device('cpu'), g)
-                for g in make_generators(seeds)
-            ]).to(x.device)
+            noise = torch.cat(
+                [
+                    self._sample_unit_ball((1, *x.shape[1:]), torch.device('cpu'), g)
+                    for g in make_generators(seeds)
+                ]
+            ).to(x.device)
         return (x + r * noise.to(x.dtype)).clamp(0.0, 1.0)
 
     def _sample_unit_ball(self, shape, device, generator) -> Tensor:

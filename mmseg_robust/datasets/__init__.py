@@ -1,12 +1,20 @@
 from .ade20k151 import ADE20K151Dataset
-from .synthetic import (CLASSES, SyntheticShapesDataset,
-                        generate_synthetic_dataset, render_sample)
+from .synthetic import (
+    CLASSES,
+    SyntheticShapesDataset,
+    generate_synthetic_dataset,
+    render_sample,
+)
 from .transforms import RandomGaussianBlur, ShortEdgeResizeCenterCrop
 from .voc_void_as_background import PascalVOCVoidAsBackgroundDataset
 
 __all__ = [
-    'ADE20K151Dataset', 'PascalVOCVoidAsBackgroundDataset',
-    'RandomGaussianBlur', 'ShortEdgeResizeCenterCrop',
-    'CLASSES', 'SyntheticShapesDataset', 'generate_synthetic_dataset',
-    'render_sample'
+    'ADE20K151Dataset',
+    'PascalVOCVoidAsBackgroundDataset',
+    'RandomGaussianBlur',
+    'ShortEdgeResizeCenterCrop',
+    'CLASSES',
+    'SyntheticShapesDataset',
+    'generate_synthetic_dataset',
+    'render_sample',
 ]

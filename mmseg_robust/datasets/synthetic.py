@@ -14,6 +14,7 @@ and read through mmseg's normal loading pipeline (``LoadImageFromFile``,
 overlapping colours, so a model has to look at spatial structure; clutter (lines and
 small blobs in object colours) is labelled background.
 """
+
 import json
 import os
 import os.path as osp
@@ -31,8 +32,7 @@ from mmseg_robust.registry import DATASETS
 GENERATOR_VERSION = 2
 
 CLASSES = ('background', 'disk', 'square', 'triangle', 'cross')
-PALETTE = [[0, 0, 0], [220, 20, 60], [0, 130, 200], [60, 180, 75],
-           [255, 200, 0]]
+PALETTE = [[0, 0, 0], [220, 20, 60], [0, 130, 200], [60, 180, 75], [255, 200, 0]]
 
 DEFAULT_SPLITS = dict(train=1000, val=100)
 
@@ -50,10 +50,10 @@ def _texture(rng: np.random.Generator, kind: int, size: int) -> np.ndarray:
         return 0.5 + 0.5 * np.sign(np.sin(2 * np.pi * u / period))
     if kind == 2:  # checkerboard
         return 0.5 + 0.5 * np.sign(
-            np.sin(np.pi * u / period * 2) * np.sin(np.pi * v / period * 2))
+            np.sin(np.pi * u / period * 2) * np.sin(np.pi * v / period * 2)
+        )
     # dots
-    return (0.5 + 0.5 * np.cos(2 * np.pi * u / period) *
-            np.cos(2 * np.pi * v / period))
+    return 0.5 + 0.5 * np.cos(2 * np.pi * u / period) * np.cos(2 * np.pi * v / period)
 
 
 def _colour(rng: np.random.Generator) -> np.ndarray:
@@ -72,16 +72,19 @@ def _shape_mask(rng: np.random.Generator, cls: int, size: int) -> np.ndarray:
         cv2.fillPoly(mask, [np.round(box).astype(np.int32)], 1)
     elif cls == 3:  # triangle
         a0 = rng.uniform(0, 2 * np.pi)
-        pts = [(cx + r * 1.2 * np.cos(a0 + k * 2 * np.pi / 3),
-                cy + r * 1.2 * np.sin(a0 + k * 2 * np.pi / 3)) for k in range(3)]
+        pts = [
+            (
+                cx + r * 1.2 * np.cos(a0 + k * 2 * np.pi / 3),
+                cy + r * 1.2 * np.sin(a0 + k * 2 * np.pi / 3),
+            )
+            for k in range(3)
+        ]
         cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 1)
     else:  # cross (plus sign)
         w = max(3, int(r * 0.7))
         x0, y0, rr = int(cx), int(cy), int(r)
-        cv2.rectangle(mask, (x0 - rr, y0 - w // 2), (x0 + rr, y0 + w // 2), 1,
-                      -1)
-        cv2.rectangle(mask, (x0 - w // 2, y0 - rr), (x0 + w // 2, y0 + rr), 1,
-                      -1)
+        cv2.rectangle(mask, (x0 - rr, y0 - w // 2), (x0 + rr, y0 + w // 2), 1, -1)
+        cv2.rectangle(mask, (x0 - w // 2, y0 - rr), (x0 + w // 2, y0 + rr), 1, -1)
     return mask.astype(bool)
 
 
@@ -138,10 +141,12 @@ def _write_split(root: str, split: str, num: int, size: int, seed: int):
         cv2.imwrite(osp.join(root, 'ann_dir', split, name), label)
 
 
-def generate_synthetic_dataset(data_root: str,
-                               splits: Optional[Dict[str, int]] = None,
-                               size: int = 64,
-                               seed: int = 0) -> str:
+def generate_synthetic_dataset(
+    data_root: str,
+    splits: Optional[Dict[str, int]] = None,
+    size: int = 64,
+    seed: int = 0,
+) -> str:
     """Generate the synthetic dataset into ``data_root`` unless it is already there.
 
     Idempotent and safe under concurrent callers (e.g. every rank of a distributed
@@ -170,7 +175,8 @@ def generate_synthetic_dataset(data_root: str,
         splits=splits,
         size=size,
         seed=seed,
-        classes=list(CLASSES))
+        classes=list(CLASSES),
+    )
     meta_file = osp.join(data_root, 'meta.json')
     if osp.exists(meta_file):
         with open(meta_file) as f:
@@ -179,12 +185,14 @@ def generate_synthetic_dataset(data_root: str,
             raise RuntimeError(
                 f'{data_root} holds a synthetic dataset generated with '
                 f'{found}, but {meta} was requested. Delete the folder to '
-                'regenerate it, or set another data_root.')
+                'regenerate it, or set another data_root.'
+            )
         return data_root
     if osp.exists(data_root) and os.listdir(data_root):
         raise RuntimeError(
             f'{data_root} exists and is not a synthetic dataset (no meta.json). '
-            'Choose an empty or missing folder as data_root.')
+            'Choose an empty or missing folder as data_root.'
+        )
     parent = osp.dirname(osp.abspath(data_root))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix='.synthetic-', dir=parent)
@@ -221,15 +229,18 @@ class SyntheticShapesDataset(BaseSegDataset):
             :func:`generate_synthetic_dataset` (``splits``, ``size``, ``seed``).
         **kwargs: Arguments of :class:`mmseg.datasets.BaseSegDataset`.
     """
+
     METAINFO = dict(classes=CLASSES, palette=PALETTE)
 
-    def __init__(self,
-                 img_suffix='.png',
-                 seg_map_suffix='.png',
-                 reduce_zero_label=False,
-                 generate: bool = True,
-                 generator_cfg: Optional[dict] = None,
-                 **kwargs) -> None:
+    def __init__(
+        self,
+        img_suffix='.png',
+        seg_map_suffix='.png',
+        reduce_zero_label=False,
+        generate: bool = True,
+        generator_cfg: Optional[dict] = None,
+        **kwargs,
+    ) -> None:
         data_root = kwargs.get('data_root')
         if generate and data_root:
             generate_synthetic_dataset(data_root, **(generator_cfg or {}))
@@ -237,4 +248,5 @@ class SyntheticShapesDataset(BaseSegDataset):
             img_suffix=img_suffix,
             seg_map_suffix=seg_map_suffix,
             reduce_zero_label=reduce_zero_label,
-            **kwargs)
+            **kwargs,
+        )

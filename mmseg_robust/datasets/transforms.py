@@ -10,6 +10,7 @@
 Resizing uses Pillow (``backend='pillow'``) like the PIR-AT reference, whose
 bilinear downscaling is antialiased (OpenCV's is not).
 """
+
 from typing import Optional
 
 import cv2
@@ -48,10 +49,9 @@ class ShortEdgeResizeCenterCrop(BaseTransform):
             Default: ``'pillow'``.
     """
 
-    def __init__(self,
-                 crop_size: int,
-                 interpolation: str = 'bilinear',
-                 backend: str = 'pillow') -> None:
+    def __init__(
+        self, crop_size: int, interpolation: str = 'bilinear', backend: str = 'pillow'
+    ) -> None:
         if int(crop_size) != crop_size or crop_size <= 0:
             raise ValueError(f'crop_size must be a positive int, got {crop_size}')
         self.crop_size = int(crop_size)
@@ -65,15 +65,14 @@ class ShortEdgeResizeCenterCrop(BaseTransform):
             new_w, new_h = int(1.0 * w * s / h), s
         else:
             new_w, new_h = s, int(1.0 * h * s / w)
-        x1 = int(round((new_w - s) / 2.))
-        y1 = int(round((new_h - s) / 2.))
+        x1 = int(round((new_w - s) / 2.0))
+        y1 = int(round((new_h - s) / 2.0))
 
         def resize_crop(array, interpolation):
             out = mmcv.imresize(
-                array, (new_w, new_h),
-                interpolation=interpolation,
-                backend=self.backend)
-            return np.ascontiguousarray(out[y1:y1 + s, x1:x1 + s])
+                array, (new_w, new_h), interpolation=interpolation, backend=self.backend
+            )
+            return np.ascontiguousarray(out[y1 : y1 + s, x1 : x1 + s])
 
         results['img'] = resize_crop(results['img'], self.interpolation)
         for key in results.get('seg_fields', []):
@@ -85,8 +84,10 @@ class ShortEdgeResizeCenterCrop(BaseTransform):
         return results
 
     def __repr__(self) -> str:
-        return (f'{type(self).__name__}(crop_size={self.crop_size}, '
-                f'interpolation={self.interpolation!r}, backend={self.backend!r})')
+        return (
+            f'{type(self).__name__}(crop_size={self.crop_size}, '
+            f'interpolation={self.interpolation!r}, backend={self.backend!r})'
+        )
 
 
 @TRANSFORMS.register_module()
@@ -122,29 +123,40 @@ class RandomGaussianBlur(BaseTransform):
         >>> blur = RandomGaussianBlur(prob=0.5, kernel_size=5)  # SAT/DDC-AT
     """
 
-    def __init__(self,
-                 prob: float = 0.5,
-                 max_radius: Optional[float] = None,
-                 kernel_size: Optional[int] = None,
-                 sigma: float = 0.0) -> None:
+    def __init__(
+        self,
+        prob: float = 0.5,
+        max_radius: Optional[float] = None,
+        kernel_size: Optional[int] = None,
+        sigma: float = 0.0,
+    ) -> None:
         if not 0 <= prob <= 1:
             raise ValueError(f'prob must be in [0, 1], got {prob}')
         if kernel_size is None:
             if sigma != 0:
-                raise ValueError('sigma is an option of the OpenCV blur: set '
-                                 'kernel_size too (or use max_radius)')
+                raise ValueError(
+                    'sigma is an option of the OpenCV blur: set '
+                    'kernel_size too (or use max_radius)'
+                )
             max_radius = 1.0 if max_radius is None else max_radius
             if max_radius < 0:
                 raise ValueError(f'max_radius must be >= 0, got {max_radius}')
         else:
             if max_radius is not None:
-                raise ValueError('max_radius (PIL blur, random radius) and '
-                                 'kernel_size (OpenCV blur, fixed kernel) '
-                                 'exclude each other: set one of them')
-            if (int(kernel_size) != kernel_size or kernel_size < 1
-                    or kernel_size % 2 == 0):
-                raise ValueError('kernel_size must be a positive odd int (as '
-                                 f'cv2.GaussianBlur), got {kernel_size}')
+                raise ValueError(
+                    'max_radius (PIL blur, random radius) and '
+                    'kernel_size (OpenCV blur, fixed kernel) '
+                    'exclude each other: set one of them'
+                )
+            if (
+                int(kernel_size) != kernel_size
+                or kernel_size < 1
+                or kernel_size % 2 == 0
+            ):
+                raise ValueError(
+                    'kernel_size must be a positive odd int (as '
+                    f'cv2.GaussianBlur), got {kernel_size}'
+                )
             if sigma < 0:
                 raise ValueError(f'sigma must be >= 0, got {sigma}')
             kernel_size = int(kernel_size)
@@ -162,8 +174,10 @@ class RandomGaussianBlur(BaseTransform):
             results['img'] = cv2.GaussianBlur(img, (k, k), self.sigma)
             return results
         if img.dtype != np.uint8:
-            raise TypeError('RandomGaussianBlur expects a uint8 image (load it '
-                            f'without to_float32), got {img.dtype}')
+            raise TypeError(
+                'RandomGaussianBlur expects a uint8 image (load it '
+                f'without to_float32), got {img.dtype}'
+            )
         radius = float(np.random.rand()) * self.max_radius
         blurred = Image.fromarray(img).filter(ImageFilter.GaussianBlur(radius))
         results['img'] = np.asarray(blurred).copy()
@@ -171,7 +185,8 @@ class RandomGaussianBlur(BaseTransform):
 
     def __repr__(self) -> str:
         if self.kernel_size is not None:
-            return (f'{type(self).__name__}(prob={self.prob}, '
-                    f'kernel_size={self.kernel_size}, sigma={self.sigma})')
-        return (f'{type(self).__name__}(prob={self.prob}, '
-                f'max_radius={self.max_radius})')
+            return (
+                f'{type(self).__name__}(prob={self.prob}, '
+                f'kernel_size={self.kernel_size}, sigma={self.sigma})'
+            )
+        return f'{type(self).__name__}(prob={self.prob}, max_radius={self.max_radius})'

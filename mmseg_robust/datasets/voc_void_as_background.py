@@ -6,6 +6,7 @@ section 5.1): the reference converts the colour annotations to indices and void'
 colour matches no class, so void pixels become background (0). Used by
 ``configs/_base_/datasets/voc12aug_void-as-background_473x473.py``.
 """
+
 from typing import Optional, Sequence
 
 from mmseg.datasets import PascalVOCDataset
@@ -29,6 +30,8 @@ class PascalVOCVoidAsBackgroundDataset(PascalVOCDataset):
     @classmethod
     def get_label_map(cls, new_classes: Optional[Sequence] = None) -> dict:
         if super().get_label_map(new_classes) is not None:
-            raise ValueError('PascalVOCVoidAsBackgroundDataset uses the 21 VOC '
-                             'classes; a class subset is not supported')
+            raise ValueError(
+                'PascalVOCVoidAsBackgroundDataset uses the 21 VOC '
+                'classes; a class subset is not supported'
+            )
         return {255: 0}

@@ -1,30 +1,58 @@
 """Thin glue to mmengine: adversarial loops, training schemes, presets, result
 cache."""
-from .adversarial_loops import (AdversarialTestLoop, AdversarialValLoop,
-                                image_seed)
-from .adversarial_training import (AdversarialTrainLoop, DDCATTrainLoop,
-                                   PIRATTrainLoop, SATTrainLoop)
+
+from .adversarial_loops import AdversarialTestLoop, AdversarialValLoop, image_seed
+from .adversarial_training import (
+    AdversarialTrainLoop,
+    DDCATTrainLoop,
+    PIRATTrainLoop,
+    SATTrainLoop,
+)
 from .attack_context import attack_context
 from .checkpoint_check import CheckpointCheckHook, check_loaded_checkpoint
 from .optim_wrappers import AdversarialAmpOptimWrapper, AdversarialOptimWrapper
-from .presets import (EVALUATOR_PRESETS, add_adversarial_visualization,
-                      apply_robustness_evaluator, configure_test,
-                      dataset_class_weights, is_robustness_evaluation,
-                      load_evaluator_preset, normalize_evaluator_options)
+from .presets import (
+    EVALUATOR_PRESETS,
+    add_adversarial_visualization,
+    apply_robustness_evaluator,
+    configure_test,
+    dataset_class_weights,
+    is_robustness_evaluation,
+    load_evaluator_preset,
+    normalize_evaluator_options,
+)
 from .random_state import RandomStateHook
 from .result_cache import ResultCache, fingerprint
 from .train_schemes import DDCATScheme, PIRATScheme, SATScheme, TrainScheme
 from .visualization_hook import AdversarialVisualizationHook
 
 __all__ = [
-    'AdversarialAmpOptimWrapper', 'AdversarialOptimWrapper',
-    'AdversarialTestLoop', 'AdversarialTrainLoop', 'AdversarialValLoop',
-    'AdversarialVisualizationHook', 'CheckpointCheckHook', 'DDCATScheme',
-    'DDCATTrainLoop', 'EVALUATOR_PRESETS', 'PIRATScheme', 'PIRATTrainLoop',
-    'RandomStateHook', 'ResultCache', 'SATScheme', 'SATTrainLoop', 'TrainScheme',
-    'add_adversarial_visualization', 'apply_robustness_evaluator',
-    'attack_context', 'check_loaded_checkpoint', 'configure_test',
-    'dataset_class_weights', 'fingerprint', 'image_seed',
-    'is_robustness_evaluation', 'load_evaluator_preset',
-    'normalize_evaluator_options'
+    'AdversarialAmpOptimWrapper',
+    'AdversarialOptimWrapper',
+    'AdversarialTestLoop',
+    'AdversarialTrainLoop',
+    'AdversarialValLoop',
+    'AdversarialVisualizationHook',
+    'CheckpointCheckHook',
+    'DDCATScheme',
+    'DDCATTrainLoop',
+    'EVALUATOR_PRESETS',
+    'PIRATScheme',
+    'PIRATTrainLoop',
+    'RandomStateHook',
+    'ResultCache',
+    'SATScheme',
+    'SATTrainLoop',
+    'TrainScheme',
+    'add_adversarial_visualization',
+    'apply_robustness_evaluator',
+    'attack_context',
+    'check_loaded_checkpoint',
+    'configure_test',
+    'dataset_class_weights',
+    'fingerprint',
+    'image_seed',
+    'is_robustness_evaluation',
+    'load_evaluator_preset',
+    'normalize_evaluator_options',
 ]

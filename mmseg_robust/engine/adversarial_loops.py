@@ -10,6 +10,7 @@ saved by the :class:`~mmseg_robust.engine.ResultCache` -> output data samples
 :class:`~mmseg_robust.evaluation.RobustnessMetric` (aggregation and the results
 file).
 """
+
 import os.path as osp
 import time
 import zlib
@@ -20,10 +21,16 @@ from mmengine.dist import get_rank, get_world_size
 from mmengine.logging import print_log
 from mmengine.runner import TestLoop, ValLoop
 
-from mmseg_robust.evaluation import (RobustnessMetric, counts_of_batch, eps_key,
-                                     image_record, pixel_accuracy)
+from mmseg_robust.evaluation import (
+    RobustnessMetric,
+    counts_of_batch,
+    eps_key,
+    image_record,
+    pixel_accuracy,
+)
 from mmseg_robust.models.pixel_space import SegmentorPixelView, ignore_index_of
 from mmseg_robust.registry import ATTACKS, LOOPS
+
 from .checkpoint_check import check_loaded_checkpoint
 from .result_cache import ResultCache
 
@@ -36,8 +43,7 @@ def image_seed(seed: int, key: str) -> int:
     Depends on neither the rank, the batch nor the data root, so 1 and N processes
     (and reruns on another machine) attack each image identically.
     """
-    return (int(seed) * 1_000_003 + zlib.crc32(osp.basename(key).encode())) % (
-        2**31)
+    return (int(seed) * 1_000_003 + zlib.crc32(osp.basename(key).encode())) % (2**31)
 
 
 def _image_key(sample) -> str:
@@ -45,8 +51,10 @@ def _image_key(sample) -> str:
     for k in ('img_path', 'seg_map_path'):
         if meta.get(k):
             return str(meta[k])
-    raise ValueError('data samples carry no img_path: the robustness loop needs '
-                     'it to identify images (use mmseg datasets and PackSegInputs)')
+    raise ValueError(
+        'data samples carry no img_path: the robustness loop needs '
+        'it to identify images (use mmseg datasets and PackSegInputs)'
+    )
 
 
 def _accuracy(counts: dict) -> float:
@@ -75,15 +83,17 @@ class _AdversarialEvalMixin:
     _stage = 'test'  # the hooks' stage: 'test' or 'val'
     _defaults = dict(resume=True, log_interval=1)
 
-    def __init__(self,
-                 runner,
-                 dataloader,
-                 evaluator,
-                 attacks: Union[dict, Sequence[dict]],
-                 eps: Union[float, Sequence[float]] = 8,
-                 seed: int = 0,
-                 resume: Optional[bool] = None,
-                 log_interval: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        runner,
+        dataloader,
+        evaluator,
+        attacks: Union[dict, Sequence[dict]],
+        eps: Union[float, Sequence[float]] = 8,
+        seed: int = 0,
+        resume: Optional[bool] = None,
+        log_interval: Optional[int] = None,
+    ) -> None:
         # mmengine's TestLoop / ValLoop (attacks run in fp32)
         super().__init__(runner, dataloader, evaluator, fp16=False)
         if resume is None:
@@ -93,8 +103,10 @@ class _AdversarialEvalMixin:
         if isinstance(attacks, dict):
             attacks = [attacks]
         if not attacks:
-            raise ValueError('the adversarial loop needs at least one attack, '
-                             'e.g. attacks=[dict(type="SEA")]')
+            raise ValueError(
+                'the adversarial loop needs at least one attack, '
+                'e.g. attacks=[dict(type="SEA")]'
+            )
         eps_list = [eps] if isinstance(eps, (int, float)) else list(eps)
         if not eps_list:
             raise ValueError('eps must be a number or a non-empty list')
@@ -108,7 +120,8 @@ class _AdversarialEvalMixin:
                 if 'eps' in cfg:
                     raise ValueError(
                         f'set eps on the loop (eps={self.eps_list}), not in the '
-                        f'attack config {cfg}')
+                        f'attack config {cfg}'
+                    )
                 cfg['eps'] = e
                 built.append(ATTACKS.build(cfg))
             self.attacks[eps_key(e)] = built
@@ -127,14 +140,15 @@ class _AdversarialEvalMixin:
         self._attacked = 0
         self.cache = None
         if self.resume:
-            self.cache = ResultCache.for_evaluation(self.runner.work_dir,
-                                                    self._description(),
-                                                    get_rank())
+            self.cache = ResultCache.for_evaluation(
+                self.runner.work_dir, self._description(), get_rank()
+            )
             if len(self.cache):
                 print_log(
                     f'Resuming the robustness evaluation: {len(self.cache)} '
                     f'images already done in {self.cache.folder}',
-                    logger='current')
+                    logger='current',
+                )
         if self._stage == 'test':
             for metric in self.evaluator.metrics:
                 if isinstance(metric, RobustnessMetric):
@@ -143,7 +157,8 @@ class _AdversarialEvalMixin:
                         attacks=self.attack_cfgs,
                         eps=self.eps_list,
                         checkpoint=getattr(self.runner, '_load_from', None),
-                        timestamp=self.runner.timestamp)
+                        timestamp=self.runner.timestamp,
+                    )
 
     def _description(self) -> dict:
         """Everything the cached results depend on (the cache's key)."""
@@ -151,31 +166,30 @@ class _AdversarialEvalMixin:
         load_from = getattr(self.runner, '_load_from', None)
         ckpt = None
         if load_from and osp.isfile(load_from):
-            ckpt = dict(path=osp.abspath(load_from),
-                        size=osp.getsize(load_from))
+            ckpt = dict(path=osp.abspath(load_from), size=osp.getsize(load_from))
         return dict(
             model=cfg.get('model'),
             checkpoint=ckpt or load_from,
             attacks=self.attack_cfgs,
             eps=self.eps_list,
-            seed=self.seed)
+            seed=self.seed,
+        )
 
     # ----------------------------------------------------------------- attack
-    def _attack_batch(self, view: SegmentorPixelView,
-                      keys: List[str]) -> tuple:
+    def _attack_batch(self, view: SegmentorPixelView, keys: List[str]) -> tuple:
         """Attack one batch: per image its record and its adversarial examples
         (``{eps: example}``, the attack with the lowest pixel accuracy)."""
         labels = view.labels
         if labels is None:
-            raise ValueError('the robustness evaluation needs ground truth: the '
-                             'test pipeline must contain LoadAnnotations')
+            raise ValueError(
+                'the robustness evaluation needs ground truth: the '
+                'test pipeline must contain LoadAnnotations'
+            )
         logits, clean_pred = view.predict()
         num_classes = logits.shape[1]
         ignore = ignore_index_of(self.runner.model)
         clean = counts_of_batch(clean_pred, labels, num_classes, ignore)
-        per_image: List[Dict[str, Dict[str, dict]]] = [
-            OrderedDict() for _ in keys
-        ]
+        per_image: List[Dict[str, Dict[str, dict]]] = [OrderedDict() for _ in keys]
         examples: List[Dict[str, dict]] = [OrderedDict() for _ in keys]
         seeds = [image_seed(self.seed, k) for k in keys]
         for eps_name, attacks in self.attacks.items():
@@ -186,29 +200,43 @@ class _AdversarialEvalMixin:
             for attack in attacks:
                 name = type(attack).__name__
                 out = attack.run(
-                    view, view.images, labels, seeds=seeds,
-                    progress=lambda text, e=eps_name: self._log_attack(e, text))
+                    view,
+                    view.images,
+                    labels,
+                    seeds=seeds,
+                    progress=lambda text, e=eps_name: self._log_attack(e, text),
+                )
                 for member, member_out in out.by_attack(name).items():
-                    counts = counts_of_batch(member_out.adv_pred, labels,
-                                             num_classes, ignore)
+                    counts = counts_of_batch(
+                        member_out.adv_pred, labels, num_classes, ignore
+                    )
                     for rec, c in zip(per_image, counts):
                         if member in rec[eps_name]:
                             raise ValueError(
                                 f'two attacks at eps {eps_name} are named '
-                                f'{member}: give the attacks different settings')
+                                f'{member}: give the attacks different settings'
+                            )
                         rec[eps_name][member] = c
                 # the attack's own output is its worst case over its members
-                counts = counts_of_batch(out.adv_pred, labels, num_classes,
-                                         ignore)
+                counts = counts_of_batch(out.adv_pred, labels, num_classes, ignore)
                 for i, (w, c) in enumerate(zip(worst, counts)):
                     acc = _accuracy(c)
                     if acc < w[0]:
-                        w[:] = [acc, out.source(name, i), out.adv_images[i],
-                                out.adv_pred[i]]
+                        w[:] = [
+                            acc,
+                            out.source(name, i),
+                            out.adv_images[i],
+                            out.adv_pred[i],
+                        ]
             for ex, w, c in zip(examples, worst, clean):
-                ex[eps_name] = dict(eps=float(eps_name), attack=w[1],
-                                    adv_acc=w[0], clean_acc=_accuracy(c),
-                                    adv_image=w[2], adv_pred=w[3])
+                ex[eps_name] = dict(
+                    eps=float(eps_name),
+                    attack=w[1],
+                    adv_acc=w[0],
+                    clean_acc=_accuracy(c),
+                    adv_image=w[2],
+                    adv_pred=w[3],
+                )
         records = [
             image_record(k, num_classes, c, a)
             for k, c, a in zip(keys, clean, per_image)
@@ -219,8 +247,7 @@ class _AdversarialEvalMixin:
         """numpy examples (see :func:`mmseg_robust.reporting.save_example`)."""
         # the view's images are in the channel order the network sees: RGB
         # when the preprocessor converts mmcv's BGR, BGR when it does not
-        rgb = bool(getattr(view.model.data_preprocessor, 'channel_conversion',
-                           False))
+        rgb = bool(getattr(view.model.data_preprocessor, 'channel_conversion', False))
 
         def to_hwc(img):
             img = img.detach().float().cpu()
@@ -233,11 +260,24 @@ class _AdversarialEvalMixin:
                 name=osp.splitext(osp.basename(key))[0],
                 image=to_hwc(view.images[i]),
                 gt=view.labels[i].cpu().numpy(),
-                clean_pred=clean_pred[i].cpu().numpy())
-            out.append(OrderedDict(
-                (e, dict(common, **dict(ex, adv_image=to_hwc(ex['adv_image']),
-                                        adv_pred=ex['adv_pred'].cpu().numpy())))
-                for e, ex in per_eps.items()))
+                clean_pred=clean_pred[i].cpu().numpy(),
+            )
+            out.append(
+                OrderedDict(
+                    (
+                        e,
+                        dict(
+                            common,
+                            **dict(
+                                ex,
+                                adv_image=to_hwc(ex['adv_image']),
+                                adv_pred=ex['adv_pred'].cpu().numpy(),
+                            ),
+                        ),
+                    )
+                    for e, ex in per_eps.items()
+                )
+            )
         return out
 
     def _log_attack(self, eps_name: str, name: str) -> None:
@@ -246,7 +286,8 @@ class _AdversarialEvalMixin:
             print_log(
                 f'Robustness [{self._idx + 1}/{len(self.dataloader)} batches] '
                 f'running {self._current}',
-                logger='current')
+                logger='current',
+            )
 
     # ------------------------------------------------------------------- iter
     def run_iter(self, idx: int, data_batch: dict) -> None:
@@ -260,14 +301,16 @@ class _AdversarialEvalMixin:
         if idx == 0:
             self._start()
         self.runner.call_hook(
-            f'before_{self._stage}_iter', batch_idx=idx, data_batch=data_batch)
+            f'before_{self._stage}_iter', batch_idx=idx, data_batch=data_batch
+        )
         outputs = self._evaluate_iter(idx, data_batch)
         self.evaluator.process(data_samples=outputs, data_batch=data_batch)
         self.runner.call_hook(
             f'after_{self._stage}_iter',
             batch_idx=idx,
             data_batch=data_batch,
-            outputs=outputs)
+            outputs=outputs,
+        )
 
     def _evaluate_iter(self, idx: int, data_batch: dict) -> list:
         self._idx = idx
@@ -281,10 +324,10 @@ class _AdversarialEvalMixin:
             model.eval()
             sub_batch = dict(
                 inputs=[data_batch['inputs'][i] for i in todo],
-                data_samples=[samples[i] for i in todo])
+                data_samples=[samples[i] for i in todo],
+            )
             view = SegmentorPixelView(model, sub_batch)
-            new, new_examples = self._attack_batch(view,
-                                                   [keys[i] for i in todo])
+            new, new_examples = self._attack_batch(view, [keys[i] for i in todo])
             if self.cache is not None:
                 self.cache.put(new)
             for i, rec, ex in zip(todo, new, new_examples):
@@ -317,7 +360,8 @@ class _AdversarialEvalMixin:
             f'on this rank: {self._done} ({self._attacked} attacked, '
             f'{self._done - self._attacked} from cache), last attack '
             f'{getattr(self, "_current", "-")}{eta}',
-            logger='current')
+            logger='current',
+        )
 
 
 @LOOPS.register_module()

@@ -22,6 +22,7 @@ share of the iteration spent attacking, and with ``--resume`` restores the rando
 state (torch, numpy, python) saved in the checkpoint, after the data loader has
 been advanced, so a resumed run continues exactly like an uninterrupted one.
 """
+
 import copy
 import glob
 import os.path as osp
@@ -36,16 +37,18 @@ from mmengine.model import is_model_wrapper
 from mmengine.optim import AmpOptimWrapper
 from mmengine.runner import IterBasedTrainLoop
 
-from mmseg_robust.models.pixel_space import (TrainingBatchPixelView,
-                                             ignore_index_of, unwrap_model)
+from mmseg_robust.models.pixel_space import (
+    TrainingBatchPixelView,
+    ignore_index_of,
+    unwrap_model,
+)
 from mmseg_robust.registry import ATTACKS, LOOPS, TRAIN_SCHEMES
+
 from .attack_context import attack_context
 from .random_state import RandomStateHook
 from .train_schemes import TrainScheme
 
-__all__ = [
-    'AdversarialTrainLoop', 'DDCATTrainLoop', 'PIRATTrainLoop', 'SATTrainLoop'
-]
+__all__ = ['AdversarialTrainLoop', 'DDCATTrainLoop', 'PIRATTrainLoop', 'SATTrainLoop']
 
 
 class _LeakingView:
@@ -60,8 +63,7 @@ class _LeakingView:
     asks for is returned as usual.
     """
 
-    def __init__(self, view, params: List[torch.nn.Parameter],
-                 scale: float) -> None:
+    def __init__(self, view, params: List[torch.nn.Parameter], scale: float) -> None:
         self.view, self.params, self.scale = view, params, scale
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -69,7 +71,6 @@ class _LeakingView:
 
 
 class _LeakGrad(torch.autograd.Function):
-
     @staticmethod
     def forward(ctx, images, leaking):
         with torch.enable_grad():
@@ -82,8 +83,8 @@ class _LeakGrad(torch.autograd.Function):
     def backward(ctx, grad_logits):
         leaking = ctx.leaking
         grads = torch.autograd.grad(
-            ctx.logits, [ctx.x] + leaking.params, grad_logits,
-            allow_unused=True)
+            ctx.logits, [ctx.x] + leaking.params, grad_logits, allow_unused=True
+        )
         for p, g in zip(leaking.params, grads[1:]):
             if g is None:
                 continue
@@ -135,7 +136,8 @@ class _RestoreAfterSkip:
                     print_log(
                         'Restored the random state saved at iteration '
                         f'{self._loop.iter}',
-                        logger='current')
+                        logger='current',
+                    )
         return next(self._inner)
 
     def __getattr__(self, name: str):
@@ -207,36 +209,41 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
     #: the scheme a subclass fixes (None: chosen by ``scheme``)
     fixed_scheme: Optional[str] = None
 
-    def __init__(self,
-                 runner,
-                 dataloader,
-                 max_iters: int,
-                 val_begin: int = 1,
-                 val_interval: int = 1000,
-                 dynamic_intervals=None,
-                 scheme: Union[str, dict, TrainScheme, None] = None,
-                 attack: Optional[dict] = None,
-                 log_clean: bool = True,
-                 leak_attack_grads: bool = False) -> None:
-        super().__init__(runner, dataloader, max_iters, val_begin,
-                         val_interval, dynamic_intervals)
+    def __init__(
+        self,
+        runner,
+        dataloader,
+        max_iters: int,
+        val_begin: int = 1,
+        val_interval: int = 1000,
+        dynamic_intervals=None,
+        scheme: Union[str, dict, TrainScheme, None] = None,
+        attack: Optional[dict] = None,
+        log_clean: bool = True,
+        leak_attack_grads: bool = False,
+    ) -> None:
+        super().__init__(
+            runner, dataloader, max_iters, val_begin, val_interval, dynamic_intervals
+        )
         self.train_scheme = self._build_scheme(scheme)
         #: the scheme's registered name ('pirat', 'sat', 'ddcat', ...)
         self.scheme = self.train_scheme.name
         if attack is None:
             attack = dict(
-                type='PGD', eps=4, steps=5, step_size=2.55, random_start=False)
+                type='PGD', eps=4, steps=5, step_size=2.55, random_start=False
+            )
         self.attack_cfg = dict(attack)
         self.ignore_index = ignore_index_of(runner.model)
         self.attack = ATTACKS.build(
-            dict(self.attack_cfg, ignore_index=self.ignore_index))
+            dict(self.attack_cfg, ignore_index=self.ignore_index)
+        )
         self.log_clean = log_clean
         self.leak_attack_grads = bool(leak_attack_grads)
         self.random_state_hook = RandomStateHook()
         runner.register_hook(self.random_state_hook)
-        self.dataloader_iterator = _RestoreAfterSkip(self.dataloader_iterator,
-                                                     self,
-                                                     self.random_state_hook)
+        self.dataloader_iterator = _RestoreAfterSkip(
+            self.dataloader_iterator, self, self.random_state_hook
+        )
         _check_load_from(runner)
 
     def _build_scheme(self, scheme) -> TrainScheme:
@@ -246,18 +253,22 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
                 raise ValueError(
                     f'{type(self).__name__} trains with scheme={fixed!r}, got '
                     f'scheme={scheme!r}: use AdversarialTrainLoop to choose '
-                    'the scheme')
+                    'the scheme'
+                )
             scheme = fixed
         if scheme is None:
             scheme = 'pirat'
         if isinstance(scheme, TrainScheme):
             return scheme
         cfg = dict(type=scheme) if isinstance(scheme, str) else dict(scheme)
-        if isinstance(cfg.get('type'), str) and \
-                cfg['type'] not in TRAIN_SCHEMES.module_dict:
+        if (
+            isinstance(cfg.get('type'), str)
+            and cfg['type'] not in TRAIN_SCHEMES.module_dict
+        ):
             raise ValueError(
                 f'unknown adversarial training scheme {cfg["type"]!r}; '
-                f'choose one of {tuple(TRAIN_SCHEMES.module_dict)}')
+                f'choose one of {tuple(TRAIN_SCHEMES.module_dict)}'
+            )
         built = TRAIN_SCHEMES.build(cfg)
         if not built.name:  # a registered scheme without a name of its own
             built.name = str(cfg['type'])
@@ -267,20 +278,23 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
         """One iteration: attack, compose, ``train_step`` (hooks as
         :meth:`IterBasedTrainLoop.run_iter`; they see the composed batch)."""
         self.runner.call_hook(
-            'before_train_iter', batch_idx=self._iter, data_batch=data_batch)
+            'before_train_iter', batch_idx=self._iter, data_batch=data_batch
+        )
         t0 = time.perf_counter()
         self._sync_buffers()
         adv_batch, stats = self.adversarial_batch(data_batch)
         t_attack = time.perf_counter() - t0
         outputs = self.runner.model.train_step(
-            adv_batch, optim_wrapper=self.runner.optim_wrapper)
+            adv_batch, optim_wrapper=self.runner.optim_wrapper
+        )
         stats['attack_time_share'] = t_attack / (time.perf_counter() - t0)
         outputs.update(stats)
         self.runner.call_hook(
             'after_train_iter',
             batch_idx=self._iter,
             data_batch=adv_batch,
-            outputs=outputs)
+            outputs=outputs,
+        )
         self._iter += 1
 
     def _sync_buffers(self) -> None:
@@ -295,8 +309,11 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
         like an uninterrupted one.
         """
         model = self.runner.model
-        if get_world_size() < 2 or not is_model_wrapper(model) or \
-                not getattr(model, 'broadcast_buffers', True):
+        if (
+            get_world_size() < 2
+            or not is_model_wrapper(model)
+            or not getattr(model, 'broadcast_buffers', True)
+        ):
             return
         for buf in unwrap_model(model).buffers():
             broadcast(buf, 0)
@@ -323,26 +340,30 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
         processed = module.data_preprocessor(
             dict(
                 inputs=data_batch['inputs'],
-                data_samples=copy.deepcopy(data_batch['data_samples'])), True)
-        batch_view = TrainingBatchPixelView(module, processed['inputs'],
-                                            processed['data_samples'])
+                data_samples=copy.deepcopy(data_batch['data_samples']),
+            ),
+            True,
+        )
+        batch_view = TrainingBatchPixelView(
+            module, processed['inputs'], processed['data_samples']
+        )
         b = batch_view.images.shape[0]
         attacked = scheme.attacked_indices(b)
         to_attack = scheme.images_to_attack(b)
         view = batch_view.subset(to_attack)
         with attack_context(
-                model,
-                param_grads=self.leak_attack_grads,
-                amp=uses_amp(self.runner.optim_wrapper)):
-            out = self.attack.run(self._attacked_model(view, module),
-                                  view.images, view.labels, view.valid)
+            model,
+            param_grads=self.leak_attack_grads,
+            amp=uses_amp(self.runner.optim_wrapper),
+        ):
+            out = self.attack.run(
+                self._attacked_model(view, module), view.images, view.labels, view.valid
+            )
             stats = self._stats(out, view)
-            extra = scheme.extra_labels(view, out.adv_images, to_attack,
-                                        attacked)
+            extra = scheme.extra_labels(view, out.adv_images, to_attack, attacked)
         inputs = data_batch['inputs']
         raw = view.raw_inputs(out.adv_images, [inputs[i] for i in to_attack])
-        return scheme.compose(data_batch, raw, to_attack, attacked,
-                              extra), stats
+        return scheme.compose(data_batch, raw, to_attack, attacked, extra), stats
 
     def _attacked_model(self, view, module):
         """The model view the attack differentiates (see ``leak_attack_grads``)."""
@@ -360,25 +381,23 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
             valid &= view.valid
         n_valid = valid.sum().clamp_min(1)
         if 'start_loss' in s and not random_start:
-            stats['clean.loss'], stats['clean.acc'] = s['start_loss'], s[
-                'start_acc']
+            stats['clean.loss'], stats['clean.acc'] = s['start_loss'], s['start_acc']
         elif self.log_clean:
             with torch.no_grad():
                 logits = view(view.images)
                 ce = F.cross_entropy(
-                    logits,
-                    torch.where(valid, view.labels, 0),
-                    reduction='none')
+                    logits, torch.where(valid, view.labels, 0), reduction='none'
+                )
                 stats['clean.loss'] = (ce * valid).sum() / n_valid
                 stats['clean.acc'] = (
-                    (logits.argmax(1) == view.labels) & valid).sum() / n_valid
+                    (logits.argmax(1) == view.labels) & valid
+                ).sum() / n_valid
         if 'final_loss' in s:
             stats['adv.loss'] = s['final_loss']
         stats['adv.acc'] = ((out.adv_pred == view.labels) & valid).sum() / n_valid
         # accuracies in percent, like mmseg's acc_seg
         return {
-            k: float(v) * (100 if k.endswith('.acc') else 1)
-            for k, v in stats.items()
+            k: float(v) * (100 if k.endswith('.acc') else 1) for k, v in stats.items()
         }
 
 
@@ -403,27 +422,33 @@ def _check_load_from(runner) -> None:
     if 'work_dirs' in parts and parts.index('work_dirs') + 1 < len(parts) - 1:
         name = parts[parts.index('work_dirs') + 1]
         found = sorted(
-            glob.glob(osp.join('configs', '**', name + '.py'), recursive=True))
+            glob.glob(osp.join('configs', '**', name + '.py'), recursive=True)
+        )
         if found:
-            hint = (f' It is written by `python tools/train.py {found[0]}` '
-                    f'(checkpoints go to work_dirs/{name}/).')
+            hint = (
+                f' It is written by `python tools/train.py {found[0]}` '
+                f'(checkpoints go to work_dirs/{name}/).'
+            )
         else:
             hint = f' It is written by training the config {name}.py.'
     raise FileNotFoundError(
         f'load_from={path} does not exist: this config starts from that '
         f'checkpoint.{hint} Train it first, or point the config at your own '
-        f'checkpoint with --cfg-options load_from=PATH.')
+        f'checkpoint with --cfg-options load_from=PATH.'
+    )
 
 
 @LOOPS.register_module()
 class PIRATTrainLoop(AdversarialTrainLoop):
     """:class:`AdversarialTrainLoop` with ``scheme='pirat'``."""
+
     fixed_scheme = 'pirat'
 
 
 @LOOPS.register_module()
 class SATTrainLoop(AdversarialTrainLoop):
     """:class:`AdversarialTrainLoop` with ``scheme='sat'``."""
+
     fixed_scheme = 'sat'
 
 
@@ -431,4 +456,5 @@ class SATTrainLoop(AdversarialTrainLoop):
 class DDCATTrainLoop(AdversarialTrainLoop):
     """:class:`AdversarialTrainLoop` with ``scheme='ddcat'`` (needs a DDC-AT
     decode head)."""
+
     fixed_scheme = 'ddcat'

@@ -13,6 +13,7 @@ It is a plain context manager on the model, so any mmengine optimizer wrapper
 trains adversarially; :class:`~mmseg_robust.engine.AdversarialTrainLoop` enters
 it around the attack.
 """
+
 import contextlib
 from typing import Iterator
 
@@ -24,9 +25,9 @@ __all__ = ['attack_context']
 
 
 @contextlib.contextmanager
-def attack_context(model: torch.nn.Module,
-                   param_grads: bool = False,
-                   amp: bool = False) -> Iterator[torch.nn.Module]:
+def attack_context(
+    model: torch.nn.Module, param_grads: bool = False, amp: bool = False
+) -> Iterator[torch.nn.Module]:
     """Eval mode, input gradients only, fp32; yields the unwrapped module.
 
     Args:
@@ -53,7 +54,8 @@ def attack_context(model: torch.nn.Module,
         raise ValueError(
             'leak_attack_grads is not supported with mixed precision (the '
             'leaked gradients would miss the loss scale): train without '
-            '--amp or turn leak_attack_grads off')
+            '--amp or turn leak_attack_grads off'
+        )
     module = unwrap_model(model)
     was_training = module.training
     params = [p for p in module.parameters() if p.requires_grad]
@@ -78,4 +80,5 @@ def attack_context(model: torch.nn.Module,
             raise RuntimeError(
                 'a parameter gradient changed while generating adversarial '
                 'inputs; attacks must use torch.autograd.grad w.r.t. the '
-                'input only')
+                'input only'
+            )

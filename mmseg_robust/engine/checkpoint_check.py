@@ -8,6 +8,7 @@ a model are meaningless: :class:`CheckpointCheckHook` fails before the first bat
 instead, naming the tensors and the fix. ``tools/test.py`` adds it to every test;
 :class:`~mmseg_robust.engine.AdversarialTestLoop` runs the same check itself.
 """
+
 import os.path as osp
 
 from mmengine.hooks import Hook
@@ -21,13 +22,16 @@ def check_loaded_checkpoint(runner) -> None:
     """Raise if the checkpoint the runner loaded (``load_from``) does not fit
     its model exactly; nothing to check without a local checkpoint file."""
     from mmseg_robust.models.checkpoint import check_checkpoint_fits
+
     path = getattr(runner, '_load_from', None)
     if not path or not osp.isfile(str(path)):
         return
     check_checkpoint_fits(
-        str(path), runner.model,
+        str(path),
+        runner.model,
         what=f'the checkpoint {path} (mmengine would load it partially and '
-        'test random weights)')
+        'test random weights)',
+    )
 
 
 @HOOKS.register_module()

@@ -8,6 +8,7 @@ mmengine's ``OptimWrapper`` (and ``tools/train.py --amp`` turns it into
 ``AdversarialAmpOptimWrapper`` stay registered so that older configs still
 build; they are mmengine's wrappers and warn when built.
 """
+
 import logging
 import warnings
 
@@ -15,6 +16,7 @@ from mmengine.logging import print_log
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 
 from mmseg_robust.registry import OPTIM_WRAPPERS
+
 from .attack_context import attack_context as _attack_context
 
 __all__ = ['AdversarialAmpOptimWrapper', 'AdversarialOptimWrapper']
@@ -30,10 +32,12 @@ class _DeprecatedName:
 
     def __init__(self, *args, **kwargs) -> None:
         name = type(self).__name__
-        msg = (f"optim_wrapper type '{name}' is deprecated: adversarial "
-               f"training works with mmengine's '{self.replacement}' (the "
-               "train loop enters the attack context itself); set "
-               f"optim_wrapper.type='{self.replacement}'")
+        msg = (
+            f"optim_wrapper type '{name}' is deprecated: adversarial "
+            f"training works with mmengine's '{self.replacement}' (the "
+            'train loop enters the attack context itself); set '
+            f"optim_wrapper.type='{self.replacement}'"
+        )
         warnings.warn(msg, DeprecationWarning, stacklevel=2)
         if name not in _WARNED:
             _WARNED.add(name)
@@ -43,9 +47,8 @@ class _DeprecatedName:
     def attack_context(self, model, param_grads: bool = False):
         """Deprecated: :func:`mmseg_robust.engine.attack_context`."""
         return _attack_context(
-            model,
-            param_grads=param_grads,
-            amp=isinstance(self, AmpOptimWrapper))
+            model, param_grads=param_grads, amp=isinstance(self, AmpOptimWrapper)
+        )
 
 
 @OPTIM_WRAPPERS.register_module()

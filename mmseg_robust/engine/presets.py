@@ -10,6 +10,7 @@ evaluator.eps=4,8 evaluator.steps=100 evaluator.seed=1``) replaces the config's
 :func:`apply_robustness_evaluator` does it, so Python users can call it on their
 own configs too.
 """
+
 import copy
 import os.path as osp
 from typing import Optional
@@ -18,14 +19,20 @@ import numpy as np
 import torch
 from mmengine.config import Config, ConfigDict
 
-from mmseg_robust.attacks.objectives import (class_weights_from_counts,
-                                             count_label_pixels)
+from mmseg_robust.attacks.objectives import (
+    class_weights_from_counts,
+    count_label_pixels,
+)
 
 __all__ = [
-    'EVALUATOR_PRESETS', 'add_adversarial_visualization',
-    'apply_robustness_evaluator', 'configure_test', 'dataset_class_weights',
-    'is_robustness_evaluation', 'load_evaluator_preset',
-    'normalize_evaluator_options'
+    'EVALUATOR_PRESETS',
+    'add_adversarial_visualization',
+    'apply_robustness_evaluator',
+    'configure_test',
+    'dataset_class_weights',
+    'is_robustness_evaluation',
+    'load_evaluator_preset',
+    'normalize_evaluator_options',
 ]
 
 #: evaluator name -> its preset file in ``configs/_base_/evaluators/``.
@@ -39,35 +46,52 @@ EVALUATOR_PRESETS = {
 #: where the preset files are: the ``configs`` folder of the source checkout
 #: (mmseg_robust is installed from a clone with ``pip install -e .``).
 PRESET_DIR = osp.join(
-    osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), 'configs',
-    '_base_', 'evaluators')
-_OPTIONS = ('type', 'eps', 'steps', 'n_iter', 'seed', 'class_weights', 'resume',
-            'worst_case_modes', 'norm', 'log_interval')
+    osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))),
+    'configs',
+    '_base_',
+    'evaluators',
+)
+_OPTIONS = (
+    'type',
+    'eps',
+    'steps',
+    'n_iter',
+    'seed',
+    'class_weights',
+    'resume',
+    'worst_case_modes',
+    'norm',
+    'log_interval',
+)
 
 
 def load_evaluator_preset(name: str) -> Config:
     """The preset config file of evaluator ``name`` (``'SEA'``, ``'PGD'``, ...)."""
     if name not in EVALUATOR_PRESETS:
-        raise ValueError(f'unknown evaluator {name!r}; choose one of '
-                         f'{sorted(EVALUATOR_PRESETS)}')
+        raise ValueError(
+            f'unknown evaluator {name!r}; choose one of {sorted(EVALUATOR_PRESETS)}'
+        )
     path = osp.join(PRESET_DIR, EVALUATOR_PRESETS[name])
     if not osp.isfile(path):
         raise FileNotFoundError(
             f'the evaluator preset {path} is missing: the presets are the '
             'config files under configs/_base_/evaluators/ of the mmseg_robust '
             'source checkout; install mmseg_robust from a clone with '
-            '`pip install -e .` (see README, Installation)')
+            '`pip install -e .` (see README, Installation)'
+        )
     return Config.fromfile(path)
 
 
-def dataset_class_weights(dataset_cfg: dict, num_classes: int,
-                          ignore_index: int = 255) -> list:
+def dataset_class_weights(
+    dataset_cfg: dict, num_classes: int, ignore_index: int = 255
+) -> list:
     """Mask-CE-Bal weights computed from a dataset's annotations (section 2.1):
     normalised inverse pixel frequency, through the dataset's own label loading
     (label map, ``reduce_zero_label``)."""
     from mmengine.registry import init_default_scope
 
     from mmseg_robust.registry import DATASETS
+
     init_default_scope('mmseg')
     cfg = copy.deepcopy(dict(dataset_cfg))
     cfg['pipeline'] = [dict(type='LoadAnnotations')]
@@ -76,7 +100,8 @@ def dataset_class_weights(dataset_cfg: dict, num_classes: int,
     for i in range(len(dataset)):
         seg = dataset[i]['gt_seg_map']
         total += count_label_pixels(
-            torch.from_numpy(np.asarray(seg)), num_classes, ignore_index)
+            torch.from_numpy(np.asarray(seg)), num_classes, ignore_index
+        )
     return class_weights_from_counts(total).tolist()
 
 
@@ -103,12 +128,12 @@ def _sea_class_weights(cfg: Config) -> object:
         raise ValueError(
             'SEA needs Mask-CE-Bal class weights and this config has no '
             'train_dataloader to compute them from: pass '
-            "evaluator.class_weights='voc'|'ade20k'|[w_0,...,w_K-1]")
+            "evaluator.class_weights='voc'|'ade20k'|[w_0,...,w_K-1]"
+        )
     return dataset_class_weights(train, num_classes)
 
 
-def apply_robustness_evaluator(cfg: Config,
-                               spec: Optional[object] = None) -> Config:
+def apply_robustness_evaluator(cfg: Config, spec: Optional[object] = None) -> Config:
     """Expand ``cfg.evaluator`` (or ``spec``) into test_cfg/test_evaluator.
 
     Args:
@@ -130,26 +155,33 @@ def apply_robustness_evaluator(cfg: Config,
     spec = dict(type=spec) if isinstance(spec, str) else dict(spec)
     unknown = sorted(set(spec) - set(_OPTIONS))
     if unknown:
-        raise ValueError(f'unknown evaluator option(s) {unknown}; allowed: '
-                         f'{list(_OPTIONS)}')
+        raise ValueError(
+            f'unknown evaluator option(s) {unknown}; allowed: {list(_OPTIONS)}'
+        )
     name = spec.get('type')
     preset = load_evaluator_preset(name)
     test_cfg = copy.deepcopy(preset.robustness_test_cfg.to_dict())
     metric = copy.deepcopy(preset.robustness_evaluator.to_dict())
     attack = test_cfg['attacks'][0]
     steps = spec.get('steps', spec.get('n_iter'))
-    if spec.get('steps') is not None and spec.get('n_iter') is not None and \
-            spec['steps'] != spec['n_iter']:
-        raise ValueError(f"evaluator.steps={spec['steps']} and evaluator.n_iter="
-                         f"{spec['n_iter']} disagree (n_iter is an alias)")
+    if (
+        spec.get('steps') is not None
+        and spec.get('n_iter') is not None
+        and spec['steps'] != spec['n_iter']
+    ):
+        raise ValueError(
+            f'evaluator.steps={spec["steps"]} and evaluator.n_iter='
+            f'{spec["n_iter"]} disagree (n_iter is an alias)'
+        )
     if steps is not None:
         attack['steps'] = int(steps)
     if spec.get('norm') is not None:
         attack['norm'] = spec['norm']
     if attack['type'] == 'SEA' and attack.get('class_weights') is None:
         weights = spec.get('class_weights')
-        attack['class_weights'] = weights if weights is not None else \
-            _sea_class_weights(cfg)
+        attack['class_weights'] = (
+            weights if weights is not None else _sea_class_weights(cfg)
+        )
     if 'eps' in spec:
         eps = spec['eps']
         test_cfg['eps'] = [eps] if isinstance(eps, (int, float)) else list(eps)
@@ -163,8 +195,7 @@ def apply_robustness_evaluator(cfg: Config,
         # `evaluator.worst_case_modes=best` arrives as a string: one mode, not
         # its letters
         modes = spec['worst_case_modes']
-        metric['worst_case_modes'] = [modes] if isinstance(modes, str) else \
-            list(modes)
+        metric['worst_case_modes'] = [modes] if isinstance(modes, str) else list(modes)
     cfg.test_cfg = ConfigDict(test_cfg)
     cfg.test_evaluator = ConfigDict(metric)
     _drop_clean_visualization(cfg)
@@ -195,8 +226,9 @@ def _as_bool(value, what: str) -> bool:
     raise ValueError(f'{what} must be True or False, got {value!r}')
 
 
-def configure_test(cfg: Config, show: bool = False,
-                   show_dir: Optional[str] = None) -> bool:
+def configure_test(
+    cfg: Config, show: bool = False, show_dir: Optional[str] = None
+) -> bool:
     """What ``tools/test.py`` adds to mmseg's test: the ``evaluator=...``
     presets (:func:`apply_robustness_evaluator`), ``--show-dir`` saving the
     adversarial examples of a robustness evaluation, and the check that the
@@ -213,8 +245,10 @@ def configure_test(cfg: Config, show: bool = False,
     if not is_robustness_evaluation(cfg):
         return False
     if show:
-        raise SystemExit('--show is not supported with an attack evaluator; use '
-                         '--show-dir DIR to save the adversarial examples')
+        raise SystemExit(
+            '--show is not supported with an attack evaluator; use '
+            '--show-dir DIR to save the adversarial examples'
+        )
     if show_dir:
         add_adversarial_visualization(cfg, show_dir)
     return True
@@ -244,16 +278,24 @@ def is_robustness_evaluation(cfg: Config) -> bool:
     return isinstance(loop, str) and loop.startswith('Adversarial')
 
 
-def add_adversarial_visualization(cfg: Config, show_dir: str,
-                                  eps: Optional[float] = None,
-                                  max_images: Optional[int] = None) -> Config:
+def add_adversarial_visualization(
+    cfg: Config,
+    show_dir: str,
+    eps: Optional[float] = None,
+    max_images: Optional[int] = None,
+) -> Config:
     """``--show-dir`` for a robustness evaluation: save adversarial examples
     (:class:`AdversarialVisualizationHook`) instead of mmseg's clean-image
     drawings, which would show the clean input, not the attacked one."""
     _drop_clean_visualization(cfg, force=True)
     hooks = list(cfg.get('custom_hooks', []) or [])
     hooks.append(
-        dict(type='AdversarialVisualizationHook', out_dir=show_dir, eps=eps,
-             max_images=max_images))
+        dict(
+            type='AdversarialVisualizationHook',
+            out_dir=show_dir,
+            eps=eps,
+            max_images=max_images,
+        )
+    )
     cfg.custom_hooks = hooks
     return cfg

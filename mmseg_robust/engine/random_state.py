@@ -16,6 +16,7 @@ The states are restored by :class:`~mmseg_robust.engine.AdversarialTrainLoop`'s
 batch iterator, after mmengine's ``IterBasedTrainLoop.run`` has advanced the data
 loader past the trained iterations and before it draws the next batch.
 """
+
 import logging
 import random
 from typing import List, Optional
@@ -80,16 +81,15 @@ class RandomStateHook(Hook):
         state = dict(
             torch=torch.get_rng_state(),
             numpy=np.random.get_state(),
-            python=random.getstate())
+            python=random.getstate(),
+        )
         if torch.cuda.is_available():
             state['cuda'] = torch.cuda.get_rng_state_all()
         return state
 
-    def after_train_iter(self,
-                         runner,
-                         batch_idx: int,
-                         data_batch=None,
-                         outputs=None) -> None:
+    def after_train_iter(
+        self, runner, batch_idx: int, data_batch=None, outputs=None
+    ) -> None:
         _, world_size = get_dist_info()
         if world_size > 1 and self.checkpoint_due(runner):
             # every rank runs this; rank 0 alone saves the checkpoint next
@@ -102,10 +102,9 @@ class RandomStateHook(Hook):
         for hook in getattr(runner, 'hooks', ()):
             if not isinstance(hook, CheckpointHook) or hook.by_epoch:
                 continue
-            if hook.every_n_train_iters(runner, hook.interval,
-                                        hook.save_begin) or (
-                                            hook.save_last
-                                            and hook.is_last_train_iter(runner)):
+            if hook.every_n_train_iters(runner, hook.interval, hook.save_begin) or (
+                hook.save_last and hook.is_last_train_iter(runner)
+            ):
                 return True
         return False
 
@@ -143,7 +142,8 @@ class RandomStateHook(Hook):
                 'The loaded checkpoint was not resumed from (load_from without '
                 '--resume): its random state is ignored, the configured '
                 'randomness (seed) stays in effect',
-                logger='current')
+                logger='current',
+            )
             return
         self.loaded = self.select_own(state)
 
@@ -161,7 +161,8 @@ class RandomStateHook(Hook):
                         f"0's): restored on rank 0; ranks 1..{world_size - 1} "
                         'keep their seeded random states',
                         logger='current',
-                        level=logging.WARNING)
+                        level=logging.WARNING,
+                    )
                 return state
             return None
         saved_world_size = state['world_size']
@@ -172,7 +173,8 @@ class RandomStateHook(Hook):
                 'not restored (the run cannot continue exactly with a different '
                 'number of processes); every rank keeps its seeded state',
                 logger='current',
-                level=logging.WARNING)
+                level=logging.WARNING,
+            )
             return None
         own = state['states'][rank]
         if own is None:
@@ -180,7 +182,8 @@ class RandomStateHook(Hook):
                 f'The checkpoint holds no random state for rank {rank} (saved '
                 'outside a training iteration): it keeps its seeded state',
                 logger='current',
-                level=logging.WARNING)
+                level=logging.WARNING,
+            )
         return own
 
     @staticmethod
@@ -190,7 +193,7 @@ class RandomStateHook(Hook):
         py = state['python']
         random.setstate((py[0], tuple(py[1]), py[2]))
         if 'cuda' in state and torch.cuda.is_available():
-            cuda = state['cuda'][:torch.cuda.device_count()]
+            cuda = state['cuda'][: torch.cuda.device_count()]
             torch.cuda.set_rng_state_all(cuda)
 
     def restore_loaded(self) -> bool:

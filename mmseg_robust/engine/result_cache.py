@@ -11,6 +11,7 @@ The cache is its own component: :meth:`ResultCache.for_evaluation` opens the
 folder of an evaluation under ``work_dir/robustness_cache/``; the test loop only
 asks it for finished images (:meth:`get`) and hands it new ones (:meth:`put`).
 """
+
 import hashlib
 import json
 import os
@@ -37,16 +38,18 @@ class ResultCache:
     """
 
     @classmethod
-    def for_evaluation(cls, work_dir: str, description: dict,
-                       rank: int = 0) -> 'ResultCache':
+    def for_evaluation(
+        cls, work_dir: str, description: dict, rank: int = 0
+    ) -> 'ResultCache':
         """The cache of the evaluation described by ``description`` (a
         JSON-serialisable dict of everything the results depend on), in
         ``work_dir/robustness_cache/<fingerprint>/``."""
         folder = osp.join(work_dir, 'robustness_cache', fingerprint(description))
         return cls(folder, rank, description)
 
-    def __init__(self, folder: str, rank: int = 0,
-                 description: Optional[dict] = None) -> None:
+    def __init__(
+        self, folder: str, rank: int = 0, description: Optional[dict] = None
+    ) -> None:
         self.folder = folder
         os.makedirs(folder, exist_ok=True)
         if description is not None and rank == 0:

@@ -15,6 +15,7 @@ a new scheme is a registered subclass of :class:`TrainScheme`::
 
     train_cfg = dict(type='AdversarialTrainLoop', scheme='quarter', ...)
 """
+
 from typing import Dict, List, Sequence
 
 import torch
@@ -47,9 +48,13 @@ class TrainScheme:
         """The images the attack runs on (default: the attacked ones)."""
         return self.attacked_indices(batch_size)
 
-    def extra_labels(self, view, adv_images: torch.Tensor,
-                     to_attack: Sequence[int],
-                     attacked: Sequence[int]) -> Dict[str, torch.Tensor]:
+    def extra_labels(
+        self,
+        view,
+        adv_images: torch.Tensor,
+        to_attack: Sequence[int],
+        attacked: Sequence[int],
+    ) -> Dict[str, torch.Tensor]:
         """Additional per-pixel labels for the update, ``{field: (b, H, W)}``
         with one row per image of the batch (default: none).
 
@@ -58,9 +63,14 @@ class TrainScheme:
         """
         return {}
 
-    def compose(self, data_batch: dict, adv_inputs: Sequence[torch.Tensor],
-                to_attack: Sequence[int], attacked: Sequence[int],
-                extra: Dict[str, torch.Tensor]) -> dict:
+    def compose(
+        self,
+        data_batch: dict,
+        adv_inputs: Sequence[torch.Tensor],
+        to_attack: Sequence[int],
+        attacked: Sequence[int],
+        extra: Dict[str, torch.Tensor],
+    ) -> dict:
         """The batch for ``train_step``: the loader's raw inputs with the
         ``attacked`` ones replaced by their adversarial version
         (``adv_inputs``, raw like the loader's, one per image of
@@ -73,8 +83,7 @@ class TrainScheme:
         samples = data_batch['data_samples']
         if extra:
             samples = [
-                _with_fields(s, {k: v[i:i + 1]
-                                 for k, v in extra.items()})
+                _with_fields(s, {k: v[i : i + 1] for k, v in extra.items()})
                 for i, s in enumerate(samples)
             ]
         return dict(inputs=inputs, data_samples=samples)
@@ -102,7 +111,8 @@ class SATScheme(TrainScheme):
             raise ValueError(
                 f'{self.name} trains on a first half of clean and a second '
                 'half of adversarial images per GPU: the batch size per GPU '
-                'must be at least 2')
+                'must be at least 2'
+            )
         return list(range(batch_size // 2, batch_size))
 
 
@@ -121,6 +131,7 @@ class DDCATScheme(SATScheme):
         differs between the clean and the adversarial input, for the clean
         half; all zeros for the adversarial half."""
         from mmseg_robust.models.decode_heads import division_labels
+
         assert list(to_attack) == list(range(len(to_attack)))
         with torch.no_grad():
             clean = view.routed_prediction(view.images)

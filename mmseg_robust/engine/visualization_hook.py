@@ -1,4 +1,5 @@
 """Saving adversarial examples during a robustness evaluation (``--show-dir``)."""
+
 import logging
 import os.path as osp
 from typing import Optional, Sequence
@@ -52,12 +53,14 @@ class AdversarialVisualizationHook(Hook):
 
     priority = 'LOW'
 
-    def __init__(self,
-                 out_dir: str,
-                 eps: Optional[float] = None,
-                 max_images: Optional[int] = None,
-                 draw_visualizer: bool = True,
-                 save_panels: bool = True) -> None:
+    def __init__(
+        self,
+        out_dir: str,
+        eps: Optional[float] = None,
+        max_images: Optional[int] = None,
+        draw_visualizer: bool = True,
+        save_panels: bool = True,
+    ) -> None:
         self.out_dir = out_dir
         self.eps = eps
         self.max_images = max_images
@@ -68,18 +71,21 @@ class AdversarialVisualizationHook(Hook):
 
     def before_test(self, runner) -> None:
         from mmseg_robust.engine.adversarial_loops import AdversarialTestLoop
+
         loop = runner.test_loop
         if not isinstance(loop, AdversarialTestLoop):
             raise ValueError(
                 'AdversarialVisualizationHook saves adversarial examples and '
                 f'needs an adversarial test loop, got {type(loop).__name__}: use '
                 '--cfg-options evaluator=SEA (or another attack evaluator), or '
-                "test_cfg=dict(type='AdversarialTestLoop', ...)")
+                "test_cfg=dict(type='AdversarialTestLoop', ...)"
+            )
         radii = loop.eps_list
         if self.eps is not None and float(self.eps) not in radii:
             raise ValueError(
                 f'examples requested at eps {self.eps} but the loop attacks at '
-                f'eps {radii}; choose one of these')
+                f'eps {radii}; choose one of these'
+            )
         self._key = f'{float(max(radii) if self.eps is None else self.eps):g}'
         self._saved = self._cached = 0
         mkdir_or_exist(self.out_dir)
@@ -89,23 +95,34 @@ class AdversarialVisualizationHook(Hook):
         print_log(
             f'Saving adversarial examples at eps {self._key}/255 to '
             f'{osp.abspath(self.out_dir)}',
-            logger='current')
+            logger='current',
+        )
 
     def after_test(self, runner) -> None:
         print_log(
             f'Adversarial examples of {self._saved} images written to '
-            f'{osp.abspath(self.out_dir)}', logger='current')
+            f'{osp.abspath(self.out_dir)}',
+            logger='current',
+        )
         if self._cached:
             print_log(
                 f'{self._cached} images were restored from the robustness cache '
                 'of an earlier run and not attacked again, so they have no '
                 'adversarial example to draw. To draw them too, rerun with '
                 '--cfg-options evaluator.resume=False (or another --work-dir).',
-                logger='current', level=logging.WARNING)
+                logger='current',
+                level=logging.WARNING,
+            )
 
-    def after_test_iter(self, runner, batch_idx: int, data_batch=None,
-                        outputs: Optional[Sequence] = None) -> None:
+    def after_test_iter(
+        self,
+        runner,
+        batch_idx: int,
+        data_batch=None,
+        outputs: Optional[Sequence] = None,
+    ) -> None:
         from mmseg_robust.reporting import save_example, save_picture_grid
+
         for out in outputs or []:
             examples = out.get('adv_examples')
             if examples is None:
@@ -117,8 +134,9 @@ class AdversarialVisualizationHook(Hook):
             stem = osp.join(self.out_dir, example['name'])
             save_example(example, stem + '_example.npz')
             if self.save_panels:
-                save_picture_grid([example], stem + '_panels.png', self._palette,
-                                  class_names=None)
+                save_picture_grid(
+                    [example], stem + '_panels.png', self._palette, class_names=None
+                )
             if self.draw_visualizer:
                 self._draw(runner, example, stem + '.png')
             self._saved += 1
@@ -126,13 +144,16 @@ class AdversarialVisualizationHook(Hook):
     def _draw(self, runner, example: dict, out_file: str) -> None:
         sample = SegDataSample()
         sample.gt_sem_seg = PixelData(
-            data=torch.from_numpy(example['gt'].astype(np.int64))[None])
+            data=torch.from_numpy(example['gt'].astype(np.int64))[None]
+        )
         sample.pred_sem_seg = PixelData(
-            data=torch.from_numpy(example['adv_pred'].astype(np.int64))[None])
+            data=torch.from_numpy(example['adv_pred'].astype(np.int64))[None]
+        )
         image = _to_uint8(example['adv_image'])
         h, w = example['gt'].shape
         if image.shape[:2] != (h, w):
             import mmcv
+
             image = mmcv.imresize(image, (w, h))
         runner.visualizer.add_datasample(
             f'adv_eps{example["eps"]:g}_{example["name"]}',
@@ -141,10 +162,12 @@ class AdversarialVisualizationHook(Hook):
             draw_gt=True,
             draw_pred=True,
             show=False,
-            out_file=out_file)
+            out_file=out_file,
+        )
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
     # C-contiguous: cv2 (drawing in mmseg's visualizer) refuses other layouts
     return np.ascontiguousarray(
-        np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8))
+        np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    )

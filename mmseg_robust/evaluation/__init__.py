@@ -1,20 +1,42 @@
 """Evaluation arithmetic (per-image counts, worst-case aggregation) and metrics."""
-from .counts import (COUNT_KEYS, miou_from_counts, per_image_counts,
-                     pixel_accuracy, pooled_metrics)
-from .results import (RobustnessResults, load_results, results_filename,
-                      write_results)
-from .robustness_metric import (RobustnessMetric, counts_of_batch, eps_key,
-                                flatten_summary, format_summary, image_record,
-                                summarize_records)
-from .worst_case import (WORST_CASE_MIOU_MODES, worst_case_aacc,
-                         worst_case_miou)
+
+from .counts import (
+    COUNT_KEYS,
+    miou_from_counts,
+    per_image_counts,
+    pixel_accuracy,
+    pooled_metrics,
+)
+from .results import RobustnessResults, load_results, results_filename, write_results
+from .robustness_metric import (
+    RobustnessMetric,
+    counts_of_batch,
+    eps_key,
+    flatten_summary,
+    format_summary,
+    image_record,
+    summarize_records,
+)
+from .worst_case import WORST_CASE_MIOU_MODES, worst_case_aacc, worst_case_miou
 
 __all__ = [
-    'COUNT_KEYS', 'RobustnessMetric', 'RobustnessResults', 'WORST_CASE_MIOU_MODES',
-    'counts_of_batch', 'eps_key', 'load_results', 'results_filename',
+    'COUNT_KEYS',
+    'RobustnessMetric',
+    'RobustnessResults',
+    'WORST_CASE_MIOU_MODES',
+    'counts_of_batch',
+    'eps_key',
+    'load_results',
+    'results_filename',
     'write_results',
-    'flatten_summary', 'format_summary', 'image_record', 'miou_from_counts',
+    'flatten_summary',
+    'format_summary',
+    'image_record',
+    'miou_from_counts',
     'summarize_records',
-    'per_image_counts', 'pixel_accuracy', 'pooled_metrics', 'worst_case_aacc',
-    'worst_case_miou'
+    'per_image_counts',
+    'pixel_accuracy',
+    'pooled_metrics',
+    'worst_case_aacc',
+    'worst_case_miou',
 ]

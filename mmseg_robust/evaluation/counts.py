@@ -24,6 +24,7 @@ outside that range raise a ``ValueError``: they mean a wrong ``num_classes``
 or label mapping, and dropping them would bias every metric. All pooled
 values are fractions in [0, 1], not mmseg's rounded percentages.
 """
+
 from typing import Dict, Iterable, Optional, Union
 
 import numpy as np
@@ -42,11 +43,13 @@ def _to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def per_image_counts(pred: torch.Tensor,
-                     label: torch.Tensor,
-                     num_classes: int,
-                     ignore_index: int = 255,
-                     valid: Optional[torch.Tensor] = None) -> Dict:
+def per_image_counts(
+    pred: torch.Tensor,
+    label: torch.Tensor,
+    num_classes: int,
+    ignore_index: int = 255,
+    valid: Optional[torch.Tensor] = None,
+) -> Dict:
     """Per-image intersection/union/area counts, as in mmseg's ``IoUMetric``.
 
     The counts are what SEA's worst-case mIoU and aACC are computed from
@@ -83,22 +86,26 @@ def per_image_counts(pred: torch.Tensor,
         >>> pixel_accuracy(c['correct'], c['valid'])
     """
     if pred.shape != label.shape:
-        raise ValueError(f'pred and label must have the same shape, got '
-                         f'{tuple(pred.shape)} and {tuple(label.shape)}')
+        raise ValueError(
+            f'pred and label must have the same shape, got '
+            f'{tuple(pred.shape)} and {tuple(label.shape)}'
+        )
     if pred.dim() not in (2, 3):
         raise ValueError(
-            f'pred and label must be (H, W) or (B, H, W), got shape '
-            f'{tuple(pred.shape)}')
+            f'pred and label must be (H, W) or (B, H, W), got shape {tuple(pred.shape)}'
+        )
     if pred.is_floating_point() or label.is_floating_point():
         raise ValueError(
             'pred and label must be integer class-index tensors (e.g. '
-            'logits.argmax(1)), got floating point')
+            'logits.argmax(1)), got floating point'
+        )
     if num_classes < 1:
         raise ValueError(f'num_classes must be >= 1, got {num_classes}')
     if valid is not None and valid.shape != label.shape:
         raise ValueError(
             f'valid mask must have the shape of label {tuple(label.shape)}, '
-            f'got {tuple(valid.shape)}')
+            f'got {tuple(valid.shape)}'
+        )
     single = pred.dim() == 2
     if single:
         pred, label = pred[None], label[None]
@@ -112,33 +119,31 @@ def per_image_counts(pred: torch.Tensor,
 
     # Image index of every pixel, so one bincount over (image, class) pairs
     # gives all per-image histograms at once: bin = image * K + class.
-    image_idx = torch.arange(
-        num_images, device=pred.device).view(-1, 1, 1).expand_as(pred)
+    image_idx = (
+        torch.arange(num_images, device=pred.device).view(-1, 1, 1).expand_as(pred)
+    )
     image_idx = image_idx[mask].long()
     pred_v = pred[mask].long()
     label_v = label[mask].long()
     if pred_v.numel() > 0:
         # One reduction (one device sync) for the range check of both maps.
-        bounds = torch.stack(
-            [pred_v.min(),
-             pred_v.max(),
-             label_v.min(),
-             label_v.max()])
+        bounds = torch.stack([pred_v.min(), pred_v.max(), label_v.min(), label_v.max()])
         p_min, p_max, l_min, l_max = bounds.tolist()
         if l_min < 0 or l_max >= num_classes:
             raise ValueError(
                 f'labels outside [0, {num_classes}) at non-ignored pixels '
                 f'(found {l_min}..{l_max}, ignore_index={ignore_index}): '
-                f'check num_classes, ignore_index and reduce_zero_label')
+                f'check num_classes, ignore_index and reduce_zero_label'
+            )
         if p_min < 0 or p_max >= num_classes:
             raise ValueError(
                 f'predictions outside [0, {num_classes}) at valid pixels '
-                f'(found {p_min}..{p_max}): check num_classes')
+                f'(found {p_min}..{p_max}): check num_classes'
+            )
 
     n_bins = num_images * num_classes
     hit = pred_v == label_v
-    pred_area = torch.bincount(
-        image_idx * num_classes + pred_v, minlength=n_bins)
+    pred_area = torch.bincount(image_idx * num_classes + pred_v, minlength=n_bins)
     label_bins = image_idx * num_classes + label_v
     label_area = torch.bincount(label_bins, minlength=n_bins)
     intersect = torch.bincount(label_bins[hit], minlength=n_bins)
@@ -159,18 +164,21 @@ def per_image_counts(pred: torch.Tensor,
             pred_area=pred_area[0],
             label_area=label_area[0],
             correct=int(correct[0]),
-            valid=int(n_valid[0]))
+            valid=int(n_valid[0]),
+        )
     return dict(
         intersect=intersect,
         union=union,
         pred_area=pred_area,
         label_area=label_area,
         correct=correct,
-        valid=n_valid)
+        valid=n_valid,
+    )
 
 
-def pixel_accuracy(correct: Union[int, ArrayLike],
-                   valid: Union[int, ArrayLike]) -> Union[float, np.ndarray]:
+def pixel_accuracy(
+    correct: Union[int, ArrayLike], valid: Union[int, ArrayLike]
+) -> Union[float, np.ndarray]:
     """Per-image pixel accuracy ``correct / valid`` (0 without valid pixels).
 
     This is the per-image quantity whose minimum over attacks SEA's worst-case
@@ -193,12 +201,14 @@ def pixel_accuracy(correct: Union[int, ArrayLike],
         correct,
         valid,
         out=np.zeros(np.broadcast(correct, valid).shape),
-        where=valid > 0)
+        where=valid > 0,
+    )
     return float(acc) if acc.ndim == 0 else acc
 
 
-def miou_from_counts(intersect_sum: ArrayLike,
-                     union_sum: ArrayLike) -> Union[float, np.ndarray]:
+def miou_from_counts(
+    intersect_sum: ArrayLike, union_sum: ArrayLike
+) -> Union[float, np.ndarray]:
     """Mean IoU over the classes with non-zero union (docs/algorithms.md section 4).
 
     mIoU = mean_{c: U_c > 0} I_c / U_c, with I and U summed over the images
@@ -219,7 +229,8 @@ def miou_from_counts(intersect_sum: ArrayLike,
     if inter.shape != union.shape:
         raise ValueError(
             f'intersect_sum and union_sum must have the same shape, got '
-            f'{inter.shape} and {union.shape}')
+            f'{inter.shape} and {union.shape}'
+        )
     present = union > 0
     iou = np.divide(inter, union, out=np.zeros(inter.shape), where=present)
     n_present = present.sum(-1)
@@ -259,14 +270,15 @@ def pooled_metrics(counts_list: Iterable[Dict]) -> Dict:
         if totals is None:
             totals = [np.zeros(num_classes, dtype=np.int64) for _ in rows]
         elif totals[0].shape[0] != num_classes:
-            raise ValueError(f'counts with different numbers of classes: '
-                             f'{totals[0].shape[0]} and {num_classes}')
+            raise ValueError(
+                f'counts with different numbers of classes: '
+                f'{totals[0].shape[0]} and {num_classes}'
+            )
         for total, r in zip(totals, rows):
             total += r.sum(0)
         num_images += rows[0].shape[0]
     if totals is None:
-        raise ValueError(
-            'pooled_metrics needs at least one per_image_counts result')
+        raise ValueError('pooled_metrics needs at least one per_image_counts result')
     inter, union, label_area = (t.astype(np.float64) for t in totals)
 
     with np.errstate(invalid='ignore', divide='ignore'):
@@ -280,4 +292,5 @@ def pooled_metrics(counts_list: Iterable[Dict]) -> Dict:
         mAcc=m_acc,
         IoU=iou,
         Acc=acc,
-        num_images=num_images)
+        num_images=num_images,
+    )

@@ -29,6 +29,7 @@ Schema (version 2)::
 each image's pixel accuracy (SEA's aACC). Files of schema version 1 (``summary``
 as fractions in [0, 1]) are converted on reading.
 """
+
 import json
 import math
 import os
@@ -39,8 +40,11 @@ from typing import Any, Dict, List, Optional, Union
 import numpy as np
 
 __all__ = [
-    'RobustnessResults', 'SCHEMA_VERSION', 'load_results', 'results_filename',
-    'write_results'
+    'RobustnessResults',
+    'SCHEMA_VERSION',
+    'load_results',
+    'results_filename',
+    'write_results',
 ]
 
 SCHEMA_VERSION = 2
@@ -50,6 +54,7 @@ UNIT = 'percent'
 @dataclass
 class RobustnessResults:
     """The content of a results file (see the module docstring)."""
+
     summary: Dict[str, Any]
     metrics: Dict[str, float]
     worst_case_modes: List[str]
@@ -99,28 +104,39 @@ def load_results(source: Union[str, os.PathLike, dict]) -> RobustnessResults:
             try:
                 data = json.load(f)
             except json.JSONDecodeError as e:
-                raise ValueError(f'{where} is not valid JSON ({e}); pass a '
-                                 'robustness_<timestamp>.json file.') from None
+                raise ValueError(
+                    f'{where} is not valid JSON ({e}); pass a '
+                    'robustness_<timestamp>.json file.'
+                ) from None
         if not isinstance(data, dict):
-            raise ValueError(f'{where} does not hold a JSON object; pass a '
-                             'robustness_<timestamp>.json file.')
+            raise ValueError(
+                f'{where} does not hold a JSON object; pass a '
+                'robustness_<timestamp>.json file.'
+            )
     else:
-        raise ValueError('expected a path to a robustness JSON or its loaded '
-                         f'dict, got {type(source).__name__}.')
+        raise ValueError(
+            'expected a path to a robustness JSON or its loaded '
+            f'dict, got {type(source).__name__}.'
+        )
     summary = data.get('summary')
     if not isinstance(summary, dict) or 'clean' not in summary:
         raise ValueError(
             f'{where} has no robustness summary (no "summary" with clean/eps '
             'results): it is not the output of a robustness evaluation. Run '
             'tools/test.py CFG CKPT --cfg-options evaluator=SEA and pass the '
-            'robustness_<timestamp>.json it writes.')
+            'robustness_<timestamp>.json it writes.'
+        )
     if not isinstance(summary.get('eps') or {}, dict):
-        raise ValueError(f'{where}: summary["eps"] should map eps keys to '
-                         f'results, got {type(summary["eps"]).__name__}.')
+        raise ValueError(
+            f'{where}: summary["eps"] should map eps keys to '
+            f'results, got {type(summary["eps"]).__name__}.'
+        )
     version = int(data.get('schema_version', 1))
     if version > SCHEMA_VERSION:
-        raise ValueError(f'{where} has schema version {version}; this '
-                         f'mmseg_robust reads up to {SCHEMA_VERSION}: upgrade it')
+        raise ValueError(
+            f'{where} has schema version {version}; this '
+            f'mmseg_robust reads up to {SCHEMA_VERSION}: upgrade it'
+        )
     if version == 1:  # fractions in [0, 1]
         summary = _scaled(summary, 100.0)
     return RobustnessResults(
@@ -132,7 +148,8 @@ def load_results(source: Union[str, os.PathLike, dict]) -> RobustnessResults:
         eps=list(data.get('eps') or []),
         checkpoint=data.get('checkpoint'),
         timestamp=data.get('timestamp'),
-        images=data.get('images'))
+        images=data.get('images'),
+    )
 
 
 def _scaled(summary: dict, factor: float) -> dict:
@@ -140,8 +157,7 @@ def _scaled(summary: dict, factor: float) -> dict:
 
     def scale(obj):
         if isinstance(obj, dict):
-            return {k: (v if k == 'num_images' else scale(v)) for k, v in
-                    obj.items()}
+            return {k: (v if k == 'num_images' else scale(v)) for k, v in obj.items()}
         if isinstance(obj, (int, float)) and not isinstance(obj, bool):
             return obj * factor if math.isfinite(obj) else obj
         return obj

@@ -8,6 +8,7 @@ the clean prediction and of every attack at every eps (see
 all ranks in dataset order, so the numbers do not depend on the number of
 processes.
 """
+
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
@@ -17,21 +18,28 @@ from mmengine.evaluator import BaseMetric
 from mmengine.logging import MMLogger, print_log
 
 from mmseg_robust.registry import METRICS
+
 from .counts import per_image_counts, pixel_accuracy, pooled_metrics
 from .results import RobustnessResults, write_results
 from .worst_case import WORST_CASE_MIOU_MODES, worst_case_aacc, worst_case_miou
 
 __all__ = [
-    'RobustnessMetric', 'counts_of_batch', 'eps_key', 'flatten_summary',
-    'format_summary', 'image_record', 'summarize_records'
+    'RobustnessMetric',
+    'counts_of_batch',
+    'eps_key',
+    'flatten_summary',
+    'format_summary',
+    'image_record',
+    'summarize_records',
 ]
 
 #: Count arrays stored per image and prediction (pred_area is derivable).
 RECORD_COUNT_KEYS = ('intersect', 'union', 'label_area')
 
 
-def counts_of_batch(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
-                    ignore_index: int) -> List[dict]:
+def counts_of_batch(
+    pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int
+) -> List[dict]:
     """Per-image counts of a batch as JSON-friendly dicts (lists of ints)."""
     counts = per_image_counts(pred, label, num_classes, ignore_index)
     out = []
@@ -43,8 +51,9 @@ def counts_of_batch(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
     return out
 
 
-def image_record(key: str, num_classes: int, clean: dict,
-                 attacks: Dict[str, Dict[str, dict]]) -> dict:
+def image_record(
+    key: str, num_classes: int, clean: dict, attacks: Dict[str, Dict[str, dict]]
+) -> dict:
     """One image's record: ``{'key', 'num_classes', 'clean', 'attacks'}`` with
     ``attacks[eps][attack_name]`` = counts (eps as a string, e.g. ``'8'``)."""
     return dict(key=key, num_classes=num_classes, clean=clean, attacks=attacks)
@@ -67,8 +76,9 @@ def _pooled(records, getter) -> dict:
 def _image_accuracies(records, getter, keep: np.ndarray) -> np.ndarray:
     """Per-image pixel accuracy (fractions) of the images in ``keep``."""
     counts = _counts(records, getter)
-    return pixel_accuracy([c['correct'] for c in counts],
-                          [c['valid'] for c in counts])[keep]
+    return pixel_accuracy([c['correct'] for c in counts], [c['valid'] for c in counts])[
+        keep
+    ]
 
 
 def _percent(value: float) -> float:
@@ -79,9 +89,11 @@ def _mean_percent(acc: np.ndarray) -> float:
     return _percent(acc.mean()) if acc.size else float('nan')
 
 
-def summarize_records(records: Sequence[dict],
-                      worst_case_modes: Sequence[str] = WORST_CASE_MIOU_MODES,
-                      seed: int = 0) -> dict:
+def summarize_records(
+    records: Sequence[dict],
+    worst_case_modes: Sequence[str] = WORST_CASE_MIOU_MODES,
+    seed: int = 0,
+) -> dict:
     """All numbers of a robustness evaluation, in percent.
 
     Args:
@@ -102,7 +114,8 @@ def summarize_records(records: Sequence[dict],
     keep = np.asarray([r['clean']['valid'] > 0 for r in records])
     clean = _pooled(records, lambda r: r['clean'])
     clean['aAcc_img'] = _mean_percent(
-        _image_accuracies(records, lambda r: r['clean'], keep))
+        _image_accuracies(records, lambda r: r['clean'], keep)
+    )
     out = OrderedDict(num_images=len(records), clean=clean, eps=OrderedDict())
     for eps in records[0]['attacks']:
         names = list(records[0]['attacks'][eps])
@@ -118,12 +131,20 @@ def summarize_records(records: Sequence[dict],
             res['aAcc_img'] = _mean_percent(acc)
             per_attack[name] = res
             accs.append(acc)
-        inter, union = (np.stack([
-            np.asarray([r['attacks'][eps][n][key] for r in records], np.int64)
-            for n in names
-        ]) for key in ('intersect', 'union'))
-        worst = OrderedDict(aAcc_img=_percent(worst_case_aacc(np.stack(
-            accs))) if keep.any() else float('nan'))
+        inter, union = (
+            np.stack(
+                [
+                    np.asarray([r['attacks'][eps][n][key] for r in records], np.int64)
+                    for n in names
+                ]
+            )
+            for key in ('intersect', 'union')
+        )
+        worst = OrderedDict(
+            aAcc_img=_percent(worst_case_aacc(np.stack(accs)))
+            if keep.any()
+            else float('nan')
+        )
         for i, mode in enumerate(worst_case_modes):
             miou, _ = worst_case_miou(inter, union, mode=mode, seed=seed)
             worst[f'mIoU_{mode}'] = _percent(miou)
@@ -160,19 +181,32 @@ def format_summary(summary: dict, name: str = 'SEA') -> str:
     """A plain-text table of a summary (percent)."""
     rows = [('eps', 'attack', 'mIoU', 'aAcc (pooled)', 'aAcc (per image)')]
     c = summary['clean']
-    rows.append(('0', 'clean', f"{c['mIoU']:.2f}", f"{c['aAcc']:.2f}",
-                 f"{c['aAcc_img']:.2f}"))
+    rows.append(
+        ('0', 'clean', f'{c["mIoU"]:.2f}', f'{c["aAcc"]:.2f}', f'{c["aAcc_img"]:.2f}')
+    )
     for eps, res in summary['eps'].items():
         for attack, r in res['attacks'].items():
-            rows.append((eps, attack, f"{r['mIoU']:.2f}", f"{r['aAcc']:.2f}",
-                         f"{r['aAcc_img']:.2f}"))
+            rows.append(
+                (
+                    eps,
+                    attack,
+                    f'{r["mIoU"]:.2f}',
+                    f'{r["aAcc"]:.2f}',
+                    f'{r["aAcc_img"]:.2f}',
+                )
+            )
         w = res['worst_case']
-        rows.append((eps, f'{name} (worst case)', f"{w['mIoU']:.2f}", '-',
-                     f"{w['aAcc_img']:.2f}"))
+        rows.append(
+            (
+                eps,
+                f'{name} (worst case)',
+                f'{w["mIoU"]:.2f}',
+                '-',
+                f'{w["aAcc_img"]:.2f}',
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [
-        ' | '.join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows
-    ]
+    lines = [' | '.join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, '-+-'.join('-' * w for w in widths))
     return '\n'.join(lines)
 
@@ -216,23 +250,30 @@ class RobustnessMetric(BaseMetric):
 
     default_prefix = ''  # mmseg's metric names, without the "prefix" warning
 
-    def __init__(self,
-                 worst_case_modes: Sequence[str] = ('best', 'reference'),
-                 seed: int = 0,
-                 name: str = 'SEA',
-                 collect_device: str = 'cpu',
-                 prefix: Optional[str] = None,
-                 output_dir: Optional[str] = None,
-                 keep_results: bool = False) -> None:
+    def __init__(
+        self,
+        worst_case_modes: Sequence[str] = ('best', 'reference'),
+        seed: int = 0,
+        name: str = 'SEA',
+        collect_device: str = 'cpu',
+        prefix: Optional[str] = None,
+        output_dir: Optional[str] = None,
+        keep_results: bool = False,
+    ) -> None:
         super().__init__(collect_device=collect_device, prefix=prefix)
         self.output_dir = output_dir
         self.keep_results = keep_results
-        modes = [worst_case_modes] if isinstance(worst_case_modes, str) else \
-            list(worst_case_modes)
+        modes = (
+            [worst_case_modes]
+            if isinstance(worst_case_modes, str)
+            else list(worst_case_modes)
+        )
         unknown = [m for m in modes if m not in WORST_CASE_MIOU_MODES]
         if unknown or not modes:
-            raise ValueError(f'worst_case_modes must be a non-empty subset of '
-                             f'{WORST_CASE_MIOU_MODES}, got {modes}')
+            raise ValueError(
+                f'worst_case_modes must be a non-empty subset of '
+                f'{WORST_CASE_MIOU_MODES}, got {modes}'
+            )
         self.worst_case_modes = modes
         self.seed = seed
         self.name = name
@@ -248,22 +289,22 @@ class RobustnessMetric(BaseMetric):
 
     def process(self, data_batch, data_samples: Sequence[dict]) -> None:
         for sample in data_samples:
-            record = sample.get('robustness') if isinstance(sample,
-                                                            dict) else None
+            record = sample.get('robustness') if isinstance(sample, dict) else None
             if record is None:
                 raise ValueError(
                     'RobustnessMetric needs the per-image counts computed by '
-                    "AdversarialTestLoop: set test_cfg=dict(type="
+                    'AdversarialTestLoop: set test_cfg=dict(type='
                     "'AdversarialTestLoop', attacks=[...]) (or use "
-                    '--cfg-options evaluator=SEA with tools/test.py).')
+                    '--cfg-options evaluator=SEA with tools/test.py).'
+                )
             self.results.append(record)
 
     def compute_metrics(self, results: list) -> Dict[str, float]:
-        self.summary = summarize_records(results, self.worst_case_modes,
-                                         self.seed)
+        self.summary = summarize_records(results, self.worst_case_modes, self.seed)
         print_log(
             '\n' + format_summary(self.summary, self.name),
-            logger=MMLogger.get_current_instance())
+            logger=MMLogger.get_current_instance(),
+        )
         metrics = flatten_summary(self.summary, self.name)
         folder = self.output_dir or self._run_info.get('work_dir')
         if folder:
@@ -278,7 +319,12 @@ class RobustnessMetric(BaseMetric):
                     eps=info.get('eps', []),
                     checkpoint=info.get('checkpoint'),
                     timestamp=info.get('timestamp'),
-                    images=results if self.keep_results else None), folder)
-            print_log(f'Robustness results written to {self.results_path}',
-                      logger=MMLogger.get_current_instance())
+                    images=results if self.keep_results else None,
+                ),
+                folder,
+            )
+            print_log(
+                f'Robustness results written to {self.results_path}',
+                logger=MMLogger.get_current_instance(),
+            )
         return metrics

@@ -12,6 +12,7 @@ worst case:
 Both work on per-image, per-attack counts only (see :mod:`.counts`), never
 prediction maps.
 """
+
 import random
 import statistics
 from typing import Tuple
@@ -46,7 +47,8 @@ def worst_case_aacc(acc) -> float:
     if acc.ndim != 2 or acc.shape[0] == 0 or acc.shape[1] == 0:
         raise ValueError(
             f'acc must be a non-empty (num_attacks, num_images) array, got '
-            f'shape {acc.shape}')
+            f'shape {acc.shape}'
+        )
     return float(acc.min(axis=0).mean())
 
 
@@ -56,7 +58,8 @@ def _as_counts(x, name: str) -> np.ndarray:
     if arr.ndim != 3 or 0 in arr.shape:
         raise ValueError(
             f'{name} must be a non-empty (num_attacks, num_images, '
-            f'num_classes) array, got shape {arr.shape}')
+            f'num_classes) array, got shape {arr.shape}'
+        )
     if not np.issubdtype(arr.dtype, np.integer):
         # Counts stored as floats (as the reference does) are fine if they are
         # integral; int64 sums then make the greedy's comparisons exact.
@@ -68,12 +71,14 @@ def _as_counts(x, name: str) -> np.ndarray:
     return arr
 
 
-def worst_case_miou(intersect,
-                    union,
-                    mode: str = 'best',
-                    max_rounds: int = 1000,
-                    tol: float = 1e-6,
-                    seed: int = 0) -> Tuple[float, np.ndarray]:
+def worst_case_miou(
+    intersect,
+    union,
+    mode: str = 'best',
+    max_rounds: int = 1000,
+    tol: float = 1e-6,
+    seed: int = 0,
+) -> Tuple[float, np.ndarray]:
     """SEA worst-case mIoU: one attack per image, chosen to minimise the mIoU.
 
     Greedy local search of docs/algorithms.md section 4. With ``I[a, i, c]`` and
@@ -147,7 +152,8 @@ def worst_case_miou(intersect,
     if mode not in WORST_CASE_MIOU_MODES:
         raise ValueError(
             f'unknown mode {mode!r}; allowed modes: '
-            f'{", ".join(repr(m) for m in WORST_CASE_MIOU_MODES)}')
+            f'{", ".join(repr(m) for m in WORST_CASE_MIOU_MODES)}'
+        )
     if max_rounds < 1:
         raise ValueError(f'max_rounds must be >= 1, got {max_rounds}')
     inter = _as_counts(intersect, 'intersect')
@@ -155,10 +161,10 @@ def worst_case_miou(intersect,
     if inter.shape != uni.shape:
         raise ValueError(
             f'intersect and union must have the same shape, got {inter.shape} '
-            f'and {uni.shape}')
+            f'and {uni.shape}'
+        )
     if np.any(inter > uni):
-        raise ValueError(
-            'intersect must not exceed union (are the arguments swapped?)')
+        raise ValueError('intersect must not exceed union (are the arguments swapped?)')
     if mode == 'reference':
         return _reference_greedy(inter, uni, max_rounds, tol)
     num_images = inter.shape[1]
@@ -208,12 +214,12 @@ def _exact_miou(run_inter: np.ndarray, run_union: np.ndarray) -> float:
     """mIoU over the classes with non-zero union, averaged as the reference
     averages (``statistics.mean`` of the per-class IoUs)."""
     keep = run_union != 0
-    return statistics.mean(
-        (run_inter[keep] / run_union[keep]).tolist())
+    return statistics.mean((run_inter[keep] / run_union[keep]).tolist())
 
 
-def _reference_greedy(inter: np.ndarray, uni: np.ndarray, max_rounds: int,
-                      tol: float) -> Tuple[float, np.ndarray]:
+def _reference_greedy(
+    inter: np.ndarray, uni: np.ndarray, max_rounds: int, tol: float
+) -> Tuple[float, np.ndarray]:
     """The reference's worst-case mIoU greedy (see :func:`worst_case_miou`,
     mode ``'reference'``), on int64 counts (A, N, K)."""
     num_attacks, num_images, _ = inter.shape
@@ -234,7 +240,8 @@ def _reference_greedy(inter: np.ndarray, uni: np.ndarray, max_rounds: int,
                 # (ii): classes with a non-zero running union, union + 1e-8
                 keep = run_union != 0
                 cand = statistics.mean(
-                    (cand_inter[keep] / (cand_union[keep] + 1e-8)).tolist())
+                    (cand_inter[keep] / (cand_union[keep] + 1e-8)).tolist()
+                )
                 if cand < before:
                     choice[i] = a
                     run_inter, run_union = cand_inter, cand_union

@@ -1,9 +1,19 @@
-from . import backbones  # noqa: F401  (registers ConvNeXtCvSt, ViT)
-from . import decode_heads  # noqa: F401  (registers the DDC-AT heads)
-from .pixel_space import (PixelNormalizer, SegmentorPixelView,
-                          TrainingBatchPixelView, ignore_index_of, unwrap_model)
+from . import (
+    backbones,  # noqa: F401  (registers ConvNeXtCvSt, ViT)
+    decode_heads,  # noqa: F401  (registers the DDC-AT heads)
+)
+from .pixel_space import (
+    PixelNormalizer,
+    SegmentorPixelView,
+    TrainingBatchPixelView,
+    ignore_index_of,
+    unwrap_model,
+)
 
 __all__ = [
-    'PixelNormalizer', 'SegmentorPixelView', 'TrainingBatchPixelView',
-    'ignore_index_of', 'unwrap_model'
+    'PixelNormalizer',
+    'SegmentorPixelView',
+    'TrainingBatchPixelView',
+    'ignore_index_of',
+    'unwrap_model',
 ]

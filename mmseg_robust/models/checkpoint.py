@@ -11,6 +11,7 @@ fit would be evaluated with randomly initialised tensors).
 A mismatch is always a :class:`CheckpointError` naming every missing, unexpected
 and wrongly shaped tensor.
 """
+
 import os
 import os.path as osp
 import zipfile
@@ -20,9 +21,13 @@ from typing import Dict, Iterable, List, Mapping, Optional, Union
 import torch
 
 __all__ = [
-    'CheckpointError', 'check_checkpoint_fits', 'check_state_dict',
-    'expected_shapes', 'load_checkpoint_file', 'save_checkpoint',
-    'unwrap_state_dict'
+    'CheckpointError',
+    'check_checkpoint_fits',
+    'check_state_dict',
+    'expected_shapes',
+    'load_checkpoint_file',
+    'save_checkpoint',
+    'unwrap_state_dict',
 ]
 
 StateDict = Dict[str, torch.Tensor]
@@ -46,8 +51,7 @@ class CheckpointError(ValueError, KeyError):
         return str(self.args[0]) if len(self.args) == 1 else super().__str__()
 
 
-def load_checkpoint_file(path: str, trust: bool = False,
-                         mmap: bool = False):
+def load_checkpoint_file(path: str, trust: bool = False, mmap: bool = False):
     """Load a checkpoint file on the CPU and return what it holds.
 
     Args:
@@ -71,15 +75,15 @@ def load_checkpoint_file(path: str, trust: bool = False,
         raise FileNotFoundError(f'no such checkpoint file: {path}')
     mmap = bool(mmap) and zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location='cpu', weights_only=not trust,
-                          mmap=mmap)
+        return torch.load(path, map_location='cpu', weights_only=not trust, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - re-raised naming the file and fix
         if trust:
             raise RuntimeError(f'cannot load the checkpoint {path}: {e}') from e
         raise RuntimeError(
             f'cannot load the checkpoint {path} with torch.load(weights_only='
             f'True): {e}\nIf you trust the file (unpickling can run arbitrary '
-            'code), rerun with --unsafe-load (trust=True in Python).') from e
+            'code), rerun with --unsafe-load (trust=True in Python).'
+        ) from e
 
 
 def unwrap_state_dict(obj, source: str = 'checkpoint') -> StateDict:
@@ -101,15 +105,19 @@ def unwrap_state_dict(obj, source: str = 'checkpoint') -> StateDict:
         CheckpointError: no state dict found, or two names equal once
             ``module.`` is removed.
     """
-    if isinstance(obj, Mapping) and obj and all(
-            isinstance(v, torch.Tensor) for v in obj.values()):
+    if (
+        isinstance(obj, Mapping)
+        and obj
+        and all(isinstance(v, torch.Tensor) for v in obj.values())
+    ):
         out = OrderedDict()
         for name, tensor in obj.items():
-            new = name[len('module.'):] if name.startswith('module.') else name
+            new = name[len('module.') :] if name.startswith('module.') else name
             if new in out:
                 raise CheckpointError(
                     f'{source}: {name!r} and another tensor are both {new!r} '
-                    "once the DDP prefix 'module.' is removed")
+                    "once the DDP prefix 'module.' is removed"
+                )
             out[new] = tensor
         return out
     if isinstance(obj, Mapping):
@@ -117,28 +125,35 @@ def unwrap_state_dict(obj, source: str = 'checkpoint') -> StateDict:
             if isinstance(obj.get(key), Mapping) and obj[key]:
                 return unwrap_state_dict(obj[key], f"{source}['{key}']")
         not_tensors = [
-            k for k, v in obj.items() if not isinstance(v, (torch.Tensor,
-                                                            Mapping))
+            k for k, v in obj.items() if not isinstance(v, (torch.Tensor, Mapping))
         ]
         raise CheckpointError(
             f'{source}: no state dict found (expected a dict of tensors, or one '
             "under 'state_dict' or 'model'); top-level keys: "
-            f'{_names(map(str, obj), 10) or "none"}' +
-            (f'; not tensors: {_names(map(str, not_tensors), 5)}'
-             if not_tensors and len(not_tensors) < len(obj) else ''))
-    raise CheckpointError(f'{source}: no state dict found: a checkpoint is a '
-                          f'dict, this is a {type(obj).__name__}')
+            f'{_names(map(str, obj), 10) or "none"}'
+            + (
+                f'; not tensors: {_names(map(str, not_tensors), 5)}'
+                if not_tensors and len(not_tensors) < len(obj)
+                else ''
+            )
+        )
+    raise CheckpointError(
+        f'{source}: no state dict found: a checkpoint is a '
+        f'dict, this is a {type(obj).__name__}'
+    )
 
 
-def save_checkpoint(path: str, state_dict: Mapping[str, torch.Tensor],
-                    meta: dict) -> str:
+def save_checkpoint(
+    path: str, state_dict: Mapping[str, torch.Tensor], meta: dict
+) -> str:
     """Write ``{'state_dict': ..., 'meta': meta}``, loadable with
     ``torch.load(..., weights_only=True)`` (``meta`` must hold plain Python
     values only). Creates the folder. Returns ``path``."""
     folder = osp.dirname(osp.abspath(path))
     os.makedirs(folder, exist_ok=True)
     state = OrderedDict(
-        (k, v.detach().cpu().contiguous()) for k, v in state_dict.items())
+        (k, v.detach().cpu().contiguous()) for k, v in state_dict.items()
+    )
     torch.save({'state_dict': state, 'meta': meta}, path)
     return path
 
@@ -153,6 +168,7 @@ def _build_model_for_shapes(model_cfg: Mapping) -> torch.nn.Module:
 
     import mmseg_robust.models  # noqa: F401  (registers ours)
     from mmseg_robust.registry import MODELS
+
     with DefaultScope.overwrite_default_scope('mmseg'):
         try:
             with torch.device('meta'):
@@ -161,8 +177,9 @@ def _build_model_for_shapes(model_cfg: Mapping) -> torch.nn.Module:
             return MODELS.build(model_cfg)
 
 
-def expected_shapes(model: Union[torch.nn.Module, Mapping],
-                    prefix: Optional[str] = None) -> Dict[str, torch.Size]:
+def expected_shapes(
+    model: Union[torch.nn.Module, Mapping], prefix: Optional[str] = None
+) -> Dict[str, torch.Size]:
     """Name -> shape of every tensor (parameters and buffers) of a model's
     state dict.
 
@@ -175,13 +192,15 @@ def expected_shapes(model: Union[torch.nn.Module, Mapping],
     """
     if isinstance(model, torch.nn.Module):
         from mmseg_robust.models.pixel_space import unwrap_model
+
         module = unwrap_model(model)
     else:
         module = _build_model_for_shapes(model)
     shapes = OrderedDict((k, v.shape) for k, v in module.state_dict().items())
     if prefix:
-        shapes = OrderedDict((k[len(prefix):], s) for k, s in shapes.items()
-                             if k.startswith(prefix))
+        shapes = OrderedDict(
+            (k[len(prefix) :], s) for k, s in shapes.items() if k.startswith(prefix)
+        )
     return shapes
 
 
@@ -191,12 +210,14 @@ def _names(names: Iterable[str], limit: int = _LIMIT) -> str:
     return ', '.join(names[:limit]) + more
 
 
-def check_state_dict(state_dict: Dict[str, torch.Tensor],
-                     expected: Mapping[str, Iterable[int]],
-                     what: str = 'the checkpoint',
-                     hint: Optional[str] = None,
-                     source_names: Optional[Mapping[str, str]] = None,
-                     fill_num_batches_tracked: bool = False) -> List[str]:
+def check_state_dict(
+    state_dict: Dict[str, torch.Tensor],
+    expected: Mapping[str, Iterable[int]],
+    what: str = 'the checkpoint',
+    hint: Optional[str] = None,
+    source_names: Optional[Mapping[str, str]] = None,
+    fill_num_batches_tracked: bool = False,
+) -> List[str]:
     """Check that ``state_dict`` fills ``expected`` exactly: the same names, each
     with the expected shape.
 
@@ -228,29 +249,37 @@ def check_state_dict(state_dict: Dict[str, torch.Tensor],
         return f'{k} (from {src})' if src and src != k else k
 
     fill = [
-        k for k in expected if k not in state_dict and fill_num_batches_tracked
+        k
+        for k in expected
+        if k not in state_dict
+        and fill_num_batches_tracked
         and k.endswith('.num_batches_tracked')
     ]
     missing = sorted(k for k in expected if k not in state_dict and k not in fill)
     unexpected = sorted(k for k in state_dict if k not in expected)
     wrong = [
         f'{name(k)}: {tuple(state_dict[k].shape)} in the checkpoint, '
-        f'{tuple(expected[k])} in the model' for k in sorted(state_dict)
+        f'{tuple(expected[k])} in the model'
+        for k in sorted(state_dict)
         if k in expected and tuple(state_dict[k].shape) != tuple(expected[k])
     ]
     problems = []
     if missing:
-        problems.append(f'missing in the checkpoint ({len(missing)}): '
-                        f'{_names(missing)}')
+        problems.append(
+            f'missing in the checkpoint ({len(missing)}): {_names(missing)}'
+        )
     if unexpected:
-        problems.append(f'not in the model ({len(unexpected)}): '
-                        f'{_names(map(name, unexpected))}')
+        problems.append(
+            f'not in the model ({len(unexpected)}): {_names(map(name, unexpected))}'
+        )
     if wrong:
         problems.append(f'wrong shape ({len(wrong)}): ' + _names(wrong))
     if problems:
-        raise CheckpointError(f'{what} does not fit the model:\n  ' +
-                              '\n  '.join(problems) +
-                              (f'\n{hint}' if hint else ''))
+        raise CheckpointError(
+            f'{what} does not fit the model:\n  '
+            + '\n  '.join(problems)
+            + (f'\n{hint}' if hint else '')
+        )
     for k in fill:
         state_dict[k] = torch.tensor(0, dtype=torch.long)
     return fill
@@ -259,8 +288,8 @@ def check_state_dict(state_dict: Dict[str, torch.Tensor],
 def _ddcat_branches(names: Iterable[str]) -> List[str]:
     """The names among ``names`` of DDC-AT's training-only decode-head branches
     (``cls2``, ``mask1`` and their bottlenecks)."""
-    from mmseg_robust.models.decode_heads.ddcat_heads import \
-        DDCAT_EXTRA_BRANCHES
+    from mmseg_robust.models.decode_heads.ddcat_heads import DDCAT_EXTRA_BRANCHES
+
     prefixes = tuple(f'decode_head.{b}.' for b in DDCAT_EXTRA_BRANCHES)
     return [k for k in names if k.startswith(prefixes)]
 
@@ -277,19 +306,25 @@ def _mismatch_advice(path: str, state: Mapping, expected: Mapping) -> str:
             f'\n    python {EXPORT_DDCAT} DDCAT_CONFIG {path} OUT.pth\n'
             '(DDCAT_CONFIG: the DDC-AT config it was trained with; writes '
             'OUT.pth and its config OUT.py), then use OUT.pth with OUT.py; or '
-            'use the DDC-AT config itself, whose model predicts with cls1.')
+            'use the DDC-AT config itself, whose model predicts with cls1.'
+        )
     if any(k.startswith('layer0.') for k in state) and any(
-            k.startswith(('cls.', 'cls1.')) for k in state):
-        return (f'{path} looks like a checkpoint of the DDC-AT/SAT reference '
-                '(semseg names layer0.*, cls*.*): convert it first with\n'
-                f'    python {CONVERT_SEMSEG} {path} OUT.pth [--config CONFIG]')
+        k.startswith(('cls.', 'cls1.')) for k in state
+    ):
+        return (
+            f'{path} looks like a checkpoint of the DDC-AT/SAT reference '
+            '(semseg names layer0.*, cls*.*): convert it first with\n'
+            f'    python {CONVERT_SEMSEG} {path} OUT.pth [--config CONFIG]'
+        )
     return ''
 
 
-def check_checkpoint_fits(path: str,
-                          model: torch.nn.Module,
-                          what: Optional[str] = None,
-                          hint: Optional[str] = None) -> None:
+def check_checkpoint_fits(
+    path: str,
+    model: torch.nn.Module,
+    what: Optional[str] = None,
+    hint: Optional[str] = None,
+) -> None:
     """Check that the checkpoint file ``path`` fits ``model`` exactly.
 
     The file is loaded safely (``weights_only=True``, memory-mapped) and
@@ -316,8 +351,10 @@ def check_checkpoint_fits(path: str,
     state = unwrap_state_dict(load_checkpoint_file(path, mmap=True), path)
     expected = expected_shapes(model)
     if hint is None:
-        hint = ('Check num_classes and the architecture in the config; convert '
-                'foreign checkpoints with the tools in tools/model_converters/.')
+        hint = (
+            'Check num_classes and the architecture in the config; convert '
+            'foreign checkpoints with the tools in tools/model_converters/.'
+        )
     try:
         check_state_dict(state, expected, what=what or f'the checkpoint {path}')
     except CheckpointError as e:

@@ -22,6 +22,7 @@ size, no ``Pad`` in the pipeline) padded to a common size. Its logits come at th
 padded batch size, the padding is held fixed at the preprocessor's value (the
 attack cannot perturb it) and excluded from the losses by :attr:`valid`.
 """
+
 import copy
 from typing import List, Optional, Sequence, Tuple
 
@@ -31,8 +32,11 @@ from mmengine.model import is_model_wrapper
 from torch import Tensor
 
 __all__ = [
-    'PixelNormalizer', 'SegmentorPixelView', 'TrainingBatchPixelView',
-    'ignore_index_of', 'unwrap_model'
+    'PixelNormalizer',
+    'SegmentorPixelView',
+    'TrainingBatchPixelView',
+    'ignore_index_of',
+    'unwrap_model',
 ]
 
 
@@ -58,8 +62,7 @@ class PixelNormalizer:
     images in ``[0, 1]`` (section 1: eps applies to the latter)."""
 
     def __init__(self, data_preprocessor) -> None:
-        self.normalize = bool(
-            getattr(data_preprocessor, '_enable_normalize', False))
+        self.normalize = bool(getattr(data_preprocessor, '_enable_normalize', False))
         self.mean = data_preprocessor.mean.float() if self.normalize else None
         self.std = data_preprocessor.std.float() if self.normalize else None
 
@@ -118,11 +121,16 @@ class SegmentorPixelView:
         left, right, top, bottom = self.padding
         h_pad, w_pad = self.padded_shape
         self.images = self.normalizer.to_pixels(
-            inputs[:, :, top:h_pad - bottom, left:w_pad - right])
+            inputs[:, :, top : h_pad - bottom, left : w_pad - right]
+        )
         self.ori_shape = tuple(self.metas[0]['ori_shape'][:2])
-        self.labels = torch.stack([
-            ds.gt_sem_seg.data.squeeze(0).long() for ds in self.data_samples
-        ]).to(self.images.device) if self._has_labels() else None
+        self.labels = (
+            torch.stack(
+                [ds.gt_sem_seg.data.squeeze(0).long() for ds in self.data_samples]
+            ).to(self.images.device)
+            if self._has_labels()
+            else None
+        )
         self.flip = self.metas[0].get('flip', False)
         self.flip_direction = self.metas[0].get('flip_direction', None)
 
@@ -130,8 +138,13 @@ class SegmentorPixelView:
         return all('gt_sem_seg' in ds for ds in self.data_samples)
 
     def _check_uniform(self) -> None:
-        keys = ('ori_shape', 'img_padding_size', 'padding_size', 'flip',
-                'flip_direction')
+        keys = (
+            'ori_shape',
+            'img_padding_size',
+            'padding_size',
+            'flip',
+            'flip_direction',
+        )
         first = [self.metas[0].get(k) for k in keys]
         for meta in self.metas[1:]:
             if [meta.get(k) for k in keys] != first:
@@ -139,7 +152,8 @@ class SegmentorPixelView:
                     'the images of one batch have different original shapes, '
                     'padding or flips, so their labels cannot be stacked for the '
                     'attack: set test_dataloader.batch_size=1 (as mmseg does for '
-                    'datasets with images of different sizes).')
+                    'datasets with images of different sizes).'
+                )
 
     def __call__(self, images: Tensor) -> Tensor:
         """Logits ``(B, K, H', W')`` at ``ori_shape`` of pixel images in [0, 1]."""
@@ -149,16 +163,18 @@ class SegmentorPixelView:
             x = F.pad(x, (left, right, top, bottom), value=self.pad_val)
         logits = self.model.inference(x, self.metas)
         h, w = logits.shape[2:]
-        logits = logits[:, :, top:h - bottom, left:w - right]
+        logits = logits[:, :, top : h - bottom, left : w - right]
         if self.flip:
-            logits = logits.flip(dims=(3, ) if self.flip_direction ==
-                                 'horizontal' else (2, ))
+            logits = logits.flip(
+                dims=(3,) if self.flip_direction == 'horizontal' else (2,)
+            )
         if tuple(logits.shape[2:]) != self.ori_shape:
             logits = F.interpolate(
                 logits,
                 size=self.ori_shape,
                 mode='bilinear',
-                align_corners=self._align_corners())
+                align_corners=self._align_corners(),
+            )
         return logits
 
     def _align_corners(self) -> bool:
@@ -203,14 +219,14 @@ class TrainingBatchPixelView:
         >>> out = attack.run(view, view.images, view.labels, view.valid)
     """
 
-    def __init__(self, segmentor: torch.nn.Module, inputs: Tensor,
-                 data_samples) -> None:
+    def __init__(
+        self, segmentor: torch.nn.Module, inputs: Tensor, data_samples
+    ) -> None:
         self.model = unwrap_model(segmentor)
         self.normalizer = PixelNormalizer(self.model.data_preprocessor)
         shape = tuple(int(s) for s in inputs.shape[2:])
         self.metas = [
-            dict(ds.metainfo, img_shape=shape, pad_shape=shape)
-            for ds in data_samples
+            dict(ds.metainfo, img_shape=shape, pad_shape=shape) for ds in data_samples
         ]
         self.padding = [
             tuple(int(p) for p in ds.metainfo.get('padding_size', (0, 0, 0, 0)))
@@ -218,14 +234,16 @@ class TrainingBatchPixelView:
         ]
         self.images = self.normalizer.to_pixels(inputs)
         self.labels = torch.stack(
-            [ds.gt_sem_seg.data.squeeze(0).long() for ds in data_samples])
+            [ds.gt_sem_seg.data.squeeze(0).long() for ds in data_samples]
+        )
         self.valid: Optional[Tensor] = None
         if any(any(p) for p in self.padding):
             h, w = shape
-            valid = torch.zeros((len(self.padding), h, w), dtype=torch.bool,
-                                device=self.images.device)
+            valid = torch.zeros(
+                (len(self.padding), h, w), dtype=torch.bool, device=self.images.device
+            )
             for i, (left, right, top, bottom) in enumerate(self.padding):
-                valid[i, top:h - bottom, left:w - right] = True
+                valid[i, top : h - bottom, left : w - right] = True
             self.valid = valid
         self._fill = self.images if self.valid is not None else None
 
@@ -257,8 +275,7 @@ class TrainingBatchPixelView:
         feats = self.model.extract_feat(self._inputs(images))
         # the branches are upsampled to the input size before routing, as in the
         # reference implementation
-        logits = self.model.decode_head.routed_logits(
-            feats, size=images.shape[2:])
+        logits = self.model.decode_head.routed_logits(feats, size=images.shape[2:])
         return logits.argmax(1)
 
     def raw_inputs(self, images: Tensor, like: Sequence[Tensor]) -> List[Tensor]:
@@ -275,18 +292,19 @@ class TrainingBatchPixelView:
             loader's channel order, on the device of ``like``.
         """
         bgr_to_rgb = bool(
-            getattr(self.model.data_preprocessor, 'channel_conversion', False))
+            getattr(self.model.data_preprocessor, 'channel_conversion', False)
+        )
         out = []
         h, w = images.shape[2:]
-        for img, (left, right, top, bottom), ref in zip(images, self.padding,
-                                                       like):
-            x = img[:, top:h - bottom, left:w - right] * 255.0
+        for img, (left, right, top, bottom), ref in zip(images, self.padding, like):
+            x = img[:, top : h - bottom, left : w - right] * 255.0
             if bgr_to_rgb:
                 x = x[[2, 1, 0]]
             if tuple(x.shape) != tuple(ref.shape):
                 raise RuntimeError(
                     f'adversarial image of shape {tuple(x.shape)} does not '
                     f'match the input {tuple(ref.shape)}: unexpected padding '
-                    'metainfo')
+                    'metainfo'
+                )
             out.append(x.to(ref.device))
         return out

@@ -3,13 +3,31 @@ robustness curves and picture grids of adversarial examples.
 
 Needs only numpy and matplotlib (no torch, no mmengine, no pyplot).
 """
-from .pictures import (amplified_perturbation, colorize, load_example,
-                       save_example, save_picture_grid)
-from .report import (format_table, load_result, plot_robustness_curve,
-                     shared_settings, write_report)
+
+from .pictures import (
+    amplified_perturbation,
+    colorize,
+    load_example,
+    save_example,
+    save_picture_grid,
+)
+from .report import (
+    format_table,
+    load_result,
+    plot_robustness_curve,
+    shared_settings,
+    write_report,
+)
 
 __all__ = [
-    'amplified_perturbation', 'colorize', 'format_table', 'load_example',
-    'load_result', 'plot_robustness_curve', 'save_example',
-    'save_picture_grid', 'shared_settings', 'write_report'
+    'amplified_perturbation',
+    'colorize',
+    'format_table',
+    'load_example',
+    'load_result',
+    'plot_robustness_curve',
+    'save_example',
+    'save_picture_grid',
+    'shared_settings',
+    'write_report',
 ]

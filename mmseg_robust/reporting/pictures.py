@@ -10,6 +10,7 @@ An *example* is a dict of numpy arrays and plain values::
 The label maps may have another size than the images. Only numpy, matplotlib
 (without pyplot) and the standard library are used.
 """
+
 import os
 import os.path as osp
 from typing import List, Optional, Sequence
@@ -20,13 +21,26 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 __all__ = [
-    'amplified_perturbation', 'colorize', 'load_example', 'save_example',
-    'save_picture_grid'
+    'amplified_perturbation',
+    'colorize',
+    'load_example',
+    'save_example',
+    'save_picture_grid',
 ]
 
 #: Keys every example has.
-EXAMPLE_KEYS = ('name', 'image', 'adv_image', 'gt', 'clean_pred', 'adv_pred',
-                'eps', 'attack', 'clean_acc', 'adv_acc')
+EXAMPLE_KEYS = (
+    'name',
+    'image',
+    'adv_image',
+    'gt',
+    'clean_pred',
+    'adv_pred',
+    'eps',
+    'attack',
+    'clean_acc',
+    'adv_acc',
+)
 _IMAGE_KEYS = ('image', 'adv_image')
 _LABEL_KEYS = ('gt', 'clean_pred', 'adv_pred')
 _FLOAT_KEYS = ('eps', 'clean_acc', 'adv_acc')
@@ -39,27 +53,32 @@ def _check_example(example: dict, where: str = 'example') -> None:
     if not isinstance(example, dict):
         raise ValueError(
             f'{where} should be a dict with the keys {EXAMPLE_KEYS}, '
-            f'got {type(example).__name__}.')
+            f'got {type(example).__name__}.'
+        )
     missing = [k for k in EXAMPLE_KEYS if k not in example]
     if missing:
-        raise ValueError(f'{where} lacks the keys {missing}; an example needs '
-                         f'{EXAMPLE_KEYS}.')
+        raise ValueError(
+            f'{where} lacks the keys {missing}; an example needs {EXAMPLE_KEYS}.'
+        )
     for key in _IMAGE_KEYS:
         arr = np.asarray(example[key])
         if arr.ndim != 3 or arr.shape[-1] != 3:
             raise ValueError(
                 f'{where}[{key!r}] should be an (H, W, 3) RGB image '
-                f'in [0, 1], got shape {arr.shape}.')
+                f'in [0, 1], got shape {arr.shape}.'
+            )
     if np.shape(example['image']) != np.shape(example['adv_image']):
         raise ValueError(
             f'{where}: image {np.shape(example["image"])} and '
             f'adv_image {np.shape(example["adv_image"])} should have '
-            'the same shape.')
+            'the same shape.'
+        )
     for key in _LABEL_KEYS:
         if np.ndim(example[key]) != 2:
             raise ValueError(
                 f'{where}[{key!r}] should be an (H, W) label map, got '
-                f'shape {np.shape(example[key])}.')
+                f'shape {np.shape(example[key])}.'
+            )
 
 
 def save_example(example: dict, path: str) -> str:
@@ -86,7 +105,8 @@ def save_example(example: dict, path: str) -> str:
             if not np.issubdtype(value.dtype, np.integer):
                 raise ValueError(
                     f'example[{key!r}] should hold integer labels, got '
-                    f'dtype {value.dtype}; cast it with .astype(int).')
+                    f'dtype {value.dtype}; cast it with .astype(int).'
+                )
             arrays[key] = value
         elif key in _FLOAT_KEYS:
             arrays[key] = np.asarray(float(value), dtype=np.float64)
@@ -95,8 +115,10 @@ def save_example(example: dict, path: str) -> str:
         else:
             value = np.asarray(value)
             if value.dtype == object:
-                raise ValueError(f'example[{key!r}] cannot be stored without '
-                                 'pickling; use arrays, numbers or strings.')
+                raise ValueError(
+                    f'example[{key!r}] cannot be stored without '
+                    'pickling; use arrays, numbers or strings.'
+                )
             arrays[key] = value
     path = os.fspath(path)
     if not path.endswith('.npz'):
@@ -132,9 +154,9 @@ def load_example(path: str) -> dict:
     return example
 
 
-def colorize(labels: np.ndarray,
-             palette: Sequence[Sequence[int]],
-             ignore_index: int = 255) -> np.ndarray:
+def colorize(
+    labels: np.ndarray, palette: Sequence[Sequence[int]], ignore_index: int = 255
+) -> np.ndarray:
     """Colour a label map.
 
     Args:
@@ -150,12 +172,11 @@ def colorize(labels: np.ndarray,
     pal = np.asarray(palette)
     if pal.ndim != 2 or pal.shape[1] != 3 or len(pal) == 0:
         raise ValueError(
-            'palette should be a non-empty list of RGB triples, got '
-            f'shape {pal.shape}.')
+            f'palette should be a non-empty list of RGB triples, got shape {pal.shape}.'
+        )
     pal = np.clip(pal, 0, 255).astype(np.uint8)
     if labels.size and not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(
-            f'labels should be integers, got dtype {labels.dtype}.')
+        raise ValueError(f'labels should be integers, got dtype {labels.dtype}.')
     labels = labels.astype(np.int64)
     valid = labels != ignore_index
     if valid.any():
@@ -166,14 +187,16 @@ def colorize(labels: np.ndarray,
                 f'label {bad} is outside the palette of {len(pal)} '
                 f'colours (max label {hi}); pass a palette with a '
                 'colour per class or set ignore_index '
-                f'(now {ignore_index}).')
-    out = np.zeros(labels.shape + (3, ), dtype=np.uint8)
+                f'(now {ignore_index}).'
+            )
+    out = np.zeros(labels.shape + (3,), dtype=np.uint8)
     out[valid] = pal[labels[valid]]
     return out
 
 
-def amplified_perturbation(image: np.ndarray, adv_image: np.ndarray,
-                           eps: float) -> np.ndarray:
+def amplified_perturbation(
+    image: np.ndarray, adv_image: np.ndarray, eps: float
+) -> np.ndarray:
     """The perturbation ``adv - image`` scaled so ``±eps/255`` spans [0, 1].
 
     Args:
@@ -190,7 +213,8 @@ def amplified_perturbation(image: np.ndarray, adv_image: np.ndarray,
     if image.shape != adv_image.shape:
         raise ValueError(
             f'image {image.shape} and adv_image {adv_image.shape} '
-            'should have the same shape.')
+            'should have the same shape.'
+        )
     eps = float(eps)
     if not eps > 0:
         return np.full(image.shape, 0.5, dtype=np.float32)
@@ -205,18 +229,22 @@ def _amplification(eps: float) -> Optional[float]:
 def _column_titles(example: dict) -> List[str]:
     eps = float(example['eps'])
     amp = _amplification(eps)
-    perturbation = (f'perturbation ×{amp:.3g}'
-                    if amp is not None else 'perturbation (ε=0)')
+    perturbation = (
+        f'perturbation ×{amp:.3g}' if amp is not None else 'perturbation (ε=0)'
+    )
     return [
-        'clean image', f'adversarial (ε={eps:g}/255)', perturbation,
+        'clean image',
+        f'adversarial (ε={eps:g}/255)',
+        perturbation,
         'ground truth',
         f'clean prediction (acc {100 * float(example["clean_acc"]):.0f}%)',
-        f'adversarial prediction (acc {100 * float(example["adv_acc"]):.0f}%)'
+        f'adversarial prediction (acc {100 * float(example["adv_acc"]):.0f}%)',
     ]
 
 
-def _present_classes(examples: Sequence[dict], num: int,
-                     ignore_index: int) -> List[int]:
+def _present_classes(
+    examples: Sequence[dict], num: int, ignore_index: int
+) -> List[int]:
     present = set()
     for ex in examples:
         for key in _LABEL_KEYS:
@@ -225,11 +253,13 @@ def _present_classes(examples: Sequence[dict], num: int,
     return sorted(c for c in present if 0 <= c < num)
 
 
-def _grid_figure(examples: Sequence[dict],
-                 palette: Sequence[Sequence[int]],
-                 title: Optional[str] = None,
-                 class_names: Optional[Sequence[str]] = None,
-                 ignore_index: int = 255) -> Figure:
+def _grid_figure(
+    examples: Sequence[dict],
+    palette: Sequence[Sequence[int]],
+    title: Optional[str] = None,
+    class_names: Optional[Sequence[str]] = None,
+    ignore_index: int = 255,
+) -> Figure:
     """The picture-grid figure (not saved); see :func:`save_picture_grid`."""
     if isinstance(examples, dict):
         examples = [examples]
@@ -239,13 +269,15 @@ def _grid_figure(examples: Sequence[dict],
     for i, ex in enumerate(examples):
         _check_example(ex, f'examples[{i}]')
     if class_names is not None and len(class_names) < len(palette):
-        raise ValueError(f'{len(class_names)} class_names for a palette of '
-                         f'{len(palette)} colours: pass a name per class.')
+        raise ValueError(
+            f'{len(class_names)} class_names for a palette of '
+            f'{len(palette)} colours: pass a name per class.'
+        )
     n = len(examples)
     # panel height follows the images' aspect ratio (bounded for extreme ones)
     aspect = max(
-        np.shape(ex['image'])[0] / max(np.shape(ex['image'])[1], 1)
-        for ex in examples)
+        np.shape(ex['image'])[0] / max(np.shape(ex['image'])[1], 1) for ex in examples
+    )
     panel_w = PANEL_INCHES
     panel_h = PANEL_INCHES * float(np.clip(aspect, 0.3, 1.5))
     title_h = 0.35  # per-row panel titles
@@ -254,8 +286,7 @@ def _grid_figure(examples: Sequence[dict],
     classes = []
     if class_names is not None:
         classes = _present_classes(examples, len(palette), ignore_index)
-        legend_h = 0.25 + 0.25 * int(np.ceil(len(classes) /
-                                             6)) if classes else 0
+        legend_h = 0.25 + 0.25 * int(np.ceil(len(classes) / 6)) if classes else 0
     left, right = 0.35, 0.1
     width = left + right + 6 * panel_w + 5 * 0.1
     height = top + n * (panel_h + title_h) + legend_h + 0.1
@@ -267,7 +298,8 @@ def _grid_figure(examples: Sequence[dict],
         top=1 - (top + title_h) / height,
         bottom=(legend_h + 0.1) / height,
         wspace=0.1 / panel_w,
-        hspace=title_h / panel_h)
+        hspace=title_h / panel_h,
+    )
     axes = fig.subplots(n, 6, squeeze=False)
     for r, ex in enumerate(examples):
         eps = float(ex['eps'])
@@ -277,12 +309,10 @@ def _grid_figure(examples: Sequence[dict],
             amplified_perturbation(ex['image'], ex['adv_image'], eps),
             colorize(ex['gt'], palette, ignore_index),
             colorize(ex['clean_pred'], palette, ignore_index),
-            colorize(ex['adv_pred'], palette, ignore_index)
+            colorize(ex['adv_pred'], palette, ignore_index),
         ]
-        for c, (ax, img,
-                text) in enumerate(zip(axes[r], panels, _column_titles(ex))):
-            ax.imshow(
-                img, interpolation='nearest' if c >= 3 else 'antialiased')
+        for c, (ax, img, text) in enumerate(zip(axes[r], panels, _column_titles(ex))):
+            ax.imshow(img, interpolation='nearest' if c >= 3 else 'antialiased')
             ax.set_title(text, fontsize=8.5)
             if c == 0:
                 ax.set_xticks([])
@@ -299,7 +329,9 @@ def _grid_figure(examples: Sequence[dict],
                 facecolor=pal[c],
                 edgecolor='black',
                 linewidth=0.5,
-                label=str(class_names[c])) for c in classes
+                label=str(class_names[c]),
+            )
+            for c in classes
         ]
         fig.legend(
             handles=handles,
@@ -307,15 +339,18 @@ def _grid_figure(examples: Sequence[dict],
             ncol=min(6, len(classes)),
             fontsize=8,
             frameon=False,
-            bbox_to_anchor=(0.5, 0.05 / height))
+            bbox_to_anchor=(0.5, 0.05 / height),
+        )
     return fig
 
 
-def save_picture_grid(examples: Sequence[dict],
-                      out_file: str,
-                      palette: Sequence[Sequence[int]],
-                      title: Optional[str] = None,
-                      class_names: Optional[Sequence[str]] = None) -> str:
+def save_picture_grid(
+    examples: Sequence[dict],
+    out_file: str,
+    palette: Sequence[Sequence[int]],
+    title: Optional[str] = None,
+    class_names: Optional[Sequence[str]] = None,
+) -> str:
     """Save a grid with one row per example and six columns.
 
     The columns are the clean image, the adversarial image, the amplified

@@ -5,6 +5,7 @@ A *row* (one evaluated model) is the plain dict returned by :func:`load_result`;
 all its numbers are percentages. Every function here needs only numpy, matplotlib
 (without pyplot: the global backend is never touched) and the standard library.
 """
+
 import json
 import math
 import os
@@ -17,8 +18,11 @@ from matplotlib.figure import Figure
 from mmseg_robust.evaluation.results import load_results
 
 __all__ = [
-    'format_table', 'load_result', 'plot_robustness_curve', 'shared_settings',
-    'write_report'
+    'format_table',
+    'load_result',
+    'plot_robustness_curve',
+    'shared_settings',
+    'write_report',
 ]
 
 _ROW_KEYS = ('name', 'clean', 'eps')
@@ -32,8 +36,9 @@ def _pct(value, what: str, source: str) -> Optional[float]:
     try:
         value = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f'{source}: {what} should be a number (percent), got '
-                         f'{value!r}.') from None
+        raise ValueError(
+            f'{source}: {what} should be a number (percent), got {value!r}.'
+        ) from None
     if not math.isfinite(value):
         return None
     return round(value, 2)
@@ -44,7 +49,8 @@ def _metric(res: dict, key: str, what: str, source: str) -> Optional[float]:
         raise ValueError(
             f'{source}: summary entry {what} has no {key!r}; expected '
             'the summary written by the robustness evaluation '
-            '(tools/test.py ... --cfg-options evaluator=SEA).')
+            '(tools/test.py ... --cfg-options evaluator=SEA).'
+        )
     return _pct(res[key], f'{what}[{key!r}]', source)
 
 
@@ -54,7 +60,8 @@ def _eps_value(key: str, source: str) -> float:
     except (TypeError, ValueError):
         raise ValueError(
             f'{source}: eps key {key!r} is not a number (keys are '
-            "the radii in /255 units, e.g. '4', '8').") from None
+            "the radii in /255 units, e.g. '4', '8')."
+        ) from None
 
 
 def _default_name(checkpoint: Optional[str]) -> str:
@@ -65,8 +72,9 @@ def _default_name(checkpoint: Optional[str]) -> str:
     return 'model'
 
 
-def load_result(source: Union[str, os.PathLike, dict],
-                name: Optional[str] = None) -> dict:
+def load_result(
+    source: Union[str, os.PathLike, dict], name: Optional[str] = None
+) -> dict:
     """One model's row of a report from a robustness result JSON.
 
     The clean numbers are ``mIoU`` and ``aAcc_img`` of ``summary['clean']``; the
@@ -90,8 +98,13 @@ def load_result(source: Union[str, os.PathLike, dict],
         ValueError: if the content is not a robustness result (e.g. the JSON of a
             clean ``tools/test.py`` run, which has no ``summary``).
     """
-    where = 'robustness result (dict)' if isinstance(source, dict) else \
-        os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
+    where = (
+        'robustness result (dict)'
+        if isinstance(source, dict)
+        else os.fspath(source)
+        if isinstance(source, (str, os.PathLike))
+        else None
+    )
     results = load_results(source)
     summary = results.summary
     eps_results = summary.get('eps') or {}
@@ -113,11 +126,12 @@ def load_result(source: Union[str, os.PathLike, dict],
             raise ValueError(
                 f'{where}: summary["eps"][{key!r}] has no '
                 '"worst_case" entry; expected the summary written by '
-                'the robustness evaluation.')
+                'the robustness evaluation.'
+            )
         what = f'summary["eps"][{key!r}]["worst_case"]'
         row_eps[str(key)] = {
             'mIoU': _metric(worst, 'mIoU', what, where),
-            'aAcc': _metric(worst, 'aAcc_img', what, where)
+            'aAcc': _metric(worst, 'aAcc_img', what, where),
         }
     return {
         'name': str(name) if name is not None else _default_name(checkpoint),
@@ -128,9 +142,9 @@ def load_result(source: Union[str, os.PathLike, dict],
         'checkpoint': str(checkpoint) if checkpoint is not None else None,
         'clean': {
             'mIoU': _metric(clean, 'mIoU', 'summary["clean"]', where),
-            'aAcc': _metric(clean, 'aAcc_img', 'summary["clean"]', where)
+            'aAcc': _metric(clean, 'aAcc_img', 'summary["clean"]', where),
         },
-        'eps': row_eps
+        'eps': row_eps,
     }
 
 
@@ -139,12 +153,13 @@ def _check_rows(rows: Sequence[dict]) -> List[dict]:
         rows = [rows]
     rows = list(rows)
     if not rows:
-        raise ValueError(
-            'No rows given: pass a list of rows from load_result().')
+        raise ValueError('No rows given: pass a list of rows from load_result().')
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or any(k not in row for k in _ROW_KEYS):
-            raise ValueError(f'Row {i} is not a result row (needs the keys '
-                             f'{_ROW_KEYS}); build rows with load_result().')
+            raise ValueError(
+                f'Row {i} is not a result row (needs the keys '
+                f'{_ROW_KEYS}); build rows with load_result().'
+            )
     return rows
 
 
@@ -179,7 +194,7 @@ def _table_cells(rows: Sequence[dict]):
         cells = [
             str(row['name']),
             _fmt(row['clean'].get('mIoU')),
-            _fmt(row['clean'].get('aAcc'))
+            _fmt(row['clean'].get('aAcc')),
         ]
         for key in eps_keys:
             res = row['eps'].get(key) or {}
@@ -203,8 +218,7 @@ def format_table(rows: Sequence[dict], fmt: str = 'markdown') -> str:
         attack (``robust`` if the rows used different attacks).
     """
     if fmt not in _TABLE_FORMATS:
-        raise ValueError(f'Unknown table format {fmt!r}: use one of '
-                         f'{_TABLE_FORMATS}.')
+        raise ValueError(f'Unknown table format {fmt!r}: use one of {_TABLE_FORMATS}.')
     header, body = _table_cells(_check_rows(rows))
     if fmt == 'markdown':
 
@@ -215,9 +229,7 @@ def format_table(rows: Sequence[dict], fmt: str = 'markdown') -> str:
         lines = [line(header), '|' + '|'.join('---' for _ in header) + '|']
         lines += [line(cells) for cells in body]
         return '\n'.join(lines)
-    widths = [
-        max(len(r[i]) for r in [header] + body) for i in range(len(header))
-    ]
+    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
 
     def text_line(cells):
         out = [cells[0].ljust(widths[0])]
@@ -245,8 +257,7 @@ def _curve_figure(rows: Sequence[dict], title: Optional[str] = None) -> Figure:
     axes = fig.subplots(1, 2)
     xticks = [0.0] + [float(k) for k in _union_eps(rows)]
     attack = _attack_name(rows)
-    for ax, metric, label in zip(axes, ('mIoU', 'aAcc'),
-                                 ('mIoU (%)', 'aACC (%)')):
+    for ax, metric, label in zip(axes, ('mIoU', 'aAcc'), ('mIoU (%)', 'aACC (%)')):
         for row in rows:
             xs, ys = _curve_points(row, metric)
             ax.plot(xs, ys, marker='o', label=str(row['name']))
@@ -256,8 +267,7 @@ def _curve_figure(rows: Sequence[dict], title: Optional[str] = None) -> Figure:
         ax.set_xticks(xticks)
         ax.set_xticklabels([f'{x:g}' for x in xticks])
         ax.grid(True, alpha=0.3)
-        ax.set_title(
-            f'{label.split()[0]} under {attack} (ε=0: clean)', fontsize=10)
+        ax.set_title(f'{label.split()[0]} under {attack} (ε=0: clean)', fontsize=10)
     axes[0].legend(fontsize=8, loc='best')
     if title:
         fig.suptitle(title)
@@ -265,9 +275,9 @@ def _curve_figure(rows: Sequence[dict], title: Optional[str] = None) -> Figure:
     return fig
 
 
-def plot_robustness_curve(rows: Sequence[dict],
-                          out_file: str,
-                          title: Optional[str] = None) -> str:
+def plot_robustness_curve(
+    rows: Sequence[dict], out_file: str, title: Optional[str] = None
+) -> str:
     """Plot mIoU and aACC (%) against the radius, one line per model.
 
     Args:
@@ -289,19 +299,25 @@ def plot_robustness_curve(rows: Sequence[dict],
 def shared_settings(rows: Sequence[dict]) -> Dict[str, object]:
     """The settings all rows share (attack, iterations, images, seed)."""
     settings = {}
-    for label, key in (('attack', 'attack'), ('iterations', 'steps'),
-                       ('images', 'num_images'), ('seed', 'seed')):
+    for label, key in (
+        ('attack', 'attack'),
+        ('iterations', 'steps'),
+        ('images', 'num_images'),
+        ('seed', 'seed'),
+    ):
         values = {row.get(key) for row in rows}
         if len(values) == 1 and None not in values:
             settings[label] = values.pop()
     return settings
 
 
-def write_report(rows: Sequence[dict],
-                 out_dir: str,
-                 title: str = 'Robustness report',
-                 settings: Optional[dict] = None,
-                 print_table: bool = True) -> Dict[str, str]:
+def write_report(
+    rows: Sequence[dict],
+    out_dir: str,
+    title: str = 'Robustness report',
+    settings: Optional[dict] = None,
+    print_table: bool = True,
+) -> Dict[str, str]:
     """Write a Markdown report, its JSON and the robustness curve.
 
     Args:
@@ -324,12 +340,13 @@ def write_report(rows: Sequence[dict],
     elif not isinstance(settings, dict):
         raise ValueError(
             'settings should be a dict of name -> value (e.g. '
-            f"{{'attack': 'SEA'}}), got {type(settings).__name__}.")
+            f"{{'attack': 'SEA'}}), got {type(settings).__name__}."
+        )
     os.makedirs(out_dir, exist_ok=True)
     paths = {
         'markdown': osp.join(out_dir, 'report.md'),
         'json': osp.join(out_dir, 'report.json'),
-        'plot': osp.join(out_dir, 'robustness_curve.png')
+        'plot': osp.join(out_dir, 'robustness_curve.png'),
     }
     plot_robustness_curve(rows, paths['plot'], title=title)
 
@@ -341,21 +358,21 @@ def write_report(rows: Sequence[dict],
         'Numbers in %. Robust numbers are the worst case over the attacks at each '
         'radius ε; aACC is the mean over images of the per-image pixel accuracy.',
         '',
-        format_table(rows, 'markdown'), '',
-        f'![robustness curve]({osp.basename(paths["plot"])})', ''
+        format_table(rows, 'markdown'),
+        '',
+        f'![robustness curve]({osp.basename(paths["plot"])})',
+        '',
     ]
     with open(paths['markdown'], 'w', encoding='utf-8') as f:
         f.write('\n'.join(lines))
     with open(paths['json'], 'w', encoding='utf-8') as f:
-        json.dump({
-            'title': title,
-            'settings': settings,
-            'models': rows
-        },
-                  f,
-                  indent=1,
-                  ensure_ascii=False,
-                  default=str)
+        json.dump(
+            {'title': title, 'settings': settings, 'models': rows},
+            f,
+            indent=1,
+            ensure_ascii=False,
+            default=str,
+        )
         f.write('\n')
     if print_table:
         print(format_table(rows, 'text'))

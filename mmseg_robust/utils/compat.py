@@ -22,6 +22,7 @@ failure it removes; none disables a safety check globally.
    set-up calls ``torch.cuda.set_device``): the same environment from SLURM's
    variables, then gloo. Nothing changes when CUDA is available.
 """
+
 import atexit
 import os
 import pickle
@@ -45,7 +46,8 @@ def _numpy_safe_globals() -> list:
     dtypes = getattr(np, 'dtypes', None)
     if dtypes is not None:
         safe += [
-            getattr(dtypes, name) for name in dir(dtypes)
+            getattr(dtypes, name)
+            for name in dir(dtypes)
             if name.endswith('DType') and isinstance(getattr(dtypes, name), type)
         ]
     return safe
@@ -60,22 +62,26 @@ def history_buffer_getattr(obj, name: str):
     of the objects it builds, so every other use is refused.
     """
     from mmengine.logging.history_buffer import HistoryBuffer
+
     # The defaults are filled in lazily by the first HistoryBuffer; custom ones
     # are registered with HistoryBuffer.register_statistics.
-    allowed = {'min', 'max', 'current', 'mean'} | set(
-        HistoryBuffer._statistics_methods)
+    allowed = {'min', 'max', 'current', 'mean'} | set(HistoryBuffer._statistics_methods)
     if obj is HistoryBuffer and name in allowed:
         return getattr(obj, name)
     raise pickle.UnpicklingError(
         f'mmseg_robust refuses getattr({obj!r}, {name!r}) in a weights_only '
-        'load: only HistoryBuffer statistics methods are allowed.')
+        'load: only HistoryBuffer statistics methods are allowed.'
+    )
 
 
 def runner_checkpoint_safe_globals() -> list:
     """The globals an mmengine Runner checkpoint needs beyond tensors and builtins."""
     from mmengine.logging.history_buffer import HistoryBuffer
-    return [HistoryBuffer, (history_buffer_getattr, 'builtins.getattr')
-            ] + _numpy_safe_globals()
+
+    return [
+        HistoryBuffer,
+        (history_buffer_getattr, 'builtins.getattr'),
+    ] + _numpy_safe_globals()
 
 
 def _allow_runner_checkpoints() -> None:
@@ -94,13 +100,16 @@ def _cpu_friendly_pytorch_launcher() -> None:
     def _init_dist_pytorch(backend, init_backend='torch', **kwargs):
         if torch.cuda.is_available() or init_backend != 'torch':
             return original_init_dist_pytorch(
-                backend, init_backend=init_backend, **kwargs)
+                backend, init_backend=init_backend, **kwargs
+            )
         if backend == 'nccl':
             warnings.warn(
                 'CUDA is not available: using the gloo backend instead of nccl '
-                "(set env_cfg.dist_cfg.backend='gloo' to silence this).")
+                "(set env_cfg.dist_cfg.backend='gloo' to silence this)."
+            )
             backend = 'gloo'
         import torch.distributed as torch_dist
+
         torch_dist.init_process_group(backend=backend, **kwargs)
         # mmengine's tools never destroy the process group; a gloo group left
         # to the interpreter's teardown sometimes aborts the process after the
@@ -116,7 +125,8 @@ def _cpu_friendly_pytorch_launcher() -> None:
     def _init_dist_slurm(backend, port=None, init_backend='torch', **kwargs):
         if torch.cuda.is_available() or init_backend != 'torch':
             return original_init_dist_slurm(
-                backend, port=port, init_backend=init_backend, **kwargs)
+                backend, port=port, init_backend=init_backend, **kwargs
+            )
         # mmengine's slurm set-up without torch.cuda.set_device: the same
         # environment variables from SLURM's, then a gloo process group.
         proc_id = int(os.environ['SLURM_PROCID'])
@@ -126,7 +136,8 @@ def _cpu_friendly_pytorch_launcher() -> None:
         if 'MASTER_ADDR' not in os.environ:
             node_list = os.environ['SLURM_NODELIST']
             os.environ['MASTER_ADDR'] = subprocess.getoutput(
-                f'scontrol show hostname {node_list} | head -n1')
+                f'scontrol show hostname {node_list} | head -n1'
+            )
         os.environ['WORLD_SIZE'] = os.environ['SLURM_NTASKS']
         os.environ['LOCAL_RANK'] = os.environ.get('SLURM_LOCALID', '0')
         os.environ['RANK'] = str(proc_id)
@@ -144,10 +155,8 @@ def _cpu_friendly_pytorch_launcher() -> None:
             # DDP requires device_ids=None for CPU modules.
             kwargs['device_ids'] = None
         original_ddp_init(
-            self,
-            module,
-            detect_anomalous_params=detect_anomalous_params,
-            **kwargs)
+            self, module, detect_anomalous_params=detect_anomalous_params, **kwargs
+        )
 
     __init__.__wrapped__ = original_ddp_init
     MMDistributedDataParallel.__init__ = __init__
@@ -155,6 +164,7 @@ def _cpu_friendly_pytorch_launcher() -> None:
 
 def _destroy_process_group() -> None:
     import torch.distributed as torch_dist
+
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.destroy_process_group()
 

@@ -10,6 +10,7 @@ at every eps > 0 (eps 0 is the clean model, always evaluated) and writes to
 ``robustness_curve.png`` (the plot). Works with ``--launcher pytorch|slurm`` like
 ``tools/test.py``; an interrupted run restarted with the same command resumes.
 """
+
 import argparse
 import os
 import os.path as osp
@@ -19,40 +20,67 @@ from mmengine.dist import get_rank
 from mmengine.runner import Runner
 
 import mmseg_robust  # noqa: F401
-from mmseg_robust.engine import (EVALUATOR_PRESETS,
-                                 add_adversarial_visualization,
-                                 apply_robustness_evaluator)
+from mmseg_robust.engine import (
+    EVALUATOR_PRESETS,
+    add_adversarial_visualization,
+    apply_robustness_evaluator,
+)
 from mmseg_robust.reporting import load_result, shared_settings, write_report
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description='Robustness curve (mIoU/aACC against eps) of a model')
+        description='Robustness curve (mIoU/aACC against eps) of a model'
+    )
     parser.add_argument('config', help='config file')
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument(
-        '--eps', type=float, nargs='+', default=[0, 2, 4, 8],
-        help='radii in /255 units; 0 is the clean model')
+        '--eps',
+        type=float,
+        nargs='+',
+        default=[0, 2, 4, 8],
+        help='radii in /255 units; 0 is the clean model',
+    )
     parser.add_argument(
-        '--attack', default='SEA', choices=sorted(EVALUATOR_PRESETS),
-        help='attack (evaluator preset)')
-    parser.add_argument('--steps', '--n-iter', type=int, default=None,
-                        help='attack iterations (default: the preset\'s)')
+        '--attack',
+        default='SEA',
+        choices=sorted(EVALUATOR_PRESETS),
+        help='attack (evaluator preset)',
+    )
+    parser.add_argument(
+        '--steps',
+        '--n-iter',
+        type=int,
+        default=None,
+        help="attack iterations (default: the preset's)",
+    )
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--num-images', type=int, default=None,
-                        help='evaluate the first N test images only')
-    parser.add_argument('--name', default=None,
-                        help='model name in the table and plot '
-                        '(default: the config name)')
+    parser.add_argument(
+        '--num-images',
+        type=int,
+        default=None,
+        help='evaluate the first N test images only',
+    )
+    parser.add_argument(
+        '--name',
+        default=None,
+        help='model name in the table and plot (default: the config name)',
+    )
     parser.add_argument('--work-dir', default=None)
-    parser.add_argument('--show-dir', default=None,
-                        help='also save the adversarial examples (largest eps)')
     parser.add_argument(
-        '--cfg-options', nargs='+', action=DictAction,
-        help='override settings of the config, as in tools/test.py')
+        '--show-dir',
+        default=None,
+        help='also save the adversarial examples (largest eps)',
+    )
     parser.add_argument(
-        '--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
-        default='none')
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override settings of the config, as in tools/test.py',
+    )
+    parser.add_argument(
+        '--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none'
+    )
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     args = parser.parse_args(argv)
     if 'LOCAL_RANK' not in os.environ:
@@ -60,8 +88,10 @@ def parse_args(argv=None):
     if any(e < 0 for e in args.eps):
         parser.error(f'--eps must be >= 0, got {args.eps}')
     if not any(e > 0 for e in args.eps):
-        parser.error('--eps needs at least one radius > 0 (0 is the clean '
-                     'model, evaluated anyway)')
+        parser.error(
+            '--eps needs at least one radius > 0 (0 is the clean '
+            'model, evaluated anyway)'
+        )
     return args
 
 
@@ -78,9 +108,8 @@ def main(argv=None) -> dict:
         cfg.work_dir = osp.join('./work_dirs', name)
     cfg.load_from = args.checkpoint
     spec = dict(
-        type=args.attack,
-        eps=sorted({e for e in args.eps if e > 0}),
-        seed=args.seed)
+        type=args.attack, eps=sorted({e for e in args.eps if e > 0}), seed=args.seed
+    )
     if args.steps is not None:
         spec['steps'] = args.steps
     apply_robustness_evaluator(cfg, spec)
@@ -96,10 +125,12 @@ def main(argv=None) -> dict:
     result = osp.join(runner.work_dir, f'robustness_{runner.timestamp}.json')
     row = load_result(result, name=name)
     settings = dict(shared_settings([row]), checkpoint=args.checkpoint)
-    return write_report([row],
-                        osp.join(runner.work_dir, 'robustness_curve'),
-                        title=f'Robustness curve: {name}',
-                        settings=settings)
+    return write_report(
+        [row],
+        osp.join(runner.work_dir, 'robustness_curve'),
+        title=f'Robustness curve: {name}',
+        settings=settings,
+    )
 
 
 if __name__ == '__main__':

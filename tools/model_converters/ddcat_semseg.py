@@ -18,21 +18,28 @@ The target config is chosen from the architecture and the class count (21: VOC,
 exactly: any unmapped, missing or wrong-shape tensor stops the conversion with its
 name. The written file loads with ``torch.load(..., weights_only=True)``.
 """
+
 import os.path as osp
 import sys
 
 from mmengine.config import Config
 
-from mmseg_robust.models.checkpoint import (CheckpointError, expected_shapes,
-                                            load_checkpoint_file,
-                                            save_checkpoint, unwrap_state_dict)
-from mmseg_robust.models.converters import (convert_semseg_state_dict,
-                                            detect_semseg_layout)
-from mmseg_robust.models.converters.cli import (converter_parser,
-                                                print_written)
+from mmseg_robust.models.checkpoint import (
+    CheckpointError,
+    expected_shapes,
+    load_checkpoint_file,
+    save_checkpoint,
+    unwrap_state_dict,
+)
+from mmseg_robust.models.converters import (
+    convert_semseg_state_dict,
+    detect_semseg_layout,
+)
+from mmseg_robust.models.converters.cli import converter_parser, print_written
 
-CONFIGS = osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))),
-                   'configs')
+CONFIGS = osp.join(
+    osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), 'configs'
+)
 _DATASETS = {21: 'voc12aug-473x473', 19: 'cityscapes-449x449'}
 
 
@@ -43,36 +50,44 @@ def default_config(arch: str, scheme: str, num_classes: int) -> str:
     if num_classes not in _DATASETS:
         raise CheckpointError(
             f'{num_classes} classes: not VOC (21) or Cityscapes (19); name the '
-            'target config with --config')
+            'target config with --config'
+        )
     kind = 'ddcat' if scheme == 'ddcat' else 'sat'
-    return osp.join(CONFIGS, kind,
-                    f'{arch}_r50-d8_{kind}_{_DATASETS[num_classes]}.py')
+    return osp.join(CONFIGS, kind, f'{arch}_r50-d8_{kind}_{_DATASETS[num_classes]}.py')
 
 
 def parse_args(argv=None):
     parser = converter_parser(
         'Convert DDC-AT/SAT (semseg) checkpoints to mmseg',
         src_help='reference checkpoint',
-        dst_help='output mmseg checkpoint')
+        dst_help='output mmseg checkpoint',
+    )
     parser.add_argument(
-        '--config',
-        help='target mmseg config (default: ours for the detected model)')
+        '--config', help='target mmseg config (default: ours for the detected model)'
+    )
     parser.add_argument(
         '--plain',
         action='store_true',
-        help='DDC-AT: drop cls2/mask1, i.e. write the deployed plain model')
+        help='DDC-AT: drop cls2/mask1, i.e. write the deployed plain model',
+    )
     return parser.parse_args(argv)
 
 
-def convert(src: str, dst: str, config: str = None, plain: bool = False,
-            unsafe_load: bool = False) -> dict:
+def convert(
+    src: str,
+    dst: str,
+    config: str = None,
+    plain: bool = False,
+    unsafe_load: bool = False,
+) -> dict:
     """Convert ``src`` to ``dst``; returns a summary (layout, config, tensors)."""
     sd = unwrap_state_dict(load_checkpoint_file(src, trust=unsafe_load), src)
     layout = detect_semseg_layout(sd)
     if plain and layout.scheme != 'ddcat':
         raise CheckpointError(
             '--plain applies to DDC-AT checkpoints only; this one is '
-            f'{layout.arch}/{layout.scheme}')
+            f'{layout.arch}/{layout.scheme}'
+        )
     scheme = 'plain' if plain else layout.scheme
     config = config or default_config(layout.arch, scheme, layout.num_classes)
     cfg = Config.fromfile(config)
@@ -85,18 +100,20 @@ def convert(src: str, dst: str, config: str = None, plain: bool = False,
         converter='tools/model_converters/ddcat_semseg.py',
         layout=layout._asdict(),
         plain=plain,
-        config=osp.abspath(config))
+        config=osp.abspath(config),
+    )
     save_checkpoint(dst, out, meta)
     return dict(layout=layout, config=config, tensors=len(out))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    summary = convert(args.src, args.dst, args.config, args.plain,
-                      args.unsafe_load)
+    summary = convert(args.src, args.dst, args.config, args.plain, args.unsafe_load)
     layout = summary['layout']
-    print(f'{layout.arch}/{layout.scheme}, {layout.num_classes} classes: '
-          f'{summary["tensors"]} tensors, for the config {summary["config"]}')
+    print(
+        f'{layout.arch}/{layout.scheme}, {layout.num_classes} classes: '
+        f'{summary["tensors"]} tensors, for the config {summary["config"]}'
+    )
     print_written(args.dst)
     return 0
 

@@ -14,6 +14,7 @@ e.g.::
 
     python tools/test.py OUT.py OUT --cfg-options evaluator=SEA
 """
+
 import copy
 import os.path as osp
 import sys
@@ -21,11 +22,14 @@ import sys
 import torch
 from mmengine.config import Config
 
-from mmseg_robust.models.checkpoint import (check_state_dict, expected_shapes,
-                                            load_checkpoint_file,
-                                            save_checkpoint, unwrap_state_dict)
-from mmseg_robust.models.converters import (export_plain_state_dict,
-                                            plain_model_cfg)
+from mmseg_robust.models.checkpoint import (
+    check_state_dict,
+    expected_shapes,
+    load_checkpoint_file,
+    save_checkpoint,
+    unwrap_state_dict,
+)
+from mmseg_robust.models.converters import export_plain_state_dict, plain_model_cfg
 from mmseg_robust.models.converters.cli import converter_parser, print_written
 
 
@@ -36,15 +40,22 @@ def parse_args(argv=None):
         src_help='DDC-AT checkpoint',
         dst='OUT',
         dst_help='output checkpoint of the plain model',
-        before=[('config', 'DDC-AT config the checkpoint was trained with')])
+        before=[('config', 'DDC-AT config the checkpoint was trained with')],
+    )
     parser.add_argument(
         '--out-config',
-        help='output config of the plain model (default: OUT with suffix .py)')
+        help='output config of the plain model (default: OUT with suffix .py)',
+    )
     return parser.parse_args(argv)
 
 
-def export(config: str, checkpoint: str, out: str, out_config: str = None,
-           unsafe_load: bool = False) -> str:
+def export(
+    config: str,
+    checkpoint: str,
+    out: str,
+    out_config: str = None,
+    unsafe_load: bool = False,
+) -> str:
     """Write the plain checkpoint ``out`` and its config; returns the config path."""
     cfg = Config.fromfile(config)
     plain_cfg = copy.deepcopy(cfg)
@@ -56,14 +67,16 @@ def export(config: str, checkpoint: str, out: str, out_config: str = None,
         plain,
         expected_shapes(plain_cfg.model),
         what=f'{checkpoint} without the DDC-AT branches',
-        hint=f'Is {config} the config {checkpoint} was trained with?')
+        hint=f'Is {config} the config {checkpoint} was trained with?',
+    )
     meta = ckpt.get('meta') if isinstance(ckpt, dict) else None
     meta = dict(meta) if isinstance(meta, dict) else {}
     meta['cfg'] = plain_cfg.pretty_text
     meta['ddcat_export'] = dict(
         source_checkpoint=osp.abspath(checkpoint),
         source_config=osp.abspath(config),
-        dropped=sorted(set(state_dict) - set(plain)))
+        dropped=sorted(set(state_dict) - set(plain)),
+    )
     save_checkpoint(out, plain, meta)
     if unsafe_load:  # the source's meta may hold objects the safe loader refuses
         torch.load(out, map_location='cpu', weights_only=True)
@@ -74,8 +87,9 @@ def export(config: str, checkpoint: str, out: str, out_config: str = None,
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out_config = export(args.config, args.src, args.dst, args.out_config,
-                        args.unsafe_load)
+    out_config = export(
+        args.config, args.src, args.dst, args.out_config, args.unsafe_load
+    )
     print_written(args.dst, 'plain checkpoint')
     print_written(out_config, 'plain config')
     return 0

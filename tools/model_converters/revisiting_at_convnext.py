@@ -6,6 +6,7 @@ backbone checkpoint for ``ConvNeXtCvSt`` (PIR-AT init, docs/algorithms.md 5.1 an
 
 Use DST as ``backbone.init_cfg=dict(type='Pretrained', checkpoint=DST)``.
 """
+
 import sys
 
 from mmseg_robust.models.converters import convert_revisiting_at_convnext
@@ -14,12 +15,20 @@ from mmseg_robust.models.converters.cli import convert_file, converter_parser
 
 def main(argv=None) -> int:
     p = converter_parser(__doc__.splitlines()[0], drop_normalizer=True)
-    p.add_argument('--arch', choices=['tiny', 'small'], default=None,
-                   help='expected architecture (default: read from SRC)')
+    p.add_argument(
+        '--arch',
+        choices=['tiny', 'small'],
+        default=None,
+        help='expected architecture (default: read from SRC)',
+    )
     args = p.parse_args(argv)
-    convert_file(args, convert_revisiting_at_convnext, 'revisiting_at_convnext',
-                 arch=args.arch,
-                 drop_normalizer=args.drop_normalizer)
+    convert_file(
+        args,
+        convert_revisiting_at_convnext,
+        'revisiting_at_convnext',
+        arch=args.arch,
+        drop_normalizer=args.drop_normalizer,
+    )
     return 0
 
 

@@ -8,6 +8,7 @@ the Segmenter, docs/algorithms.md 5.1 and 7).
 ``pos_embed`` keeps the source grid; the backbone resizes it to its ``img_size``
 when loading. A ViT-S-CvSt source needs ``backbone=dict(stem='conv')``.
 """
+
 import sys
 
 from mmseg_robust.models.converters import convert_revisiting_at_vit
@@ -16,12 +17,20 @@ from mmseg_robust.models.converters.cli import convert_file, converter_parser
 
 def main(argv=None) -> int:
     p = converter_parser(__doc__.splitlines()[0], drop_normalizer=True)
-    p.add_argument('--num-heads', type=int, default=None,
-                   help='attention heads (default: embed_dims // 64)')
+    p.add_argument(
+        '--num-heads',
+        type=int,
+        default=None,
+        help='attention heads (default: embed_dims // 64)',
+    )
     args = p.parse_args(argv)
-    convert_file(args, convert_revisiting_at_vit, 'revisiting_at_vit',
-                 num_heads=args.num_heads,
-                 drop_normalizer=args.drop_normalizer)
+    convert_file(
+        args,
+        convert_revisiting_at_vit,
+        'revisiting_at_vit',
+        num_heads=args.num_heads,
+        drop_normalizer=args.drop_normalizer,
+    )
     return 0
 
 

@@ -9,25 +9,33 @@ from SRC; the output loads strictly into the model of the matching
 ``configs/pirat/upernet_convnext-*-cvst_*`` config, e.g. for SEA:
 ``python tools/test.py configs/pirat/..._sea.py DST``.
 """
+
 import os.path as osp
 import sys
 
 from mmseg_robust.models.converters import convert_robust_segmentation_upernet
-from mmseg_robust.models.converters.cli import (convert_file, converter_parser,
-                                                model_cfg)
+from mmseg_robust.models.converters.cli import convert_file, converter_parser, model_cfg
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-DEFAULT_CONFIG = osp.join(REPO, 'configs', '_base_', 'models',
-                          'upernet_convnext_cvst.py')
+DEFAULT_CONFIG = osp.join(
+    REPO, 'configs', '_base_', 'models', 'upernet_convnext_cvst.py'
+)
 
 
 def main(argv=None) -> int:
     p = converter_parser(__doc__.splitlines()[0])
-    p.add_argument('--config', default=DEFAULT_CONFIG,
-                   help='mmseg config whose model is the target layout')
+    p.add_argument(
+        '--config',
+        default=DEFAULT_CONFIG,
+        help='mmseg config whose model is the target layout',
+    )
     args = p.parse_args(argv)
-    convert_file(args, convert_robust_segmentation_upernet,
-                 'robust_segmentation_upernet', model_cfg=model_cfg(args.config))
+    convert_file(
+        args,
+        convert_robust_segmentation_upernet,
+        'robust_segmentation_upernet',
+        model_cfg=model_cfg(args.config),
+    )
     return 0
 
 

@@ -15,7 +15,8 @@ train_pipeline = [
         scale=(2080, 520),
         ratio_range=(0.5, 2.0),
         keep_ratio=True,
-        backend='pillow'),
+        backend='pillow',
+    ),
     dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=1.0),
     dict(type='RandomFlip', prob=0.5),
     dict(type='RandomGaussianBlur', prob=0.5, max_radius=1.0),
@@ -36,8 +37,11 @@ train_dataloader = dict(
         type=dataset_type,
         data_root=data_root,
         data_prefix=dict(
-            img_path='images/training', seg_map_path='annotations/training'),
-        pipeline=train_pipeline))
+            img_path='images/training', seg_map_path='annotations/training'
+        ),
+        pipeline=train_pipeline,
+    ),
+)
 val_dataloader = dict(
     batch_size=1,
     num_workers=4,
@@ -47,9 +51,11 @@ val_dataloader = dict(
         type=dataset_type,
         data_root=data_root,
         data_prefix=dict(
-            img_path='images/validation',
-            seg_map_path='annotations/validation'),
-        pipeline=test_pipeline))
+            img_path='images/validation', seg_map_path='annotations/validation'
+        ),
+        pipeline=test_pipeline,
+    ),
+)
 test_dataloader = val_dataloader
 val_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])
 test_evaluator = val_evaluator

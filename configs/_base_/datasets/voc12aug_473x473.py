@@ -13,27 +13,20 @@ train_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='LoadAnnotations'),
     dict(
-        type='RandomResize',
-        scale=(500, 500),
-        ratio_range=(0.5, 2.0),
-        keep_ratio=True),
-    dict(
-        type='RandomRotate',
-        prob=0.5,
-        degree=10,
-        pad_val=mean_bgr,
-        seg_pad_val=255),
+        type='RandomResize', scale=(500, 500), ratio_range=(0.5, 2.0), keep_ratio=True
+    ),
+    dict(type='RandomRotate', prob=0.5, degree=10, pad_val=mean_bgr, seg_pad_val=255),
     dict(type='RandomGaussianBlur', prob=0.5, kernel_size=5, sigma=0),
     dict(type='RandomFlip', prob=0.5),
     dict(type='RandomCrop', crop_size=crop_size),
     dict(type='Pad', size=crop_size, pad_val=dict(img=mean_bgr, seg=255)),
-    dict(type='PackSegInputs')
+    dict(type='PackSegInputs'),
 ]
 test_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='Resize', scale=(512, 512), keep_ratio=True),
     dict(type='LoadAnnotations'),
-    dict(type='PackSegInputs')
+    dict(type='PackSegInputs'),
 ]
 # train_aug = VOC train (SegmentationClass) + aug.txt (SegmentationClassAug): mmseg's
 # voc_aug.py writes aug.txt = the SBD images minus VOC train and val (9118 ids) and
@@ -44,20 +37,22 @@ dataset_train = dict(
     data_root=data_root,
     data_prefix=dict(img_path='JPEGImages', seg_map_path='SegmentationClass'),
     ann_file='ImageSets/Segmentation/train.txt',
-    pipeline=train_pipeline)
+    pipeline=train_pipeline,
+)
 dataset_aug = dict(
     type=dataset_type,
     data_root=data_root,
-    data_prefix=dict(
-        img_path='JPEGImages', seg_map_path='SegmentationClassAug'),
+    data_prefix=dict(img_path='JPEGImages', seg_map_path='SegmentationClassAug'),
     ann_file='ImageSets/Segmentation/aug.txt',
-    pipeline=train_pipeline)
+    pipeline=train_pipeline,
+)
 train_dataloader = dict(
     batch_size=2,  # per GPU; 8 GPUs = the reference's batch of 16
     num_workers=4,
     persistent_workers=True,
     sampler=dict(type='InfiniteSampler', shuffle=True),
-    dataset=dict(type='ConcatDataset', datasets=[dataset_train, dataset_aug]))
+    dataset=dict(type='ConcatDataset', datasets=[dataset_train, dataset_aug]),
+)
 val_dataloader = dict(
     batch_size=1,
     num_workers=4,
@@ -66,10 +61,11 @@ val_dataloader = dict(
     dataset=dict(
         type=dataset_type,
         data_root=data_root,
-        data_prefix=dict(
-            img_path='JPEGImages', seg_map_path='SegmentationClass'),
+        data_prefix=dict(img_path='JPEGImages', seg_map_path='SegmentationClass'),
         ann_file='ImageSets/Segmentation/val.txt',
-        pipeline=test_pipeline))
+        pipeline=test_pipeline,
+    ),
+)
 test_dataloader = val_dataloader
 val_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])
 test_evaluator = val_evaluator

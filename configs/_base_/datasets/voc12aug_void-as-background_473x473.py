@@ -16,7 +16,8 @@ train_pipeline = [
         scale=(2048, 512),
         ratio_range=(0.5, 2.0),
         keep_ratio=True,
-        backend='pillow'),
+        backend='pillow',
+    ),
     dict(type='RandomCrop', crop_size=crop_size, cat_max_ratio=1.0),
     dict(type='RandomFlip', prob=0.5),
     dict(type='RandomGaussianBlur', prob=0.5, max_radius=1.0),
@@ -33,19 +34,22 @@ dataset_train = dict(
     data_root=data_root,
     data_prefix=dict(img_path='JPEGImages', seg_map_path='SegmentationClass'),
     ann_file='ImageSets/Segmentation/train.txt',
-    pipeline=train_pipeline)
+    pipeline=train_pipeline,
+)
 dataset_aug = dict(
     type=dataset_type,
     data_root=data_root,
     data_prefix=dict(img_path='JPEGImages', seg_map_path='SegmentationClassAug'),
     ann_file='ImageSets/Segmentation/aug.txt',
-    pipeline=train_pipeline)
+    pipeline=train_pipeline,
+)
 train_dataloader = dict(
     batch_size=32,  # per GPU, 8 GPUs: 256 images per step
     num_workers=8,
     persistent_workers=True,
     sampler=dict(type='InfiniteSampler', shuffle=True),
-    dataset=dict(type='ConcatDataset', datasets=[dataset_train, dataset_aug]))
+    dataset=dict(type='ConcatDataset', datasets=[dataset_train, dataset_aug]),
+)
 val_dataloader = dict(
     batch_size=1,
     num_workers=4,
@@ -54,10 +58,11 @@ val_dataloader = dict(
     dataset=dict(
         type=dataset_type,
         data_root=data_root,
-        data_prefix=dict(
-            img_path='JPEGImages', seg_map_path='SegmentationClass'),
+        data_prefix=dict(img_path='JPEGImages', seg_map_path='SegmentationClass'),
         ann_file='ImageSets/Segmentation/val.txt',
-        pipeline=test_pipeline))
+        pipeline=test_pipeline,
+    ),
+)
 test_dataloader = val_dataloader
 val_evaluator = dict(type='IoUMetric', iou_metrics=['mIoU'])
 test_evaluator = val_evaluator

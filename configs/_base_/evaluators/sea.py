@@ -15,9 +15,8 @@ robustness_test_cfg = dict(
     eps=[4, 8],
     seed=0,
     resume=True,
-    log_interval=1)
+    log_interval=1,
+)
 robustness_evaluator = dict(
-    type='RobustnessMetric',
-    name='SEA',
-    seed=0,
-    worst_case_modes=['best', 'reference'])
+    type='RobustnessMetric', name='SEA', seed=0, worst_case_modes=['best', 'reference']
+)

@@ -8,9 +8,11 @@ robustness_test_cfg = dict(
     eps=[4, 8],
     seed=0,
     resume=True,
-    log_interval=1)
+    log_interval=1,
+)
 robustness_evaluator = dict(
     type='RobustnessMetric',
     name='SegPGD',
     seed=0,
-    worst_case_modes=['best', 'reference'])
+    worst_case_modes=['best', 'reference'],
+)

@@ -1,7 +1,7 @@
 # DeepLabv3 on the deep-stem ResNet-50 of hszhao/semseg, as trained by SAT and DDC-AT
-# (reference dvlab-research/Robust-Semantic-Segmentation, docs/algorithms.md section 5.3):
-# ASPP with a 1x1 branch, atrous rates 6/12/18 and image pooling (256 channels each),
-# fused by a 1x1 bottleneck (DeepLabV3Head; mmseg's ASPPHead uses 3x3), auxiliary
+# (reference dvlab-research/Robust-Semantic-Segmentation, docs/algorithms.md section
+# 5.3): ASPP with a 1x1 branch, atrous rates 6/12/18 and image pooling (256 channels
+# each), fused by a 1x1 bottleneck (DeepLabV3Head; mmseg's ASPPHead uses 3x3), auxiliary
 # head 1x1 conv 1024->256 on layer3. Backbone and losses as pspnet_r50-stem128-d8.py.
 _base_ = './pspnet_r50-stem128-d8.py'
 norm_cfg = dict(type='SyncBN', requires_grad=True)
@@ -22,5 +22,8 @@ model = dict(
             type='CrossEntropyLoss',
             use_sigmoid=False,
             loss_weight=1.0,
-            avg_non_ignore=True)),
-    auxiliary_head=dict(kernel_size=1))
+            avg_non_ignore=True,
+        ),
+    ),
+    auxiliary_head=dict(kernel_size=1),
+)

@@ -18,7 +18,8 @@ data_preprocessor = dict(
     std=[58.395, 57.12, 57.375],
     bgr_to_rgb=True,
     pad_val=0,
-    seg_pad_val=255)
+    seg_pad_val=255,
+)
 model = dict(
     type='EncoderDecoder',
     data_preprocessor=data_preprocessor,
@@ -37,7 +38,9 @@ model = dict(
         contract_dilation=False,
         init_cfg=dict(
             type='PretrainedStrict',
-            checkpoint='checkpoints/semseg_resnet50_v2_backbone.pth')),
+            checkpoint='checkpoints/semseg_resnet50_v2_backbone.pth',
+        ),
+    ),
     decode_head=dict(
         type='PSPHead',
         in_channels=2048,
@@ -52,7 +55,9 @@ model = dict(
             type='CrossEntropyLoss',
             use_sigmoid=False,
             loss_weight=1.0,
-            avg_non_ignore=True)),
+            avg_non_ignore=True,
+        ),
+    ),
     auxiliary_head=dict(
         type='FCNHead',
         in_channels=1024,
@@ -69,6 +74,9 @@ model = dict(
             type='CrossEntropyLoss',
             use_sigmoid=False,
             loss_weight=0.4,
-            avg_non_ignore=True)),
+            avg_non_ignore=True,
+        ),
+    ),
     train_cfg=dict(),
-    test_cfg=dict(mode='whole'))
+    test_cfg=dict(mode='whole'),
+)

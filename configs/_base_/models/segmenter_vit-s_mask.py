@@ -10,7 +10,8 @@ data_preprocessor = dict(
     bgr_to_rgb=True,
     pad_val=0,
     seg_pad_val=255,
-    size=(512, 512))  # set to the dataset's crop size
+    size=(512, 512),
+)  # set to the dataset's crop size
 model = dict(
     type='EncoderDecoder',
     data_preprocessor=data_preprocessor,
@@ -30,7 +31,8 @@ model = dict(
         final_norm=True,
         norm_cfg=dict(type='LN', eps=1e-5),
         with_cls_token=True,
-        interpolate_mode='bilinear'),
+        interpolate_mode='bilinear',
+    ),
     decode_head=dict(
         type='SegmenterMaskTransformerHead',
         in_channels=384,
@@ -48,6 +50,9 @@ model = dict(
             type='CrossEntropyLoss',
             use_sigmoid=False,
             loss_weight=1.0,
-            avg_non_ignore=True)),
+            avg_non_ignore=True,
+        ),
+    ),
     train_cfg=dict(),
-    test_cfg=dict(mode='whole'))
+    test_cfg=dict(mode='whole'),
+)

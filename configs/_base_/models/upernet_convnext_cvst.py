@@ -14,7 +14,8 @@ data_preprocessor = dict(
     bgr_to_rgb=True,
     pad_val=0,
     seg_pad_val=255,
-    size=(512, 512))  # set to the dataset's crop size
+    size=(512, 512),
+)  # set to the dataset's crop size
 model = dict(
     type='EncoderDecoder',
     data_preprocessor=data_preprocessor,
@@ -24,7 +25,8 @@ model = dict(
         arch='tiny',
         out_indices=(0, 1, 2, 3),
         drop_path_rate=0.4,
-        gap_before_final_norm=False),
+        gap_before_final_norm=False,
+    ),
     decode_head=dict(
         type='UPerHead',
         in_channels=[96, 192, 384, 768],
@@ -39,7 +41,9 @@ model = dict(
             type='CrossEntropyLoss',
             use_sigmoid=False,
             loss_weight=1.0,
-            avg_non_ignore=True)),
+            avg_non_ignore=True,
+        ),
+    ),
     auxiliary_head=dict(
         type='FCNHead',
         in_channels=384,
@@ -55,6 +59,9 @@ model = dict(
             type='CrossEntropyLoss',
             use_sigmoid=False,
             loss_weight=0.4,
-            avg_non_ignore=True)),
+            avg_non_ignore=True,
+        ),
+    ),
     train_cfg=dict(),
-    test_cfg=dict(mode='whole'))
+    test_cfg=dict(mode='whole'),
+)

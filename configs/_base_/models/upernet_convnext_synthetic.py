@@ -8,7 +8,8 @@ data_preprocessor = dict(
     bgr_to_rgb=True,
     pad_val=0,
     seg_pad_val=255,
-    size=(64, 64))
+    size=(64, 64),
+)
 model = dict(
     type='EncoderDecoder',
     data_preprocessor=data_preprocessor,
@@ -19,7 +20,8 @@ model = dict(
         out_indices=[0, 1, 2, 3],
         drop_path_rate=0.0,
         layer_scale_init_value=1.0,
-        gap_before_final_norm=False),
+        gap_before_final_norm=False,
+    ),
     decode_head=dict(
         type='UPerHead',
         in_channels=[16, 32, 64, 128],
@@ -30,8 +32,8 @@ model = dict(
         num_classes=5,
         norm_cfg=norm_cfg,
         align_corners=False,
-        loss_decode=dict(
-            type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
+        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0),
+    ),
     auxiliary_head=dict(
         type='FCNHead',
         in_channels=64,
@@ -43,7 +45,8 @@ model = dict(
         num_classes=5,
         norm_cfg=norm_cfg,
         align_corners=False,
-        loss_decode=dict(
-            type='CrossEntropyLoss', use_sigmoid=False, loss_weight=0.4)),
+        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=0.4),
+    ),
     train_cfg=dict(),
-    test_cfg=dict(mode='whole'))
+    test_cfg=dict(mode='whole'),
+)

@@ -13,28 +13,24 @@ val_interval = 16 * iters_per_epoch
 optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(
-        type='AdamW', lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05),
-    paramwise_cfg=dict(
-        norm_decay_mult=0.0, bias_decay_mult=0.0, flat_decay_mult=0.0))
+        type='AdamW', lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05
+    ),
+    paramwise_cfg=dict(norm_decay_mult=0.0, bias_decay_mult=0.0, flat_decay_mult=0.0),
+)
 param_scheduler = [
-    dict(
-        type='LinearLR',
-        start_factor=1e-5,
-        by_epoch=False,
-        begin=0,
-        end=warmup_iters),
+    dict(type='LinearLR', start_factor=1e-5, by_epoch=False, begin=0, end=warmup_iters),
     dict(
         type='PolyLR',
         power=1.0,
         eta_min=0.0,
         by_epoch=False,
         begin=warmup_iters,
-        end=max_iters),
+        end=max_iters,
+    ),
 ]
 train_cfg = dict(
-    type='IterBasedTrainLoop',
-    max_iters=max_iters,
-    val_interval=val_interval)
+    type='IterBasedTrainLoop', max_iters=max_iters, val_interval=val_interval
+)
 val_cfg = dict(type='ValLoop')
 test_cfg = dict(type='TestLoop')
 default_hooks = dict(
@@ -42,9 +38,8 @@ default_hooks = dict(
     logger=dict(type='LoggerHook', interval=50, log_metric_by_epoch=False),
     param_scheduler=dict(type='ParamSchedulerHook'),
     checkpoint=dict(
-        type='CheckpointHook',
-        by_epoch=False,
-        interval=val_interval,
-        max_keep_ckpts=2),
+        type='CheckpointHook', by_epoch=False, interval=val_interval, max_keep_ckpts=2
+    ),
     sampler_seed=dict(type='DistSamplerSeedHook'),
-    visualization=dict(type='SegVisualizationHook'))
+    visualization=dict(type='SegVisualizationHook'),
+)

@@ -1,6 +1,7 @@
 """ConvNeXt with the convolutional stem (CvSt) of the robust ImageNet models of
 Singh, Croce & Hein, "Revisiting Adversarial Training for ImageNet" (NeurIPS 2023),
 used as PIR-AT backbones (docs/algorithms.md sections 5.1 and 6)."""
+
 from typing import Sequence
 
 import torch.nn as nn
@@ -8,6 +9,7 @@ from mmpretrain.models.backbones import ConvNeXt
 from mmpretrain.models.utils import build_norm_layer
 
 from mmseg_robust.registry import MODELS
+
 from .strict_pretrained import load_pretrained_strict, split_pretrained_cfg
 
 __all__ = ['ConvNeXtCvSt', 'conv_stem']
@@ -66,19 +68,23 @@ class ConvNeXtCvSt(ConvNeXt):
         [96, 192, 384, 768]
     """
 
-    def __init__(self,
-                 arch='tiny',
-                 out_indices: Sequence[int] = (0, 1, 2, 3),
-                 gap_before_final_norm: bool = False,
-                 **kwargs) -> None:
+    def __init__(
+        self,
+        arch='tiny',
+        out_indices: Sequence[int] = (0, 1, 2, 3),
+        gap_before_final_norm: bool = False,
+        **kwargs,
+    ) -> None:
         super().__init__(
             arch=arch,
             out_indices=list(out_indices),
             gap_before_final_norm=gap_before_final_norm,
-            **kwargs)
+            **kwargs,
+        )
         norm_cfg = kwargs.get('norm_cfg', dict(type='LN2d', eps=1e-6))
         self.downsample_layers[0] = conv_stem(
-            kwargs.get('in_channels', 3), self.channels[0], norm_cfg)
+            kwargs.get('in_channels', 3), self.channels[0], norm_cfg
+        )
         # The parent froze the stem it built; freeze the new one likewise.
         self._freeze_stages()
 
@@ -99,5 +105,6 @@ class ConvNeXtCvSt(ConvNeXt):
             pretrained['checkpoint'],
             prefix=pretrained.get('prefix'),
             hint='Convert revisiting-at ImageNet checkpoints with '
-            'tools/model_converters/revisiting_at_convnext.py.')
+            'tools/model_converters/revisiting_at_convnext.py.',
+        )
         self._is_init = True

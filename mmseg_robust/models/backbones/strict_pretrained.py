@@ -9,6 +9,7 @@ any other module (e.g. mmseg's ResNet of the SAT/DDC-AT configs, sections 5.2 an
 5.3) the weight initializer ``init_cfg=dict(type='PretrainedStrict', ...)``
 (:class:`PretrainedStrictInit`) does the same.
 """
+
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -17,15 +18,16 @@ from mmengine.model import BaseModule
 from mmengine.model.weight_init import update_init_info
 from mmengine.runner.checkpoint import CheckpointLoader
 
-from mmseg_robust.models.checkpoint import (CheckpointError, check_state_dict,
-                                            expected_shapes,
-                                            load_checkpoint_file,
-                                            unwrap_state_dict)
+from mmseg_robust.models.checkpoint import (
+    CheckpointError,
+    check_state_dict,
+    expected_shapes,
+    load_checkpoint_file,
+    unwrap_state_dict,
+)
 from mmseg_robust.registry import WEIGHT_INITIALIZERS
 
-__all__ = [
-    'PretrainedStrictInit', 'load_pretrained_strict', 'split_pretrained_cfg'
-]
+__all__ = ['PretrainedStrictInit', 'load_pretrained_strict', 'split_pretrained_cfg']
 
 StateDict = Dict[str, torch.Tensor]
 
@@ -47,11 +49,12 @@ def split_pretrained_cfg(init_cfg) -> Tuple[Optional[dict], list]:
 
 
 def load_pretrained_strict(
-        module: torch.nn.Module,
-        checkpoint: Union[str, StateDict],
-        prefix: Optional[str] = None,
-        revise: Optional[Callable[[StateDict], StateDict]] = None,
-        hint: str = '') -> List[str]:
+    module: torch.nn.Module,
+    checkpoint: Union[str, StateDict],
+    prefix: Optional[str] = None,
+    revise: Optional[Callable[[StateDict], StateDict]] = None,
+    hint: str = '',
+) -> List[str]:
     """Load a backbone checkpoint into ``module`` strictly.
 
     Args:
@@ -81,30 +84,29 @@ def load_pretrained_strict(
     if isinstance(checkpoint, str):
         if '://' in checkpoint:  # a URL or an mmengine scheme (open-mmlab://)
             checkpoint = CheckpointLoader.load_checkpoint(
-                checkpoint, map_location='cpu')
+                checkpoint, map_location='cpu'
+            )
         else:
             checkpoint = load_checkpoint_file(checkpoint)
     state = unwrap_state_dict(checkpoint, source)
     if prefix:
-        state = {
-            k[len(prefix):]: v
-            for k, v in state.items() if k.startswith(prefix)
-        }
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if not state:
-            raise CheckpointError(
-                f'{source} has no tensor under the prefix {prefix!r}')
+            raise CheckpointError(f'{source} has no tensor under the prefix {prefix!r}')
     if revise is not None:
         state = revise(state)
     check_state_dict(
         state,
         expected_shapes(module),
         what=f'{source} ({type(module).__name__})',
-        hint=hint)
+        hint=hint,
+    )
     module.load_state_dict(state, strict=True)
     print_log(
         f'{type(module).__name__}: loaded all {len(state)} tensors of {source} '
         '(strict)',
-        logger='current')
+        logger='current',
+    )
     return sorted(state)
 
 
@@ -137,8 +139,9 @@ class PretrainedStrictInit:
 
     def __init__(self, checkpoint: str, prefix: Optional[str] = None) -> None:
         if not isinstance(checkpoint, str) or not checkpoint:
-            raise TypeError('PretrainedStrict needs checkpoint=<path or URL>, '
-                            f'got {checkpoint!r}')
+            raise TypeError(
+                f'PretrainedStrict needs checkpoint=<path or URL>, got {checkpoint!r}'
+            )
         self.checkpoint = checkpoint
         self.prefix = prefix
         self.wholemodule = False  # set by mmengine's initialize; unused here
@@ -149,7 +152,8 @@ class PretrainedStrictInit:
             self.checkpoint,
             prefix=self.prefix,
             hint='PretrainedStrict needs a file made for this module (convert '
-            'it with the matching tool in tools/model_converters/)')
+            'it with the matching tool in tools/model_converters/)',
+        )
         for sub in module.modules():
             if sub is not module and isinstance(sub, BaseModule):
                 sub._is_init = True

@@ -1,17 +1,21 @@
 """mmseg's VisionTransformer with strict ``Pretrained`` loading and, optionally,
-the convolutional stem of the revisiting-at ViT-S-CvSt (docs/algorithms.md section 6)."""
+the convolutional stem of the revisiting-at ViT-S-CvSt (docs/algorithms.md,
+section 6)."""
+
 import torch.nn as nn
 from mmpretrain.models.utils import build_norm_layer
 from mmseg.models.backbones import VisionTransformer
 
 from mmseg_robust.registry import MODELS
+
 from .strict_pretrained import load_pretrained_strict, split_pretrained_cfg
 
 __all__ = ['VisionTransformerStrict', 'vit_conv_stem']
 
 
-def vit_conv_stem(in_channels: int, embed_dims: int,
-                  base_channels: int = 48) -> nn.Sequential:
+def vit_conv_stem(
+    in_channels: int, embed_dims: int, base_channels: int = 48
+) -> nn.Sequential:
     """ViT-CvSt stem of revisiting-at (stride 16): four conv3x3 s2 -> LN -> GELU
     (``in -> 48 -> 96 -> 192 -> 384``) and a 1x1 conv to ``embed_dims``.
 
@@ -26,7 +30,7 @@ def vit_conv_stem(in_channels: int, embed_dims: int,
         layers += [
             nn.Conv2d(channels, out, kernel_size=3, stride=2, padding=1),
             build_norm_layer(norm_cfg, out),
-            nn.GELU()
+            nn.GELU(),
         ]
         channels = out
     layers.append(nn.Conv2d(channels, embed_dims, kernel_size=1))
@@ -56,20 +60,22 @@ class VisionTransformerStrict(VisionTransformer):
         **kwargs: arguments of mmseg's VisionTransformer.
     """
 
-    def __init__(self, stem: str = 'patch', patch_bias: bool = True,
-                 **kwargs) -> None:
+    def __init__(self, stem: str = 'patch', patch_bias: bool = True, **kwargs) -> None:
         super().__init__(patch_bias=patch_bias, **kwargs)
         if stem not in ('patch', 'conv'):
             raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
         self.stem = stem
         if stem == 'conv':
             if self.patch_size != 16:
-                raise ValueError('the convolutional stem has stride 16: use '
-                                 f'patch_size=16, got {self.patch_size}')
+                raise ValueError(
+                    'the convolutional stem has stride 16: use '
+                    f'patch_size=16, got {self.patch_size}'
+                )
             # PatchEmbed keeps its adaptive padding to a multiple of 16 and
             # reads the output grid from the projection's output.
             self.patch_embed.projection = vit_conv_stem(
-                kwargs.get('in_channels', 3), kwargs.get('embed_dims', 768))
+                kwargs.get('in_channels', 3), kwargs.get('embed_dims', 768)
+            )
 
     def train(self, mode: bool = True) -> 'VisionTransformerStrict':
         # mmseg's VisionTransformer.train returns None; nn.Module's contract (and
@@ -80,14 +86,19 @@ class VisionTransformerStrict(VisionTransformer):
     def _resize_pos_embed_of(self, state: dict) -> dict:
         pos = state.get('pos_embed')
         if pos is not None and pos.shape != self.pos_embed.shape:
-            grid = int(round((pos.shape[1] - 1)**0.5))
+            grid = int(round((pos.shape[1] - 1) ** 0.5))
             if grid * grid + 1 != pos.shape[1]:
-                raise ValueError(f'pos_embed of shape {tuple(pos.shape)} is not '
-                                 'a square grid plus one class token')
+                raise ValueError(
+                    f'pos_embed of shape {tuple(pos.shape)} is not '
+                    'a square grid plus one class token'
+                )
             h, w = self.img_size
             state['pos_embed'] = self.resize_pos_embed(
-                pos, (h // self.patch_size, w // self.patch_size), (grid, grid),
-                self.interpolate_mode)
+                pos,
+                (h // self.patch_size, w // self.patch_size),
+                (grid, grid),
+                self.interpolate_mode,
+            )
         return state
 
     def init_weights(self) -> None:
@@ -101,5 +112,6 @@ class VisionTransformerStrict(VisionTransformer):
             prefix=pretrained.get('prefix'),
             revise=self._resize_pos_embed_of,
             hint='Convert timm/revisiting-at ViT checkpoints with '
-            'tools/model_converters/revisiting_at_vit.py.')
+            'tools/model_converters/revisiting_at_vit.py.',
+        )
         self._is_init = True

@@ -12,27 +12,37 @@ A tool is a few lines::
                      drop_normalizer=args.drop_normalizer)
         return 0
 """
+
 import argparse
 import os.path as osp
 from typing import Callable, Sequence, Tuple
 
-from mmseg_robust.models.checkpoint import (load_checkpoint_file,
-                                            save_checkpoint,
-                                            unwrap_state_dict)
+from mmseg_robust.models.checkpoint import (
+    load_checkpoint_file,
+    save_checkpoint,
+    unwrap_state_dict,
+)
 
 __all__ = [
-    'add_drop_normalizer', 'convert_file', 'converter_parser', 'load_source',
-    'model_cfg', 'print_written', 'write_checkpoint'
+    'add_drop_normalizer',
+    'convert_file',
+    'converter_parser',
+    'load_source',
+    'model_cfg',
+    'print_written',
+    'write_checkpoint',
 ]
 
 
-def converter_parser(description: str,
-                     src: str = 'SRC',
-                     src_help: str = 'source checkpoint',
-                     dst: str = 'DST',
-                     dst_help: str = 'converted checkpoint to write',
-                     before: Sequence[Tuple[str, str]] = (),
-                     drop_normalizer: bool = False) -> argparse.ArgumentParser:
+def converter_parser(
+    description: str,
+    src: str = 'SRC',
+    src_help: str = 'source checkpoint',
+    dst: str = 'DST',
+    dst_help: str = 'converted checkpoint to write',
+    before: Sequence[Tuple[str, str]] = (),
+    drop_normalizer: bool = False,
+) -> argparse.ArgumentParser:
     """The argument parser of a converter: positional ``src`` and ``dst``
     (shown as ``SRC``/``DST`` or the given names) and ``--unsafe-load``.
 
@@ -56,7 +66,8 @@ def converter_parser(description: str,
         action='store_true',
         help=f'read {src} with torch.load(weights_only=False): only for a file '
         'you trust (unpickling can run arbitrary code), if the safe loader '
-        'refuses it')
+        'refuses it',
+    )
     if drop_normalizer:
         add_drop_normalizer(p)
     return p
@@ -69,7 +80,8 @@ def add_drop_normalizer(parser: argparse.ArgumentParser) -> None:
         action='store_true',
         help='accept and drop a non-identity normalize.{mean,std} of SRC (PIR-AT '
         'fine-tunes the backbone on raw [0, 1] input, as the reference does); '
-        'the values are kept in the meta of DST')
+        'the values are kept in the meta of DST',
+    )
 
 
 def load_source(args, state_dict: bool = True):
@@ -83,6 +95,7 @@ def load_source(args, state_dict: bool = True):
 def model_cfg(path: str) -> dict:
     """The ``model`` dict of an mmseg config file."""
     from mmengine.config import Config
+
     return Config.fromfile(path).model.to_dict()
 
 
@@ -91,8 +104,9 @@ def print_written(path: str, what: str = 'checkpoint') -> None:
     print(f'wrote {what}: {path}')
 
 
-def write_checkpoint(path: str, state_dict, meta: dict,
-                     what: str = 'checkpoint') -> None:
+def write_checkpoint(
+    path: str, state_dict, meta: dict, what: str = 'checkpoint'
+) -> None:
     """Write ``{'state_dict', 'meta'}`` (loadable with ``weights_only=True``)
     and say where."""
     save_checkpoint(path, state_dict, meta)
@@ -111,9 +125,11 @@ def convert_file(args, fn: Callable, what: str, **kwargs) -> tuple:
     state, meta = fn(src, **kwargs)
     meta = dict(meta, converter=what, source=osp.basename(args.src))
     dropped = meta.get('dropped', [])
-    print(f'{what}: converted {len(src)} source tensors into {len(state)} '
-          f'({meta.get("arch", "")}); dropped {len(dropped)}'
-          f'{": " + ", ".join(dropped[:6]) if dropped else ""}'
-          f'{" ..." if len(dropped) > 6 else ""}')
+    print(
+        f'{what}: converted {len(src)} source tensors into {len(state)} '
+        f'({meta.get("arch", "")}); dropped {len(dropped)}'
+        f'{": " + ", ".join(dropped[:6]) if dropped else ""}'
+        f'{" ..." if len(dropped) > 6 else ""}'
+    )
     write_checkpoint(args.dst, state, meta)
     return state, meta

@@ -8,6 +8,7 @@ dict is then checked against the target model's own layout (names and shapes:
 shaped tensor fails too, before anything is written. Reading and writing the files
 is :mod:`mmseg_robust.models.checkpoint`'s.
 """
+
 import re
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -34,18 +35,20 @@ def strip_prefixes(state_dict: StateDict, prefixes: Sequence[str]) -> StateDict:
             changed = False
             for p in prefixes:
                 if new.startswith(p):
-                    new = new[len(p):]
+                    new = new[len(p) :]
                     changed = True
         if new in out:
             raise CheckpointError(
                 f'two source tensors map to {new!r} after removing the '
-                f'prefixes {list(prefixes)} (one of them is {name!r})')
+                f'prefixes {list(prefixes)} (one of them is {name!r})'
+            )
         out[new] = tensor
     return out
 
 
-def apply_rules(state_dict: StateDict, rules: Iterable[Rule],
-                what: str = 'source checkpoint') -> Tuple[StateDict, List[str]]:
+def apply_rules(
+    state_dict: StateDict, rules: Iterable[Rule], what: str = 'source checkpoint'
+) -> Tuple[StateDict, List[str]]:
     """Rename every tensor by the first matching rule.
 
     Args:
@@ -73,8 +76,9 @@ def apply_rules(state_dict: StateDict, rules: Iterable[Rule],
             else:
                 new = m.expand(repl)
                 if new in out:
-                    raise CheckpointError(f'{what}: two tensors map to '
-                                          f'{new!r} (one is {name!r})')
+                    raise CheckpointError(
+                        f'{what}: two tensors map to {new!r} (one is {name!r})'
+                    )
                 out[new] = fn(tensor) if fn is not None else tensor
             break
         else:
@@ -83,12 +87,14 @@ def apply_rules(state_dict: StateDict, rules: Iterable[Rule],
         more = f' ... and {len(unmapped) - 20} more' if len(unmapped) > 20 else ''
         raise CheckpointError(
             f'{what}: {len(unmapped)} tensor(s) of an unknown layout, not '
-            f'converted: {", ".join(sorted(unmapped)[:20])}{more}')
+            f'converted: {", ".join(sorted(unmapped)[:20])}{more}'
+        )
     return out, sorted(dropped)
 
 
-def convnext_arch_of(state: StateDict, blocks_prefix: str, dwconv_key: str,
-                     source: str):
+def convnext_arch_of(
+    state: StateDict, blocks_prefix: str, dwconv_key: str, source: str
+):
     """The ConvNeXt ``arch`` of a checkpoint, from its blocks per stage and the
     width of each stage's first depth-wise convolution.
 
@@ -104,16 +110,18 @@ def convnext_arch_of(state: StateDict, blocks_prefix: str, dwconv_key: str,
         ``dict(depths=..., channels=...)``.
     """
     from mmseg_robust.models.backbones import ConvNeXtCvSt
+
     depths, channels = [], []
     for j in range(4):
         prefix = blocks_prefix.format(j=j)
         blocks = {
-            int(k[len(prefix):].split('.')[0])
-            for k in state if k.startswith(prefix)
+            int(k[len(prefix) :].split('.')[0]) for k in state if k.startswith(prefix)
         }
         if not blocks or blocks != set(range(len(blocks))):
-            raise KeyError(f'stage {j}: blocks {sorted(blocks)} under {prefix}* '
-                           f'(some missing or none): not a {source} checkpoint')
+            raise KeyError(
+                f'stage {j}: blocks {sorted(blocks)} under {prefix}* '
+                f'(some missing or none): not a {source} checkpoint'
+            )
         depths.append(len(blocks))
         key = dwconv_key.format(j=j)
         if key not in state:

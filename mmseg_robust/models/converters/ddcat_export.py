@@ -18,6 +18,7 @@ DDC-AT head        plain head
 ``tools/model_converters/export_ddcat.py CONFIG CKPT OUT`` applies these functions
 to files.
 """
+
 import copy
 from collections import OrderedDict
 from typing import Mapping
@@ -52,7 +53,8 @@ def plain_head_cfg(head_cfg: Mapping) -> dict:
     if name not in _PLAIN_HEADS:
         raise ValueError(
             f'not a DDC-AT decode head: {head_type!r} (expected one of '
-            f'{sorted(_PLAIN_HEADS)})')
+            f'{sorted(_PLAIN_HEADS)})'
+        )
     cfg.pop('loss_mask_weight', None)
     plain = _PLAIN_HEADS[name]
     if plain == 'DeepLabV3Head' and cfg.get('bottleneck_kernel_size', 1) == 3:
@@ -70,14 +72,13 @@ def plain_model_cfg(model_cfg: Mapping) -> dict:
     cfg = copy.deepcopy(model_cfg)
     if 'decode_head' not in cfg:
         raise ValueError('the model config has no decode_head')
-    cfg['decode_head'] = type(cfg['decode_head'])(
-        plain_head_cfg(cfg['decode_head']))
+    cfg['decode_head'] = type(cfg['decode_head'])(plain_head_cfg(cfg['decode_head']))
     return cfg
 
 
 def export_plain_state_dict(
-        state_dict: Mapping[str, Tensor],
-        head_prefix: str = 'decode_head.') -> 'OrderedDict[str, Tensor]':
+    state_dict: Mapping[str, Tensor], head_prefix: str = 'decode_head.'
+) -> 'OrderedDict[str, Tensor]':
     """Drop the training-only DDC-AT branches (``cls2*``, ``mask1*``) from a
     segmentor state dict; cls1 already lives in the plain head's modules
     (``bottleneck``/``conv_seg``, UPerNet ``fpn_bottleneck``/``conv_seg``).
@@ -97,7 +98,7 @@ def export_plain_state_dict(
     branch_prefixes = tuple(f'{head_prefix}{b}.' for b in DDCAT_EXTRA_BRANCHES)
     out, dropped = OrderedDict(), []
     for k, v in state_dict.items():
-        name = k[len('module.'):] if k.startswith('module.') else k
+        name = k[len('module.') :] if k.startswith('module.') else k
         if name.startswith(branch_prefixes):
             dropped.append(k)
         else:
@@ -105,5 +106,6 @@ def export_plain_state_dict(
     if not dropped:
         raise ValueError(
             'no DDC-AT branch (cls2*, mask1*) under '
-            f'{head_prefix!r} in the state dict: not a DDC-AT checkpoint')
+            f'{head_prefix!r} in the state dict: not a DDC-AT checkpoint'
+        )
     return out

@@ -1,6 +1,6 @@
 """Converters for the robust ImageNet backbones of revisiting-at (Singh, Croce &
-Hein, NeurIPS 2023) into PIR-AT backbone-init checkpoints (docs/algorithms.md sections 5.1
-and 7).
+Hein, NeurIPS 2023) into PIR-AT backbone-init checkpoints (docs/algorithms.md sections
+5.1 and 7).
 
 Source layouts (timm naming, possibly under ``module.`` / ``base_model.`` /
 ``model.`` prefixes, with the input normaliser ``normalize.{mean,std}``):
@@ -23,6 +23,7 @@ network is then fine-tuned on raw [0, 1] input) and records its values in
 input instead: data preprocessor ``mean = 255 * m``, ``std = 255 * s`` (RGB,
 ``bgr_to_rgb=True``).
 """
+
 import math
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -30,11 +31,14 @@ import torch
 
 from mmseg_robust.models.backbones import ConvNeXtCvSt, VisionTransformerStrict
 from mmseg_robust.models.checkpoint import check_state_dict, expected_shapes
+
 from .common import StateDict, apply_rules, convnext_arch_of, strip_prefixes
 
 __all__ = [
-    'convert_revisiting_at_convnext', 'convert_revisiting_at_vit',
-    'take_normalizer', 'timm_vit_block_rules'
+    'convert_revisiting_at_convnext',
+    'convert_revisiting_at_vit',
+    'take_normalizer',
+    'timm_vit_block_rules',
 ]
 
 WRAPPER_PREFIXES = ('module.', 'base_model.', 'model.')
@@ -48,8 +52,9 @@ def _values(tensor: Optional[torch.Tensor], identity: float) -> List[float]:
     return [round(float(v), 6) for v in tensor.detach().float().flatten()]
 
 
-def take_normalizer(state: StateDict, drop_normalizer: bool,
-                    what: str) -> Optional[dict]:
+def take_normalizer(
+    state: StateDict, drop_normalizer: bool, what: str
+) -> Optional[dict]:
     """Check the source's input normaliser ``normalize.{mean,std}``.
 
     Args:
@@ -70,8 +75,9 @@ def take_normalizer(state: StateDict, drop_normalizer: bool,
     if mean is None and std is None:
         return None
     values = dict(mean=_values(mean, 0.0), std=_values(std, 1.0))
-    identity = ((mean is None or bool((mean == 0).all()))
-                and (std is None or bool((std == 1).all())))
+    identity = (mean is None or bool((mean == 0).all())) and (
+        std is None or bool((std == 1).all())
+    )
     if identity:
         return None
     if not drop_normalizer:
@@ -86,14 +92,16 @@ def take_normalizer(state: StateDict, drop_normalizer: bool,
             '(as PIR-AT does, fine-tuning the whole network) or give the backbone '
             'its training input with the data preprocessor '
             f'mean={pre_mean}, std={pre_std} (255 x the values; RGB, '
-            'bgr_to_rgb=True).')
+            'bgr_to_rgb=True).'
+        )
     return values
 
 
 def convert_revisiting_at_convnext(
-        state_dict: StateDict,
-        arch: Optional[Union[str, dict]] = None,
-        drop_normalizer: bool = False) -> Tuple[StateDict, dict]:
+    state_dict: StateDict,
+    arch: Optional[Union[str, dict]] = None,
+    drop_normalizer: bool = False,
+) -> Tuple[StateDict, dict]:
     """revisiting-at ConvNeXt-CvSt (timm naming) -> :class:`ConvNeXtCvSt` state dict.
 
     The per-stage output norms ``norm0..norm3`` do not exist in a classifier; they
@@ -118,27 +126,45 @@ def convert_revisiting_at_convnext(
             without ``drop_normalizer``.
     """
     state = strip_prefixes(state_dict, WRAPPER_PREFIXES)
-    normalizer = take_normalizer(state, drop_normalizer,
-                                 'revisiting-at ConvNeXt checkpoint')
-    inferred = convnext_arch_of(state, 'stages.{j}.blocks.',
-                                'stages.{j}.blocks.0.conv_dw.weight',
-                                'timm ConvNeXt')
+    normalizer = take_normalizer(
+        state, drop_normalizer, 'revisiting-at ConvNeXt checkpoint'
+    )
+    inferred = convnext_arch_of(
+        state,
+        'stages.{j}.blocks.',
+        'stages.{j}.blocks.0.conv_dw.weight',
+        'timm ConvNeXt',
+    )
     if arch is not None and arch != inferred:
         raise ValueError(f'the checkpoint is ConvNeXt {inferred}, not {arch}')
     rules = NORMALIZER + [
         (r'head\..*', None, None),
-        (r'stem\.stem\.([0134])\.(weight|bias)', r'downsample_layers.0.\1.\2',
-         None),
-        (r'stages\.([123])\.downsample\.([01])\.(weight|bias)',
-         r'downsample_layers.\1.\2.\3', None),
-        (r'stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.(weight|bias)',
-         r'stages.\1.\2.depthwise_conv.\3', None),
-        (r'stages\.(\d+)\.blocks\.(\d+)\.norm\.(weight|bias)',
-         r'stages.\1.\2.norm.\3', None),
-        (r'stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc1\.(weight|bias)',
-         r'stages.\1.\2.pointwise_conv1.\3', None),
-        (r'stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc2\.(weight|bias)',
-         r'stages.\1.\2.pointwise_conv2.\3', None),
+        (r'stem\.stem\.([0134])\.(weight|bias)', r'downsample_layers.0.\1.\2', None),
+        (
+            r'stages\.([123])\.downsample\.([01])\.(weight|bias)',
+            r'downsample_layers.\1.\2.\3',
+            None,
+        ),
+        (
+            r'stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.(weight|bias)',
+            r'stages.\1.\2.depthwise_conv.\3',
+            None,
+        ),
+        (
+            r'stages\.(\d+)\.blocks\.(\d+)\.norm\.(weight|bias)',
+            r'stages.\1.\2.norm.\3',
+            None,
+        ),
+        (
+            r'stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc1\.(weight|bias)',
+            r'stages.\1.\2.pointwise_conv1.\3',
+            None,
+        ),
+        (
+            r'stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc2\.(weight|bias)',
+            r'stages.\1.\2.pointwise_conv2.\3',
+            None,
+        ),
         (r'stages\.(\d+)\.blocks\.(\d+)\.gamma', r'stages.\1.\2.gamma', None),
     ]
     out, dropped = apply_rules(state, rules, 'revisiting-at ConvNeXt checkpoint')
@@ -156,7 +182,8 @@ def convert_revisiting_at_convnext(
     meta = dict(
         arch=inferred if isinstance(inferred, str) else str(inferred),
         dropped=dropped,
-        fresh=fresh)
+        fresh=fresh,
+    )
     if normalizer is not None:
         meta['input_normalizer'] = normalizer
     return out, meta
@@ -173,14 +200,18 @@ def timm_vit_block_rules(src: str, dst: str) -> list:
     return [
         (rf'{s}\.(\d+)\.norm1\.(weight|bias)', rf'{d}.\1.ln1.\2', None),
         (rf'{s}\.(\d+)\.norm2\.(weight|bias)', rf'{d}.\1.ln2.\2', None),
-        (rf'{s}\.(\d+)\.attn\.qkv\.(weight|bias)', rf'{d}.\1.attn.attn.in_proj_\2',
-         None),
-        (rf'{s}\.(\d+)\.attn\.proj\.(weight|bias)',
-         rf'{d}.\1.attn.attn.out_proj.\2', None),
-        (rf'{s}\.(\d+)\.mlp\.fc1\.(weight|bias)', rf'{d}.\1.ffn.layers.0.0.\2',
-         None),
-        (rf'{s}\.(\d+)\.mlp\.fc2\.(weight|bias)', rf'{d}.\1.ffn.layers.1.\2',
-         None),
+        (
+            rf'{s}\.(\d+)\.attn\.qkv\.(weight|bias)',
+            rf'{d}.\1.attn.attn.in_proj_\2',
+            None,
+        ),
+        (
+            rf'{s}\.(\d+)\.attn\.proj\.(weight|bias)',
+            rf'{d}.\1.attn.attn.out_proj.\2',
+            None,
+        ),
+        (rf'{s}\.(\d+)\.mlp\.fc1\.(weight|bias)', rf'{d}.\1.ffn.layers.0.0.\2', None),
+        (rf'{s}\.(\d+)\.mlp\.fc2\.(weight|bias)', rf'{d}.\1.ffn.layers.1.\2', None),
     ]
 
 
@@ -192,15 +223,18 @@ def _vit_shape(state: StateDict, prefix: str = '') -> Dict[str, int]:
         raise KeyError(f'missing tensor {prefix}pos_embed: not a ViT checkpoint')
     embed_dims = int(pos.shape[-1])
     layers = {
-        int(k[len(prefix):].split('.')[1])
-        for k in state if k.startswith(f'{prefix}blocks.')
+        int(k[len(prefix) :].split('.')[1])
+        for k in state
+        if k.startswith(f'{prefix}blocks.')
     }
     if not layers or layers != set(range(len(layers))):
         raise KeyError(f'transformer blocks {sorted(layers)}: some are missing')
     grid = int(round(math.sqrt(pos.shape[1] - 1)))
     if grid * grid + 1 != pos.shape[1]:
-        raise ValueError(f'{prefix}pos_embed of shape {tuple(pos.shape)}: not a '
-                         'square grid plus one class token')
+        raise ValueError(
+            f'{prefix}pos_embed of shape {tuple(pos.shape)}: not a '
+            'square grid plus one class token'
+        )
     conv_stem = any(k.startswith(f'{prefix}patch_embed.proj.stem.') for k in state)
     if conv_stem:
         patch = 16
@@ -214,11 +248,13 @@ def _vit_shape(state: StateDict, prefix: str = '') -> Dict[str, int]:
         num_layers=len(layers),
         grid=grid,
         patch_size=patch,
-        conv_stem=int(conv_stem))
+        conv_stem=int(conv_stem),
+    )
 
 
-def vit_for(shape: Dict[str, int], num_heads: Optional[int] = None,
-            **kwargs) -> VisionTransformerStrict:
+def vit_for(
+    shape: Dict[str, int], num_heads: Optional[int] = None, **kwargs
+) -> VisionTransformerStrict:
     """The :class:`VisionTransformerStrict` matching :func:`_vit_shape`."""
     size = shape['grid'] * shape['patch_size']
     return VisionTransformerStrict(
@@ -230,13 +266,15 @@ def vit_for(shape: Dict[str, int], num_heads: Optional[int] = None,
         num_heads=num_heads or max(shape['embed_dims'] // 64, 1),
         final_norm=True,
         with_cls_token=True,
-        **kwargs)
+        **kwargs,
+    )
 
 
-def convert_revisiting_at_vit(state_dict: StateDict,
-                              num_heads: Optional[int] = None,
-                              drop_normalizer: bool = False
-                              ) -> Tuple[StateDict, dict]:
+def convert_revisiting_at_vit(
+    state_dict: StateDict,
+    num_heads: Optional[int] = None,
+    drop_normalizer: bool = False,
+) -> Tuple[StateDict, dict]:
     """revisiting-at / timm ViT -> mmseg ``VisionTransformer`` state dict.
 
     ``pos_embed`` keeps its grid (14x14 for 224 px); ``VisionTransformerStrict``
@@ -259,27 +297,34 @@ def convert_revisiting_at_vit(state_dict: StateDict,
         KeyError / ValueError: as :func:`convert_revisiting_at_convnext`.
     """
     state = strip_prefixes(state_dict, WRAPPER_PREFIXES)
-    normalizer = take_normalizer(state, drop_normalizer,
-                                 'revisiting-at ViT checkpoint')
+    normalizer = take_normalizer(state, drop_normalizer, 'revisiting-at ViT checkpoint')
     shape = _vit_shape(state)
-    rules = NORMALIZER + [
-        (r'head\.(weight|bias)', None, None),
-        (r'cls_token', 'cls_token', None),
-        (r'pos_embed', 'pos_embed', None),
-        (r'patch_embed\.proj\.(weight|bias)', r'patch_embed.projection.\1', None),
-        (r'patch_embed\.proj\.stem\.(\d+)\.(weight|bias)',
-         r'patch_embed.projection.\1.\2', None),
-        (r'norm\.(weight|bias)', r'ln1.\1', None),
-    ] + timm_vit_block_rules('blocks', 'layers')
+    rules = (
+        NORMALIZER
+        + [
+            (r'head\.(weight|bias)', None, None),
+            (r'cls_token', 'cls_token', None),
+            (r'pos_embed', 'pos_embed', None),
+            (r'patch_embed\.proj\.(weight|bias)', r'patch_embed.projection.\1', None),
+            (
+                r'patch_embed\.proj\.stem\.(\d+)\.(weight|bias)',
+                r'patch_embed.projection.\1.\2',
+                None,
+            ),
+            (r'norm\.(weight|bias)', r'ln1.\1', None),
+        ]
+        + timm_vit_block_rules('blocks', 'layers')
+    )
     out, dropped = apply_rules(state, rules, 'revisiting-at ViT checkpoint')
     expected = expected_shapes(vit_for(shape, num_heads))
     check_state_dict(out, expected, what='the converted ViT backbone')
     meta = dict(
-        arch=f"ViT d={shape['embed_dims']} L={shape['num_layers']} "
-        f"patch={shape['patch_size']}",
+        arch=f'ViT d={shape["embed_dims"]} L={shape["num_layers"]} '
+        f'patch={shape["patch_size"]}',
         stem='conv' if shape['conv_stem'] else 'patch',
         pos_embed_grid=shape['grid'],
-        dropped=dropped)
+        dropped=dropped,
+    )
     if normalizer is not None:
         meta['input_normalizer'] = normalizer
     return out, meta

@@ -18,6 +18,7 @@ The target layout is the model of an mmseg config (e.g.
 architecture and class count read from the checkpoint, so the output loads
 strictly into exactly that model.
 """
+
 import copy
 from typing import Tuple
 
@@ -27,12 +28,14 @@ from mmengine.registry import init_default_scope
 
 from mmseg_robust.models.checkpoint import check_state_dict, expected_shapes
 from mmseg_robust.registry import MODELS
+
 from .common import StateDict, apply_rules, convnext_arch_of, strip_prefixes
 from .revisiting_at import _vit_shape, timm_vit_block_rules
 
 __all__ = [
-    'convert_robust_segmentation_segmenter', 'convert_robust_segmentation_upernet',
-    'build_target_model'
+    'convert_robust_segmentation_segmenter',
+    'convert_robust_segmentation_upernet',
+    'build_target_model',
 ]
 
 BN = r'(weight|bias|running_mean|running_var|num_batches_tracked)'
@@ -42,6 +45,7 @@ def build_target_model(model_cfg: dict) -> torch.nn.Module:
     """Build the mmseg segmentor of ``model_cfg`` on CPU, without pretrained init."""
     init_default_scope('mmseg')
     import mmseg_robust.models.backbones  # noqa: F401  (registers our backbones)
+
     cfg = copy.deepcopy(dict(model_cfg))
     cfg['pretrained'] = None
     if isinstance(cfg.get('backbone'), dict):
@@ -59,12 +63,15 @@ def _set_classes(cfg: dict, num_classes: int) -> None:
 
 # The ConvModules of the heads: the reference's ``X.conv`` (no bias) and
 # ``X.batch_norm`` are mmcv's ``X.conv`` and ``X.bn`` at the same module path.
-CONV_MODULES = (r'(decode_head\.(?:psp_modules\.\d+\.1|lateral_convs\.\d+|'
-                r'fpn_convs\.\d+|bottleneck|fpn_bottleneck)|auxiliary_head\.convs\.0)')
+CONV_MODULES = (
+    r'(decode_head\.(?:psp_modules\.\d+\.1|lateral_convs\.\d+|'
+    r'fpn_convs\.\d+|bottleneck|fpn_bottleneck)|auxiliary_head\.convs\.0)'
+)
 
 
-def convert_robust_segmentation_upernet(state_dict: StateDict,
-                                        model_cfg: dict) -> Tuple[StateDict, dict]:
+def convert_robust_segmentation_upernet(
+    state_dict: StateDict, model_cfg: dict
+) -> Tuple[StateDict, dict]:
     """Robust-Segmentation UperNet-ConvNeXt-CvSt -> mmseg EncoderDecoder state dict.
 
     Args:
@@ -79,41 +86,66 @@ def convert_robust_segmentation_upernet(state_dict: StateDict,
     Raises:
         KeyError / ValueError: unknown, missing or wrongly shaped tensors, named.
     """
-    state = strip_prefixes(state_dict, ('module.', ))
-    arch = convnext_arch_of(state, 'backbone.stages.{j}.',
-                            'backbone.stages.{j}.0.dwconv.weight',
-                            'Robust-Segmentation ConvNeXt')
+    state = strip_prefixes(state_dict, ('module.',))
+    arch = convnext_arch_of(
+        state,
+        'backbone.stages.{j}.',
+        'backbone.stages.{j}.0.dwconv.weight',
+        'Robust-Segmentation ConvNeXt',
+    )
     key = 'decode_head.classifier.weight'
     if key not in state:
         raise KeyError(f'missing tensor {key}')
     num_classes = int(state[key].shape[0])
     rules = [
-        (r'backbone\.downsample_layers\.0\.stem\.([0134])\.(weight|bias)',
-         r'backbone.downsample_layers.0.\1.\2', None),
-        (r'backbone\.downsample_layers\.([123])\.([01])\.(weight|bias)',
-         r'backbone.downsample_layers.\1.\2.\3', None),
-        (r'backbone\.stages\.(\d+)\.(\d+)\.dwconv\.(weight|bias)',
-         r'backbone.stages.\1.\2.depthwise_conv.\3', None),
-        (r'backbone\.stages\.(\d+)\.(\d+)\.norm\.(weight|bias)',
-         r'backbone.stages.\1.\2.norm.\3', None),
-        (r'backbone\.stages\.(\d+)\.(\d+)\.pwconv1\.(weight|bias)',
-         r'backbone.stages.\1.\2.pointwise_conv1.\3', None),
-        (r'backbone\.stages\.(\d+)\.(\d+)\.pwconv2\.(weight|bias)',
-         r'backbone.stages.\1.\2.pointwise_conv2.\3', None),
-        (r'backbone\.stages\.(\d+)\.(\d+)\.gamma', r'backbone.stages.\1.\2.gamma',
-         None),
+        (
+            r'backbone\.downsample_layers\.0\.stem\.([0134])\.(weight|bias)',
+            r'backbone.downsample_layers.0.\1.\2',
+            None,
+        ),
+        (
+            r'backbone\.downsample_layers\.([123])\.([01])\.(weight|bias)',
+            r'backbone.downsample_layers.\1.\2.\3',
+            None,
+        ),
+        (
+            r'backbone\.stages\.(\d+)\.(\d+)\.dwconv\.(weight|bias)',
+            r'backbone.stages.\1.\2.depthwise_conv.\3',
+            None,
+        ),
+        (
+            r'backbone\.stages\.(\d+)\.(\d+)\.norm\.(weight|bias)',
+            r'backbone.stages.\1.\2.norm.\3',
+            None,
+        ),
+        (
+            r'backbone\.stages\.(\d+)\.(\d+)\.pwconv1\.(weight|bias)',
+            r'backbone.stages.\1.\2.pointwise_conv1.\3',
+            None,
+        ),
+        (
+            r'backbone\.stages\.(\d+)\.(\d+)\.pwconv2\.(weight|bias)',
+            r'backbone.stages.\1.\2.pointwise_conv2.\3',
+            None,
+        ),
+        (
+            r'backbone\.stages\.(\d+)\.(\d+)\.gamma',
+            r'backbone.stages.\1.\2.gamma',
+            None,
+        ),
         (r'backbone\.norm([0-3])\.(weight|bias)', r'backbone.norm\1.\2', None),
-        (r'decode_head\.classifier\.(weight|bias)', r'decode_head.conv_seg.\1',
-         None),
-        (r'auxiliary_head\.classifier\.(weight|bias)',
-         r'auxiliary_head.conv_seg.\1', None),
+        (r'decode_head\.classifier\.(weight|bias)', r'decode_head.conv_seg.\1', None),
+        (
+            r'auxiliary_head\.classifier\.(weight|bias)',
+            r'auxiliary_head.conv_seg.\1',
+            None,
+        ),
     ]
     rules += [
         (CONV_MODULES + r'\.conv\.weight', r'\1.conv.weight', None),
         (CONV_MODULES + r'\.batch_norm\.' + BN, r'\1.bn.\2', None),
     ]
-    out, dropped = apply_rules(state, rules,
-                               'Robust-Segmentation UperNet checkpoint')
+    out, dropped = apply_rules(state, rules, 'Robust-Segmentation UperNet checkpoint')
     cfg = copy.deepcopy(dict(model_cfg))
     cfg['backbone'] = dict(cfg['backbone'], arch=arch)
     _set_classes(cfg, num_classes)
@@ -122,12 +154,14 @@ def convert_robust_segmentation_upernet(state_dict: StateDict,
     meta = dict(
         arch=arch if isinstance(arch, str) else str(arch),
         num_classes=num_classes,
-        dropped=dropped)
+        dropped=dropped,
+    )
     return out, meta
 
 
 def convert_robust_segmentation_segmenter(
-        state_dict: StateDict, model_cfg: dict) -> Tuple[StateDict, dict]:
+    state_dict: StateDict, model_cfg: dict
+) -> Tuple[StateDict, dict]:
     """Robust-Segmentation Segmenter (ViT + mask transformer) -> mmseg
     EncoderDecoder with ``VisionTransformer(Strict)`` and
     ``SegmenterMaskTransformerHead``.
@@ -145,7 +179,7 @@ def convert_robust_segmentation_segmenter(
     Returns:
         tuple: ``(state dict, meta)``.
     """
-    state = strip_prefixes(state_dict, ('module.', ))
+    state = strip_prefixes(state_dict, ('module.',))
     shape = _vit_shape(state, 'encoder.')
     key = 'decoder.cls_emb'
     if key not in state:
@@ -159,21 +193,22 @@ def convert_robust_segmentation_segmenter(
         (r'encoder\.head\.(weight|bias)', None, None),
         (r'encoder\.cls_token', 'backbone.cls_token', None),
         (r'encoder\.pos_embed', 'backbone.pos_embed', None),
-        (r'encoder\.patch_embed\.proj\.(weight|bias)',
-         r'backbone.patch_embed.projection.\1', None),
+        (
+            r'encoder\.patch_embed\.proj\.(weight|bias)',
+            r'backbone.patch_embed.projection.\1',
+            None,
+        ),
         (r'encoder\.norm\.(weight|bias)', r'backbone.ln1.\1', None),
         (r'decoder\.cls_emb', 'decode_head.cls_emb', None),
         (r'decoder\.proj_dec\.(weight|bias)', r'decode_head.dec_proj.\1', None),
         (r'decoder\.proj_patch', 'decode_head.patch_proj.weight', transpose),
         (r'decoder\.proj_classes', 'decode_head.classes_proj.weight', transpose),
-        (r'decoder\.decoder_norm\.(weight|bias)', r'decode_head.decoder_norm.\1',
-         None),
+        (r'decoder\.decoder_norm\.(weight|bias)', r'decode_head.decoder_norm.\1', None),
         (r'decoder\.mask_norm\.(weight|bias)', r'decode_head.mask_norm.\1', None),
     ]
     rules += timm_vit_block_rules('encoder.blocks', 'backbone.layers')
     rules += timm_vit_block_rules('decoder.blocks', 'decode_head.layers')
-    out, dropped = apply_rules(state, rules,
-                               'Robust-Segmentation Segmenter checkpoint')
+    out, dropped = apply_rules(state, rules, 'Robust-Segmentation Segmenter checkpoint')
     cfg = copy.deepcopy(dict(model_cfg))
     _set_classes(cfg, num_classes)
     expected = expected_shapes(build_target_model(cfg))
@@ -182,10 +217,12 @@ def convert_robust_segmentation_segmenter(
         expected,
         what=f'the converted Segmenter (checkpoint pos_embed grid '
         f'{shape["grid"]}x'
-        f'{shape["grid"]}, patch {shape["patch_size"]})')
+        f'{shape["grid"]}, patch {shape["patch_size"]})',
+    )
     meta = dict(
-        arch=f"Segmenter ViT d={shape['embed_dims']} L={shape['num_layers']}",
+        arch=f'Segmenter ViT d={shape["embed_dims"]} L={shape["num_layers"]}',
         num_classes=num_classes,
         pos_embed_grid=shape['grid'],
-        dropped=dropped)
+        dropped=dropped,
+    )
     return out, meta

@@ -19,7 +19,7 @@ Target layout: mmseg's ``EncoderDecoder`` with ``ResNetV1c(stem_channels=128,
 dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1), contract_dilation=False)``, ``PSPHead``
 or :class:`~mmseg_robust.models.decode_heads.DeepLabV3Head` (1x1 bottleneck), the
 DDC-AT heads of :mod:`mmseg_robust.models.decode_heads` for DDC-AT files, and an
-``FCNHead`` auxiliary head (see ``configs/_base_/models/*_semseg.py``).
+``FCNHead`` auxiliary head (see ``configs/_base_/models/*_r50-stem128-d8.py``).
 
 The reference concatenates the ASPP branches as ``[1x1, atrous..., pooling]``, mmseg
 as ``[pooling, 1x1, atrous...]``: the input channels of every bottleneck that reads
@@ -33,6 +33,7 @@ The backbone-only ImageNet initialisation of the reference (semseg's
 ``resnet50_v2.pth``: ``conv1, bn1, conv2, bn2, conv3, bn3, layer1..4, fc``) converts
 too (``fc`` dropped), to a backbone-relative state dict for ``init_cfg``.
 """
+
 import re
 from collections import OrderedDict
 from typing import Iterable, Mapping, NamedTuple, Optional, Tuple
@@ -40,19 +41,31 @@ from typing import Iterable, Mapping, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from mmseg_robust.models.checkpoint import (CheckpointError, check_state_dict,
-                                            unwrap_state_dict)
+from mmseg_robust.models.checkpoint import (
+    CheckpointError,
+    check_state_dict,
+    unwrap_state_dict,
+)
 
-__all__ = [
-    'SemsegLayout', 'convert_semseg_state_dict', 'detect_semseg_layout'
-]
+__all__ = ['SemsegLayout', 'convert_semseg_state_dict', 'detect_semseg_layout']
 
 _BN = r'(?:weight|bias|running_mean|running_var|num_batches_tracked)'
-_BLOCK = (r'\d+\.(?:conv[123]\.weight|bn[123]\.' + _BN +
-          r'|downsample\.0\.weight|downsample\.1\.' + _BN + r')')
+_BLOCK = (
+    r'\d+\.(?:conv[123]\.weight|bn[123]\.'
+    + _BN
+    + r'|downsample\.0\.weight|downsample\.1\.'
+    + _BN
+    + r')'
+)
 # deep stem: the Sequential indices of semseg's layer0 equal those of mmseg's stem
-_STEM_INDEX = {'conv1': '0', 'bn1': '1', 'conv2': '3', 'bn2': '4', 'conv3': '6',
-               'bn3': '7'}
+_STEM_INDEX = {
+    'conv1': '0',
+    'bn1': '1',
+    'conv2': '3',
+    'bn2': '4',
+    'conv3': '6',
+    'bn3': '7',
+}
 # the DDC-AT / SAT classifier branches: (bottleneck, classifier) in mmseg
 _BRANCHES = {
     'cls': ('decode_head.bottleneck', 'decode_head.conv_seg'),
@@ -75,6 +88,7 @@ class SemsegLayout(NamedTuple):
         num_classes (int): classes of the main classifier (1000 for ``resnet``).
         has_aux (bool): whether the auxiliary head is in the file.
     """
+
     arch: str
     scheme: str
     num_classes: int
@@ -91,16 +105,19 @@ def detect_semseg_layout(state_dict: Mapping[str, Tensor]) -> SemsegLayout:
 
     if has('conv1.') and has('layer1.') and not has('layer0.'):
         fc = state_dict.get('fc.weight')
-        return SemsegLayout('resnet', 'backbone',
-                            fc.shape[0] if fc is not None else 0, False)
+        return SemsegLayout(
+            'resnet', 'backbone', fc.shape[0] if fc is not None else 0, False
+        )
     if not has('layer0.'):
         raise CheckpointError(
             'not a semseg/DDC-AT checkpoint: no layer0.* (deep-stem ResNet) keys; '
-            f'first keys: {keys[:5]}')
+            f'first keys: {keys[:5]}'
+        )
     if has('ppm.') == has('aspp.'):
         raise CheckpointError(
             'cannot tell PSPNet from DeepLabv3: expected exactly one of ppm.* '
-            'and aspp.* in the checkpoint')
+            'and aspp.* in the checkpoint'
+        )
     arch = 'pspnet' if has('ppm.') else 'deeplabv3'
     if has('cls1.'):
         scheme, head = 'ddcat', 'cls1'
@@ -109,12 +126,14 @@ def detect_semseg_layout(state_dict: Mapping[str, Tensor]) -> SemsegLayout:
     else:
         raise CheckpointError(
             'no classifier found: expected cls.* (SAT / no defense) or cls1.*, '
-            'cls2.*, mask1.* (DDC-AT)')
+            'cls2.*, mask1.* (DDC-AT)'
+        )
     weight = state_dict.get(f'{head}.4.weight')
     if weight is None:
         raise CheckpointError(f'{head}.4.weight (classifier) is missing')
-    return SemsegLayout(arch, scheme, int(weight.shape[0]),
-                        has('aux.') or has('aux_cls1.'))
+    return SemsegLayout(
+        arch, scheme, int(weight.shape[0]), has('aux.') or has('aux_cls1.')
+    )
 
 
 def _target_key(key: str, arch: str) -> Optional[str]:
@@ -149,8 +168,7 @@ def _target_key(key: str, arch: str) -> Optional[str]:
         m = re.fullmatch(r'aspp\.convs\.(\d+)\.([012])\.(' + _BN + ')', key)
         if m:
             return key  # placeholder, resolved by _aspp_target
-    m = re.fullmatch(r'(cls|cls1|cls2|mask1|aux|aux_cls1)\.([014])\.(' + _BN + ')',
-                     key)
+    m = re.fullmatch(r'(cls|cls1|cls2|mask1|aux|aux_cls1)\.([014])\.(' + _BN + ')', key)
     if m:
         branch, idx, p = m.groups()
         bottleneck, classifier = _BRANCHES[branch]
@@ -186,16 +204,17 @@ def _aspp_to_mmseg_order(weight: Tensor, n_branches: int, name: str) -> Tensor:
     c = weight.shape[1]
     if c % n_branches:
         raise CheckpointError(
-            f'{name}: {c} input channels do not split into {n_branches} ASPP '
-            'branches')
+            f'{name}: {c} input channels do not split into {n_branches} ASPP branches'
+        )
     per = c // n_branches
-    return torch.cat([weight[:, c - per:], weight[:, :c - per]], dim=1).contiguous()
+    return torch.cat([weight[:, c - per :], weight[:, : c - per]], dim=1).contiguous()
 
 
 def convert_semseg_state_dict(
-        state_dict: Mapping[str, Tensor],
-        expected: Optional[Mapping[str, Tuple[int, ...]]] = None,
-        drop: Iterable[str] = ()) -> 'OrderedDict[str, Tensor]':
+    state_dict: Mapping[str, Tensor],
+    expected: Optional[Mapping[str, Tuple[int, ...]]] = None,
+    drop: Iterable[str] = (),
+) -> 'OrderedDict[str, Tensor]':
     """Convert a reference (semseg-naming) state dict to mmseg names.
 
     Args:
@@ -221,11 +240,12 @@ def convert_semseg_state_dict(
     """
     sd = unwrap_state_dict(state_dict, 'DDC-AT/SAT reference checkpoint')
     layout = detect_semseg_layout(sd)
-    drop = tuple(drop) + (('fc.', ) if layout.arch == 'resnet' else ())
+    drop = tuple(drop) + (('fc.',) if layout.arch == 'resnet' else ())
     pool_index = None
     if layout.arch == 'deeplabv3':
         pool_index = max(
-            int(k.split('.')[2]) for k in sd if k.startswith('aspp.convs.'))
+            int(k.split('.')[2]) for k in sd if k.startswith('aspp.convs.')
+        )
     out, sources, unmapped = OrderedDict(), {}, []
     for key, value in sd.items():
         if key.startswith(drop):
@@ -237,23 +257,28 @@ def convert_semseg_state_dict(
             unmapped.append(key)
             continue
         if target in out:
-            raise CheckpointError(
-                f'{key} and {sources[target]} both map to {target}')
+            raise CheckpointError(f'{key} and {sources[target]} both map to {target}')
         if pool_index is not None and target.startswith(
-                ('decode_head.bottleneck.conv.', 'decode_head.cls2_bottleneck.conv.',
-                 'decode_head.mask1_bottleneck.conv.')):
+            (
+                'decode_head.bottleneck.conv.',
+                'decode_head.cls2_bottleneck.conv.',
+                'decode_head.mask1_bottleneck.conv.',
+            )
+        ):
             value = _aspp_to_mmseg_order(value, pool_index + 1, key)
         out[target] = value
         sources[target] = key
     if unmapped:
         raise CheckpointError(
             f'{len(unmapped)} tensor(s) of the {layout.arch}/{layout.scheme} '
-            'checkpoint have no mmseg counterpart: ' + ', '.join(unmapped))
+            'checkpoint have no mmseg counterpart: ' + ', '.join(unmapped)
+        )
     if expected is not None:
         check_state_dict(
             out,
             expected,
             what=f'the converted {layout.arch}/{layout.scheme} checkpoint',
             source_names=sources,
-            fill_num_batches_tracked=True)
+            fill_num_batches_tracked=True,
+        )
     return out

@@ -1,8 +1,8 @@
 """DDC-AT decode heads: Dynamic Divide-and-Conquer Adversarial Training.
 
 Xu, Zhao & Jia, "Dynamic Divide-and-Conquer Adversarial Training for Robust Semantic
-Segmentation", ICCV 2021 (docs/algorithms.md section 5.3). Three sibling branches read the
-same decoder features (the PSP or ASPP concatenation; the FPN concatenation for
+Segmentation", ICCV 2021 (docs/algorithms.md section 5.3). Three sibling branches read
+the same decoder features (the PSP or ASPP concatenation; the FPN concatenation for
 UPerNet, :mod:`.ddcat_uper_head`):
 
 - ``cls1``: the branch kept at inference. It *is* the plain head's
@@ -24,6 +24,7 @@ deployed model. Training uses :meth:`DDCATHeadMixin.loss` with the division labe
 that ``AdversarialTrainLoop(scheme='ddcat')`` attaches to each data sample as
 ``gt_division``.
 """
+
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -36,11 +37,16 @@ from mmseg.models.utils import resize
 from torch import Tensor
 
 from mmseg_robust.registry import MODELS
+
 from .deeplabv3_head import DeepLabV3Head
 
 __all__ = [
-    'DDCATASPPHead', 'DDCATHeadMixin', 'DDCATPSPHead', 'DDCAT_EXTRA_BRANCHES',
-    'division_labels', 'route_logits'
+    'DDCATASPPHead',
+    'DDCATHeadMixin',
+    'DDCATPSPHead',
+    'DDCAT_EXTRA_BRANCHES',
+    'division_labels',
+    'route_logits',
 ]
 
 #: Sub-modules of a DDC-AT head that exist only for training; deployment
@@ -54,7 +60,8 @@ _MISSING_DIVISION = (
     'Train DDC-AT heads with '
     "train_cfg=dict(type='AdversarialTrainLoop', scheme='ddcat', ...), which "
     'computes the labels; for clean or SAT training use the plain head '
-    '(PSPHead / DeepLabV3Head).')
+    '(PSPHead / DeepLabV3Head).'
+)
 
 
 def division_labels(clean_routed_pred: Tensor, adv_routed_pred: Tensor) -> Tensor:
@@ -79,10 +86,13 @@ def division_labels(clean_routed_pred: Tensor, adv_routed_pred: Tensor) -> Tenso
     if clean_routed_pred.shape != adv_routed_pred.shape:
         raise ValueError(
             'division_labels needs predictions of one shape, got '
-            f'{tuple(clean_routed_pred.shape)} and {tuple(adv_routed_pred.shape)}')
+            f'{tuple(clean_routed_pred.shape)} and {tuple(adv_routed_pred.shape)}'
+        )
     if clean_routed_pred.is_floating_point() or adv_routed_pred.is_floating_point():
-        raise TypeError('division_labels takes class-index predictions (the argmax '
-                        'of the routed logits), not logits')
+        raise TypeError(
+            'division_labels takes class-index predictions (the argmax '
+            'of the routed logits), not logits'
+        )
     return (clean_routed_pred != adv_routed_pred).long()
 
 
@@ -103,12 +113,16 @@ def route_logits(cls1: Tensor, cls2: Tensor, mask1: Tensor) -> Tensor:
     Returns:
         Tensor: routed logits (B, K, H, W).
     """
-    if cls1.shape != cls2.shape or mask1.shape[2:] != cls1.shape[2:] \
-            or mask1.shape[:2] != (cls1.shape[0], 2):
+    if (
+        cls1.shape != cls2.shape
+        or mask1.shape[2:] != cls1.shape[2:]
+        or mask1.shape[:2] != (cls1.shape[0], 2)
+    ):
         raise ValueError(
             'route_logits needs cls1 and cls2 of one shape (B, K, H, W) and mask1 '
             f'(B, 2, H, W); got {tuple(cls1.shape)}, {tuple(cls2.shape)}, '
-            f'{tuple(mask1.shape)}')
+            f'{tuple(mask1.shape)}'
+        )
     m = mask1.detach().argmax(1, keepdim=True) == 1
     return torch.where(m, cls2, cls1)
 
@@ -153,7 +167,8 @@ class DDCATHeadMixin:
             dilation=conv.dilation,
             conv_cfg=self.conv_cfg,
             norm_cfg=self.norm_cfg,
-            act_cfg=self.act_cfg)
+            act_cfg=self.act_cfg,
+        )
 
     def _pyramid_features(self, inputs: List[Tensor]) -> Tensor:
         """Decoder features shared by the three branches (before bottlenecks)."""
@@ -181,9 +196,9 @@ class DDCATHeadMixin:
         mask1 = self._classify(self.mask1_bottleneck(feats), self.mask1)
         return cls1, cls2, mask1
 
-    def routed_logits(self,
-                      inputs: List[Tensor],
-                      size: Optional[Sequence[int]] = None) -> Tensor:
+    def routed_logits(
+        self, inputs: List[Tensor], size: Optional[Sequence[int]] = None
+    ) -> Tensor:
         """Routed output ``m*cls2 + (1-m)*cls1``, ``m = argmax(mask1)``.
 
         Uses the module's current mode: call it with the model in eval mode for the
@@ -211,19 +226,20 @@ class DDCATHeadMixin:
             size=tuple(size),
             mode='bilinear',
             align_corners=self.align_corners,
-            warning=False)
+            warning=False,
+        )
 
     def _stack_division(self, batch_data_samples) -> Tensor:
         divisions = []
         for idx, sample in enumerate(batch_data_samples):
             if not hasattr(sample, 'gt_division'):
                 raise ValueError(
-                    _MISSING_DIVISION.format(head=type(self).__name__, idx=idx))
+                    _MISSING_DIVISION.format(head=type(self).__name__, idx=idx)
+                )
             divisions.append(sample.gt_division.data)
         return torch.stack(divisions, dim=0).squeeze(1).long()
 
-    def loss(self, inputs: List[Tensor], batch_data_samples,
-             train_cfg=None) -> dict:
+    def loss(self, inputs: List[Tensor], batch_data_samples, train_cfg=None) -> dict:
         """DDC-AT training loss (section 5.3), without the auxiliary head:
         ``CE(final, y, ignore 255) + loss_mask_weight * CE(mask1, division)``.
 
@@ -249,17 +265,18 @@ class DDCATHeadMixin:
             raise ValueError(
                 f'gt_division has shape {tuple(division.shape[1:])} per sample but '
                 f'gt_sem_seg has {tuple(size)}: the division labels must cover the '
-                '(padded) label map')
+                '(padded) label map'
+            )
         if division.numel() and (division.min() < 0 or division.max() > 1):
             raise ValueError('gt_division must hold 0/1 labels')
-        cls1, cls2, mask1 = (self._upsample(t, size)
-                             for t in self.branch_logits(inputs))
+        cls1, cls2, mask1 = (
+            self._upsample(t, size) for t in self.branch_logits(inputs)
+        )
         final = route_logits(cls1, cls2, mask1)
         # final is already at label size; mmseg's loss_by_feat applies
         # loss_decode (with ignore_index) and acc_seg to it.
         losses = self.loss_by_feat(final, batch_data_samples)
-        losses['loss_mask'] = self.loss_mask_weight * F.cross_entropy(
-            mask1, division)
+        losses['loss_mask'] = self.loss_mask_weight * F.cross_entropy(mask1, division)
         losses['acc_mask'] = accuracy(mask1, division)
         return losses
 
@@ -270,7 +287,8 @@ def _ddcat_init_cfg() -> dict:
     return dict(
         type='Normal',
         std=0.01,
-        override=[dict(name=n) for n in ('conv_seg', 'cls2', 'mask1')])
+        override=[dict(name=n) for n in ('conv_seg', 'cls2', 'mask1')],
+    )
 
 
 @MODELS.register_module()
@@ -314,10 +332,9 @@ class DDCATASPPHead(DDCATHeadMixin, DeepLabV3Head):
         **kwargs: arguments of :class:`~mmseg.models.decode_heads.ASPPHead`.
     """
 
-    def __init__(self,
-                 loss_mask_weight: float = 1.0,
-                 bottleneck_kernel_size: int = 1,
-                 **kwargs):
+    def __init__(
+        self, loss_mask_weight: float = 1.0, bottleneck_kernel_size: int = 1, **kwargs
+    ):
         kwargs.setdefault('init_cfg', _ddcat_init_cfg())
         super().__init__(bottleneck_kernel_size=bottleneck_kernel_size, **kwargs)
         self._init_ddcat(loss_mask_weight)
@@ -328,5 +345,6 @@ class DDCATASPPHead(DDCATHeadMixin, DeepLabV3Head):
             self.image_pool(x),
             size=x.size()[2:],
             mode='bilinear',
-            align_corners=self.align_corners)
+            align_corners=self.align_corners,
+        )
         return torch.cat([pooled, *self.aspp_modules(x)], dim=1)

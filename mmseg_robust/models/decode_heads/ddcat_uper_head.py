@@ -15,6 +15,7 @@ bottleneck, part of the shared decoder. So here:
 Routing, division labels and the loss are those of
 :class:`~mmseg_robust.models.decode_heads.ddcat_heads.DDCATHeadMixin`.
 """
+
 from typing import List
 
 import torch
@@ -23,6 +24,7 @@ from mmseg.models.utils import resize
 from torch import Tensor
 
 from mmseg_robust.registry import MODELS
+
 from .ddcat_heads import DDCATHeadMixin, _ddcat_init_cfg
 
 __all__ = ['DDCATUPerHead']
@@ -58,8 +60,7 @@ class DDCATUPerHead(DDCATHeadMixin, UPerHead):
         not including, ``fpn_bottleneck`` (same operations, same order)."""
         inputs = self._transform_inputs(inputs)
         laterals = [
-            lateral_conv(inputs[i])
-            for i, lateral_conv in enumerate(self.lateral_convs)
+            lateral_conv(inputs[i]) for i, lateral_conv in enumerate(self.lateral_convs)
         ]
         laterals.append(self.psp_forward(inputs))
         # top-down path
@@ -69,7 +70,8 @@ class DDCATUPerHead(DDCATHeadMixin, UPerHead):
                 laterals[i],
                 size=laterals[i - 1].shape[2:],
                 mode='bilinear',
-                align_corners=self.align_corners)
+                align_corners=self.align_corners,
+            )
         fpn_outs = [self.fpn_convs[i](laterals[i]) for i in range(levels - 1)]
         fpn_outs.append(laterals[-1])  # the PSP feature
         for i in range(levels - 1, 0, -1):
@@ -77,5 +79,6 @@ class DDCATUPerHead(DDCATHeadMixin, UPerHead):
                 fpn_outs[i],
                 size=fpn_outs[0].shape[2:],
                 mode='bilinear',
-                align_corners=self.align_corners)
+                align_corners=self.align_corners,
+            )
         return torch.cat(fpn_outs, dim=1)

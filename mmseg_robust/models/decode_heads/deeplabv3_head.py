@@ -7,6 +7,7 @@ DDC-AT/SAT reference models (``dvlab-research/Robust-Semantic-Segmentation``, th
 argument so that those checkpoints load, and the plain model exported from a
 DDC-AT DeepLabv3 is a standard DeepLabv3.
 """
+
 from mmcv.cnn import ConvModule
 from mmseg.models.decode_heads import ASPPHead
 
@@ -38,8 +39,9 @@ class DeepLabV3Head(ASPPHead):
     def __init__(self, bottleneck_kernel_size: int = 1, **kwargs):
         super().__init__(**kwargs)
         if bottleneck_kernel_size % 2 != 1:
-            raise ValueError('bottleneck_kernel_size must be odd, got '
-                             f'{bottleneck_kernel_size}')
+            raise ValueError(
+                f'bottleneck_kernel_size must be odd, got {bottleneck_kernel_size}'
+            )
         self.bottleneck_kernel_size = bottleneck_kernel_size
         if bottleneck_kernel_size != self.bottleneck.conv.kernel_size[0]:
             self.bottleneck = ConvModule(
@@ -49,4 +51,5 @@ class DeepLabV3Head(ASPPHead):
                 padding=bottleneck_kernel_size // 2,
                 conv_cfg=self.conv_cfg,
                 norm_cfg=self.norm_cfg,
-                act_cfg=self.act_cfg)
+                act_cfg=self.act_cfg,
+            )
