@@ -2,14 +2,17 @@
 clean training step of the same model and batch (the limit is k + 1).
 
     python benchmarks/bench_adversarial_training.py [--config CFG] [--steps 1 2 5]
-        [--batch 8] [--repeats 5] [--model-config CFG --size 512] [--out results.json]
+        [--batch 8] [--repeats 5] [--model-config CFG --size 512] [--amp]
+        [--out results.json]
 
 The clean step is the model's stock ``train_step``; the adversarial step is what
 :class:`~mmseg_robust.engine.AdversarialTrainLoop` does per iteration
 (``adversarial_batch`` with a k-step PGD, then ``train_step``). Both are timed in
 the same process, interleaved, and the ratio of their medians is reported.
 ``--model-config`` times another config's model (e.g. UperNet-ConvNeXt-T) on the
-synthetic batches, padded by the data preprocessor to ``--size``.
+synthetic batches, padded by the data preprocessor to ``--size``. ``--amp`` times
+both steps with mmengine's ``AmpOptimWrapper`` (as ``tools/train.py --amp``; CUDA
+only).
 """
 
 import argparse
@@ -44,6 +47,9 @@ def main(argv=None):
     parser.add_argument(
         '--size', type=int, default=None, help='pad the inputs to size x size'
     )
+    parser.add_argument(
+        '--amp', action='store_true', help='mixed precision (AmpOptimWrapper, CUDA)'
+    )
     parser.add_argument('--out', default=None)
     args = parser.parse_args(argv)
 
@@ -58,6 +64,10 @@ def main(argv=None):
         cfg.model = model
     if args.size:
         cfg.model.data_preprocessor.size = (args.size, args.size)
+    if args.amp:  # as tools/train.py --amp
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.loss_scale = 'dynamic'
+    cfg.load_from = None  # weights do not change the time (PIR-AT configs name one)
     cfg.work_dir = tempfile.mkdtemp(prefix='bench_at_')
     cfg.train_dataloader.batch_size = args.batch
     cfg.train_dataloader.num_workers = 0
@@ -115,6 +125,7 @@ def main(argv=None):
         size=args.size,
         batch=args.batch,
         repeats=args.repeats,
+        amp=args.amp,
         device=torch.cuda.get_device_name(device)
         if device.type == 'cuda'
         else f'cpu ({platform.processor() or "x86_64"}, {torch.get_num_threads()} '
