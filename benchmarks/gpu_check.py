@@ -277,8 +277,8 @@ class Check:
                 dict(
                     status='failed',
                     rc=None,
-                    reason=f'no wheels in {wheels}: run benchmarks/gpu_prepare.sh here and '
-                    'carry benchmarks/gpu_wheels',
+                    reason=f'no wheels in {wheels}: run benchmarks/gpu_prepare.sh '
+                    'first and carry benchmarks/gpu_wheels',
                 ),
             )
         py = sys.executable
