@@ -322,6 +322,14 @@ def test_clean_near_chance():
     summary = dict(clean=dict(mIoU=40.0, aAcc=28.0))
     assert check_clean_accuracy(summary, K).code == 'clean_near_chance'  # aAcc 30
     assert check_clean_accuracy(dict(clean=dict(mIoU=40.0, aAcc=80.0)), K) is None
+    # 75% background over 4 classes: background everywhere gives mIoU 18.75
+    area = [75, 10, 10, 5]
+    summary = dict(clean=dict(mIoU=19.5, aAcc=76.0))
+    flag = check_clean_accuracy(summary, K, area)
+    assert flag.details['constant_mIoU'] == 18.75
+    assert 'predicting class 0 (75.0% of the pixels)' in flag.message
+    summary = dict(clean=dict(mIoU=22.0, aAcc=80.0))  # mIoU under 100/K: fine
+    assert check_clean_accuracy(summary, K, area) is None
 
 
 def test_flag_codes_are_documented():
@@ -347,29 +355,22 @@ def test_metric_writes_flags_and_report_shows_them(tmp_path):
     stochastic = Flag('stochastic_inference', 'warning', 'two passes differ.', 'EOT')
     metric.add_flags([stochastic, None, stochastic])
 
+    def counts(correct):
+        half = correct // 2
+        return dict(
+            intersect=[half, correct - half, 0, 0],
+            union=[100 - half, 100 - correct + half, 0, 0],
+            label_area=[50, 50, 0, 0],
+            correct=correct,
+            valid=100,
+        )
+
     def full(key, clean, adv):
-        inter = [clean, 0, 0, 0]
         return dict(
             key=key,
             num_classes=K,
-            clean=dict(
-                intersect=inter,
-                union=[100, 0, 0, 0],
-                label_area=[100, 0, 0, 0],
-                correct=clean,
-                valid=100,
-            ),
-            attacks={
-                '8': {
-                    'A': dict(
-                        intersect=[adv, 0, 0, 0],
-                        union=[100, 0, 0, 0],
-                        label_area=[100, 0, 0, 0],
-                        correct=adv,
-                        valid=100,
-                    )
-                }
-            },
+            clean=counts(clean),
+            attacks={'8': {'A': counts(adv)}},
         )
 
     metric.compute_metrics([full('a', 90, 95), full('b', 90, 10)])

@@ -506,31 +506,62 @@ def check_robust_above_clean(records: Sequence[dict]) -> Optional[Flag]:
 
 
 def check_clean_accuracy(
-    summary: dict, num_classes: int, margin: float = 5.0
+    summary: dict,
+    num_classes: int,
+    label_area: Optional[Sequence[int]] = None,
+    miou_margin: float = 2.0,
+    acc_margin: float = 5.0,
 ) -> Optional[Flag]:
     """``clean_near_chance``: the clean model is not better than chance.
 
-    Raised when the clean mIoU (percent) is at most ``100 / K`` (no more than a
-    constant prediction can reach) or the pooled clean pixel accuracy is below
-    ``100 / K + margin``.
+    Raised when the clean mIoU (percent) is at most that of the best constant
+    prediction plus ``miou_margin`` points (with the pooled per-class label
+    areas ``label_area``: predicting the most frequent class everywhere gives
+    mIoU = its pixel share / the number of classes present; without them the
+    bound ``100 / K``), or the pooled clean pixel accuracy is below
+    ``100 / K + acc_margin``.
     """
     clean = summary.get('clean') or {}
     miou, aacc = clean.get('mIoU'), clean.get('aAcc')
     if miou is None or aacc is None or num_classes < 2:
         return None
-    chance = 100.0 / num_classes
-    if not (miou <= chance or aacc < chance + margin):
+    chance_acc = 100.0 / num_classes
+    constant = dict(mIoU=100.0 / num_classes, cls=None, share=None)
+    if label_area is not None:
+        area = np.asarray(label_area, dtype=np.float64)
+        if area.sum() > 0:
+            top = int(area.argmax())
+            share = 100.0 * area[top] / area.sum()
+            constant = dict(mIoU=share / int((area > 0).sum()), cls=top, share=share)
+    if not (miou <= constant['mIoU'] + miou_margin or aacc < chance_acc + acc_margin):
         return None
+    if constant['cls'] is None:
+        what = f'a constant prediction reaches at most {constant["mIoU"]:.2f}% mIoU'
+    else:
+        what = (
+            f'predicting class {constant["cls"]} ({constant["share"]:.1f}% of the '
+            f'pixels) everywhere gives {constant["mIoU"]:.2f}% mIoU and '
+            f'{constant["share"]:.2f}% pixel accuracy'
+        )
     return Flag(
         'clean_near_chance',
         'warning',
         f'the clean model is near chance (mIoU {miou:.2f}%, pixel accuracy '
-        f'{aacc:.2f}%, chance {chance:.2f}% for {num_classes} classes): robust '
-        'numbers of a model that is not accurate mean nothing.',
+        f'{aacc:.2f}%; {what}; uniform guessing {chance_acc:.2f}% for '
+        f'{num_classes} classes): robust numbers of a model that is not '
+        'accurate mean nothing.',
         'check that the checkpoint loads and fits the config, the data '
         "preprocessor's mean/std and channel order, the dataset's classes and "
-        'label mapping (reduce_zero_label), and the test pipeline.',
-        dict(mIoU=miou, aAcc=aacc, chance=chance, num_classes=num_classes),
+        'label mapping (reduce_zero_label), and the test pipeline; or train '
+        'the model further.',
+        dict(
+            mIoU=miou,
+            aAcc=aacc,
+            constant_mIoU=constant['mIoU'],
+            constant_class=constant['cls'],
+            chance_aAcc=chance_acc,
+            num_classes=num_classes,
+        ),
     )
 
 
@@ -539,8 +570,14 @@ def final_checks(records: Sequence[dict], summary: dict) -> List[Flag]:
     ``robust_above_clean``."""
     if not records:
         return []
+    areas = [r['clean'].get('label_area') for r in records]
+    label_area = (
+        np.sum([np.asarray(a, dtype=np.int64) for a in areas], axis=0)
+        if all(a is not None for a in areas)
+        else None
+    )
     flags = [
-        check_clean_accuracy(summary, int(records[0]['num_classes'])),
+        check_clean_accuracy(summary, int(records[0]['num_classes']), label_area),
         check_robust_above_clean(records),
     ]
     return [f for f in flags if f]
