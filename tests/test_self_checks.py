@@ -453,7 +453,9 @@ def _results(work):
 def trained_checkpoint(
     run_tool, small_config, synthetic_root, data_options, tmp_path_factory
 ):
-    """The small model after a few iterations (as test_robustness_eval.py's)."""
+    """The small model, trained long enough to be accurate on its 48 training
+    images (test_robustness_eval.py's 150 iterations predict background
+    everywhere: clean_near_chance)."""
     work = str(tmp_path_factory.mktemp('checks_ckpt'))
     run_tool(
         [
@@ -463,13 +465,16 @@ def trained_checkpoint(
             '--work-dir',
             work,
             '--cfg-options',
-            'train_cfg.max_iters=150',
-            'train_cfg.val_interval=150',
-            'default_hooks.checkpoint.interval=150',
+            f'train_cfg.max_iters={TRAIN_ITERS}',
+            f'train_cfg.val_interval={TRAIN_ITERS}',
+            f'default_hooks.checkpoint.interval={TRAIN_ITERS}',
         ]
         + data_options(synthetic_root)
     )
-    return osp.join(work, 'iter_150.pth')
+    return osp.join(work, f'iter_{TRAIN_ITERS}.pth')
+
+
+TRAIN_ITERS = 300
 
 
 def test_normal_evaluation_raises_no_flags(
@@ -489,6 +494,11 @@ def test_normal_evaluation_raises_no_flags(
             'test_dataloader.batch_size=2',
         ]
         + data_options(synthetic_root)
+        # the training images: the model is accurate there
+        + [
+            'test_dataloader.dataset.data_prefix.img_path=img_dir/train',
+            'test_dataloader.dataset.data_prefix.seg_map_path=ann_dir/train',
+        ]
     )
     result = _results(work)
     assert result['schema_version'] == 3 and result['flags'] == [], result['flags']

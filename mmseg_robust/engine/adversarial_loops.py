@@ -384,13 +384,15 @@ class _AdversarialEvalMixin:
     def _attack_warnings(sink: List[str]):
         """Collect the messages of the warnings the attacks raise (into
         ``sink``) and raise them again afterwards, unchanged."""
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter('always')
-            yield
-        for w in caught:
-            if 'mmseg_robust' in w.filename and 'attacks' in w.filename:
-                sink.append(str(w.message))
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter('always')
+                yield
+        finally:
+            for w in caught:
+                if 'mmseg_robust' in w.filename and 'attacks' in w.filename:
+                    sink.append(str(w.message))
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
     def _start_self_checks(self) -> None:
         """Before the first batch: reset the flags; the metrics record them."""
