@@ -98,7 +98,7 @@ def test_invariants(reference):
     assert w[0]['mIoU'] >= w[1]['mIoU'] >= w[2]['mIoU']
     assert w[2]['aAcc_img'] < clean['aAcc_img'] - 10  # the attack does bite
     # one unit everywhere: percent (mmseg's convention), in the summary too
-    assert result['unit'] == 'percent' and result['schema_version'] == 2
+    assert result['unit'] == 'percent' and result['schema_version'] == 3
     assert result['metrics']['eps8/SEA/mIoU'] == round(w[2]['mIoU'], 2)
     assert result['metrics']['aAcc_img'] == round(clean['aAcc_img'], 2)
     assert result['attacks'] == [

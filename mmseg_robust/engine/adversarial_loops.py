@@ -11,8 +11,11 @@ saved by the :class:`~mmseg_robust.engine.ResultCache` -> output data samples
 file).
 """
 
+import contextlib
+import logging
 import os.path as osp
 import time
+import warnings
 import zlib
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Union
@@ -27,6 +30,15 @@ from mmseg_robust.evaluation import (
     eps_key,
     image_record,
     pixel_accuracy,
+)
+from mmseg_robust.evaluation.self_checks import (
+    Flag,
+    buffer_snapshot,
+    check_buffers,
+    check_labels,
+    check_train_mode,
+    pre_attack_checks,
+    raise_errors,
 )
 from mmseg_robust.models.pixel_space import SegmentorPixelView, ignore_index_of
 from mmseg_robust.registry import ATTACKS, LOOPS
@@ -78,10 +90,19 @@ class _AdversarialEvalMixin:
             between validations).
         log_interval (int): log progress every this many batches. Default: 1
             (test), 10 (val).
+        self_checks (bool): check the evaluation and record what makes its
+            numbers untrustworthy as flags (docs/flags.md): label range on
+            every attacked batch; random inference, probability outputs,
+            non-finite logits/gradients, zero gradients, train mode and changing
+            buffers on the first attacked batch (one extra input-gradient
+            pass); clean accuracy near chance and attacks ending above clean at
+            the end. Errors raise ``ValueError`` before attacking; warnings are
+            logged once and written to the results file. Default: True (test),
+            False (val).
     """
 
     _stage = 'test'  # the hooks' stage: 'test' or 'val'
-    _defaults = dict(resume=True, log_interval=1)
+    _defaults = dict(resume=True, log_interval=1, self_checks=True)
 
     def __init__(
         self,
@@ -93,6 +114,7 @@ class _AdversarialEvalMixin:
         seed: int = 0,
         resume: Optional[bool] = None,
         log_interval: Optional[int] = None,
+        self_checks: Optional[bool] = None,
     ) -> None:
         # mmengine's TestLoop / ValLoop (attacks run in fp32)
         super().__init__(runner, dataloader, evaluator, fp16=False)
@@ -100,6 +122,10 @@ class _AdversarialEvalMixin:
             resume = self._defaults['resume']
         if log_interval is None:
             log_interval = self._defaults['log_interval']
+        if self_checks is None:
+            self_checks = self._defaults['self_checks']
+        self.self_checks = bool(self_checks)
+        self._build_warnings: List[str] = []
         if isinstance(attacks, dict):
             attacks = [attacks]
         if not attacks:
@@ -113,6 +139,14 @@ class _AdversarialEvalMixin:
         self.attack_cfgs = [dict(cfg) for cfg in attacks]
         self.eps_list = [float(e) for e in eps_list]
         self.attacks = OrderedDict()  # eps key -> list of built attacks
+        with self._attack_warnings(self._build_warnings):
+            self._build_attacks()
+        self.seed = int(seed)
+        self.resume = resume
+        self.log_interval = max(1, int(log_interval))
+        self.cache: Optional[ResultCache] = None
+
+    def _build_attacks(self) -> None:
         for e in self.eps_list:
             built = []
             for cfg in self.attack_cfgs:
@@ -125,10 +159,6 @@ class _AdversarialEvalMixin:
                 cfg['eps'] = e
                 built.append(ATTACKS.build(cfg))
             self.attacks[eps_key(e)] = built
-        self.seed = int(seed)
-        self.resume = resume
-        self.log_interval = max(1, int(log_interval))
-        self.cache: Optional[ResultCache] = None
 
     # ------------------------------------------------------------------- start
     def _start(self) -> None:
@@ -159,6 +189,7 @@ class _AdversarialEvalMixin:
                         checkpoint=getattr(self.runner, '_load_from', None),
                         timestamp=self.runner.timestamp,
                     )
+        self._start_self_checks()
 
     def _description(self) -> dict:
         """Everything the cached results depend on (the cache's key)."""
@@ -188,6 +219,8 @@ class _AdversarialEvalMixin:
         logits, clean_pred = view.predict()
         num_classes = logits.shape[1]
         ignore = ignore_index_of(self.runner.model)
+        if self.self_checks:
+            self._checks_before_attack(view, keys, logits, ignore)
         clean = counts_of_batch(clean_pred, labels, num_classes, ignore)
         per_image: List[Dict[str, Dict[str, dict]]] = [OrderedDict() for _ in keys]
         examples: List[Dict[str, dict]] = [OrderedDict() for _ in keys]
@@ -327,7 +360,8 @@ class _AdversarialEvalMixin:
                 data_samples=[samples[i] for i in todo],
             )
             view = SegmentorPixelView(model, sub_batch)
-            new, new_examples = self._attack_batch(view, [keys[i] for i in todo])
+            with self._first_batch_checks(view):
+                new, new_examples = self._attack_batch(view, [keys[i] for i in todo])
             if self.cache is not None:
                 self.cache.put(new)
             for i, rec, ex in zip(todo, new, new_examples):
@@ -343,6 +377,89 @@ class _AdversarialEvalMixin:
             out.set_field(example, 'adv_examples')
             outputs.append(out)
         return outputs
+
+    # ------------------------------------------------------------ self-checks
+    @staticmethod
+    @contextlib.contextmanager
+    def _attack_warnings(sink: List[str]):
+        """Collect the messages of the warnings the attacks raise (into
+        ``sink``) and raise them again afterwards, unchanged."""
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter('always')
+                yield
+        finally:
+            for w in caught:
+                if 'mmseg_robust' in w.filename and 'attacks' in w.filename:
+                    sink.append(str(w.message))
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+    def _start_self_checks(self) -> None:
+        """Before the first batch: reset the flags; the metrics record them."""
+        self._flags: List[Flag] = []
+        self._checks_pending = self.self_checks
+        self._metrics = [
+            m for m in self.evaluator.metrics if isinstance(m, RobustnessMetric)
+        ]
+        for metric in self._metrics:
+            metric.set_self_checks(self.self_checks)
+        if self.self_checks:
+            self._add_attack_warnings(self._build_warnings)
+
+    def _add_flags(self, flags) -> None:
+        """Log each flag code once (on this rank) and hand it to the metrics."""
+        new = [f for f in flags if f and f.code not in {g.code for g in self._flags}]
+        for flag in new:
+            self._flags.append(flag)
+            level = logging.ERROR if flag.level == 'error' else logging.WARNING
+            print_log(flag.text(), logger='current', level=level)
+        for metric in self._metrics:
+            metric.add_flags(new)
+
+    def _add_attack_warnings(self, messages: List[str]) -> None:
+        if messages:
+            unique = list(OrderedDict.fromkeys(messages))
+            self._add_flags(
+                [
+                    Flag(
+                        'attack_warning',
+                        'warning',
+                        'the attacks warned: ' + ' | '.join(unique),
+                        'see the warning; check eps (in /255 units) and steps.',
+                        dict(warnings=unique),
+                    )
+                ]
+            )
+
+    def _checks_before_attack(self, view, keys, logits, ignore) -> None:
+        """Labels (every batch) and, on the first attacked batch, the
+        pre-attack checks; errors raise before the attack."""
+        flag = check_labels(view.labels, logits.shape[1], ignore, keys)
+        self._add_flags([flag])
+        raise_errors([flag] if flag else [])
+        if not self._checks_pending:
+            return
+        flags = pre_attack_checks(
+            view, view.images, view.labels, ignore, view.model, logits=logits
+        )
+        self._add_flags(flags)
+        raise_errors(flags)
+
+    @contextlib.contextmanager
+    def _first_batch_checks(self, view):
+        """Around the first attacked batch: buffers bitwise unchanged, eval
+        mode kept, the attacks' warnings recorded."""
+        if not self._checks_pending:
+            yield
+            return
+        before = buffer_snapshot(view.model)
+        messages: List[str] = []
+        with self._attack_warnings(messages):
+            yield
+        self._checks_pending = False
+        module = view.model
+        self._add_flags([check_buffers(before, module), check_train_mode(module)])
+        self._add_attack_warnings(messages)
 
     def _log_progress(self, idx: int) -> None:
         if (idx + 1) % self.log_interval and idx + 1 != len(self.dataloader):
@@ -379,7 +496,7 @@ class AdversarialTestLoop(_AdversarialEvalMixin, TestLoop):
 
     Args:
         runner, dataloader, evaluator: as :class:`mmengine.runner.TestLoop`.
-        attacks, eps, seed, resume, log_interval: see
+        attacks, eps, seed, resume, log_interval, self_checks: see
             :class:`_AdversarialEvalMixin`.
     """
 
@@ -400,4 +517,4 @@ class AdversarialValLoop(_AdversarialEvalMixin, ValLoop):
     """
 
     _stage = 'val'
-    _defaults = dict(resume=False, log_interval=10)
+    _defaults = dict(resume=False, log_interval=10, self_checks=False)

@@ -62,6 +62,7 @@ _OPTIONS = (
     'worst_case_modes',
     'norm',
     'log_interval',
+    'self_checks',
 )
 
 
@@ -140,7 +141,8 @@ def apply_robustness_evaluator(cfg: Config, spec: Optional[object] = None) -> Co
         cfg (Config): a full mmseg config; modified in place and returned.
         spec (str | dict, optional): ``'SEA'`` or ``dict(type='SEA', eps=[4, 8],
             steps=300, seed=0, class_weights=None, norm='Linf', resume=True,
-            worst_case_modes=['best', 'reference'], log_interval=1)``; options
+            worst_case_modes=['best', 'reference'], log_interval=1,
+            self_checks=True)``; options
             left out keep the preset's values (``n_iter`` is an alias of
             ``steps``). Defaults to ``cfg.evaluator``; nothing happens when both
             are missing.
@@ -191,6 +193,9 @@ def apply_robustness_evaluator(cfg: Config, spec: Optional[object] = None) -> Co
         test_cfg['resume'] = _as_bool(spec['resume'], 'evaluator.resume')
     if 'log_interval' in spec:
         test_cfg['log_interval'] = int(spec['log_interval'])
+    if 'self_checks' in spec:
+        # docs/flags.md: on unless turned off
+        test_cfg['self_checks'] = _as_bool(spec['self_checks'], 'evaluator.self_checks')
     if 'worst_case_modes' in spec:
         # `evaluator.worst_case_modes=best` arrives as a string: one mode, not
         # its letters

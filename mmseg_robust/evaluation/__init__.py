@@ -17,10 +17,13 @@ from .robustness_metric import (
     image_record,
     summarize_records,
 )
+from .self_checks import Flag, SelfCheckError
 from .worst_case import WORST_CASE_MIOU_MODES, worst_case_aacc, worst_case_miou
 
 __all__ = [
     'COUNT_KEYS',
+    'Flag',
+    'SelfCheckError',
     'RobustnessMetric',
     'RobustnessResults',
     'WORST_CASE_MIOU_MODES',

@@ -5,10 +5,10 @@
 (:func:`mmseg_robust.reporting.load_result`) and everything else read it back
 through :func:`load_results`. Every number in it is a percentage.
 
-Schema (version 2)::
+Schema (version 3)::
 
     {
-      "schema_version": 2,
+      "schema_version": 3,
       "unit": "percent",
       "metrics": {"mIoU": .., "aAcc": .., "aAcc_img": ..,
                   "eps8/SEA/mIoU": .., "eps8/SEA/aAcc": ..,
@@ -21,13 +21,16 @@ Schema (version 2)::
       "worst_case_modes": ["best", "reference"],   # "mIoU" is the first one's
       "attacks": [attack configs], "eps": [radii in /255], "seed": 0,
       "checkpoint": "path", "timestamp": "...",
+      "flags": [{"code", "level", "message", "fix", "details"}],  # self-checks
       "images": [per-image records]                 # only with --out / keep_results
     }
 
 ``metrics`` holds the numbers mmengine logs (the same as ``summary``, flat).
 ``aAcc`` is pooled over pixels (mmseg's), ``aAcc_img`` the mean over images of
-each image's pixel accuracy (SEA's aACC). Files of schema version 1 (``summary``
-as fractions in [0, 1]) are converted on reading.
+each image's pixel accuracy (SEA's aACC). ``flags`` are the findings of the
+self-checks (docs/flags.md; empty: none raised). Files of schema version 1
+(``summary`` as fractions in [0, 1]) are converted on reading; files of versions
+1 and 2 were written without self-checks (``flags`` None).
 """
 
 import json
@@ -47,7 +50,7 @@ __all__ = [
     'write_results',
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 UNIT = 'percent'
 
 
@@ -64,6 +67,7 @@ class RobustnessResults:
     checkpoint: Optional[str] = None
     timestamp: Optional[str] = None
     images: Optional[List[dict]] = None
+    flags: Optional[List[dict]] = None  # None: written without self-checks
     schema_version: int = SCHEMA_VERSION
     unit: str = UNIT
 
@@ -149,7 +153,15 @@ def load_results(source: Union[str, os.PathLike, dict]) -> RobustnessResults:
         checkpoint=data.get('checkpoint'),
         timestamp=data.get('timestamp'),
         images=data.get('images'),
+        flags=_flags_of(data, version),
     )
+
+
+def _flags_of(data: dict, version: int) -> Optional[List[dict]]:
+    """The self-check flags (None: the file was written without self-checks,
+    before schema version 3, or converted from such a file)."""
+    flags = data.get('flags') if version >= 3 else None
+    return None if flags is None else list(flags)
 
 
 def _scaled(summary: dict, factor: float) -> dict:

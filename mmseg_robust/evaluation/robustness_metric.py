@@ -9,11 +9,13 @@ all ranks in dataset order, so the numbers do not depend on the number of
 processes.
 """
 
+import logging
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from mmengine.dist import all_gather_object, get_world_size
 from mmengine.evaluator import BaseMetric
 from mmengine.logging import MMLogger, print_log
 
@@ -21,6 +23,7 @@ from mmseg_robust.registry import METRICS
 
 from .counts import per_image_counts, pixel_accuracy, pooled_metrics
 from .results import RobustnessResults, write_results
+from .self_checks import Flag, final_checks, merge_flags
 from .worst_case import WORST_CASE_MIOU_MODES, worst_case_aacc, worst_case_miou
 
 __all__ = [
@@ -246,6 +249,12 @@ class RobustnessMetric(BaseMetric):
             written without either (e.g. in a validation loop).
         keep_results (bool): add every image's record (per-class counts per
             attack) to the results file. Default: False.
+
+    Self-checks (docs/flags.md): the test loop hands its flags over
+    (:meth:`add_flags`); at the end the metric adds ``clean_near_chance`` and
+    ``robust_above_clean`` (unless the loop turned the checks off) and writes
+    every flag, gathered from all ranks, to the results file's ``flags``
+    (also :attr:`flags`).
     """
 
     default_prefix = ''  # mmseg's metric names, without the "prefix" warning
@@ -280,12 +289,29 @@ class RobustnessMetric(BaseMetric):
         self.summary: Optional[dict] = None
         self.results_path: Optional[str] = None
         self._run_info: dict = {}
+        self.self_checks = True
+        self.flags: List[Flag] = []
 
     def set_run_info(self, work_dir: Optional[str] = None, **info) -> None:
         """What the results file records about the run, given by the test loop:
         ``work_dir`` (default folder of the file), ``attacks``, ``eps``,
         ``checkpoint``, ``timestamp``."""
         self._run_info = dict(info, work_dir=work_dir)
+
+    def set_self_checks(self, enabled: bool) -> None:
+        """Start an evaluation's flags (the test loop calls it first)."""
+        self.self_checks = bool(enabled)
+        self.flags = []
+
+    def add_flags(self, flags: Sequence[Flag]) -> None:
+        """Record flags of the self-checks (one per code)."""
+        self.flags = merge_flags(self.flags, [f for f in flags if f])
+
+    def evaluate(self, size: int) -> dict:
+        # every rank's flags reach the rank that writes the results file
+        if get_world_size() > 1:
+            self.flags = merge_flags(*all_gather_object(list(self.flags)))
+        return super().evaluate(size)
 
     def process(self, data_batch, data_samples: Sequence[dict]) -> None:
         for sample in data_samples:
@@ -306,6 +332,15 @@ class RobustnessMetric(BaseMetric):
             logger=MMLogger.get_current_instance(),
         )
         metrics = flatten_summary(self.summary, self.name)
+        if self.self_checks:
+            end = final_checks(results, self.summary)
+            for flag in end:
+                print_log(
+                    flag.text(),
+                    logger=MMLogger.get_current_instance(),
+                    level=logging.WARNING,
+                )
+            self.add_flags(end)
         folder = self.output_dir or self._run_info.get('work_dir')
         if folder:
             info = self._run_info
@@ -320,6 +355,9 @@ class RobustnessMetric(BaseMetric):
                     checkpoint=info.get('checkpoint'),
                     timestamp=info.get('timestamp'),
                     images=results if self.keep_results else None,
+                    flags=[f.to_json() for f in self.flags]
+                    if self.self_checks
+                    else None,
                 ),
                 folder,
             )

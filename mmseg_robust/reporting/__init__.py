@@ -12,6 +12,7 @@ from .pictures import (
     save_picture_grid,
 )
 from .report import (
+    format_flags,
     format_table,
     load_result,
     plot_robustness_curve,
@@ -22,6 +23,7 @@ from .report import (
 __all__ = [
     'amplified_perturbation',
     'colorize',
+    'format_flags',
     'format_table',
     'load_example',
     'load_result',

@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from mmseg_robust.evaluation.results import load_results
 
 __all__ = [
+    'format_flags',
     'format_table',
     'load_result',
     'plot_robustness_curve',
@@ -90,9 +91,12 @@ def load_result(
 
     Returns:
         dict: ``{'name', 'num_images', 'attack', 'steps', 'seed', 'checkpoint',
-        'clean': {'mIoU', 'aAcc'}, 'eps': {eps: {'mIoU', 'aAcc'}}}`` with the
-        numbers in percent (2 decimals; None where the result is NaN) and the eps
-        keys as strings (e.g. ``'4'``) in increasing numeric order.
+        'clean': {'mIoU', 'aAcc'}, 'eps': {eps: {'mIoU', 'aAcc'}}, 'flags'}``
+        with the numbers in percent (2 decimals; None where the result is NaN)
+        and the eps keys as strings (e.g. ``'4'``) in increasing numeric order;
+        ``flags`` lists the self-checks' findings (``{'code', 'level',
+        'message', 'fix'}``, docs/flags.md), None for files written without
+        self-checks.
 
     Raises:
         ValueError: if the content is not a robustness result (e.g. the JSON of a
@@ -145,7 +149,51 @@ def load_result(
             'aAcc': _metric(clean, 'aAcc_img', 'summary["clean"]', where),
         },
         'eps': row_eps,
+        'flags': _row_flags(results.flags),
     }
+
+
+def _row_flags(flags) -> Optional[List[dict]]:
+    if flags is None:
+        return None
+    return [
+        {k: str(f.get(k, '')) for k in ('code', 'level', 'message', 'fix')}
+        for f in flags
+        if isinstance(f, dict)
+    ]
+
+
+def format_flags(rows: Sequence[dict]) -> List[str]:
+    """Markdown lines on the self-checks of the rows (docs/flags.md): one
+    bullet per flag, or a line saying that none was raised."""
+    lines = []
+    unchecked = []
+    for row in _check_rows(rows):
+        flags = row.get('flags')
+        if flags is None:
+            unchecked.append(str(row['name']))
+            continue
+        for f in flags:
+            lines.append(
+                f'- {row["name"]}: **{f["level"]} `{f["code"]}`**: {f["message"]} '
+                f'Fix: {f["fix"]}'
+            )
+    head = 'Self-checks (docs/flags.md): '
+    if lines:
+        lines.insert(
+            0, head + 'these flags were raised; the numbers may not be trustworthy.'
+        )
+        lines.insert(1, '')
+    else:
+        lines.append(head + 'no flags raised.')
+    if unchecked:
+        lines.append('')
+        lines.append(
+            'Evaluated without self-checks (results files before schema 3): '
+            + ', '.join(unchecked)
+            + '.'
+        )
+    return lines
 
 
 def _check_rows(rows: Sequence[dict]) -> List[dict]:
@@ -363,6 +411,7 @@ def write_report(
         f'![robustness curve]({osp.basename(paths["plot"])})',
         '',
     ]
+    lines += format_flags(rows) + ['']
     with open(paths['markdown'], 'w', encoding='utf-8') as f:
         f.write('\n'.join(lines))
     with open(paths['json'], 'w', encoding='utf-8') as f:
