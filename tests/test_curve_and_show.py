@@ -275,3 +275,51 @@ def test_worst_case_modes_as_typed_on_the_command_line(typed, expected):
         typed = DictAction._parse_iterable(typed)
     apply_robustness_evaluator(cfg, dict(type='SEA', worst_case_modes=typed))
     assert cfg.test_evaluator.worst_case_modes == expected
+
+
+def test_compat_reference_switch(repo_root):
+    """`evaluator.compat=reference`: the reference's APGD in the attack and its
+    greedy as the reported worst-case mIoU (first mode); the default keeps ours."""
+    from mmengine.config import Config
+
+    from mmseg_robust.engine import apply_robustness_evaluator
+
+    path = osp.join(repo_root, 'configs/synthetic/upernet_convnext-micro_synthetic.py')
+    cfg = apply_robustness_evaluator(
+        Config.fromfile(path), dict(type='SEA', compat='reference', class_weights='voc')
+    )
+    assert cfg.test_cfg.attacks[0]['compat'] == 'reference'
+    assert cfg.test_evaluator.worst_case_modes == ['reference', 'best']
+    cfg = apply_robustness_evaluator(
+        Config.fromfile(path), dict(type='SEA', class_weights='voc')
+    )
+    assert 'compat' not in cfg.test_cfg.attacks[0]
+    assert cfg.test_evaluator.worst_case_modes == ['best', 'reference']
+    with pytest.raises(ValueError, match="'default' or 'reference'"):
+        apply_robustness_evaluator(Config.fromfile(path), dict(type='SEA', compat='x'))
+
+
+def test_summary_names_the_mode_of_the_worst_case_miou():
+    import torch
+
+    from mmseg_robust.evaluation import (
+        counts_of_batch,
+        flatten_summary,
+        image_record,
+        summarize_records,
+    )
+
+    pred = torch.tensor([[[0, 1], [1, 1]]])
+    label = torch.tensor([[[0, 1], [0, 1]]])
+    c = counts_of_batch(pred, label, 2, 255)[0]
+    records = [image_record('a', 2, c, {'8': {'X': c}})]
+    for modes in (['best', 'reference'], ['reference', 'best']):
+        s = summarize_records(records, modes)
+        worst = s['eps']['8']['worst_case']
+        assert worst['mIoU_mode'] == modes[0]
+        assert worst['mIoU'] == worst[f'mIoU_{modes[0]}']
+        flat = flatten_summary(s)
+        assert set(k for k in flat if k.startswith('eps8/SEA/mIoU_')) == {
+            'eps8/SEA/mIoU_best',
+            'eps8/SEA/mIoU_reference',
+        }

@@ -164,19 +164,80 @@ def test_interrupted_then_resumed_equals_uninterrupted(
     opts = SEA + data_options(synthetic_root)
     full, _ = _test(run_tool, small_config, checkpoint, work, opts)
     assert full['summary'] == reference[0]['summary']
-    # Simulate a kill after 3 images: keep 3 lines and half of the 4th.
+    # Simulate a kill after 3 images: keep their records and half of the 4th's.
     (cache,) = glob.glob(osp.join(work, 'robustness_cache', '*', 'rank0.jsonl'))
     lines = open(cache).read().splitlines(keepends=True)
-    assert len(lines) == N_IMAGES
+    records = [line for line in lines if '"unit"' not in line]
+    units = [line for line in lines if '"unit"' in line]
+    # one unit per image, eps and attack; one record per finished image
+    assert len(records) == N_IMAGES and len(units) == 3 * N_IMAGES
     with open(cache, 'w') as f:
-        f.writelines(lines[:3])
-        f.write(lines[3][: len(lines[3]) // 2])
+        f.writelines(records[:3])
+        f.write(records[3][: len(records[3]) // 2])
     for old in glob.glob(osp.join(work, 'robustness_*.json')):
         os.remove(old)
     resumed, out = _test(run_tool, small_config, checkpoint, work, opts)
     assert '3 images already done' in out
     assert '(4 attacked, 3 from cache)' in out
     assert resumed['summary'] == reference[0]['summary']
+
+    # Killed in the middle of batches: every attack at eps 0 and 2 finished on
+    # every batch, none at eps 8; those attacks are not run again.
+    with open(cache, 'w') as f:
+        f.writelines(
+            line for line in units if '"eps":"0"' in line or '"eps":"2"' in line
+        )
+    for old in glob.glob(osp.join(work, 'robustness_*.json')):
+        os.remove(old)
+    resumed, out = _test(run_tool, small_config, checkpoint, work, opts)
+    assert 'attacks of interrupted batches restored' in out
+    assert 'running eps 8' in out
+    assert 'running eps 2' not in out and 'running eps 0' not in out
+    assert resumed['summary'] == reference[0]['summary']
+
+
+def test_cache_key_holds_the_checkpoint_content_and_the_test_pipeline(
+    run_tool, small_config, checkpoint, synthetic_root, data_options, tmp_path
+):
+    """A retrained checkpoint of the same size at the same path, or another test
+    pipeline, is another evaluation: computed again, not read from the cache."""
+    import shutil
+
+    import torch
+
+    ckpt = str(tmp_path / 'model.pth')
+    shutil.copy(checkpoint, ckpt)
+    work = str(tmp_path / 'work')
+    opts = [
+        'evaluator.type=SEA',
+        'evaluator.eps=8',
+        'evaluator.steps=4',
+        'test_dataloader.dataset.indices=2',
+        'test_dataloader.batch_size=2',
+    ] + data_options(synthetic_root)
+    first, out = _test(run_tool, small_config, ckpt, work, opts)
+    assert '(2 attacked, 0 from cache)' in out
+    _, out = _test(run_tool, small_config, ckpt, work, opts)
+    assert '(0 attacked, 2 from cache)' in out  # same evaluation: cached
+    # "retrain": other weights, same file size, same path
+    state = torch.load(ckpt, map_location='cpu', weights_only=False)
+    weight = state['state_dict']['decode_head.conv_seg.weight']
+    weight.mul_(-1.0)
+    size = os.path.getsize(ckpt)
+    torch.save(state, ckpt)
+    assert os.path.getsize(ckpt) == size
+    second, out = _test(run_tool, small_config, ckpt, work, opts)
+    assert '(2 attacked, 0 from cache)' in out
+    assert second['summary']['clean'] != first['summary']['clean']
+    # another test pipeline (here another image decoder): computed again
+    _, out = _test(
+        run_tool,
+        small_config,
+        ckpt,
+        work,
+        opts + ['test_dataloader.dataset.pipeline.0.imdecode_backend=pillow'],
+    )
+    assert '(2 attacked, 0 from cache)' in out
 
 
 def test_checkpoint_with_other_class_count_is_refused(

@@ -44,7 +44,7 @@ from mmseg_robust.models.pixel_space import SegmentorPixelView, ignore_index_of
 from mmseg_robust.registry import ATTACKS, LOOPS
 
 from .checkpoint_check import check_loaded_checkpoint
-from .result_cache import ResultCache
+from .result_cache import ResultCache, file_digest
 
 __all__ = ['AdversarialTestLoop', 'AdversarialValLoop', 'image_seed']
 
@@ -72,6 +72,18 @@ def _image_key(sample) -> str:
 def _accuracy(counts: dict) -> float:
     """Pixel accuracy of one image's counts (0 without valid pixels)."""
     return pixel_accuracy(counts['correct'], counts['valid'])
+
+
+def _add_counts(per_image: list, eps_name: str, counts: list) -> None:
+    """Add one attack's per-image ``{name: counts}`` at ``eps_name``."""
+    for rec, named in zip(per_image, counts):
+        for name, c in named.items():
+            if name in rec[eps_name]:
+                raise ValueError(
+                    f'two attacks at eps {eps_name} are named {name}: give the '
+                    'attacks different settings'
+                )
+            rec[eps_name][name] = c
 
 
 class _AdversarialEvalMixin:
@@ -168,15 +180,17 @@ class _AdversarialEvalMixin:
         self._t0 = time.time()
         self._done = 0
         self._attacked = 0
+        self._units_restored = 0
         self.cache = None
         if self.resume:
             self.cache = ResultCache.for_evaluation(
                 self.runner.work_dir, self._description(), get_rank()
             )
-            if len(self.cache):
+            if len(self.cache) or self.cache.units:
                 print_log(
                     f'Resuming the robustness evaluation: {len(self.cache)} '
-                    f'images already done in {self.cache.folder}',
+                    f'images already done, {len(self.cache.units)} partly done, '
+                    f'in {self.cache.folder}',
                     logger='current',
                 )
         if self._stage == 'test':
@@ -192,15 +206,29 @@ class _AdversarialEvalMixin:
         self._start_self_checks()
 
     def _description(self) -> dict:
-        """Everything the cached results depend on (the cache's key)."""
+        """Everything the cached results depend on (the cache's key): the
+        package version, the model config, the checkpoint (path, size and a hash
+        of its bytes: a retrained checkpoint at the same path is another
+        model), the test dataset with its pipeline (without ``indices``: images
+        are cached one by one), the attacks, eps and seed."""
+        from mmseg_robust import __version__
+
         cfg = self.runner.cfg
         load_from = getattr(self.runner, '_load_from', None)
-        ckpt = None
+        ckpt = load_from
         if load_from and osp.isfile(load_from):
-            ckpt = dict(path=osp.abspath(load_from), size=osp.getsize(load_from))
+            ckpt = dict(
+                path=osp.abspath(load_from),
+                size=osp.getsize(load_from),
+                blake2b=file_digest(load_from),
+            )
+        dataset = dict((cfg.get('test_dataloader') or {}).get('dataset') or {})
+        dataset.pop('indices', None)
         return dict(
+            version=__version__,
             model=cfg.get('model'),
-            checkpoint=ckpt or load_from,
+            checkpoint=ckpt,
+            dataset=dataset,
             attacks=self.attack_cfgs,
             eps=self.eps_list,
             seed=self.seed,
@@ -228,9 +256,17 @@ class _AdversarialEvalMixin:
         for eps_name, attacks in self.attacks.items():
             # per image: [accuracy, attack name, adversarial image, prediction]
             worst = [[2.0, None, None, None] for _ in keys]
+            restored_here = False
             for rec in per_image:
                 rec[eps_name] = OrderedDict()
-            for attack in attacks:
+            for j, attack in enumerate(attacks):
+                saved = self._saved_units(keys, eps_name, j)
+                if saved is not None:
+                    # this attack finished on this batch before an interruption
+                    _add_counts(per_image, eps_name, [u['counts'] for u in saved])
+                    self._units_restored += 1
+                    restored_here = True
+                    continue
                 name = type(attack).__name__
                 out = attack.run(
                     view,
@@ -239,17 +275,16 @@ class _AdversarialEvalMixin:
                     seeds=seeds,
                     progress=lambda text, e=eps_name: self._log_attack(e, text),
                 )
+                unit = [OrderedDict() for _ in keys]
                 for member, member_out in out.by_attack(name).items():
                     counts = counts_of_batch(
                         member_out.adv_pred, labels, num_classes, ignore
                     )
-                    for rec, c in zip(per_image, counts):
-                        if member in rec[eps_name]:
-                            raise ValueError(
-                                f'two attacks at eps {eps_name} are named '
-                                f'{member}: give the attacks different settings'
-                            )
-                        rec[eps_name][member] = c
+                    for u, c in zip(unit, counts):
+                        u[member] = c
+                _add_counts(per_image, eps_name, unit)
+                if self.cache is not None:
+                    self.cache.put_units(eps_name, j, dict(zip(keys, unit)))
                 # the attack's own output is its worst case over its members
                 counts = counts_of_batch(out.adv_pred, labels, num_classes, ignore)
                 for i, (w, c) in enumerate(zip(worst, counts)):
@@ -261,6 +296,8 @@ class _AdversarialEvalMixin:
                             out.adv_images[i],
                             out.adv_pred[i],
                         ]
+            if restored_here:
+                continue  # no example: not every attack ran at this eps
             for ex, w, c in zip(examples, worst, clean):
                 ex[eps_name] = dict(
                     eps=float(eps_name),
@@ -275,6 +312,14 @@ class _AdversarialEvalMixin:
             for k, c, a in zip(keys, clean, per_image)
         ]
         return records, self._make_examples(view, keys, clean_pred, examples)
+
+    def _saved_units(self, keys: List[str], eps_name: str, j: int):
+        """The saved counts of attack ``j`` at ``eps_name`` for every image of
+        the batch (an interrupted run of the same batches), else None."""
+        if self.cache is None:
+            return None
+        saved = [self.cache.get_unit(k, eps_name, j) for k in keys]
+        return None if any(u is None for u in saved) else saved
 
     def _make_examples(self, view, keys, clean_pred, examples) -> list:
         """numpy examples (see :func:`mmseg_robust.reporting.save_example`)."""
@@ -475,8 +520,13 @@ class _AdversarialEvalMixin:
         print_log(
             f'Robustness [{idx + 1}/{len(self.dataloader)} batches] images done '
             f'on this rank: {self._done} ({self._attacked} attacked, '
-            f'{self._done - self._attacked} from cache), last attack '
-            f'{getattr(self, "_current", "-")}{eta}',
+            f'{self._done - self._attacked} from cache'
+            + (
+                f'; {self._units_restored} attacks of interrupted batches restored'
+                if self._units_restored
+                else ''
+            )
+            + f'), last attack {getattr(self, "_current", "-")}{eta}',
             logger='current',
         )
 

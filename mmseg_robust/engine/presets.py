@@ -63,7 +63,10 @@ _OPTIONS = (
     'norm',
     'log_interval',
     'self_checks',
+    'compat',
 )
+#: attacks that take ``compat='reference'`` (docs/algorithms.md section 3.2).
+_COMPAT_ATTACKS = ('SEA', 'APGD', 'APGDLargeEps')
 
 
 def load_evaluator_preset(name: str) -> Config:
@@ -142,9 +145,10 @@ def apply_robustness_evaluator(cfg: Config, spec: Optional[object] = None) -> Co
         spec (str | dict, optional): ``'SEA'`` or ``dict(type='SEA', eps=[4, 8],
             steps=300, seed=0, class_weights=None, norm='Linf', resume=True,
             worst_case_modes=['best', 'reference'], log_interval=1,
-            self_checks=True)``; options
-            left out keep the preset's values (``n_iter`` is an alias of
-            ``steps``). Defaults to ``cfg.evaluator``; nothing happens when both
+            self_checks=True, compat='default')``; ``compat='reference'`` turns
+            on every behaviour of the SEA reference (its APGD and its worst-case
+            greedy, reported first); options left out keep the preset's values
+            (``n_iter`` is an alias of ``steps``). Defaults to ``cfg.evaluator``; nothing happens when both
             are missing.
 
     Returns:
@@ -196,6 +200,18 @@ def apply_robustness_evaluator(cfg: Config, spec: Optional[object] = None) -> Co
     if 'self_checks' in spec:
         # docs/flags.md: on unless turned off
         test_cfg['self_checks'] = _as_bool(spec['self_checks'], 'evaluator.self_checks')
+    compat = spec.get('compat', 'default')
+    if compat not in ('default', 'reference'):
+        raise ValueError(
+            f"evaluator.compat must be 'default' or 'reference', got {compat!r}"
+        )
+    if compat == 'reference':
+        # the SEA reference's behaviour everywhere: its APGD (accuracy-0 images
+        # and the first step-size window, docs/algorithms.md section 3.2) and its
+        # worst-case greedy (section 4) as the reported worst-case mIoU
+        if attack['type'] in _COMPAT_ATTACKS:
+            attack['compat'] = 'reference'
+        metric['worst_case_modes'] = ['reference', 'best']
     if 'worst_case_modes' in spec:
         # `evaluator.worst_case_modes=best` arrives as a string: one mode, not
         # its letters

@@ -124,13 +124,12 @@ class AdversarialVisualizationHook(Hook):
         from mmseg_robust.reporting import save_example, save_picture_grid
 
         for out in outputs or []:
-            examples = out.get('adv_examples')
-            if examples is None:
+            example = (out.get('adv_examples') or {}).get(self._key)
+            if example is None:  # restored from the robustness cache
                 self._cached += 1
                 continue
             if self.max_images is not None and self._saved >= self.max_images:
                 return
-            example = examples[self._key]
             stem = osp.join(self.out_dir, example['name'])
             save_example(example, stem + '_example.npz')
             if self.save_panels:

@@ -153,6 +153,7 @@ def summarize_records(
             worst[f'mIoU_{mode}'] = _percent(miou)
             if i == 0:
                 worst['mIoU'] = _percent(miou)
+                worst['mIoU_mode'] = mode  # which greedy ``mIoU`` is
         out['eps'][eps] = OrderedDict(attacks=per_attack, worst_case=worst)
     return out
 
@@ -171,13 +172,19 @@ def flatten_summary(summary: dict, name: str = 'SEA') -> Dict[str, float]:
         worst = res['worst_case']
         flat[f'eps{eps}/{name}/mIoU'] = round(worst['mIoU'], 2)
         flat[f'eps{eps}/{name}/aAcc'] = round(worst['aAcc_img'], 2)
-        for k, v in worst.items():
-            if k.startswith('mIoU_'):
-                flat[f'eps{eps}/{name}/{k}'] = round(v, 2)
+        for mode in _modes(worst):
+            flat[f'eps{eps}/{name}/mIoU_{mode}'] = round(worst[f'mIoU_{mode}'], 2)
         for attack, r in res['attacks'].items():
             flat[f'eps{eps}/{attack}/mIoU'] = round(r['mIoU'], 2)
             flat[f'eps{eps}/{attack}/aAcc'] = round(r['aAcc_img'], 2)
     return flat
+
+
+def _modes(worst: dict) -> List[str]:
+    """The greedy modes of a worst-case entry (``mIoU_<mode>`` keys)."""
+    return [
+        k[len('mIoU_') :] for k in worst if k.startswith('mIoU_') and k != 'mIoU_mode'
+    ]
 
 
 def format_summary(summary: dict, name: str = 'SEA') -> str:
@@ -202,7 +209,7 @@ def format_summary(summary: dict, name: str = 'SEA') -> str:
         rows.append(
             (
                 eps,
-                f'{name} (worst case)',
+                f'{name} (worst case, {w.get("mIoU_mode", "best")} greedy)',
                 f'{w["mIoU"]:.2f}',
                 '-',
                 f'{w["aAcc_img"]:.2f}',
