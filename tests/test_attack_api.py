@@ -77,9 +77,9 @@ def test_n_iter_is_an_alias_of_steps(problem):
     assert sea.steps == 5 and all(m.steps == 5 for m in sea.attacks.values())
     with pytest.raises(ValueError, match='steps=3 and n_iter=4 disagree'):
         resolve_steps(3, 4, 10, 'PGD')
-    with pytest.raises(ValueError, match='n_iter must be an int >= 0'):
+    with pytest.raises(ValueError, match='n_iter must be an int >= 1'):
         ATTACKS.build(dict(type='APGD', n_iter=-1))
-    with pytest.raises(ValueError, match='steps must be an int >= 0'):
+    with pytest.raises(ValueError, match='steps must be an int >= 1'):
         ATTACKS.build(dict(type='PGD', steps=2.5))
 
 
@@ -88,7 +88,16 @@ def test_ensemble_reports_its_members_and_their_worst_case(problem):
     sea = SEA(eps=8, steps=6, class_weights=WEIGHTS)
     seen = []
     out = sea.run(net, x, y, seeds=[1, 2, 3, 4], progress=seen.append)
-    assert seen == list(sea.attacks)
+    # each member's name, then its own progress (its stages), prefixed
+    stages = [(1, 16), (1, 12), (4, 8)]  # radius_schedule(6, 8)
+    expected = []
+    for name in sea.attacks:
+        expected.append(name)
+        expected += [
+            f'{name}: stage {k}/3: radius {r}/255, {n} iteration' + 's' * (n > 1)
+            for k, (n, r) in enumerate(stages, start=1)
+        ]
+    assert seen == expected
     assert list(out.members) == list(sea.attacks)
     assert out.by_attack('SEA') == out.members
     # each member equals the member attack run alone with its derived seeds
