@@ -247,15 +247,17 @@ def test_returned_point_is_the_lowest_accuracy_iterate(norm, attack_models):
     x, y = attack_models.batch(net=net, seed=3)
     rec = attack_models.Recorder(net)
     n = 12
-    out = APGD(
+    attack = APGD(
         eps=4 * EPS[norm], norm=norm, n_iter=n, loss=Wander(), early_stop=False
-    ).run(rec, x, y, seeds=SEEDS)
+    )
+    out = attack.run(rec, x, y, seeds=SEEDS)
     # x_0 .. x_n, one forward each, then one forward for the returned prediction
     assert len(rec.inputs) == n + 2
     assert torch.equal(rec.inputs[-1], out.adv_images)
     iterates = rec.inputs[: n + 1]
     accs = torch.stack([pixel_accuracy(net(it).argmax(1), y) for it in iterates])
-    picks = [_lowest_accuracy_pick(accs[:, i].tolist()) for i in range(len(x))]
+    newest = attack.zero_acc == 'reference'
+    picks = [_lowest_accuracy_pick(accs[:, i].tolist(), newest) for i in range(len(x))]
     for i, t in enumerate(picks):
         assert torch.equal(out.adv_images[i], iterates[t][i])
         assert torch.equal(out.adv_pred[i], net(iterates[t][i : i + 1]).argmax(1)[0])
@@ -314,7 +316,7 @@ def test_iterates_follow_the_apgd_update_rule(norm, attack_models, problem):
     rec = attack_models.Recorder(net)
     attack.run(rec, x, y, seeds=SEEDS)
     restarts, ctl, _ = _replay(
-        attack, net, x, y, rec.inputs, n, CrossEntropy(), 'paper'
+        attack, net, x, y, rec.inputs, n, CrossEntropy(), attack.first_window
     )
     assert restarts > 0  # the replay exercised restarts from x_best
     assert (ctl.eta < 2 * attack.threat_model.radius).any()
@@ -361,8 +363,10 @@ def test_early_stop_gives_the_same_result_with_less_compute(attack_models):
     x, y = attack_models.batch(b=6, h=2, w=2, net=net, seed=1)
     seeds = list(range(6))
     for make in (
-        lambda es: APGD(eps=128, n_iter=15, early_stop=es),
-        lambda es: APGDLargeEps(eps=64, n_iter=20, early_stop=es, loss='Mask-CE'),
+        lambda es: APGD(eps=128, n_iter=15, early_stop=es, zero_acc='leave'),
+        lambda es: APGDLargeEps(
+            eps=64, n_iter=20, early_stop=es, loss='Mask-CE', zero_acc='leave'
+        ),
     ):
         runs = {}
         for es in (False, True):
@@ -592,8 +596,13 @@ def test_first_window_reference_counts_the_first_step_as_an_increase():
 # ----------------------------------------------------------- options, compat
 def test_compat_reference_sets_both_options():
     for cls in (APGD, APGDLargeEps):
+        # the defaults are the reference's (DEFAULT_MODES)
         default = cls(eps=8, n_iter=10)
         assert (default.compat, default.zero_acc, default.first_window) == (
+            ('reference',) * 3
+        )
+        fast = cls(eps=8, n_iter=10, zero_acc='leave', first_window='paper')
+        assert (fast.compat, fast.zero_acc, fast.first_window) == (
             None,
             'leave',
             'paper',
@@ -602,13 +611,13 @@ def test_compat_reference_sets_both_options():
         assert (ref.compat, ref.zero_acc, ref.first_window) == ('reference',) * 3
         both = cls(eps=8, n_iter=10, zero_acc='reference', first_window='reference')
         assert both.compat == 'reference'
-        one = cls(eps=8, n_iter=10, zero_acc='reference')
+        one = cls(eps=8, n_iter=10, first_window='paper')
         assert (one.compat, one.zero_acc, one.first_window) == (
             None,
             'reference',
             'paper',
         )
-        assert cls(eps=8, n_iter=10, compat='default').zero_acc == 'leave'
+        assert cls(eps=8, n_iter=10, compat='default').zero_acc == 'reference'
         with pytest.raises(ValueError, match="compat='reference' sets zero_acc"):
             cls(eps=8, n_iter=10, compat='reference', zero_acc='leave')
         with pytest.raises(ValueError, match='compat must be'):
@@ -638,3 +647,18 @@ def test_large_eps_reports_its_stages(problem):
     seen = []
     APGD(eps=8, n_iter=3).run(net, x, y, progress=seen.append, init=x)
     assert seen == []  # one run, nothing to report; run() accepts progress
+
+
+def test_zero_acc_modes_agree_on_single_image_batches(attack_models):
+    """With one image per batch (the test dataloaders' batch size) the reference's
+    early stop ends the run at the first accuracy-0 iterate: same result as
+    'leave'."""
+    net, x, y, seeds = _zero_acc_problem(attack_models)
+    for i in range(len(x)):
+        outs = [
+            APGDLargeEps(eps=64, n_iter=20, zero_acc=mode).run(
+                net, x[i : i + 1], y[i : i + 1], seeds=seeds[i : i + 1]
+            )
+            for mode in ('leave', 'reference')
+        ]
+        assert torch.equal(outs[0].adv_images, outs[1].adv_images), i

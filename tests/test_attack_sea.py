@@ -187,11 +187,9 @@ def test_cost_about_n_iter_passes_per_attack(attack_models, problem):
 
 
 def test_apgd_options_reach_every_member(problem):
-    default = _sea()
+    default = _sea()  # the reference's options (DEFAULT_MODES)
     assert (default.compat, default.zero_acc, default.first_window) == (
-        None,
-        'leave',
-        'paper',
+        ('reference',) * 3
     )
     for kw in (
         dict(compat='reference'),
@@ -202,7 +200,7 @@ def test_apgd_options_reach_every_member(problem):
         for member in sea.attacks.values():
             assert (member.zero_acc, member.first_window) == ('reference',) * 2
             assert member.early_stop is False
-    one = _sea(first_window='reference')
+    one = _sea(zero_acc='leave')
     for member in one.attacks.values():
         assert (member.zero_acc, member.first_window) == ('leave', 'reference')
     with pytest.raises(ValueError, match="compat='reference' sets first_window"):
