@@ -43,12 +43,13 @@ def problem(attack_models):
     return net, x, y
 
 
-def _lowest_accuracy_pick(accs):
+def _lowest_accuracy_pick(accs, newest_at_zero=False):
     """Index of the returned iterate: lowest accuracy, ties -> newer, but the first
-    iterate with accuracy 0 is kept."""
+    iterate with accuracy 0 is kept unless ``newest_at_zero``."""
     best, pick = None, None
     for t, acc in enumerate(accs):
-        if best is None or acc < best or (acc == best and best > 0):
+        newer_wins = best is not None and acc == best and (best > 0 or newest_at_zero)
+        if best is None or acc < best or newer_wins:
             best, pick = acc, t
     return pick
 
@@ -246,45 +247,41 @@ def test_returned_point_is_the_lowest_accuracy_iterate(norm, attack_models):
     x, y = attack_models.batch(net=net, seed=3)
     rec = attack_models.Recorder(net)
     n = 12
-    out = APGD(
+    attack = APGD(
         eps=4 * EPS[norm], norm=norm, n_iter=n, loss=Wander(), early_stop=False
-    ).run(rec, x, y, seeds=SEEDS)
+    )
+    out = attack.run(rec, x, y, seeds=SEEDS)
     # x_0 .. x_n, one forward each, then one forward for the returned prediction
     assert len(rec.inputs) == n + 2
     assert torch.equal(rec.inputs[-1], out.adv_images)
     iterates = rec.inputs[: n + 1]
     accs = torch.stack([pixel_accuracy(net(it).argmax(1), y) for it in iterates])
-    picks = [_lowest_accuracy_pick(accs[:, i].tolist()) for i in range(len(x))]
+    newest = attack.zero_acc == 'reference'
+    picks = [_lowest_accuracy_pick(accs[:, i].tolist(), newest) for i in range(len(x))]
     for i, t in enumerate(picks):
         assert torch.equal(out.adv_images[i], iterates[t][i])
         assert torch.equal(out.adv_pred[i], net(iterates[t][i : i + 1]).argmax(1)[0])
     assert any(t != n for t in picks), 'test is trivial: every pick is the last'
 
 
-@pytest.mark.parametrize('norm', ['Linf', 'L2'])
-def test_iterates_follow_the_apgd_update_rule(norm, attack_models, problem):
-    """Replay APGD from its recorded iterates (section 3.2): momentum (a = 1 at the
-    first step, 0.75 after), step 2*eps halved per the step-size control, halved
-    images restart from x_best with its gradient."""
-    net, x, y = problem
-    eps, n = EPS[norm], 30
-    attack = APGD(eps=eps, norm=norm, n_iter=n, early_stop=False)
-    rec = attack_models.Recorder(net)
-    attack.run(rec, x, y, seeds=SEEDS)
-    xs = rec.inputs
+def _replay(attack, net, x, y, xs, n, objective, first_window):
+    """Replay APGD from its recorded iterates ``xs`` (section 3.2) with the
+    step-size control of ``first_window``; returns ``(restarts, ctl, halvings)``.
+    """
     tm = attack.threat_model
     ce_obj = CrossEntropy()
 
     def grad_and_ce(point):
         point = point.clone().requires_grad_(True)
-        ce = ce_obj(net(point), y)
-        return torch.autograd.grad(ce.sum(), point)[0], ce.detach()
+        logits = net(point)
+        ce = ce_obj(logits, y).detach()
+        return torch.autograd.grad(objective(logits, y).sum(), point)[0], ce
 
     g, ce0 = grad_and_ce(xs[0])
-    ctl = APGDStepSizeControl(n, ce0, 2 * tm.radius)
+    ctl = APGDStepSizeControl(n, ce0, 2 * tm.radius, first_window=first_window)
     x_cur = x_prev = x_best = xs[0]
     g_best = g
-    restarts = 0
+    restarts, halvings = 0, []
     for i in range(n):
         a = 1.0 if i == 0 else 0.75
         eta = ctl.eta.view(-1, 1, 1, 1)
@@ -300,12 +297,52 @@ def test_iterates_follow_the_apgd_update_rule(norm, attack_models, problem):
         x_best = torch.where(keep, x_cur, x_best)
         g_best = torch.where(keep, g, g_best)
         if halved is not None:
+            halvings.append(halved)
             moved = halved & (x_best != x_cur).flatten(1).any(1)
             restarts += int(moved.sum())
             x_cur = torch.where(halved.view(-1, 1, 1, 1), x_best, x_cur)
             g = torch.where(halved.view(-1, 1, 1, 1), g_best, g)
+    return restarts, ctl, halvings
+
+
+@pytest.mark.parametrize('norm', ['Linf', 'L2'])
+def test_iterates_follow_the_apgd_update_rule(norm, attack_models, problem):
+    """Replay APGD from its recorded iterates (section 3.2): momentum (a = 1 at the
+    first step, 0.75 after), step 2*eps halved per the step-size control, halved
+    images restart from x_best with its gradient."""
+    net, x, y = problem
+    eps, n = EPS[norm], 30
+    attack = APGD(eps=eps, norm=norm, n_iter=n, early_stop=False)
+    rec = attack_models.Recorder(net)
+    attack.run(rec, x, y, seeds=SEEDS)
+    restarts, ctl, _ = _replay(
+        attack, net, x, y, rec.inputs, n, CrossEntropy(), attack.first_window
+    )
     assert restarts > 0  # the replay exercised restarts from x_best
-    assert (ctl.eta < 2 * tm.radius).any()
+    assert (ctl.eta < 2 * attack.threat_model.radius).any()
+
+
+@pytest.mark.parametrize('mode', ['paper', 'reference'])
+def test_first_window_reaches_the_attack(mode, attack_models):
+    """The attack's iterates replay exactly with the control of its
+    ``first_window`` mode, and on this problem the two modes halve differently
+    at the first checkpoint (so a replay with the other mode would fail)."""
+    net = attack_models.tiny_net()
+    x, y = attack_models.batch(b=8, net=net, seed=5)
+    n = 20
+    attack = APGD(eps=16, n_iter=n, first_window=mode, early_stop=False, loss=Wander())
+    rec = attack_models.Recorder(net)
+    attack.run(rec, x, y, seeds=list(range(8)))
+    _, _, halvings = _replay(attack, net, x, y, rec.inputs, n, Wander(), mode)
+    # the other mode's decision at the first checkpoint, on the same CE trace
+    ce_obj = CrossEntropy()
+    with torch.no_grad():
+        ces = [ce_obj(net(it), y) for it in rec.inputs[: n + 1]]
+    other = 'reference' if mode == 'paper' else 'paper'
+    ctl = APGDStepSizeControl(n, ces[0], 2 * 16 / 255, first_window=other)
+    for i in range(apgd_checkpoints(n)[0] + 1):
+        _, halved_other = ctl.update(i, ces[i + 1])
+    assert not torch.equal(halvings[0], halved_other)
 
 
 def test_last_iteration_needs_no_backward(attack_models, problem):
@@ -321,12 +358,15 @@ def test_last_iteration_needs_no_backward(attack_models, problem):
 
 
 def test_early_stop_gives_the_same_result_with_less_compute(attack_models):
+    """zero_acc='leave' (the default): leaving the batch changes nothing."""
     net = attack_models.tiny_net()
     x, y = attack_models.batch(b=6, h=2, w=2, net=net, seed=1)
     seeds = list(range(6))
     for make in (
-        lambda es: APGD(eps=128, n_iter=15, early_stop=es),
-        lambda es: APGDLargeEps(eps=64, n_iter=20, early_stop=es, loss='Mask-CE'),
+        lambda es: APGD(eps=128, n_iter=15, early_stop=es, zero_acc='leave'),
+        lambda es: APGDLargeEps(
+            eps=64, n_iter=20, early_stop=es, loss='Mask-CE', zero_acc='leave'
+        ),
     ):
         runs = {}
         for es in (False, True):
@@ -394,3 +434,231 @@ def test_build_from_registry(problem):
     assert large(net, x, y).shape == x.shape
     with pytest.raises(ValueError, match='n_iter'):
         APGD(n_iter=-1)
+
+
+# ------------------------------------------------ accuracy-0 images (zero_acc)
+def _zero_acc_problem(attack_models):
+    """A batch on which some images reach accuracy 0 within a few APGD
+    iterations and others never do (tiny 2x2 images, a large radius)."""
+    net = attack_models.tiny_net()
+    x, y = attack_models.batch(b=6, h=2, w=2, net=net, seed=1)
+    return net, x, y, list(range(6))
+
+
+def _iterate_accuracies(net, iterates, y):
+    return torch.stack([pixel_accuracy(net(it).argmax(1), y) for it in iterates])
+
+
+@pytest.mark.parametrize('early_stop', [True, False])
+def test_zero_acc_reference_returns_the_newest_accuracy_0_iterate(
+    early_stop, attack_models
+):
+    net, x, y, seeds = _zero_acc_problem(attack_models)
+    n = 15
+    rec = attack_models.Recorder(net)
+    attack = APGD(eps=128, n_iter=n, zero_acc='reference', early_stop=early_stop)
+    out = attack.run(rec, x, y, seeds=seeds)
+    # accuracy-0 images stay in the batch: every forward sees the whole batch
+    assert all(len(t) == len(x) for t in rec.inputs)
+    assert torch.equal(rec.inputs[-1], out.adv_images)  # the prediction's forward
+    iterates = rec.inputs[:-1]
+    assert len(iterates) == n + 1  # not every image reaches 0: no early stop
+    accs = _iterate_accuracies(net, iterates, y)
+    newest = [_lowest_accuracy_pick(accs[:, i].tolist(), True) for i in range(len(x))]
+    first = [_lowest_accuracy_pick(accs[:, i].tolist()) for i in range(len(x))]
+    at_zero = accs.min(0).values == 0
+    assert at_zero.any() and not at_zero.all()  # the test is not trivial
+    for i, t in enumerate(newest):
+        assert torch.equal(out.adv_images[i], iterates[t][i]), i
+        if at_zero[i]:  # the last iterate with accuracy 0
+            assert t == max(k for k in range(n + 1) if accs[k, i] == 0)
+    # the newest accuracy-0 iterate is not the first one and lies elsewhere
+    moved = [i for i in range(len(x)) if at_zero[i] and newest[i] != first[i]]
+    assert moved and any(
+        not torch.equal(iterates[newest[i]][i], iterates[first[i]][i]) for i in moved
+    )
+
+
+def test_zero_acc_leave_returns_the_first_accuracy_0_iterate(attack_models):
+    net, x, y, seeds = _zero_acc_problem(attack_models)
+    n = 15
+    rec = attack_models.Recorder(net)
+    out = APGD(eps=128, n_iter=n, zero_acc='leave', early_stop=False).run(
+        rec, x, y, seeds=seeds
+    )
+    iterates = rec.inputs[:-1]
+    accs = _iterate_accuracies(net, iterates, y)
+    at_zero = accs.min(0).values == 0
+    assert at_zero.any()
+    for i in range(len(x)):
+        t = _lowest_accuracy_pick(accs[:, i].tolist())
+        assert torch.equal(out.adv_images[i], iterates[t][i]), i
+        if at_zero[i]:
+            assert t == min(k for k in range(n + 1) if accs[k, i] == 0)
+    # and with early_stop (the default) the images leave, same result
+    stop = APGD(eps=128, n_iter=n, zero_acc='leave').run(net, x, y, seeds=seeds)
+    assert torch.equal(stop.adv_images, out.adv_images)
+
+
+def test_zero_acc_reference_stops_when_every_image_is_at_0(attack_models):
+    net, x, y, seeds = _zero_acc_problem(attack_models)
+    n = 15
+    full = APGD(eps=128, n_iter=n, zero_acc='leave', early_stop=False)
+    acc = pixel_accuracy(full.run(net, x, y, seeds=seeds).adv_pred, y)
+    zero = torch.nonzero(acc == 0).squeeze(1)
+    assert len(zero) >= 2
+    xs, ys, ss = x[zero], y[zero], [seeds[i] for i in zero.tolist()]
+    runs = {}
+    for early_stop in (True, False):
+        rec = attack_models.Recorder(net)
+        attack = APGD(eps=128, n_iter=n, zero_acc='reference', early_stop=early_stop)
+        runs[early_stop] = (attack.run(rec, xs, ys, seeds=ss), rec.n_forward)
+    (stop, n_stop), (full_run, n_full) = runs[True], runs[False]
+    assert n_full == n + 2 and n_stop < n_full  # stopped once all were at 0
+    for out in (stop, full_run):
+        assert (pixel_accuracy(out.adv_pred, ys) == 0).all()
+
+
+def test_zero_acc_reference_in_the_progressive_schedule(attack_models):
+    """APGDLargeEps hands each stage the newest accuracy-0 point: the results of
+    the two modes differ on a problem where images reach 0 in stage 1."""
+    net, x, y, seeds = _zero_acc_problem(attack_models)
+    outs = {
+        mode: APGDLargeEps(eps=64, n_iter=20, zero_acc=mode).run(net, x, y, seeds=seeds)
+        for mode in ('leave', 'reference')
+    }
+    for out in outs.values():
+        attack_models.assert_feasible(out.adv_images, x, 64, 'Linf')
+    assert not torch.equal(outs['leave'].adv_images, outs['reference'].adv_images)
+
+
+# ------------------------------------------ first window of the step-size control
+def _first_window_trace(n, ce0, first, increases):
+    """A CE trace: CE(x_1) = ``first``, then the first window's other steps
+    increase CE at the given positions and decrease it elsewhere; after the first
+    window CE keeps increasing."""
+    w1 = apgd_checkpoints(n)[0] + 1
+    trace = [first]
+    for k in range(1, n):
+        up = k >= w1 or (k - 1) in increases
+        trace.append(trace[-1] + (0.1 if up else -0.01))
+    return torch.tensor(trace)
+
+
+def test_first_window_reference_counts_the_first_step_as_an_increase():
+    n = 90
+    w1 = apgd_checkpoints(n)[0] + 1  # 19 steps, (a) halves at <= 14.25 increases
+    assert w1 == 19
+    ce0 = 1.0
+    # steps 2..19 of the first window: 14 increases, 4 decreases
+    inc14 = set(range(14))
+    traces = torch.stack(
+        [
+            # CE(x_1) < CE(x_0): paper counts 14 (halve), reference 15 (keep)
+            _first_window_trace(n, ce0, 0.5, inc14),
+            # CE(x_1) == CE(x_0): the same
+            _first_window_trace(n, ce0, ce0, inc14),
+            # CE(x_1) > CE(x_0): both count 15, neither halves
+            _first_window_trace(n, ce0, 1.5, inc14),
+            # CE(x_1) < CE(x_0), 13 more increases: both halve (13 | 14)
+            _first_window_trace(n, ce0, 0.5, set(range(13))),
+            # CE(x_1) = 0 (< CE(x_0)): the reference's comparison with 0 is false
+            # too, both count 14 and halve
+            _first_window_trace(n, ce0, 0.0, inc14),
+        ],
+        dim=1,
+    )
+    eta0 = 0.1
+    ctls = {
+        mode: APGDStepSizeControl(n, torch.full((5,), ce0), eta0, first_window=mode)
+        for mode in ('paper', 'reference')
+    }
+    halved = {}
+    for mode, ctl in ctls.items():
+        for i in range(w1):
+            _, h = ctl.update(i, traces[i])
+        halved[mode] = h.tolist()
+    assert halved['paper'] == [True, True, False, True, True]
+    assert halved['reference'] == [False, False, False, True, True]
+    assert ctls['paper'].eta.tolist() == pytest.approx(
+        [eta0 / 2] * 2 + [eta0] + [eta0 / 2] * 2
+    )
+    assert ctls['reference'].eta.tolist() == pytest.approx([eta0] * 3 + [eta0 / 2] * 2)
+    # later windows count alike in both modes
+    for i in range(w1, w1 + 5):
+        for ctl in ctls.values():
+            ctl.update(i, traces[i])
+    assert torch.equal(ctls['paper'].n_increases, ctls['reference'].n_increases)
+    with pytest.raises(ValueError, match='first_window'):
+        APGDStepSizeControl(n, torch.ones(1), eta0, first_window='autoattack')
+
+
+# ----------------------------------------------------------- options, compat
+def test_compat_reference_sets_both_options():
+    for cls in (APGD, APGDLargeEps):
+        # the defaults are the reference's (DEFAULT_MODES)
+        default = cls(eps=8, n_iter=10)
+        assert (default.compat, default.zero_acc, default.first_window) == (
+            ('reference',) * 3
+        )
+        fast = cls(eps=8, n_iter=10, zero_acc='leave', first_window='paper')
+        assert (fast.compat, fast.zero_acc, fast.first_window) == (
+            None,
+            'leave',
+            'paper',
+        )
+        ref = cls(eps=8, n_iter=10, compat='reference')
+        assert (ref.compat, ref.zero_acc, ref.first_window) == ('reference',) * 3
+        both = cls(eps=8, n_iter=10, zero_acc='reference', first_window='reference')
+        assert both.compat == 'reference'
+        one = cls(eps=8, n_iter=10, first_window='paper')
+        assert (one.compat, one.zero_acc, one.first_window) == (
+            None,
+            'reference',
+            'paper',
+        )
+        assert cls(eps=8, n_iter=10, compat='default').zero_acc == 'reference'
+        with pytest.raises(ValueError, match="compat='reference' sets zero_acc"):
+            cls(eps=8, n_iter=10, compat='reference', zero_acc='leave')
+        with pytest.raises(ValueError, match='compat must be'):
+            cls(eps=8, n_iter=10, compat='autoattack')
+        with pytest.raises(ValueError, match='zero_acc must be one of'):
+            cls(eps=8, n_iter=10, zero_acc='first')
+        built = ATTACKS.build(dict(type=cls.__name__, n_iter=4, compat='reference'))
+        assert built.zero_acc == built.first_window == 'reference'
+
+
+def test_compat_reference_is_both_options(problem):
+    net, x, y = problem
+    a = APGDLargeEps(eps=8, n_iter=12, compat='reference')
+    b = APGDLargeEps(eps=8, n_iter=12, zero_acc='reference', first_window='reference')
+    assert torch.equal(a(net, x, y, seeds=SEEDS), b(net, x, y, seeds=SEEDS))
+
+
+def test_large_eps_reports_its_stages(problem):
+    net, x, y = problem
+    seen = []
+    APGDLargeEps(eps=8, n_iter=10).run(net, x, y, progress=seen.append)
+    assert seen == [
+        'stage 1/3: radius 16/255, 3 iterations',
+        'stage 2/3: radius 12/255, 3 iterations',
+        'stage 3/3: radius 8/255, 4 iterations',
+    ]
+    seen = []
+    APGD(eps=8, n_iter=3).run(net, x, y, progress=seen.append, init=x)
+    assert seen == []  # one run, nothing to report; run() accepts progress
+
+
+def test_zero_acc_modes_agree_on_single_image_batches(attack_models):
+    """With one image per batch (the test dataloaders' batch size) the reference's
+    early stop ends the run at the first accuracy-0 iterate: same result as
+    'leave'."""
+    net, x, y, seeds = _zero_acc_problem(attack_models)
+    for i in range(len(x)):
+        outs = [
+            APGDLargeEps(eps=64, n_iter=20, zero_acc=mode).run(
+                net, x[i : i + 1], y[i : i + 1], seeds=seeds[i : i + 1]
+            )
+            for mode in ('leave', 'reference')
+        ]
+        assert torch.equal(outs[0].adv_images, outs[1].adv_images), i

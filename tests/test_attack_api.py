@@ -2,6 +2,8 @@
 ``n_iter``), the same ``stats`` keys, ensembles reporting their members, and the
 progress callback."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -77,9 +79,9 @@ def test_n_iter_is_an_alias_of_steps(problem):
     assert sea.steps == 5 and all(m.steps == 5 for m in sea.attacks.values())
     with pytest.raises(ValueError, match='steps=3 and n_iter=4 disagree'):
         resolve_steps(3, 4, 10, 'PGD')
-    with pytest.raises(ValueError, match='n_iter must be an int >= 0'):
+    with pytest.raises(ValueError, match='n_iter must be an int >= 1'):
         ATTACKS.build(dict(type='APGD', n_iter=-1))
-    with pytest.raises(ValueError, match='steps must be an int >= 0'):
+    with pytest.raises(ValueError, match='steps must be an int >= 1'):
         ATTACKS.build(dict(type='PGD', steps=2.5))
 
 
@@ -88,7 +90,16 @@ def test_ensemble_reports_its_members_and_their_worst_case(problem):
     sea = SEA(eps=8, steps=6, class_weights=WEIGHTS)
     seen = []
     out = sea.run(net, x, y, seeds=[1, 2, 3, 4], progress=seen.append)
-    assert seen == list(sea.attacks)
+    # each member's name, then its own progress (its stages), prefixed
+    stages = [(1, 16), (1, 12), (4, 8)]  # radius_schedule(6, 8)
+    expected = []
+    for name in sea.attacks:
+        expected.append(name)
+        expected += [
+            f'{name}: stage {k}/3: radius {r}/255, {n} iteration' + 's' * (n > 1)
+            for k, (n, r) in enumerate(stages, start=1)
+        ]
+    assert seen == expected
     assert list(out.members) == list(sea.attacks)
     assert out.by_attack('SEA') == out.members
     # each member equals the member attack run alone with its derived seeds
@@ -111,3 +122,95 @@ def test_ensemble_names_the_member_of_each_returned_image(problem):
         assert torch.equal(member.adv_images[i], out.adv_images[i])
         correct = [int((m.adv_pred[i] == y[i]).sum()) for m in out.members.values()]
         assert names.index(out.source('SEA', i)) == correct.index(min(correct))
+
+
+# ------------------------------------------------------------------ input checks
+@pytest.mark.parametrize('kind', ['PGD', 'BIM', 'APGD', 'APGDLargeEps', 'SEA'])
+@pytest.mark.parametrize('name', ['steps', 'n_iter'])
+def test_zero_iterations_is_an_error(kind, name):
+    extra = dict(class_weights=WEIGHTS) if kind == 'SEA' else {}
+    with pytest.raises(ValueError, match=f'{name}=0 is zero iterations: the attack'):
+        ATTACKS.build(dict(type=kind, eps=8, **{name: 0}, **extra))
+    assert ATTACKS.build(dict(type=kind, eps=8, **{name: 1}, **extra)).steps == 1
+    assert ATTACKS.build(dict(type='FGSM', eps=8)).steps == 1
+
+
+@pytest.mark.parametrize('kind', ['FGSM', 'PGD', 'APGD', 'APGDLargeEps', 'SEA'])
+def test_eps_in_unit_range_warns_and_beyond_the_pixel_range_fails(kind):
+    extra = dict(class_weights=WEIGHTS) if kind == 'SEA' else {}
+    with pytest.warns(
+        UserWarning, match=r'eps=0\.03 means 0\.03/255; did you mean eps=7\.65'
+    ):
+        ATTACKS.build(dict(type=kind, eps=0.03, **extra))
+    with pytest.raises(ValueError, match='larger than the whole pixel range'):
+        ATTACKS.build(dict(type=kind, eps=2040, **extra))
+    # fine: eps=0 (clean), 1, 255; L2 radii above 255 (a 3x64x64 image has an L2
+    # diameter of about 28000/255)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        for eps in (0, 1, 8, 255):
+            assert ATTACKS.build(dict(type=kind, eps=eps, **extra)).eps == eps
+        assert ATTACKS.build(dict(type=kind, eps=1000, norm='L2', **extra)).eps == 1000
+
+
+# ------------------------------------------------------------ model in train mode
+class _BNNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.drop = torch.nn.Dropout2d(0.5)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+
+    def forward(self, x):
+        return self.drop(self.bn(self.conv(x)))
+
+
+class _View:
+    """A model view holding its module as ``.model`` (like SegmentorPixelView)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, x):
+        return self.model(x)
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize('wrap', [False, True], ids=['module', 'view'])
+@pytest.mark.parametrize('cfg', CONFIGS, ids=lambda c: c['type'] + str(len(c)))
+def test_train_mode_model_is_attacked_in_eval_mode(cfg, wrap, attack_models):
+    net = _BNNet().requires_grad_(False)
+    x, y = attack_models.batch(net=net.eval())
+    net.train()
+    net.drop.eval()  # a mixed state is restored as it was
+    before = _state(net)
+    attack = ATTACKS.build(dict(cfg, eps=8))
+    model = _View(net) if wrap else net
+    with pytest.warns(UserWarning, match='the model is in train mode'):
+        out = attack.run(model, x, y, seeds=[1, 2, 3, 4])
+    after = _state(net)
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k  # BatchNorm buffers untouched
+    assert net.training and net.bn.training and not net.drop.training
+    # the attack saw the eval-mode model: same result as attacking it in eval mode
+    net.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        ref = attack.run(model, x, y, seeds=[1, 2, 3, 4])
+    assert torch.equal(out.adv_images, ref.adv_images)
+    assert not net.training
+
+
+def test_plain_callable_is_left_alone(problem):
+    net, x, y = problem
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        ATTACKS.build(dict(type='PGD', eps=8, steps=2)).run(lambda t: net(t), x, y)

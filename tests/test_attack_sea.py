@@ -103,7 +103,8 @@ def test_worst_case_per_image(norm, problem, attack_models):
 
 def test_ties_go_to_the_earlier_attack(problem):
     net, x, y = problem
-    sea = _sea(eps=0.5)  # too small to change many predictions: ties
+    with pytest.warns(UserWarning, match='eps is in /255 units'):
+        sea = _sea(eps=0.5)  # too small to change many predictions: ties
     outs = list(sea.run_all(net, x, y, seeds=SEEDS).values())
     worst = sea.run(net, x, y, seeds=SEEDS)
     accs = torch.stack([pixel_accuracy(o.adv_pred, y) for o in outs])
@@ -183,3 +184,33 @@ def test_cost_about_n_iter_passes_per_attack(attack_models, problem):
     # per stage n_i + 1 iterates, then one forward for the returned prediction;
     # SEA's own statistics: one forward at the clean and one at the worst case
     assert rec.n_forward == 3 * (10 + 3 + 1) + 2
+
+
+def test_apgd_options_reach_every_member(problem):
+    default = _sea()  # the reference's options (DEFAULT_MODES)
+    assert (default.compat, default.zero_acc, default.first_window) == (
+        ('reference',) * 3
+    )
+    for kw in (
+        dict(compat='reference'),
+        dict(zero_acc='reference', first_window='reference'),
+    ):
+        sea = _sea(**kw, early_stop=False)
+        assert (sea.compat, sea.zero_acc, sea.first_window) == ('reference',) * 3
+        for member in sea.attacks.values():
+            assert (member.zero_acc, member.first_window) == ('reference',) * 2
+            assert member.early_stop is False
+    one = _sea(zero_acc='leave')
+    for member in one.attacks.values():
+        assert (member.zero_acc, member.first_window) == ('leave', 'reference')
+    with pytest.raises(ValueError, match="compat='reference' sets first_window"):
+        _sea(compat='reference', first_window='paper')
+    # the members run with the options: SEA's members equal APGDLargeEps alone
+    net, x, y = problem
+    sea = _sea(compat='reference')
+    outs = sea.run_all(net, x, y, seeds=SEEDS)
+    for a, (name, attack) in enumerate(sea.attacks.items()):
+        alone = APGDLargeEps(
+            eps=8, n_iter=10, loss=attack.objective, compat='reference'
+        ).run(net, x, y, seeds=derive_seeds(SEEDS, a))
+        assert torch.equal(alone.adv_images, outs[name].adv_images), name

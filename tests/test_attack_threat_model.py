@@ -162,3 +162,17 @@ def test_direction():
     d = ThreatModel(8, 'L2').direction(g)
     assert torch.allclose(d[0].flatten(), torch.tensor([0.6, -0.8, 0.0]))
     assert torch.equal(d[1], torch.zeros_like(d[1]))  # zero gradient, zero step
+
+
+def test_eps_unit_checks():
+    with pytest.warns(
+        UserWarning, match=r'eps=0\.5 means 0\.5/255; did you mean eps=127\.5'
+    ):
+        assert check_eps(0.5) == 0.5
+    with pytest.raises(ValueError, match=r'larger than the whole pixel range.*eps=8\?'):
+        check_eps(2040, 'Linf')
+    assert check_eps(2040) == 2040  # without a norm: no bound
+    assert check_eps(2040, 'L2') == 2040
+    assert check_eps(255, 'Linf') == 255
+    with pytest.raises(ValueError, match='larger than the whole pixel range'):
+        ThreatModel(eps=300, norm='inf')

@@ -7,7 +7,7 @@ schedule logic, so it can be tested without a model; :func:`apgd_run` is the
 optimiser loop shared by :class:`APGD` and :class:`APGDLargeEps`.
 """
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -29,17 +29,82 @@ from .objectives import Objective
 from .threat_model import ThreatModel
 
 __all__ = [
+    'DEFAULT_MODES',
+    'FIRST_WINDOW_MODES',
+    'ZERO_ACC_MODES',
     'APGD',
     'APGDLargeEps',
     'APGDStepSizeControl',
     'apgd_checkpoints',
     'apgd_run',
     'radius_schedule',
+    'resolve_modes',
     'step_size_halving',
 ]
 
 LossConfig = Union[str, dict, Objective]
 _MOMENTUM = 0.75  # APGD's momentum a (section 3.2)
+
+#: ``zero_acc``: what happens to an image once its pixel accuracy is 0.
+#: ``'leave'``: it keeps its first accuracy-0 iterate (and, with ``early_stop``,
+#: leaves the batch); ``'reference'``: it is optimised on and the newest
+#: accuracy-0 iterate is returned, as in the SEA reference code.
+ZERO_ACC_MODES = ('leave', 'reference')
+#: ``first_window``: how condition (a) counts the first step of a run.
+#: ``'paper'``: an increase iff ``CE(x_1) > CE(x_0)``; ``'reference'``: an
+#: increase iff ``CE(x_1) > 0`` (the reference compares with a row of zeros).
+FIRST_WINDOW_MODES = ('paper', 'reference')
+#: What ``compat=None`` (or ``'default'``) and ``compat='reference'`` select.
+#: Both 'reference': in benchmarks/compare_apgd_modes.py (results under
+#: benchmarks/results/) 'leave'/'paper' gave a higher (weaker) worst-case mIoU than
+#: the reference's options in 9 of 24 runs, a lower one in 5 (docs/algorithms.md
+#: section 3.2), and no clear saving of time.
+DEFAULT_MODES = dict(zero_acc='reference', first_window='reference')
+_COMPAT = {
+    None: DEFAULT_MODES,
+    'default': DEFAULT_MODES,
+    'reference': dict(zero_acc='reference', first_window='reference'),
+}
+
+
+def resolve_modes(
+    compat: Optional[str],
+    zero_acc: Optional[str],
+    first_window: Optional[str],
+    owner: str = 'APGD',
+) -> Tuple[Optional[str], str, str]:
+    """``(compat, zero_acc, first_window)`` of an APGD-based attack.
+
+    ``compat`` (``None``/``'default'`` or ``'reference'``) gives the values of the
+    options left as None; an explicit value that contradicts
+    ``compat='reference'`` is an error (the result would not be the
+    reference's).
+
+    Example:
+        >>> resolve_modes('reference', None, None)
+        ('reference', 'reference', 'reference')
+    """
+    if compat not in _COMPAT:
+        raise ValueError(
+            f"{owner}: compat must be None, 'default' or 'reference', got {compat!r}"
+        )
+    modes = dict(_COMPAT[compat])
+    for name, value, allowed in (
+        ('zero_acc', zero_acc, ZERO_ACC_MODES),
+        ('first_window', first_window, FIRST_WINDOW_MODES),
+    ):
+        if value is None:
+            continue
+        if value not in allowed:
+            raise ValueError(f'{owner}: {name} must be one of {allowed}, got {value!r}')
+        if compat == 'reference' and value != modes[name]:
+            raise ValueError(
+                f"{owner}: compat='reference' sets {name}='reference', got "
+                f'{name}={value!r}; drop one of the two'
+            )
+        modes[name] = value
+    both = modes['zero_acc'] == modes['first_window'] == 'reference'
+    return ('reference' if both else None), modes['zero_acc'], modes['first_window']
 
 
 # --------------------------------------------------------------------------------
@@ -115,11 +180,25 @@ class APGDStepSizeControl:
     that iterate and its gradient as ``x_best``) and, at a checkpoint, which images
     halve their step (they restart from ``x_best``).
 
+    Condition (a) counts, in each window, the steps whose CE is above the CE of the
+    iterate before. ``first_window`` says how the very first step of the run
+    (``x_0 -> x_1``) is counted:
+
+    - ``'paper'``: like every other step, an increase iff ``CE(x_1) > CE(x_0)``
+      (the consecutive-iterate count of the APGD paper);
+    - ``'reference'``: an increase iff ``CE(x_1) > 0``, i.e. practically always
+      (the SEA reference and AutoAttack code compare ``CE(x_1)`` with a row of
+      zeros). When ``CE(x_1) <= CE(x_0)`` the first window then counts one
+      increase more than in ``'paper'`` mode, which can avoid a halving by
+      condition (a) at the first checkpoint. Later windows are the same.
+
     Args:
         n_iter (int): iterations of the run.
         ce0 (Tensor): per-image CE at the starting point ``x_0``, ``(B,)``.
         eta0 (float): initial step size in ``[0, 1]`` units (``2 * radius``).
         rho (float): condition (a) threshold. Default: 0.75.
+        first_window (str): ``'paper'`` or ``'reference'``, see above.
+            Default: ``'paper'``.
 
     Example:
         >>> ctl = APGDStepSizeControl(90, ce0, eta0=2 * 8 / 255)
@@ -127,13 +206,24 @@ class APGDStepSizeControl:
     """
 
     def __init__(
-        self, n_iter: int, ce0: Tensor, eta0: float, rho: float = 0.75
+        self,
+        n_iter: int,
+        ce0: Tensor,
+        eta0: float,
+        rho: float = 0.75,
+        first_window: str = 'paper',
     ) -> None:
+        if first_window not in FIRST_WINDOW_MODES:
+            raise ValueError(
+                f'first_window must be one of {FIRST_WINDOW_MODES}, got '
+                f'{first_window!r}'
+            )
         checks, windows = _apgd_windows(n_iter)
         self._windows = dict(zip(checks, windows))
         self.rho = rho
         self.eta = torch.full_like(ce0, eta0)
-        self.ce_prev = ce0
+        # the CE the next iterate is compared with, for condition (a)
+        self.ce_prev = ce0 if first_window == 'paper' else torch.zeros_like(ce0)
         self.ce_best = ce0
         self.ce_best_at_last_check = ce0
         self.n_increases = torch.zeros_like(ce0)
@@ -255,6 +345,8 @@ def apgd_run(
     early_stop: bool = True,
     predict_output: bool = True,
     stats: Optional[dict] = None,
+    zero_acc: str = 'leave',
+    first_window: str = 'paper',
 ) -> AttackOutput:
     """One APGD run of ``n_iter`` iterations at ``radius`` (section 3.2).
 
@@ -267,20 +359,32 @@ def apgd_run(
         radius (float): radius in ``[0, 1]`` units.
         n_iter (int): iterations; ``n_iter + 1`` forwards, ``n_iter`` backwards.
         rho (float): step-size condition (a) threshold. Default: 0.75.
-        early_stop (bool): images whose accuracy reached 0 leave the batch (their
-            returned point can no longer change). Default: True.
+        early_stop (bool): skip work. With ``zero_acc='leave'``: an image whose
+            accuracy reached 0 leaves the batch (its returned point can no
+            longer change, so the result is the same). With
+            ``zero_acc='reference'``: the run ends when every image of the batch
+            has reached accuracy 0 (as the reference; the result of an image
+            then depends on the other images of its batch). Default: True.
         predict_output (bool): spend one forward on the prediction (and the
             ``final_*`` statistics) at the returned point; without it
             ``adv_pred`` is None (the intermediate stages of
             :class:`APGDLargeEps` need only the point). Default: True.
         stats (dict, optional): ``start_*`` statistics of an earlier stage; else
             they are taken at this run's first iterate.
+        zero_acc (str): ``'leave'``: an image keeps its first accuracy-0
+            iterate; ``'reference'``: it keeps being optimised and the newest
+            accuracy-0 iterate is returned. Default: ``'leave'``.
+        first_window (str): count of the first step by condition (a), see
+            :class:`APGDStepSizeControl`. Default: ``'paper'``.
 
     Returns:
         AttackOutput: per image the iterate with the lowest pixel accuracy (ties:
-        the newer one, but the first accuracy-0 iterate is kept) and its
-        prediction.
+        the newer one; at accuracy 0 the first one with ``zero_acc='leave'``)
+        and its prediction.
     """
+    if zero_acc not in ZERO_ACC_MODES:
+        raise ValueError(f'zero_acc must be one of {ZERO_ACC_MODES}, got {zero_acc!r}')
+    leave = zero_acc == 'leave'
     out_x = x0.detach().clone()
     start = None if stats is not None else {}
     grad, ce, n_correct = _evaluate(
@@ -300,11 +404,15 @@ def apgd_run(
     x_a, x_adv, x_prev = x, out_x.clone(), out_x.clone()
     x_best, g_best = x_adv, grad
     ret_n, ret_x = n_correct, x_adv
-    ctl = APGDStepSizeControl(n_iter, ce, 2.0 * radius, rho)
+    ctl = APGDStepSizeControl(n_iter, ce, 2.0 * radius, rho, first_window)
     with torch.no_grad():
         project = tm.projector(x_a, radius)
     for i in range(n_iter):
-        if early_stop:
+        if early_stop and not leave:
+            # the reference's early stop: only once every image is at 0
+            if not bool(ret_n.any()):
+                break
+        elif early_stop:
             done = ret_n == 0  # one sync per iteration, none per image
             if bool(done.any()):
                 pos = torch.nonzero(done).squeeze(1) if idx is None else idx[done]
@@ -339,7 +447,7 @@ def apgd_run(
         # the last iterate needs no backward pass
         g, ce, n_correct = _evaluate(t_a, objective, x_adv, i + 2, n_iter, not last)
         with torch.no_grad():
-            upd = better_iterate(n_correct, ret_n)
+            upd = better_iterate(n_correct, ret_n, newest_at_zero=not leave)
             ret_n = torch.where(upd, n_correct, ret_n)
             ret_x = torch.where(bcast(upd, x_adv), x_adv, ret_x)
             if last:
@@ -382,8 +490,25 @@ class APGD(Attack):
             Default: 100.
         loss (str | dict | Objective): objective (section 2). Default: ``'CE'``.
         rho (float): step-size condition (a) threshold. Default: 0.75.
-        early_stop (bool): images whose pixel accuracy reached 0 leave the batch;
-            same result, less compute. Default: True.
+        early_stop (bool): skip work that ``zero_acc`` allows skipping (see
+            :func:`apgd_run`): with ``'leave'`` images at accuracy 0 leave the
+            batch (no effect on the result); with ``'reference'`` a run ends once
+            every image of the batch is at accuracy 0 (the reference's stop; an
+            image's result then depends on its batch). Default: True.
+        zero_acc (str, optional): ``'leave'``: an image that reached accuracy 0
+            keeps its first accuracy-0 iterate and is no longer optimised
+            (faster); ``'reference'``: it keeps being optimised (momentum,
+            restarts) and the newest accuracy-0 iterate is returned, as in the SEA
+            reference. Its accuracy is 0 either way, but its predicted classes
+            (hence the mIoU) and the next stage's starting point differ.
+            Default: from ``compat``.
+        first_window (str, optional): how the first step of each run counts for
+            step-size condition (a) (:class:`APGDStepSizeControl`): ``'paper'``
+            (``CE(x_1) > CE(x_0)``) or ``'reference'`` (always an increase).
+            Default: from ``compat``.
+        compat (str, optional): ``'reference'`` sets ``zero_acc`` and
+            ``first_window`` to ``'reference'``; None (or ``'default'``) gives
+            them the defaults :data:`DEFAULT_MODES`. Default: None.
         ignore_index (int): label value that never counts. Default: 255.
 
     :meth:`run` also takes ``init`` ``(B, 3, H, W)``: a starting point (projected
@@ -407,9 +532,15 @@ class APGD(Attack):
         early_stop: bool = True,
         ignore_index: int = 255,
         n_iter: Optional[int] = None,
+        zero_acc: Optional[str] = None,
+        first_window: Optional[str] = None,
+        compat: Optional[str] = None,
     ) -> None:
         super().__init__(eps, norm, ignore_index)
         self.steps = resolve_steps(steps, n_iter, 100, type(self).__name__)
+        self.compat, self.zero_acc, self.first_window = resolve_modes(
+            compat, zero_acc, first_window, type(self).__name__
+        )
         self.rho = float(rho)
         self.early_stop = bool(early_stop)
         self.objective = self._build_objective(loss)
@@ -417,7 +548,8 @@ class APGD(Attack):
     def __repr__(self) -> str:
         return (
             f'{type(self).__name__}(eps={self.eps:g}, norm={self.norm!r}, '
-            f'steps={self.steps}, loss={self.objective!r})'
+            f'steps={self.steps}, loss={self.objective!r}, '
+            f'zero_acc={self.zero_acc!r}, first_window={self.first_window!r})'
         )
 
     def objectives(self) -> List[Objective]:
@@ -431,19 +563,18 @@ class APGD(Attack):
         valid: Optional[Tensor] = None,
         seeds: Optional[Sequence[int]] = None,
         init: Optional[Tensor] = None,
+        progress: Optional[Callable[[str], None]] = None,
     ) -> AttackOutput:
-        """Attack a batch; ``init`` (optional) replaces the random start."""
-        x, target, seeds = self._prepare(model, images, labels, valid, seeds)
+        """Attack a batch (see :meth:`Attack.run`); ``init`` (optional)
+        replaces the random start."""
         if init is not None:
             if not isinstance(init, Tensor) or init.shape != images.shape:
                 raise ValueError(
                     f'init must be a tensor of the images shape '
                     f'{tuple(images.shape)}, got {getattr(init, "shape", init)}'
                 )
-            init = init.detach().to(device=x.device, dtype=torch.float32)
-        with torch.enable_grad():
-            out = self._attack(target, x, seeds, init)
-        return self._finish(out, images)
+            init = init.detach().to(device=images.device, dtype=torch.float32)
+        return self._run(model, images, labels, valid, seeds, progress, init=init)
 
     def _attack(self, target, x, seeds, init=None) -> AttackOutput:
         tm = self.threat_model
@@ -461,6 +592,8 @@ class APGD(Attack):
             self.steps,
             self.rho,
             self.early_stop,
+            zero_acc=self.zero_acc,
+            first_window=self.first_window,
         )
 
 
@@ -488,9 +621,29 @@ class APGDLargeEps(Attack):
         iter_fractions (sequence of float): iteration fraction of every stage but
             the last. Default: ``(0.3, 0.3)``.
         rho (float): step-size condition (a) threshold. Default: 0.75.
-        early_stop (bool): within a stage, images whose accuracy reached 0 leave
-            the batch; same result, less compute. Default: True.
+        early_stop (bool): skip work that ``zero_acc`` allows skipping (see
+            :func:`apgd_run`): with ``'leave'`` images at accuracy 0 leave the
+            batch (no effect on the result); with ``'reference'`` a stage ends once
+            every image of the batch is at accuracy 0 (the reference's stop; an
+            image's result then depends on its batch). Default: True.
+        zero_acc (str, optional): ``'leave'``: an image that reached accuracy 0
+            keeps its first accuracy-0 iterate and is no longer optimised
+            (faster); ``'reference'``: it keeps being optimised (momentum,
+            restarts) and the newest accuracy-0 iterate is returned, as in the SEA
+            reference. Its accuracy is 0 either way, but its predicted classes
+            (hence the mIoU) and the next stage's starting point differ.
+            Default: from ``compat``.
+        first_window (str, optional): how the first step of each stage counts for
+            step-size condition (a) (:class:`APGDStepSizeControl`): ``'paper'``
+            (``CE(x_1) > CE(x_0)``) or ``'reference'`` (always an increase).
+            Default: from ``compat``.
+        compat (str, optional): ``'reference'`` sets ``zero_acc`` and
+            ``first_window`` to ``'reference'``; None (or ``'default'``) gives
+            them the defaults :data:`DEFAULT_MODES`. Default: None.
         ignore_index (int): label value that never counts. Default: 255.
+
+    :meth:`run`'s ``progress`` callback receives ``'stage k/n: radius r/255, m
+    iterations'`` at the start of each stage.
 
     Shapes: images ``(B, 3, H, W)`` in ``[0, 1]``, labels long ``(B, H, W)``,
     valid bool ``(B, H, W)``; ``model(images)`` returns logits ``(B, K, H, W)``.
@@ -512,9 +665,15 @@ class APGDLargeEps(Attack):
         early_stop: bool = True,
         ignore_index: int = 255,
         n_iter: Optional[int] = None,
+        zero_acc: Optional[str] = None,
+        first_window: Optional[str] = None,
+        compat: Optional[str] = None,
     ) -> None:
         super().__init__(eps, norm, ignore_index)
         self.steps = resolve_steps(steps, n_iter, 300, type(self).__name__)
+        self.compat, self.zero_acc, self.first_window = resolve_modes(
+            compat, zero_acc, first_window, type(self).__name__
+        )
         self.radius_factors = tuple(float(f) for f in radius_factors)
         self.iter_fractions = tuple(float(f) for f in iter_fractions)
         self.stages = radius_schedule(
@@ -528,7 +687,8 @@ class APGDLargeEps(Attack):
         return (
             f'{type(self).__name__}(eps={self.eps:g}, norm={self.norm!r}, '
             f'steps={self.steps}, loss={self.objective!r}, '
-            f'stages={self.stages})'
+            f'stages={self.stages}, zero_acc={self.zero_acc!r}, '
+            f'first_window={self.first_window!r})'
         )
 
     def objectives(self) -> List[Objective]:
@@ -537,7 +697,12 @@ class APGDLargeEps(Attack):
     def _attack(self, target, x, seeds) -> AttackOutput:
         tm = self.threat_model
         out, stats = None, None
+        n = len(self.stages)
         for stage, (n_stage, eps_stage) in enumerate(self.stages):
+            its = 'iteration' if n_stage == 1 else 'iterations'
+            self.report(
+                f'stage {stage + 1}/{n}: radius {eps_stage:g}/255, {n_stage} {its}'
+            )
             radius = eps_stage / 255.0
             with torch.no_grad():
                 if stage == 0:
@@ -557,6 +722,8 @@ class APGDLargeEps(Attack):
                 self.early_stop,
                 predict_output=last,
                 stats=stats,
+                zero_acc=self.zero_acc,
+                first_window=self.first_window,
             )
             stats = out.stats
         return out

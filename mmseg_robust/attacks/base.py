@@ -3,13 +3,16 @@
 An attack sees a *pixel-space model view*: any callable ``model(images) -> logits``
 with images ``(B, 3, H, W)`` in ``[0, 1]`` and logits ``(B, K, H', W')`` at the
 resolution of the labels ``(B, H', W')`` (usually ``H' = H``, ``W' = W``).
-Attacks never switch the model's mode and never touch parameter gradients: they
-differentiate the objective w.r.t. the input only (``torch.autograd.grad``), in
-fp32, under ``torch.enable_grad()``.
+Attacks never touch parameter gradients: they differentiate the objective w.r.t.
+the input only (``torch.autograd.grad``), in fp32, under ``torch.enable_grad()``.
+A model (``nn.Module``, or a view holding one as ``.model``) left in train mode is
+attacked in eval mode and put back in train mode afterwards, with a warning, so its
+BatchNorm buffers are untouched and dropout does not randomise the attack.
 """
 
 import contextlib
 import copy
+import warnings
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
@@ -188,13 +191,19 @@ def input_gradient(objective: Tensor, x: Tensor) -> Tensor:
     return torch.zeros_like(x) if grad is None else grad
 
 
-def better_iterate(n_correct: Tensor, best_n_correct: Tensor) -> Tensor:
+def better_iterate(
+    n_correct: Tensor, best_n_correct: Tensor, newest_at_zero: bool = False
+) -> Tensor:
     """Whether a new iterate replaces the returned one, per image (section 3.2).
 
-    Lower pixel accuracy wins; ties go to the newer iterate, except at accuracy 0:
-    an image that reached accuracy 0 keeps that point, so it can leave the batch
-    without changing the result. Comparing correct-pixel counts is exact.
+    Lower pixel accuracy wins; ties go to the newer iterate, except at accuracy 0
+    unless ``newest_at_zero``: by default an image that reached accuracy 0 keeps
+    that point (so it can leave the batch); with ``newest_at_zero`` (APGD's
+    ``zero_acc='reference'``) every later accuracy-0 iterate replaces it, as in
+    the SEA reference. Comparing correct-pixel counts is exact.
     """
+    if newest_at_zero:
+        return n_correct <= best_n_correct
     return (n_correct < best_n_correct) | (
         (n_correct == best_n_correct) & (best_n_correct > 0)
     )
@@ -229,11 +238,47 @@ def output_at(
         )
 
 
+_TRAIN_MODE_WARNING = (
+    'the model is in train mode: BatchNorm statistics would change and dropout '
+    'would randomise the attack; attacking in eval mode (model.eval()) and '
+    'restoring train mode afterwards'
+)
+
+
+def _modules_of(model) -> List[torch.nn.Module]:
+    """The ``nn.Module`` a model view is or wraps (``.model``), if any."""
+    found = []
+    for m in (model, getattr(model, 'model', None)):
+        if isinstance(m, torch.nn.Module) and all(m is not f for f in found):
+            found.append(m)
+    return found
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Run the block with the model's module(s) in eval mode, then restore every
+    submodule's own ``training`` flag; warns when a module was in train mode.
+    A view without a module (a plain callable) is left alone."""
+    flags = [(sub, sub.training) for m in _modules_of(model) for sub in m.modules()]
+    if not any(training for _, training in flags):
+        yield
+        return
+    warnings.warn(_TRAIN_MODE_WARNING, UserWarning, stacklevel=5)
+    for sub, _ in flags:
+        sub.training = False
+    try:
+        yield
+    finally:
+        for sub, training in flags:
+            sub.training = training
+
+
 def resolve_steps(
     steps: Optional[int], n_iter: Optional[int], default: int, owner: str
 ) -> int:
     """The iteration count of an attack: ``steps``, or its alias ``n_iter`` (the
-    SEA/APGD reference's name); both given and different is an error."""
+    SEA/APGD reference's name); both given and different is an error, and so is
+    0 (the attack would return its starting point)."""
     name = 'steps'
     if n_iter is not None:
         if steps is not None and steps != n_iter:
@@ -250,7 +295,13 @@ def resolve_steps(
         or int(steps) != steps
         or steps < 0
     ):
-        raise ValueError(f'{owner}: {name} must be an int >= 0, got {steps!r}')
+        raise ValueError(f'{owner}: {name} must be an int >= 1, got {steps!r}')
+    if steps == 0:
+        raise ValueError(
+            f'{owner}: {name}=0 is zero iterations: the attack would return the '
+            f'clean images (or its random start) unchanged; give {name} >= 1 '
+            '(for clean numbers use eps=0 or evaluate without attack)'
+        )
     return int(steps)
 
 
@@ -319,18 +370,27 @@ class Attack:
 
         Args:
             progress (callable, optional): called with a short text (e.g. the
-                name of the ensemble member starting) as the attack goes on.
+                name of the ensemble member starting, an APGD stage) as the
+                attack goes on.
+
+        A model left in train mode (an ``nn.Module``, or a view with the module
+        as ``.model``) is attacked in eval mode, with a warning, and put back in
+        train mode afterwards: its buffers are not changed by the attack.
 
         Returns:
             AttackOutput: ``adv_images`` ``(B, 3, H, W)`` in ``[0, 1]`` (in the
             dtype of ``images``), ``adv_pred`` long ``(B, H, W)``, ``stats``
             and, for ensembles, ``members``.
         """
+        return self._run(model, images, labels, valid, seeds, progress)
+
+    def _run(self, model, images, labels, valid, seeds, progress, **kwargs):
+        """:meth:`run` with extra keyword arguments for :meth:`_attack`."""
         x, target, seeds = self._prepare(model, images, labels, valid, seeds)
         self._progress = progress
         try:
-            with torch.enable_grad():
-                out = self._attack(target, x, seeds)
+            with eval_mode(model), torch.enable_grad():
+                out = self._attack(target, x, seeds, **kwargs)
         finally:
             self._progress = None
         return self._finish(out, images)

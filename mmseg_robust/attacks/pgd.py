@@ -76,7 +76,7 @@ class PGD(Attack):
         super().__init__(eps, norm, ignore_index)
         self.steps = resolve_steps(steps, n_iter, 10, type(self).__name__)
         if step_size is None:
-            step_size = 2.5 * self.eps / self.steps if self.steps else 0.0
+            step_size = 2.5 * self.eps / self.steps
         if float(step_size) < 0:
             raise ValueError(f'step_size must be >= 0 (/255 units), got {step_size}')
         self.step_size = float(step_size)
@@ -121,8 +121,6 @@ class PGD(Attack):
         # The final iterate still needs its prediction: one forward, no backward.
         with torch.no_grad():
             s = target.evaluate(x_adv, step=self.steps + 1, total_steps=self.steps)
-            if self.steps == 0:
-                stats.update(batch_stats(s, 'start'))
         if not self.best_iterate:
             stats.update(batch_stats(s, 'final'))
             return AttackOutput(x_adv, s.pred, stats)

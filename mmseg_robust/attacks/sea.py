@@ -8,7 +8,7 @@ from torch import Tensor
 
 from mmseg_robust.registry import ATTACKS
 
-from .apgd import APGDLargeEps
+from .apgd import APGDLargeEps, resolve_modes
 from .base import (
     Attack,
     AttackOutput,
@@ -65,9 +65,26 @@ class SEA(Attack):
         class_weights (str | sequence of float, optional): Mask-CE-Bal class
             weights, ``'voc'`` | ``'ade20k'`` | a list of K weights; required when
             Mask-CE-Bal is among ``losses`` (unless its dict config has them).
-        early_stop (bool): images whose accuracy reached 0 leave a stage's batch;
-            same result, less compute. Default: True.
+        early_stop (bool): skip work that ``zero_acc`` allows skipping: with
+            ``'leave'`` images at accuracy 0 leave a stage's batch (no effect on
+            the result); with ``'reference'`` a stage ends once every image of the
+            batch is at accuracy 0 (as the reference). Default: True.
+        zero_acc (str, optional): ``'leave'`` or ``'reference'``: whether an
+            image at accuracy 0 keeps its first accuracy-0 iterate and stops
+            being optimised, or is optimised on and returns its newest one (the
+            reference). See :class:`APGDLargeEps`. Default: from ``compat``.
+        first_window (str, optional): ``'paper'`` or ``'reference'``: the count
+            of the first step of each stage by the step-size control (see
+            :class:`~mmseg_robust.attacks.APGDStepSizeControl`). Default: from
+            ``compat``.
+        compat (str, optional): ``'reference'`` sets both options to
+            ``'reference'``, reproducing the SEA reference's optimiser; None
+            (or ``'default'``) gives both their defaults
+            (:data:`~mmseg_robust.attacks.apgd.DEFAULT_MODES`). Default: None.
         ignore_index (int): label value that never counts. Default: 255.
+
+    :meth:`run`'s ``progress`` callback receives each member's name as it starts
+    and the member's own progress (its stages) as ``'<name>: <text>'``.
 
     Shapes: images ``(B, 3, H, W)`` in ``[0, 1]``, labels long ``(B, H, W)``,
     valid bool ``(B, H, W)``; ``model(images)`` returns logits ``(B, K, H, W)``.
@@ -88,8 +105,15 @@ class SEA(Attack):
         early_stop: bool = True,
         ignore_index: int = 255,
         n_iter: Optional[int] = None,
+        zero_acc: Optional[str] = None,
+        first_window: Optional[str] = None,
+        compat: Optional[str] = None,
     ) -> None:
         super().__init__(eps, norm, ignore_index)
+        self.compat, self.zero_acc, self.first_window = resolve_modes(
+            compat, zero_acc, first_window, type(self).__name__
+        )
+        self.early_stop = bool(early_stop)
         if isinstance(losses, (str, dict)) or len(losses) == 0:
             raise ValueError(
                 f'losses must be a non-empty sequence of objectives, got {losses!r}'
@@ -105,6 +129,8 @@ class SEA(Attack):
                 loss=cfg,
                 early_stop=early_stop,
                 ignore_index=ignore_index,
+                zero_acc=self.zero_acc,
+                first_window=self.first_window,
             )
             name = base = f'APGD-{_loss_name(attack.objective)}'
             k = 2
@@ -115,7 +141,8 @@ class SEA(Attack):
     def __repr__(self) -> str:
         return (
             f'{type(self).__name__}(eps={self.eps:g}, norm={self.norm!r}, '
-            f'steps={self.steps}, attacks={list(self.attacks)})'
+            f'steps={self.steps}, attacks={list(self.attacks)}, '
+            f'zero_acc={self.zero_acc!r}, first_window={self.first_window!r})'
         )
 
     def objectives(self) -> List[Objective]:
@@ -143,7 +170,12 @@ class SEA(Attack):
         members = {}
         for a, (name, attack) in enumerate(self.attacks.items()):
             self.report(name)
-            members[name] = attack._attack(target, x, derive_seeds(seeds, a))
+            # the members run through _attack, not run(): hand them the callback
+            attack._progress = _prefixed(getattr(self, '_progress', None), name)
+            try:
+                members[name] = attack._attack(target, x, derive_seeds(seeds, a))
+            finally:
+                attack._progress = None
         outs = list(members.values())
         # worst case per image: lowest accuracy, i.e. fewest correct valid pixels
         # (the valid count is the same for every attack); argmin keeps the first.
@@ -167,6 +199,13 @@ class SEA(Attack):
                 batch_stats(target.evaluate(x), 'start'),
                 **batch_stats(target.evaluate(adv), 'final'),
             )
+
+
+def _prefixed(progress, name: str):
+    """``progress`` with each text prefixed by ``'<name>: '`` (None stays None)."""
+    if progress is None:
+        return None
+    return lambda text: progress(f'{name}: {text}')
 
 
 def _loss_name(objective: Objective) -> str:

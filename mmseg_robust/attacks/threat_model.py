@@ -7,6 +7,7 @@ is what the optimisers pass around.
 """
 
 import math
+import warnings
 from typing import List, Optional, Sequence
 
 import torch
@@ -38,8 +39,18 @@ def canonical_norm(norm: str) -> str:
     return _NORM_ALIASES[key]
 
 
-def check_eps(eps: float) -> float:
-    """Validate a radius in /255 units: a finite number >= 0."""
+def check_eps(eps: float, norm: Optional[str] = None) -> float:
+    """Validate a radius in /255 units: a finite number >= 0.
+
+    ``eps=0`` is allowed (the clean images). A radius in ``(0, 1)`` is most likely
+    given in ``[0, 1]`` units (``eps=0.03`` for 8/255): a warning says so. For L-inf
+    (``norm``), ``eps > 255`` is an error: the ball would be larger than the whole
+    pixel range (for L2 the pixel range's diameter depends on the image size, so
+    no bound is checked).
+
+    Raises:
+        ValueError: not a number, negative, not finite, or L-inf ``eps > 255``.
+    """
     try:
         value = float(eps)
     except (TypeError, ValueError):
@@ -50,6 +61,19 @@ def check_eps(eps: float) -> float:
         raise ValueError(
             f'eps must be finite and >= 0 (in /255 units, eps=8 means 8/255), '
             f'got {eps!r}'
+        )
+    if norm is not None and canonical_norm(norm) == 'Linf' and value > 255:
+        raise ValueError(
+            f'eps={value:g} is larger than the whole pixel range: eps is in /255 '
+            f'units (eps=8 means 8/255), so an L-inf eps above 255 allows any image; '
+            f'did you mean eps={value / 255:g}?'
+        )
+    if 0 < value < 1:
+        warnings.warn(
+            f'eps is in /255 units: eps={value:g} means {value:g}/255; did you '
+            f'mean eps={value * 255:.4g} ({value * 255:.4g}/255)?',
+            UserWarning,
+            stacklevel=3,
         )
     return value
 
@@ -82,8 +106,8 @@ class ThreatModel:
     """
 
     def __init__(self, eps: float = 8, norm: str = 'Linf') -> None:
-        self.eps = check_eps(eps)
         self.norm = canonical_norm(norm)
+        self.eps = check_eps(eps, self.norm)
 
     @property
     def radius(self) -> float:
