@@ -596,10 +596,13 @@ def test_first_window_reference_counts_the_first_step_as_an_increase():
 # ----------------------------------------------------------- options, compat
 def test_compat_reference_sets_both_options():
     for cls in (APGD, APGDLargeEps):
-        # the defaults are the reference's (DEFAULT_MODES)
+        # the defaults (DEFAULT_MODES): the reference's first window, but
+        # accuracy-0 images leave the batch (results independent of the batch)
         default = cls(eps=8, n_iter=10)
         assert (default.compat, default.zero_acc, default.first_window) == (
-            ('reference',) * 3
+            None,
+            'leave',
+            'reference',
         )
         fast = cls(eps=8, n_iter=10, zero_acc='leave', first_window='paper')
         assert (fast.compat, fast.zero_acc, fast.first_window) == (
@@ -614,10 +617,10 @@ def test_compat_reference_sets_both_options():
         one = cls(eps=8, n_iter=10, first_window='paper')
         assert (one.compat, one.zero_acc, one.first_window) == (
             None,
-            'reference',
+            'leave',
             'paper',
         )
-        assert cls(eps=8, n_iter=10, compat='default').zero_acc == 'reference'
+        assert cls(eps=8, n_iter=10, compat='default').zero_acc == 'leave'
         with pytest.raises(ValueError, match="compat='reference' sets zero_acc"):
             cls(eps=8, n_iter=10, compat='reference', zero_acc='leave')
         with pytest.raises(ValueError, match='compat must be'):

@@ -55,11 +55,14 @@ ZERO_ACC_MODES = ('leave', 'reference')
 #: increase iff ``CE(x_1) > 0`` (the reference compares with a row of zeros).
 FIRST_WINDOW_MODES = ('paper', 'reference')
 #: What ``compat=None`` (or ``'default'``) and ``compat='reference'`` select.
-#: Both 'reference': in benchmarks/compare_apgd_modes.py (results under
-#: benchmarks/results/) 'leave'/'paper' gave a higher (weaker) worst-case mIoU than
-#: the reference's options in 9 of 24 runs, a lower one in 5 (docs/algorithms.md
-#: section 3.2), and no clear saving of time.
-DEFAULT_MODES = dict(zero_acc='reference', first_window='reference')
+#: The default takes the reference's first-window count but keeps ``zero_acc=
+#: 'leave'``: with the reference's accuracy-0 handling a run stops when every
+#: image of the *batch* is at accuracy 0, so an image's result depends on its
+#: batch, which would break "1 process == N processes" and "resumed ==
+#: uninterrupted"; and neither variant was stronger in benchmarks/
+#: compare_apgd_modes.py ('leave' weaker in 4 of 24 runs, stronger in 5;
+#: docs/algorithms.md section 3.2).
+DEFAULT_MODES = dict(zero_acc='leave', first_window='reference')
 _COMPAT = {
     None: DEFAULT_MODES,
     'default': DEFAULT_MODES,

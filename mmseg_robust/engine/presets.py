@@ -148,8 +148,8 @@ def apply_robustness_evaluator(cfg: Config, spec: Optional[object] = None) -> Co
             self_checks=True, compat='default')``; ``compat='reference'`` turns
             on every behaviour of the SEA reference (its APGD and its worst-case
             greedy, reported first); options left out keep the preset's values
-            (``n_iter`` is an alias of ``steps``). Defaults to ``cfg.evaluator``; nothing happens when both
-            are missing.
+            (``n_iter`` is an alias of ``steps``). Defaults to
+            ``cfg.evaluator``; nothing happens when both are missing.
 
     Returns:
         Config: ``cfg``.
