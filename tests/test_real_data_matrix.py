@@ -47,12 +47,44 @@ SHRINK = {
 
 # Shipped configs: training config -> (dataset fixture, evaluation config or None
 # for --cfg-options evaluator=SEA).
+# The ConvNeXt-S-CvSt configs differ from their ConvNeXt-T-CvSt twins only in the
+# backbone's arch, drop-path rate and pretrained checkpoint
+# (test_convnext_s_configs_differ_from_t_only_in_the_backbone_size): once shrunk
+# they are the same run up to the drop-path rate, so only the T configs train here
+# (the S configs load and follow the protocol in tests/test_configs.py).
 TRAIN_CONFIGS = sorted(
     p
     for d in ('pirat', 'sat', 'ddcat')
     for p in glob.glob(osp.join(REPO, 'configs', d, '*.py'))
-    if not p.endswith('_sea.py')
+    if not p.endswith('_sea.py') and 'convnext-s-cvst' not in osp.basename(p)
 )
+
+
+def test_convnext_s_configs_differ_from_t_only_in_the_backbone_size():
+    from mmengine.config import Config
+
+    s_configs = sorted(
+        p
+        for p in glob.glob(osp.join(REPO, 'configs', 'pirat', '*convnext-s-cvst*.py'))
+        if not p.endswith('_sea.py')
+    )
+    assert len(s_configs) == 4
+    for path in s_configs:
+        small = Config.fromfile(path).to_dict()
+        tiny = Config.fromfile(path.replace('convnext-s-cvst', 'convnext-t-cvst'))
+        tiny = tiny.to_dict()
+        differ = {k for k in set(small) | set(tiny) if small.get(k) != tiny.get(k)}
+        assert differ == {'model'}, path
+        model_differ = {
+            k for k in small['model'] if small['model'][k] != tiny['model'].get(k)
+        }
+        assert model_differ == {'backbone'}, path
+        backbone_differ = {
+            k
+            for k in small['model']['backbone']
+            if small['model']['backbone'][k] != tiny['model']['backbone'].get(k)
+        }
+        assert backbone_differ == {'arch', 'drop_path_rate', 'init_cfg'}, path
 
 
 def _dataset_fixture(path):
