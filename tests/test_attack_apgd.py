@@ -12,6 +12,7 @@ from mmseg_robust.attacks import (
     radius_schedule,
     step_size_halving,
 )
+from mmseg_robust.attacks.apgd import STALL_HALVINGS, stall_patience
 from mmseg_robust.attacks.objectives import CrossEntropy
 from mmseg_robust.registry import ATTACKS
 
@@ -665,3 +666,112 @@ def test_zero_acc_modes_agree_on_single_image_batches(attack_models):
             for mode in ('leave', 'reference')
         ]
         assert torch.equal(outs[0].adv_images, outs[1].adv_images), i
+
+
+# ------------------------------------------- stalled images leave (stall_stop)
+class _FlatWhereMarked(torch.nn.Module):
+    """``net`` on the images whose pixel (0, 0) of channel 0 is below 0.5, and a
+    constant (input-independent) prediction on the others: there the gradient is
+    0, CE never improves and the step size halves at every checkpoint."""
+
+    def __init__(self, net, num_classes=4):
+        super().__init__()
+        self.net = net
+        bias = torch.linspace(1, 0, num_classes).view(1, -1, 1, 1)
+        self.register_buffer('bias', bias)
+
+    def forward(self, x):
+        flat = (x[:, 0, 0, 0] > 0.5).detach().view(-1, 1, 1, 1)
+        out = self.net(x)
+        return torch.where(flat, 0 * out + self.bias, out)
+
+
+def _stall_problem(attack_models, b=6):
+    """Images 0, 2, 4 are flat (they stall), the others are attacked normally."""
+    net = attack_models.tiny_net()
+    x, y = attack_models.batch(b=b, net=net, seed=2)
+    x[:, 0, 0, 0] = 0.0
+    x[::2, 0, 0, 0] = 1.0  # far from 0.5: the marker survives the attack
+    return _FlatWhereMarked(net).eval(), x, y, list(range(b))
+
+
+def test_stall_stop_is_off_by_default(problem):
+    net, x, y = problem
+    for attack in (APGD(), APGDLargeEps()):
+        assert attack.stall_stop is False and 'stall_stop' not in repr(attack)
+    on = APGD(n_iter=10, stall_stop=True)
+    assert on.stall_stop and 'stall_stop=True' in repr(on)
+    # False is the default: the same run
+    a = APGD(n_iter=20).run(net, x, y, seeds=SEEDS)
+    b = APGD(n_iter=20, stall_stop=False).run(net, x, y, seeds=SEEDS)
+    assert torch.equal(a.adv_images, b.adv_images)
+    for make in (APGD, APGDLargeEps):
+        with pytest.raises(ValueError, match="stall_stop needs zero_acc='leave'"):
+            make(stall_stop=True, compat='reference')
+
+
+def test_stall_stop_flat_images_leave_once_the_step_has_collapsed(attack_models):
+    """Every image flat: the batch leaves after the STALL_HALVINGS-th halving
+    (checkpoint) once ``stall_patience`` iterations passed without improvement,
+    with the same returned point as the full run."""
+    model, x, y, seeds = _stall_problem(attack_models)
+    x[:, 0, 0, 0] = 1.0  # all flat
+    n = 30
+    runs = {}
+    for stall in (False, True):
+        rec = attack_models.Recorder(model)
+        out = APGD(eps=8, n_iter=n, stall_stop=stall).run(rec, x, y, seeds=seeds)
+        runs[stall] = out, rec
+    (full, rec_full), (fast, rec_fast) = runs[False], runs[True]
+    assert (pixel_accuracy(full.adv_pred, y) > 0).all()  # none leaves at 0
+    assert torch.equal(full.adv_images, fast.adv_images)
+    assert torch.equal(full.adv_pred, fast.adv_pred)
+    # it leaves before update i = max(checkpoint of the 3rd halving + 1, patience)
+    leave = max(apgd_checkpoints(n)[STALL_HALVINGS - 1] + 1, stall_patience(n))
+    assert leave < n
+    assert rec_full.n_forward == n + 2
+    assert rec_fast.n_forward == leave + 2  # x_0 .. x_leave, and the prediction
+    assert rec_fast.n_backward == leave + 1  # x_0 .. x_leave each had a backward
+
+
+def test_stall_stop_returns_the_lowest_accuracy_iterate_so_far(attack_models):
+    """One image per run: the image leaves early on this problem, and its
+    returned point is the lowest-accuracy iterate among those it reached."""
+    net = attack_models.tiny_net()
+    x, y = attack_models.batch(b=6, net=net, seed=3)
+    n, left = 40, 0
+    for i in range(len(x)):
+        rec = attack_models.Recorder(net)
+        attack = APGD(eps=4, n_iter=n, stall_stop=True, loss=Wander())
+        out = attack.run(rec, x[i : i + 1], y[i : i + 1], seeds=[i])
+        iterates = rec.inputs[:-1]
+        assert torch.equal(rec.inputs[-1], out.adv_images)
+        left += len(iterates) < n + 1
+        accs = _iterate_accuracies(net, iterates, y[i : i + 1])[:, 0].tolist()
+        t = _lowest_accuracy_pick(accs)
+        assert torch.equal(out.adv_images, iterates[t]), i
+    assert left > 0, 'test is trivial: no image left early'
+
+
+def test_stall_stop_is_per_image(attack_models):
+    """Flat images leave, the others run on: each image's result is what it gets
+    alone or in another batch, and the flat ones get the full run's result."""
+    model, x, y, seeds = _stall_problem(attack_models)
+    for make in (
+        lambda s: APGD(eps=8, n_iter=30, stall_stop=s),
+        lambda s: APGDLargeEps(eps=8, n_iter=40, loss='Mask-CE', stall_stop=s),
+    ):
+        rec = attack_models.Recorder(model)
+        whole = make(True).run(rec, x, y, seeds=seeds)
+        assert min(len(t) for t in rec.inputs) < len(x)  # some images left
+        parts = [
+            make(True).run(model, x[idx], y[idx], seeds=[seeds[i] for i in idx])
+            for idx in ([0, 3], [1, 2, 5], [4])
+        ]
+        order = [0, 3, 1, 2, 5, 4]
+        for k, i in enumerate(order):
+            part = parts[0 if k < 2 else 1 if k < 5 else 2]
+            j = k if k < 2 else k - 2 if k < 5 else 0
+            assert torch.equal(whole.adv_images[i], part.adv_images[j]), i
+        full = make(False).run(model, x, y, seeds=seeds)
+        assert torch.equal(whole.adv_images[::2], full.adv_images[::2])

@@ -216,3 +216,21 @@ def test_apgd_options_reach_every_member(problem):
             eps=8, n_iter=10, loss=attack.objective, compat='reference'
         ).run(net, x, y, seeds=derive_seeds(SEEDS, a))
         assert torch.equal(alone.adv_images, outs[name].adv_images), name
+
+
+def test_stall_stop_reaches_every_member_and_keeps_seeds_batch_independent(
+    problem,
+):
+    assert _sea().stall_stop is False
+    assert all(not m.stall_stop for m in _sea().attacks.values())
+    sea = SEA(eps=8, n_iter=40, class_weights=WEIGHTS, stall_stop=True)
+    assert 'stall_stop=True' in repr(sea)
+    assert all(m.stall_stop for m in sea.attacks.values())
+    with pytest.raises(ValueError, match="stall_stop needs zero_acc='leave'"):
+        _sea(stall_stop=True, compat='reference')
+    net, x, y = problem
+    full = sea.run(net, x, y, seeds=SEEDS)
+    a = sea.run(net, x[:1], y[:1], seeds=SEEDS[:1])
+    b = sea.run(net, x[1:], y[1:], seeds=SEEDS[1:])
+    assert torch.equal(full.adv_images, torch.cat([a.adv_images, b.adv_images]))
+    assert torch.equal(full.adv_pred, torch.cat([a.adv_pred, b.adv_pred]))

@@ -31,6 +31,7 @@ from .threat_model import ThreatModel
 __all__ = [
     'DEFAULT_MODES',
     'FIRST_WINDOW_MODES',
+    'STALL_HALVINGS',
     'ZERO_ACC_MODES',
     'APGD',
     'APGDLargeEps',
@@ -39,6 +40,7 @@ __all__ = [
     'apgd_run',
     'radius_schedule',
     'resolve_modes',
+    'stall_patience',
     'step_size_halving',
 ]
 
@@ -63,6 +65,9 @@ FIRST_WINDOW_MODES = ('paper', 'reference')
 #: compare_apgd_modes.py ('leave' weaker in 4 of 24 runs, stronger in 5;
 #: docs/algorithms.md section 3.2).
 DEFAULT_MODES = dict(zero_acc='leave', first_window='reference')
+#: ``stall_stop``: an image's step size counts as collapsed once it has been
+#: halved this many times (``eta <= 2 r / 2**STALL_HALVINGS``).
+STALL_HALVINGS = 3
 _COMPAT = {
     None: DEFAULT_MODES,
     'default': DEFAULT_MODES,
@@ -140,6 +145,18 @@ def apgd_checkpoints(n_iter: int) -> List[int]:
         [18, 35, 50, 63, 74, 83]
     """
     return _apgd_windows(n_iter)[0]
+
+
+def stall_patience(n_iter: int) -> int:
+    """Iterations without improvement after which ``stall_stop`` lets an image
+    with a collapsed step size leave an APGD run of ``n_iter`` iterations: the
+    first (longest) window ``max(int(0.22 n), 1)`` (section 3.2).
+
+    Example:
+        >>> stall_patience(120)
+        26
+    """
+    return max(int(0.22 * n_iter), 1)
 
 
 def step_size_halving(
@@ -303,6 +320,16 @@ def radius_schedule(
     return [(n, float(f) * eps) for n, f in zip(sizes, radius_factors)]
 
 
+def _check_stall_stop(stall_stop, zero_acc: str, owner) -> bool:
+    """``bool(stall_stop)``; an error with ``zero_acc='reference'``."""
+    if stall_stop and zero_acc != 'leave':
+        raise ValueError(
+            f"{type(owner).__name__}: stall_stop needs zero_acc='leave' (with "
+            f"'reference' an image's result already depends on its batch)"
+        )
+    return bool(stall_stop)
+
+
 # --------------------------------------------------------------------------------
 # the optimiser loop (section 3.2)
 # --------------------------------------------------------------------------------
@@ -350,6 +377,7 @@ def apgd_run(
     stats: Optional[dict] = None,
     zero_acc: str = 'leave',
     first_window: str = 'paper',
+    stall_stop: bool = False,
 ) -> AttackOutput:
     """One APGD run of ``n_iter`` iterations at ``radius`` (section 3.2).
 
@@ -379,6 +407,12 @@ def apgd_run(
             accuracy-0 iterate is returned. Default: ``'leave'``.
         first_window (str): count of the first step by condition (a), see
             :class:`APGDStepSizeControl`. Default: ``'paper'``.
+        stall_stop (bool): an image whose step size has collapsed (halved at
+            least :data:`STALL_HALVINGS` times) and whose best CE and lowest
+            pixel accuracy have not improved for :func:`stall_patience`
+            iterations leaves the run with its returned point so far. Per image,
+            so its result does not depend on its batch; needs
+            ``zero_acc='leave'``. Default: False.
 
     Returns:
         AttackOutput: per image the iterate with the lowest pixel accuracy (ties:
@@ -388,6 +422,11 @@ def apgd_run(
     if zero_acc not in ZERO_ACC_MODES:
         raise ValueError(f'zero_acc must be one of {ZERO_ACC_MODES}, got {zero_acc!r}')
     leave = zero_acc == 'leave'
+    if stall_stop and not leave:
+        raise ValueError(
+            "stall_stop needs zero_acc='leave' (with 'reference' an image's result "
+            'already depends on its batch)'
+        )
     out_x = x0.detach().clone()
     start = None if stats is not None else {}
     grad, ce, n_correct = _evaluate(
@@ -408,6 +447,11 @@ def apgd_run(
     x_best, g_best = x_adv, grad
     ret_n, ret_x = n_correct, x_adv
     ctl = APGDStepSizeControl(n_iter, ce, 2.0 * radius, rho, first_window)
+    if stall_stop:
+        # collapsed step size: halved STALL_HALVINGS times (exact in floats)
+        eta_floor = 2.0 * radius * 0.5**STALL_HALVINGS
+        patience = stall_patience(n_iter)
+        stalled_for = torch.zeros_like(ret_n)  # iterations without improvement
     with torch.no_grad():
         project = tm.projector(x_a, radius)
     for i in range(n_iter):
@@ -415,8 +459,11 @@ def apgd_run(
             # the reference's early stop: only once every image is at 0
             if not bool(ret_n.any()):
                 break
-        elif early_stop:
-            done = ret_n == 0  # one sync per iteration, none per image
+        elif early_stop or stall_stop:
+            # one sync per iteration, none per image
+            done = ret_n == 0 if early_stop else torch.zeros_like(ret_n, dtype=bool)
+            if stall_stop:
+                done = done | ((ctl.eta <= eta_floor) & (stalled_for >= patience))
             if bool(done.any()):
                 pos = torch.nonzero(done).squeeze(1) if idx is None else idx[done]
                 out_x[pos] = ret_x[done]
@@ -428,6 +475,8 @@ def apgd_run(
                     t[keep]
                     for t in (x_a, x_adv, x_prev, grad, x_best, g_best, ret_n, ret_x)
                 )
+                if stall_stop:
+                    stalled_for = stalled_for[keep]
                 ctl.select(keep)
                 t_a = target.subset(idx)
                 with torch.no_grad():
@@ -451,11 +500,19 @@ def apgd_run(
         g, ce, n_correct = _evaluate(t_a, objective, x_adv, i + 2, n_iter, not last)
         with torch.no_grad():
             upd = better_iterate(n_correct, ret_n, newest_at_zero=not leave)
+            if stall_stop:
+                lower_acc = n_correct < ret_n
             ret_n = torch.where(upd, n_correct, ret_n)
             ret_x = torch.where(bcast(upd, x_adv), x_adv, ret_x)
             if last:
                 break
             improved, halved = ctl.update(i, ce)
+            if stall_stop:
+                stalled_for = torch.where(
+                    improved | lower_acc,
+                    torch.zeros_like(stalled_for),
+                    stalled_for + 1,
+                )
             x_best = torch.where(bcast(improved, x_adv), x_adv, x_best)
             g_best = torch.where(bcast(improved, g), g, g_best)
             grad = g
@@ -512,6 +569,12 @@ class APGD(Attack):
         compat (str, optional): ``'reference'`` sets ``zero_acc`` and
             ``first_window`` to ``'reference'``; None (or ``'default'``) gives
             them the defaults :data:`DEFAULT_MODES`. Default: None.
+        stall_stop (bool): opt-in speed-up: an image whose step size has
+            collapsed (halved :data:`STALL_HALVINGS` times) and whose best CE and
+            lowest accuracy have not improved for :func:`stall_patience`
+            iterations leaves the run with its returned point so far (a
+            different, cheaper attack; per image, so batch-independent; needs
+            ``zero_acc='leave'``). Default: False.
         ignore_index (int): label value that never counts. Default: 255.
 
     :meth:`run` also takes ``init`` ``(B, 3, H, W)``: a starting point (projected
@@ -538,6 +601,7 @@ class APGD(Attack):
         zero_acc: Optional[str] = None,
         first_window: Optional[str] = None,
         compat: Optional[str] = None,
+        stall_stop: bool = False,
     ) -> None:
         super().__init__(eps, norm, ignore_index)
         self.steps = resolve_steps(steps, n_iter, 100, type(self).__name__)
@@ -546,13 +610,15 @@ class APGD(Attack):
         )
         self.rho = float(rho)
         self.early_stop = bool(early_stop)
+        self.stall_stop = _check_stall_stop(stall_stop, self.zero_acc, self)
         self.objective = self._build_objective(loss)
 
     def __repr__(self) -> str:
         return (
             f'{type(self).__name__}(eps={self.eps:g}, norm={self.norm!r}, '
             f'steps={self.steps}, loss={self.objective!r}, '
-            f'zero_acc={self.zero_acc!r}, first_window={self.first_window!r})'
+            f'zero_acc={self.zero_acc!r}, first_window={self.first_window!r}'
+            f'{", stall_stop=True" if self.stall_stop else ""})'
         )
 
     def objectives(self) -> List[Objective]:
@@ -597,6 +663,7 @@ class APGD(Attack):
             self.early_stop,
             zero_acc=self.zero_acc,
             first_window=self.first_window,
+            stall_stop=self.stall_stop,
         )
 
 
@@ -643,6 +710,12 @@ class APGDLargeEps(Attack):
         compat (str, optional): ``'reference'`` sets ``zero_acc`` and
             ``first_window`` to ``'reference'``; None (or ``'default'``) gives
             them the defaults :data:`DEFAULT_MODES`. Default: None.
+        stall_stop (bool): opt-in speed-up: an image whose step size has
+            collapsed (halved :data:`STALL_HALVINGS` times) and whose best CE and
+            lowest accuracy have not improved for :func:`stall_patience`
+            iterations leaves the run (each stage) with its returned point so far (a
+            different, cheaper attack; per image, so batch-independent; needs
+            ``zero_acc='leave'``). Default: False.
         ignore_index (int): label value that never counts. Default: 255.
 
     :meth:`run`'s ``progress`` callback receives ``'stage k/n: radius r/255, m
@@ -671,6 +744,7 @@ class APGDLargeEps(Attack):
         zero_acc: Optional[str] = None,
         first_window: Optional[str] = None,
         compat: Optional[str] = None,
+        stall_stop: bool = False,
     ) -> None:
         super().__init__(eps, norm, ignore_index)
         self.steps = resolve_steps(steps, n_iter, 300, type(self).__name__)
@@ -684,6 +758,7 @@ class APGDLargeEps(Attack):
         )
         self.rho = float(rho)
         self.early_stop = bool(early_stop)
+        self.stall_stop = _check_stall_stop(stall_stop, self.zero_acc, self)
         self.objective = self._build_objective(loss)
 
     def __repr__(self) -> str:
@@ -691,7 +766,8 @@ class APGDLargeEps(Attack):
             f'{type(self).__name__}(eps={self.eps:g}, norm={self.norm!r}, '
             f'steps={self.steps}, loss={self.objective!r}, '
             f'stages={self.stages}, zero_acc={self.zero_acc!r}, '
-            f'first_window={self.first_window!r})'
+            f'first_window={self.first_window!r}'
+            f'{", stall_stop=True" if self.stall_stop else ""})'
         )
 
     def objectives(self) -> List[Objective]:
@@ -727,6 +803,7 @@ class APGDLargeEps(Attack):
                 stats=stats,
                 zero_acc=self.zero_acc,
                 first_window=self.first_window,
+                stall_stop=self.stall_stop,
             )
             stats = out.stats
         return out

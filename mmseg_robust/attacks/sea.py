@@ -81,6 +81,12 @@ class SEA(Attack):
             ``'reference'``, reproducing the SEA reference's optimiser; None
             (or ``'default'``) gives both their defaults
             (:data:`~mmseg_robust.attacks.apgd.DEFAULT_MODES`). Default: None.
+        stall_stop (bool): opt-in speed-up passed to every member: an image whose
+            step size has collapsed and whose best CE and lowest accuracy have not
+            improved for a window leaves the stage (see
+            :class:`APGDLargeEps`; docs/algorithms.md section 3.2). Not the
+            default: a different, cheaper attack (benchmarks/bench_fast_sea.py).
+            Default: False.
         ignore_index (int): label value that never counts. Default: 255.
 
     :meth:`run`'s ``progress`` callback receives each member's name as it starts
@@ -108,12 +114,14 @@ class SEA(Attack):
         zero_acc: Optional[str] = None,
         first_window: Optional[str] = None,
         compat: Optional[str] = None,
+        stall_stop: bool = False,
     ) -> None:
         super().__init__(eps, norm, ignore_index)
         self.compat, self.zero_acc, self.first_window = resolve_modes(
             compat, zero_acc, first_window, type(self).__name__
         )
         self.early_stop = bool(early_stop)
+        self.stall_stop = bool(stall_stop)
         if isinstance(losses, (str, dict)) or len(losses) == 0:
             raise ValueError(
                 f'losses must be a non-empty sequence of objectives, got {losses!r}'
@@ -131,6 +139,7 @@ class SEA(Attack):
                 ignore_index=ignore_index,
                 zero_acc=self.zero_acc,
                 first_window=self.first_window,
+                stall_stop=stall_stop,
             )
             name = base = f'APGD-{_loss_name(attack.objective)}'
             k = 2
@@ -142,7 +151,8 @@ class SEA(Attack):
         return (
             f'{type(self).__name__}(eps={self.eps:g}, norm={self.norm!r}, '
             f'steps={self.steps}, attacks={list(self.attacks)}, '
-            f'zero_acc={self.zero_acc!r}, first_window={self.first_window!r})'
+            f'zero_acc={self.zero_acc!r}, first_window={self.first_window!r}'
+            f'{", stall_stop=True" if self.stall_stop else ""})'
         )
 
     def objectives(self) -> List[Objective]:
