@@ -204,7 +204,13 @@ def test_shipped_config_loads(path):
 
 
 def test_every_base_file_is_used_by_a_shipped_config():
-    used, todo = set(), list(ALL_CONFIGS)
+    """Every file under configs/_base_ is inherited by a shipped config, or is an
+    evaluator preset that `--cfg-options evaluator=NAME` loads."""
+    from mmseg_robust.engine.presets import EVALUATOR_PRESETS, PRESET_DIR
+
+    presets = {osp.join(PRESET_DIR, f) for f in EVALUATOR_PRESETS.values()}
+    assert all(osp.isfile(p) for p in presets), presets
+    used, todo = set(presets), list(ALL_CONFIGS)
     while todo:
         for base in _base_files(todo.pop()):
             assert osp.isfile(base), base
