@@ -6,8 +6,9 @@ _base_ = './upernet_convnext-micro_synthetic.py'
 # PIR-AT's point is a pre-trained initialisation (a robust ImageNet backbone);
 # adversarial training from scratch on this data collapses to predicting
 # background. The synthetic counterpart: start from the trained clean small
-# model (run tools/train.py on upernet_convnext-micro_synthetic.py first, or pass
-# --cfg-options load_from=PATH) and train adversarially for 1000 iterations.
+# model and train adversarially. The clean model is written here by `make demo`
+# or by `python tools/train.py configs/synthetic/upernet_convnext-micro_synthetic.py`
+# (or pass --cfg-options load_from=PATH).
 load_from = 'work_dirs/upernet_convnext-micro_synthetic/iter_2000.pth'
 max_iters = 1000
 param_scheduler = [
