@@ -154,6 +154,16 @@ def test_missing_clean_model_names_the_command(tmp_path):
             str(tmp_path / 'w'),
             '--cfg-options',
             f'load_from={missing}',
+        ]
+        # a tiny dataset of its own (the train loop builds it first)
+        + [
+            f'{loader}.dataset.{key}'
+            for loader in ('train_dataloader', 'val_dataloader')
+            for key in (
+                f'data_root={tmp_path / "data"}',
+                'generator_cfg.splits.train=2',
+                'generator_cfg.splits.val=1',
+            )
         ],
         cwd=REPO,
         stdout=subprocess.PIPE,
