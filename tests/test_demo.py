@@ -98,12 +98,169 @@ def test_training_starts_from_clean_or_resumes(demo, tmp_path):
     # a fresh robust model starts from the clean weights, not resumed
     assert '--resume' not in cmd and f'load_from={clean}' in cmd
     assert 'train_cfg.max_iters=40' in cmd
-    assert d.checkpoint('SAT').endswith(osp.join('SAT', 'iter_40.pth'))
+    # other iterations than the config's: in the demo's work dir
+    assert d.checkpoint('SAT') == str(
+        tmp_path / 'work' / 'train' / 'SAT-40it' / 'iter_40.pth'
+    )
     # an interrupted one resumes from its own last checkpoint (mmengine's
     # --resume with load_from set would resume from the clean model instead)
-    work = tmp_path / 'work' / 'train' / 'SAT'
+    work = tmp_path / 'work' / 'train' / 'SAT-40it'
     work.mkdir(parents=True)
     (work / 'last_checkpoint').write_text(str(work / 'iter_10.pth'))
     cmd = d.train_cmd('SAT', clean)
     assert '--resume' in cmd and 'load_from=None' in cmd
     assert f'load_from={clean}' not in cmd
+
+
+def test_robust_configs_start_from_the_demos_clean_model(demo, tmp_path):
+    """With the configs' iterations the demo trains where tools/train.py does,
+    so the synthetic robust configs' load_from is the demo's clean model."""
+    from mmengine.config import Config
+
+    d = demo.Demo(_args(demo, tmp_path, '--train-root', 'work_dirs'))
+    clean = d.checkpoint('clean')
+    assert clean == osp.join(
+        REPO,
+        'work_dirs',
+        'upernet_convnext-micro_synthetic',
+        f'iter_{demo.config_iters(demo.CLEAN_CONFIG)}.pth',
+    )
+    for model, (config, _) in demo.MODELS.items():
+        if model == 'clean':
+            continue
+        cfg = Config.fromfile(osp.join(demo.CONFIG_DIR, config))
+        assert osp.join(REPO, cfg.load_from) == clean, config
+        # the configs' own schedule: no iteration overrides on the command line
+        assert not any('max_iters' in o for o in d.train_cmd(model, clean))
+        assert d.train_dir(model) == osp.join(
+            REPO, 'work_dirs', osp.splitext(config)[0]
+        )
+
+
+def test_missing_clean_model_names_the_command(tmp_path):
+    """The README's robust training command without the clean model: an error
+    that says which command writes it (load_from of the same form as the
+    config's, a checkpoint that does not exist)."""
+    import subprocess
+    import sys
+
+    missing = 'work_dirs/upernet_convnext-micro_synthetic/iter_999999.pth'
+    proc = subprocess.run(
+        [
+            sys.executable,
+            'tools/train.py',
+            'configs/synthetic/upernet_convnext-micro_pirat_synthetic.py',
+            '--work-dir',
+            str(tmp_path / 'w'),
+            '--cfg-options',
+            f'load_from={missing}',
+        ]
+        # a tiny dataset of its own (the train loop builds it first)
+        + [
+            f'{loader}.dataset.{key}'
+            for loader in ('train_dataloader', 'val_dataloader')
+            for key in (
+                f'data_root={tmp_path / "data"}',
+                'generator_cfg.splits.train=2',
+                'generator_cfg.splits.val=1',
+            )
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert f'load_from={missing} does not exist' in proc.stdout, proc.stdout[-3000:]
+    assert (
+        'python tools/train.py configs/synthetic/upernet_convnext-micro_synthetic.py'
+        in proc.stdout
+    )
+
+
+def test_threads_follow_the_jobs(demo):
+    def job(name, threads):
+        return demo.Job(name, [], '/nonexistent', 1.0, threads=threads)
+
+    clean = job('train clean', 'all')
+    sat, pirat = job('train SAT', 'share'), job('train PIR-AT', 'share')
+    sea1, sea2 = job('SEA clean', 'dynamic'), job('SEA SAT', 'dynamic')
+    assert demo.allocate([clean], 2, 2) == {'train clean': 2}
+    assert demo.allocate([sat, pirat], 2, 2) == {'train SAT': 1, 'train PIR-AT': 1}
+    # a robust training keeps its share (reproducible weights) ...
+    assert demo.allocate([sat], 2, 2) == {'train SAT': 1}
+    # ... a SEA run takes what is free
+    assert demo.allocate([sat, sea1], 2, 2) == {'train SAT': 1, 'SEA clean': 1}
+    assert demo.allocate([sea1], 2, 2) == {'SEA clean': 2}
+    assert demo.allocate([sea1, sea2], 4, 2) == {'SEA clean': 2, 'SEA SAT': 2}
+
+
+def test_schedule_keeps_the_cores_busy(demo):
+    """Longest chain first: the robust trainings before the clean model's SEA,
+    and the simulated schedule has no idle core until the last job."""
+    costs = {'train clean': 100, 'train DDC-AT': 300, 'train SAT': 200}
+    costs.update({'SEA clean': 150, 'SEA DDC-AT': 250, 'SEA SAT': 250})
+    jobs = {}
+    for name, cost in costs.items():
+        model = name.split()[1]
+        deps = (
+            []
+            if name == 'train clean'
+            else (['train clean'] if name.startswith('train') else [f'train {model}'])
+        )
+        threads = (
+            'all'
+            if name == 'train clean'
+            else ('share' if name.startswith('train') else 'dynamic')
+        )
+        jobs[name] = demo.Job(name, [], '/nonexistent', cost, deps, threads)
+    assert demo.pick(jobs, [], 2) == ['train clean']
+    jobs['train clean'].done = True
+    assert demo.pick(jobs, [], 2) == ['train DDC-AT', 'train SAT']
+    total = demo.simulate(jobs, [], 2, 2)
+    work = sum(c for n, c in costs.items() if n != 'train clean')
+    work += demo.STARTUP * (len(costs) - 1)
+    # two cores busy all along but for the tail (a lone SEA run uses both)
+    assert work / 2 <= total <= work / 2 * 1.15
+
+
+def test_child_applies_the_thread_count_on_a_signal(tmp_path):
+    """tools/demo.py --run-tool: the tool runs in the child with the threads
+    of the threads file, changed on SIGUSR1 while it runs."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / 'tool.py'
+    out = tmp_path / 'out.txt'
+    script.write_text(
+        'import time, torch\n'
+        'seen = []\n'
+        'for _ in range(200):\n'
+        '    seen.append(torch.get_num_threads())\n'
+        '    if len(set(seen)) > 1: break\n'
+        '    time.sleep(0.05)\n'
+        f'open({str(out)!r}, "w").write(" ".join(map(str, sorted(set(seen)))))\n'
+    )
+    threads = tmp_path / 'threads'
+    threads.write_text('1')
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            osp.join(REPO, 'tools', 'demo.py'),
+            '--run-tool',
+            str(threads),
+            str(script),
+        ],
+        cwd=REPO,
+    )
+    for _ in range(600):
+        if (tmp_path / 'threads.ready').exists():
+            break
+        time.sleep(0.05)
+    threads.write_text('2')
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(60) == 0
+    assert out.read_text() == '1 2'

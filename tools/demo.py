@@ -2,8 +2,8 @@
 
     python tools/demo.py [--work-dir work_dirs/demo] [--jobs 2]   (make demo)
 
-Stages, each skipped when its result is already in the work dir (so a rerun after
-an interruption finishes the rest; interrupted trainings and SEA runs resume):
+Steps (each skipped when its result is already there, so a rerun after an
+interruption finishes the rest; interrupted trainings and SEA runs resume):
 
 1. the synthetic dataset (generated, no download);
 2. clean training of the small UperNet-ConvNeXt;
@@ -13,19 +13,35 @@ an interruption finishes the rest; interrupted trainings and SEA runs resume):
 5. the report in ``WORK_DIR/report``: ``report.md``, ``report.json``,
    ``robustness_curve.png`` and a picture grid per model (``examples_<model>.png``).
 
+The trainings write where ``tools/train.py CONFIG`` does (``work_dirs/<config
+name>/``), so the README's commands for the synthetic configs (which start from
+``work_dirs/upernet_convnext-micro_synthetic/iter_<N>.pth``) continue from the
+demo's models; with other ``--clean-iters``/``--at-iters`` they go to
+``WORK_DIR/train/<model>-<N>it`` instead. SEA runs and the report are in WORK_DIR.
+
 Trainings and evaluations run as the stock ``tools/train.py`` / ``tools/test.py``
-in subprocesses, ``--jobs`` at a time (one thread each); their logs are in the work
-dir and a progress line (stage, iterations or images, ETA) is printed every few
-seconds. The defaults fit in about 15 minutes on 2 CPU cores; the SEA settings are
-reduced from the paper's (``--sea-iters 300``, all 100 images) and the report says
-which were used.
+in subprocesses, as a dependency graph (each robust training after the clean
+one, each SEA run after its model's training), ``--jobs`` at a time, longest
+chain first, so that every core has work to the end. Threads: the clean training
+runs alone and uses every core; the robust trainings run next to another job
+and use their share of the cores (a fixed number, so that their weights do not
+depend on timing: CPU training is not bit-identical across thread counts); the
+SEA runs (whose results do not depend on the thread count) share what is left
+and are given more threads as other jobs finish (``torch.set_num_threads`` on a
+signal). A progress line (each job's iteration or batch, and the demo's ETA from
+a cost model calibrated on the progress so far) is printed every few seconds.
+The defaults fit in about 10 minutes on 2 CPU cores; the SEA settings are
+reduced from the paper's (``--sea-iters 300``, all 100 images) and the report
+says which were used.
 """
 
 import argparse
 import glob
+import json
 import os
 import os.path as osp
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -43,11 +59,20 @@ MODELS = {
     'SAT': ('upernet_convnext-micro_sat_synthetic.py', 'SAT'),
     'DDC-AT': ('upernet_convnext-micro_ddcat_synthetic.py', 'DDC-AT'),
 }
-LOADER_OPTS = [
-    f'{loader}.{key}'
-    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')
-    for key in ('num_workers=0', 'persistent_workers=False')
-]
+
+#: The cost model of the ETA: seconds per unit of one job running alone with one
+#: thread on the reference machine (this project's 2-core CPU: the clean
+#: training's 0.041 s per iteration with 2 threads of the demo of 2026-11-21, and
+#: the ratios of the other jobs measured 2026-11-30): a training iteration, and
+#: one SEA iteration (its three attacks) of one image at one eps. Only the ratios
+#: matter once the demo is running (the ETA is rescaled to the speed measured so
+#: far); the absolute values give the first estimate.
+TRAIN_COST = {'clean': 0.066, 'PIR-AT': 0.165, 'SAT': 0.086, 'DDC-AT': 0.18}
+SEA_COST = {'clean': 0.006, 'PIR-AT': 0.0104, 'SAT': 0.0104, 'DDC-AT': 0.0104}
+#: speed-up of one job from 1 to n threads (the rest of the cores idle)
+SPEEDUP = {1: 1.0, 2: 1.6}
+#: one-off seconds per job (interpreter, imports, building the runner)
+STARTUP = 8.0
 
 
 def parse_args(argv=None):
@@ -56,16 +81,34 @@ def parse_args(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument('--work-dir', default=osp.join('work_dirs', 'demo'))
+    p.add_argument(
+        '--train-root',
+        default='work_dirs',
+        help="trainings with the configs' iterations go to TRAIN_ROOT/<config "
+        'name> (where tools/train.py puts them)',
+    )
     p.add_argument('--data-root', default=osp.join('data', 'synthetic_shapes'))
     p.add_argument(
-        '--jobs', type=int, default=2, help='trainings/evaluations run in parallel'
+        '--jobs',
+        type=int,
+        default=None,
+        help='trainings/evaluations run in parallel (default: --cores)',
     )
-    p.add_argument('--clean-iters', type=int, default=2000)
+    p.add_argument(
+        '--cores',
+        type=int,
+        default=os.cpu_count() or 1,
+        help='cores shared by the jobs (fewer on a busy machine: a job with more '
+        'threads than it gets cores runs many times slower)',
+    )
+    p.add_argument(
+        '--clean-iters', type=int, default=None, help="default: the config's"
+    )
     p.add_argument(
         '--at-iters',
         type=int,
-        default=1000,
-        help='adversarial training iterations per robust model',
+        default=None,
+        help="adversarial training iterations per robust model (default: the configs')",
     )
     p.add_argument(
         '--eps',
@@ -83,7 +126,7 @@ def parse_args(argv=None):
     p.add_argument(
         '--sea-images',
         type=int,
-        default=48,
+        default=32,
         help='validation images evaluated (all: 100)',
     )
     p.add_argument(
@@ -95,12 +138,131 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def config_iters(config: str) -> int:
+    """``train_cfg.max_iters`` of a synthetic config (read without building)."""
+    from mmengine.config import Config
+
+    return int(Config.fromfile(osp.join(CONFIG_DIR, config)).train_cfg.max_iters)
+
+
+class Job:
+    """One subprocess of the demo: a training or a SEA run."""
+
+    def __init__(self, name, cmd, log, cost, deps=(), threads='share'):
+        self.name, self.cmd, self.log, self.cost = name, cmd, log, cost
+        self.deps = list(deps)
+        #: 'all': every core; 'share': cores // jobs, fixed; 'dynamic': the rest
+        self.threads = threads
+        self.proc = self.file = None
+        self.started = None
+        self.done = False
+        self.frac0 = self.frac = 0.0  # progress when started / now
+
+    def threads_file(self):
+        return self.log + '.threads'
+
+
+def allocate(jobs, cores: int, slots: int) -> dict:
+    """Threads per running job: fixed ones first, the rest shared by the
+    dynamic ones (a lone SEA run gets every core)."""
+    out = {}
+    for j in jobs:
+        if j.threads == 'all':
+            out[j.name] = cores
+        elif j.threads == 'share':
+            out[j.name] = max(1, cores // max(1, slots))
+    dynamic = [j for j in jobs if j.threads == 'dynamic']
+    free = max(0, cores - sum(out.values()))
+    for i, j in enumerate(dynamic):
+        out[j.name] = max(1, free // len(dynamic) + (i < free % len(dynamic)))
+    return out
+
+
+def speed(threads: int) -> float:
+    """Work per second of a job with ``threads`` threads (1 thread: 1)."""
+    if threads in SPEEDUP:
+        return SPEEDUP[threads]
+    top = max(SPEEDUP)
+    return SPEEDUP[top] * threads / top
+
+
+def priorities(jobs: dict) -> dict:
+    """Cost of the longest chain from each job to the end (critical path)."""
+    succ = {n: [m for m, j in jobs.items() if n in j.deps] for n in jobs}
+    memo = {}
+
+    def chain(n):
+        if n not in memo:
+            j = jobs[n]
+            rest = 0.0 if j.done else j.cost * (1 - j.frac) + STARTUP
+            memo[n] = rest + max((chain(m) for m in succ[n]), default=0.0)
+        return memo[n]
+
+    return {n: chain(n) for n in jobs}
+
+
+def pick(jobs: dict, running: list, slots: int) -> list:
+    """The jobs to start now: ready ones, longest chain first."""
+    prio = priorities(jobs)
+    ready = [
+        n
+        for n, j in jobs.items()
+        if not j.done and n not in running and all(jobs[d].done for d in j.deps)
+    ]
+    ready.sort(key=lambda n: -prio[n])
+    return ready[: max(0, slots - len(running))]
+
+
+def simulate(jobs: dict, running: list, cores: int, slots: int) -> float:
+    """Seconds (on the reference machine) until every job is done, by the
+    scheduler's own rules."""
+    left = {
+        n: j.cost * (1 - j.frac) + (0.0 if n in running else STARTUP)
+        for n, j in jobs.items()
+        if not j.done
+    }
+    done = {n for n, j in jobs.items() if j.done}
+    run = [n for n in running if n in left]
+    t = 0.0
+    while left:
+
+        class _J:  # the view pick() and allocate() need
+            def __init__(self, n):
+                self.name, self.deps = n, jobs[n].deps
+                self.threads, self.cost = jobs[n].threads, left.get(n, 0.0)
+                self.done, self.frac = n in done, 0.0
+
+        view = {n: _J(n) for n in jobs}
+        run += pick(view, run, slots)
+        if not run:  # cannot happen with a valid graph
+            break
+        th = allocate([view[n] for n in run], cores, slots)
+        rate = {n: speed(th[n]) for n in run}
+        dt = min(left[n] / rate[n] for n in run)
+        t += dt
+        for n in list(run):
+            left[n] -= dt * rate[n]
+            if left[n] <= 1e-9:
+                del left[n]
+                done.add(n)
+                run.remove(n)
+    return t
+
+
+def fmt(secs: float) -> str:
+    secs = int(max(secs, 0))
+    return f'{secs // 60}:{secs % 60:02d}'
+
+
 class Demo:
     def __init__(self, args):
         self.args = args
         self.work = osp.abspath(args.work_dir)
+        self.train_root = osp.abspath(args.train_root)
         self.data_root = osp.abspath(args.data_root)
+        self.cores = max(1, args.cores)
         self.t0 = time.time()
+        self._default_iters = {}
 
     # ------------------------------------------------------------- helpers
     def say(self, msg: str) -> None:
@@ -111,13 +273,24 @@ class Demo:
         return [
             f'{loader}.dataset.data_root={self.data_root}'
             for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader')
-        ] + LOADER_OPTS
+        ]
 
-    def train_dir(self, model):
-        return osp.join(self.work, 'train', model)
+    def default_iters(self, model):
+        if model not in self._default_iters:
+            self._default_iters[model] = config_iters(MODELS[model][0])
+        return self._default_iters[model]
 
     def iters(self, model):
-        return self.args.clean_iters if model == 'clean' else self.args.at_iters
+        given = self.args.clean_iters if model == 'clean' else self.args.at_iters
+        return self.default_iters(model) if given is None else given
+
+    def train_dir(self, model):
+        iters = self.iters(model)
+        if iters == self.default_iters(model):
+            # where `tools/train.py CONFIG` writes, and the robust configs'
+            # load_from expects the clean model
+            return osp.join(self.train_root, osp.splitext(MODELS[model][0])[0])
+        return osp.join(self.work, 'train', f'{model}-{iters}it')
 
     def checkpoint(self, model):
         return osp.join(self.train_dir(model), f'iter_{self.iters(model)}.pth')
@@ -125,91 +298,19 @@ class Demo:
     def sea_dir(self, model):
         return osp.join(self.work, 'sea', model)
 
-    def run_jobs(self, jobs, what):
-        """Run ``[(name, cmd, log)]``, ``--jobs`` at a time, with progress lines."""
-        # the cores are shared by the jobs that run at once (a lone job gets all)
-        parallel = max(1, min(self.args.jobs, len(jobs)))
-        threads = str(max(1, (os.cpu_count() or 1) // parallel))
-        env = dict(
-            os.environ,
-            OMP_NUM_THREADS=threads,
-            MKL_NUM_THREADS=threads,
-            PYTHONUNBUFFERED='1',
-        )
-        env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
-        pending, running, failed = list(jobs), {}, []
-        last = 0.0
-        while pending or running:
-            while pending and len(running) < max(1, self.args.jobs):
-                name, cmd, log = pending.pop(0)
-                os.makedirs(osp.dirname(log), exist_ok=True)
-                f = open(log, 'a')
-                # progress() reads only what follows the last marker
-                f.write(f'{_MARKER} {datetime.now().isoformat()}\n')
-                f.flush()
-                running[name] = (
-                    subprocess.Popen(
-                        cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT
-                    ),
-                    log,
-                    f,
-                )
-            time.sleep(1.0)
-            for name, (proc, log, f) in list(running.items()):
-                if proc.poll() is not None:
-                    f.close()
-                    del running[name]
-                    if proc.returncode != 0:
-                        failed.append((name, log))
-                        self.say(
-                            f'{what}: {name} FAILED (exit '
-                            f'{proc.returncode}), log: {log}'
-                        )
-                    else:
-                        self.say(f'{what}: {name} done')
-            if running and time.time() - last >= self.args.poll:
-                last = time.time()
-                self.say(
-                    f'{what}: '
-                    + ' | '.join(
-                        f'{name} {progress(log)}'
-                        for name, (_, log, _) in running.items()
-                    )
-                    + (
-                        f' | waiting: {", ".join(j[0] for j in pending)}'
-                        if pending
-                        else ''
-                    )
-                )
-        if failed:
-            tails = '\n'.join(f'--- {n}: {log}\n' + tail(log) for n, log in failed)
-            raise SystemExit(
-                f'{what} failed for {[n for n, _ in failed]}; '
-                f'rerun the same command to retry the rest.\n'
-                f'{tails}'
-            )
-
-    # -------------------------------------------------------------- stages
-    def stage_data(self):
-        from mmseg_robust.datasets import generate_synthetic_dataset
-
-        if osp.isdir(self.data_root):
-            self.say(f'1/5 data: found {self.data_root}')
-            return
-        self.say(f'1/5 data: generating the synthetic dataset in {self.data_root}')
-        generate_synthetic_dataset(self.data_root)
-
+    # -------------------------------------------------------------- the jobs
     def train_cmd(self, model, load_from=None):
         config, _ = MODELS[model]
         iters = self.iters(model)
-        opts = [
-            f'train_cfg.max_iters={iters}',
-            f'train_cfg.val_interval={iters}',
-            f'param_scheduler.1.end={iters}',
-            # intermediate checkpoints, so that an interrupted run resumes
-            f'default_hooks.checkpoint.interval={max(iters // 4, 1)}',
-            'default_hooks.logger.interval=50',
-        ]
+        opts = ['default_hooks.logger.interval=10']
+        if iters != self.default_iters(model):
+            opts += [
+                f'train_cfg.max_iters={iters}',
+                f'train_cfg.val_interval={iters}',
+                f'param_scheduler.1.end={iters}',
+                # intermediate checkpoints, so that an interrupted run resumes
+                f'default_hooks.checkpoint.interval={max(iters // 4, 1)}',
+            ]
         # Resume from the work dir's last checkpoint if an interrupted run left
         # one; otherwise start (robust models: from the clean model's weights).
         # (mmengine's --resume with load_from set would resume *from* load_from.)
@@ -218,37 +319,11 @@ class Demo:
             opts.append('load_from=None')
         elif model != 'clean':
             opts.append(f'load_from={load_from}')
-        cmd = [
-            sys.executable,
-            'tools/train.py',
-            osp.join(CONFIG_DIR, config),
-            '--work-dir',
-            self.train_dir(model),
-        ]
+        cmd = ['tools/train.py', osp.join(CONFIG_DIR, config)]
+        cmd += ['--work-dir', self.train_dir(model)]
         if resume:
             cmd.append('--resume')
         return cmd + ['--cfg-options'] + opts + self.data_opts()
-
-    def stage_train(self, models, number, title):
-        todo = [m for m in models if not osp.isfile(self.checkpoint(m))]
-        for m in models:
-            if m not in todo:
-                self.say(f'{number} {title}: {m} already trained: {self.checkpoint(m)}')
-        if not todo:
-            return
-        jobs = [
-            (
-                m,
-                self.train_cmd(m, self.checkpoint('clean')),
-                osp.join(self.train_dir(m), 'train.log'),
-            )
-            for m in todo
-        ]
-        self.say(
-            f'{number} {title}: training {", ".join(todo)} '
-            f'({len(todo)} job(s), {self.args.jobs} at a time)'
-        )
-        self.run_jobs(jobs, f'{number} {title}')
 
     def sea_settings(self):
         return dict(
@@ -283,7 +358,6 @@ class Demo:
         s = self.sea_settings()
         eps = ','.join(f'{e:g}' for e in s['eps'])
         return [
-            sys.executable,
             'tools/test.py',
             osp.join(CONFIG_DIR, MODELS[model][0]),
             self.checkpoint(model),
@@ -299,26 +373,175 @@ class Demo:
             'test_dataloader.batch_size=8',
         ] + self.data_opts()
 
-    def stage_sea(self):
-        done = {m: self.sea_result(m) for m in MODELS}
-        todo = [m for m, path in done.items() if path is None]
-        for m, path in done.items():
-            if path is not None:
-                self.say(f'4/5 SEA: {m} already evaluated: {path}')
-        if not todo:
-            return
+    def jobs(self) -> dict:
+        """The demo's jobs still to run, with their dependencies and costs."""
         s = self.sea_settings()
-        self.say(
-            f'4/5 SEA: evaluating {", ".join(todo)} at eps '
-            f'{s["eps"]}/255, {s["steps"]} iterations per attack, '
-            f'{s["images"]} images'
+        jobs = {}
+        for m in MODELS:
+            name = f'train {m}'
+            if osp.isfile(self.checkpoint(m)):
+                self.say(f'{name}: already trained: {self.checkpoint(m)}')
+            else:
+                jobs[name] = Job(
+                    name,
+                    self.train_cmd(m, self.checkpoint('clean')),
+                    osp.join(self.train_dir(m), 'train.log'),
+                    TRAIN_COST[m] * self.iters(m),
+                    deps=[] if m == 'clean' else ['train clean'],
+                    threads='all' if m == 'clean' else 'share',
+                )
+        for m in MODELS:
+            name = f'SEA {m}'
+            path = self.sea_result(m)
+            if path is not None:
+                self.say(f'{name}: already evaluated: {path}')
+                continue
+            jobs[name] = Job(
+                name,
+                self.sea_cmd(m),
+                osp.join(self.sea_dir(m), 'test.log'),
+                SEA_COST[m] * s['images'] * s['steps'] * len(s['eps']),
+                deps=[f'train {m}'],
+                threads='dynamic',
+            )
+        for j in jobs.values():  # dependencies already met
+            j.deps = [d for d in j.deps if d in jobs]
+        return jobs
+
+    # ------------------------------------------------------------ the runner
+    def env(self, threads: int) -> dict:
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS=str(threads),
+            MKL_NUM_THREADS=str(threads),
+            PYTHONUNBUFFERED='1',
         )
-        # the clean model breaks fastest (early stop): schedule it last
-        todo.sort(key=lambda m: m == 'clean')
-        jobs = [
-            (m, self.sea_cmd(m), osp.join(self.sea_dir(m), 'test.log')) for m in todo
-        ]
-        self.run_jobs(jobs, '4/5 SEA')
+        env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
+        return env
+
+    def set_threads(self, job: Job, threads: int) -> None:
+        with open(job.threads_file(), 'w') as f:
+            f.write(str(threads))
+        # the child installs its handler first thing and then says so
+        if job.proc is not None and osp.isfile(job.threads_file() + '.ready'):
+            try:
+                job.proc.send_signal(signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+
+    def start(self, job: Job, threads: int) -> None:
+        os.makedirs(osp.dirname(job.log), exist_ok=True)
+        for f in (job.threads_file(), job.threads_file() + '.ready'):
+            if osp.exists(f):
+                os.remove(f)
+        self.set_threads(job, threads)
+        job.file = open(job.log, 'a')
+        # progress() reads only what follows the last marker
+        job.file.write(f'{_MARKER} {datetime.now().isoformat()}\n')
+        job.file.flush()
+        cmd = [sys.executable, osp.abspath(__file__), '--run-tool']
+        cmd += [job.threads_file()] + job.cmd
+        job.proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=self.env(threads),
+            stdout=job.file,
+            stderr=subprocess.STDOUT,
+        )
+        job.started = time.time()
+        job.frac0 = job.frac = progress(job.log, fraction=True)[1]
+
+    def run_jobs(self, jobs: dict) -> None:
+        """Run the jobs, ``--jobs`` at a time, with progress lines and ETAs."""
+        slots = max(1, self.args.jobs or self.cores)
+        running, failed, threads = [], [], {}
+        last = 0.0
+        # calibration: core-seconds given vs reference work done
+        given = done = 0.0
+        t_prev = time.time()
+        self.etas = []
+        t_start = time.time()
+        eta0 = simulate(jobs, running, self.cores, slots)
+        self.say(
+            f'{len(jobs)} job(s), {slots} at a time on {self.cores} core(s); '
+            f'first estimate {fmt(eta0)} (reference machine)'
+        )
+        while any(not j.done for j in jobs.values()) and not failed:
+            for n in pick(jobs, running, slots):
+                running.append(n)
+                alloc = allocate([jobs[r] for r in running], self.cores, slots)
+                self.start(jobs[n], alloc[n])
+                threads[n] = alloc[n]
+                self.say(f'{n}: started ({alloc[n]} thread(s)), log {jobs[n].log}')
+            time.sleep(1.0)
+            now = time.time()
+            for n in list(running):
+                j = jobs[n]
+                old = j.frac
+                j.frac = max(j.frac, progress(j.log, fraction=True)[1])
+                done += (j.frac - old) * j.cost
+                given += (now - t_prev) * speed(threads[n])
+                if j.proc.poll() is None:
+                    continue
+                j.file.close()
+                running.remove(n)
+                if j.proc.returncode != 0:
+                    failed.append(j)
+                    self.say(f'{n}: FAILED (exit {j.proc.returncode}), log: {j.log}')
+                    continue
+                done += (1 - j.frac) * j.cost + STARTUP
+                j.frac, j.done = 1.0, True
+                self.say(f'{n}: done in {fmt(now - j.started)}')
+            t_prev = now
+            # a job finished: give its cores to the dynamic ones still running
+            alloc = allocate([jobs[r] for r in running], self.cores, slots)
+            for n in running:
+                if alloc[n] != threads[n]:
+                    self.set_threads(jobs[n], alloc[n])
+                    threads[n] = alloc[n]
+            if running and now - last >= self.args.poll:
+                last = now
+                # rescale the reference ETA to the speed seen so far
+                scale = given / done if done > 0.02 * eta0 else 1.0
+                eta = scale * simulate(jobs, running, self.cores, slots)
+                self.etas.append((now - t_start, eta))
+                self.say(
+                    ' | '.join(f'{n} {progress(jobs[n].log)}' for n in running)
+                    + f' | ETA {fmt(eta)}'
+                )
+        for n in running:  # only after a failure: let the others finish
+            jobs[n].proc.wait()
+            jobs[n].file.close()
+        total = time.time() - t_start
+        if self.etas:
+            errors = [
+                f'{100 * (at + eta - total) / (total - at):+.0f}% at {fmt(at)}'
+                for at, eta in self.etas[:: max(1, len(self.etas) // 6)]
+            ]
+            self.say(
+                f'jobs took {fmt(total)}; ETA error (predicted - actual '
+                f'remaining): {", ".join(errors)}'
+            )
+            with open(osp.join(self.work, 'eta.json'), 'w') as f:
+                json.dump(dict(total=total, etas=self.etas), f)
+        if failed:
+            tails = '\n'.join(f'--- {j.name}: {j.log}\n' + tail(j.log) for j in failed)
+            raise SystemExit(
+                f'{[j.name for j in failed]} failed; '
+                f'rerun the same command to retry the rest.\n'
+                f'{tails}'
+            )
+
+    # -------------------------------------------------------------- stages
+    def stage_data(self):
+        from mmseg_robust.datasets import generate_synthetic_dataset
+
+        if osp.isdir(self.data_root):
+            self.say(f'data: found {self.data_root}')
+        else:
+            self.say(f'data: generating the synthetic dataset in {self.data_root}')
+        # checks a folder found (a stale one is refused with a message)
+        generate_synthetic_dataset(self.data_root)
 
     def stage_report(self):
         import torch
@@ -332,7 +555,7 @@ class Demo:
         )
 
         out = osp.join(self.work, 'report')
-        self.say(f'5/5 report: writing {out}')
+        self.say(f'report: writing {out}')
         rows = [load_result(self.sea_result(m), name=m) for m in MODELS]
         s = self.sea_settings()
         settings = {
@@ -341,8 +564,8 @@ class Demo:
             'images': s['images'],
             'dataset': 'synthetic shapes (val)',
             'training': (
-                f'clean {self.args.clean_iters} it; PIR-AT/SAT/DDC-AT '
-                f'{self.args.at_iters} it from the clean model'
+                f'clean {self.iters("clean")} it; PIR-AT/SAT/DDC-AT '
+                f'{self.iters("SAT")} it from the clean model'
             ),
             'machine': machine(torch),
             'date': datetime.now().strftime('%Y-%m-%d'),
@@ -360,7 +583,7 @@ class Demo:
             )[: self.args.grid_images]
             if not files:
                 self.say(
-                    f'5/5 report: no saved examples for {m} (evaluated '
+                    f'report: no saved examples for {m} (evaluated '
                     f'from the cache only); skipping its picture grid'
                 )
                 continue
@@ -374,19 +597,18 @@ class Demo:
             )
             paths[f'examples_{m}'] = path
         for k, v in paths.items():
-            self.say(f'5/5 report: {k}: {v}')
+            self.say(f'report: {k}: {v}')
         return paths
 
     def run(self):
-        a = self.args
-        self.say(f'work dir {self.work}; {a.jobs} parallel job(s)')
+        self.say(f'work dir {self.work}; trainings in {self.train_root}')
+        os.makedirs(self.work, exist_ok=True)
         self.stage_data()
-        self.stage_train(['clean'], '2/5', 'clean training')
-        # slowest first, so that the cores stay busy to the end
-        self.stage_train(['DDC-AT', 'SAT', 'PIR-AT'], '3/5', 'adversarial training')
-        self.stage_sea()
+        jobs = self.jobs()
+        if jobs:
+            self.run_jobs(jobs)
         paths = self.stage_report()
-        self.say(f'done in {time.time() - self.t0:.0f} s')
+        self.say(f'done in {fmt(time.time() - self.t0)}')
         return paths
 
 
@@ -396,34 +618,46 @@ _ITER = re.compile(
     r'eta: (\S+)'
 )
 _ROBUST = re.compile(r'Robustness \[(\d+)/(\d+) batches\] (.*)')
+_ATTACK = re.compile(r'(?:running|last attack) (eps [^,]+)')
 
 
-def progress(log: str) -> str:
-    """A short progress string from a tools/train.py or tools/test.py log."""
+def progress(log: str, fraction: bool = False):
+    """A short progress string from a tools/train.py or tools/test.py log (with
+    ``fraction``: ``(string, fraction done)``)."""
     try:
         with open(log, errors='replace') as f:
             lines = f.readlines()
     except OSError:
-        return 'starting'
+        lines = []
     starts = [i for i, line in enumerate(lines) if line.startswith(_MARKER)]
-    lines = lines[starts[-1] + 1 if starts else 0 :][-200:]
+    lines = lines[starts[-1] + 1 if starts else 0 :][-400:]
+    text, frac = 'starting', 0.0
     robust = [m.groups() for m in map(_ROBUST.search, lines) if m]
     if robust:
         done, total, rest = robust[-1]
-        attack = re.search(r'(?:running|last attack) (eps [^,]+)', rest)
+        done, total = int(done), int(total)
+        attack = _ATTACK.search(rest)
         # the ETA is on the per-batch lines, the attack running on every line
         etas = [re.search(r'ETA (\S+)', r[2]) for r in robust]
         eta = next((e.group(1) for e in reversed(etas) if e), None)
-        return (
+        text = (
             f'batch {done}/{total}'
             + (f' {attack.group(1)}' if attack else '')
             + (f' ETA {eta}' if eta else '')
         )
-    for line in reversed(lines):
-        m = _ITER.search(line)
-        if m and 'Iter(train)' in line:
-            return f'iter {m.group(1)}/{m.group(2)} ETA {m.group(3)}'
-    return 'starting'
+        # within a batch: the attacks started so far of this batch
+        finished = 'images done' in rest
+        started = len({r[2] for r in robust if int(r[0]) == done})
+        per_batch = max(started, 1)
+        frac = (done - 1 + (1.0 if finished else started / (per_batch + 1))) / total
+    else:
+        for line in reversed(lines):
+            m = _ITER.search(line)
+            if m and 'Iter(train)' in line:
+                i, n = int(m.group(1)), int(m.group(2))
+                text, frac = f'iter {i}/{n} ETA {m.group(3)}', i / n
+                break
+    return (text, min(max(frac, 0.0), 1.0)) if fraction else text
 
 
 def tail(path: str, n: int = 30) -> str:
@@ -442,8 +676,41 @@ def machine(torch) -> str:
     return f'{platform.machine()} CPU, {os.cpu_count()} cores'
 
 
+def run_tool(threads_file: str, script: str, *args: str) -> None:
+    """Run ``script`` (tools/train.py or tools/test.py) in this process with the
+    number of torch threads in ``threads_file``, read again on SIGUSR1 (the
+    handler runs in the main thread, between two torch operations)."""
+    import runpy
+
+    import torch
+
+    def apply(*_):
+        try:
+            with open(threads_file) as f:
+                n = int(f.read().strip())
+        except (OSError, ValueError):
+            return
+        if n > 0 and n != torch.get_num_threads():
+            torch.set_num_threads(n)
+
+    signal.signal(signal.SIGUSR1, apply)
+    apply()
+    with open(threads_file + '.ready', 'w') as f:
+        f.write(str(os.getpid()))
+    sys.argv = [script, *args]
+    try:
+        runpy.run_path(script, run_name='__main__')
+    finally:
+        # a late signal must not kill the exiting process (Python restores the
+        # default action, termination, of the handlers it set when it exits)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def main(argv=None):
     os.chdir(REPO)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ['--run-tool']:
+        return run_tool(*argv[1:])
     return Demo(parse_args(argv)).run()
 
 

@@ -6,10 +6,11 @@ _base_ = './upernet_convnext-micro_synthetic.py'
 # PIR-AT's point is a pre-trained initialisation (a robust ImageNet backbone);
 # adversarial training from scratch on this data collapses to predicting
 # background. The synthetic counterpart: start from the trained clean small
-# model (run tools/train.py on upernet_convnext-micro_synthetic.py first, or pass
-# --cfg-options load_from=PATH) and train adversarially for 1000 iterations.
-load_from = 'work_dirs/upernet_convnext-micro_synthetic/iter_2000.pth'
-max_iters = 1000
+# model and train adversarially. The clean model is written here by `make demo`
+# or by `python tools/train.py configs/synthetic/upernet_convnext-micro_synthetic.py`
+# (or pass --cfg-options load_from=PATH).
+load_from = 'work_dirs/upernet_convnext-micro_synthetic/iter_1000.pth'
+max_iters = 800
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.05, by_epoch=False, begin=0, end=50),
     dict(
@@ -22,7 +23,7 @@ train_cfg = dict(
     type='AdversarialTrainLoop',
     scheme='pirat',
     max_iters=max_iters,
-    val_interval=500,
+    val_interval=max_iters,
     attack=dict(type='PGD', eps=4, steps=2, step_size=2.55, random_start=False),
 )
 optim_wrapper = dict(type='OptimWrapper')

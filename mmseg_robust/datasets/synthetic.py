@@ -10,9 +10,13 @@ mmseg's standard layout::
       meta.json                       generator parameters (checked on reuse)
 
 and read through mmseg's normal loading pipeline (``LoadImageFromFile``,
-``LoadAnnotations``). The classes are told apart by shape *and* by texture, with
-overlapping colours, so a model has to look at spatial structure; clutter (lines and
-small blobs in object colours) is labelled background.
+``LoadAnnotations``). One to three shapes per image, not overlapping, on a
+smooth greyish background with a faint texture and a little clutter (thin lines
+and dots, labelled background). Each class has its own shape, its own texture
+(smooth, stripes, checkerboard, dots) and its own tint (a few times eps 8/255,
+jittered per object; the texture's second colour is random): a task the small
+UperNet learns in minutes (83 mIoU on val after 1000 iterations) and an
+undefended model loses under SEA at 8/255 (5 mIoU).
 """
 
 import json
@@ -29,7 +33,7 @@ from mmseg.datasets import BaseSegDataset
 from mmseg_robust.registry import DATASETS
 
 #: Bump when the generator's output changes, so stale folders are regenerated.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 4
 
 CLASSES = ('background', 'disk', 'square', 'triangle', 'cross')
 PALETTE = [[0, 0, 0], [220, 20, 60], [0, 130, 200], [60, 180, 75], [255, 200, 0]]
@@ -37,10 +41,12 @@ PALETTE = [[0, 0, 0], [220, 20, 60], [0, 130, 200], [60, 180, 75], [255, 200, 0]
 DEFAULT_SPLITS = dict(train=1000, val=100)
 
 
-def _texture(rng: np.random.Generator, kind: int, size: int) -> np.ndarray:
+def _texture(
+    rng: np.random.Generator, kind: int, size: int, periods=(6.0, 10.0)
+) -> np.ndarray:
     """A (size, size) float pattern in [0, 1] of one of four texture kinds."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    period = rng.uniform(6.0, 10.0)
+    period = rng.uniform(*periods)
     angle = rng.uniform(0, np.pi)
     u = xx * np.cos(angle) + yy * np.sin(angle)
     v = -xx * np.sin(angle) + yy * np.cos(angle)
@@ -60,10 +66,24 @@ def _colour(rng: np.random.Generator) -> np.ndarray:
     return rng.uniform(30, 225, size=3).astype(np.float32)
 
 
+#: the tint of each shape class (RGB levels added to a greyish colour): a colour
+#: cue a small model picks up fast, yet only a few times eps 8/255
+CLASS_TINTS = np.array(
+    [[0, 0, 0], [25, -12, -12], [-12, -12, 25], [-12, 25, -12], [18, 18, -25]],
+    np.float32,
+)
+
+
+def _class_colour(rng: np.random.Generator, cls: int) -> np.ndarray:
+    grey = rng.uniform(70, 185)
+    jitter = rng.uniform(-10, 10, size=3)
+    return np.clip(grey + CLASS_TINTS[cls] + jitter, 0, 255).astype(np.float32)
+
+
 def _shape_mask(rng: np.random.Generator, cls: int, size: int) -> np.ndarray:
     """Binary mask of one shape of class ``cls`` at a random place and scale."""
     mask = np.zeros((size, size), np.uint8)
-    r = rng.uniform(0.14, 0.28) * size
+    r = rng.uniform(0.16, 0.3) * size
     cx, cy = rng.uniform(r, size - r, size=2)
     if cls == 1:  # disk
         cv2.circle(mask, (int(cx), int(cy)), int(r), 1, -1)
@@ -96,36 +116,46 @@ def render_sample(seed: int, size: int = 64):
         (size, size) uint8 with values in 0..4.
     """
     rng = np.random.default_rng(seed)
-    # Cluttered background: low-frequency colour field + a texture + clutter.
-    low = rng.uniform(40, 215, size=(3, 3, 3)).astype(np.float32)
+    # Background: a smooth random colour field, a faint texture and a little
+    # clutter (thin lines and small blobs, labelled background).
+    low = rng.uniform(60, 190, size=(3, 3, 1)) + rng.uniform(-15, 15, size=(3, 3, 3))
+    low = low.astype(np.float32)
     img = cv2.resize(low, (size, size), interpolation=cv2.INTER_CUBIC)
     bg_tex = _texture(rng, int(rng.integers(0, 4)), size)
-    img = img + (bg_tex[..., None] - 0.5) * rng.uniform(8, 25)
-    for _ in range(int(rng.integers(3, 8))):
+    img = img + (bg_tex[..., None] - 0.5) * rng.uniform(4, 12)
+    for _ in range(int(rng.integers(0, 3))):
         colour = tuple(float(c) for c in _colour(rng))
         p0 = tuple(int(v) for v in rng.integers(0, size, 2))
         if rng.random() < 0.5:
             p1 = tuple(int(v) for v in rng.integers(0, size, 2))
-            cv2.line(img, p0, p1, colour, int(rng.integers(1, 3)))
+            cv2.line(img, p0, p1, colour, 1)
         else:
-            cv2.circle(img, p0, int(rng.integers(1, 4)), colour, -1)
+            cv2.circle(img, p0, int(rng.integers(1, 3)), colour, -1)
     label = np.zeros((size, size), np.uint8)
-    # Objects: each class has its own shape and its own texture, in a random
-    # colour, so colour alone tells nothing. The texture is a low-contrast
-    # modulation (20-50 intensity levels), like the fine cues of natural images,
-    # so a model that relies on it can be attacked at small eps.
-    for _ in range(int(rng.integers(1, 5))):
+    # Objects: each class has its own shape, texture and tint. Objects do not
+    # overlap (a shape that would touch an earlier one is redrawn elsewhere, or
+    # dropped), so every object shows its whole outline. The texture is a
+    # modulation of 30-50 intensity levels (4-6 times eps 8/255).
+    occupied = np.zeros((size, size), bool)
+    for _ in range(int(rng.integers(1, 4))):
         cls = int(rng.integers(1, len(CLASSES)))
-        mask = _shape_mask(rng, cls, size)
-        tex = _texture(rng, cls - 1, size)
-        c1 = _colour(rng)
-        contrast = rng.uniform(20, 50) * rng.choice([-1.0, 1.0], size=3)
+        for _try in range(10):
+            mask = _shape_mask(rng, cls, size)
+            grown = cv2.dilate(mask.astype(np.uint8), np.ones((5, 5), np.uint8))
+            if not (grown.astype(bool) & occupied).any():
+                break
+        else:
+            continue
+        occupied |= mask
+        tex = _texture(rng, cls - 1, size, periods=(8.0, 14.0))
+        c1 = _class_colour(rng, cls)
+        contrast = rng.uniform(30, 50) * rng.choice([-1.0, 1.0], size=3)
         c2 = np.clip(c1 + contrast, 0, 255).astype(np.float32)
         t = tex[..., None]
         fill = c1[None, None] * t + c2[None, None] * (1 - t)
         img[mask] = fill[mask]
         label[mask] = cls
-    img = img + rng.normal(0, 6, size=img.shape)
+    img = img + rng.normal(0, 3, size=img.shape)
     return np.clip(img, 0, 255).astype(np.uint8), label
 
 
@@ -157,7 +187,7 @@ def generate_synthetic_dataset(
     Args:
         data_root (str): Destination folder.
         splits (dict[str, int], optional): Images per split. Defaults to
-            ``{'train': 320, 'val': 80}``.
+            ``{'train': 1000, 'val': 100}``.
         size (int): Image side in pixels. Defaults to 64.
         seed (int): Generator seed. Defaults to 0.
 

@@ -1,5 +1,5 @@
 # A short iteration-based schedule for the synthetic dataset (CPU minutes).
-max_iters = 2000
+max_iters = 1000
 optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=2e-3, betas=(0.9, 0.999), weight_decay=0.05),
@@ -11,7 +11,7 @@ param_scheduler = [
         type='PolyLR', eta_min=0.0, power=1.0, begin=50, end=max_iters, by_epoch=False
     ),
 ]
-train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=500)
+train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
 val_cfg = dict(type='ValLoop')
 test_cfg = dict(type='TestLoop')
 default_hooks = dict(
