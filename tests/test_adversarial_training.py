@@ -738,7 +738,7 @@ def test_missing_load_from_names_the_command_that_writes_it(
 ):
     monkeypatch.chdir(repo_root)
     # the synthetic PIR-AT config starts from the clean model's checkpoint
-    missing = 'work_dirs/upernet_convnext-micro_synthetic/iter_2000.pth'
+    missing = 'work_dirs/upernet_convnext-micro_synthetic/iter_1000.pth'
     assert Config.fromfile(osp.join(repo_root, CONFIGS['pirat'])).load_from == missing
     # raised when the loop is built (before any weight is initialised)
     with pytest.raises(FileNotFoundError) as info:

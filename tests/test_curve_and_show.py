@@ -296,7 +296,9 @@ def test_compat_reference_switch(repo_root):
     assert 'compat' not in cfg.test_cfg.attacks[0]
     assert cfg.test_evaluator.worst_case_modes == ['best', 'reference']
     with pytest.raises(ValueError, match="'default' or 'reference'"):
-        apply_robustness_evaluator(Config.fromfile(path), dict(type='SEA', compat='x'))
+        apply_robustness_evaluator(
+            Config.fromfile(path), dict(type='SEA', compat='x', class_weights='voc')
+        )
 
 
 def test_summary_names_the_mode_of_the_worst_case_miou():
