@@ -740,15 +740,18 @@ def test_missing_load_from_names_the_command_that_writes_it(
     # the synthetic PIR-AT config starts from the clean model's checkpoint
     missing = 'work_dirs/upernet_convnext-micro_synthetic/iter_1000.pth'
     assert Config.fromfile(osp.join(repo_root, CONFIGS['pirat'])).load_from == missing
-    # raised when the loop is built (before any weight is initialised)
+    # raised when the loop is built, before its data loader (which would
+    # generate the dataset) and before any weight is initialised
+    no_data = tmp_path / 'not_generated'
     with pytest.raises(FileNotFoundError) as info:
         _runner(
             repo_root,
             'pirat',
-            synthetic_root,
+            str(no_data),
             tmp_path,
             options={'load_from': str(tmp_path / missing)},
         ).train()
+    assert not no_data.exists()
     msg = str(info.value)
     assert (
         'python tools/train.py configs/synthetic/'

@@ -222,6 +222,8 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
         log_clean: bool = True,
         leak_attack_grads: bool = False,
     ) -> None:
+        # before the data loader is built (building it may generate a dataset)
+        _check_load_from(runner)
         super().__init__(
             runner, dataloader, max_iters, val_begin, val_interval, dynamic_intervals
         )
@@ -244,7 +246,6 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
         self.dataloader_iterator = _RestoreAfterSkip(
             self.dataloader_iterator, self, self.random_state_hook
         )
-        _check_load_from(runner)
 
     def _build_scheme(self, scheme) -> TrainScheme:
         fixed = self.fixed_scheme
