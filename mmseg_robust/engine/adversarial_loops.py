@@ -285,17 +285,13 @@ class _AdversarialEvalMixin:
                 _add_counts(per_image, eps_name, unit)
                 if self.cache is not None:
                     self.cache.put_units(eps_name, j, dict(zip(keys, unit)))
-                # the attack's own output is its worst case over its members
-                counts = counts_of_batch(out.adv_pred, labels, num_classes, ignore)
-                for i, (w, c) in enumerate(zip(worst, counts)):
-                    acc = _accuracy(c)
+                # the attack's own output is its worst case over its members:
+                # image i is member out.source(name, i)'s, whose counts are here
+                for i, (w, u) in enumerate(zip(worst, unit)):
+                    source = out.source(name, i)
+                    acc = _accuracy(u[source])
                     if acc < w[0]:
-                        w[:] = [
-                            acc,
-                            out.source(name, i),
-                            out.adv_images[i],
-                            out.adv_pred[i],
-                        ]
+                        w[:] = [acc, source, out.adv_images[i], out.adv_pred[i]]
             if restored_here:
                 continue  # no example: not every attack ran at this eps
             for ex, w, c in zip(examples, worst, clean):
