@@ -47,6 +47,38 @@ def test_progress_from_logs(demo, tmp_path):
     assert demo.progress(str(log)) == 'starting'
 
 
+def test_sea_progress_counts_the_lines_of_a_finished_batch(demo, tmp_path):
+    """The fraction done within a SEA batch: its progress lines against those of
+    a finished batch (before one has finished: the expected count given)."""
+    log = tmp_path / 'test.log'
+
+    def lines(batch, n, done=False):
+        out = [
+            f'Robustness [{batch}/4 batches] running eps 8: attack {i}\n'
+            for i in range(n)
+        ]
+        if done:
+            out.append(
+                f'Robustness [{batch}/4 batches] images done on this rank: 8 '
+                '(8 attacked, 0 from cache), last attack eps 8: x, ETA 0:01:00\n'
+            )
+        return ''.join(out)
+
+    log.write_text(lines(1, 3))
+    assert demo.progress(str(log), True, lines_per_batch=12)[1] == pytest.approx(
+        3 / 12 / 4
+    )
+    # without the expected count: at most one more line than seen
+    assert demo.progress(str(log), True)[1] == pytest.approx(3 / 4 / 4)
+    log.write_text(lines(1, 8, done=True) + lines(2, 2))
+    # the finished batch had 8 lines: 2 of 8 done in batch 2
+    assert demo.progress(str(log), True, lines_per_batch=12)[1] == pytest.approx(
+        (1 + 2 / 8) / 4
+    )
+    log.write_text(lines(1, 8, done=True) + lines(2, 8, done=True))
+    assert demo.progress(str(log), True)[1] == pytest.approx(2 / 4)
+
+
 def _args(demo, tmp_path, *extra):
     return demo.parse_args(
         ['--work-dir', str(tmp_path / 'work'), '--data-root', str(tmp_path / 'data')]
