@@ -2,14 +2,16 @@
 (docs/algorithms.md section 3.2, ``stall_stop``).
 
     python benchmarks/bench_fast_sea.py --ckpt clean=PATH --ckpt PIR-AT=PATH
-        [--images 16] [--eps 4,8] [--steps 100] [--no-tiny]
-        [--out benchmarks/results/bench_fast_sea.json]
+        [--model DDC-AT CONFIG PATH] [--images 16] [--eps 4,8] [--steps 100]
+        [--no-tiny] [--out benchmarks/results/bench_fast_sea.json]
 
 Models:
 
 * ``--ckpt NAME=PATH`` (repeatable): a checkpoint of the synthetic demo's small
   UperNet-ConvNeXt (``--config``, default
-  configs/synthetic/upernet_convnext-micro_synthetic.py), evaluated on the first
+  configs/synthetic/upernet_convnext-micro_synthetic.py), or ``--model NAME CONFIG
+  PATH`` with its own config (the DDC-AT model), checked to fit its model
+  exactly (``check_checkpoint_fits``), evaluated on the first
   ``--images`` validation images of the synthetic dataset (``--data-root``),
   through the test loop's pixel view (``SegmentorPixelView``) in batches of 8, with
   the Mask-CE-Bal weights of the training set (``dataset_class_weights``);
@@ -94,12 +96,14 @@ def upernet(config, ckpt, data_root, n_images):
 
     import mmseg_robust  # noqa: F401
     from mmseg_robust.engine.presets import dataset_class_weights
+    from mmseg_robust.models.checkpoint import check_checkpoint_fits
     from mmseg_robust.models.pixel_space import SegmentorPixelView
     from mmseg_robust.registry import MODELS
 
     init_default_scope('mmseg')
     cfg = Config.fromfile(config)
     model = MODELS.build(cfg.model)
+    check_checkpoint_fits(ckpt, model)  # every tensor, or a clear error
     load_checkpoint(model, ckpt, map_location='cpu', logger='silent')
     model.eval().requires_grad_(False)
     k = cfg.model.decode_head.num_classes
@@ -160,7 +164,15 @@ def run_model(counted, k, batches, eps, steps, weights):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--ckpt', action='append', default=[], help='NAME=PATH')
-    parser.add_argument('--config', default=CONFIG)
+    parser.add_argument('--config', default=CONFIG, help='the config of --ckpt')
+    parser.add_argument(
+        '--model',
+        nargs=3,
+        action='append',
+        default=[],
+        metavar=('NAME', 'CONFIG', 'PATH'),
+        help='a checkpoint with its own config',
+    )
     parser.add_argument('--data-root', default=osp.join('data', 'synthetic_shapes'))
     parser.add_argument('--images', type=int, default=16)
     parser.add_argument('--eps', default='4,8')
@@ -184,11 +196,10 @@ def main(argv=None):
         )
 
     eps_list = [float(e) for e in args.eps.split(',')]
-    for spec in args.ckpt:
-        name, path = spec.split('=', 1)
-        model, k, batches, weights = upernet(
-            args.config, path, args.data_root, args.images
-        )
+    models = [(*spec.split('=', 1), args.config) for spec in args.ckpt]
+    models += [(name, path, config) for name, config, path in args.model]
+    for name, path, config in models:
+        model, k, batches, weights = upernet(config, path, args.data_root, args.images)
         for eps in eps_list:
             r = run_model(model.backbone, k, batches, eps, args.steps, weights)
             report(f'{name}-eps{eps:g}', r)
@@ -203,7 +214,8 @@ def main(argv=None):
         steps=args.steps,
         images=args.images,
         config=args.config,
-        checkpoints=dict(s.split('=', 1) for s in args.ckpt),
+        checkpoints={name: dict(path=path, config=cfg) for name, path, cfg in models},
+        date=time.strftime('%Y-%m-%d'),
         tiny_settings=TINY_SETTINGS,
         device=f'cpu ({platform.processor() or "x86_64"}, '
         f'{torch.get_num_threads()} threads)',

@@ -167,6 +167,7 @@ class Job:
         self.started = None
         self.done = False
         self.frac0 = self.frac = 0.0  # progress when started / now
+        self.warm = False  # past its start-up (imports, building the runner)
 
     def threads_file(self):
         return self.log + '.threads'
@@ -230,7 +231,7 @@ def simulate(jobs: dict, running: list, cores: int, slots: int) -> float:
     """Seconds (on the reference machine) until every job is done, by the
     scheduler's own rules."""
     left = {
-        n: j.cost * (1 - j.frac) + (0.0 if n in running else STARTUP)
+        n: j.cost * (1 - j.frac) + (0.0 if j.warm else STARTUP)
         for n, j in jobs.items()
         if not j.done
     }
@@ -492,8 +493,13 @@ class Demo:
             for n in list(running):
                 j = jobs[n]
                 old = j.frac
-                j.frac = max(j.frac, j.progress(fraction=True)[1])
+                text, frac = j.progress(fraction=True)
+                j.frac = max(j.frac, frac)
                 done += (j.frac - old) * j.cost
+                if not j.warm and text != 'starting':
+                    # its first progress line: the start-up is over
+                    j.warm = True
+                    done += STARTUP
                 given += (now - t_prev) * speed(threads[n])
                 if j.proc.poll() is None:
                     continue
@@ -503,8 +509,8 @@ class Demo:
                     failed.append(j)
                     self.say(f'{n}: FAILED (exit {j.proc.returncode}), log: {j.log}')
                     continue
-                done += (1 - j.frac) * j.cost + STARTUP
-                j.frac, j.done = 1.0, True
+                done += (1 - j.frac) * j.cost + (0.0 if j.warm else STARTUP)
+                j.frac, j.done, j.warm = 1.0, True, True
                 self.say(f'{n}: done in {fmt(now - j.started)}')
             t_prev = now
             # a job finished: give its cores to the dynamic ones still running
