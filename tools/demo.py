@@ -30,9 +30,10 @@ SEA runs (whose results do not depend on the thread count) share what is left
 and are given more threads as other jobs finish (``torch.set_num_threads`` on a
 signal). A progress line (each job's iteration or batch, and the demo's ETA from
 a cost model calibrated on the progress so far) is printed every few seconds.
-The defaults fit in about 10 minutes on 2 CPU cores; the SEA settings are
-reduced from the paper's (``--sea-iters 300``, all 100 images) and the report
-says which were used.
+The defaults take about 11 minutes on 2 CPU cores (the clean training about 2,
+the robust ones about 3.5 with two at a time, the four SEA runs about 5.5); the
+SEA settings are reduced from the paper's (``--sea-iters 300``, all 100 images,
+more radii) and the report says which were used.
 """
 
 import argparse
