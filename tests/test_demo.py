@@ -296,3 +296,17 @@ def test_child_applies_the_thread_count_on_a_signal(tmp_path):
     proc.send_signal(signal.SIGUSR1)
     assert proc.wait(60) == 0
     assert out.read_text() == '1 2'
+
+
+def test_eta_counts_the_start_up_until_a_job_prints_progress(demo):
+    """A running job still starting (no progress line yet) has its start-up
+    ahead of it in the simulated remaining time; once it is past it, not."""
+    job = demo.Job('SEA SAT', [], '/nonexistent', 100.0, threads='dynamic')
+    jobs = {'SEA SAT': job}
+    starting = demo.simulate(jobs, ['SEA SAT'], 1, 1)
+    assert starting == pytest.approx(100.0 + demo.STARTUP)
+    job.warm, job.frac = True, 0.25
+    assert demo.simulate(jobs, ['SEA SAT'], 1, 1) == pytest.approx(75.0)
+    # a job not started yet: its start-up is ahead too
+    later = demo.Job('x', [], '/nonexistent', 10.0)
+    assert demo.simulate({'x': later}, [], 1, 1) == pytest.approx(10.0 + demo.STARTUP)
