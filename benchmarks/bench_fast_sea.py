@@ -37,6 +37,7 @@ import time
 
 import numpy as np
 import torch
+from compare_apgd_modes import tiny_net  # the attack tests' 2-layer net
 
 from mmseg_robust.attacks import SEA
 from mmseg_robust.evaluation.counts import pixel_accuracy
@@ -61,20 +62,6 @@ class Counter:
 
     def _hook(self, module, args):
         self.n += int(args[0].shape[0])
-
-
-def tiny_net(num_classes=4, seed=0, scale=0.8):
-    """tests/conftest.py's ``attack_models.tiny_net``."""
-    g = torch.Generator().manual_seed(seed)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 16, 3, padding=1),
-        torch.nn.Tanh(),
-        torch.nn.Conv2d(16, num_classes, 3, padding=1),
-    )
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return net.eval().requires_grad_(False)
 
 
 def tiny_batches(net, b, size, seed=0, noise=0.2):

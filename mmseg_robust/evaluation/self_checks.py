@@ -315,14 +315,18 @@ def check_input_gradients(grad: Optional[Tensor]) -> List[Flag]:
     return flags
 
 
+def _first_names(names, limit: int = 5) -> str:
+    """``'a, b, c, d, e and 3 more'``: the first ``limit`` names of a flag."""
+    more = f' and {len(names) - limit} more' if len(names) > limit else ''
+    return ', '.join(names[:limit]) + more
+
+
 def check_train_mode(module: torch.nn.Module) -> Optional[Flag]:
     """``train_mode``: modules still in train mode after ``model.eval()``."""
     names = [n or type(m).__name__ for n, m in module.named_modules() if m.training]
     if not names:
         return None
-    shown = ', '.join(names[:5]) + (
-        f' and {len(names) - 5} more' if len(names) > 5 else ''
-    )
+    shown = _first_names(names)
     return Flag(
         'train_mode',
         'warning',
@@ -354,9 +358,7 @@ def check_buffers(before: Dict[str, Tensor], module: torch.nn.Module) -> Optiona
     ]
     if not changed:
         return None
-    shown = ', '.join(changed[:5]) + (
-        f' and {len(changed) - 5} more' if len(changed) > 5 else ''
-    )
+    shown = _first_names(changed)
     return Flag(
         'buffers_changed',
         'warning',
