@@ -2,6 +2,7 @@
 load_from set continues the work dir's own run, a resume with nothing left to
 train is refused, and the opt-in fast skip advances the sampler only."""
 
+import logging
 import os.path as osp
 import random
 import subprocess
@@ -269,3 +270,34 @@ def test_a_sampler_the_fast_skip_cannot_advance_is_refused():
     # the supported ones pass
     for make in (SAMPLERS['infinite'], SAMPLERS['default']):
         resume_module.check_sampler_skip(DataLoader(data, sampler=make(data)))
+
+
+def test_the_sampler_skip_with_worker_processes_says_the_augmentations_differ(
+    monkeypatch,
+):
+    # The same items as an uninterrupted run, but the workers' random streams
+    # restart: the log says the augmentation draws differ.
+    logged = []
+    monkeypatch.setattr(
+        resume_module, 'print_log', lambda msg, **kw: logged.append((msg, kw))
+    )
+    data = _Counting(10)
+
+    def loader():
+        return DataLoader(
+            data,
+            batch_size=3,
+            sampler=InfiniteSampler(data, shuffle=True, seed=0),
+            collate_fn=pseudo_collate,
+            num_workers=1,
+        )
+
+    uninterrupted = _InfiniteDataloaderIterator(loader())
+    expected = [next(uninterrupted)[0] for _ in range(5)][2:]  # the items' indices
+    iterator = _InfiniteDataloaderIterator(loader())
+    resume_module.skip_by_sampler(iterator, 2)
+    assert [next(iterator)[0] for _ in range(3)] == expected
+    ((msg, kw),) = logged
+    assert 'Skipped the 2 trained batches by advancing the InfiniteSampler' in msg
+    assert 'worker processes' in msg and "differ from an uninterrupted run's" in msg
+    assert kw['level'] == logging.WARNING

@@ -348,9 +348,11 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
         broadcast runs whatever ``broadcast_buffers`` says, once per iteration,
         so that the attack, the validation, the checkpoint and the end of
         training all see rank 0's statistics. Before the first iteration all
-        processes hold the same ones already: DDP's constructor broadcasts rank
-        0's buffers, and ``load_from``/``--resume`` load the same file on every
-        process. See :func:`sync_norm_stats`.
+        processes hold the same ones already (with ``broadcast_buffers=False``
+        DDP's constructor does not broadcast buffers, but freshly built layers
+        start equal, ``Runner.train`` broadcasts rank 0's state after
+        initialising the weights, and ``load_from``/``--resume`` load the same
+        file on every process). See :func:`sync_norm_stats`.
         """
         model = self.runner.model
         if get_world_size() < 2 or not is_model_wrapper(model):
