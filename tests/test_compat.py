@@ -125,3 +125,43 @@ def test_getattr_is_allowed_only_for_history_buffer(tmp_path):
     from mmengine.logging.history_buffer import HistoryBuffer
 
     assert history_buffer_getattr(HistoryBuffer, 'mean') is HistoryBuffer.mean
+
+
+def test_syncbn_becomes_batchnorm_on_cpu_keeping_the_tensors():
+    from mmseg_robust.utils.compat import _sync_bn_to_bn_on_cpu
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.SyncBatchNorm(4),
+        torch.nn.Sequential(torch.nn.SyncBatchNorm(4), torch.nn.ReLU()),
+    )
+    net[1].running_mean += 1.0
+    params = {k: v for k, v in net.named_parameters()}
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.warns(UserWarning, match="model's 2 SyncBatchNorm layers were"):
+        converted = _sync_bn_to_bn_on_cpu(net)
+    types = [type(m) for m in converted.modules()]
+    assert torch.nn.SyncBatchNorm not in types
+    assert (
+        sum(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            for m in converted.modules()
+        )
+        == 2
+    )
+    # the same parameter objects (an optimizer holding them keeps working),
+    # the same state_dict (keys and values)
+    for name, p in converted.named_parameters():
+        assert p is params[name], name
+    assert converted.state_dict().keys() == state.keys()
+    for k, v in converted.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    converted.train()(torch.rand(2, 3, 6, 6))  # runs without a process group
+    # nothing to convert: the module itself, no warning
+    plain = torch.nn.Sequential(torch.nn.BatchNorm2d(2))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert _sync_bn_to_bn_on_cpu(plain) is plain

@@ -1,6 +1,7 @@
 """RandomStateHook: only a resume restores the saved random state (load_from keeps
 the configured seed), and under DDP every rank saves and restores its own state."""
 
+import os
 import os.path as osp
 import random
 import socket
@@ -297,36 +298,52 @@ def test_load_from_trains_with_the_configured_seed(
     assert not any('Restored the random state' in out for out in outs)
 
 
-def test_ddp_resume_equals_uninterrupted(
-    run_tool, synthetic_root, data_options, tmp_path
-):
-    # Two gloo CPU processes with different per-rank streams (diff_rank_seed):
-    # 2 iterations straight vs. resumed from that run's checkpoint at 1 (in a
-    # new work_dir: --resume with load_from resumes from that file), batch 2
-    # per process. GroupNorm in the heads: with BatchNorm the resumed weights
-    # still differ (by ~1e-5) from the uninterrupted ones under DDP, although
-    # the loop gives every process rank 0's buffers before the attack
-    # (AdversarialTrainLoop._sync_buffers); that divergence is not the random
-    # state's and is not understood yet.
-    opts = (
-        OPTS
-        + [
-            'randomness.diff_rank_seed=True',
-            'model.decode_head.norm_cfg.type=GN',
-            'model.decode_head.norm_cfg.num_groups=8',
-            'model.auxiliary_head.norm_cfg.type=GN',
-            'model.auxiliary_head.norm_cfg.num_groups=8',
-        ]
-        + data_options(synthetic_root)
+def _config_with_probe(tmp_path, base):
+    """``base`` plus the NormStatsProbe hook of tests/norm_stats_probe.py (the
+    tests directory goes on the tools' PYTHONPATH, see ``_probe_env``)."""
+    path = tmp_path / 'with_probe.py'
+    path.write_text(
+        f'_base_ = {osp.abspath(base)!r}\n'
+        "custom_imports = dict(imports=['mmseg_robust', 'norm_stats_probe'], "
+        'allow_failed_imports=False)\n'
+        "custom_hooks = [dict(type='NormStatsProbe')]\n"
     )
+    return str(path)
+
+
+def _probe_env(repo_root):
+    path = [osp.join(repo_root, 'tests'), os.environ.get('PYTHONPATH', '')]
+    return dict(PYTHONPATH=os.pathsep.join(p for p in path if p))
+
+
+def test_ddp_resume_equals_uninterrupted(
+    run_tool, repo_root, synthetic_root, data_options, tmp_path
+):
+    # Two gloo CPU processes with different per-rank streams (diff_rank_seed)
+    # and different batches, BatchNorm in the heads: 2 iterations straight vs.
+    # resumed from that run's checkpoint at 1 (in a new work_dir: --resume with
+    # load_from resumes from that file), batch 2 per process. Both validate
+    # after iteration 2, where every process records its BatchNorm statistics
+    # (NormStatsProbe): the loop gives every process rank 0's after each update
+    # (AdversarialTrainLoop._sync_norm_stats), so the ranks validate the model
+    # that the checkpoint holds.
+    opts = [o for o in OPTS if not o.startswith('train_cfg.val_begin=')]
+    opts += [
+        'train_cfg.val_begin=2',
+        'train_cfg.val_interval=2',
+        'randomness.diff_rank_seed=True',
+    ] + data_options(synthetic_root)
+    config = _config_with_probe(tmp_path, PIRAT)
 
     def dist_train(work, load_from, *extra):
         return run_tool(
-            ['bash', 'tools/dist_train.sh', PIRAT, '2', '--work-dir', work]
+            ['bash', 'tools/dist_train.sh', config, '2', '--work-dir', work]
             + list(extra)
             + ['--cfg-options', f'load_from={load_from}', 'train_cfg.max_iters=2']
             + opts,
-            env=dict(PORT=_free_port(), CUDA_VISIBLE_DEVICES=''),
+            env=dict(
+                PORT=_free_port(), CUDA_VISIBLE_DEVICES='', **_probe_env(repo_root)
+            ),
         )
 
     full = str(tmp_path / 'full')
@@ -335,10 +352,8 @@ def test_ddp_resume_equals_uninterrupted(
     out = dist_train(resumed, osp.join(full, 'iter_1.pth'), '--resume')
     assert 'Restored the random state saved at iteration 1' in out
     assert 'Iter(train) [1/2]' not in out
-    _assert_same_weights(
-        _weights(osp.join(full, 'iter_2.pth')),
-        _weights(osp.join(resumed, 'iter_2.pth')),
-    )
+    final = _weights(osp.join(full, 'iter_2.pth'))
+    _assert_same_weights(final, _weights(osp.join(resumed, 'iter_2.pth')))
     # the checkpoint holds both ranks' (different) states, and the iteration
     # after the resume changes the weights (the comparison is not vacuous)
     saved = torch.load(
@@ -346,6 +361,18 @@ def test_ddp_resume_equals_uninterrupted(
     )['random_state']
     assert saved['world_size'] == 2
     assert not torch.equal(saved['states'][0]['torch'], saved['states'][1]['torch'])
-    assert _differ(
-        _weights(osp.join(full, 'iter_1.pth')), _weights(osp.join(full, 'iter_2.pth'))
+    assert _differ(_weights(osp.join(full, 'iter_1.pth')), final)
+    # At the validation after iteration 2 both ranks hold the checkpoint's
+    # BatchNorm statistics, which training changed (BN heads: not vacuous).
+    for work in (full, resumed):
+        for rank in (0, 1):
+            stats = torch.load(
+                osp.join(work, f'norm_stats_iter2_rank{rank}.pth'), weights_only=True
+            )
+            assert len(stats) > 0 and stats.keys() <= final.keys()
+            for key, value in stats.items():
+                assert torch.equal(value, final[key]), (work, rank, key)
+    assert any(
+        k.endswith('running_var') and not torch.equal(v, torch.ones_like(v))
+        for k, v in stats.items()
     )

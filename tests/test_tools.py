@@ -3,6 +3,7 @@
 import glob
 import json
 import os.path as osp
+import socket
 
 import numpy as np
 import pytest
@@ -124,6 +125,65 @@ def test_dist_train_two_cpu_processes(
     assert 'GPU number: 2' in out  # mmengine's name for the world size
     assert 'using the gloo backend instead of nccl' in out
     assert osp.exists(osp.join(work, 'iter_6.pth'))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return str(s.getsockname()[1])
+
+
+def test_dist_train_and_test_of_a_syncbn_config_on_cpu(
+    run_tool, small_config, synthetic_root, data_options, tmp_path
+):
+    # DDP refuses SyncBatchNorm in CPU modules: the launchers convert the heads'
+    # SyncBN layers to BatchNorm with a warning, train and test.
+    work = str(tmp_path / 'syncbn')
+    syncbn = [
+        'model.decode_head.norm_cfg.type=SyncBN',
+        'model.auxiliary_head.norm_cfg.type=SyncBN',
+    ]
+    env = dict(CUDA_VISIBLE_DEVICES='')
+    out = run_tool(
+        [
+            'bash',
+            'tools/dist_train.sh',
+            small_config,
+            '2',
+            '--work-dir',
+            work,
+            '--cfg-options',
+            'train_cfg.max_iters=1',
+            'train_cfg.val_interval=1000',
+            'default_hooks.checkpoint.interval=1',
+            'train_dataloader.batch_size=2',
+        ]
+        + syncbn
+        + data_options(synthetic_root),
+        env=dict(env, PORT=_free_port()),
+    )
+    assert 'Distributed training: True' in out
+    assert 'SyncBatchNorm layers were converted to BatchNorm' in out
+    assert 'SyncBatchNorm layers only work with GPU modules' not in out
+    ckpt = osp.join(work, 'iter_1.pth')
+    assert osp.exists(ckpt)
+    out = run_tool(
+        [
+            'bash',
+            'tools/dist_test.sh',
+            small_config,
+            ckpt,
+            '2',
+            '--work-dir',
+            str(tmp_path / 'syncbn_test'),
+            '--cfg-options',
+        ]
+        + syncbn
+        + data_options(synthetic_root),
+        env=dict(env, PORT=_free_port()),
+    )
+    assert 'SyncBatchNorm layers were converted to BatchNorm' in out
+    assert 'mIoU' in out
 
 
 # A stand-in for SLURM's srun on one machine: starts --ntasks local tasks of the

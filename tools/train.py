@@ -11,6 +11,7 @@ from mmseg.registry import RUNNERS
 
 # mmseg_robust: registers its components and compat fixes (no custom_imports)
 import mmseg_robust  # noqa: F401
+from mmseg_robust.engine import configure_resume
 
 
 def parse_args():
@@ -95,6 +96,10 @@ def main():
 
     # resume training
     cfg.resume = args.resume
+    # mmseg_robust: with load_from set, --resume continues the work dir's own
+    # latest checkpoint (mmengine would resume from load_from); a resume with
+    # nothing left to train is refused
+    configure_resume(cfg)
 
     # build the runner from config
     if 'runner_type' not in cfg:

@@ -23,6 +23,7 @@ from .presets import (
 )
 from .random_state import RandomStateHook
 from .result_cache import ResultCache, fingerprint
+from .resume import ResumeCheckHook, configure_resume
 from .train_schemes import DDCATScheme, PIRATScheme, SATScheme, TrainScheme
 from .visualization_hook import AdversarialVisualizationHook
 
@@ -41,6 +42,7 @@ __all__ = [
     'PIRATTrainLoop',
     'RandomStateHook',
     'ResultCache',
+    'ResumeCheckHook',
     'SATScheme',
     'SATTrainLoop',
     'TrainScheme',
@@ -48,6 +50,7 @@ __all__ = [
     'apply_robustness_evaluator',
     'attack_context',
     'check_loaded_checkpoint',
+    'configure_resume',
     'configure_test',
     'dataset_class_weights',
     'fingerprint',

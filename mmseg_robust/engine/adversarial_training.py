@@ -36,6 +36,8 @@ from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
 from mmengine.optim import AmpOptimWrapper
 from mmengine.runner import IterBasedTrainLoop
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.nn.modules.batchnorm import _NormBase
 
 from mmseg_robust.models.pixel_space import (
     TrainingBatchPixelView,
@@ -46,9 +48,16 @@ from mmseg_robust.registry import ATTACKS, LOOPS, TRAIN_SCHEMES
 
 from .attack_context import attack_context
 from .random_state import RandomStateHook
+from .resume import check_sampler_skip, skip_by_sampler
 from .train_schemes import TrainScheme
 
-__all__ = ['AdversarialTrainLoop', 'DDCATTrainLoop', 'PIRATTrainLoop', 'SATTrainLoop']
+__all__ = [
+    'AdversarialTrainLoop',
+    'DDCATTrainLoop',
+    'PIRATTrainLoop',
+    'SATTrainLoop',
+    'sync_norm_stats',
+]
 
 
 class _LeakingView:
@@ -97,8 +106,9 @@ class _LeakGrad(torch.autograd.Function):
 
 
 class _RestoreAfterSkip:
-    """The train loop's batch iterator, restoring a resumed run's random state
-    right before the first new batch is drawn.
+    """The train loop's batch iterator: skips the trained batches of a resumed
+    run (by replaying them, or by advancing the sampler only) and restores the
+    run's random state right before the first new batch is drawn.
 
     mmengine's ``IterBasedTrainLoop.run`` (used unchanged) calls ``before_train``
     -- where :class:`RandomStateHook` decides that the run resumed and takes this
@@ -108,36 +118,42 @@ class _RestoreAfterSkip:
     drew that batch; the skipped draws of an in-process loader consume random
     numbers (sampler, transforms), so the state has to be restored after them
     and before that draw. This wrapper of mmengine's ``_InfiniteDataloaderIterator``
-    does so: while the hook holds a state, its first draw reads how many batches
-    the loop skips (``loop.iter``, set from the checkpoint by
-    ``Runner.resume``), and after that many draws it restores the state before
-    drawing. Without a state to restore (no resume, ``load_from`` only) it only
-    passes the batches through. Other attributes are the wrapped iterator's.
+    does so: its first draw reads how many batches the loop skips
+    (``loop.iter``: 0 unless ``Runner.resume`` set it from the checkpoint), and
+    after that many draws it restores the state (if the hook holds one) before
+    drawing. With ``skip='replay'`` the skipped draws are the data loader's
+    (mmengine's behaviour); with ``skip='sampler'`` the first of them advances
+    the sampler instead (:func:`~mmseg_robust.engine.resume.skip_by_sampler`)
+    and all of them return None without loading anything. Other attributes are
+    the wrapped iterator's.
     """
 
-    def __init__(self, iterator, loop, hook: RandomStateHook) -> None:
+    def __init__(self, iterator, loop, hook: RandomStateHook, skip='replay') -> None:
         self._inner = iterator
         self._loop = loop
         self._hook = hook
+        self._skip = skip
+        # batches still to skip; None before the first draw, -1 after the skip
         self._to_skip: Optional[int] = None
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        if self._hook.loaded is not None:
-            if self._to_skip is None:
-                self._to_skip = self._loop.iter
-            if self._to_skip > 0:
-                self._to_skip -= 1
-            else:
-                self._to_skip = None
-                if self._hook.restore_loaded():
-                    print_log(
-                        'Restored the random state saved at iteration '
-                        f'{self._loop.iter}',
-                        logger='current',
-                    )
+        if self._to_skip is None:
+            self._to_skip = self._loop.iter
+            if self._to_skip > 0 and self._skip == 'sampler':
+                skip_by_sampler(self._inner, self._to_skip)
+        if self._to_skip > 0:
+            self._to_skip -= 1
+            return None if self._skip == 'sampler' else next(self._inner)
+        if self._to_skip == 0:
+            self._to_skip = -1
+            if self._hook.restore_loaded():
+                print_log(
+                    f'Restored the random state saved at iteration {self._loop.iter}',
+                    logger='current',
+                )
         return next(self._inner)
 
     def __getattr__(self, name: str):
@@ -175,8 +191,9 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
 
     Only :meth:`run_iter` is overridden: mmengine's ``run`` (resume's data loader
     skip included) runs as is, and the random state of a resumed run is restored
-    by the loop's batch iterator right after the skip (see
-    :class:`_RestoreAfterSkip`).
+    by the loop's batch iterator right after the skip, which with
+    ``resume_skip='sampler'`` advances the sampler instead of loading the
+    skipped batches (see :class:`_RestoreAfterSkip`).
 
     Args:
         runner, dataloader, max_iters, val_begin, val_interval,
@@ -200,6 +217,17 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
             described); turn it on only to reproduce the reference's training
             exactly. Not supported with mixed precision (the leaked gradients
             would miss the loss scale).
+        resume_skip (str): how a resumed run skips the batches already
+            trained. ``'replay'`` (default, mmengine's): the data loader loads
+            and discards every one of them (resuming at iteration 10,000 with
+            16 images per process loads 160,000 images per process).
+            ``'sampler'``: only the sampler is advanced, nothing is loaded
+            (needs mmengine's ``InfiniteSampler`` or ``DefaultSampler``; any
+            other sampler is refused when the loop is built). With
+            ``num_workers=0`` both continue exactly like an uninterrupted run
+            (the random state is restored after the skip); with worker
+            processes, ``'sampler'`` restarts their random streams, so the
+            augmentations differ from an uninterrupted run's (logged).
 
     The attack ignores the label value of the model's decode head
     (``ignore_index``, 255 unless the head sets another) and the padding the
@@ -221,6 +249,7 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
         attack: Optional[dict] = None,
         log_clean: bool = True,
         leak_attack_grads: bool = False,
+        resume_skip: str = 'replay',
     ) -> None:
         # before the data loader is built (building it may generate a dataset)
         _check_load_from(runner)
@@ -241,10 +270,18 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
         )
         self.log_clean = log_clean
         self.leak_attack_grads = bool(leak_attack_grads)
+        if resume_skip not in ('replay', 'sampler'):
+            raise ValueError(
+                f"train_cfg.resume_skip must be 'replay' or 'sampler', got "
+                f'{resume_skip!r}'
+            )
+        if resume_skip == 'sampler':
+            check_sampler_skip(self.dataloader)
+        self.resume_skip = resume_skip
         self.random_state_hook = RandomStateHook()
         runner.register_hook(self.random_state_hook)
         self.dataloader_iterator = _RestoreAfterSkip(
-            self.dataloader_iterator, self, self.random_state_hook
+            self.dataloader_iterator, self, self.random_state_hook, resume_skip
         )
 
     def _build_scheme(self, scheme) -> TrainScheme:
@@ -282,12 +319,12 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
             'before_train_iter', batch_idx=self._iter, data_batch=data_batch
         )
         t0 = time.perf_counter()
-        self._sync_buffers()
         adv_batch, stats = self.adversarial_batch(data_batch)
         t_attack = time.perf_counter() - t0
         outputs = self.runner.model.train_step(
             adv_batch, optim_wrapper=self.runner.optim_wrapper
         )
+        self._sync_norm_stats()
         stats['attack_time_share'] = t_attack / (time.perf_counter() - t0)
         outputs.update(stats)
         self.runner.call_hook(
@@ -298,26 +335,29 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
         )
         self._iter += 1
 
-    def _sync_buffers(self) -> None:
-        """Under DDP, give every process rank 0's buffers before the attack.
+    def _sync_norm_stats(self) -> None:
+        """Under DDP, give every process rank 0's running statistics of the
+        normalisation layers after each update.
 
-        DDP broadcasts rank 0's buffers (BatchNorm running statistics) at the
-        start of each forward of the wrapped model, then every process updates
-        them with its own batch. The attack runs the unwrapped module before
-        that broadcast, so without this each process would attack with its own
-        statistics of the last batch, which neither the model's definition (rank
-        0's buffers) nor a checkpoint holds: a resumed run could not continue
-        like an uninterrupted one.
+        mmengine wraps the model with ``broadcast_buffers=False`` (unless a
+        config sets ``model_wrapper_cfg``), so each process updates the running
+        statistics of its BatchNorm layers with its own batch and keeps them.
+        Without this the next attack and a validation would run on each process
+        with its own statistics, while the checkpoint holds rank 0's only (and a
+        resumed run could not continue like an uninterrupted one). The
+        broadcast runs whatever ``broadcast_buffers`` says, once per iteration,
+        so that the attack, the validation, the checkpoint and the end of
+        training all see rank 0's statistics. Before the first iteration all
+        processes hold the same ones already (with ``broadcast_buffers=False``
+        DDP's constructor does not broadcast buffers, but freshly built layers
+        start equal, ``Runner.train`` broadcasts rank 0's state after
+        initialising the weights, and ``load_from``/``--resume`` load the same
+        file on every process). See :func:`sync_norm_stats`.
         """
         model = self.runner.model
-        if (
-            get_world_size() < 2
-            or not is_model_wrapper(model)
-            or not getattr(model, 'broadcast_buffers', True)
-        ):
+        if get_world_size() < 2 or not is_model_wrapper(model):
             return
-        for buf in unwrap_model(model).buffers():
-            broadcast(buf, 0)
+        sync_norm_stats(unwrap_model(model))
 
     # ---------------------------------------------------------- the batch
     def attacked_indices(self, batch_size: int) -> List[int]:
@@ -400,6 +440,32 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
         return {
             k: float(v) * (100 if k.endswith('.acc') else 1) for k, v in stats.items()
         }
+
+
+def sync_norm_stats(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy process ``src``'s running statistics of the normalisation layers
+    to every process (one coalesced broadcast per dtype and device).
+
+    Covers the buffers that training changes: ``running_mean``,
+    ``running_var`` and ``num_batches_tracked`` of every
+    :class:`torch.nn.modules.batchnorm._NormBase` that tracks running
+    statistics (BatchNorm, SyncBatchNorm, InstanceNorm with
+    ``track_running_stats=True``). Other buffers (e.g. the relative-position
+    indices of a transformer, constant and possibly large) are left alone. Does
+    nothing when the module has no such layer.
+    """
+    groups: Dict[tuple, List[torch.Tensor]] = {}
+    for m in module.modules():
+        if not isinstance(m, _NormBase) or not m.track_running_stats:
+            continue
+        for buf in (m.running_mean, m.running_var, m.num_batches_tracked):
+            if buf is not None:
+                groups.setdefault((buf.dtype, buf.device), []).append(buf)
+    for bufs in groups.values():
+        flat = _flatten_dense_tensors(bufs)
+        broadcast(flat, src)
+        for buf, synced in zip(bufs, _unflatten_dense_tensors(flat, bufs)):
+            buf.copy_(synced)
 
 
 def _check_load_from(runner) -> None:

@@ -20,7 +20,10 @@ failure it removes; none disables a safety check globally.
    backend (with a warning when NCCL was asked for) and pass ``device_ids=None``
    for CPU modules. ``--launcher slurm`` without CUDA likewise (mmengine's slurm
    set-up calls ``torch.cuda.set_device``): the same environment from SLURM's
-   variables, then gloo. Nothing changes when CUDA is available.
+   variables, then gloo. DDP also refuses SyncBatchNorm in CPU modules (many
+   mmseg configs, the SAT/DDC-AT ones too, use it): without CUDA the SyncBN
+   layers of a CPU module are converted to BatchNorm when it is wrapped, with a
+   warning. Nothing changes when CUDA is available.
 """
 
 import atexit
@@ -151,15 +154,46 @@ def _cpu_friendly_pytorch_launcher() -> None:
     def __init__(self, module, detect_anomalous_params=False, **kwargs):
         device_ids = kwargs.get('device_ids')
         on_cpu = all(p.device.type == 'cpu' for p in module.parameters())
-        if device_ids is not None and on_cpu and not torch.cuda.is_available():
-            # DDP requires device_ids=None for CPU modules.
-            kwargs['device_ids'] = None
+        if on_cpu and not torch.cuda.is_available():
+            if device_ids is not None:
+                # DDP requires device_ids=None for CPU modules.
+                kwargs['device_ids'] = None
+            module = _sync_bn_to_bn_on_cpu(module)
         original_ddp_init(
             self, module, detect_anomalous_params=detect_anomalous_params, **kwargs
         )
 
     __init__.__wrapped__ = original_ddp_init
     MMDistributedDataParallel.__init__ = __init__
+
+
+def _sync_bn_to_bn_on_cpu(module):
+    """``module`` with its SyncBatchNorm layers reverted to BatchNorm, with a
+    warning (DDP refuses SyncBatchNorm in CPU modules)."""
+    from mmengine.model import revert_sync_batchnorm
+
+    sync_types = [torch.nn.SyncBatchNorm]
+    try:  # the layers mmengine's revert_sync_batchnorm also converts
+        from mmcv.ops import SyncBatchNorm as MMCVSyncBatchNorm
+
+        sync_types.append(MMCVSyncBatchNorm)
+    except ImportError:
+        pass
+    n_sync = sum(isinstance(m, tuple(sync_types)) for m in module.modules())
+    if not n_sync:
+        return module
+    # The BatchNorm layers take over the SyncBN layers' parameter and buffer
+    # tensors (the same objects: an optimizer built before would still hold
+    # them; the Runner builds it after wrapping anyway) and the state_dict keys.
+    module = revert_sync_batchnorm(module)
+    warnings.warn(
+        f"CUDA is not available: the model's {n_sync} SyncBatchNorm layers were "
+        'converted to BatchNorm, because SyncBatchNorm does not run on CPU '
+        'under DDP. Each process normalises with the statistics of its own '
+        'batch (SyncBN would use those of all processes); on GPUs the config '
+        'runs with SyncBN as written.'
+    )
+    return module
 
 
 def _destroy_process_group() -> None:
