@@ -64,6 +64,7 @@ _OPTIONS = (
     'log_interval',
     'self_checks',
     'compat',
+    'eps_units',
 )
 #: attacks that take ``compat='reference'`` (docs/algorithms.md section 3.2).
 _COMPAT_ATTACKS = ('SEA', 'APGD', 'APGDLargeEps')
@@ -145,7 +146,9 @@ def apply_robustness_evaluator(cfg: Config, spec: Optional[object] = None) -> Co
         spec (str | dict, optional): ``'SEA'`` or ``dict(type='SEA', eps=[4, 8],
             steps=300, seed=0, class_weights=None, norm='Linf', resume=True,
             worst_case_modes=['best', 'reference'], log_interval=1,
-            self_checks=True, compat='default')``; ``compat='reference'`` turns
+            self_checks=True, compat='default', eps_units=None)``;
+            ``eps_units='255'`` confirms eps in /255 units (no unit warnings);
+            ``compat='reference'`` turns
             on every behaviour of the SEA reference (its APGD and its worst-case
             greedy, reported first); options left out keep the preset's values
             (``n_iter`` is an alias of ``steps``). Defaults to
@@ -183,6 +186,9 @@ def apply_robustness_evaluator(cfg: Config, spec: Optional[object] = None) -> Co
         attack['steps'] = int(steps)
     if spec.get('norm') is not None:
         attack['norm'] = spec['norm']
+    if spec.get('eps_units') is not None:
+        # '255' confirms eps in /255 units: no unit warnings (docs/flags.md)
+        attack['eps_units'] = str(spec['eps_units'])
     if attack['type'] == 'SEA' and attack.get('class_weights') is None:
         weights = spec.get('class_weights')
         attack['class_weights'] = (
