@@ -65,6 +65,7 @@ _OPTIONS = (
     'self_checks',
     'compat',
     'eps_units',
+    'clean_candidate',
 )
 #: attacks that take ``compat='reference'`` (docs/algorithms.md section 3.2).
 _COMPAT_ATTACKS = ('SEA', 'APGD', 'APGDLargeEps')
@@ -146,8 +147,10 @@ def apply_robustness_evaluator(cfg: Config, spec: Optional[object] = None) -> Co
         spec (str | dict, optional): ``'SEA'`` or ``dict(type='SEA', eps=[4, 8],
             steps=300, seed=0, class_weights=None, norm='Linf', resume=True,
             worst_case_modes=['best', 'reference'], log_interval=1,
-            self_checks=True, compat='default', eps_units=None)``;
-            ``eps_units='255'`` confirms eps in /255 units (no unit warnings);
+            self_checks=True, compat='default', eps_units=None,
+            clean_candidate=False)``; ``eps_units='255'`` confirms eps in /255
+            units (no unit warnings); ``clean_candidate=True`` counts the clean
+            image in the worst case (docs/algorithms.md section 4);
             ``compat='reference'`` turns
             on every behaviour of the SEA reference (its APGD and its worst-case
             greedy, reported first); options left out keep the preset's values
@@ -203,6 +206,11 @@ def apply_robustness_evaluator(cfg: Config, spec: Optional[object] = None) -> Co
         test_cfg['resume'] = _as_bool(spec['resume'], 'evaluator.resume')
     if 'log_interval' in spec:
         test_cfg['log_interval'] = int(spec['log_interval'])
+    if 'clean_candidate' in spec:
+        # the clean image as a worst-case candidate (docs/algorithms.md sec. 4)
+        metric['clean_candidate'] = _as_bool(
+            spec['clean_candidate'], 'evaluator.clean_candidate'
+        )
     if 'self_checks' in spec:
         # docs/flags.md: on unless turned off
         test_cfg['self_checks'] = _as_bool(spec['self_checks'], 'evaluator.self_checks')
