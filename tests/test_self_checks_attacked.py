@@ -369,6 +369,18 @@ def test_prediction_mismatch(net, batch):
     assert check_recorded_prediction(one, logits, valid, '8') is not None
     valid[0, 0, 0] = False
     assert check_recorded_prediction(one, logits, valid, '8') is None
+    # near-ties (float noise at adversarial points) are no mismatch, nor a
+    # dynamic model
+    tied = torch.tensor([2.0, 2.0, -1.0, -1.0]).view(1, K, 1, 1).repeat(1, 1, 10, 10)
+    other = tied.clone()
+    tied[:, 1] += 1e-6  # class 1 wins by float noise on every pixel
+    other[:, 0] += 1e-6  # class 0 does
+    zeros = torch.zeros(1, 10, 10, dtype=torch.long)
+    assert check_recorded_prediction(zeros, tied, None, '8') is None
+    assert check_dynamic_model(tied, other, (), '8') is None
+    tied[:, 1] += 0.5
+    assert check_recorded_prediction(zeros, tied, None, '8') is not None
+    assert check_dynamic_model(tied, other, (), '8') is not None
 
 
 def test_returned_image_checks_in_the_loop(net, batch):
