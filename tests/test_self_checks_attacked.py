@@ -468,3 +468,39 @@ def test_confirmed_eps_units_leave_no_flag_in_the_results_file(
         'prediction_mismatch',
     }
     assert not quiet & set(flags), flags
+
+
+def test_report_drops_an_earlier_rule_flag_without_a_worst_case_above_clean(tmp_path):
+    """A results file of the earlier rule (the demo's PIR-AT: one attack above
+    clean on 1 of 24 images, worst case 0) is reported without the flag; a
+    worst case above clean is still listed."""
+    from mmseg_robust.reporting import load_result, write_report
+
+    def result(eps_details):
+        return dict(
+            schema_version=3,
+            summary=dict(
+                num_images=24,
+                clean=dict(mIoU=72.8, aAcc=95.0, aAcc_img=95.8),
+                eps={'4': dict(worst_case=dict(mIoU=55.1, aAcc_img=91.7))},
+            ),
+            attacks=[dict(type='SEA', steps=100)],
+            flags=[
+                dict(
+                    code='robust_above_clean',
+                    level='warning',
+                    message='attacks ended above the clean pixel accuracy',
+                    fix='run more iterations',
+                    details=dict(images=24, eps=eps_details),
+                )
+            ],
+        )
+
+    old = result({'4': dict(images=1, worst_case=0, attacks={'APGD-Mask-CE': 1})})
+    row = load_result(old, name='PIR-AT')
+    assert row['flags'] == []
+    md = write_report([row], str(tmp_path / 'r'), print_table=False)['markdown']
+    text = open(md).read()
+    assert 'no flags raised' in text and 'not be trustworthy' not in text
+    worst = result({'4': dict(images=1, worst_case=1, attacks={'APGD-Mask-CE': 1})})
+    assert [f['code'] for f in load_result(worst)['flags']] == ['robust_above_clean']
