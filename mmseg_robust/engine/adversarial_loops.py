@@ -114,8 +114,12 @@ class _AdversarialEvalMixin:
             every attacked batch; random inference, probability outputs,
             non-finite logits/gradients, zero gradients, train mode and changing
             buffers on the first attacked batch (one extra input-gradient
-            pass); clean accuracy near chance and attacks ending above clean at
-            the end. Errors raise ``ValueError`` before attacking; warnings are
+            pass); after every attack, finite logits at every attacked point
+            and returned images inside the ball and the pixel range; after the
+            first batch's attack, a dynamic model and the recorded prediction
+            (two forwards per eps); clean accuracy near chance and a worst case
+            ending above clean at the end. Errors raise ``ValueError`` (before
+            attacking, or after the attack that showed them); warnings are
             logged once and written to the results file. Default: True (test),
             False (val).
     """

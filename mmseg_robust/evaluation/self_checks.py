@@ -537,8 +537,7 @@ def check_attacked_logits(
 ) -> Optional[Flag]:
     """``nonfinite_logits`` (error) at attacked points: the logits were NaN or
     inf in ``nonfinite_forwards`` of the ``forwards`` of ``attack`` at ``eps``
-    on the batch of the images ``keys`` (their clean logits are finite: the
-    first check passed)."""
+    on the batch of the images ``keys``."""
     if not nonfinite_forwards:
         return None
     shown = _first_names([str(k) for k in keys])
@@ -546,8 +545,8 @@ def check_attacked_logits(
         'nonfinite_logits',
         'error',
         f'the logits were NaN/inf in {nonfinite_forwards} of {forwards} forward '
-        f'passes of {attack} at eps {eps} on the batch of {shown} (finite at the '
-        'clean images): the model is undefined at points of the eps-ball, so a '
+        f'passes of {attack} at eps {eps} on the batch of {shown}: the model is '
+        'undefined at points of the eps-ball the attack evaluated, so a '
         "prediction there (argmax of NaN) is arbitrary, the attack's gradients "
         'are NaN, and the robust numbers of these images would read as a '
         'successful attack without being one.',
