@@ -504,3 +504,53 @@ def test_report_drops_an_earlier_rule_flag_without_a_worst_case_above_clean(tmp_
     assert 'no flags raised' in text and 'not be trustworthy' not in text
     worst = result({'4': dict(images=1, worst_case=1, attacks={'APGD-Mask-CE': 1})})
     assert [f['code'] for f in load_result(worst)['flags']] == ['robust_above_clean']
+
+
+def test_nan_off_the_clean_images_stops_the_evaluation(
+    small_config,
+    random_checkpoint,
+    synthetic_root,
+    data_options,
+    tools_in_one_process,
+    reset_mmengine,
+    monkeypatch,
+    tmp_path,
+):
+    """tools/test.py on a model whose logits are NaN anywhere but at the clean
+    images: an error naming nonfinite_logits after the first attack, and no
+    record of the batch is cached or written (before: an empty flags list and
+    a 'successful' attack)."""
+    import glob
+    import os.path as osp
+
+    from mmseg_robust.models import SegmentorPixelView
+
+    forward = SegmentorPixelView.__call__
+
+    def nan_off_clean(self, images):
+        logits = forward(self, images)
+        if images.shape == self.images.shape and torch.equal(images, self.images):
+            return logits
+        return logits * float('nan')
+
+    monkeypatch.setattr(SegmentorPixelView, '__call__', nan_off_clean)
+    work = str(tmp_path / 'work')
+    argv = (
+        ['tools/test.py', small_config, random_checkpoint, '--work-dir', work]
+        + ['--cfg-options', 'evaluator.type=PGD', 'evaluator.eps=8']
+        + ['evaluator.steps=2', 'test_dataloader.dataset.indices=2']
+        + ['test_dataloader.batch_size=2']
+        + data_options(synthetic_root)
+    )
+    with pytest.raises(SelfCheckError, match=r'nonfinite_logits.*PGD at eps 8'):
+        tools_in_one_process.main(argv)
+    assert not glob.glob(osp.join(work, 'robustness_*.json'))
+    cached = [
+        p
+        for p in glob.glob(osp.join(work, 'robustness_cache', '**'), recursive=True)
+        if osp.isfile(p) and osp.getsize(p)
+    ]
+    for path in cached:
+        with open(path) as f:
+            text = f.read()
+        assert '"clean"' not in text and '"counts"' not in text, path
