@@ -128,11 +128,9 @@ def summarize_records(
         raise ValueError('no image records to summarize')
     keep = np.asarray([r['clean']['valid'] > 0 for r in records])
     clean = _pooled(records, lambda r: r['clean'])
-    clean['aAcc_img'] = _mean_percent(
-        _image_accuracies(records, lambda r: r['clean'], keep)
-    )
-    out = OrderedDict(num_images=len(records), clean=clean, eps=OrderedDict())
     clean_acc = _image_accuracies(records, lambda r: r['clean'], keep)
+    clean['aAcc_img'] = _mean_percent(clean_acc)
+    out = OrderedDict(num_images=len(records), clean=clean, eps=OrderedDict())
     above = above_clean_counts(records)
     for eps in records[0]['attacks']:
         names = list(records[0]['attacks'][eps])
@@ -247,7 +245,9 @@ def format_summary(summary: dict, name: str = 'SEA') -> str:
         rows.append(
             (
                 eps,
-                f'{name} (worst case, {w.get("mIoU_mode", "best")} greedy)',
+                f'{name} (worst case'
+                + (' with the clean image' if w.get('clean_candidate') else '')
+                + f', {w.get("mIoU_mode", "best")} greedy)',
                 f'{w["mIoU"]:.2f}',
                 '-',
                 f'{w["aAcc_img"]:.2f}',
