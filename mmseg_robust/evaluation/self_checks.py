@@ -50,6 +50,7 @@ __all__ = [
     'Flag',
     'LogitsWatch',
     'SelfCheckError',
+    'above_clean_counts',
     'buffer_snapshot',
     'check_adversarial_images',
     'check_attacked_logits',
@@ -61,7 +62,6 @@ __all__ = [
     'check_labels',
     'check_probability_outputs',
     'check_recorded_prediction',
-    'above_clean_counts',
     'check_robust_above_clean',
     'check_stochastic',
     'check_train_mode',
@@ -548,8 +548,8 @@ def check_attacked_logits(
         f'passes of {attack} at eps {eps} on the batch of {shown}: the model is '
         'undefined at points of the eps-ball the attack evaluated, so a '
         "prediction there (argmax of NaN) is arbitrary, the attack's gradients "
-        'are NaN, and the robust numbers of these images would read as a '
-        'successful attack without being one.',
+        'are NaN, and the robust numbers of these images would count an '
+        "arbitrary prediction as the attack's result.",
         'find the operation that overflows or divides by zero away from the clean '
         'images (log/sqrt of a quantity positive only there, a normalisation '
         'by a variance or norm that can vanish, an exp that overflows) and guard '
