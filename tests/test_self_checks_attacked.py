@@ -333,6 +333,17 @@ class Purifying(nn.Module):
         return self.net(x - 0.01 * g.sign())
 
 
+class PurifyingByBackward(Purifying):
+    """The same step through ``Tensor.backward``."""
+
+    def forward(self, x):
+        with torch.enable_grad():
+            z = x.detach().requires_grad_(True)
+            p = self.net(z).softmax(1)
+            (-(p * p.clamp_min(1e-12).log()).sum()).backward()
+        return self.net(x - 0.01 * z.grad.sign())
+
+
 def test_dynamic_model(net, batch):
     images, labels = batch
     first = net(images)
@@ -351,6 +362,8 @@ def test_dynamic_model(net, batch):
     assert calls == ['grad'] and torch.equal(first, second)
     flag = check_dynamic_model(first, second, calls, '8')
     assert flag.code == 'dynamic_model' and 'torch.autograd.grad' in flag.message
+    second, calls = forward_calls_autograd(PurifyingByBackward(net), images)
+    assert calls == ['backward']
 
 
 # ------------------------------------------------------- prediction mismatch

@@ -482,7 +482,8 @@ class _AdversarialEvalMixin:
                         'attack_warning',
                         'warning',
                         'the attacks warned: ' + ' | '.join(unique),
-                        'see the warning; check eps (in /255 units) and steps.',
+                        'see the warning; check eps (in /255 units; confirm an '
+                        "intended value with eps_units='255') and steps.",
                         dict(warnings=unique),
                     )
                 ]
