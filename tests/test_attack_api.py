@@ -151,6 +151,28 @@ def test_eps_in_unit_range_warns_and_beyond_the_pixel_range_fails(kind):
         for eps in (0, 1, 8, 255):
             assert ATTACKS.build(dict(type=kind, eps=eps, **extra)).eps == eps
         assert ATTACKS.build(dict(type=kind, eps=1000, norm='L2', **extra)).eps == 1000
+        # radii below one grey level that are no small-integer fraction, and a
+        # confirmed value, do not warn
+        for eps in (0.25, 0.5):
+            assert ATTACKS.build(dict(type=kind, eps=eps, **extra)).eps == eps
+        cfg = dict(type=kind, eps=0.03, eps_units='255', **extra)
+        assert ATTACKS.build(cfg).eps == 0.03
+
+
+@pytest.mark.parametrize('kind', ['PGD', 'APGD', 'SEA'])
+def test_l2_radius_in_unit_interval_warns_when_the_attack_runs(kind, attack_models):
+    extra = dict(class_weights=WEIGHTS) if kind == 'SEA' else {}
+    net = attack_models.tiny_net(num_classes=4)
+    images, labels = attack_models.batch(b=1, h=64, w=64, num_classes=4, net=net)
+    attack = ATTACKS.build(dict(type=kind, eps=2.0, norm='L2', steps=1, **extra))
+    with pytest.warns(UserWarning, match=r'L2 eps=2 .*pass eps=510'):
+        attack.run(net, images, labels)
+    attack = ATTACKS.build(
+        dict(type=kind, eps=2.0, norm='L2', steps=1, eps_units='255', **extra)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        attack.run(net, images, labels)
 
 
 # ------------------------------------------------------------ model in train mode

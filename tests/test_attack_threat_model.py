@@ -1,6 +1,8 @@
 """Threat model (docs/algorithms.md section 1): norms, eps units, projection, random
 start, steepest-ascent direction."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -165,10 +167,21 @@ def test_direction():
 
 
 def test_eps_unit_checks():
-    with pytest.warns(
-        UserWarning, match=r'eps=0\.5 means 0\.5/255; did you mean eps=127\.5'
-    ):
-        assert check_eps(0.5) == 0.5
+    # L-inf: a small-integer fraction below 1 warns (8/255 meant as eps=8) ...
+    for eps, meant in ((8 / 255, '8'), (0.03, '7.65'), (1 / 255, '1')):
+        with pytest.warns(UserWarning, match=rf'did you mean eps={meant} '):
+            assert check_eps(eps, 'Linf') == eps
+    # ... legitimate radii below one grey level do not, and a confirmed value
+    # never does
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        for eps in (0.25, 0.5, 0.2, 0.1, 0.9, 1, 8):
+            assert check_eps(eps, 'Linf') == eps
+        for units in ('255', '/255', 255):
+            assert check_eps(8 / 255, 'Linf', units) == 8 / 255
+        assert check_eps(0.5, 'L2') == 0.5  # L2: checked against the image size
+    with pytest.raises(ValueError, match="eps_units must be '255'.*eps=r\\*255"):
+        check_eps(0.5, 'Linf', eps_units='1')
     with pytest.raises(ValueError, match=r'larger than the whole pixel range.*eps=8\?'):
         check_eps(2040, 'Linf')
     assert check_eps(2040) == 2040  # without a norm: no bound
@@ -176,3 +189,19 @@ def test_eps_unit_checks():
     assert check_eps(255, 'Linf') == 255
     with pytest.raises(ValueError, match='larger than the whole pixel range'):
         ThreatModel(eps=300, norm='inf')
+
+
+def test_l2_radius_implausibly_small_for_the_image_size_warns():
+    # eps=2.0 meant as 2.0 in [0, 1] units is read as 2/255: 0.018/255 per
+    # coordinate on 3x64x64 images
+    tm = ThreatModel(eps=2.0, norm='L2')
+    with pytest.warns(UserWarning, match=r'L2 eps=2 .*did you give the radius'):
+        tm.check_size((2, 3, 64, 64))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        tm.check_size((2, 3, 64, 64))  # once per threat model
+        ThreatModel(eps=2.0, norm='L2', eps_units='255').check_size((2, 3, 64, 64))
+        ThreatModel(eps=510, norm='L2').check_size((2, 3, 64, 64))  # 2.0 * 255
+        ThreatModel(eps=2.0, norm='L2').check_size((2, 3, 8, 8))  # 0.14/255
+        ThreatModel(eps=0, norm='L2').check_size((2, 3, 64, 64))
+        ThreatModel(eps=0.5, norm='Linf').check_size((2, 3, 64, 64))

@@ -253,7 +253,7 @@ def test_zero_gradients_of_some_images(net, batch):
 
     flags = pre_attack_checks(quantised_first, images, labels)
     assert codes(flags) == ['zero_gradients']
-    assert flags[0].details == dict(zero_images=1, images=3)
+    assert flags[0].details == dict(zero_images=1, images=3, images_without_labels=0)
 
 
 # ------------------------------------------------------ probability outputs
@@ -310,10 +310,13 @@ def test_robust_above_clean():
     flag = check_robust_above_clean(records)
     assert flag.code == 'robust_above_clean' and flag.level == 'warning'
     eps = flag.details['eps']['8']
-    assert eps['images'] == 2 and eps['worst_case'] == 1
+    assert eps['images'] == 4 and eps['worst_case'] == 1
     assert eps['attacks'] == {'A': 1, 'B': 2}
-    assert '2/4 images (50.0%' in flag.message
+    assert eps['worst_case_images'] == ['b']
+    assert 'the worst case on 1/4 images (25.0%' in flag.message
     assert check_robust_above_clean(records[2:]) is None
+    # one attack above clean, the worst case not: information, no flag
+    assert check_robust_above_clean([records[0]] + records[2:]) is None
 
 
 def test_clean_near_chance():

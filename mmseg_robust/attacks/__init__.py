@@ -47,12 +47,20 @@ from .seg_logits import (
     num_correct,
     pixel_accuracy,
 )
-from .threat_model import NORMS, ThreatModel, canonical_norm, check_eps
+from .threat_model import (
+    EPS_UNITS,
+    NORMS,
+    ThreatModel,
+    canonical_norm,
+    check_eps,
+    check_eps_units,
+)
 
 __all__ = [
     'APGD',
     'BIM',
     'FGSM',
+    'EPS_UNITS',
     'NORMS',
     'OBJECTIVES',
     'PGD',
@@ -78,6 +86,7 @@ __all__ = [
     'build_objective',
     'canonical_norm',
     'check_eps',
+    'check_eps_units',
     'check_labels',
     'class_weights_from_counts',
     'count_label_pixels',

@@ -576,6 +576,9 @@ class APGD(Attack):
             different, cheaper attack; per image, so batch-independent; needs
             ``zero_acc='leave'``). Default: False.
         ignore_index (int): label value that never counts. Default: 255.
+        eps_units (str, optional): ``'255'`` confirms that ``eps`` is in /255
+            units: no unit warnings (:func:`~mmseg_robust.attacks.check_eps`).
+            Default: None (checked).
 
     :meth:`run` also takes ``init`` ``(B, 3, H, W)``: a starting point (projected
     onto the ball) instead of the random start.
@@ -602,8 +605,9 @@ class APGD(Attack):
         first_window: Optional[str] = None,
         compat: Optional[str] = None,
         stall_stop: bool = False,
+        eps_units: Optional[str] = None,
     ) -> None:
-        super().__init__(eps, norm, ignore_index)
+        super().__init__(eps, norm, ignore_index, eps_units)
         self.steps = resolve_steps(steps, n_iter, 100, type(self).__name__)
         self.compat, self.zero_acc, self.first_window = resolve_modes(
             compat, zero_acc, first_window, type(self).__name__
@@ -717,6 +721,9 @@ class APGDLargeEps(Attack):
             different, cheaper attack; per image, so batch-independent; needs
             ``zero_acc='leave'``). Default: False.
         ignore_index (int): label value that never counts. Default: 255.
+        eps_units (str, optional): ``'255'`` confirms that ``eps`` is in /255
+            units: no unit warnings (:func:`~mmseg_robust.attacks.check_eps`).
+            Default: None (checked).
 
     :meth:`run`'s ``progress`` callback receives ``'stage k/n: radius r/255, m
     iterations'`` at the start of each stage.
@@ -745,8 +752,9 @@ class APGDLargeEps(Attack):
         first_window: Optional[str] = None,
         compat: Optional[str] = None,
         stall_stop: bool = False,
+        eps_units: Optional[str] = None,
     ) -> None:
-        super().__init__(eps, norm, ignore_index)
+        super().__init__(eps, norm, ignore_index, eps_units)
         self.steps = resolve_steps(steps, n_iter, 300, type(self).__name__)
         self.compat, self.zero_acc, self.first_window = resolve_modes(
             compat, zero_acc, first_window, type(self).__name__

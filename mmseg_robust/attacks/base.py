@@ -316,6 +316,9 @@ class Attack:
         eps (float): radius in /255 units (``eps=8`` is ``8/255``). Default: 8.
         norm (str): ``'Linf'`` or ``'L2'`` (case-insensitive). Default: ``'Linf'``.
         ignore_index (int): label value that never counts. Default: 255.
+        eps_units (str, optional): ``'255'`` confirms that ``eps`` is meant in
+            /255 units (no warnings about [0, 1] units, see
+            :func:`~mmseg_robust.attacks.check_eps`). Default: None (checked).
 
     Inputs of :meth:`run` / ``__call__``: ``model(images) -> logits`` ``(B, K, H,
     W)``; images float ``(B, 3, H, W)`` in ``[0, 1]``; labels long ``(B, H, W)`` in
@@ -329,9 +332,13 @@ class Attack:
     """
 
     def __init__(
-        self, eps: float = 8, norm: str = 'Linf', ignore_index: int = 255
+        self,
+        eps: float = 8,
+        norm: str = 'Linf',
+        ignore_index: int = 255,
+        eps_units: Optional[str] = None,
     ) -> None:
-        self.threat_model = ThreatModel(eps, norm)
+        self.threat_model = ThreatModel(eps, norm, eps_units)
         self.ignore_index = ignore_index
 
     @property
@@ -462,6 +469,7 @@ class Attack:
                 raise ValueError(
                     f'seeds must hold one int per image ({b}), got {len(seeds)}'
                 )
+        self.threat_model.check_size(images.shape)
         x = images.detach().float()
         labels = labels.detach().to(device=x.device, dtype=torch.long)
         if valid is not None:

@@ -51,6 +51,9 @@ class PGD(Attack):
             accuracy (ties: the newer one, except that an image keeps its first
             accuracy-0 iterate) instead of the final iterate. Default: False.
         ignore_index (int): label value that never counts. Default: 255.
+        eps_units (str, optional): ``'255'`` confirms that ``eps`` is in /255
+            units: no unit warnings (:func:`~mmseg_robust.attacks.check_eps`).
+            Default: None (checked).
 
     Shapes: images ``(B, 3, H, W)`` in ``[0, 1]``, labels long ``(B, H, W)``,
     valid bool ``(B, H, W)``; ``model(images)`` returns logits ``(B, K, H, W)``.
@@ -72,8 +75,9 @@ class PGD(Attack):
         best_iterate: bool = False,
         ignore_index: int = 255,
         n_iter: Optional[int] = None,
+        eps_units: Optional[str] = None,
     ) -> None:
-        super().__init__(eps, norm, ignore_index)
+        super().__init__(eps, norm, ignore_index, eps_units)
         self.steps = resolve_steps(steps, n_iter, 10, type(self).__name__)
         if step_size is None:
             step_size = 2.5 * self.eps / self.steps
@@ -157,6 +161,9 @@ class BIM(PGD):
         loss (str | dict | Objective): objective (section 2). Default: ``'CE'``.
         best_iterate (bool): return the lowest-accuracy iterate. Default: False.
         ignore_index (int): label value that never counts. Default: 255.
+        eps_units (str, optional): ``'255'`` confirms that ``eps`` is in /255
+            units: no unit warnings (:func:`~mmseg_robust.attacks.check_eps`).
+            Default: None (checked).
 
     Shapes: as :class:`PGD`.
 
@@ -175,6 +182,7 @@ class BIM(PGD):
         best_iterate: bool = False,
         ignore_index: int = 255,
         n_iter: Optional[int] = None,
+        eps_units: Optional[str] = None,
     ) -> None:
         super().__init__(
             eps=eps,
@@ -186,6 +194,7 @@ class BIM(PGD):
             best_iterate=best_iterate,
             ignore_index=ignore_index,
             n_iter=n_iter,
+            eps_units=eps_units,
         )
 
 
@@ -203,6 +212,9 @@ class FGSM(PGD):
         norm (str): ``'Linf'`` or ``'L2'``. Default: ``'Linf'``.
         loss (str | dict | Objective): objective (section 2). Default: ``'CE'``.
         ignore_index (int): label value that never counts. Default: 255.
+        eps_units (str, optional): ``'255'`` confirms that ``eps`` is in /255
+            units: no unit warnings (:func:`~mmseg_robust.attacks.check_eps`).
+            Default: None (checked).
 
     Shapes: as :class:`PGD`.
 
@@ -217,6 +229,7 @@ class FGSM(PGD):
         norm: str = 'Linf',
         loss: LossConfig = 'CE',
         ignore_index: int = 255,
+        eps_units: Optional[str] = None,
     ) -> None:
         super().__init__(
             eps=eps,
@@ -227,4 +240,5 @@ class FGSM(PGD):
             loss=loss,
             best_iterate=False,
             ignore_index=ignore_index,
+            eps_units=eps_units,
         )

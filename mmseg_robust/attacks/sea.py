@@ -88,6 +88,9 @@ class SEA(Attack):
             default: a different, cheaper attack (benchmarks/bench_fast_sea.py).
             Default: False.
         ignore_index (int): label value that never counts. Default: 255.
+        eps_units (str, optional): ``'255'`` confirms that ``eps`` is in /255
+            units: no unit warnings (:func:`~mmseg_robust.attacks.check_eps`).
+            Default: None (checked).
 
     :meth:`run`'s ``progress`` callback receives each member's name as it starts
     and the member's own progress (its stages) as ``'<name>: <text>'``.
@@ -115,8 +118,9 @@ class SEA(Attack):
         first_window: Optional[str] = None,
         compat: Optional[str] = None,
         stall_stop: bool = False,
+        eps_units: Optional[str] = None,
     ) -> None:
-        super().__init__(eps, norm, ignore_index)
+        super().__init__(eps, norm, ignore_index, eps_units)
         self.compat, self.zero_acc, self.first_window = resolve_modes(
             compat, zero_acc, first_window, type(self).__name__
         )
@@ -140,6 +144,7 @@ class SEA(Attack):
                 zero_acc=self.zero_acc,
                 first_window=self.first_window,
                 stall_stop=stall_stop,
+                eps_units=eps_units,
             )
             name = base = f'APGD-{_loss_name(attack.objective)}'
             k = 2

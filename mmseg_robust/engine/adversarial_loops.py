@@ -20,6 +20,7 @@ import zlib
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Union
 
+import torch
 from mmengine.dist import get_rank, get_world_size
 from mmengine.logging import print_log
 from mmengine.runner import TestLoop, ValLoop
@@ -33,10 +34,16 @@ from mmseg_robust.evaluation import (
 )
 from mmseg_robust.evaluation.self_checks import (
     Flag,
+    LogitsWatch,
     buffer_snapshot,
+    check_adversarial_images,
+    check_attacked_logits,
     check_buffers,
+    check_dynamic_model,
     check_labels,
+    check_recorded_prediction,
     check_train_mode,
+    forward_calls_autograd,
     pre_attack_checks,
     raise_errors,
 )
@@ -107,8 +114,12 @@ class _AdversarialEvalMixin:
             every attacked batch; random inference, probability outputs,
             non-finite logits/gradients, zero gradients, train mode and changing
             buffers on the first attacked batch (one extra input-gradient
-            pass); clean accuracy near chance and attacks ending above clean at
-            the end. Errors raise ``ValueError`` before attacking; warnings are
+            pass); after every attack, finite logits at every attacked point
+            and returned images inside the ball and the pixel range; after the
+            first batch's attack, a dynamic model and the recorded prediction
+            (two forwards per eps); clean accuracy near chance and a worst case
+            ending above clean at the end. Errors raise ``ValueError`` (before
+            attacking, or after the attack that showed them); warnings are
             logged once and written to the results file. Default: True (test),
             False (val).
     """
@@ -268,13 +279,16 @@ class _AdversarialEvalMixin:
                     restored_here = True
                     continue
                 name = type(attack).__name__
+                watch = LogitsWatch(view) if self.self_checks else None
                 out = attack.run(
-                    view,
+                    watch or view,
                     view.images,
                     labels,
                     seeds=seeds,
                     progress=lambda text, e=eps_name: self._log_attack(e, text),
                 )
+                if watch is not None:
+                    self._check_attack_output(watch, out, name, attack, eps_name, keys)
                 unit = [OrderedDict() for _ in keys]
                 for member, member_out in out.by_attack(name).items():
                     counts = counts_of_batch(
@@ -294,6 +308,8 @@ class _AdversarialEvalMixin:
                         w[:] = [acc, source, out.adv_images[i], out.adv_pred[i]]
             if restored_here:
                 continue  # no example: not every attack ran at this eps
+            if self.self_checks and self._checks_pending:
+                self._check_returned_images(view, worst, eps_name, ignore)
             for ex, w, c in zip(examples, worst, clean):
                 ex[eps_name] = dict(
                     eps=float(eps_name),
@@ -466,7 +482,8 @@ class _AdversarialEvalMixin:
                         'attack_warning',
                         'warning',
                         'the attacks warned: ' + ' | '.join(unique),
-                        'see the warning; check eps (in /255 units) and steps.',
+                        'see the warning; check eps (in /255 units; confirm an '
+                        "intended value with eps_units='255') and steps.",
                         dict(warnings=unique),
                     )
                 ]
@@ -501,6 +518,48 @@ class _AdversarialEvalMixin:
         module = view.model
         self._add_flags([check_buffers(before, module), check_train_mode(module)])
         self._add_attack_warnings(messages)
+
+    def _check_attack_output(self, watch, out, name, attack, eps_name, keys) -> None:
+        """After every attack: finite logits at every attacked point and valid
+        returned images (in the ball around the view's clean images and the
+        pixel range, finite); errors raise before the batch's records are
+        kept."""
+        clean = watch.view.images
+        flags = [
+            check_attacked_logits(
+                watch.nonfinite_forwards(), watch.forwards, name, eps_name, keys
+            )
+        ] + [
+            check_adversarial_images(
+                member_out.adv_images,
+                clean,
+                attack.threat_model.radius,
+                attack.norm,
+                member,
+                eps_name,
+            )
+            for member, member_out in out.by_attack(name).items()
+        ]
+        flags = [f for f in flags if f]
+        self._add_flags(flags)
+        raise_errors(flags)
+
+    def _check_returned_images(self, view, worst, eps_name, ignore) -> None:
+        """On the first attacked batch, per eps: two forwards of the returned
+        (worst-case) adversarial images agree and call no autograd, and the
+        recomputed prediction equals the recorded one (two forwards)."""
+        images = torch.stack([w[2] for w in worst])
+        recorded = torch.stack([w[3] for w in worst])
+        with torch.no_grad():
+            first = view(images)
+        second, calls = forward_calls_autograd(view, images)
+        valid = view.labels != ignore
+        self._add_flags(
+            [
+                check_dynamic_model(first, second, calls, eps_name),
+                check_recorded_prediction(recorded, first, valid, eps_name),
+            ]
+        )
 
     def _log_progress(self, idx: int) -> None:
         if (idx + 1) % self.log_interval and idx + 1 != len(self.dataloader):

@@ -64,6 +64,8 @@ _OPTIONS = (
     'log_interval',
     'self_checks',
     'compat',
+    'eps_units',
+    'clean_candidate',
 )
 #: attacks that take ``compat='reference'`` (docs/algorithms.md section 3.2).
 _COMPAT_ATTACKS = ('SEA', 'APGD', 'APGDLargeEps')
@@ -145,7 +147,11 @@ def apply_robustness_evaluator(cfg: Config, spec: Optional[object] = None) -> Co
         spec (str | dict, optional): ``'SEA'`` or ``dict(type='SEA', eps=[4, 8],
             steps=300, seed=0, class_weights=None, norm='Linf', resume=True,
             worst_case_modes=['best', 'reference'], log_interval=1,
-            self_checks=True, compat='default')``; ``compat='reference'`` turns
+            self_checks=True, compat='default', eps_units=None,
+            clean_candidate=False)``; ``eps_units='255'`` confirms eps in /255
+            units (no unit warnings); ``clean_candidate=True`` counts the clean
+            image in the worst case (docs/algorithms.md section 4);
+            ``compat='reference'`` turns
             on every behaviour of the SEA reference (its APGD and its worst-case
             greedy, reported first); options left out keep the preset's values
             (``n_iter`` is an alias of ``steps``). Defaults to
@@ -183,6 +189,9 @@ def apply_robustness_evaluator(cfg: Config, spec: Optional[object] = None) -> Co
         attack['steps'] = int(steps)
     if spec.get('norm') is not None:
         attack['norm'] = spec['norm']
+    if spec.get('eps_units') is not None:
+        # '255' confirms eps in /255 units: no unit warnings (docs/flags.md)
+        attack['eps_units'] = str(spec['eps_units'])
     if attack['type'] == 'SEA' and attack.get('class_weights') is None:
         weights = spec.get('class_weights')
         attack['class_weights'] = (
@@ -197,6 +206,11 @@ def apply_robustness_evaluator(cfg: Config, spec: Optional[object] = None) -> Co
         test_cfg['resume'] = _as_bool(spec['resume'], 'evaluator.resume')
     if 'log_interval' in spec:
         test_cfg['log_interval'] = int(spec['log_interval'])
+    if 'clean_candidate' in spec:
+        # the clean image as a worst-case candidate (docs/algorithms.md sec. 4)
+        metric['clean_candidate'] = _as_bool(
+            spec['clean_candidate'], 'evaluator.clean_candidate'
+        )
     if 'self_checks' in spec:
         # docs/flags.md: on unless turned off
         test_cfg['self_checks'] = _as_bool(spec['self_checks'], 'evaluator.self_checks')

@@ -17,7 +17,10 @@ Schema (version 3)::
                   "clean": {"mIoU", "aAcc", "aAcc_img"},
                   "eps": {"8": {"attacks": {name: {"mIoU", "aAcc", "aAcc_img"}},
                                 "worst_case": {"aAcc_img", "mIoU",
-                                               "mIoU_<mode>", ...}}}},
+                                               "mIoU_<mode>", ...,
+                                               "clean_candidate"},
+                                "above_clean": {"images", "attacks",
+                                                "worst_case", ...}}}},
       "worst_case_modes": ["best", "reference"],   # "mIoU" is the first one's
       "attacks": [attack configs], "eps": [radii in /255], "seed": 0,
       "checkpoint": "path", "timestamp": "...",
@@ -27,7 +30,9 @@ Schema (version 3)::
 
 ``metrics`` holds the numbers mmengine logs (the same as ``summary``, flat).
 ``aAcc`` is pooled over pixels (mmseg's), ``aAcc_img`` the mean over images of
-each image's pixel accuracy (SEA's aACC). ``flags`` are the findings of the
+each image's pixel accuracy (SEA's aACC). ``above_clean`` counts the images
+ending above their clean pixel accuracy per attack and for the worst case
+(information; docs/flags.md#robust_above_clean). ``flags`` are the findings of the
 self-checks (docs/flags.md; empty: none raised). Files of schema version 1
 (``summary`` as fractions in [0, 1]) are converted on reading; files of versions
 1 and 2 were written without self-checks (``flags`` None).

@@ -23,7 +23,7 @@ from mmseg_robust.registry import METRICS
 
 from .counts import per_image_counts, pixel_accuracy, pooled_metrics
 from .results import RobustnessResults, write_results
-from .self_checks import Flag, final_checks, merge_flags
+from .self_checks import Flag, above_clean_counts, final_checks, merge_flags
 from .worst_case import WORST_CASE_MIOU_MODES, worst_case_aacc, worst_case_miou
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     'counts_of_batch',
     'eps_key',
     'flatten_summary',
+    'format_above_clean',
     'format_summary',
     'image_record',
     'summarize_records',
@@ -96,6 +97,7 @@ def summarize_records(
     records: Sequence[dict],
     worst_case_modes: Sequence[str] = WORST_CASE_MIOU_MODES,
     seed: int = 0,
+    clean_candidate: bool = False,
 ) -> dict:
     """All numbers of a robustness evaluation, in percent.
 
@@ -104,22 +106,32 @@ def summarize_records(
         worst_case_modes (sequence of str): greedy modes of the worst-case mIoU to
             report (``'best'``, ``'reference'``).
         seed (int): seed of the greedy's image order.
+        clean_candidate (bool): count the clean image (it is in the eps-ball)
+            as one more candidate of the worst case: in ``aAcc_img`` and in the
+            ``'best'`` greedy's mIoU; the ``'reference'`` greedy keeps the SEA
+            reference's candidates, the attacks only (docs/algorithms.md
+            section 4). Default: False (the attacks only, as SEA).
 
     Returns:
         dict: ``{'num_images', 'clean': {mIoU, aAcc, aAcc_img}, 'eps': {eps:
         {'attacks': {name: {mIoU, aAcc, aAcc_img}}, 'worst_case': {aAcc_img,
-        mIoU (first mode), mIoU_<mode> ...}}}}``. ``aAcc`` is pooled over pixels
-        (mmseg's), ``aAcc_img`` the mean over images of each image's accuracy
-        (SEA's aACC); images without valid pixels are left out of ``aAcc_img``.
+        mIoU (first mode), mIoU_<mode> ..., clean_candidate}, 'above_clean':
+        {images, attacks: {name: n}, worst_case, worst_case_images}}}}``.
+        ``aAcc`` is pooled over pixels (mmseg's), ``aAcc_img`` the mean over
+        images of each image's accuracy (SEA's aACC); images without valid
+        pixels are left out of ``aAcc_img``. ``above_clean`` counts the images
+        ending above their clean pixel accuracy under each attack and under
+        the worst case over the attacks (information; the flag
+        ``robust_above_clean`` is raised from it, docs/flags.md).
     """
     if not records:
         raise ValueError('no image records to summarize')
     keep = np.asarray([r['clean']['valid'] > 0 for r in records])
     clean = _pooled(records, lambda r: r['clean'])
-    clean['aAcc_img'] = _mean_percent(
-        _image_accuracies(records, lambda r: r['clean'], keep)
-    )
+    clean_acc = _image_accuracies(records, lambda r: r['clean'], keep)
+    clean['aAcc_img'] = _mean_percent(clean_acc)
     out = OrderedDict(num_images=len(records), clean=clean, eps=OrderedDict())
+    above = above_clean_counts(records)
     for eps in records[0]['attacks']:
         names = list(records[0]['attacks'][eps])
         per_attack = OrderedDict()
@@ -143,18 +155,42 @@ def summarize_records(
             )
             for key in ('intersect', 'union')
         )
+        if clean_candidate:
+            # the clean image is in the ball: one more candidate (section 4)
+            accs.append(clean_acc)
+            clean_inter, clean_union = (
+                np.asarray([r['clean'][key] for r in records], np.int64)[None]
+                for key in ('intersect', 'union')
+            )
         worst = OrderedDict(
             aAcc_img=_percent(worst_case_aacc(np.stack(accs)))
             if keep.any()
             else float('nan')
         )
         for i, mode in enumerate(worst_case_modes):
-            miou, _ = worst_case_miou(inter, union, mode=mode, seed=seed)
+            inter_m, union_m = inter, union
+            if clean_candidate and mode == 'best':
+                inter_m = np.concatenate([inter, clean_inter])
+                union_m = np.concatenate([union, clean_union])
+            miou, _ = worst_case_miou(inter_m, union_m, mode=mode, seed=seed)
             worst[f'mIoU_{mode}'] = _percent(miou)
             if i == 0:
                 worst['mIoU'] = _percent(miou)
                 worst['mIoU_mode'] = mode  # which greedy ``mIoU`` is
-        out['eps'][eps] = OrderedDict(attacks=per_attack, worst_case=worst)
+        worst['clean_candidate'] = bool(clean_candidate)
+        out['eps'][eps] = OrderedDict(
+            attacks=per_attack,
+            worst_case=worst,
+            above_clean=above.get(
+                eps,
+                dict(
+                    images=0,
+                    attacks={n: 0 for n in names},
+                    worst_case=0,
+                    worst_case_images=[],
+                ),
+            ),
+        )
     return out
 
 
@@ -209,7 +245,9 @@ def format_summary(summary: dict, name: str = 'SEA') -> str:
         rows.append(
             (
                 eps,
-                f'{name} (worst case, {w.get("mIoU_mode", "best")} greedy)',
+                f'{name} (worst case'
+                + (' with the clean image' if w.get('clean_candidate') else '')
+                + f', {w.get("mIoU_mode", "best")} greedy)',
                 f'{w["mIoU"]:.2f}',
                 '-',
                 f'{w["aAcc_img"]:.2f}',
@@ -219,6 +257,30 @@ def format_summary(summary: dict, name: str = 'SEA') -> str:
     lines = [' | '.join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, '-+-'.join('-' * w for w in widths))
     return '\n'.join(lines)
+
+
+def format_above_clean(summary: dict) -> str:
+    """One information line on the images that single attacks left above
+    their clean pixel accuracy (``summary['eps'][eps]['above_clean']``), or
+    ``''`` when there is none. Not a flag: a random start in the eps-ball can
+    end above clean on a robust image; ``robust_above_clean`` (docs/flags.md)
+    is raised when the worst case does."""
+    parts = []
+    for eps, res in summary['eps'].items():
+        v = res.get('above_clean') or {}
+        counts = {n: k for n, k in (v.get('attacks') or {}).items() if k}
+        if counts:
+            names = ', '.join(f'{n} {k}' for n, k in counts.items())
+            parts.append(
+                f'eps {eps}: {names} of {v["images"]} images; worst case '
+                f'{v["worst_case"]}'
+            )
+    if not parts:
+        return ''
+    return (
+        'Images ending above their clean pixel accuracy (information, not a '
+        'flag; docs/flags.md#robust_above_clean): ' + '; '.join(parts)
+    )
 
 
 @METRICS.register_module()
@@ -256,6 +318,11 @@ class RobustnessMetric(BaseMetric):
             written without either (e.g. in a validation loop).
         keep_results (bool): add every image's record (per-class counts per
             attack) to the results file. Default: False.
+        clean_candidate (bool): count the clean image as a candidate of the
+            worst case (it is in the eps-ball): in ``aAcc`` and the ``'best'``
+            greedy's mIoU; the ``'reference'`` greedy is unchanged
+            (docs/algorithms.md section 4). Default: False (the attacks only,
+            as SEA).
 
     Self-checks (docs/flags.md): the test loop hands its flags over
     (:meth:`add_flags`); at the end the metric adds ``clean_near_chance`` and
@@ -275,10 +342,12 @@ class RobustnessMetric(BaseMetric):
         prefix: Optional[str] = None,
         output_dir: Optional[str] = None,
         keep_results: bool = False,
+        clean_candidate: bool = False,
     ) -> None:
         super().__init__(collect_device=collect_device, prefix=prefix)
         self.output_dir = output_dir
         self.keep_results = keep_results
+        self.clean_candidate = bool(clean_candidate)
         modes = (
             [worst_case_modes]
             if isinstance(worst_case_modes, str)
@@ -333,11 +402,16 @@ class RobustnessMetric(BaseMetric):
             self.results.append(record)
 
     def compute_metrics(self, results: list) -> Dict[str, float]:
-        self.summary = summarize_records(results, self.worst_case_modes, self.seed)
+        self.summary = summarize_records(
+            results, self.worst_case_modes, self.seed, self.clean_candidate
+        )
         print_log(
             '\n' + format_summary(self.summary, self.name),
             logger=MMLogger.get_current_instance(),
         )
+        above = format_above_clean(self.summary)
+        if above:
+            print_log(above, logger=MMLogger.get_current_instance())
         metrics = flatten_summary(self.summary, self.name)
         if self.self_checks:
             end = final_checks(results, self.summary)
