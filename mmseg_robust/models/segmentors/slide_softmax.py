@@ -124,7 +124,9 @@ class SlideSoftmaxEncoderDecoder(EncoderDecoder):
             )
         return _log_probs(self.slide_softmax_probs(inputs, batch_img_metas))
 
-    def slide_softmax_probs(self, inputs: Tensor, batch_img_metas: List[dict]) -> Tensor:
+    def slide_softmax_probs(
+        self, inputs: Tensor, batch_img_metas: List[dict]
+    ) -> Tensor:
         """Averaged softmax probabilities ``(B, K, H, W)`` of the windows
         (steps 1-4 of the class docstring), differentiable in ``inputs``."""
         crop_h, crop_w = (int(c) for c in self.test_cfg['crop_size'])
@@ -149,9 +151,7 @@ class SlideSoftmaxEncoderDecoder(EncoderDecoder):
             for index_w in range(grid_w):
                 x2 = min(index_w * stride_w + crop_w, new_w)
                 x1 = x2 - crop_w
-                window = self._window_probs(
-                    inputs[:, :, y1:y2, x1:x2], batch_img_metas
-                )
+                window = self._window_probs(inputs[:, :, y1:y2, x1:x2], batch_img_metas)
                 window = F.pad(window, (x1, new_w - x2, y1, new_h - y2))
                 probs = window if probs is None else probs + window
                 count[:, :, y1:y2, x1:x2] += 1
@@ -207,7 +207,9 @@ class SlideSoftmaxEncoderDecoder(EncoderDecoder):
             left, right, top, bottom = meta.get(
                 'img_padding_size', meta.get('padding_size', [0] * 4)
             )
-            logits = seg_logits[i : i + 1, :, top : height - bottom, left : width - right]
+            logits = seg_logits[
+                i : i + 1, :, top : height - bottom, left : width - right
+            ]
             if meta.get('flip', None):
                 direction = meta.get('flip_direction', None)
                 if direction not in ('horizontal', 'vertical'):
