@@ -1,5 +1,7 @@
 """SAT and DDC-AT configs (docs/algorithms.md sections 5.2, 5.3): settings of the
-reference, and every model builds and trains one step on a small input."""
+reference, every model builds and trains one step on a small input, and every
+training config has a `*_reference-protocol` twin that evaluates with the
+reference's test protocol (tests/test_slide_softmax.py checks that protocol)."""
 
 import glob
 import os.path as osp
@@ -16,9 +18,12 @@ from mmseg_robust.models.converters import plain_model_cfg
 from mmseg_robust.registry import MODELS
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+PROTOCOL = '_reference-protocol.py'
 CONFIGS = sorted(
-    glob.glob(osp.join(REPO, 'configs', 'sat', '*.py'))
+    p
+    for p in glob.glob(osp.join(REPO, 'configs', 'sat', '*.py'))
     + glob.glob(osp.join(REPO, 'configs', 'ddcat', '*.py'))
+    if not p.endswith(PROTOCOL)
 )
 IDS = [osp.join(*c.split(osp.sep)[-2:]) for c in CONFIGS]
 
@@ -136,3 +141,50 @@ def test_model_builds_and_trains_one_step(path):
             x, [dict(img_shape=(33, 33), pad_shape=(33, 33))] * 2
         )
     assert logits.shape == (2, n_cls, 33, 33)
+
+
+@pytest.mark.parametrize('path', CONFIGS, ids=IDS)
+def test_reference_protocol_config(path):
+    """The twin changes the evaluation only: SlideSoftmaxEncoderDecoder in mode
+    'slide_softmax' with the training crop, the dataset's reference pipeline."""
+    twin = path[:-3] + PROTOCOL
+    assert osp.isfile(twin), f'{osp.basename(twin)} is missing'
+    base = Config.fromfile(path).to_dict()
+    cfg = Config.fromfile(twin).to_dict()
+    voc = 'voc12aug' in path
+    crop = (473, 473) if voc else (449, 449)
+    assert {k for k in set(base) | set(cfg) if base.get(k) != cfg.get(k)} == {
+        'model',
+        'val_dataloader',
+        'test_dataloader',
+    }
+    model = dict(base['model'], type='SlideSoftmaxEncoderDecoder')
+    model['test_cfg'] = dict(
+        mode='slide_softmax', crop_size=crop, stride_rate=2 / 3, flip=True
+    )
+    assert cfg['model'] == model
+    # mmseg's slide inference uses the same windows: stride = ceil(2/3 crop)
+    assert base['model']['test_cfg']['stride'] == ((316, 316) if voc else (300, 300))
+    if voc:
+        pipeline = [
+            dict(type='LoadImageFromFile', to_float32=True),
+            dict(type='Resize', scale=(512, 512), keep_ratio=True),
+            dict(type='LoadAnnotations'),
+            dict(type='PackSegInputs'),
+        ]
+    else:
+        pipeline = [
+            dict(type='LoadImageFromFile', to_float32=True),
+            dict(type='LoadAnnotations'),
+            dict(type='Resize', scale=(1024, 512), keep_ratio=False),
+            dict(type='ScoreAtImageShape'),
+            dict(type='PackSegInputs'),
+        ]
+    for loader in ('val_dataloader', 'test_dataloader'):
+        dataset = dict(base[loader]['dataset'], pipeline=pipeline)
+        assert cfg[loader] == dict(base[loader], dataset=dataset)
+    text = open(twin).read()
+    assert 'slide inference' in text and 'section 5.2' in text
+    if voc:
+        assert 'at least 773 of the\n# 1,449 VOC2012 val images' in text
+        assert 'at least 773 of the\n# 1,449 VOC2012 val images' in open(path).read()

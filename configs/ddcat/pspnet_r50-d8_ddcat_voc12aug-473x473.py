@@ -7,6 +7,8 @@
 # drives the released reference model of this config to about 0 mIoU at eps 4/255.
 # The clean and BIM mIoU of the DDC-AT paper's VOC table are not restated here (they
 # could not be checked against the paper); copy them from it before quoting them.
+# The reference's VOC training set (SBD train+val) contains at least 773 of the
+# 1,449 VOC2012 val images; this config trains on train_aug, which holds none.
 # Deploy: tools/model_converters/export_ddcat.py CONFIG CKPT OUT (drops cls2/mask1:
 # a plain PSPNet, loadable with
 # ../sat/pspnet_r50-d8_sat_voc12aug-473x473.py).

@@ -8,6 +8,8 @@
 # drives the released reference model of this config to about 0 mIoU at eps 4/255.
 # The clean and BIM mIoU of the DDC-AT paper's VOC table are not restated here (they
 # could not be checked against the paper); copy them from it before quoting them.
+# The reference's VOC training set (SBD train+val) contains at least 773 of the
+# 1,449 VOC2012 val images; this config trains on train_aug, which holds none.
 _base_ = [
     '../_base_/models/deeplabv3_r50-stem128-d8.py',
     '../_base_/datasets/voc12aug_473x473.py',
@@ -20,7 +22,9 @@ model = dict(
     data_preprocessor=data_preprocessor,
     decode_head=dict(num_classes=21),
     auxiliary_head=dict(num_classes=21),
-    # sliding window with 2/3 overlap, as the reference's test script
+    # mmseg's slide inference with the reference's windows (stride = 2/3 of the
+    # crop); the reference's own protocol (softmax average over mean-padded
+    # windows, flip) is the *_reference-protocol.py variant of this config
     test_cfg=dict(mode='slide', crop_size=crop_size, stride=(316, 316)),
 )
 max_iters = 33050

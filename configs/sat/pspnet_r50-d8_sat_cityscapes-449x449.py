@@ -19,7 +19,9 @@ model = dict(
     data_preprocessor=data_preprocessor,
     decode_head=dict(num_classes=19),
     auxiliary_head=dict(num_classes=19),
-    # sliding window with 2/3 overlap, as the reference's test script
+    # mmseg's slide inference with the reference's windows (stride = 2/3 of the
+    # crop); the reference's own protocol (softmax average over mean-padded
+    # windows, flip) is the *_reference-protocol.py variant of this config
     test_cfg=dict(mode='slide', crop_size=crop_size, stride=(300, 300)),
 )
 max_iters = 74400

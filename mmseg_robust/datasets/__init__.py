@@ -5,13 +5,18 @@ from .synthetic import (
     generate_synthetic_dataset,
     render_sample,
 )
-from .transforms import RandomGaussianBlur, ShortEdgeResizeCenterCrop
+from .transforms import (
+    RandomGaussianBlur,
+    ScoreAtImageShape,
+    ShortEdgeResizeCenterCrop,
+)
 from .voc_void_as_background import PascalVOCVoidAsBackgroundDataset
 
 __all__ = [
     'ADE20K151Dataset',
     'PascalVOCVoidAsBackgroundDataset',
     'RandomGaussianBlur',
+    'ScoreAtImageShape',
     'ShortEdgeResizeCenterCrop',
     'CLASSES',
     'SyntheticShapesDataset',

@@ -1,4 +1,5 @@
-"""Data transforms: a short-edge resize + centre crop and a random Gaussian blur.
+"""Data transforms: a short-edge resize + centre crop, a random Gaussian blur, and
+scoring at the resized image's resolution.
 
 - :class:`ShortEdgeResizeCenterCrop`: the evaluation protocol of the SEA/PIR-AT
   papers (docs/algorithms.md section 5.1): resize the short side to the crop
@@ -6,6 +7,8 @@
 - :class:`RandomGaussianBlur`: the PSPNet-style blur augmentation (p=0.5), in the
   PIL form of the PIR-AT trainings (random radius in [0, 1), section 5.1) or the
   fixed 5x5 OpenCV form of the SAT/DDC-AT pipelines (sections 5.2 and 5.3).
+- :class:`ScoreAtImageShape`: predictions are made and scored at the resized
+  image's resolution (the SAT/DDC-AT Cityscapes test protocol, section 5.2).
 
 Resizing uses Pillow (``backend='pillow'``) like the PIR-AT reference, whose
 bilinear downscaling is antialiased (OpenCV's is not).
@@ -21,7 +24,7 @@ from PIL import Image, ImageFilter
 
 from mmseg_robust.registry import TRANSFORMS
 
-__all__ = ['RandomGaussianBlur', 'ShortEdgeResizeCenterCrop']
+__all__ = ['RandomGaussianBlur', 'ScoreAtImageShape', 'ShortEdgeResizeCenterCrop']
 
 
 @TRANSFORMS.register_module()
@@ -190,3 +193,38 @@ class RandomGaussianBlur(BaseTransform):
                 f'kernel_size={self.kernel_size}, sigma={self.sigma})'
             )
         return f'{type(self).__name__}(prob={self.prob}, max_radius={self.max_radius})'
+
+
+@TRANSFORMS.register_module()
+class ScoreAtImageShape(BaseTransform):
+    """Make the current image size the evaluated size: ``ori_shape`` is set to
+    ``img_shape``.
+
+    mmseg predicts at ``ori_shape`` (the file's size) and scores against
+    ``gt_sem_seg``. The SAT/DDC-AT test protocol on Cityscapes (docs/algorithms.md
+    section 5.2) resizes image *and* label to 1024x512 (the label with nearest
+    neighbour) and scores there; with ``LoadAnnotations`` before the ``Resize``
+    and this transform after it, the prediction comes at the resized label's
+    resolution::
+
+        dict(type='LoadImageFromFile', to_float32=True),
+        dict(type='LoadAnnotations'),
+        dict(type='Resize', scale=(1024, 512), keep_ratio=False),
+        dict(type='ScoreAtImageShape'),
+
+    Visualisation hooks then draw on the file's image at the resized size.
+
+    Required keys: ``img_shape``. Modified keys: ``ori_shape``.
+    """
+
+    def transform(self, results: dict) -> dict:
+        for key in results.get('seg_fields', []):
+            if results[key].shape[:2] != tuple(results['img_shape'][:2]):
+                raise ValueError(
+                    f'{key} has shape {results[key].shape[:2]} but the image '
+                    f'{tuple(results["img_shape"][:2])}: put LoadAnnotations '
+                    'before the Resize, so that the label is resized with the '
+                    'image and scored at its size'
+                )
+        results['ori_shape'] = tuple(results['img_shape'][:2])
+        return results

@@ -1,6 +1,7 @@
 from . import (
     backbones,  # noqa: F401  (registers ConvNeXtCvSt, ViT)
     decode_heads,  # noqa: F401  (registers the DDC-AT heads)
+    segmentors,  # noqa: F401  (registers SlideSoftmaxEncoderDecoder)
 )
 from .pixel_space import (
     PixelNormalizer,

@@ -9,8 +9,10 @@ padding). :class:`SegmentorPixelView` turns a data batch into
 - ``labels``: ``(B, H', W')`` ground truth at the resolution mmseg evaluates at
   (``ori_shape``);
 - a callable ``view(images) -> logits (B, K, H', W')`` that normalises, pads like
-  the preprocessor, runs the segmentor's own ``inference`` (whole or slide), drops
-  the padding and resizes to ``ori_shape`` exactly as ``postprocess_result`` does.
+  the preprocessor, runs the segmentor's own ``inference`` (whole, slide or
+  ``SlideSoftmaxEncoderDecoder``'s ``slide_softmax``), drops the padding and
+  resizes to ``ori_shape`` exactly as ``postprocess_result`` does (with the
+  segmentor's ``resize_seg_logits`` where it has one).
 
 So ``view(images).argmax(1)`` is the prediction mmseg's test loop scores, and eps is
 never applied to normalised tensors. The view keeps the model in whatever mode it
@@ -169,13 +171,23 @@ class SegmentorPixelView:
                 dims=(3,) if self.flip_direction == 'horizontal' else (2,)
             )
         if tuple(logits.shape[2:]) != self.ori_shape:
-            logits = F.interpolate(
-                logits,
-                size=self.ori_shape,
-                mode='bilinear',
-                align_corners=self._align_corners(),
-            )
+            logits = self._resize(logits)
         return logits
+
+    def _resize(self, logits: Tensor) -> Tensor:
+        # A segmentor that resizes its prediction its own way says so with
+        # ``resize_seg_logits`` (SlideSoftmaxEncoderDecoder resizes probabilities,
+        # as the SAT/DDC-AT test protocol does): the attack then differentiates
+        # what is scored. Otherwise mmseg's postprocess_result resize.
+        resize = getattr(self.model, 'resize_seg_logits', None)
+        if resize is not None:
+            return resize(logits, self.ori_shape)
+        return F.interpolate(
+            logits,
+            size=self.ori_shape,
+            mode='bilinear',
+            align_corners=self._align_corners(),
+        )
 
     def _align_corners(self) -> bool:
         return bool(getattr(self.model, 'align_corners', False))

@@ -2,7 +2,10 @@
 # (cityscapes_*.yaml): random scale 0.25-1 of 2048x1024, rotation +-10 deg (p=0.5,
 # padded with the mean), Gaussian blur (p=0.5, OpenCV 5x5 kernel, sigma from the
 # kernel size), flip, random crop 449. Test: resized to 1024x512 (long side 1024),
-# sliding 449 windows with 2/3 overlap. Prepare the labels with mmseg's
+# sliding 449 windows with 2/3 overlap, scored on the full-resolution labels (mmseg's
+# slide inference and scoring, which are not the reference's; see
+# `reference_test_pipeline` below and the `*_reference-protocol` configs,
+# docs/algorithms.md section 5.2). Prepare the labels with mmseg's
 # tools/dataset_converters/cityscapes.py.
 dataset_type = 'CityscapesDataset'
 data_root = 'data/cityscapes/'
@@ -28,6 +31,17 @@ test_pipeline = [
     dict(type='LoadImageFromFile'),
     dict(type='Resize', scale=(1024, 512), keep_ratio=True),
     dict(type='LoadAnnotations'),
+    dict(type='PackSegInputs'),
+]
+# The reference's test protocol (the `*_reference-protocol.py` configs, with the
+# model's test_cfg mode='slide_softmax'; docs/algorithms.md section 5.2): the float
+# image (OpenCV bilinear, no rounding to uint8) and the label (nearest) are resized
+# to 1024x512 and the prediction is scored there, not at 2048x1024.
+reference_test_pipeline = [
+    dict(type='LoadImageFromFile', to_float32=True),
+    dict(type='LoadAnnotations'),
+    dict(type='Resize', scale=(1024, 512), keep_ratio=False),
+    dict(type='ScoreAtImageShape'),
     dict(type='PackSegInputs'),
 ]
 train_dataloader = dict(

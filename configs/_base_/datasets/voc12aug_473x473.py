@@ -3,7 +3,9 @@
 # long side of 500), rotation +-10 deg (p=0.5, padded with the mean), Gaussian blur
 # (p=0.5, OpenCV 5x5 kernel, sigma from the kernel size), flip, random crop 473
 # padded with the mean / 255. Test: long side resized to 512, sliding 473 windows
-# with 2/3 overlap (the model's test_cfg).
+# with 2/3 overlap (the model's test_cfg: mmseg's slide inference, which is not
+# the reference's; `reference_test_pipeline` below and the `*_reference-protocol`
+# configs reproduce the reference's, docs/algorithms.md section 5.2).
 # Prepare the data with mmseg's tools/dataset_converters/voc_aug.py.
 dataset_type = 'PascalVOCDataset'
 data_root = 'data/VOCdevkit/VOC2012'
@@ -24,6 +26,16 @@ train_pipeline = [
 ]
 test_pipeline = [
     dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(512, 512), keep_ratio=True),
+    dict(type='LoadAnnotations'),
+    dict(type='PackSegInputs'),
+]
+# The reference's test protocol (the `*_reference-protocol.py` configs, with the
+# model's test_cfg mode='slide_softmax'; docs/algorithms.md section 5.2): the float
+# image is resized (long side 512, OpenCV bilinear, no rounding to uint8) and the
+# prediction is scored at the original resolution.
+reference_test_pipeline = [
+    dict(type='LoadImageFromFile', to_float32=True),
     dict(type='Resize', scale=(512, 512), keep_ratio=True),
     dict(type='LoadAnnotations'),
     dict(type='PackSegInputs'),

@@ -1,0 +1,3 @@
+from .slide_softmax import SlideSoftmaxEncoderDecoder
+
+__all__ = ['SlideSoftmaxEncoderDecoder']
