@@ -51,6 +51,8 @@ class PGD(Attack):
             accuracy (ties: the newer one, except that an image keeps its first
             accuracy-0 iterate) instead of the final iterate. Default: False.
         ignore_index (int): label value that never counts. Default: 255.
+        name (str, optional): name of the results (see :class:`Attack`).
+            Default: ``'<class>-<objective>'``, e.g. ``'PGD-CE'``.
 
     Shapes: images ``(B, 3, H, W)`` in ``[0, 1]``, labels long ``(B, H, W)``,
     valid bool ``(B, H, W)``; ``model(images)`` returns logits ``(B, K, H, W)``.
@@ -72,8 +74,9 @@ class PGD(Attack):
         best_iterate: bool = False,
         ignore_index: int = 255,
         n_iter: Optional[int] = None,
+        name: Optional[str] = None,
     ) -> None:
-        super().__init__(eps, norm, ignore_index)
+        super().__init__(eps, norm, ignore_index, name)
         self.steps = resolve_steps(steps, n_iter, 10, type(self).__name__)
         if step_size is None:
             step_size = 2.5 * self.eps / self.steps
@@ -157,6 +160,8 @@ class BIM(PGD):
         loss (str | dict | Objective): objective (section 2). Default: ``'CE'``.
         best_iterate (bool): return the lowest-accuracy iterate. Default: False.
         ignore_index (int): label value that never counts. Default: 255.
+        name (str, optional): name of the results (see :class:`Attack`).
+            Default: ``'<class>-<objective>'``.
 
     Shapes: as :class:`PGD`.
 
@@ -175,6 +180,7 @@ class BIM(PGD):
         best_iterate: bool = False,
         ignore_index: int = 255,
         n_iter: Optional[int] = None,
+        name: Optional[str] = None,
     ) -> None:
         super().__init__(
             eps=eps,
@@ -186,6 +192,7 @@ class BIM(PGD):
             best_iterate=best_iterate,
             ignore_index=ignore_index,
             n_iter=n_iter,
+            name=name,
         )
 
 
@@ -203,6 +210,8 @@ class FGSM(PGD):
         norm (str): ``'Linf'`` or ``'L2'``. Default: ``'Linf'``.
         loss (str | dict | Objective): objective (section 2). Default: ``'CE'``.
         ignore_index (int): label value that never counts. Default: 255.
+        name (str, optional): name of the results (see :class:`Attack`).
+            Default: ``'<class>-<objective>'``.
 
     Shapes: as :class:`PGD`.
 
@@ -217,6 +226,7 @@ class FGSM(PGD):
         norm: str = 'Linf',
         loss: LossConfig = 'CE',
         ignore_index: int = 255,
+        name: Optional[str] = None,
     ) -> None:
         super().__init__(
             eps=eps,
@@ -227,4 +237,5 @@ class FGSM(PGD):
             loss=loss,
             best_iterate=False,
             ignore_index=ignore_index,
+            name=name,
         )

@@ -68,7 +68,8 @@ class SEA(Attack):
         early_stop (bool): skip work that ``zero_acc`` allows skipping: with
             ``'leave'`` images at accuracy 0 leave a stage's batch (no effect on
             the result); with ``'reference'`` a stage ends once every image of the
-            batch is at accuracy 0 (as the reference). Default: True.
+            batch is at accuracy 0, tested after each update (as the reference).
+            Default: True.
         zero_acc (str, optional): ``'leave'`` or ``'reference'``: whether an
             image at accuracy 0 keeps its first accuracy-0 iterate and stops
             being optimised, or is optimised on and returns its newest one (the
@@ -88,6 +89,10 @@ class SEA(Attack):
             default: a different, cheaper attack (benchmarks/bench_fast_sea.py).
             Default: False.
         ignore_index (int): label value that never counts. Default: 255.
+        name (str, optional): prefix of the members' names: with
+            ``name='SEA-100'`` the members are recorded as
+            ``'SEA-100:APGD-Mask-CE-Bal'``, ... (two SEA settings in one
+            evaluation). Default: None, the members are ``'APGD-<loss>'``.
 
     :meth:`run`'s ``progress`` callback receives each member's name as it starts
     and the member's own progress (its stages) as ``'<name>: <text>'``.
@@ -115,8 +120,9 @@ class SEA(Attack):
         first_window: Optional[str] = None,
         compat: Optional[str] = None,
         stall_stop: bool = False,
+        name: Optional[str] = None,
     ) -> None:
-        super().__init__(eps, norm, ignore_index)
+        super().__init__(eps, norm, ignore_index, name)
         self.compat, self.zero_acc, self.first_window = resolve_modes(
             compat, zero_acc, first_window, type(self).__name__
         )
@@ -142,6 +148,8 @@ class SEA(Attack):
                 stall_stop=stall_stop,
             )
             name = base = f'APGD-{_loss_name(attack.objective)}'
+            if self._name is not None:
+                name = base = f'{self._name}:{base}'
             k = 2
             while name in self.attacks:
                 name, k = f'{base}-{k}', k + 1
@@ -157,6 +165,10 @@ class SEA(Attack):
 
     def objectives(self) -> List[Objective]:
         return [a.objective for a in self.attacks.values()]
+
+    def record_names(self) -> List[str]:
+        """The members' names: the results are recorded per member."""
+        return list(self.attacks)
 
     def run_all(
         self,
