@@ -498,16 +498,13 @@ def apgd_run(
         with torch.no_grad():
             # z = P(x + eta * dir(grad)); momentum update
             # x_new = P(x + a (z - x) + (1 - a) (x - x_prev)), a = 1 at the
-            # first iteration (x_new = z, already projected), else 0.75
+            # first iteration, else 0.75; computed in the reference's order of
+            # operations, so that compat='reference' also rounds as it does (a
+            # 1-ulp difference can flip a tie of CE values and with it a
+            # step-size decision)
             z = project(torch.addcmul(x_adv, bcast(ctl.eta, x_adv), tm.direction(grad)))
-            if i == 0:
-                x_new = z
-            else:
-                x_new = project(
-                    torch.lerp(x_adv, z, _MOMENTUM).add_(
-                        x_adv - x_prev, alpha=1.0 - _MOMENTUM
-                    )
-                )
+            a = 1.0 if i == 0 else _MOMENTUM
+            x_new = project(x_adv + (z - x_adv) * a + (x_adv - x_prev) * (1.0 - a))
         x_prev, x_adv = x_adv, x_new
         # the last iterate needs no backward pass
         g, ce, n_correct = _evaluate(t_a, objective, x_adv, i + 2, n_iter, not last)
