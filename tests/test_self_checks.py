@@ -280,9 +280,15 @@ def test_sigmoid_outputs(net, batch):
     assert check_probability_outputs(2 * net(images).sigmoid() - 0.5) is None
 
 
-def test_log_softmax_outputs_are_information_not_a_flag(net, batch):
+def test_log_softmax_outputs_are_information_not_a_flag(net, batch, monkeypatch):
     """log p: harmless for the softmax-based losses (softmax(log p) = p), so
     logged as information and never a flag."""
+    import mmengine.logging
+
+    logged = []
+    monkeypatch.setattr(
+        mmengine.logging, 'print_log', lambda msg, **kw: logged.append(msg)
+    )
     images, labels = batch
     logits = net(images)
     info = check_log_probability_outputs(logits.log_softmax(1))
@@ -292,8 +298,10 @@ def test_log_softmax_outputs_are_information_not_a_flag(net, batch):
     assert check_log_probability_outputs(logits - logits.max() - 1) is None
     assert check_log_probability_outputs(logits.softmax(1)) is None
     assert check_log_probability_outputs(logits.sigmoid()) is None
+    assert not pre_attack_checks(net, images, labels) and not logged
     flags = pre_attack_checks(lambda x: net(x).log_softmax(1), images, labels)
     assert 'probability_outputs' not in codes(flags)
+    assert len(logged) == 1 and 'Self-check information' in logged[0]
     # the softmax-based objectives see the same values and gradients
     from mmseg_robust.attacks.objectives import build_objective
 
