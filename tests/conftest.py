@@ -134,6 +134,13 @@ def reset_mmengine():
 
 
 @pytest.fixture(scope='session')
+def reference_apgd():
+    """tests/reference_apgd.py: a port of the SEA reference's APGD loop
+    (``reference_apgd_run``, ``reference_apgd_large_eps``)."""
+    return _test_module('reference_apgd.py')
+
+
+@pytest.fixture(scope='session')
 def tiny_models():
     """tests/tiny_models.py: ``tiny_segmentor_cfg(decode_head, num_classes=4)``
     (a narrow ResNet EncoderDecoder dict) and ``trained_like(model)``."""

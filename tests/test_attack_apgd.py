@@ -5,6 +5,7 @@ import torch
 
 from mmseg_robust.attacks import (
     APGD,
+    SEA,
     APGDLargeEps,
     APGDStepSizeControl,
     apgd_checkpoints,
@@ -12,7 +13,13 @@ from mmseg_robust.attacks import (
     radius_schedule,
     step_size_halving,
 )
-from mmseg_robust.attacks.apgd import STALL_HALVINGS, stall_patience
+from mmseg_robust.attacks.apgd import (
+    DEFAULT_MODES,
+    STALL_HALVINGS,
+    apgd_run,
+    stall_patience,
+)
+from mmseg_robust.attacks.base import SegmentationTarget
 from mmseg_robust.attacks.objectives import CrossEntropy
 from mmseg_robust.registry import ATTACKS
 
@@ -346,6 +353,34 @@ def test_first_window_reaches_the_attack(mode, attack_models):
     assert not torch.equal(halvings[0], halved_other)
 
 
+def test_first_window_has_one_default(attack_models):
+    """``apgd_run`` and ``APGDStepSizeControl`` default to :data:`DEFAULT_MODES`,
+    as every attack does: with no mode given, ``apgd_run`` is ``APGD()``'s run."""
+    for attack in (APGD(), APGDLargeEps(), SEA(class_weights=[1.0] * 4)):
+        assert attack.first_window == DEFAULT_MODES['first_window']
+        assert attack.zero_acc == DEFAULT_MODES['zero_acc']
+    ctl = APGDStepSizeControl(5, torch.tensor([2.0]), 0.1)
+    same = APGDStepSizeControl(
+        5, torch.tensor([2.0]), 0.1, first_window=DEFAULT_MODES['first_window']
+    )
+    assert torch.equal(ctl.ce_prev, same.ce_prev)
+    # the problem of test_first_window_reaches_the_attack: the modes differ there
+    net = attack_models.tiny_net()
+    x, y = attack_models.batch(b=8, net=net, seed=5)
+    n = 20
+    attack = APGD(eps=16, n_iter=n, early_stop=False, loss=Wander())
+    x0 = attack.threat_model.random_start(x, seeds=list(range(8)))
+    out = attack.run(net, x, y, init=x0)
+    target = SegmentationTarget(net, y, objectives=[attack.objective])
+    tm = attack.threat_model
+    run = apgd_run(target, attack.objective, tm, x, x0, tm.radius, n, early_stop=False)
+    assert torch.equal(run.adv_images, out.adv_images)
+    paper = APGD(
+        eps=16, n_iter=n, early_stop=False, loss=Wander(), first_window='paper'
+    )
+    assert not torch.equal(paper.run(net, x, y, init=x0).adv_images, out.adv_images)
+
+
 def test_last_iteration_needs_no_backward(attack_models, problem):
     net, x, y = problem
     rec = attack_models.Recorder(net)
@@ -653,19 +688,69 @@ def test_large_eps_reports_its_stages(problem):
     assert seen == []  # one run, nothing to report; run() accepts progress
 
 
-def test_zero_acc_modes_agree_on_single_image_batches(attack_models):
-    """With one image per batch (the test dataloaders' batch size) the reference's
-    early stop ends the run at the first accuracy-0 iterate: same result as
-    'leave'."""
+def _at_accuracy_0(net, points, labels):
+    """Per image: no pixel of ``points`` is classified correctly."""
+    with torch.no_grad():
+        return (net(points).argmax(1) != labels).flatten(1).all(1)
+
+
+def test_zero_acc_modes_at_batch_size_1(attack_models):
+    """With one image per batch the reference's early stop ends a run at the
+    image's first accuracy-0 iterate, as 'leave' does, unless the run starts at
+    accuracy 0: the reference still makes one update (and returns it if its
+    accuracy is 0 too), 'leave' makes none. So one APGD run from a random start
+    not at accuracy 0 agrees, the progressive schedule, whose later stages can
+    start at accuracy 0, does not."""
     net, x, y, seeds = _zero_acc_problem(attack_models)
+    compared = differ = 0
     for i in range(len(x)):
+        one = slice(i, i + 1)
+        x0 = APGD(eps=64).threat_model.random_start(x[one], 64 / 255, seeds[one])
+        if not _at_accuracy_0(net, x0, y[one]).item():
+            outs = [
+                APGD(eps=64, n_iter=20, zero_acc=mode).run(
+                    net, x[one], y[one], seeds=seeds[one]
+                )
+                for mode in ('leave', 'reference')
+            ]
+            assert torch.equal(outs[0].adv_images, outs[1].adv_images), i
+            compared += 1
         outs = [
-            APGDLargeEps(eps=64, n_iter=20, zero_acc=mode).run(
-                net, x[i : i + 1], y[i : i + 1], seeds=seeds[i : i + 1]
+            APGDLargeEps(eps=64, n_iter=20, loss='JS-Avg', zero_acc=mode).run(
+                net, x[one], y[one], seeds=seeds[one]
             )
             for mode in ('leave', 'reference')
         ]
-        assert torch.equal(outs[0].adv_images, outs[1].adv_images), i
+        differ += not torch.equal(outs[0].adv_images, outs[1].adv_images)
+    assert compared > 0 and differ > 0
+
+
+@pytest.mark.parametrize('loss', ['JS-Avg', 'CE', 'Mask-CE'])
+@pytest.mark.parametrize('batch_size', [1, 6])
+def test_compat_reference_equals_the_reference_apgd(
+    loss, batch_size, attack_models, reference_apgd
+):
+    """``compat='reference'`` against a port of the reference's APGD loop
+    (tests/reference_apgd.py) on images of which some start a radius stage at
+    accuracy 0: the reference tests its early stop after an update, so even
+    then it makes one (docs/algorithms.md section 3.2)."""
+    net, x, y, seeds = _zero_acc_problem(attack_models)
+    eps, n = 64, 20
+    attack = APGDLargeEps(eps=eps, n_iter=n, loss=loss, compat='reference')
+    starts_at_0 = 0
+    for lo in range(0, len(x), batch_size):
+        part = slice(lo, lo + batch_size)
+        xb, yb, sb = x[part], y[part], seeds[part]
+        ours = attack.run(net, xb, yb, seeds=sb)
+        x0 = attack.threat_model.random_start(xb, 2 * eps / 255, sb)
+        ref, starts = reference_apgd.reference_apgd_large_eps(
+            net, attack.objective, xb, yb, eps / 255, n, x0
+        )
+        assert torch.equal(ours.adv_images, ref), lo
+        with torch.no_grad():
+            assert torch.equal(ours.adv_pred, net(ref).argmax(1)), lo
+        starts_at_0 += sum(int(_at_accuracy_0(net, s, yb).sum()) for s in starts[1:])
+    assert starts_at_0 > 0  # the case the reference's order matters for
 
 
 # ------------------------------------------- stalled images leave (stall_stop)

@@ -236,3 +236,33 @@ def test_plain_callable_is_left_alone(problem):
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         ATTACKS.build(dict(type='PGD', eps=8, steps=2)).run(lambda t: net(t), x, y)
+
+
+def test_attack_names_tell_attacks_of_one_class_apart():
+    """Results are recorded under an attack's ``name``: by default the class and
+    the objective, so two APGDs with different losses, or PGD beside the SegPGD
+    preset, have different names; ``name=`` overrides it."""
+    build = ATTACKS.build
+    assert build(dict(type='APGD', loss='CE')).name == 'APGD-CE'
+    assert build(dict(type='APGD', loss='JS-Avg')).name == 'APGD-JS-Avg'
+    assert build(dict(type='PGD')).name == 'PGD-CE'
+    assert build(dict(type='PGD', loss='SegPGD')).name == 'PGD-SegPGD'
+    assert build(dict(type='FGSM')).name == 'FGSM-CE'
+    assert build(dict(type='BIM', loss='Mask-CE')).name == 'BIM-Mask-CE'
+    assert build(dict(type='APGDLargeEps', loss='JS-Avg')).name == (
+        'APGDLargeEps-JS-Avg'
+    )
+    named = build(dict(type='APGD', loss='CE', steps=50, name='APGD-50'))
+    assert named.name == 'APGD-50' and named.record_names() == ['APGD-50']
+    # an ensemble records its members; a name prefixes them
+    sea = SEA(class_weights=WEIGHTS)
+    assert sea.record_names() == ['APGD-Mask-CE-Bal', 'APGD-Mask-CE', 'APGD-JS-Avg']
+    sea = SEA(class_weights=WEIGHTS, name='SEA-100')
+    assert sea.record_names() == [
+        'SEA-100:APGD-Mask-CE-Bal',
+        'SEA-100:APGD-Mask-CE',
+        'SEA-100:APGD-JS-Avg',
+    ]
+    for bad in ('', 'a/b', 3):
+        with pytest.raises(ValueError, match='name must be a non-empty string'):
+            build(dict(type='PGD', name=bad))

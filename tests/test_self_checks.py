@@ -22,6 +22,7 @@ from mmseg_robust.evaluation.self_checks import (
     check_finite_logits,
     check_input_gradients,
     check_labels,
+    check_log_probability_outputs,
     check_probability_outputs,
     check_robust_above_clean,
     check_stochastic,
@@ -261,11 +262,54 @@ def test_probability_outputs(net, batch):
     images, labels = batch
     flags = pre_attack_checks(lambda x: net(x).softmax(1), images, labels)
     assert 'probability_outputs' in codes(flags)
-    assert 'softmax' in flags[codes(flags).index('probability_outputs')].fix
+    flag = flags[codes(flags).index('probability_outputs')]
+    assert 'softmax' in flag.fix and flag.details['kind'] == 'softmax'
     assert check_probability_outputs(net(images)) is None
-    # in [0, 1] but not summing to 1 (sigmoid of each class): not probabilities
-    # over the classes
-    assert check_probability_outputs(net(images).sigmoid()) is None
+
+
+def test_sigmoid_outputs(net, batch):
+    """A sigmoid per class: in [0, 1] but not summing to 1 over the classes."""
+    images, labels = batch
+    flags = pre_attack_checks(lambda x: net(x).sigmoid(), images, labels)
+    assert 'probability_outputs' in codes(flags)
+    flag = flags[codes(flags).index('probability_outputs')]
+    assert flag.details['kind'] == 'sigmoid' and 'sigmoid' in flag.message
+    assert flag.details['max_sum_deviation'] > 1e-3
+    # silent: logits, including logits squashed into a range wider than [0, 1]
+    assert check_probability_outputs(net(images)) is None
+    assert check_probability_outputs(2 * net(images).sigmoid() - 0.5) is None
+
+
+def test_log_softmax_outputs_are_information_not_a_flag(net, batch, monkeypatch):
+    """log p: harmless for the softmax-based losses (softmax(log p) = p), so
+    logged as information and never a flag."""
+    import mmengine.logging
+
+    logged = []
+    monkeypatch.setattr(
+        mmengine.logging, 'print_log', lambda msg, **kw: logged.append(msg)
+    )
+    images, labels = batch
+    logits = net(images)
+    info = check_log_probability_outputs(logits.log_softmax(1))
+    assert info and 'log-probabilities' in info and 'softmax(log p) = p' in info
+    # silent on logits (also when all are <= 0), probabilities, sigmoids
+    assert check_log_probability_outputs(logits) is None
+    assert check_log_probability_outputs(logits - logits.max() - 1) is None
+    assert check_log_probability_outputs(logits.softmax(1)) is None
+    assert check_log_probability_outputs(logits.sigmoid()) is None
+    assert not pre_attack_checks(net, images, labels) and not logged
+    flags = pre_attack_checks(lambda x: net(x).log_softmax(1), images, labels)
+    assert 'probability_outputs' not in codes(flags)
+    assert len(logged) == 1 and 'Self-check information' in logged[0]
+    # the softmax-based objectives see the same values and gradients
+    from mmseg_robust.attacks.objectives import build_objective
+
+    for loss in ('CE', 'Mask-CE', 'JS-Avg'):
+        obj = build_objective(loss)
+        assert torch.allclose(
+            obj(logits.log_softmax(1), labels), obj(logits, labels), atol=1e-6
+        )
 
 
 # --------------------------------------------------------------- labels

@@ -59,9 +59,9 @@ FIRST_WINDOW_MODES = ('paper', 'reference')
 #: What ``compat=None`` (or ``'default'``) and ``compat='reference'`` select.
 #: The default takes the reference's first-window count but keeps ``zero_acc=
 #: 'leave'``: with the reference's accuracy-0 handling a run stops when every
-#: image of the *batch* is at accuracy 0, so an image's result depends on its
-#: batch, which would break "1 process == N processes" and "resumed ==
-#: uninterrupted"; and neither variant was stronger in benchmarks/
+#: image of the *batch* is at accuracy 0, so the attack on an image depends on
+#: its batch: 1 and N processes, or a resumed and an uninterrupted run, would
+#: run different attacks; and neither variant was stronger in benchmarks/
 #: compare_apgd_modes.py ('leave' weaker in 4 of 24 runs, stronger in 5;
 #: docs/algorithms.md section 3.2).
 DEFAULT_MODES = dict(zero_acc='leave', first_window='reference')
@@ -217,8 +217,9 @@ class APGDStepSizeControl:
         ce0 (Tensor): per-image CE at the starting point ``x_0``, ``(B,)``.
         eta0 (float): initial step size in ``[0, 1]`` units (``2 * radius``).
         rho (float): condition (a) threshold. Default: 0.75.
-        first_window (str): ``'paper'`` or ``'reference'``, see above.
-            Default: ``'paper'``.
+        first_window (str, optional): ``'paper'`` or ``'reference'``, see
+            above. Default: ``DEFAULT_MODES['first_window']`` (``'reference'``,
+            the default of every attack).
 
     Example:
         >>> ctl = APGDStepSizeControl(90, ce0, eta0=2 * 8 / 255)
@@ -231,8 +232,10 @@ class APGDStepSizeControl:
         ce0: Tensor,
         eta0: float,
         rho: float = 0.75,
-        first_window: str = 'paper',
+        first_window: Optional[str] = None,
     ) -> None:
+        if first_window is None:
+            first_window = DEFAULT_MODES['first_window']
         if first_window not in FIRST_WINDOW_MODES:
             raise ValueError(
                 f'first_window must be one of {FIRST_WINDOW_MODES}, got '
@@ -375,8 +378,8 @@ def apgd_run(
     early_stop: bool = True,
     predict_output: bool = True,
     stats: Optional[dict] = None,
-    zero_acc: str = 'leave',
-    first_window: str = 'paper',
+    zero_acc: Optional[str] = None,
+    first_window: Optional[str] = None,
     stall_stop: bool = False,
 ) -> AttackOutput:
     """One APGD run of ``n_iter`` iterations at ``radius`` (section 3.2).
@@ -394,19 +397,24 @@ def apgd_run(
             accuracy reached 0 leaves the batch (its returned point can no
             longer change, so the result is the same). With
             ``zero_acc='reference'``: the run ends when every image of the batch
-            has reached accuracy 0 (as the reference; the result of an image
-            then depends on the other images of its batch). Default: True.
+            has reached accuracy 0, tested after each update, so a run makes at
+            least one update even when the whole batch starts at accuracy 0
+            (as the reference; the result of an image then depends on the other
+            images of its batch). Default: True.
         predict_output (bool): spend one forward on the prediction (and the
             ``final_*`` statistics) at the returned point; without it
             ``adv_pred`` is None (the intermediate stages of
             :class:`APGDLargeEps` need only the point). Default: True.
         stats (dict, optional): ``start_*`` statistics of an earlier stage; else
             they are taken at this run's first iterate.
-        zero_acc (str): ``'leave'``: an image keeps its first accuracy-0
-            iterate; ``'reference'``: it keeps being optimised and the newest
-            accuracy-0 iterate is returned. Default: ``'leave'``.
-        first_window (str): count of the first step by condition (a), see
-            :class:`APGDStepSizeControl`. Default: ``'paper'``.
+        zero_acc (str, optional): ``'leave'``: an image keeps its first
+            accuracy-0 iterate; ``'reference'``: it keeps being optimised and
+            the newest accuracy-0 iterate is returned. Default:
+            ``DEFAULT_MODES['zero_acc']`` (``'leave'``), as the attacks.
+        first_window (str, optional): count of the first step by condition
+            (a), see :class:`APGDStepSizeControl`. Default:
+            ``DEFAULT_MODES['first_window']`` (``'reference'``), as the
+            attacks.
         stall_stop (bool): an image whose step size has collapsed (halved at
             least :data:`STALL_HALVINGS` times) and whose best CE and lowest
             pixel accuracy have not improved for :func:`stall_patience`
@@ -419,6 +427,8 @@ def apgd_run(
         the newer one; at accuracy 0 the first one with ``zero_acc='leave'``)
         and its prediction.
     """
+    if zero_acc is None:
+        zero_acc = DEFAULT_MODES['zero_acc']
     if zero_acc not in ZERO_ACC_MODES:
         raise ValueError(f'zero_acc must be one of {ZERO_ACC_MODES}, got {zero_acc!r}')
     leave = zero_acc == 'leave'
@@ -456,8 +466,11 @@ def apgd_run(
         project = tm.projector(x_a, radius)
     for i in range(n_iter):
         if early_stop and not leave:
-            # the reference's early stop: only once every image is at 0
-            if not bool(ret_n.any()):
+            # the reference's early stop: only once every image is at 0, and
+            # tested after an update (at the end of the reference's loop body),
+            # so the first update is always made, even from a batch that starts
+            # at accuracy 0 (a later stage of APGDLargeEps)
+            if i > 0 and not bool(ret_n.any()):
                 break
         elif early_stop or stall_stop:
             # one sync per iteration, none per image
@@ -485,16 +498,13 @@ def apgd_run(
         with torch.no_grad():
             # z = P(x + eta * dir(grad)); momentum update
             # x_new = P(x + a (z - x) + (1 - a) (x - x_prev)), a = 1 at the
-            # first iteration (x_new = z, already projected), else 0.75
+            # first iteration, else 0.75; computed in the reference's order of
+            # operations, so that compat='reference' also rounds as it does (a
+            # 1-ulp difference can flip a tie of CE values and with it a
+            # step-size decision)
             z = project(torch.addcmul(x_adv, bcast(ctl.eta, x_adv), tm.direction(grad)))
-            if i == 0:
-                x_new = z
-            else:
-                x_new = project(
-                    torch.lerp(x_adv, z, _MOMENTUM).add_(
-                        x_adv - x_prev, alpha=1.0 - _MOMENTUM
-                    )
-                )
+            a = 1.0 if i == 0 else _MOMENTUM
+            x_new = project(x_adv + (z - x_adv) * a + (x_adv - x_prev) * (1.0 - a))
         x_prev, x_adv = x_adv, x_new
         # the last iterate needs no backward pass
         g, ce, n_correct = _evaluate(t_a, objective, x_adv, i + 2, n_iter, not last)
@@ -553,8 +563,9 @@ class APGD(Attack):
         early_stop (bool): skip work that ``zero_acc`` allows skipping (see
             :func:`apgd_run`): with ``'leave'`` images at accuracy 0 leave the
             batch (no effect on the result); with ``'reference'`` a run ends once
-            every image of the batch is at accuracy 0 (the reference's stop; an
-            image's result then depends on its batch). Default: True.
+            every image of the batch is at accuracy 0, tested after each update
+            (the reference's stop; an image's result then depends on its batch).
+            Default: True.
         zero_acc (str, optional): ``'leave'``: an image that reached accuracy 0
             keeps its first accuracy-0 iterate and is no longer optimised
             (faster); ``'reference'``: it keeps being optimised (momentum,
@@ -579,6 +590,8 @@ class APGD(Attack):
         eps_units (str, optional): ``'255'`` confirms that ``eps`` is in /255
             units: no unit warnings (:func:`~mmseg_robust.attacks.check_eps`).
             Default: None (checked).
+        name (str, optional): name of the results (see :class:`Attack`).
+            Default: ``'APGD-<objective>'``, e.g. ``'APGD-CE'``.
 
     :meth:`run` also takes ``init`` ``(B, 3, H, W)``: a starting point (projected
     onto the ball) instead of the random start.
@@ -606,8 +619,9 @@ class APGD(Attack):
         compat: Optional[str] = None,
         stall_stop: bool = False,
         eps_units: Optional[str] = None,
+        name: Optional[str] = None,
     ) -> None:
-        super().__init__(eps, norm, ignore_index, eps_units)
+        super().__init__(eps, norm, ignore_index, eps_units, name)
         self.steps = resolve_steps(steps, n_iter, 100, type(self).__name__)
         self.compat, self.zero_acc, self.first_window = resolve_modes(
             compat, zero_acc, first_window, type(self).__name__
@@ -698,8 +712,10 @@ class APGDLargeEps(Attack):
         early_stop (bool): skip work that ``zero_acc`` allows skipping (see
             :func:`apgd_run`): with ``'leave'`` images at accuracy 0 leave the
             batch (no effect on the result); with ``'reference'`` a stage ends once
-            every image of the batch is at accuracy 0 (the reference's stop; an
-            image's result then depends on its batch). Default: True.
+            every image of the batch is at accuracy 0, tested after each update,
+            so a stage that starts at accuracy 0 still makes one (the
+            reference's stop; an image's result then depends on its batch).
+            Default: True.
         zero_acc (str, optional): ``'leave'``: an image that reached accuracy 0
             keeps its first accuracy-0 iterate and is no longer optimised
             (faster); ``'reference'``: it keeps being optimised (momentum,
@@ -724,6 +740,8 @@ class APGDLargeEps(Attack):
         eps_units (str, optional): ``'255'`` confirms that ``eps`` is in /255
             units: no unit warnings (:func:`~mmseg_robust.attacks.check_eps`).
             Default: None (checked).
+        name (str, optional): name of the results (see :class:`Attack`).
+            Default: ``'APGDLargeEps-<objective>'``.
 
     :meth:`run`'s ``progress`` callback receives ``'stage k/n: radius r/255, m
     iterations'`` at the start of each stage.
@@ -753,8 +771,9 @@ class APGDLargeEps(Attack):
         compat: Optional[str] = None,
         stall_stop: bool = False,
         eps_units: Optional[str] = None,
+        name: Optional[str] = None,
     ) -> None:
-        super().__init__(eps, norm, ignore_index, eps_units)
+        super().__init__(eps, norm, ignore_index, eps_units, name)
         self.steps = resolve_steps(steps, n_iter, 300, type(self).__name__)
         self.compat, self.zero_acc, self.first_window = resolve_modes(
             compat, zero_acc, first_window, type(self).__name__

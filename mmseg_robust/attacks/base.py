@@ -319,6 +319,10 @@ class Attack:
         eps_units (str, optional): ``'255'`` confirms that ``eps`` is meant in
             /255 units (no warnings about [0, 1] units, see
             :func:`~mmseg_robust.attacks.check_eps`). Default: None (checked).
+        name (str, optional): the name the attack's results are recorded under
+            (results file, cache, report). Default: :meth:`default_name`, the
+            class name and the objective (``'APGD-CE'``, ``'PGD-SegPGD'``); two
+            attacks of one evaluation need different names.
 
     Inputs of :meth:`run` / ``__call__``: ``model(images) -> logits`` ``(B, K, H,
     W)``; images float ``(B, 3, H, W)`` in ``[0, 1]``; labels long ``(B, H, W)`` in
@@ -337,9 +341,39 @@ class Attack:
         norm: str = 'Linf',
         ignore_index: int = 255,
         eps_units: Optional[str] = None,
+        name: Optional[str] = None,
     ) -> None:
         self.threat_model = ThreatModel(eps, norm, eps_units)
         self.ignore_index = ignore_index
+        if name is not None and (
+            not isinstance(name, str) or not name.strip() or '/' in name
+        ):
+            raise ValueError(
+                f'{type(self).__name__}: name must be a non-empty string without '
+                f"'/' (results are keyed 'eps8/<name>/mIoU'), got {name!r}"
+            )
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        """The name the results of this attack are recorded under."""
+        return self._name if self._name is not None else self.default_name()
+
+    def default_name(self) -> str:
+        """The class name, joined by ``-`` to the objective's name when the
+        attack has exactly one (``'APGD-CE'``, ``'PGD-SegPGD'``, ``'FGSM-CE'``),
+        so that attacks of one class with different objectives are told apart.
+        """
+        objectives = self.objectives()
+        if len(objectives) != 1:
+            return type(self).__name__
+        objective = objectives[0]
+        return f'{type(self).__name__}-{objective.name or type(objective).__name__}'
+
+    def record_names(self) -> List[str]:
+        """The names under which :meth:`AttackOutput.by_attack` reports this
+        attack's results: its :attr:`name` (ensembles: their members')."""
+        return [self.name]
 
     @property
     def eps(self) -> float:

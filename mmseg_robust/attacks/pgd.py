@@ -54,6 +54,8 @@ class PGD(Attack):
         eps_units (str, optional): ``'255'`` confirms that ``eps`` is in /255
             units: no unit warnings (:func:`~mmseg_robust.attacks.check_eps`).
             Default: None (checked).
+        name (str, optional): name of the results (see :class:`Attack`).
+            Default: ``'<class>-<objective>'``, e.g. ``'PGD-CE'``.
 
     Shapes: images ``(B, 3, H, W)`` in ``[0, 1]``, labels long ``(B, H, W)``,
     valid bool ``(B, H, W)``; ``model(images)`` returns logits ``(B, K, H, W)``.
@@ -76,8 +78,9 @@ class PGD(Attack):
         ignore_index: int = 255,
         n_iter: Optional[int] = None,
         eps_units: Optional[str] = None,
+        name: Optional[str] = None,
     ) -> None:
-        super().__init__(eps, norm, ignore_index, eps_units)
+        super().__init__(eps, norm, ignore_index, eps_units, name)
         self.steps = resolve_steps(steps, n_iter, 10, type(self).__name__)
         if step_size is None:
             step_size = 2.5 * self.eps / self.steps
@@ -164,6 +167,8 @@ class BIM(PGD):
         eps_units (str, optional): ``'255'`` confirms that ``eps`` is in /255
             units: no unit warnings (:func:`~mmseg_robust.attacks.check_eps`).
             Default: None (checked).
+        name (str, optional): name of the results (see :class:`Attack`).
+            Default: ``'<class>-<objective>'``.
 
     Shapes: as :class:`PGD`.
 
@@ -183,6 +188,7 @@ class BIM(PGD):
         ignore_index: int = 255,
         n_iter: Optional[int] = None,
         eps_units: Optional[str] = None,
+        name: Optional[str] = None,
     ) -> None:
         super().__init__(
             eps=eps,
@@ -195,6 +201,7 @@ class BIM(PGD):
             ignore_index=ignore_index,
             n_iter=n_iter,
             eps_units=eps_units,
+            name=name,
         )
 
 
@@ -215,6 +222,8 @@ class FGSM(PGD):
         eps_units (str, optional): ``'255'`` confirms that ``eps`` is in /255
             units: no unit warnings (:func:`~mmseg_robust.attacks.check_eps`).
             Default: None (checked).
+        name (str, optional): name of the results (see :class:`Attack`).
+            Default: ``'<class>-<objective>'``.
 
     Shapes: as :class:`PGD`.
 
@@ -230,6 +239,7 @@ class FGSM(PGD):
         loss: LossConfig = 'CE',
         ignore_index: int = 255,
         eps_units: Optional[str] = None,
+        name: Optional[str] = None,
     ) -> None:
         super().__init__(
             eps=eps,
@@ -241,4 +251,5 @@ class FGSM(PGD):
             best_iterate=False,
             ignore_index=ignore_index,
             eps_units=eps_units,
+            name=name,
         )

@@ -68,7 +68,8 @@ class SEA(Attack):
         early_stop (bool): skip work that ``zero_acc`` allows skipping: with
             ``'leave'`` images at accuracy 0 leave a stage's batch (no effect on
             the result); with ``'reference'`` a stage ends once every image of the
-            batch is at accuracy 0 (as the reference). Default: True.
+            batch is at accuracy 0, tested after each update (as the reference).
+            Default: True.
         zero_acc (str, optional): ``'leave'`` or ``'reference'``: whether an
             image at accuracy 0 keeps its first accuracy-0 iterate and stops
             being optimised, or is optimised on and returns its newest one (the
@@ -91,6 +92,10 @@ class SEA(Attack):
         eps_units (str, optional): ``'255'`` confirms that ``eps`` is in /255
             units: no unit warnings (:func:`~mmseg_robust.attacks.check_eps`).
             Default: None (checked).
+        name (str, optional): prefix of the members' names: with
+            ``name='SEA-100'`` the members are recorded as
+            ``'SEA-100:APGD-Mask-CE-Bal'``, ... (two SEA settings in one
+            evaluation). Default: None, the members are ``'APGD-<loss>'``.
 
     :meth:`run`'s ``progress`` callback receives each member's name as it starts
     and the member's own progress (its stages) as ``'<name>: <text>'``.
@@ -119,8 +124,9 @@ class SEA(Attack):
         compat: Optional[str] = None,
         stall_stop: bool = False,
         eps_units: Optional[str] = None,
+        name: Optional[str] = None,
     ) -> None:
-        super().__init__(eps, norm, ignore_index, eps_units)
+        super().__init__(eps, norm, ignore_index, eps_units, name)
         self.compat, self.zero_acc, self.first_window = resolve_modes(
             compat, zero_acc, first_window, type(self).__name__
         )
@@ -147,6 +153,8 @@ class SEA(Attack):
                 eps_units=eps_units,
             )
             name = base = f'APGD-{_loss_name(attack.objective)}'
+            if self._name is not None:
+                name = base = f'{self._name}:{base}'
             k = 2
             while name in self.attacks:
                 name, k = f'{base}-{k}', k + 1
@@ -162,6 +170,10 @@ class SEA(Attack):
 
     def objectives(self) -> List[Objective]:
         return [a.objective for a in self.attacks.values()]
+
+    def record_names(self) -> List[str]:
+        """The members' names: the results are recorded per member."""
+        return list(self.attacks)
 
     def run_all(
         self,

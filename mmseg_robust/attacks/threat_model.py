@@ -143,8 +143,8 @@ def make_generators(seeds: Sequence[int]) -> List[torch.Generator]:
     """One CPU ``torch.Generator`` per image, seeded with that image's seed.
 
     Drawing each image's noise from its own generator makes random starts independent
-    of batch composition and of the global RNG (multi-process evaluation then equals
-    single-process evaluation).
+    of batch composition and of the global RNG (multi-process evaluation then runs
+    the same attack on every image as single-process evaluation).
     """
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 

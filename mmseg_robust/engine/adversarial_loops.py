@@ -60,7 +60,9 @@ def image_seed(seed: int, key: str) -> int:
     """Per-image seed from the run seed and the image's file name.
 
     Depends on neither the rank, the batch nor the data root, so 1 and N processes
-    (and reruns on another machine) attack each image identically.
+    (and reruns on another machine) start each image's attack from the same point
+    (docs/algorithms.md section 1: the numbers agree up to float noise,
+    bit-identical for the same batch composition).
     """
     return (int(seed) * 1_000_003 + zlib.crc32(osp.basename(key).encode())) % (2**31)
 
@@ -79,6 +81,22 @@ def _image_key(sample) -> str:
 def _accuracy(counts: dict) -> float:
     """Pixel accuracy of one image's counts (0 without valid pixels)."""
     return pixel_accuracy(counts['correct'], counts['valid'])
+
+
+def _check_record_names(attacks: list, eps_name: str) -> None:
+    """Refuse two attacks whose results would be recorded under one name."""
+    seen = {}
+    for attack in attacks:
+        for name in attack.record_names():
+            if name in seen:
+                raise ValueError(
+                    f'two attacks at eps {eps_name} record their results as '
+                    f'{name!r} ({seen[name]!r} and {attack!r}): results are '
+                    f'named by attack, give one of them another name with '
+                    f"name='...' in its config (ensembles: a name prefixes "
+                    f'their members)'
+                )
+            seen[name] = attack
 
 
 def _add_counts(per_image: list, eps_name: str, counts: list) -> None:
@@ -170,6 +188,8 @@ class _AdversarialEvalMixin:
         self.cache: Optional[ResultCache] = None
 
     def _build_attacks(self) -> None:
+        # the attacks ignore the labels the decode head ignores, as training does
+        ignore = ignore_index_of(self.runner.model)
         for e in self.eps_list:
             built = []
             for cfg in self.attack_cfgs:
@@ -179,8 +199,17 @@ class _AdversarialEvalMixin:
                         f'set eps on the loop (eps={self.eps_list}), not in the '
                         f'attack config {cfg}'
                     )
+                if cfg.get('ignore_index', ignore) != ignore:
+                    raise ValueError(
+                        f'the attack config {cfg} sets ignore_index='
+                        f'{cfg["ignore_index"]} but the decode head ignores '
+                        f'{ignore}: drop ignore_index from the attack (the loop '
+                        "passes the head's)"
+                    )
                 cfg['eps'] = e
+                cfg['ignore_index'] = ignore
                 built.append(ATTACKS.build(cfg))
+            _check_record_names(built, eps_key(e))
             self.attacks[eps_key(e)] = built
 
     # ------------------------------------------------------------------- start
@@ -278,7 +307,7 @@ class _AdversarialEvalMixin:
                     self._units_restored += 1
                     restored_here = True
                     continue
-                name = type(attack).__name__
+                name = attack.name
                 watch = LogitsWatch(view) if self.self_checks else None
                 out = attack.run(
                     watch or view,

@@ -60,6 +60,7 @@ __all__ = [
     'check_finite_logits',
     'check_input_gradients',
     'check_labels',
+    'check_log_probability_outputs',
     'check_probability_outputs',
     'check_recorded_prediction',
     'check_robust_above_clean',
@@ -226,26 +227,70 @@ def check_stochastic(
 def check_probability_outputs(
     logits: Tensor, atol: float = 1e-4, sum_tol: float = 1e-3
 ) -> Optional[Flag]:
-    """``probability_outputs``: the outputs are in [0, 1] and sum to 1 over the
-    classes at every pixel (a softmax was applied)."""
+    """``probability_outputs``: every output is in [0, 1], i.e. the model
+    applied a softmax (the outputs also sum to 1 over the classes at every
+    pixel, to ``sum_tol``) or a sigmoid per class (they do not). Logits that
+    all lie in [0, 1] cannot be told from sigmoid outputs and are reported
+    too: they cannot express a confident prediction either."""
     x = logits.detach().float()
     if x.shape[1] < 2 or not bool(torch.isfinite(x).all()):
         return None
     if float(x.min()) < -atol or float(x.max()) > 1 + atol:
         return None
     err = float((x.sum(1) - 1).abs().max())
-    if err > sum_tol:
-        return None
+    if err <= sum_tol:
+        found = (
+            'the model outputs look like probabilities (all in [0, 1], summing '
+            f'to 1 over the {x.shape[1]} classes at every pixel, max deviation '
+            f'{err:.1e})'
+        )
+        kind = 'softmax'
+    else:
+        found = (
+            'the model outputs look like per-class probabilities of a sigmoid '
+            f'(all in [0, 1], not summing to 1 over the {x.shape[1]} classes: '
+            f'max deviation {err:.2g})'
+        )
+        kind = 'sigmoid'
     return Flag(
         'probability_outputs',
         'warning',
-        'the model outputs look like probabilities (all in [0, 1], summing to 1 '
-        f'over the {x.shape[1]} classes at every pixel, max deviation '
-        f'{err:.1e}): the attacks expect logits; on probabilities their losses '
+        f'{found}: the attacks expect logits; on probabilities their losses '
         'saturate and their gradients vanish.',
         'return the logits: remove the softmax (or sigmoid) at the end of the '
         'model, e.g. the one of a wrapper or of a custom decode head.',
-        dict(max_sum_deviation=err),
+        dict(kind=kind, max_sum_deviation=err),
+    )
+
+
+def check_log_probability_outputs(
+    logits: Tensor, atol: float = 1e-4, lse_tol: float = 1e-3
+) -> Optional[str]:
+    """Information, not a flag: the outputs are log-probabilities (a
+    log-softmax was applied): all <= 0 with ``logsumexp`` over the classes 0
+    at every pixel (to ``lse_tol``), which logits practically never are.
+
+    Harmless for the softmax-based objectives (CE, Mask-CE, Mask-CE-Bal,
+    JS-Avg, SegPGD, CosPGD with its default softmax): ``softmax(log p) = p``,
+    so their values and gradients are those of the logits. Returns the text
+    to log, or None.
+    """
+    x = logits.detach().float()
+    if x.shape[1] < 2 or not bool(torch.isfinite(x).all()):
+        return None
+    if float(x.max()) > atol:
+        return None
+    err = float(torch.logsumexp(x, dim=1).abs().max())
+    if err > lse_tol:
+        return None
+    return (
+        'the model outputs look like log-probabilities (a log-softmax: all <= '
+        f'0, logsumexp over the {x.shape[1]} classes 0 at every pixel, max '
+        f'deviation {err:.1e}). Not a problem for the softmax-based losses '
+        '(CE, Mask-CE, Mask-CE-Bal, JS-Avg, SegPGD, CosPGD with softmax: '
+        'softmax(log p) = p); losses on the raw outputs (Mask-Sph, CosPGD with '
+        "activation='sigmoid') see other values than on logits "
+        f'({FLAGS_DOC}, probability_outputs).'
     )
 
 
@@ -486,6 +531,11 @@ def pre_attack_checks(
     flag = check_probability_outputs(first)
     if flag:
         flags.append(flag)
+    info = check_log_probability_outputs(first)
+    if info:
+        from mmengine.logging import print_log
+
+        print_log(f'Self-check information: {info}', logger='current')
     second, grad = clean_input_gradient(model, images, labels, ignore_index)
     labelled = (labels != ignore_index).flatten(1).sum(1)
     for flag in [check_stochastic(first, second)] + check_input_gradients(

@@ -94,6 +94,9 @@ def load_result(
         'clean': {'mIoU', 'aAcc'}, 'eps': {eps: {'mIoU', 'aAcc'}}, 'flags'}``
         with the numbers in percent (2 decimals; None where the result is NaN)
         and the eps keys as strings (e.g. ``'4'``) in increasing numeric order;
+        ``attack`` is the attack's type (its ``name`` if the config sets one),
+        with several attacks the names of their results joined by ``' + '``
+        (``'APGD-CE + APGD-JS-Avg'``), and ``steps`` is None when they differ;
         ``flags`` lists the self-checks' findings (``{'code', 'level',
         'message', 'fix'}``, docs/flags.md), None for files written without
         self-checks.
@@ -112,10 +115,15 @@ def load_result(
     results = load_results(source)
     summary = results.summary
     eps_results = summary.get('eps') or {}
-    attacks = results.attacks
-    first = attacks[0] if attacks and isinstance(attacks[0], dict) else {}
-    attack = str(first.get('type', 'robust'))
-    steps = first.get('steps', first.get('n_iter'))
+    attacks = [a for a in results.attacks or [] if isinstance(a, dict)]
+    first = attacks[0] if attacks else {}
+    attack = str(first.get('name', first.get('type', 'robust')))
+    if len(attacks) > 1:
+        # several attacks: the names their results are recorded under
+        recorded = next(iter(eps_results.values()), {}).get('attacks') or {}
+        attack = ' + '.join(recorded) or attack
+    all_steps = {a.get('steps', a.get('n_iter')) for a in attacks}
+    steps = first.get('steps', first.get('n_iter')) if len(all_steps) == 1 else None
     steps = int(steps) if steps is not None else None
     seed = results.seed
     checkpoint = results.checkpoint
