@@ -555,7 +555,7 @@ def test_nan_off_the_clean_images_stops_the_evaluation(
         + ['test_dataloader.batch_size=2']
         + data_options(synthetic_root)
     )
-    with pytest.raises(SelfCheckError, match=r'nonfinite_logits.*PGD at eps 8'):
+    with pytest.raises(SelfCheckError, match=r'nonfinite_logits.*PGD-CE at eps 8'):
         tools_in_one_process.main(argv)
     assert not glob.glob(osp.join(work, 'robustness_*.json'))
     cached = [
