@@ -51,9 +51,7 @@ train_dataloader = dict(batch_size=batch_size)
 optim_wrapper = dict(
     _delete_=True,
     type='OptimWrapper',
-    optimizer=dict(
-        type='SGD', lr=1e-3, momentum=0.9, weight_decay=1e-5, nesterov=True
-    ),
+    optimizer=dict(type='SGD', lr=1e-3, momentum=0.9, weight_decay=1e-5, nesterov=True),
     paramwise_cfg=dict(
         norm_decay_mult=0.0,
         bias_decay_mult=0.0,
