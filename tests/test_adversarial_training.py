@@ -1067,3 +1067,32 @@ def test_adversarial_inputs_stay_on_the_attacks_device(
         True,
     )
     assert torch.equal(mixed['inputs'], again['inputs'])
+
+
+def test_leak_scale_in_a_training_run_with_accumulation(
+    repo_root, synthetic_root, tmp_path, reset_mmengine
+):
+    """runner.train() with ``accumulative_counts=2`` over 3 iterations: the leak
+    is divided by 2, 2, then 1 (the remainder), as mmengine divides the loss."""
+    runner = _runner(
+        repo_root,
+        'pirat',
+        synthetic_root,
+        tmp_path,
+        options={
+            'train_cfg.max_iters': 3,
+            'train_cfg.val_interval': 100,
+            'train_cfg.leak_attack_grads': True,
+            'optim_wrapper.accumulative_counts': 2,
+        },
+    )
+    loop = runner.train_loop
+    scales, scale = [], loop._leak_scale
+
+    def recording(batch_size):
+        scales.append(scale(batch_size))
+        return scales[-1]
+
+    loop._leak_scale = recording
+    runner.train()
+    assert scales == pytest.approx([1 / 8, 1 / 8, 1 / 4])
