@@ -104,8 +104,16 @@ def main(argv=None):
 
     results = {}
     for k in args.steps:
+        # as the loop builds its attack: no forward at the returned images
         loop.attack = ATTACKS.build(
-            dict(type='PGD', eps=4, steps=k, step_size=2.55, random_start=False)
+            dict(
+                type='PGD',
+                eps=4,
+                steps=k,
+                step_size=2.55,
+                random_start=False,
+                predict_output=False,
+            )
         )
         clean_step()
         adv_step()  # warm-up

@@ -566,6 +566,9 @@ def test_padded_variable_size_batch(
     padding fixed and out of the losses, and returns unpadded raw inputs."""
     runner = _runner(repo_root, scheme, synthetic_root, tmp_path)
     loop = runner.train_loop
+    # adv.acc at the returned images (the training default logs the last
+    # evaluated iterate: test_training_attack_skips_the_forward_at_its_output)
+    loop.attack.predict_output = True
     sizes = [(46, 46), (64, 50), (30, 64), (64, 64)]
     batch = _variable_size_batch(sizes)
     original = copy.deepcopy(batch)
@@ -758,3 +761,338 @@ def test_missing_load_from_names_the_command_that_writes_it(
         'upernet_convnext-micro_synthetic.py' in msg
     )
     assert '--cfg-options load_from=PATH' in msg
+
+
+def _split(batch, parts):
+    """``batch`` cut into ``parts`` micro-batches of consecutive images."""
+    n = len(batch['inputs']) // parts
+    return [
+        dict(
+            inputs=batch['inputs'][i * n : (i + 1) * n],
+            data_samples=batch['data_samples'][i * n : (i + 1) * n],
+        )
+        for i in range(parts)
+    ]
+
+
+def _leaked(loop, batch):
+    """The parameter gradients ``leak_attack_grads`` adds for ``batch`` (on top of
+    the gradients already there), by name."""
+    module = unwrap_model(loop.runner.model)
+    before = {
+        n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+        for n, p in module.named_parameters()
+    }
+    loop.adversarial_batch(copy.deepcopy(batch))
+    return {
+        n: p.grad - before[n]
+        for n, p in module.named_parameters()
+        if p.grad is not None
+    }
+
+
+def _count_backward(optim_wrapper, module):
+    """Advance the wrapper's accumulation count as a micro-batch's update does
+    (``OptimWrapper.backward`` counts), adding exact zeros to the gradients."""
+    optim_wrapper.backward(sum((p * 0).sum() for p in module.parameters()))
+
+
+def test_leak_with_accumulation_equals_a_larger_batch(
+    repo_root, synthetic_root, tmp_path, reset_mmengine
+):
+    """Oracle: with ``accumulative_counts=k`` the k micro-batches of a batch leak
+    what the batch does in one iteration without accumulation (the attack runs
+    in eval mode, so every image is attacked independently)."""
+    k = 2
+    options = {
+        'train_cfg.attack': dict(
+            type='PGD', eps=4, steps=2, step_size=2.55, random_start=False
+        ),
+        'train_cfg.leak_attack_grads': True,
+    }
+    runner = _runner(repo_root, 'pirat', synthetic_root, tmp_path, options=options)
+    loop, module = runner.train_loop, unwrap_model(runner.model)
+    batch = next(iter(runner.train_dataloader))
+    assert len(batch['inputs']) == 4
+    whole = _leaked(loop, batch)
+    assert whole and all(g.abs().sum() > 0 for g in whole.values())
+    module.zero_grad(set_to_none=True)
+
+    from mmengine.optim import OptimWrapper
+
+    wrapper = OptimWrapper(
+        torch.optim.SGD(module.parameters(), lr=0.1), accumulative_counts=k
+    )
+    runner.optim_wrapper = wrapper
+    wrapper.initialize_count_status(module, 0, 4)
+    for micro in _split(batch, k):
+        _leaked(loop, micro)
+        _count_backward(wrapper, module)
+    for n, p in module.named_parameters():
+        if n in whole:
+            torch.testing.assert_close(p.grad, whole[n], rtol=1e-4, atol=1e-7)
+    # without the 1/k the micro-batches would leak k times as much
+    some = next(iter(whole))
+    assert not torch.allclose(
+        dict(module.named_parameters())[some].grad, k * whole[some], rtol=1e-2
+    )
+
+
+def test_leak_scale_follows_mmengines_loss_factor(
+    repo_root, synthetic_root, tmp_path, reset_mmengine
+):
+    """The leak is divided by the factor ``OptimWrapper.scale_loss`` applies:
+    ``accumulative_counts``, and in the last iterations, when ``max_iters`` is
+    not a multiple of it, the number of remaining ones."""
+    from mmengine.optim import OptimWrapper
+
+    runner = _runner(
+        repo_root,
+        'pirat',
+        synthetic_root,
+        tmp_path,
+        options={'train_cfg.leak_attack_grads': True},
+    )
+    loop, module = runner.train_loop, unwrap_model(runner.model)
+    wrapper = OptimWrapper(
+        torch.optim.SGD(module.parameters(), lr=0.1), accumulative_counts=3
+    )
+    runner.optim_wrapper = wrapper
+    wrapper.initialize_count_status(module, 0, 4)  # 3 + a remainder of 1
+    scales = []
+    for _ in range(4):
+        scales.append(loop._leak_scale(4))
+        loss_factor = 1 / float(wrapper.scale_loss(torch.ones(())))
+        assert scales[-1] == pytest.approx(1 / (4 * loss_factor))
+        _count_backward(wrapper, module)
+    assert scales == pytest.approx([1 / 12, 1 / 12, 1 / 12, 1 / 4])
+
+
+def test_amp_with_leak_is_refused_when_the_loop_is_built(
+    repo_root, synthetic_root, tmp_path, reset_mmengine
+):
+    """``leak_attack_grads`` with mixed precision fails when the loop is built
+    (``runner.optim_wrapper`` is then still the config ``tools/train.py --amp``
+    edits), not at the first iteration."""
+    cfg = Config.fromfile(osp.join(repo_root, CONFIGS['pirat']))
+    for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        cfg[loader].dataset.data_root = synthetic_root
+        cfg[loader].dataset.generator_cfg = dict(splits=dict(train=48, val=16))
+        cfg[loader].num_workers = 0
+        cfg[loader].persistent_workers = False
+    cfg.load_from = None
+    cfg.work_dir = str(tmp_path)
+    cfg.train_cfg.leak_attack_grads = True
+    cfg.optim_wrapper.type = 'AmpOptimWrapper'  # what --amp sets
+    cfg.optim_wrapper.loss_scale = 'dynamic'
+    runner = Runner.from_cfg(cfg)
+    assert isinstance(runner.optim_wrapper, dict)
+    with pytest.raises(ValueError, match='leak_attack_grads .*mixed precision'):
+        runner.build_train_loop(runner._train_loop)
+    # without the leak the same config builds its loop
+    runner._train_loop['leak_attack_grads'] = False
+    assert isinstance(runner.build_train_loop(runner._train_loop), AdversarialTrainLoop)
+
+
+def test_uses_amp_reads_configs_and_built_wrappers():
+    from mmengine.optim import AmpOptimWrapper, OptimWrapper, OptimWrapperDict
+
+    from mmseg_robust.engine.adversarial_training import uses_amp
+
+    opt = dict(type='SGD', lr=0.1)
+    assert uses_amp(dict(type='AmpOptimWrapper', optimizer=opt))
+    assert uses_amp(dict(type='mmengine.AmpOptimWrapper', optimizer=opt))
+    assert uses_amp(dict(type=AmpOptimWrapper, optimizer=opt))
+    # a registered subclass (the deprecated alias)
+    assert uses_amp(dict(type='AdversarialAmpOptimWrapper', optimizer=opt))
+    assert not uses_amp(dict(type='OptimWrapper', optimizer=opt))
+    assert not uses_amp(dict(optimizer=opt))  # type defaults to OptimWrapper
+    # several wrappers by name (a multi-optimizer constructor's config)
+    several = dict(
+        constructor='MultiOptimWrapperConstructor',
+        backbone=dict(type='OptimWrapper', optimizer=opt),
+        head=dict(type='AmpOptimWrapper', optimizer=opt),
+    )
+    assert uses_amp(several)
+    several['head']['type'] = 'OptimWrapper'
+    assert not uses_amp(several)
+    assert not uses_amp(None)
+    # built wrappers (an AmpOptimWrapper cannot be built on CPU: an instance
+    # without __init__ stands for one)
+    plain = OptimWrapper(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1))
+    amp = AmpOptimWrapper.__new__(AmpOptimWrapper)
+    assert uses_amp(amp) and not uses_amp(plain)
+    assert uses_amp(OptimWrapperDict(a=plain, b=amp))
+    assert not uses_amp(OptimWrapperDict(a=plain))
+    assert uses_amp(dict(a=plain, b=amp))
+
+
+@pytest.mark.parametrize('scheme', ['pirat', 'sat'])
+def test_training_attack_skips_the_forward_at_its_output(
+    scheme, repo_root, synthetic_root, tmp_path, reset_mmengine
+):
+    """The training attack runs no forward at its returned images; the log's
+    adv.loss/adv.acc are those of the last iterate it evaluated (the input of
+    its last step). The adversarial images are the same as with that forward."""
+    import torch.nn.functional as F
+
+    runner = _runner(repo_root, scheme, synthetic_root, tmp_path)
+    loop = runner.train_loop
+    steps = loop.attack.steps
+    assert loop.attack.predict_output is False
+    batch = _variable_size_batch([(46, 46), (64, 50), (30, 64), (64, 64)])
+    calls = []
+    run = loop.attack.run
+
+    def spy(model, images, labels, valid=None, seeds=None):
+        def recording(x):
+            logits = model(x)
+            calls.append((x.requires_grad, logits.detach(), labels, valid))
+            return logits
+
+        return run(recording, images, labels, valid, seeds)
+
+    loop.attack.run = spy
+    adv, stats = loop.adversarial_batch(copy.deepcopy(batch))
+    assert [c[0] for c in calls] == [True] * steps  # no forward without backward
+    _, logits, labels, valid = calls[-1]
+    valid = (labels != loop.ignore_index) & valid
+    n = valid.sum()
+    ce = F.cross_entropy(logits, torch.where(valid, labels, 0), reduction='none')
+    assert stats['adv.loss'] == pytest.approx(float((ce * valid).sum() / n), rel=1e-5)
+    acc = ((logits.argmax(1) == labels) & valid).sum() / n
+    assert stats['adv.acc'] == pytest.approx(100 * float(acc), abs=1e-4)
+    # with the forward (an attack config may ask for it): same images
+    calls.clear()
+    loop.attack.predict_output = True
+    adv_full, stats_full = loop.adversarial_batch(copy.deepcopy(batch))
+    assert [c[0] for c in calls] == [True] * steps + [False]
+    for a, b in zip(adv['inputs'], adv_full['inputs']):
+        assert torch.equal(a, b)
+    assert stats['clean.acc'] == stats_full['clean.acc']
+    # an explicit predict_output in the attack config is kept
+    runner = _runner(
+        repo_root,
+        scheme,
+        synthetic_root,
+        tmp_path / 'explicit',
+        options={
+            'train_cfg.attack': dict(
+                type='PGD',
+                eps=4,
+                steps=2,
+                step_size=2.55,
+                random_start=False,
+                predict_output=True,
+            )
+        },
+    )
+    assert runner.train_loop.attack.predict_output is True
+
+
+def test_attack_time_share_waits_for_the_device(
+    repo_root, synthetic_root, tmp_path, reset_mmengine, monkeypatch
+):
+    """run_iter synchronises the model's device before the attack, after it and
+    after the update, so queued GPU work is billed where it belongs."""
+    import mmseg_robust.engine.adversarial_training as at
+
+    events = []
+    monkeypatch.setattr(at, '_synchronize', lambda device: events.append(device))
+    runner = _runner(repo_root, 'pirat', synthetic_root, tmp_path)
+    loop = runner.train_loop
+    attack_batch = loop.adversarial_batch
+
+    def spy_attack(data_batch):
+        events.append('attack')
+        return attack_batch(data_batch)
+
+    train_step = runner.model.train_step
+
+    def spy_step(*args, **kwargs):
+        events.append('update')
+        return train_step(*args, **kwargs)
+
+    loop.adversarial_batch = spy_attack
+    runner.model.train_step = spy_step
+    runner.model.train()
+    runner.call_hook('before_train_epoch')
+    loop.run_iter(next(iter(runner.train_dataloader)))
+    cpu = torch.device('cpu')
+    assert events == [cpu, 'attack', cpu, 'update', cpu]
+
+
+def test_synchronize_waits_on_cuda_only(monkeypatch):
+    from mmseg_robust.engine.adversarial_training import _device_of, _synchronize
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, 'synchronize', lambda d=None: waited.append(d))
+    _synchronize(torch.device('cpu'))
+    assert waited == []
+    _synchronize(torch.device('cuda', 1))
+    assert waited == [torch.device('cuda', 1)]
+    assert _device_of(_small_model()) == torch.device('cpu')
+    assert _device_of(torch.nn.ReLU()) == torch.device('cpu')
+
+
+def test_adversarial_inputs_stay_on_the_attacks_device(
+    repo_root, synthetic_root, tmp_path, reset_mmengine
+):
+    """raw_inputs returns the adversarial images on their own device (the
+    model's), not on the loader's: no round trip through host memory. ('meta'
+    stands for an accelerator on a CPU-only machine.)"""
+    from mmseg_robust.models import TrainingBatchPixelView
+
+    runner = _runner(repo_root, 'pirat', synthetic_root, tmp_path)
+    module = unwrap_model(runner.model).eval()
+    batch = _variable_size_batch([(46, 40), (64, 64)])
+    processed = module.data_preprocessor(batch, True)
+    view = TrainingBatchPixelView(
+        module, processed['inputs'], processed['data_samples']
+    )
+    raw = view.raw_inputs(view.images.to('meta'), batch['inputs'])
+    assert [r.device.type for r in raw] == ['meta', 'meta']
+    assert [r.shape for r in raw] == [b.shape for b in batch['inputs']]
+    # the data preprocessor takes them as they come (mixed with loader inputs)
+    raw = view.raw_inputs(view.images, batch['inputs'])
+    mixed = module.data_preprocessor(
+        dict(inputs=[raw[0], batch['inputs'][1]], data_samples=batch['data_samples']),
+        True,
+    )
+    again = module.data_preprocessor(
+        dict(
+            inputs=[raw[0].cpu(), batch['inputs'][1]],
+            data_samples=batch['data_samples'],
+        ),
+        True,
+    )
+    assert torch.equal(mixed['inputs'], again['inputs'])
+
+
+def test_leak_scale_in_a_training_run_with_accumulation(
+    repo_root, synthetic_root, tmp_path, reset_mmengine
+):
+    """runner.train() with ``accumulative_counts=2`` over 3 iterations: the leak
+    is divided by 2, 2, then 1 (the remainder), as mmengine divides the loss."""
+    runner = _runner(
+        repo_root,
+        'pirat',
+        synthetic_root,
+        tmp_path,
+        options={
+            'train_cfg.max_iters': 3,
+            'train_cfg.val_interval': 100,
+            'train_cfg.leak_attack_grads': True,
+            'optim_wrapper.accumulative_counts': 2,
+        },
+    )
+    loop = runner.train_loop
+    scales, scale = [], loop._leak_scale
+
+    def recording(batch_size):
+        scales.append(scale(batch_size))
+        return scales[-1]
+
+    loop._leak_scale = recording
+    runner.train()
+    assert scales == pytest.approx([1 / 8, 1 / 8, 1 / 4])

@@ -303,3 +303,41 @@ def test_labels_at_another_resolution(problem):
     out = PGD(eps=8, steps=3, random_start=False).run(upsampling_view, x, y2)
     assert out.adv_pred.shape == y2.shape
     assert (out.adv_images - x).abs().max() <= 8 / 255 + 1e-6
+
+
+@pytest.mark.parametrize(
+    'make',
+    [
+        lambda **kw: PGD(eps=8, steps=4, **kw),
+        lambda **kw: BIM(eps=8, steps=3, **kw),
+        lambda **kw: FGSM(eps=8, **kw),
+    ],
+    ids=['PGD', 'BIM', 'FGSM'],
+)
+def test_predict_output_false_skips_the_forward_at_the_output(make, problem):
+    """Same adversarial images without the forward at them; no prediction, and
+    the statistics of the last evaluated iterate (the input of the last step)."""
+    net, x, y = problem
+    seen = []
+
+    def counting(images):
+        seen.append(images.detach().clone())
+        return net(images)
+
+    full = make().run(net, x, y, seeds=SEEDS)
+    out = make(predict_output=False).run(counting, x, y, seeds=SEEDS)
+    steps = make().steps
+    assert len(seen) == steps  # one forward per gradient step, none after
+    assert torch.equal(out.adv_images, full.adv_images)
+    assert out.adv_pred is None
+    assert 'final_loss' not in out.stats and 'final_acc' not in out.stats
+    last = seen[-1]
+    logits = net(last)
+    acc = pixel_accuracy(logits.argmax(1), y).mean()
+    ce = torch.nn.functional.cross_entropy(logits, y)
+    assert float(out.stats['last_acc']) == pytest.approx(float(acc), abs=1e-6)
+    assert float(out.stats['last_loss']) == pytest.approx(float(ce), rel=1e-5)
+    assert torch.equal(out.stats['start_loss'], full.stats['start_loss'])
+    # best_iterate needs the forward to choose: it keeps it
+    best = PGD(eps=8, steps=2, best_iterate=True, predict_output=False)
+    assert best.run(net, x, y).adv_pred is not None

@@ -232,9 +232,31 @@ def _cfg(name):
 def test_the_pirat_config_set_is_complete():
     names = {osp.basename(p)[:-3] for p in PIRAT_CONFIGS}
     train = {n for n in names if not n.endswith('_sea')}
-    assert {n + '_sea' for n in train} == names - train
+    # the leaking variants (the published trainer's objective) train only: the
+    # _sea config of their recipe evaluates them
+    leak = {n for n in train if '_pirat-leak_' in n}
+    assert {n + '_sea' for n in train - leak} == names - train
     # UperNet T/S x VOC/ADE20K x PIR-AT/clean + Segmenter (reference, AdamW variant)
-    assert len(train) == 10
+    assert len(train - leak) == 10
+    # every PIR-AT recipe of the reference has its leaking variant
+    recipes = {n for n in train - leak if '_pirat_' in n}
+    assert {n.replace('_pirat_', '_pirat-leak_') for n in recipes} == leak
+    assert len(leak) == 5
+
+
+@pytest.mark.parametrize(
+    'path', [p for p in PIRAT_CONFIGS if '_pirat-leak_' in p], ids=rel
+)
+def test_leak_variant_is_its_recipe_with_the_leak(path):
+    name = osp.basename(path)
+    recipe = Config.fromfile(osp.join(PIRAT_DIR, name.replace('-leak', ''))).to_dict()
+    cfg = Config.fromfile(path).to_dict()
+    assert cfg['train_cfg'].pop('leak_attack_grads') is True
+    assert recipe['train_cfg'].get('leak_attack_grads', False) is False
+    recipe['train_cfg'].pop('leak_attack_grads', None)
+    assert cfg == recipe
+    text = open(path).read()
+    assert 'These numbers come from this objective' in text
 
 
 @pytest.mark.parametrize('short, full', sorted(SHORT_NAMES.items()))
@@ -263,7 +285,7 @@ def test_pirat_config_protocol(path):
     # Published numbers: a PIR-AT config states docs/algorithms.md section 4's SEA
     # mIoU of its model; the clean baselines and our AdamW variant state none.
     stated = PUBLISHED_RE.search(text)
-    if '_pirat_' in name:
+    if '_pirat_' in name or '_pirat-leak_' in name:
         if name.startswith('upernet'):
             size = 'T' if 'convnext-t' in name else 'S'
             key = f'UperNet-ConvNeXt-{size}-CvSt'
@@ -272,6 +294,10 @@ def test_pirat_config_protocol(path):
         published = _published_sea_miou()[(key, 'PASCAL-VOC' if voc else 'ADE20K')]
         assert stated is not None, name
         assert tuple(float(v) for v in stated.groups()) == published
+        # and says that they come from the leaking objective
+        after = text[stated.end() :].split('\n_base_', 1)[0]
+        assert 'These numbers come from' in after, name
+        assert 'leak' in after or '_pirat-leak_' in name, name
     else:
         assert stated is None and '# Published numbers: none' in text
     if name.startswith('upernet'):
@@ -360,6 +386,7 @@ def test_pirat_config_protocol(path):
         assert cfg.train_cfg.attack == dict(
             type='PGD', eps=4, steps=5, step_size=2.55, random_start=False
         )
+        assert cfg.train_cfg.get('leak_attack_grads', False) is ('-leak_' in name)
         assert cfg.optim_wrapper.type == 'OptimWrapper'
     else:
         assert 'clean' in init.checkpoint

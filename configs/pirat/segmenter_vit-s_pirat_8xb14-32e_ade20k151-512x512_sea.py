@@ -4,6 +4,10 @@
 # clean numbers too. Centre 512x512 crops (section 5.1).
 # Published SEA mIoU (Croce, Singh & Hein, ECCV 2024), clean / eps 4/255 / eps 8/255:
 #   28.7 / 14.9 / 5.3
+# These numbers come from the reference trainer, whose attack gradients leak into
+# the update: the training config
+#   segmenter_vit-s_pirat-leak_8xb14-32e_ade20k151-512x512.py
+# SEA evaluates a checkpoint of either training config the same way.
 # Run: python tools/test.py THIS_CONFIG CHECKPOINT [--launcher ...]
 _base_ = [
     './segmenter_vit-s_pirat_8xb14-32e_ade20k151-512x512.py',

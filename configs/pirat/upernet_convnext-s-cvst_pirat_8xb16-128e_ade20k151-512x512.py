@@ -4,6 +4,10 @@
 # 2.55/255, no random start).
 # Published SEA mIoU (Croce, Singh & Hein, ECCV 2024), clean / eps 4/255 / eps 8/255:
 #   32.1 / 17.9 / 5.4  (the released checkpoint's README: 32.1 / 19.2 / 7.20).
+# These numbers come from the reference trainer, whose attack's parameter gradients
+# leak into the update (docs/algorithms.md section 5.1); this config trains without
+# the leak. upernet_convnext-s-cvst_pirat-leak_8xb16-128e_ade20k151-512x512.py
+# reproduces the reference's objective.
 # Evaluate with upernet_convnext-s-cvst_pirat_8xb16-128e_ade20k151-512x512_sea.py.
 # Same as the ConvNeXt-T config but for the backbone: ConvNeXt-S-CvSt, drop path 0.3.
 _base_ = './upernet_convnext-t-cvst_pirat_8xb16-128e_ade20k151-512x512.py'

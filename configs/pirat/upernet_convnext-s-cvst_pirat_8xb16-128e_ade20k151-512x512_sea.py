@@ -4,6 +4,10 @@
 # image; clean numbers too. Centre 512x512 crops (section 5.1).
 # Published SEA mIoU (Croce, Singh & Hein, ECCV 2024), clean / eps 4/255 / eps 8/255:
 #   32.1 / 17.9 / 5.4  (the released checkpoint's README: 32.1 / 19.2 / 7.20).
+# These numbers come from the reference trainer, whose attack gradients leak into
+# the update: the training config
+#   upernet_convnext-s-cvst_pirat-leak_8xb16-128e_ade20k151-512x512.py
+# SEA evaluates a checkpoint of either training config the same way.
 # Run: python tools/test.py THIS_CONFIG CHECKPOINT [--launcher ...]
 _base_ = [
     './upernet_convnext-s-cvst_pirat_8xb16-128e_ade20k151-512x512.py',

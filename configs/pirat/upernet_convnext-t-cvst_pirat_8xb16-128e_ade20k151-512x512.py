@@ -4,6 +4,10 @@
 # 2.55/255, no random start).
 # Published SEA mIoU (Croce, Singh & Hein, ECCV 2024), clean / eps 4/255 / eps 8/255:
 #   31.7 / 17.2 / 4.9  (the released checkpoint's README: 31.7 / 18.6 / 6.70).
+# These numbers come from the reference trainer, whose attack's parameter gradients
+# leak into the update (docs/algorithms.md section 5.1); this config trains without
+# the leak. upernet_convnext-t-cvst_pirat-leak_8xb16-128e_ade20k151-512x512.py
+# reproduces the reference's objective.
 # Evaluate with upernet_convnext-t-cvst_pirat_8xb16-128e_ade20k151-512x512_sea.py.
 _base_ = [
     '../_base_/models/upernet_convnext_cvst.py',

@@ -4,6 +4,10 @@
 # image; clean numbers too. Centre 512x512 crops (section 5.1).
 # Published SEA mIoU (Croce, Singh & Hein, ECCV 2024), clean / eps 4/255 / eps 8/255:
 #   31.7 / 17.2 / 4.9  (the released checkpoint's README: 31.7 / 18.6 / 6.70).
+# These numbers come from the reference trainer, whose attack gradients leak into
+# the update: the training config
+#   upernet_convnext-t-cvst_pirat-leak_8xb16-128e_ade20k151-512x512.py
+# SEA evaluates a checkpoint of either training config the same way.
 # Run: python tools/test.py THIS_CONFIG CHECKPOINT [--launcher ...]
 _base_ = [
     './upernet_convnext-t-cvst_pirat_8xb16-128e_ade20k151-512x512.py',

@@ -4,6 +4,10 @@
 # 2.55/255, no random start).
 # Published SEA mIoU (Croce, Singh & Hein, ECCV 2024), clean / eps 4/255 / eps 8/255:
 #   75.2 / 64.9 / 34.6  (the released checkpoint's README: 75.2 / 63.8 / 37.0).
+# These numbers come from the reference trainer, whose attack's parameter gradients
+# leak into the update (docs/algorithms.md section 5.1); this config trains without
+# the leak. upernet_convnext-t-cvst_pirat-leak_8xb32-50e_voc12aug-473x473.py
+# reproduces the reference's objective.
 # Evaluate with upernet_convnext-t-cvst_pirat_8xb32-50e_voc12aug-473x473_sea.py.
 _base_ = [
     '../_base_/models/upernet_convnext_cvst.py',

@@ -4,6 +4,10 @@
 # worst case per image; clean numbers too. Centre 473x473 crops (section 5.1).
 # Published SEA mIoU (Croce, Singh & Hein, ECCV 2024), clean / eps 4/255 / eps 8/255:
 #   75.2 / 64.9 / 34.6  (the released checkpoint's README: 75.2 / 63.8 / 37.0).
+# These numbers come from the reference trainer, whose attack gradients leak into
+# the update: the training config
+#   upernet_convnext-t-cvst_pirat-leak_8xb32-50e_voc12aug-473x473.py
+# SEA evaluates a checkpoint of either training config the same way.
 # Run: python tools/test.py THIS_CONFIG CHECKPOINT [--launcher ...]
 _base_ = [
     './upernet_convnext-t-cvst_pirat_8xb32-50e_voc12aug-473x473.py',

@@ -43,14 +43,16 @@ class AttackOutput(NamedTuple):
     Attributes:
         adv_images (Tensor): adversarial images ``(B, 3, H, W)`` in ``[0, 1]``, in
             the eps-ball around the clean images.
-        adv_pred (Tensor): long ``(B, H, W)``, argmax of the logits at
-            ``adv_images``.
+        adv_pred (Tensor | None): long ``(B, H, W)``, argmax of the logits at
+            ``adv_images``; None when the attack was asked not to forward them
+            (:class:`~mmseg_robust.attacks.PGD`'s ``predict_output=False``).
         stats (dict, optional): batch statistics, the keys of
             :data:`STATS_KEYS` for every attack: ``start_loss``/``start_acc`` at
             the attack's first iterate (the clean images for attacks without
             random start, and for ensembles) and ``final_loss``/``final_acc`` at
             the returned images (mean CE over valid pixels and pixel accuracy,
-            0-d tensors).
+            0-d tensors); without ``adv_pred``, ``last_loss``/``last_acc`` of
+            the last iterate the attack evaluated instead of ``final_*``.
         members (dict, optional): for an ensemble (:class:`SEA`), each member
             attack's own output by name, in attack order; ``adv_images`` and
             ``adv_pred`` are then their worst case per image. None for a single
@@ -524,7 +526,7 @@ class Attack:
         }
         return AttackOutput(
             out.adv_images.detach().to(images.dtype),
-            out.adv_pred.detach(),
+            None if out.adv_pred is None else out.adv_pred.detach(),
             stats,
             members,
             out.worst_member,

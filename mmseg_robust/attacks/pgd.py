@@ -56,10 +56,19 @@ class PGD(Attack):
             Default: None (checked).
         name (str, optional): name of the results (see :class:`Attack`).
             Default: ``'<class>-<objective>'``, e.g. ``'PGD-CE'``.
+        predict_output (bool): spend one forward (no backward) on the returned
+            images for ``adv_pred`` and the ``final_*`` statistics. With False
+            (and without ``best_iterate``, which needs that forward to choose)
+            ``adv_pred`` is None and the statistics hold ``last_loss``/
+            ``last_acc`` instead of ``final_*``: those of the last iterate the
+            attack evaluated, the input of its last step (the clean images or
+            the random start when ``steps=1``). Adversarial training uses
+            False: the forward would only feed its log. Default: True.
 
     Shapes: images ``(B, 3, H, W)`` in ``[0, 1]``, labels long ``(B, H, W)``,
     valid bool ``(B, H, W)``; ``model(images)`` returns logits ``(B, K, H, W)``.
-    Cost: ``steps`` forward+backward passes and one forward.
+    Cost: ``steps`` forward+backward passes and one forward (none with
+    ``predict_output=False``).
 
     Example:
         >>> attack = PGD(eps=8, norm='Linf', steps=10)
@@ -79,6 +88,7 @@ class PGD(Attack):
         n_iter: Optional[int] = None,
         eps_units: Optional[str] = None,
         name: Optional[str] = None,
+        predict_output: bool = True,
     ) -> None:
         super().__init__(eps, norm, ignore_index, eps_units, name)
         self.steps = resolve_steps(steps, n_iter, 10, type(self).__name__)
@@ -89,6 +99,7 @@ class PGD(Attack):
         self.step_size = float(step_size)
         self.random_start = bool(random_start)
         self.best_iterate = bool(best_iterate)
+        self.predict_output = bool(predict_output)
         self.objective = self._build_objective(loss)
 
     def __repr__(self) -> str:
@@ -120,11 +131,15 @@ class PGD(Attack):
             x_adv = x_adv.detach()
             if t == 1:
                 stats.update(batch_stats(s, 'start'))
+            if t == self.steps and not (self.predict_output or self.best_iterate):
+                stats.update(batch_stats(s, 'last'))
             if self.best_iterate:
                 best = _keep_best(best, x_adv, s)
             del s  # free the logits before the next forward
             with torch.no_grad():
                 x_adv = tm.project(x_adv + alpha * tm.direction(grad), x)
+        if not (self.predict_output or self.best_iterate):
+            return AttackOutput(x_adv, None, stats)
         # The final iterate still needs its prediction: one forward, no backward.
         with torch.no_grad():
             s = target.evaluate(x_adv, step=self.steps + 1, total_steps=self.steps)
@@ -169,6 +184,7 @@ class BIM(PGD):
             Default: None (checked).
         name (str, optional): name of the results (see :class:`Attack`).
             Default: ``'<class>-<objective>'``.
+        predict_output (bool): as :class:`PGD`. Default: True.
 
     Shapes: as :class:`PGD`.
 
@@ -189,6 +205,7 @@ class BIM(PGD):
         n_iter: Optional[int] = None,
         eps_units: Optional[str] = None,
         name: Optional[str] = None,
+        predict_output: bool = True,
     ) -> None:
         super().__init__(
             eps=eps,
@@ -202,6 +219,7 @@ class BIM(PGD):
             n_iter=n_iter,
             eps_units=eps_units,
             name=name,
+            predict_output=predict_output,
         )
 
 
@@ -224,6 +242,8 @@ class FGSM(PGD):
             Default: None (checked).
         name (str, optional): name of the results (see :class:`Attack`).
             Default: ``'<class>-<objective>'``.
+        predict_output (bool): as :class:`PGD` (without the forward,
+            ``last_*`` are the statistics of the clean images). Default: True.
 
     Shapes: as :class:`PGD`.
 
@@ -240,6 +260,7 @@ class FGSM(PGD):
         ignore_index: int = 255,
         eps_units: Optional[str] = None,
         name: Optional[str] = None,
+        predict_output: bool = True,
     ) -> None:
         super().__init__(
             eps=eps,
@@ -252,4 +273,5 @@ class FGSM(PGD):
             ignore_index=ignore_index,
             eps_units=eps_units,
             name=name,
+            predict_output=predict_output,
         )

@@ -18,7 +18,8 @@ with its own ``run_iter``)
    as usual) in train mode.
 
 It logs the clean and adversarial loss/accuracy of the attacked images and the
-share of the iteration spent attacking, and with ``--resume`` restores the random
+share of the iteration spent attacking (wall time, the device synchronised at
+the boundaries), and with ``--resume`` restores the random
 state (torch, numpy, python) saved in the checkpoint, after the data loader has
 been advanced, so a resumed run continues exactly like an uninterrupted one.
 """
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from mmengine.dist import broadcast, get_world_size
 from mmengine.logging import print_log
 from mmengine.model import is_model_wrapper
-from mmengine.optim import AmpOptimWrapper
+from mmengine.optim import AmpOptimWrapper, OptimWrapperDict
 from mmengine.runner import IterBasedTrainLoop
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.modules.batchnorm import _NormBase
@@ -44,7 +45,7 @@ from mmseg_robust.models.pixel_space import (
     ignore_index_of,
     unwrap_model,
 )
-from mmseg_robust.registry import ATTACKS, LOOPS, TRAIN_SCHEMES
+from mmseg_robust.registry import ATTACKS, LOOPS, OPTIM_WRAPPERS, TRAIN_SCHEMES
 
 from .attack_context import attack_context
 from .random_state import RandomStateHook
@@ -66,10 +67,12 @@ class _LeakingView:
     Reproduces the PIR-AT reference trainer's quirk (docs/algorithms.md,
     PIR-AT): its ``zero_grad`` runs before the attack, so the gradient of every
     attack step w.r.t. the parameters is added to the update. Each backward of
-    the attack objective through this view adds ``d objective / d theta``
-    divided by the number of attacked images (the reference differentiates the
-    batch-mean CE) to the parameters' ``.grad``; the input gradient the attack
-    asks for is returned as usual.
+    the attack objective through this view adds ``scale * d objective / d
+    theta`` to the parameters' ``.grad``, where ``scale`` is 1 / the number of
+    attacked images (the reference differentiates the batch-mean CE) divided by
+    the loss factor of the optimizer wrapper (gradient accumulation, see
+    ``AdversarialTrainLoop._leak_scale``); the input gradient the attack asks
+    for is returned as usual.
     """
 
     def __init__(self, view, params: List[torch.nn.Parameter], scale: float) -> None:
@@ -163,11 +166,50 @@ class _RestoreAfterSkip:
 
 
 def uses_amp(optim_wrapper) -> bool:
-    """Whether the update runs in mixed precision (an ``AmpOptimWrapper``, also
-    inside an ``OptimWrapperDict``)."""
-    wrappers = getattr(optim_wrapper, 'optim_wrappers', None)
-    wrappers = wrappers.values() if wrappers else [optim_wrapper]
-    return any(isinstance(w, AmpOptimWrapper) for w in wrappers)
+    """Whether the update runs in mixed precision: an ``AmpOptimWrapper`` (or a
+    subclass), built or as its config (when the loop is built,
+    ``runner.optim_wrapper`` is usually still the config dict, which
+    ``tools/train.py --amp`` sets to ``type='AmpOptimWrapper'``), also among
+    several wrappers (an ``OptimWrapperDict``, or a dict of wrappers or wrapper
+    configs)."""
+    if isinstance(optim_wrapper, AmpOptimWrapper):
+        return True
+    if isinstance(optim_wrapper, OptimWrapperDict):
+        return any(uses_amp(w) for w in optim_wrapper.optim_wrappers.values())
+    if not isinstance(optim_wrapper, dict):
+        return False
+    if 'type' in optim_wrapper:
+        kind = optim_wrapper['type']
+        if isinstance(kind, str):
+            kind = OPTIM_WRAPPERS.get(kind) or kind
+        if isinstance(kind, type):
+            return issubclass(kind, AmpOptimWrapper)
+        return str(kind).rsplit('.', 1)[-1] == 'AmpOptimWrapper'
+    if optim_wrapper.get('optimizer') is not None:
+        return False  # one wrapper of the default type, OptimWrapper
+    # several wrappers, by name (e.g. for a multi-optimizer constructor)
+    return any(uses_amp(v) for v in optim_wrapper.values())
+
+
+_AMP_LEAK_ERROR = (
+    'leak_attack_grads is not supported with mixed precision (the leaked '
+    'gradients would miss the loss scale): train without --amp (optim_wrapper '
+    "type 'OptimWrapper') or turn train_cfg.leak_attack_grads off"
+)
+
+
+def _device_of(model) -> torch.device:
+    """The device of the model's parameters (CPU for a model without any)."""
+    param = next(unwrap_model(model).parameters(), None)
+    return torch.device('cpu') if param is None else param.device
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device``: CUDA runs asynchronously, so
+    without this a wall-clock reading would bill the work still queued to
+    whatever the host does next. A no-op on CPU."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
 
 
 @LOOPS.register_module()
@@ -215,8 +257,13 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
             reference calls ``zero_grad`` before the attack. Off by default
             (the attack takes input gradients only, as the method is
             described); turn it on only to reproduce the reference's training
-            exactly. Not supported with mixed precision (the leaked gradients
-            would miss the loss scale).
+            exactly (the published PIR-AT numbers come from that objective,
+            docs/algorithms.md section 5.1). With gradient accumulation
+            (``optim_wrapper.accumulative_counts``) the leaked gradients are
+            divided by the same loss factor as the loss, so k accumulated
+            micro-batches leak what one batch k times larger does. Not
+            supported with mixed precision (the leaked gradients would miss
+            the loss scale): refused when the loop is built.
         resume_skip (str): how a resumed run skips the batches already
             trained. ``'replay'`` (default, mmengine's): the data loader loads
             and discards every one of them (resuming at iteration 10,000 with
@@ -228,6 +275,12 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
             (the random state is restored after the skip); with worker
             processes, ``'sampler'`` restarts their random streams, so the
             augmentations differ from an uninterrupted run's (logged).
+
+    The training attack runs no forward at its returned images (a PGD/BIM/FGSM
+    attack is built with ``predict_output=False`` unless the attack config sets
+    it): ``adv.loss``/``adv.acc`` in the log are those of the last iterate the
+    attack evaluated, i.e. the input of its last gradient step (one step before
+    the images the update sees; with one step, the clean images).
 
     The attack ignores the label value of the model's decode head
     (``ignore_index``, 255 unless the head sets another) and the padding the
@@ -268,8 +321,15 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
         self.attack = ATTACKS.build(
             dict(self.attack_cfg, ignore_index=self.ignore_index)
         )
+        if 'predict_output' not in self.attack_cfg and hasattr(
+            self.attack, 'predict_output'
+        ):
+            # the forward at the returned images would only feed the log
+            self.attack.predict_output = False
         self.log_clean = log_clean
         self.leak_attack_grads = bool(leak_attack_grads)
+        if self.leak_attack_grads and uses_amp(runner.optim_wrapper):
+            raise ValueError(_AMP_LEAK_ERROR)
         if resume_skip not in ('replay', 'sampler'):
             raise ValueError(
                 f"train_cfg.resume_skip must be 'replay' or 'sampler', got "
@@ -318,13 +378,17 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
         self.runner.call_hook(
             'before_train_iter', batch_idx=self._iter, data_batch=data_batch
         )
+        device = _device_of(self.runner.model)
+        _synchronize(device)  # the previous iteration's queued work is not ours
         t0 = time.perf_counter()
         adv_batch, stats = self.adversarial_batch(data_batch)
+        _synchronize(device)
         t_attack = time.perf_counter() - t0
         outputs = self.runner.model.train_step(
             adv_batch, optim_wrapper=self.runner.optim_wrapper
         )
         self._sync_norm_stats()
+        _synchronize(device)
         stats['attack_time_share'] = t_attack / (time.perf_counter() - t0)
         outputs.update(stats)
         self.runner.call_hook(
@@ -411,7 +475,25 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
         if not self.leak_attack_grads:
             return view
         params = [p for p in module.parameters() if p.requires_grad]
-        return _LeakingView(view, params, 1.0 / view.images.shape[0])
+        return _LeakingView(view, params, self._leak_scale(view.images.shape[0]))
+
+    def _leak_scale(self, batch_size: int) -> float:
+        """The factor of the leaked parameter gradients: 1 / ``batch_size`` (the
+        reference differentiates the batch-mean objective), divided by the loss
+        factor of the update. mmengine's ``OptimWrapper.scale_loss`` divides the
+        loss by ``accumulative_counts`` (in the last iterations, when the
+        remaining ones are fewer, by their number); calling it on 1 before the
+        update gives exactly the factor it will apply to this iteration's loss.
+        """
+        wrapper = self.runner.optim_wrapper
+        scale_loss = getattr(wrapper, 'scale_loss', None)
+        if scale_loss is None:
+            raise ValueError(
+                'leak_attack_grads needs one optimizer wrapper with '
+                f'scale_loss (an OptimWrapper), got {type(wrapper).__name__}: '
+                'turn train_cfg.leak_attack_grads off'
+            )
+        return float(scale_loss(torch.ones(()))) / batch_size
 
     def _stats(self, out, view) -> dict:
         stats = {}
@@ -433,9 +515,14 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
                 stats['clean.acc'] = (
                     (logits.argmax(1) == view.labels) & valid
                 ).sum() / n_valid
-        if 'final_loss' in s:
-            stats['adv.loss'] = s['final_loss']
-        stats['adv.acc'] = ((out.adv_pred == view.labels) & valid).sum() / n_valid
+        if out.adv_pred is None:
+            # no forward at the returned images (predict_output=False): the
+            # last iterate the attack evaluated (the input of its last step)
+            stats['adv.loss'], stats['adv.acc'] = s['last_loss'], s['last_acc']
+        else:
+            if 'final_loss' in s:
+                stats['adv.loss'] = s['final_loss']
+            stats['adv.acc'] = ((out.adv_pred == view.labels) & valid).sum() / n_valid
         # accuracies in percent, like mmseg's acc_seg
         return {
             k: float(v) * (100 if k.endswith('.acc') else 1) for k, v in stats.items()

@@ -301,7 +301,9 @@ class TrainingBatchPixelView:
 
         Returns:
             list[Tensor]: float ``(3, h, w)`` in 0..255, padding removed, in the
-            loader's channel order, on the device of ``like``.
+            loader's channel order, on the device of ``images`` (the model's:
+            the data preprocessor moves inputs to its device anyway, so they
+            need not go through host memory and back).
         """
         bgr_to_rgb = bool(
             getattr(self.model.data_preprocessor, 'channel_conversion', False)
@@ -318,5 +320,5 @@ class TrainingBatchPixelView:
                     f'match the input {tuple(ref.shape)}: unexpected padding '
                     'metainfo'
                 )
-            out.append(x.to(ref.device))
+            out.append(x)
         return out
