@@ -214,10 +214,12 @@ def test_torch_without_weights_only_is_refused(tmp_path, monkeypatch):
         raise AssertionError('an unsafe load was attempted')
 
     monkeypatch.setattr(torch, 'load', old_load)
+    monkeypatch.setattr(torch.serialization, 'load', old_load)
     assert not has_weights_only()
     with pytest.raises(RuntimeError, match='has no torch.load\\(weights_only=True\\)'):
         _load_checkpoint(path, map_location='cpu')
     with pytest.raises(RuntimeError, match='has no torch.load\\(weights_only=True\\)'):
         load_checkpoint_file(path)
     monkeypatch.setattr(torch, 'load', original)
+    monkeypatch.setattr(torch.serialization, 'load', original)
     assert torch.equal(load_checkpoint_file(path)['state_dict']['w'], torch.ones(2))

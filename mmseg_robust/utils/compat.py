@@ -109,8 +109,9 @@ def _allow_runner_checkpoints() -> None:
 
 def has_weights_only() -> bool:
     """Whether this torch's ``torch.load`` takes ``weights_only`` (>= 1.13)."""
+    # torch.serialization.load: torch.load itself may be wrapped by a library
     try:
-        return 'weights_only' in inspect.signature(torch.load).parameters
+        return 'weights_only' in inspect.signature(torch.serialization.load).parameters
     except (TypeError, ValueError):
         return False
 
