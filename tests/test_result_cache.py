@@ -396,3 +396,56 @@ def test_batch_size_is_in_the_key_in_reference_mode(
         "{'batch_size': 1, 'world_size': 1}",
         "{'batch_size': 2, 'world_size': 1}",
     ]
+
+
+def test_description_covers_init_checkpoints_modes_and_batches(tmp_path):
+    """The key holds the init_cfg checkpoint's content when nothing is loaded
+    over it, the built attacks' resolved modes, and the batch size and world
+    size only for a batch-dependent attack."""
+    import types
+
+    from mmengine.config import Config
+
+    from mmseg_robust.engine.result_cache import describe_evaluation, fingerprint
+    from mmseg_robust.registry import ATTACKS
+
+    pretrained = tmp_path / 'backbone.pth'
+    torch.save({'w': torch.ones(2)}, pretrained)
+    cfg = Config(
+        dict(
+            model=dict(
+                type='EncoderDecoder',
+                backbone=dict(
+                    type='ResNet',
+                    init_cfg=dict(type='Pretrained', checkpoint=str(pretrained)),
+                ),
+            ),
+            test_dataloader=dict(dataset=dict(type='X', indices=4)),
+        )
+    )
+    model = torch.nn.Linear(2, 2)
+    loader = types.SimpleNamespace(batch_size=4)
+
+    def describe(load_from=None, **attack):
+        attacks = {'8': [ATTACKS.build(dict(type='APGD', eps=8, steps=2, **attack))]}
+        return describe_evaluation(
+            cfg, load_from, model, loader, [dict(type='APGD')], attacks, 0
+        )
+
+    base = describe()
+    assert base['init_checkpoints'][0]['size'] == osp.getsize(pretrained)
+    assert base['code'] == source_digest() and base['device'] == 'cpu'
+    assert base['torch'] == torch.__version__ and 'indices' not in base['dataset']
+    assert "zero_acc='leave'" in base['built_attacks']['8'][0]
+    assert 'batches' not in base
+    # the pretrained file rewritten: another key; a loaded checkpoint replaces it
+    torch.save({'w': torch.zeros(2)}, pretrained)
+    assert fingerprint(describe()) != fingerprint(base)
+    loaded = describe(load_from=str(pretrained))
+    assert 'init_checkpoints' not in loaded
+    assert loaded['checkpoint']['blake2b']
+    # the reference's batch-level stop: batch size and world size in the key
+    ref = describe(compat='reference')
+    assert "zero_acc='reference'" in ref['built_attacks']['8'][0]
+    assert ref['batches'] == dict(batch_size=4, world_size=1)
+    assert 'batches' not in describe(compat='reference', early_stop=False)
