@@ -449,3 +449,17 @@ def test_description_covers_init_checkpoints_modes_and_batches(tmp_path):
     assert "zero_acc='reference'" in ref['built_attacks']['8'][0]
     assert ref['batches'] == dict(batch_size=4, world_size=1)
     assert 'batches' not in describe(compat='reference', early_stop=False)
+
+
+def test_a_line_cut_by_a_kill_is_dropped_not_warned_about(tmp_path, recwarn):
+    folder = str(tmp_path / 'cache')
+    ResultCache(folder).put([_record('a.png', 0)])
+    path = osp.join(folder, 'rank0.jsonl')
+    with open(path, 'a') as f:
+        f.write('{"key":"b.png","num_cla')  # killed while writing
+    cache = ResultCache(folder)  # the resumed run
+    cache.put([_record('b.png', 1)])
+    reopened = ResultCache(folder)  # a later run
+    assert sorted(reopened.records) == ['a.png', 'b.png']
+    assert not reopened.invalid and not [w for w in recwarn if 'cache' in str(w)]
+    assert open(path).read().count('\n') == 2

@@ -391,9 +391,11 @@ class ResultCache:
         self.path = osp.join(folder, f'rank{rank}.jsonl')
         if osp.isfile(self.path) and osp.getsize(self.path) > 0:
             with open(self.path, 'rb+') as f:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b'\n':  # end a line cut short by a kill
-                    f.write(b'\n')
+                data = f.read()
+                if not data.endswith(b'\n'):
+                    # drop a line cut short by a kill (read as such above), so
+                    # that it does not end up inside the file, read as invalid
+                    f.truncate(data.rfind(b'\n') + 1)
 
     def _read(self, path: str) -> None:
         with open(path) as f:
