@@ -463,3 +463,20 @@ def test_a_line_cut_by_a_kill_is_dropped_not_warned_about(tmp_path, recwarn):
     assert sorted(reopened.records) == ['a.png', 'b.png']
     assert not reopened.invalid and not [w for w in recwarn if 'cache' in str(w)]
     assert open(path).read().count('\n') == 2
+
+
+def test_data_digest_option(small_config):
+    from mmengine.config import Config
+
+    from mmseg_robust.engine import apply_robustness_evaluator
+
+    cfg = apply_robustness_evaluator(
+        Config.fromfile(small_config), dict(type='PGD', data_digest='content')
+    )
+    assert cfg.test_cfg.data_digest == 'content'
+    cfg = apply_robustness_evaluator(Config.fromfile(small_config), 'PGD')
+    assert 'data_digest' not in cfg.test_cfg  # the loop's default: 'stat'
+    with pytest.raises(ValueError, match=r"data_digest must be one of \('stat'"):
+        apply_robustness_evaluator(
+            Config.fromfile(small_config), dict(type='PGD', data_digest='mtime')
+        )

@@ -230,6 +230,13 @@ def apply_robustness_evaluator(cfg: Config, spec: Optional[object] = None) -> Co
         test_cfg['log_interval'] = int(spec['log_interval'])
     if 'data_digest' in spec:
         # how the cache compares the data files: 'stat' or 'content'
+        from .result_cache import DATA_DIGESTS
+
+        if spec['data_digest'] not in DATA_DIGESTS:
+            raise ValueError(
+                f'evaluator.data_digest must be one of {DATA_DIGESTS}, got '
+                f'{spec["data_digest"]!r}'
+            )
         test_cfg['data_digest'] = spec['data_digest']
     if 'self_checks' in spec:
         # docs/flags.md: on unless turned off
