@@ -102,7 +102,9 @@ def runner_checkpoint_safe_globals() -> list:
 
 def _allow_runner_checkpoints() -> None:
     add_safe_globals = getattr(torch.serialization, 'add_safe_globals', None)
-    if add_safe_globals is None:  # torch < 2.4 loads these files anyway
+    if add_safe_globals is None:
+        # torch < 2.4: no allow-list; with weights_only=True (fix 3) Runner
+        # checkpoints are refused there, plain weights files load
         return
     add_safe_globals(runner_checkpoint_safe_globals())
 
