@@ -1,6 +1,7 @@
 """The narrow compatibility fixes applied when mmseg_robust is imported."""
 
 import pickle
+import shutil
 import textwrap
 
 import numpy as np
@@ -165,3 +166,100 @@ def test_syncbn_becomes_batchnorm_on_cpu_keeping_the_tensors():
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         assert _sync_bn_to_bn_on_cpu(plain) is plain
+
+
+class _RunsCode:
+    """Pickles as a call of ``print``: a file that would run code on loading."""
+
+    def __reduce__(self):
+        return print, ('UNPICKLED: CODE RAN',)
+
+
+def _record_torch_load(monkeypatch):
+    """Record the keyword arguments of every ``torch.load`` call."""
+    calls = []
+    original = torch.load
+
+    def load(*args, **kwargs):
+        calls.append(dict(kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, 'load', load)
+    return calls
+
+
+def test_mmengine_loads_local_checkpoints_with_weights_only(tmp_path, monkeypatch):
+    """Every mmengine checkpoint load (load_from, --resume, init_cfg, all the
+    tools) passes weights_only=True to torch.load explicitly, whatever torch's
+    default is."""
+    from mmengine.runner.checkpoint import CheckpointLoader, _load_checkpoint
+
+    import mmseg_robust  # noqa: F401
+
+    path = str(tmp_path / 'ckpt.pth')
+    torch.save(_runner_like_checkpoint(), path)
+    calls = _record_torch_load(monkeypatch)
+    ckpt = _load_checkpoint(path, map_location='cpu')
+    assert ckpt['meta']['iter'] == 3
+    assert calls == [dict(map_location='cpu', weights_only=True)]
+    ckpt = CheckpointLoader.load_checkpoint(path)
+    assert calls[-1] == dict(map_location=None, weights_only=True)
+    # outside mmengine's loader torch.load is left as it was
+    torch.load(path, weights_only=False)
+    assert calls[-1] == dict(weights_only=False)
+
+
+def test_mmengine_url_checkpoints_are_loaded_weights_only(tmp_path, monkeypatch):
+    """URLs go through torch.hub, whose weights_only defaults to False: a file
+    that would run code is refused there too."""
+    from mmengine.runner.checkpoint import _load_checkpoint
+
+    import mmseg_robust  # noqa: F401
+
+    served = {}
+
+    def download(url, dst, *args, **kwargs):
+        shutil.copyfile(served[url], dst)
+
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', download)
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'hub'))
+    good, evil = str(tmp_path / 'good.pth'), str(tmp_path / 'evil.pth')
+    torch.save(dict(state_dict=dict(w=torch.ones(2))), good)
+    torch.save(dict(state_dict=dict(w=torch.ones(2)), obj=_RunsCode()), evil)
+    served['https://example.org/good.pth'] = good
+    served['https://example.org/evil.pth'] = evil
+    ckpt = _load_checkpoint('https://example.org/good.pth', map_location='cpu')
+    assert torch.equal(ckpt['state_dict']['w'], torch.ones(2))
+    with pytest.raises(pickle.UnpicklingError, match='evil.pth') as info:
+        _load_checkpoint('https://example.org/evil.pth', map_location='cpu')
+    assert 'weights_only=True' in str(info.value)
+    assert 'If you trust the file' in str(info.value)
+
+
+def test_torch_without_weights_only_is_refused(tmp_path, monkeypatch):
+    """A torch.load without weights_only (torch < 1.13) cannot load safely:
+    mmengine's loader and ours refuse instead of unpickling."""
+    from mmengine.runner.checkpoint import _load_checkpoint
+
+    import mmseg_robust  # noqa: F401
+    from mmseg_robust.models.checkpoint import load_checkpoint_file
+    from mmseg_robust.utils.compat import has_weights_only
+
+    path = str(tmp_path / 'ckpt.pth')
+    torch.save(dict(state_dict=dict(w=torch.ones(2))), path)
+    original = torch.load
+    assert has_weights_only()
+
+    def old_load(f, map_location=None, pickle_module=None, **pickle_load_args):
+        raise AssertionError('an unsafe load was attempted')
+
+    monkeypatch.setattr(torch, 'load', old_load)
+    monkeypatch.setattr(torch.serialization, 'load', old_load)
+    assert not has_weights_only()
+    with pytest.raises(RuntimeError, match='has no torch.load\\(weights_only=True\\)'):
+        _load_checkpoint(path, map_location='cpu')
+    with pytest.raises(RuntimeError, match='has no torch.load\\(weights_only=True\\)'):
+        load_checkpoint_file(path)
+    monkeypatch.setattr(torch, 'load', original)
+    monkeypatch.setattr(torch.serialization, 'load', original)
+    assert torch.equal(load_checkpoint_file(path)['state_dict']['w'], torch.ones(2))

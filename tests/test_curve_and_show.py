@@ -325,3 +325,93 @@ def test_summary_names_the_mode_of_the_worst_case_miou():
             'eps8/SEA/mIoU_best',
             'eps8/SEA/mIoU_reference',
         }
+
+
+def _curve_tool(repo_root):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        '_robustness_curve_tool',
+        osp.join(repo_root, 'tools', 'analysis_tools', 'robustness_curve.py'),
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_curve_tool_takes_evaluator_options_as_tools_test(repo_root, small_config):
+    """``evaluator.*`` options reach the evaluator; those the tool sets from its
+    own arguments are refused naming the argument; unknown ones are refused as
+    tools/test.py refuses them."""
+    tool = _curve_tool(repo_root)
+    options, spec = tool.evaluator_options(
+        {
+            'evaluator.norm': 'L2',
+            'evaluator.class_weights': 'voc',
+            'test_dataloader.batch_size': 2,
+        }
+    )
+    assert options == {'test_dataloader.batch_size': 2}
+    assert spec == {'norm': 'L2', 'class_weights': 'voc'}
+    for key, flag in [
+        ('evaluator', '--attack'),
+        ('evaluator.type', '--attack'),
+        ('evaluator.eps', '--eps'),
+        ('evaluator.steps', '--steps'),
+        ('evaluator.n_iter', '--steps'),
+        ('evaluator.seed', '--seed'),
+    ]:
+        with pytest.raises(SystemExit, match=flag):
+            tool.evaluator_options({key: '4'})
+    with pytest.raises(ValueError, match=r"unknown evaluator option\(s\) \['nrm'\]"):
+        tool.main(
+            [small_config, 'ckpt.pth', '--eps', '8']
+            + ['--cfg-options', 'evaluator.nrm=L2']
+        )
+
+
+def test_curve_tool_honours_evaluator_norm(
+    run_tool,
+    repo_root,
+    small_config,
+    small_checkpoint,
+    synthetic_root,
+    data_options,
+    tmp_path,
+):
+    """``evaluator.norm=L2`` gives an L2 curve (at 8/255 in L2 far weaker than
+    L-inf), not the L-inf one."""
+    runs = []
+    for norm in ('Linf', 'L2'):
+        runs += [
+            ':::',
+            'tools/analysis_tools/robustness_curve.py',
+            small_config,
+            small_checkpoint,
+            '--attack',
+            'PGD',
+            '--eps',
+            '8',
+            '--n-iter',
+            '2',
+            '--num-images',
+            '2',
+            '--work-dir',
+            str(tmp_path / norm),
+            '--cfg-options',
+            f'evaluator.norm={norm}',
+            'evaluator.resume=False',
+        ] + data_options(synthetic_root)
+    run_tool(['python', 'tests/tools_in_one_process.py'] + runs[1:], cwd=repo_root)
+    found = {}
+    for norm in ('Linf', 'L2'):
+        (path,) = glob.glob(str(tmp_path / norm / 'robustness_*.json'))
+        result = json.load(open(path))
+        assert result['attacks'][0]['norm'] == norm
+        with open(tmp_path / norm / 'robustness_curve' / 'report.json') as f:
+            (row,) = json.load(f)['models']
+        found[norm] = row['eps']['8']['aAcc']
+        assert found[norm] == pytest.approx(
+            result['summary']['eps']['8']['worst_case']['aAcc_img'], abs=0.01
+        )
+    assert found['L2'] > found['Linf'] + 1, found

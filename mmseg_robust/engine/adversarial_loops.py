@@ -51,7 +51,13 @@ from mmseg_robust.models.pixel_space import SegmentorPixelView, ignore_index_of
 from mmseg_robust.registry import ATTACKS, LOOPS
 
 from .checkpoint_check import check_loaded_checkpoint
-from .result_cache import ResultCache, file_digest
+from .result_cache import (
+    DATA_DIGESTS,
+    ResultCache,
+    data_files,
+    data_stamp,
+    describe_evaluation,
+)
 
 __all__ = ['AdversarialTestLoop', 'AdversarialValLoop', 'image_seed']
 
@@ -140,6 +146,11 @@ class _AdversarialEvalMixin:
             attacking, or after the attack that showed them); warnings are
             logged once and written to the results file. Default: True (test),
             False (val).
+        data_digest (str): how the cache compares each image's data files
+            (image and annotation) with those its record was computed from:
+            ``'stat'`` (sizes and modification times in ns) or ``'content'``
+            (BLAKE2b of the bytes); see :mod:`mmseg_robust.engine.result_cache`.
+            Default: ``'stat'``.
     """
 
     _stage = 'test'  # the hooks' stage: 'test' or 'val'
@@ -156,6 +167,7 @@ class _AdversarialEvalMixin:
         resume: Optional[bool] = None,
         log_interval: Optional[int] = None,
         self_checks: Optional[bool] = None,
+        data_digest: str = 'stat',
     ) -> None:
         # mmengine's TestLoop / ValLoop (attacks run in fp32)
         super().__init__(runner, dataloader, evaluator, fp16=False)
@@ -186,6 +198,12 @@ class _AdversarialEvalMixin:
         self.resume = resume
         self.log_interval = max(1, int(log_interval))
         self.cache: Optional[ResultCache] = None
+        if data_digest not in DATA_DIGESTS:
+            raise ValueError(
+                f'data_digest must be one of {DATA_DIGESTS}, got {data_digest!r}'
+            )
+        self.data_digest = data_digest
+        self._data_stamps: Dict[str, str] = {}
 
     def _build_attacks(self) -> None:
         # the attacks ignore the labels the decode head ignores, as training does
@@ -226,10 +244,10 @@ class _AdversarialEvalMixin:
             self.cache = ResultCache.for_evaluation(
                 self.runner.work_dir, self._description(), get_rank()
             )
-            if len(self.cache) or self.cache.units:
+            if len(self.cache) or self.cache.partly_done:
                 print_log(
                     f'Resuming the robustness evaluation: {len(self.cache)} '
-                    f'images already done, {len(self.cache.units)} partly done, '
+                    f'images already done, {self.cache.partly_done} partly done, '
                     f'in {self.cache.folder}',
                     logger='current',
                 )
@@ -246,32 +264,18 @@ class _AdversarialEvalMixin:
         self._start_self_checks()
 
     def _description(self) -> dict:
-        """Everything the cached results depend on (the cache's key): the
-        package version, the model config, the checkpoint (path, size and a hash
-        of its bytes: a retrained checkpoint at the same path is another
-        model), the test dataset with its pipeline (without ``indices``: images
-        are cached one by one), the attacks, eps and seed."""
-        from mmseg_robust import __version__
-
-        cfg = self.runner.cfg
-        load_from = getattr(self.runner, '_load_from', None)
-        ckpt = load_from
-        if load_from and osp.isfile(load_from):
-            ckpt = dict(
-                path=osp.abspath(load_from),
-                size=osp.getsize(load_from),
-                blake2b=file_digest(load_from),
-            )
-        dataset = dict((cfg.get('test_dataloader') or {}).get('dataset') or {})
-        dataset.pop('indices', None)
-        return dict(
-            version=__version__,
-            model=cfg.get('model'),
-            checkpoint=ckpt,
-            dataset=dataset,
-            attacks=self.attack_cfgs,
-            eps=self.eps_list,
-            seed=self.seed,
+        """Everything the cached results depend on (the cache's key; what it
+        covers and what not: :func:`~mmseg_robust.engine.result_cache.
+        describe_evaluation`)."""
+        return describe_evaluation(
+            self.runner.cfg,
+            getattr(self.runner, '_load_from', None),
+            self.runner.model,
+            self.dataloader,
+            self.attack_cfgs,
+            self.attacks,
+            self.seed,
+            self.data_digest,
         )
 
     # ----------------------------------------------------------------- attack
@@ -327,7 +331,9 @@ class _AdversarialEvalMixin:
                         u[member] = c
                 _add_counts(per_image, eps_name, unit)
                 if self.cache is not None:
-                    self.cache.put_units(eps_name, j, dict(zip(keys, unit)))
+                    self.cache.put_units(
+                        eps_name, j, dict(zip(keys, unit)), self._data_stamps
+                    )
                 # the attack's own output is its worst case over its members:
                 # image i is member out.source(name, i)'s, whose counts are here
                 for i, (w, u) in enumerate(zip(worst, unit)):
@@ -359,7 +365,9 @@ class _AdversarialEvalMixin:
         the batch (an interrupted run of the same batches), else None."""
         if self.cache is None:
             return None
-        saved = [self.cache.get_unit(k, eps_name, j) for k in keys]
+        saved = [
+            self.cache.get_unit(k, eps_name, j, self._data_stamps.get(k)) for k in keys
+        ]
         return None if any(u is None for u in saved) else saved
 
     def _make_examples(self, view, keys, clean_pred, examples) -> list:
@@ -435,7 +443,15 @@ class _AdversarialEvalMixin:
         self._idx = idx
         samples = data_batch['data_samples']
         keys = [_image_key(s) for s in samples]
-        records = [self.cache.get(k) if self.cache else None for k in keys]
+        records = [None] * len(keys)
+        if self.cache is not None:
+            # the files this batch was read from: a record of other files
+            # (rewritten in place) is not reused
+            self._data_stamps = {
+                k: data_stamp(data_files(s), self.data_digest)
+                for k, s in zip(keys, samples)
+            }
+            records = [self.cache.get(k, self._data_stamps[k]) for k in keys]
         todo = [i for i, r in enumerate(records) if r is None]
         examples = [None] * len(keys)
         if todo:
@@ -449,6 +465,8 @@ class _AdversarialEvalMixin:
             with self._first_batch_checks(view):
                 new, new_examples = self._attack_batch(view, [keys[i] for i in todo])
             if self.cache is not None:
+                for rec in new:
+                    rec['data'] = self._data_stamps[rec['key']]
                 self.cache.put(new)
             for i, rec, ex in zip(todo, new, new_examples):
                 records[i] = rec

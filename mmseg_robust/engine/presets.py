@@ -13,6 +13,7 @@ own configs too.
 
 import copy
 import os.path as osp
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -66,6 +67,7 @@ _OPTIONS = (
     'compat',
     'eps_units',
     'clean_candidate',
+    'data_digest',
 )
 #: attacks that take ``compat='reference'`` (docs/algorithms.md section 3.2).
 _COMPAT_ATTACKS = ('SEA', 'APGD', 'APGDLargeEps')
@@ -93,7 +95,13 @@ def dataset_class_weights(
 ) -> list:
     """Mask-CE-Bal weights computed from a dataset's annotations (section 2.1):
     normalised inverse pixel frequency, through the dataset's own label loading
-    (label map, ``reduce_zero_label``)."""
+    (label map, ``reduce_zero_label``).
+
+    Label values outside ``[0, num_classes)`` other than ``ignore_index`` count
+    for no class; they are reported in a warning (values, pixel counts, images)
+    with the fix, as they usually mean a wrong ``num_classes`` or a missing
+    label map.
+    """
     from mmengine.registry import init_default_scope
 
     from mmseg_robust.registry import DATASETS
@@ -103,10 +111,29 @@ def dataset_class_weights(
     cfg['pipeline'] = [dict(type='LoadAnnotations')]
     dataset = DATASETS.build(cfg)
     total = torch.zeros(num_classes, dtype=torch.long)
+    outside: dict = {}  # label value -> pixel count
+    bad_images = 0
     for i in range(len(dataset)):
-        seg = dataset[i]['gt_seg_map']
-        total += count_label_pixels(
-            torch.from_numpy(np.asarray(seg)), num_classes, ignore_index
+        seg = torch.from_numpy(np.asarray(dataset[i]['gt_seg_map'])).long()
+        total += count_label_pixels(seg, num_classes, ignore_index)
+        flat = seg.reshape(-1)
+        out = flat[(flat != ignore_index) & ((flat < 0) | (flat >= num_classes))]
+        if out.numel():
+            bad_images += 1
+            values, counts = torch.unique(out, return_counts=True)
+            for v, c in zip(values.tolist(), counts.tolist()):
+                outside[v] = outside.get(v, 0) + c
+    if outside:
+        listed = ', '.join(f'{v}: {outside[v]}' for v in sorted(outside)[:10])
+        more = f' and {len(outside) - 10} more values' if len(outside) > 10 else ''
+        warnings.warn(
+            f'SEA class weights: {sum(outside.values())} training label pixels in '
+            f'{bad_images} of {len(dataset)} images are outside [0, {num_classes}) '
+            f'and not ignore_index={ignore_index} (value: pixels {listed}{more}); '
+            'they count for no class. Fix: map them to a class or to '
+            f'{ignore_index} in the dataset (label_map, reduce_zero_label), or '
+            'check model.decode_head.num_classes; or pass '
+            "evaluator.class_weights='voc'|'ade20k'|[w_0,...]."
         )
     return class_weights_from_counts(total).tolist()
 
@@ -148,9 +175,12 @@ def apply_robustness_evaluator(cfg: Config, spec: Optional[object] = None) -> Co
             steps=300, seed=0, class_weights=None, norm='Linf', resume=True,
             worst_case_modes=['best', 'reference'], log_interval=1,
             self_checks=True, compat='default', eps_units=None,
-            clean_candidate=False)``; ``eps_units='255'`` confirms eps in /255
+            clean_candidate=False, data_digest='stat')``; ``eps_units='255'`` confirms eps in /255
             units (no unit warnings); ``clean_candidate=True`` counts the clean
             image in the worst case (docs/algorithms.md section 4);
+            ``data_digest='content'`` makes the result cache compare the data
+            files by their bytes (default: sizes and mtimes, see
+            :mod:`mmseg_robust.engine.result_cache`);
             ``compat='reference'`` turns
             on every behaviour of the SEA reference (its APGD and its worst-case
             greedy, reported first); options left out keep the preset's values
@@ -211,6 +241,16 @@ def apply_robustness_evaluator(cfg: Config, spec: Optional[object] = None) -> Co
         metric['clean_candidate'] = _as_bool(
             spec['clean_candidate'], 'evaluator.clean_candidate'
         )
+    if 'data_digest' in spec:
+        # how the cache compares the data files: 'stat' or 'content'
+        from .result_cache import DATA_DIGESTS
+
+        if spec['data_digest'] not in DATA_DIGESTS:
+            raise ValueError(
+                f'evaluator.data_digest must be one of {DATA_DIGESTS}, got '
+                f'{spec["data_digest"]!r}'
+            )
+        test_cfg['data_digest'] = spec['data_digest']
     if 'self_checks' in spec:
         # docs/flags.md: on unless turned off
         test_cfg['self_checks'] = _as_bool(spec['self_checks'], 'evaluator.self_checks')

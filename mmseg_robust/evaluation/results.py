@@ -1,9 +1,10 @@
 """The results file of a robustness evaluation: one schema, one writer, one reader.
 
 :class:`~mmseg_robust.evaluation.RobustnessMetric` writes it (``work_dir`` or
-``tools/test.py --out DIR``) as ``robustness_<timestamp>.json``; the report
-(:func:`mmseg_robust.reporting.load_result`) and everything else read it back
-through :func:`load_results`. Every number in it is a percentage.
+``tools/test.py --out DIR``) as ``robustness_<timestamp>.json`` (never over
+another run's file: ``robustness_<timestamp>_2.json`` when that name is taken);
+the report (:func:`mmseg_robust.reporting.load_result`) and everything else read
+it back through :func:`load_results`. Every number in it is a percentage.
 
 Schema (version 3)::
 
@@ -83,19 +84,32 @@ class RobustnessResults:
         return out
 
 
-def results_filename(timestamp: Optional[str]) -> str:
-    """``robustness_<timestamp>.json`` (``robustness.json`` without one)."""
-    return f'robustness_{timestamp}.json' if timestamp else 'robustness.json'
+def results_filename(timestamp: Optional[str], number: int = 1) -> str:
+    """``robustness_<timestamp>.json`` (``robustness.json`` without one); the
+    ``number``-th file of that name in a folder (``number`` >= 2) is
+    ``robustness_<timestamp>_<number>.json``."""
+    stem = f'robustness_{timestamp}' if timestamp else 'robustness'
+    return f'{stem}.json' if number <= 1 else f'{stem}_{number}.json'
 
 
 def write_results(results: RobustnessResults, folder: str) -> str:
-    """Write ``results`` to ``folder/robustness_<timestamp>.json``; returns the
-    path."""
+    """Write ``results`` to a new file ``folder/robustness_<timestamp>.json``
+    and return its path. Never overwrites: when that name exists (another run
+    started in the same second into the same folder), the file is
+    ``robustness_<timestamp>_2.json``, ``_3`` ... (created exclusively, so two
+    processes writing at once get two files)."""
     os.makedirs(folder, exist_ok=True)
-    path = osp.join(folder, results_filename(results.timestamp))
-    with open(path, 'w') as f:
-        json.dump(results.to_json(), f, indent=1, default=_json_default)
-    return path
+    number = 1
+    while True:
+        path = osp.join(folder, results_filename(results.timestamp, number))
+        try:
+            f = open(path, 'x')
+        except FileExistsError:
+            number += 1
+            continue
+        with f:
+            json.dump(results.to_json(), f, indent=1, default=_json_default)
+        return path
 
 
 def load_results(source: Union[str, os.PathLike, dict]) -> RobustnessResults:

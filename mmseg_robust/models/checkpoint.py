@@ -74,6 +74,16 @@ def load_checkpoint_file(path: str, trust: bool = False, mmap: bool = False):
     if not osp.isfile(path):
         raise FileNotFoundError(f'no such checkpoint file: {path}')
     mmap = bool(mmap) and zipfile.is_zipfile(path)
+    if not trust:
+        from mmseg_robust.utils.compat import has_weights_only
+
+        if not has_weights_only():
+            raise RuntimeError(
+                f'cannot load the checkpoint {path} safely: torch '
+                f'{torch.__version__} has no torch.load(weights_only=True). '
+                'Install torch >= 2.4, or rerun with --unsafe-load (trust=True '
+                'in Python) if you trust the file.'
+            )
     try:
         return torch.load(path, map_location='cpu', weights_only=not trust, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - re-raised naming the file and fix

@@ -24,9 +24,25 @@ failure it removes; none disables a safety check globally.
    mmseg configs, the SAT/DDC-AT ones too, use it): without CUDA the SyncBN
    layers of a CPU module are converted to BatchNorm when it is wrapped, with a
    warning. Nothing changes when CUDA is available.
+3. Every checkpoint mmengine loads is loaded with ``weights_only=True``, passed
+   explicitly: mmengine 0.10.7 calls ``torch.load`` without the argument (local
+   files, ``open-mmlab://``, ``pavi://``, ``s3://``), which unpickles everything
+   on torch < 2.6, and loads URLs through ``torch.hub.load_state_dict_from_url``,
+   whose ``weights_only`` defaults to False on every torch up to 2.13 at least.
+   :meth:`CheckpointLoader.load_checkpoint
+   <mmengine.runner.checkpoint.CheckpointLoader.load_checkpoint>` (behind
+   ``load_from``, ``--resume``, ``init_cfg=dict(type='Pretrained')`` and every
+   tool) runs its loader with ``torch.load`` forced to ``weights_only=True``
+   (:func:`weights_only_loads`). With fix 1 (torch >= 2.4) Runner checkpoints
+   load; on torch 1.13-2.3 (``weights_only`` but no allow-list) plain weights
+   load and Runner checkpoints are refused; torch < 1.13 has no safe loader and
+   every load is refused (README, "Checkpoints").
 """
 
 import atexit
+import contextlib
+import functools
+import inspect
 import os
 import pickle
 import subprocess
@@ -89,9 +105,72 @@ def runner_checkpoint_safe_globals() -> list:
 
 def _allow_runner_checkpoints() -> None:
     add_safe_globals = getattr(torch.serialization, 'add_safe_globals', None)
-    if add_safe_globals is None:  # torch < 2.4 loads these files anyway
+    if add_safe_globals is None:
+        # torch < 2.4: no allow-list; with weights_only=True (fix 3) Runner
+        # checkpoints are refused there, plain weights files load
         return
     add_safe_globals(runner_checkpoint_safe_globals())
+
+
+def has_weights_only() -> bool:
+    """Whether this torch's ``torch.load`` takes ``weights_only`` (>= 1.13)."""
+    # torch.serialization.load: torch.load itself may be wrapped by a library
+    try:
+        return 'weights_only' in inspect.signature(torch.serialization.load).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Inside, every ``torch.load`` call runs with ``weights_only=True`` (also
+    where the caller passed False, as ``torch.hub`` does by default).
+
+    Raises:
+        RuntimeError: this torch has no ``weights_only`` (torch < 1.13): it
+            cannot load a checkpoint without running the pickle's code.
+    """
+    if not has_weights_only():
+        raise RuntimeError(
+            f'torch {torch.__version__} has no torch.load(weights_only=True): '
+            'mmseg_robust refuses to load checkpoints with it (unpickling can '
+            'run arbitrary code). Install torch >= 2.4 (README, Installation).'
+        )
+    original = torch.load
+
+    @functools.wraps(original)
+    def load(*args, **kwargs):
+        kwargs['weights_only'] = True
+        return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def _safe_checkpoint_loader() -> None:
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    original = CheckpointLoader.load_checkpoint.__func__
+
+    def load_checkpoint(cls, filename, map_location=None, logger='current'):
+        try:
+            with weights_only_loads():
+                return original(cls, filename, map_location, logger)
+        except pickle.UnpicklingError as e:
+            raise pickle.UnpicklingError(
+                f'cannot load the checkpoint {filename} with torch.load('
+                f'weights_only=True): {e}\nIf you trust the file (unpickling '
+                'can run arbitrary code), save its state dict again as a plain '
+                "{'state_dict': ...} file (torch.load(path, weights_only=False) "
+                'in Python, or a converter of tools/model_converters with '
+                '--unsafe-load) and load that.'
+            ) from e
+
+    load_checkpoint.__wrapped__ = original
+    CheckpointLoader.load_checkpoint = classmethod(load_checkpoint)
 
 
 def _cpu_friendly_pytorch_launcher() -> None:
@@ -209,5 +288,6 @@ def apply_compat() -> None:
     if _APPLIED:
         return
     _allow_runner_checkpoints()
+    _safe_checkpoint_loader()
     _cpu_friendly_pytorch_launcher()
     _APPLIED = True

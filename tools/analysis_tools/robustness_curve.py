@@ -9,6 +9,13 @@ at every eps > 0 (eps 0 is the clean model, always evaluated) and writes to
 ``WORK_DIR/robustness_curve/``: ``report.md`` and ``report.json`` (the table) and
 ``robustness_curve.png`` (the plot). Works with ``--launcher pytorch|slurm`` like
 ``tools/test.py``; an interrupted run restarted with the same command resumes.
+
+``--cfg-options`` takes the options of ``tools/test.py``, the ``evaluator.*``
+ones included (``evaluator.norm=L2``, ``evaluator.class_weights=voc``,
+``evaluator.compat=reference`` ...), except those this tool sets from its own
+arguments: ``evaluator.type`` (``--attack``), ``evaluator.eps`` (``--eps``),
+``evaluator.steps``/``evaluator.n_iter`` (``--steps``) and ``evaluator.seed``
+(``--seed``) are refused with the argument to use.
 """
 
 import argparse
@@ -25,6 +32,7 @@ from mmseg_robust.engine import (
     add_adversarial_visualization,
     apply_robustness_evaluator,
 )
+from mmseg_robust.evaluation import RobustnessMetric
 from mmseg_robust.reporting import load_result, shared_settings, write_report
 
 
@@ -76,7 +84,9 @@ def parse_args(argv=None):
         '--cfg-options',
         nargs='+',
         action=DictAction,
-        help='override settings of the config, as in tools/test.py',
+        help='override settings of the config, as in tools/test.py '
+        '(evaluator.* options too, except evaluator.type/eps/steps/n_iter/seed: '
+        'use --attack/--eps/--steps/--seed)',
     )
     parser.add_argument(
         '--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none'
@@ -95,12 +105,47 @@ def parse_args(argv=None):
     return args
 
 
+#: evaluator options this tool sets from its own arguments.
+OWN_OPTIONS = dict(
+    type='--attack', eps='--eps', steps='--steps', n_iter='--steps', seed='--seed'
+)
+
+
+def evaluator_options(cfg_options: dict) -> tuple:
+    """Split ``--cfg-options`` into the config's options and the evaluator's
+    (``evaluator.norm=L2`` -> ``{'norm': 'L2'}``), as tools/test.py reads them.
+
+    Raises:
+        SystemExit: an option this tool sets from its own arguments
+            (``evaluator=NAME``, ``evaluator.eps`` ...), naming the argument.
+    """
+    options, spec = {}, {}
+    for key, value in (cfg_options or {}).items():
+        if key == 'evaluator':
+            raise SystemExit(
+                f"--cfg-options evaluator={value}: the curve's attack is chosen "
+                'with --attack NAME'
+            )
+        if key.startswith('evaluator.'):
+            name = key[len('evaluator.') :]
+            if name in OWN_OPTIONS:
+                raise SystemExit(
+                    f'--cfg-options {key}={value}: use {OWN_OPTIONS[name]} '
+                    'instead (this tool sets it)'
+                )
+            spec[name] = value
+        else:
+            options[key] = value
+    return options, spec
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
+    options, evaluator = evaluator_options(args.cfg_options)
+    if options:
+        cfg.merge_from_dict(options)
     name = args.name or osp.splitext(osp.basename(args.config))[0]
     if args.work_dir is not None:
         cfg.work_dir = args.work_dir
@@ -108,7 +153,10 @@ def main(argv=None) -> dict:
         cfg.work_dir = osp.join('./work_dirs', name)
     cfg.load_from = args.checkpoint
     spec = dict(
-        type=args.attack, eps=sorted({e for e in args.eps if e > 0}), seed=args.seed
+        evaluator,
+        type=args.attack,
+        eps=sorted({e for e in args.eps if e > 0}),
+        seed=args.seed,
     )
     if args.steps is not None:
         spec['steps'] = args.steps
@@ -122,8 +170,10 @@ def main(argv=None) -> dict:
     runner.test()
     if get_rank() != 0:
         return {}
-    result = osp.join(runner.work_dir, f'robustness_{runner.timestamp}.json')
-    row = load_result(result, name=name)
+    (metric,) = [
+        m for m in runner.test_evaluator.metrics if isinstance(m, RobustnessMetric)
+    ]
+    row = load_result(metric.results_path, name=name)
     settings = dict(shared_settings([row]), checkpoint=args.checkpoint)
     return write_report(
         [row],
