@@ -175,9 +175,10 @@ def apply_robustness_evaluator(cfg: Config, spec: Optional[object] = None) -> Co
             steps=300, seed=0, class_weights=None, norm='Linf', resume=True,
             worst_case_modes=['best', 'reference'], log_interval=1,
             self_checks=True, compat='default', eps_units=None,
-            clean_candidate=False, data_digest='stat')``; ``eps_units='255'`` confirms eps in /255
-            units (no unit warnings); ``clean_candidate=True`` counts the clean
-            image in the worst case (docs/algorithms.md section 4);
+            clean_candidate=False, data_digest='stat')``; ``eps_units='255'``
+            confirms eps in /255 units (no unit warnings);
+            ``clean_candidate=True`` counts the clean image in the worst case
+            (docs/algorithms.md section 4);
             ``data_digest='content'`` makes the result cache compare the data
             files by their bytes (default: sizes and mtimes, see
             :mod:`mmseg_robust.engine.result_cache`);
