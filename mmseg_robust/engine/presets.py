@@ -29,6 +29,7 @@ __all__ = [
     'EVALUATOR_PRESETS',
     'add_adversarial_visualization',
     'apply_robustness_evaluator',
+    'config_dir',
     'configure_test',
     'dataset_class_weights',
     'is_robustness_evaluation',
@@ -44,14 +45,21 @@ EVALUATOR_PRESETS = {
     'SegPGD': 'segpgd.py',
     'CosPGD': 'cospgd.py',
 }
-#: where the preset files are: the ``configs`` folder of the source checkout
-#: (mmseg_robust is installed from a clone with ``pip install -e .``).
-PRESET_DIR = osp.join(
-    osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))),
-    'configs',
-    '_base_',
-    'evaluators',
-)
+
+
+def config_dir() -> str:
+    """The folder of mmseg_robust's configs (``_base_/evaluators/`` holds the
+    presets): ``mmseg_robust/.mim/configs`` inside an installed package (a
+    wheel or ``pip install .`` copies ``configs/`` there, as mmseg ships its
+    own), else the ``configs`` folder of the source tree the package is
+    imported from (``pip install -e .``, or the checkout on ``PYTHONPATH``)."""
+    package = osp.dirname(osp.dirname(osp.abspath(__file__)))
+    shipped = osp.join(package, '.mim', 'configs')
+    if osp.isdir(shipped):
+        return shipped
+    return osp.join(osp.dirname(package), 'configs')
+
+
 _OPTIONS = (
     'type',
     'eps',
@@ -79,13 +87,15 @@ def load_evaluator_preset(name: str) -> Config:
         raise ValueError(
             f'unknown evaluator {name!r}; choose one of {sorted(EVALUATOR_PRESETS)}'
         )
-    path = osp.join(PRESET_DIR, EVALUATOR_PRESETS[name])
+    path = osp.join(config_dir(), '_base_', 'evaluators', EVALUATOR_PRESETS[name])
     if not osp.isfile(path):
         raise FileNotFoundError(
             f'the evaluator preset {path} is missing: the presets are the '
-            'config files under configs/_base_/evaluators/ of the mmseg_robust '
-            'source checkout; install mmseg_robust from a clone with '
-            '`pip install -e .` (see README, Installation)'
+            'config files configs/_base_/evaluators/*.py, which an installed '
+            'mmseg_robust carries in mmseg_robust/.mim/configs/ and an editable '
+            'install reads from its source tree. Reinstall mmseg_robust from '
+            'its source tree (`pip install .` or a wheel built there, or '
+            '`pip install -e .`; see README, Installation)'
         )
     return Config.fromfile(path)
 
