@@ -313,12 +313,24 @@ def _as_bool(value, what: str) -> bool:
 
 
 def configure_test(
-    cfg: Config, show: bool = False, show_dir: Optional[str] = None
+    cfg: Config,
+    show: bool = False,
+    show_dir: Optional[str] = None,
+    tta: bool = False,
 ) -> bool:
     """What ``tools/test.py`` adds to mmseg's test: the ``evaluator=...``
     presets (:func:`apply_robustness_evaluator`), ``--show-dir`` saving the
     adversarial examples of a robustness evaluation, and the check that the
     checkpoint fits the model (:class:`CheckpointCheckHook`).
+
+    ``--tta`` (``tta=True``; mmseg's test-time augmentation, ``tta_pipeline``
+    and ``tta_model`` of the config) is refused with an attack evaluator: the
+    augmented views (rescaled, flipped) are made by the data pipeline from the
+    decoded image, before the model, so there is no one pixel image whose
+    perturbation reaches every view. An attack would perturb each view on its
+    own, within eps of that view: not the threat model of docs/algorithms.md
+    section 1 (one perturbation of the image), and not a bound on the robustness
+    of the augmented prediction.
 
     Returns:
         bool: whether ``cfg`` is now a robustness evaluation (mmseg's own
@@ -328,7 +340,25 @@ def configure_test(
     hooks = list(cfg.get('custom_hooks', []) or [])
     if not any(h.get('type') == 'CheckpointCheckHook' for h in hooks):
         cfg.custom_hooks = hooks + [dict(type='CheckpointCheckHook')]
-    if not is_robustness_evaluation(cfg):
+    robust = is_robustness_evaluation(cfg)
+    if tta and robust:
+        raise SystemExit(
+            '--tta is not supported with an attack evaluator: the test-time '
+            'augmentations (rescaled and flipped copies of the image) are made '
+            'by the data pipeline before the model, so no single perturbation '
+            'of the image reaches every augmented view, and attacking each view '
+            'on its own is not an eps-bounded attack on the image. Evaluate the '
+            'robustness without --tta; run --tta without evaluator=... for the '
+            'clean numbers with test-time augmentation.'
+        )
+    if tta and not (cfg.get('tta_pipeline') and cfg.get('tta_model')):
+        raise SystemExit(
+            '--tta needs `tta_pipeline` and `tta_model` in the config (as in '
+            "mmseg's dataset configs and default runtime, e.g. "
+            "tta_model = dict(type='SegTTAModel')); this config lacks "
+            + ' and '.join(k for k in ('tta_pipeline', 'tta_model') if not cfg.get(k))
+        )
+    if not robust:
         return False
     if show:
         raise SystemExit(
