@@ -66,8 +66,7 @@ if __name__ == '__main__':
             'License :: OSI Approved :: Apache Software License',
             'Operating System :: OS Independent',
             'Programming Language :: Python :: 3',
-            'Programming Language :: Python :: 3.10',
-            'Programming Language :: Python :: 3.11',
+            'Programming Language :: Python :: 3.11',  # the version CI tests
             'Topic :: Scientific/Engineering :: Artificial Intelligence',
         ],
         # torch, torchvision and mmcv (full, with ops) are prerequisites

@@ -26,7 +26,16 @@ import torch
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIG = osp.join('configs', 'synthetic', 'upernet_convnext-micro_synthetic.py')
 # top-level names of the checkout that are build outputs, environments or data
-_NOT_SOURCE = {'.git', '.venv', 'build', 'dist', 'work_dirs', 'data'}
+_NOT_SOURCE = {
+    '.git',
+    '.venv',
+    '.ruff_cache',
+    'build',
+    'dist',
+    'work_dirs',
+    'data',
+    'benchmarks',
+}
 
 
 def _source_only(folder, names):
@@ -77,6 +86,8 @@ def test_wheel_carries_the_configs_and_tools(installed_wheel):
         for p in glob.glob(osp.join(REPO, 'configs', '**', '*.py'), recursive=True)
     }
     assert shipped == in_repo
+    package = osp.join(installed_wheel, 'mmseg_robust')
+    assert glob.glob(osp.join(package, 'attacks', 'data', '*.json'))
     assert osp.isfile(osp.join(mim, 'tools', 'test.py'))
     assert osp.isfile(osp.join(mim, 'tools', 'train.py'))
     # the result cache's code digest counts the package's code only: a wheel
