@@ -206,9 +206,10 @@ def test_shipped_config_loads(path):
 def test_every_base_file_is_used_by_a_shipped_config():
     """Every file under configs/_base_ is inherited by a shipped config, or is an
     evaluator preset that `--cfg-options evaluator=NAME` loads."""
-    from mmseg_robust.engine.presets import EVALUATOR_PRESETS, PRESET_DIR
+    from mmseg_robust.engine.presets import EVALUATOR_PRESETS, config_dir
 
-    presets = {osp.join(PRESET_DIR, f) for f in EVALUATOR_PRESETS.values()}
+    preset_dir = osp.join(config_dir(), '_base_', 'evaluators')
+    presets = {osp.join(preset_dir, f) for f in EVALUATOR_PRESETS.values()}
     assert all(osp.isfile(p) for p in presets), presets
     used, todo = set(presets), list(ALL_CONFIGS)
     while todo:

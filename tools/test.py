@@ -112,8 +112,9 @@ def main():
     cfg.load_from = args.checkpoint
 
     # mmseg_robust: `evaluator=SEA` presets, --show-dir drawing the adversarial
-    # examples, and the check that the checkpoint fits the model
-    robust = configure_test(cfg, args.show, args.show_dir)
+    # examples, the check that the checkpoint fits the model, and --tta refused
+    # with an attack evaluator
+    robust = configure_test(cfg, args.show, args.show_dir, args.tta)
     if (args.show or args.show_dir) and not robust:
         cfg = trigger_visualization_hook(cfg, args)
 

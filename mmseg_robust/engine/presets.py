@@ -29,6 +29,7 @@ __all__ = [
     'EVALUATOR_PRESETS',
     'add_adversarial_visualization',
     'apply_robustness_evaluator',
+    'config_dir',
     'configure_test',
     'dataset_class_weights',
     'is_robustness_evaluation',
@@ -44,14 +45,21 @@ EVALUATOR_PRESETS = {
     'SegPGD': 'segpgd.py',
     'CosPGD': 'cospgd.py',
 }
-#: where the preset files are: the ``configs`` folder of the source checkout
-#: (mmseg_robust is installed from a clone with ``pip install -e .``).
-PRESET_DIR = osp.join(
-    osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))),
-    'configs',
-    '_base_',
-    'evaluators',
-)
+
+
+def config_dir() -> str:
+    """The folder of mmseg_robust's configs (``_base_/evaluators/`` holds the
+    presets): ``mmseg_robust/.mim/configs`` inside an installed package (a
+    wheel or ``pip install .`` copies ``configs/`` there, as mmseg ships its
+    own), else the ``configs`` folder of the source tree the package is
+    imported from (``pip install -e .``, or the checkout on ``PYTHONPATH``)."""
+    package = osp.dirname(osp.dirname(osp.abspath(__file__)))
+    shipped = osp.join(package, '.mim', 'configs')
+    if osp.isdir(shipped):
+        return shipped
+    return osp.join(osp.dirname(package), 'configs')
+
+
 _OPTIONS = (
     'type',
     'eps',
@@ -79,13 +87,15 @@ def load_evaluator_preset(name: str) -> Config:
         raise ValueError(
             f'unknown evaluator {name!r}; choose one of {sorted(EVALUATOR_PRESETS)}'
         )
-    path = osp.join(PRESET_DIR, EVALUATOR_PRESETS[name])
+    path = osp.join(config_dir(), '_base_', 'evaluators', EVALUATOR_PRESETS[name])
     if not osp.isfile(path):
         raise FileNotFoundError(
             f'the evaluator preset {path} is missing: the presets are the '
-            'config files under configs/_base_/evaluators/ of the mmseg_robust '
-            'source checkout; install mmseg_robust from a clone with '
-            '`pip install -e .` (see README, Installation)'
+            'config files configs/_base_/evaluators/*.py, which an installed '
+            'mmseg_robust carries in mmseg_robust/.mim/configs/ and an editable '
+            'install reads from its source tree. Reinstall mmseg_robust from '
+            'its source tree (`pip install .` or a wheel built there, or '
+            '`pip install -e .`; see README, Installation)'
         )
     return Config.fromfile(path)
 
@@ -303,12 +313,24 @@ def _as_bool(value, what: str) -> bool:
 
 
 def configure_test(
-    cfg: Config, show: bool = False, show_dir: Optional[str] = None
+    cfg: Config,
+    show: bool = False,
+    show_dir: Optional[str] = None,
+    tta: bool = False,
 ) -> bool:
     """What ``tools/test.py`` adds to mmseg's test: the ``evaluator=...``
     presets (:func:`apply_robustness_evaluator`), ``--show-dir`` saving the
     adversarial examples of a robustness evaluation, and the check that the
     checkpoint fits the model (:class:`CheckpointCheckHook`).
+
+    ``--tta`` (``tta=True``; mmseg's test-time augmentation, ``tta_pipeline``
+    and ``tta_model`` of the config) is refused with an attack evaluator: the
+    augmented views (rescaled, flipped) are made by the data pipeline from the
+    decoded image, before the model, so there is no one pixel image whose
+    perturbation reaches every view. An attack would perturb each view on its
+    own, within eps of that view: not the threat model of docs/algorithms.md
+    section 1 (one perturbation of the image), and not a bound on the robustness
+    of the augmented prediction.
 
     Returns:
         bool: whether ``cfg`` is now a robustness evaluation (mmseg's own
@@ -318,7 +340,25 @@ def configure_test(
     hooks = list(cfg.get('custom_hooks', []) or [])
     if not any(h.get('type') == 'CheckpointCheckHook' for h in hooks):
         cfg.custom_hooks = hooks + [dict(type='CheckpointCheckHook')]
-    if not is_robustness_evaluation(cfg):
+    robust = is_robustness_evaluation(cfg)
+    if tta and robust:
+        raise SystemExit(
+            '--tta is not supported with an attack evaluator: the test-time '
+            'augmentations (rescaled and flipped copies of the image) are made '
+            'by the data pipeline before the model, so no single perturbation '
+            'of the image reaches every augmented view, and attacking each view '
+            'on its own is not an eps-bounded attack on the image. Evaluate the '
+            'robustness without --tta; run --tta without evaluator=... for the '
+            'clean numbers with test-time augmentation.'
+        )
+    if tta and not (cfg.get('tta_pipeline') and cfg.get('tta_model')):
+        raise SystemExit(
+            '--tta needs `tta_pipeline` and `tta_model` in the config (as in '
+            "mmseg's dataset configs and default runtime, e.g. "
+            "tta_model = dict(type='SegTTAModel')); this config lacks "
+            + ' and '.join(k for k in ('tta_pipeline', 'tta_model') if not cfg.get(k))
+        )
+    if not robust:
         return False
     if show:
         raise SystemExit(

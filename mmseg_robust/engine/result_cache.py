@@ -113,8 +113,10 @@ def file_digest(path: str, chunk_size: int = 1 << 22) -> str:
 def source_digest(package_dir: Optional[str] = None) -> str:
     """BLAKE2b digest (hex) of the package's code: the relative path and the
     bytes of every ``.py`` file under ``package_dir`` (default: the imported
-    ``mmseg_robust``), in sorted order. Computed once per process (about 100
-    files, a few ms)."""
+    ``mmseg_robust``), in sorted order; the configs and tools an installed
+    package carries in ``.mim/`` are not code and not counted, so a wheel and
+    the source tree it was built from give the same digest. Computed once per
+    process (about 100 files, a few ms)."""
     if package_dir is None:
         import mmseg_robust
 
@@ -122,7 +124,7 @@ def source_digest(package_dir: Optional[str] = None) -> str:
     digest = hashlib.blake2b(digest_size=16)
     files = []
     for root, dirs, names in os.walk(package_dir):
-        dirs[:] = sorted(d for d in dirs if d != '__pycache__')
+        dirs[:] = sorted(d for d in dirs if d not in ('__pycache__', '.mim'))
         files += [osp.join(root, n) for n in names if n.endswith('.py')]
     for path in sorted(files):
         rel = osp.relpath(path, package_dir).replace(os.sep, '/')

@@ -194,16 +194,24 @@ def expected_shapes(
     state dict.
 
     Args:
-        model (nn.Module | dict): a module (wrappers such as DDP are unwrapped),
-            or the ``model`` dict of an mmseg config (mmseg's types and ours;
-            built without memory on the meta device where possible).
+        model (nn.Module | dict): a module (wrappers such as DDP and the
+            test-time augmentation wrapper are unwrapped, as mmengine does when
+            it loads a checkpoint), or the ``model`` dict of an mmseg config
+            (mmseg's types and ours; built without memory on the meta device
+            where possible).
         prefix (str, optional): keep only the names under this prefix, with the
             prefix removed (``'backbone.'`` for a backbone initialisation).
     """
     if isinstance(model, torch.nn.Module):
+        from mmengine.model import BaseTTAModel
+
         from mmseg_robust.models.pixel_space import unwrap_model
 
         module = unwrap_model(model)
+        if isinstance(module, BaseTTAModel):
+            # `tools/test.py --tta`: mmengine loads the checkpoint into the
+            # segmentor inside (mmengine.runner.checkpoint.load_state_dict)
+            module = module.module
     else:
         module = _build_model_for_shapes(model)
     shapes = OrderedDict((k, v.shape) for k, v in module.state_dict().items())
