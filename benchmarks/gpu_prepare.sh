@@ -6,8 +6,8 @@
 #   bash benchmarks/gpu_prepare.sh [DIR]       # DIR defaults to benchmarks/gpu_wheels
 #   MMCV_WHEEL=path/to/mmcv-2.1.0-cp312-...whl bash benchmarks/gpu_prepare.sh
 #
-# Written for a GPU machine that has Python 3.12 with a CUDA torch (2.11 tested
-# against) and torchvision installed, plus numpy, scipy, matplotlib, opencv (headless),
+# Written for a GPU machine that has Python 3.12 with a CUDA torch (e.g. 2.11) and
+# torchvision installed, plus numpy, scipy, matplotlib, opencv (headless),
 # rich, pyyaml, einops, click, markdown, regex and zipp, but no OpenMMLab package and no
 # network. Torch itself is not collected (install it there as for any CUDA machine).
 # No prebuilt mmcv 2.1.0 wheel exists for cp312/torch 2.11 (OpenMMLab's stop at
