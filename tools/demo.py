@@ -613,7 +613,11 @@ class Demo:
                 [load_example(f) for f in files],
                 path,
                 PALETTE,
-                title=f'{m}: SEA worst case at ε={eps:g}/255',
+                title=(
+                    f'{m}: SEA worst case at ε={eps:g}/255 ({s["steps"]} '
+                    f'iterations per attack, {len(files)} of the {s["images"]} '
+                    'evaluated images)'
+                ),
                 class_names=CLASSES,
             )
             paths[f'examples_{m}'] = path
