@@ -468,9 +468,7 @@ class Check:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument(
-        'out_dir', nargs='?', default='work_dirs/gpu_check'
-    )
+    parser.add_argument('out_dir', nargs='?', default='work_dirs/gpu_check')
     parser.add_argument('--cpu', action='store_true', help='tiny sizes on the CPU')
     parser.add_argument('--wheels', default=osp.join(REPO, 'benchmarks', 'gpu_wheels'))
     parser.add_argument(
