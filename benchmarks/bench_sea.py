@@ -7,7 +7,7 @@ per image.
 
 Both costs are measured in the same process, interleaved in blocks of equal
 length (``--iters`` bare passes, one attack run of ``--iters`` iterations, ...), and
-the ratio of their medians is reported: these machines are noisy,
+the ratio of their medians is reported: shared machines are noisy,
 absolute times are not comparable between runs, ratios are. An attack's
 per-iteration cost is its wall time divided by its number of forward+backward
 iterations (early stopping off, so every image stays in the batch). Target: <= 1.05.

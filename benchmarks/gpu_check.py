@@ -1,7 +1,7 @@
 """GPU readiness check: install the stack offline, then time SEA and adversarial
 training on a paper-size model and train end to end with AMP, each step under its own
 timeout, writing one JSON per step and a summary. Run it through
-``benchmarks/gpu_check.sh`` (see there and README "Benchmarks").
+``benchmarks/gpu_check.sh`` (see there and docs/gpu_check.md).
 
     python benchmarks/gpu_check.py [OUT_DIR] [--cpu] [--wheels DIR] [--deadline S]
         [--timeout STEP=SECONDS ...] [--force-install]
@@ -10,7 +10,7 @@ Steps, in order (a step whose prerequisite failed is skipped, and a step that wo
 start after ``--deadline`` seconds is skipped too; both count as failures):
 
     env          python/torch/CUDA versions, the GPU (CUDA required unless --cpu)
-    install      the carried wheels, then mmcv (a carried prebuilt wheel, else compiled
+    install      the copied wheels, then mmcv (a copied prebuilt wheel, else compiled
                  from its sdist with CPU ops only); skipped if already importable
     data         the synthetic dataset (generated on first use)
     amp_train    tools/train.py --amp, PIR-AT on the synthetic data, 5 iterations
@@ -20,9 +20,9 @@ start after ``--deadline`` seconds is skipped too; both count as failures):
 
 ``--cpu`` runs the same steps with tiny sizes on the CPU (CUDA hidden from the
 children; ``amp_train`` trains without --amp, ``adversarial_training_amp`` is skipped:
-mmengine's AmpOptimWrapper needs CUDA), to check the logic and the JSON here.
+mmengine's AmpOptimWrapper needs CUDA), to check the logic and the JSON on any machine.
 
-OUT_DIR (default ``$OUT``, else ``work_dirs/gpu_check``) receives at most 8 files:
+OUT_DIR (default ``work_dirs/gpu_check``) receives at most 8 files:
 ``summary.json``, ``<step>.json`` for the six steps after ``env`` and ``gpu_check.log``
 (every step's output). Only the standard library is imported here: the stack may not
 be installed yet. Exit status 0 when every step passed (or was skipped as expected in
@@ -278,13 +278,13 @@ class Check:
                     status='failed',
                     rc=None,
                     reason=f'no wheels in {wheels}: run benchmarks/gpu_prepare.sh '
-                    'first and carry benchmarks/gpu_wheels',
+                    'on a machine with network and copy benchmarks/gpu_wheels here',
                 ),
             )
         py = sys.executable
         pip = f'{py} -m pip install -q --no-index --no-deps --no-cache-dir --upgrade'
         q = ' '.join
-        # mmcv: a carried wheel if it imports with this torch, else the sdist with CPU
+        # mmcv: a copied wheel if it imports with this torch, else the sdist with CPU
         # ops only (the models need no mmcv CUDA op; mmcv's setup.py builds CUDA ops
         # whenever torch sees a GPU, so the GPU is hidden from the build)
         mmcv = (
@@ -468,9 +468,7 @@ class Check:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument(
-        'out_dir', nargs='?', default=os.environ.get('OUT') or 'work_dirs/gpu_check'
-    )
+    parser.add_argument('out_dir', nargs='?', default='work_dirs/gpu_check')
     parser.add_argument('--cpu', action='store_true', help='tiny sizes on the CPU')
     parser.add_argument('--wheels', default=osp.join(REPO, 'benchmarks', 'gpu_wheels'))
     parser.add_argument(

@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# GPU readiness check, for a GPU machine without network (this workplace's device
-# machine): installs the OpenMMLab stack from carried wheels, then
+# GPU readiness check, for a GPU machine without network access (docs/gpu_check.md):
+# installs the OpenMMLab stack from wheels copied there with the checkout, then
 #   amp_train                 tools/train.py --amp, 5 iterations (synthetic PIR-AT)
 #   sea                       benchmarks/bench_sea.py, UperNet-ConvNeXt-T, 8 x 512x512
 #   adversarial_training      benchmarks/bench_adversarial_training.py, same model, fp32
 #   adversarial_training_amp  the same with AMP
 # each under its own timeout, the whole under --deadline (470 s), writing summary.json,
-# one <step>.json per step and gpu_check.log into OUT_DIR (default $OUT).
+# one <step>.json per step and gpu_check.log into OUT_DIR (default work_dirs/gpu_check).
 #
-# Beforehand, here:   bash benchmarks/gpu_prepare.sh      (fills benchmarks/gpu_wheels)
-# There:              bash benchmarks/gpu_check.sh [OUT_DIR]
-#   with the device tool: run(command="bash benchmarks/gpu_check.sh",
-#                             carry=["benchmarks/gpu_wheels"], timeout_s=540)
-# Here, to check the script logic and the JSON on the CPU in about a minute:
+# On a machine with network: bash benchmarks/gpu_prepare.sh   (fills benchmarks/gpu_wheels)
+# Copy the checkout, benchmarks/gpu_wheels included, to the GPU machine; there:
+#                             bash benchmarks/gpu_check.sh [OUT_DIR]
+# On any machine with the stack installed, to check the script logic and the JSON on
+# the CPU in about a minute:
 #   PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh --cpu work_dirs/gpu_check_cpu
 # Other options: python benchmarks/gpu_check.py --help. Exit status 0 iff all passed.
 set -uo pipefail

@@ -6,26 +6,26 @@
 #   bash benchmarks/gpu_prepare.sh [DIR]       # DIR defaults to benchmarks/gpu_wheels
 #   MMCV_WHEEL=path/to/mmcv-2.1.0-cp312-...whl bash benchmarks/gpu_prepare.sh
 #
-# Designed for the device machine of this workplace (KINDS.md, ENVIRONMENT.md): Python
-# 3.12 with torch 2.11 (CUDA 13), torchvision 0.26, numpy, scipy, matplotlib, opencv
-# (headless), rich, pyyaml, einops, click, markdown, regex, zipp already installed, and
-# no OpenMMLab package. Torch itself is never carried (its CUDA wheels are far above
-# the 64 MiB that a `run` may carry). No prebuilt mmcv 2.1.0 wheel exists for
-# cp312/torch 2.11 (OpenMMLab's stop at torch 2.1), so gpu_check.sh compiles mmcv's
-# CPU ops there from the sdist (16 cores); a wheel built beforehand for exactly that
-# Python and torch can be given as MMCV_WHEEL, and is then tried first.
-# DIR is ignored by git (benchmarks/.gitignore): name it in the `run` call's carry.
+# Written for a GPU machine that has Python 3.12 with a CUDA torch (e.g. 2.11) and
+# torchvision installed, plus numpy, scipy, matplotlib, opencv (headless),
+# rich, pyyaml, einops, click, markdown, regex and zipp, but no OpenMMLab package and no
+# network. Torch itself is not collected (install it there as for any CUDA machine).
+# No prebuilt mmcv 2.1.0 wheel exists for cp312/torch 2.11 (OpenMMLab's stop at
+# torch 2.1), so gpu_check.sh compiles mmcv's CPU ops there from the sdist; a wheel
+# built beforehand for exactly that Python and torch can be given as MMCV_WHEEL, and
+# is then tried first.
+# DIR is ignored by git (benchmarks/.gitignore); copy it with the checkout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-benchmarks/gpu_wheels}
 PY=${PYTHON:-python3}
 PYVER=${GPU_PYTHON_VERSION:-3.12}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-# this workplace's pip configuration names local index folders that may not exist
+# hide pip's warning about configured local index folders that do not exist
 quiet() { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 # Pinned to the tested stack (requirements/tested.txt) and, for the dependencies the
-# device lacks, to the versions of this project's CI environment.
+# GPU machine lacks, to the versions the CI environment uses.
 PURE=(
     mmengine==0.10.7 mmsegmentation==1.2.2 mmpretrain==1.2.0 ftfy==6.3.1
     wcwidth==0.9.4 addict==2.4.0 yapf==0.43.0 platformdirs==4.14.9 termcolor==3.3.0
@@ -56,17 +56,14 @@ if [ -n "${MMCV_WHEEL:-}" ]; then
         *) echo "[gpu_prepare] MMCV_WHEEL must be an mmcv-2.1.0-cp312 wheel: $MMCV_WHEEL" >&2; exit 2 ;;
     esac
 fi
-# A wheel in pip's cache is usable only if built for cp312 against the device's torch;
-# this project's CPU machines build cp311 against torch 2.13: say so, carry none.
+# A wheel in pip's cache is usable only if built for the GPU machine's Python against
+# its torch; `make setup` builds cp311 against torch 2.13: say so, copy none.
 cached=$($PY -m pip cache list mmcv 2>/dev/null | grep -o 'mmcv-2.1.0-[^ ]*\.whl' || true)
 if [ -n "$cached" ]; then
-    echo "[gpu_prepare] pip cache holds: $cached (not carried: the device needs cp312 built against its torch 2.11)"
+    echo "[gpu_prepare] pip cache holds: $cached (not copied: the GPU machine needs one built for its Python and torch)"
 fi
 
 ls -l "$DIR"
 size=$(du -sm "$DIR" | cut -f1)
-echo "[gpu_prepare] $DIR: ${size} MiB (a run carries at most 64 MiB with the working tree)"
-if [ "$size" -gt 56 ]; then
-    echo "[gpu_prepare] too large to carry" >&2
-    exit 1
-fi
+echo "[gpu_prepare] $DIR: ${size} MiB; copy it with the checkout to the GPU machine"
+

@@ -12,7 +12,7 @@ from mmseg_robust.models.backbones import ConvNeXtCvSt, VisionTransformerStrict
 from mmseg_robust.registry import MODELS
 
 # Parameter counts with four output norms (norm0..norm3), measured and checked
-# below against an independent count; recorded in the README (Model zoo).
+# below against an independent count; recorded in docs/model_zoo.md.
 PARAMS = {'tiny': 27_859_776, 'small': 49_494_336}
 
 

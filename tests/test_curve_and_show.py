@@ -72,8 +72,16 @@ def test_robustness_curve_tool(
     assert row['eps']['8']['aAcc'] == pytest.approx(worst['aAcc_img'], abs=0.01)
     curve = [row['clean']['aAcc'], row['eps']['2']['aAcc'], row['eps']['8']['aAcc']]
     assert curve == sorted(curve, reverse=True)
-    # the table is printed
+    # the table is printed, and where the outputs went
     assert 'tiny' in out and '8/255' in out
+    for what, name in (
+        ('markdown', 'report.md'),
+        ('json', 'report.json'),
+        ('plot', 'robustness_curve.png'),
+    ):
+        assert f'{what}: {osp.join(report, name)}' in out
+    results_file = glob.glob(osp.join(work, 'robustness_*.json'))[0]
+    assert f'results file: {results_file}' in out
 
 
 def test_curve_tool_refuses_no_positive_eps(run_tool, small_config, small_checkpoint):
@@ -337,6 +345,18 @@ def _curve_tool(repo_root):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.mark.parametrize('num', ['0', '-3'])
+def test_curve_tool_refuses_no_images(repo_root, num, capsys):
+    """--num-images 0 used to evaluate every image silently."""
+    tool = _curve_tool(repo_root)
+    with pytest.raises(SystemExit):
+        tool.parse_args(['cfg.py', 'ckpt.pth', '--num-images', num])
+    err = capsys.readouterr().err
+    assert f'--num-images must be >= 1, got {num}' in err
+    assert 'leave it out to evaluate every test image' in err
+    assert tool.parse_args(['cfg.py', 'ckpt.pth', '--num-images', '1']).num_images == 1
 
 
 def test_curve_tool_takes_evaluator_options_as_tools_test(repo_root, small_config):

@@ -310,3 +310,73 @@ def test_eta_counts_the_start_up_until_a_job_prints_progress(demo):
     # a job not started yet: its start-up is ahead too
     later = demo.Job('x', [], '/nonexistent', 10.0)
     assert demo.simulate({'x': later}, [], 1, 1) == pytest.approx(10.0 + demo.STARTUP)
+
+
+def test_report_stage_names_the_sea_budget(demo, tmp_path, monkeypatch):
+    """The report, the plot's caption and each picture grid's title say which
+    SEA budget produced them (iterations per attack, images, eps)."""
+    import numpy as np
+
+    import mmseg_robust.reporting as reporting
+
+    d = demo.Demo(
+        _args(
+            demo, tmp_path, '--eps', '8', '2', '--sea-iters', '7', '--sea-images', '5'
+        )
+    )
+    for i, model in enumerate(demo.MODELS):
+        folder = tmp_path / 'work' / 'sea' / model
+        (folder / 'show').mkdir(parents=True)
+        worst = dict(mIoU=40.0 - i, aAcc_img=80.0 - i)
+        (folder / 'robustness_20261121_100000.json').write_text(
+            json.dumps(
+                dict(
+                    schema_version=3,
+                    unit='percent',
+                    eps=[2.0, 8.0],
+                    attacks=[{'type': 'SEA', 'steps': 7}],
+                    flags=[],
+                    summary=dict(
+                        num_images=5,
+                        clean=dict(mIoU=70.0, aAcc=95.0, aAcc_img=94.0),
+                        eps={'2': dict(worst_case=worst), '8': dict(worst_case=worst)},
+                    ),
+                )
+            )
+        )
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0, 1, (8, 8, 3)).astype(np.float32)
+    labels = rng.integers(0, 5, (8, 8))
+    reporting.save_example(
+        dict(
+            name='img_0',
+            image=image,
+            adv_image=image,
+            gt=labels,
+            clean_pred=labels,
+            adv_pred=labels,
+            eps=8.0,
+            attack='SEA',
+            clean_acc=1.0,
+            adv_acc=1.0,
+        ),
+        str(tmp_path / 'work' / 'sea' / 'PIR-AT' / 'show' / 'img_0_example'),
+    )
+    titles = {}
+    save_grid = reporting.save_picture_grid
+
+    def spy(examples, out_file, palette, title=None, class_names=None):
+        titles[osp.basename(out_file)] = title
+        return save_grid(examples, out_file, palette, title, class_names)
+
+    monkeypatch.setattr(reporting, 'save_picture_grid', spy)
+    paths = d.stage_report()
+    budget = 'SEA, 7 iterations per attack, 5 images, ε = 2, 8/255'
+    with open(paths['markdown'], encoding='utf-8') as f:
+        assert f'Robust numbers from: {budget}.' in f.read()
+    with open(paths['json'], encoding='utf-8') as f:
+        assert json.load(f)['budget'] == budget
+    assert titles == {
+        'examples_PIR-AT.png': 'PIR-AT: SEA worst case at ε=8/255 (7 iterations per '
+        'attack, 1 of the 5 evaluated images)'
+    }

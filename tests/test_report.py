@@ -11,7 +11,10 @@ import pytest
 from mmseg_robust.reporting import (
     amplified_perturbation,
     colorize,
+    evaluation_budget,
+    format_flags,
     format_table,
+    image_miou,
     load_example,
     load_result,
     plot_robustness_curve,
@@ -19,7 +22,7 @@ from mmseg_robust.reporting import (
     save_picture_grid,
     write_report,
 )
-from mmseg_robust.reporting.pictures import _grid_figure
+from mmseg_robust.reporting.pictures import PERTURBATION_KEY, _grid_figure
 from mmseg_robust.reporting.report import _curve_figure
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
@@ -177,6 +180,48 @@ def test_format_table_text_and_errors(results):
         format_table([])
 
 
+def test_evaluation_budget_in_words(results):
+    rows = [load_result(results[0], 'PIR-AT'), load_result(results[1], 'clean')]
+    budget = 'SEA, 300 iterations per attack, 16 images, ε = 4, 8/255'
+    assert evaluation_budget(rows) == budget
+    other = copy.deepcopy(results[1])
+    other['attacks'][0]['n_iter'] = 100
+    other['summary']['num_images'] = 24
+    del other['summary']['eps']['8']
+    rows[1] = load_result(other, 'clean')
+    assert evaluation_budget(rows) == (
+        f'PIR-AT: {budget}; clean: SEA, 100 iterations per attack, 24 images, ε = 4/255'
+    )
+    # the plot says it too, under the title or alone
+    assert _curve_figure(rows, 'curves')._suptitle.get_text() == (
+        'curves\n' + evaluation_budget(rows)
+    )
+    assert _curve_figure(rows[:1])._suptitle.get_text() == budget
+
+
+def test_flags_paragraph_names_the_models_concerned(results):
+    flagged = load_result(results[0], 'PIR-AT')
+    flagged['flags'] = [
+        dict(
+            code='zero_gradients',
+            level='warning',
+            message='all-zero input gradients on 3 of 16 images.',
+            fix='check the input path.',
+        )
+    ]
+    quiet = load_result(results[1], 'clean')
+    quiet['flags'] = []
+    lines = format_flags([flagged, quiet])
+    assert lines[0] == (
+        'Self-checks (docs/flags.md): flags raised for PIR-AT. Each flag below '
+        "says what it found and which of that model's numbers it concerns; the "
+        "other models' numbers are not affected."
+    )
+    assert 'trustworthy' not in '\n'.join(lines)
+    assert lines[2].startswith('- PIR-AT: **warning `zero_gradients`**')
+    assert format_flags([quiet]) == ['Self-checks (docs/flags.md): no flags raised.']
+
+
 def test_curve_figure_lines(results):
     rows = [load_result(results[0], 'PIR-AT'), load_result(results[1], 'clean')]
     fig = _curve_figure(rows, 'curves')
@@ -230,7 +275,14 @@ def test_write_report(results, tmp_path, capsys):
     assert '![robustness curve](robustness_curve.png)' in md
     with open(paths['json'], encoding='utf-8') as f:
         report = json.load(f)
-    assert report == {'title': 'My report', 'settings': settings, 'models': rows}
+    budget = 'SEA, 300 iterations per attack, 16 images, ε = 4, 8/255'
+    assert report == {
+        'title': 'My report',
+        'settings': settings,
+        'budget': budget,
+        'models': rows,
+    }
+    assert f'Robust numbers from: {budget}.' in md
     img = _check_png(paths['plot'])
     assert img.shape[1] > img.shape[0]  # two side-by-side axes
     printed = capsys.readouterr().out
@@ -349,12 +401,15 @@ def test_grid_titles(tmp_path):
         'adversarial (ε=8/255)',
         'perturbation ×15.9',
         'ground truth',
-        'clean prediction (acc 90%)',
-        'adversarial prediction (acc 3%)',
+        f'clean prediction\nmIoU {_miou_text(examples[0], "clean_pred")}, acc 90%',
+        f'adversarial prediction\nmIoU {_miou_text(examples[0], "adv_pred")}, acc 3%',
     ]
     row1 = [ax.get_title() for ax in fig.axes[6:]]
     assert row1[1] == 'adversarial (ε=4/255)' and row1[2] == 'perturbation ×31.9'
-    assert row1[4].endswith('(acc 50%)') and row1[5].endswith('(acc 25%)')
+    assert row1[4].endswith(', acc 50%') and row1[5].endswith(', acc 25%')
+    # the key says what the perturbation's colours mean
+    assert PERTURBATION_KEY in [t.get_text() for t in fig.texts]
+    assert 'grey = pixel unchanged' in PERTURBATION_KEY
     assert 'frankfurt_0001' in fig.axes[0].get_ylabel()
     assert 'lindau_0002' in fig.axes[6].get_ylabel()
     assert fig._suptitle.get_text() == 'SEA examples'
@@ -362,6 +417,59 @@ def test_grid_titles(tmp_path):
     assert fig.axes[3].get_images()[0].get_interpolation() == 'nearest'
     legend_texts = [t.get_text() for lg in fig.legends for t in lg.get_texts()]
     assert legend_texts == ['road', 'sidewalk', 'building', 'wall']
+
+
+def _miou_text(example, key):
+    """Per-image mIoU (%) from a confusion matrix, independent of image_miou."""
+    gt, pred = np.asarray(example['gt']), np.asarray(example[key])
+    valid = gt != 255
+    k = len(PALETTE)
+    conf = np.bincount(gt[valid] * k + pred[valid], minlength=k * k).reshape(k, k)
+    inter = np.diag(conf)
+    union = conf.sum(0) + conf.sum(1) - inter
+    return f'{100 * np.mean(inter[union > 0] / union[union > 0]):.0f}%'
+
+
+def test_image_miou_shows_an_object_predicted_as_another_class():
+    # 80 % background, one object of class 1 predicted as class 2: pixel
+    # accuracy 80 %, but the IoU of classes 1 and 2 is 0 -> mIoU 1/3
+    gt = np.zeros((10, 10), dtype=np.int64)
+    gt[:2] = 1
+    pred = gt.copy()
+    pred[:2] = 2
+    assert (gt == pred).mean() == pytest.approx(0.8)
+    assert image_miou(gt, pred) == pytest.approx(1 / 3)
+    assert image_miou(gt, gt) == 1.0
+    # ignored pixels count for nothing; an image without any is NaN
+    gt_ign = gt.copy()
+    gt_ign[:2] = 255
+    assert image_miou(gt_ign, pred) == 1.0
+    assert np.isnan(image_miou(np.full((2, 2), 255), np.zeros((2, 2), int)))
+    with pytest.raises(ValueError, match='same shape'):
+        image_miou(gt, pred[:5])
+
+
+def test_grid_titles_give_miou_beside_accuracy():
+    gt = np.zeros((10, 10), dtype=np.int64)
+    gt[:2] = 1
+    pred = gt.copy()
+    pred[:2] = 2
+    image = np.full((10, 10, 3), 0.5, dtype=np.float32)
+    example = dict(
+        name='img',
+        image=image,
+        adv_image=image + 4 / 255,
+        gt=gt,
+        clean_pred=gt,
+        adv_pred=pred,
+        eps=4.0,
+        attack='SEA',
+        clean_acc=1.0,
+        adv_acc=0.8,
+    )
+    titles = [ax.get_title() for ax in _grid_figure([example], PALETTE).axes]
+    assert titles[4] == 'clean prediction\nmIoU 100%, acc 100%'
+    assert titles[5] == 'adversarial prediction\nmIoU 33%, acc 80%'
 
 
 def test_save_picture_grid_height_grows(tmp_path):

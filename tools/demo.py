@@ -65,8 +65,8 @@ MODELS = {
     'DDC-AT': ('upernet_convnext-micro_ddcat_synthetic.py', 'DDC-AT'),
 }
 
-#: The cost model of the ETA, measured on the reference machine (this project's
-#: 2-core CPU, 2026-11-30, with the other core busy): seconds per unit of one job
+#: The cost model of the ETA, measured on a 2-core x86-64 CPU
+#: (2026-11-30, with the other core busy): seconds per unit of one job
 #: running with one thread. Units: a training iteration, and one SEA iteration (its
 #: three attacks) of one image at one eps. Once the demo runs, the ETA is rescaled
 #: to the speed measured so far, so only the ratios matter then.
@@ -613,7 +613,11 @@ class Demo:
                 [load_example(f) for f in files],
                 path,
                 PALETTE,
-                title=f'{m}: SEA worst case at ε={eps:g}/255',
+                title=(
+                    f'{m}: SEA worst case at ε={eps:g}/255 ({s["steps"]} '
+                    f'iterations per attack, {len(files)} of the {s["images"]} '
+                    'evaluated images)'
+                ),
                 class_names=CLASSES,
             )
             paths[f'examples_{m}'] = path

@@ -7,8 +7,7 @@
 # Idempotent: a stamp file records the hash of the requirement files, and the
 # whole script is skipped when nothing changed. Each step is also safe to rerun
 # (pip skips what is already installed; mmcv's compiled wheel is cached by pip).
-# See ../shared/docs/ENVIRONMENT.md and README "Installation" for why each step is
-# as it is.
+# See docs/installation.md for why each step is as it is.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."

@@ -23,6 +23,7 @@ from matplotlib.patches import Patch
 __all__ = [
     'amplified_perturbation',
     'colorize',
+    'image_miou',
     'load_example',
     'save_example',
     'save_picture_grid',
@@ -222,12 +223,64 @@ def amplified_perturbation(
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
+def image_miou(gt: np.ndarray, pred: np.ndarray, ignore_index: int = 255) -> float:
+    """One image's mIoU: the mean IoU over the classes present in its ground
+    truth or its prediction (pixels labelled ``ignore_index`` left out).
+
+    Pixel accuracy alone can hide a whole object: on an image that is 80 %
+    background, predicting the object as another class still scores 80 %
+    accuracy, but an IoU of 0 for both the object's class and the class
+    predicted there.
+
+    Args:
+        gt (np.ndarray): (H, W) integer ground truth.
+        pred (np.ndarray): (H, W) integer prediction, same shape.
+        ignore_index (int): label of the pixels left out.
+
+    Returns:
+        float: mIoU in [0, 1]; NaN if the image has no labelled pixel.
+    """
+    gt = np.asarray(gt)
+    pred = np.asarray(pred)
+    if gt.shape != pred.shape:
+        raise ValueError(
+            f'ground truth {gt.shape} and prediction {pred.shape} should have '
+            'the same shape.'
+        )
+    valid = gt != ignore_index
+    if not valid.any():
+        return float('nan')
+    g = gt[valid].astype(np.int64)
+    p = pred[valid].astype(np.int64)
+    ious = []
+    for c in np.union1d(np.unique(g), np.unique(p)):
+        inter = np.count_nonzero((g == c) & (p == c))
+        union = np.count_nonzero((g == c) | (p == c))
+        ious.append(inter / union)
+    return float(np.mean(ious))
+
+
+def _pct_text(value: float) -> str:
+    return f'{100 * value:.0f}%' if np.isfinite(value) else '-'
+
+
+#: Caption under a picture grid: how to read the perturbation panel.
+PERTURBATION_KEY = (
+    'Perturbation: grey = pixel unchanged; per colour channel, brighter = '
+    'raised, darker = lowered, ±ε/255 spans black to white (so a red pixel had '
+    'its red raised or its green and blue lowered).'
+)
+
+
 def _amplification(eps: float) -> Optional[float]:
     return 255.0 / (2.0 * eps) if eps > 0 else None
 
 
-def _column_titles(example: dict) -> List[str]:
+def _column_titles(example: dict, ignore_index: int = 255) -> List[str]:
     eps = float(example['eps'])
+    gt = example['gt']
+    clean_miou = _pct_text(image_miou(gt, example['clean_pred'], ignore_index))
+    adv_miou = _pct_text(image_miou(gt, example['adv_pred'], ignore_index))
     amp = _amplification(eps)
     perturbation = (
         f'perturbation ×{amp:.3g}' if amp is not None else 'perturbation (ε=0)'
@@ -237,8 +290,10 @@ def _column_titles(example: dict) -> List[str]:
         f'adversarial (ε={eps:g}/255)',
         perturbation,
         'ground truth',
-        f'clean prediction (acc {100 * float(example["clean_acc"]):.0f}%)',
-        f'adversarial prediction (acc {100 * float(example["adv_acc"]):.0f}%)',
+        'clean prediction\n'
+        f'mIoU {clean_miou}, acc {100 * float(example["clean_acc"]):.0f}%',
+        'adversarial prediction\n'
+        f'mIoU {adv_miou}, acc {100 * float(example["adv_acc"]):.0f}%',
     ]
 
 
@@ -280,23 +335,24 @@ def _grid_figure(
     )
     panel_w = PANEL_INCHES
     panel_h = PANEL_INCHES * float(np.clip(aspect, 0.3, 1.5))
-    title_h = 0.35  # per-row panel titles
+    title_h = 0.5  # per-row panel titles (two lines)
     top = 0.55 if title else 0.1
     legend_h = 0.0
     classes = []
     if class_names is not None:
         classes = _present_classes(examples, len(palette), ignore_index)
         legend_h = 0.25 + 0.25 * int(np.ceil(len(classes) / 6)) if classes else 0
+    key_h = 0.3  # the perturbation key
     left, right = 0.35, 0.1
     width = left + right + 6 * panel_w + 5 * 0.1
-    height = top + n * (panel_h + title_h) + legend_h + 0.1
+    height = top + n * (panel_h + title_h) + legend_h + key_h + 0.1
     fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
     fig.subplots_adjust(
         left=left / width,
         right=1 - right / width,
         top=1 - (top + title_h) / height,
-        bottom=(legend_h + 0.1) / height,
+        bottom=(legend_h + key_h + 0.1) / height,
         wspace=0.1 / panel_w,
         hspace=title_h / panel_h,
     )
@@ -311,7 +367,8 @@ def _grid_figure(
             colorize(ex['clean_pred'], palette, ignore_index),
             colorize(ex['adv_pred'], palette, ignore_index),
         ]
-        for c, (ax, img, text) in enumerate(zip(axes[r], panels, _column_titles(ex))):
+        titles = _column_titles(ex, ignore_index)
+        for c, (ax, img, text) in enumerate(zip(axes[r], panels, titles)):
             ax.imshow(img, interpolation='nearest' if c >= 3 else 'antialiased')
             ax.set_title(text, fontsize=8.5)
             if c == 0:
@@ -322,6 +379,15 @@ def _grid_figure(
                 ax.axis('off')
     if title:
         fig.suptitle(title, y=1 - 0.3 / height, fontsize=12)
+    fig.text(
+        0.5,
+        (legend_h + 0.1 + key_h / 2) / height,
+        PERTURBATION_KEY,
+        ha='center',
+        va='center',
+        fontsize=8,
+        wrap=True,
+    )
     if classes:
         pal = np.clip(np.asarray(palette), 0, 255) / 255.0
         handles = [
@@ -354,9 +420,12 @@ def save_picture_grid(
     """Save a grid with one row per example and six columns.
 
     The columns are the clean image, the adversarial image, the amplified
-    perturbation (``±eps/255`` spans black to white), the ground truth and the
-    clean and adversarial predictions with their pixel accuracy. The example's
-    name (and attack) label each row.
+    perturbation (``±eps/255`` spans black to white, grey is unchanged; a key
+    under the grid says so), the ground truth and the clean and adversarial
+    predictions with their per-image mIoU (:func:`image_miou`) and pixel
+    accuracy: accuracy alone hides an object predicted as another class on an
+    image that is mostly background. The example's name (and attack) label
+    each row.
 
     Args:
         examples (sequence of dict): examples (see the module docstring).

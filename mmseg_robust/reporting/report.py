@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from mmseg_robust.evaluation.results import load_results
 
 __all__ = [
+    'evaluation_budget',
     'format_flags',
     'format_table',
     'load_result',
@@ -206,8 +207,14 @@ def format_flags(rows: Sequence[dict]) -> List[str]:
             )
     head = 'Self-checks (docs/flags.md): '
     if lines:
+        flagged = list(
+            dict.fromkeys(str(r['name']) for r in _check_rows(rows) if r.get('flags'))
+        )
         lines.insert(
-            0, head + 'these flags were raised; the numbers may not be trustworthy.'
+            0,
+            head + f'flags raised for {", ".join(flagged)}. Each flag below says what '
+            "it found and which of that model's numbers it concerns; the other "
+            "models' numbers are not affected.",
         )
         lines.insert(1, '')
     else:
@@ -323,6 +330,43 @@ def _curve_points(row: dict, metric: str):
     return [x for x, _ in points], [y for _, y in points]
 
 
+def _row_budget(row: dict) -> str:
+    parts = [str(row.get('attack') or 'attack')]
+    steps = row.get('steps')
+    parts.append(
+        f'{steps} iterations per attack'
+        if steps is not None
+        else 'iterations differ between attacks'
+    )
+    images = row.get('num_images')
+    if images is not None:
+        parts.append(f'{images} images')
+    eps = list(row['eps'])
+    if eps:
+        parts.append(f'ε = {", ".join(eps)}/255')
+    return ', '.join(parts)
+
+
+def evaluation_budget(rows: Sequence[dict]) -> str:
+    """Which attack budget produced the rows' robust numbers, in words:
+    the attack, its iterations per attack, the number of images and the radii,
+    e.g. ``'SEA, 100 iterations per attack, 24 images, ε = 4, 8/255'``.
+    Rows evaluated with different budgets are listed one by one
+    (``'clean: ...; PIR-AT: ...'``).
+
+    Args:
+        rows (sequence of dict): rows from :func:`load_result`.
+
+    Returns:
+        str: the budget (no trailing period).
+    """
+    rows = _check_rows(rows)
+    budgets = [_row_budget(row) for row in rows]
+    if len(set(budgets)) == 1:
+        return budgets[0]
+    return '; '.join(f'{row["name"]}: {b}' for row, b in zip(rows, budgets))
+
+
 def _curve_figure(rows: Sequence[dict], title: Optional[str] = None) -> Figure:
     """The robustness-curve figure (not saved): mIoU and aACC against eps."""
     rows = _check_rows(rows)
@@ -343,8 +387,8 @@ def _curve_figure(rows: Sequence[dict], title: Optional[str] = None) -> Figure:
         ax.grid(True, alpha=0.3)
         ax.set_title(f'{label.split()[0]} under {attack} (ε=0: clean)', fontsize=10)
     axes[0].legend(fontsize=8, loc='best')
-    if title:
-        fig.suptitle(title)
+    budget = evaluation_budget(rows)
+    fig.suptitle(f'{title}\n{budget}' if title else budget, fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -352,7 +396,9 @@ def _curve_figure(rows: Sequence[dict], title: Optional[str] = None) -> Figure:
 def plot_robustness_curve(
     rows: Sequence[dict], out_file: str, title: Optional[str] = None
 ) -> str:
-    """Plot mIoU and aACC (%) against the radius, one line per model.
+    """Plot mIoU and aACC (%) against the radius, one line per model, with
+    the attack budget that produced them (:func:`evaluation_budget`) under
+    the title.
 
     Args:
         rows (sequence of dict): rows from :func:`load_result`.
@@ -392,7 +438,9 @@ def write_report(
     settings: Optional[dict] = None,
     print_table: bool = True,
 ) -> Dict[str, str]:
-    """Write a Markdown report, its JSON and the robustness curve.
+    """Write a Markdown report, its JSON and the robustness curve. The
+    report and the plot say which attack budget produced the robust numbers
+    (:func:`evaluation_budget`: attack, iterations per attack, images, eps).
 
     Args:
         rows (sequence of dict): rows from :func:`load_result`.
@@ -428,6 +476,7 @@ def write_report(
     if settings:
         items = ', '.join(f'{k}: {v}' for k, v in settings.items())
         lines += [f'Settings: {items}', '']
+    lines += [f'Robust numbers from: {evaluation_budget(rows)}.', '']
     lines += [
         'Numbers in %. Robust numbers are the worst case over the attacks at each '
         'radius ε; aACC is the mean over images of the per-image pixel accuracy.',
@@ -442,7 +491,12 @@ def write_report(
         f.write('\n'.join(lines))
     with open(paths['json'], 'w', encoding='utf-8') as f:
         json.dump(
-            {'title': title, 'settings': settings, 'models': rows},
+            {
+                'title': title,
+                'settings': settings,
+                'budget': evaluation_budget(rows),
+                'models': rows,
+            },
             f,
             indent=1,
             ensure_ascii=False,

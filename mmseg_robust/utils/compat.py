@@ -36,7 +36,7 @@ failure it removes; none disables a safety check globally.
    (:func:`weights_only_loads`). With fix 1 (torch >= 2.4) Runner checkpoints
    load; on torch 1.13-2.3 (``weights_only`` but no allow-list) plain weights
    load and Runner checkpoints are refused; torch < 1.13 has no safe loader and
-   every load is refused (README, "Checkpoints").
+   every load is refused (docs/installation.md, "Compatibility fixes").
 """
 
 import atexit
@@ -134,7 +134,7 @@ def weights_only_loads():
         raise RuntimeError(
             f'torch {torch.__version__} has no torch.load(weights_only=True): '
             'mmseg_robust refuses to load checkpoints with it (unpickling can '
-            'run arbitrary code). Install torch >= 2.4 (README, Installation).'
+            'run arbitrary code). Install torch >= 2.4 (docs/installation.md).'
         )
     original = torch.load
 

@@ -67,7 +67,7 @@ def parse_args(argv=None):
         '--num-images',
         type=int,
         default=None,
-        help='evaluate the first N test images only',
+        help='evaluate the first N test images only (N >= 1; default: all)',
     )
     parser.add_argument(
         '--name',
@@ -95,6 +95,11 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
+    if args.num_images is not None and args.num_images < 1:
+        parser.error(
+            f'--num-images must be >= 1, got {args.num_images}; leave it out '
+            'to evaluate every test image'
+        )
     if any(e < 0 for e in args.eps):
         parser.error(f'--eps must be >= 0, got {args.eps}')
     if not any(e > 0 for e in args.eps):
@@ -161,7 +166,7 @@ def main(argv=None) -> dict:
     if args.steps is not None:
         spec['steps'] = args.steps
     apply_robustness_evaluator(cfg, spec)
-    if args.num_images:
+    if args.num_images is not None:
         cfg.test_dataloader.dataset.indices = args.num_images
     if args.show_dir:
         add_adversarial_visualization(cfg, args.show_dir)
@@ -175,12 +180,16 @@ def main(argv=None) -> dict:
     ]
     row = load_result(metric.results_path, name=name)
     settings = dict(shared_settings([row]), checkpoint=args.checkpoint)
-    return write_report(
+    paths = write_report(
         [row],
         osp.join(runner.work_dir, 'robustness_curve'),
         title=f'Robustness curve: {name}',
         settings=settings,
     )
+    print(f'results file: {metric.results_path}')
+    for what, path in paths.items():
+        print(f'{what}: {path}')
+    return paths
 
 
 if __name__ == '__main__':

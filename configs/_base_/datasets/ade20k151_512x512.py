@@ -2,7 +2,7 @@
 # protocol (docs/algorithms.md section 5.1): 151 classes, label 0 ("other") kept;
 # training: scale [0.5, 2] of a 520 short side, random 512x512 crop, flip, Gaussian
 # blur p=0.5; evaluation: short side resized to 512, centre 512x512 crop. Prepare
-# the data as mmseg's dataset_prepare.md ("ADE20K"); see README.md (Model zoo).
+# the data as mmseg's dataset_prepare.md ("ADE20K"); see docs/datasets.md.
 dataset_type = 'ADE20K151Dataset'
 data_root = 'data/ade/ADEChallengeData2016'
 crop_size = (512, 512)

@@ -3,7 +3,7 @@
 # training: scale [0.5, 2] of a 512 short side, random 473x473 crop, flip, Gaussian
 # blur p=0.5; evaluation: short side resized to 473, centre 473x473 crop (1449
 # validation images). Prepare the data as mmseg's dataset_prepare.md ("Pascal VOC"
-# with tools/dataset_converters/voc_aug.py); see README.md (Model zoo).
+# with tools/dataset_converters/voc_aug.py); see docs/datasets.md.
 dataset_type = 'PascalVOCVoidAsBackgroundDataset'
 data_root = 'data/VOCdevkit/VOC2012'
 crop_size = (473, 473)
