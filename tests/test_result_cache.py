@@ -302,7 +302,7 @@ def test_rewritten_annotations_invalid_lines_and_the_resume_log(
     # (c) null, {} and a record with inconsistent counts: warned about by file
     # and line, the edited image computed again, the other one read
     edited = json.loads(records[0])
-    edited['attacks']['8']['PGD']['correct'] += 1
+    edited['attacks']['8']['PGD-CE']['correct'] += 1
     with open(cache, 'w') as f:
         f.write('null\n{}\n' + json.dumps(edited) + '\n' + records[1])
     again, out = _run(run_tool, small_config, cheap_checkpoint, work, opts)
