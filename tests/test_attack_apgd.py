@@ -16,7 +16,9 @@ from mmseg_robust.attacks import (
 from mmseg_robust.attacks.apgd import (
     DEFAULT_MODES,
     STALL_HALVINGS,
+    APGDModes,
     apgd_run,
+    resolve_modes,
     stall_patience,
 )
 from mmseg_robust.attacks.base import SegmentationTarget
@@ -665,6 +667,49 @@ def test_compat_reference_sets_both_options():
             cls(eps=8, n_iter=10, zero_acc='first')
         built = ATTACKS.build(dict(type=cls.__name__, n_iter=4, compat='reference'))
         assert built.zero_acc == built.first_window == 'reference'
+
+
+def test_mode_options_are_checked_by_one_function(monkeypatch):
+    """``resolve_modes`` checks all four mode options; every attack, the
+    optimiser loop and the step-size control go through it."""
+    assert resolve_modes() == APGDModes(None, 'leave', 'reference', False)
+    assert resolve_modes('reference') == APGDModes(
+        'reference', 'reference', 'reference', False
+    )
+    assert resolve_modes(stall_stop=1).stall_stop is True
+    with pytest.raises(ValueError, match="^X: stall_stop needs zero_acc='leave'"):
+        resolve_modes(zero_acc='reference', stall_stop=True, owner='X')
+    with pytest.raises(ValueError, match='APGDStepSizeControl: first_window must'):
+        APGDStepSizeControl(10, torch.zeros(2), 0.1, first_window='first')
+    net = torch.nn.Conv2d(3, 2, 1)
+    target = SegmentationTarget(net, torch.zeros(1, 4, 4, dtype=torch.long))
+    x = torch.rand(1, 3, 4, 4)
+    with pytest.raises(ValueError, match='apgd_run: stall_stop needs zero_acc='):
+        apgd_run(
+            target,
+            CrossEntropy(),
+            APGD().threat_model,
+            x,
+            x,
+            0.1,
+            2,
+            zero_acc='reference',
+            stall_stop=True,
+        )
+    import mmseg_robust.attacks.apgd as apgd_module
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[-1] if len(args) == 5 else kwargs.get('owner'))
+        return resolve_modes(*args, **kwargs)
+
+    monkeypatch.setattr(apgd_module, 'resolve_modes', spy)
+    monkeypatch.setattr('mmseg_robust.attacks.sea.resolve_modes', spy)
+    APGD(n_iter=2)
+    APGDLargeEps(n_iter=2)
+    SEA(n_iter=2, losses=('CE',))
+    assert calls == ['APGD', 'APGDLargeEps', 'SEA', 'APGDLargeEps']
 
 
 def test_compat_reference_is_both_options(problem):

@@ -225,7 +225,7 @@ def test_stall_stop_reaches_every_member_and_keeps_seeds_batch_independent(
     sea = SEA(eps=8, n_iter=40, class_weights=WEIGHTS, stall_stop=True)
     assert 'stall_stop=True' in repr(sea)
     assert all(m.stall_stop for m in sea.attacks.values())
-    with pytest.raises(ValueError, match="stall_stop needs zero_acc='leave'"):
+    with pytest.raises(ValueError, match="^SEA: stall_stop needs zero_acc='leave'"):
         _sea(stall_stop=True, compat='reference')
     net, x, y = problem
     full = sea.run(net, x, y, seeds=SEEDS)

@@ -127,11 +127,10 @@ class SEA(Attack):
         name: Optional[str] = None,
     ) -> None:
         super().__init__(eps, norm, ignore_index, eps_units, name)
-        self.compat, self.zero_acc, self.first_window = resolve_modes(
-            compat, zero_acc, first_window, type(self).__name__
+        self.compat, self.zero_acc, self.first_window, self.stall_stop = resolve_modes(
+            compat, zero_acc, first_window, stall_stop, type(self).__name__
         )
         self.early_stop = bool(early_stop)
-        self.stall_stop = bool(stall_stop)
         if isinstance(losses, (str, dict)) or len(losses) == 0:
             raise ValueError(
                 f'losses must be a non-empty sequence of objectives, got {losses!r}'
