@@ -266,3 +266,35 @@ def test_attack_names_tell_attacks_of_one_class_apart():
     for bad in ('', 'a/b', 3):
         with pytest.raises(ValueError, match='name must be a non-empty string'):
             build(dict(type='PGD', name=bad))
+
+
+@pytest.mark.parametrize('kind', ['SEA', 'APGDLargeEps'])
+def test_run_is_reentrant_progress_is_not_kept_on_the_attack(problem, kind):
+    """A run keeps nothing of a call on the attack (nor on SEA's members): a run
+    of the same attack nested in the model's forward leaves the outer run's
+    progress and result as they are, and a repeated run gives the same."""
+    net, x, y = problem
+    cfg = dict(type=kind, eps=8, steps=6)
+    if kind == 'SEA':
+        cfg['class_weights'] = WEIGHTS
+    attack = ATTACKS.build(cfg)
+    seen_alone = []
+    alone = attack.run(net, x, y, seeds=[1, 2, 3, 4], progress=seen_alone.append)
+
+    nested, inner_seen = [], []
+
+    def view(images):
+        if not nested:  # once, at the outer run's first forward
+            nested.append(
+                attack.run(net, x, y, seeds=[1, 2, 3, 4], progress=inner_seen.append)
+            )
+        return net(images)
+
+    seen = []
+    out = attack.run(view, x, y, seeds=[1, 2, 3, 4], progress=seen.append)
+    assert seen == seen_alone and inner_seen == seen_alone
+    assert torch.equal(out.adv_images, alone.adv_images)
+    assert torch.equal(nested[0].adv_images, alone.adv_images)
+    # nothing of a call stays on the attack or its members
+    for a in (attack, *getattr(attack, 'attacks', {}).values()):
+        assert not any('progress' in k for k in vars(a)), vars(a).keys()

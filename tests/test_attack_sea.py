@@ -81,7 +81,7 @@ def test_class_weight_length_mismatch(problem):
 def test_worst_case_per_image(norm, problem, attack_models):
     net, x, y = problem
     sea = _sea(EPS[norm], norm)
-    outs = sea.run_all(net, x, y, seeds=SEEDS)
+    outs = sea.run(net, x, y, seeds=SEEDS).members
     assert list(outs) == NAMES
     worst = sea.run(net, x, y, seeds=SEEDS)
     attack_models.assert_feasible(worst.adv_images, x, EPS[norm], norm)
@@ -104,7 +104,7 @@ def test_worst_case_per_image(norm, problem, attack_models):
 def test_ties_go_to_the_earlier_attack(problem):
     net, x, y = problem
     sea = _sea(eps=0.5)  # 0.5/255, too small to change many predictions: ties
-    outs = list(sea.run_all(net, x, y, seeds=SEEDS).values())
+    outs = list(sea.run(net, x, y, seeds=SEEDS).members.values())
     worst = sea.run(net, x, y, seeds=SEEDS)
     accs = torch.stack([pixel_accuracy(o.adv_pred, y) for o in outs])
     tied = (accs == accs[0]).all(0)
@@ -117,7 +117,7 @@ def test_ties_go_to_the_earlier_attack(problem):
 def test_attacks_are_independent_runs_from_the_clean_input(problem):
     net, x, y = problem
     sea = _sea()
-    outs = sea.run_all(net, x, y, seeds=SEEDS)
+    outs = sea.run(net, x, y, seeds=SEEDS).members
     for a, (name, attack) in enumerate(sea.attacks.items()):
         alone = attack.run(net, x, y, seeds=derive_seeds(SEEDS, a))
         assert torch.equal(alone.adv_images, outs[name].adv_images), name
@@ -150,7 +150,7 @@ def test_seeds_reproducible_and_batch_independent(norm, problem):
 def test_eps_zero_returns_clean_images_and_predictions(norm, problem):
     net, x, y = problem
     sea = _sea(0, norm)
-    for out in (sea.run(net, x, y), *sea.run_all(net, x, y).values()):
+    for out in (sea.run(net, x, y), *sea.run(net, x, y).members.values()):
         assert torch.equal(out.adv_images, x)
         assert torch.equal(out.adv_pred, net(x).argmax(1))
 
@@ -209,7 +209,7 @@ def test_apgd_options_reach_every_member(problem):
     # the members run with the options: SEA's members equal APGDLargeEps alone
     net, x, y = problem
     sea = _sea(compat='reference')
-    outs = sea.run_all(net, x, y, seeds=SEEDS)
+    outs = sea.run(net, x, y, seeds=SEEDS).members
     for a, (name, attack) in enumerate(sea.attacks.items()):
         alone = APGDLargeEps(
             eps=8, n_iter=10, loss=attack.objective, compat='reference'

@@ -669,7 +669,7 @@ class APGD(Attack):
             init = init.detach().to(device=images.device, dtype=torch.float32)
         return self._run(model, images, labels, valid, seeds, progress, init=init)
 
-    def _attack(self, target, x, seeds, init=None) -> AttackOutput:
+    def _attack(self, target, x, seeds, report, init=None) -> AttackOutput:
         tm = self.threat_model
         with torch.no_grad():
             x0 = (
@@ -805,15 +805,13 @@ class APGDLargeEps(Attack):
     def objectives(self) -> List[Objective]:
         return [self.objective]
 
-    def _attack(self, target, x, seeds) -> AttackOutput:
+    def _attack(self, target, x, seeds, report) -> AttackOutput:
         tm = self.threat_model
         out, stats = None, None
         n = len(self.stages)
         for stage, (n_stage, eps_stage) in enumerate(self.stages):
             its = 'iteration' if n_stage == 1 else 'iterations'
-            self.report(
-                f'stage {stage + 1}/{n}: radius {eps_stage:g}/255, {n_stage} {its}'
-            )
+            report(f'stage {stage + 1}/{n}: radius {eps_stage:g}/255, {n_stage} {its}')
             radius = eps_stage / 255.0
             with torch.no_grad():
                 if stage == 0:
