@@ -21,6 +21,7 @@ from .apgd import (
     radius_schedule,
     step_size_halving,
 )
+from .attack_warning import AttackWarning
 from .base import Attack, AttackOutput, SegmentationTarget
 from .objectives import (
     OBJECTIVES,
@@ -70,6 +71,7 @@ __all__ = [
     'APGDStepSizeControl',
     'Attack',
     'AttackOutput',
+    'AttackWarning',
     'BalancedMaskedCrossEntropy',
     'CosPGDLoss',
     'CrossEntropy',

@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .attack_warning import AttackWarning
 from .objectives import Objective, build_objective
 from .seg_logits import SegLogits, check_labels, effective_valid, pixel_accuracy
 from .threat_model import ThreatModel
@@ -265,7 +266,7 @@ def eval_mode(model):
     if not any(training for _, training in flags):
         yield
         return
-    warnings.warn(_TRAIN_MODE_WARNING, UserWarning, stacklevel=5)
+    warnings.warn(_TRAIN_MODE_WARNING, AttackWarning, stacklevel=5)
     for sub, _ in flags:
         sub.training = False
     try:
