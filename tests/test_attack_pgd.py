@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mmseg_robust.attacks import BIM, FGSM, PGD, Attack, AttackOutput, pixel_accuracy
-from mmseg_robust.registry import ATTACKS
+from mmseg_robust.registry import ATTACKS, OBJECTIVES
 
 pytestmark = pytest.mark.usefixtures('attack_one_thread')
 
@@ -123,7 +123,7 @@ def test_best_iterate_returns_lowest_accuracy_iterate(attack_models):
     net = attack_models.tiny_net()
     x, y = attack_models.batch(net=net, seed=3)
 
-    class Wander(ATTACKS.get('CE')):
+    class Wander(OBJECTIVES.get('CE')):
         # an objective unrelated to accuracy: the iterates wander
         def pixel_loss(self, s):
             r = torch.linspace(-1, 1, s.logits.shape[1]).view(1, -1, 1, 1)

@@ -1,11 +1,12 @@
 """Adversarial attacks on semantic segmentation in pixel space (docs/algorithms.md
 sections 1-4). Pure torch: no Runner imports.
 
-Importing this package registers into ``mmseg_robust.registry.ATTACKS``:
+Importing this package registers
 
-- attacks: ``FGSM``, ``BIM``, ``PGD``, ``APGD``, ``APGDLargeEps``, ``SEA``;
-- objectives: ``CE``, ``Mask-CE``, ``Mask-CE-Bal``, ``JS-Avg``, ``SegPGD``,
-  ``CosPGD``, ``Mask-Sph``.
+- attacks into ``mmseg_robust.registry.ATTACKS``: ``FGSM``, ``BIM``, ``PGD``,
+  ``APGD``, ``APGDLargeEps``, ``SEA``;
+- objectives into ``mmseg_robust.registry.OBJECTIVES``: ``CE``, ``Mask-CE``,
+  ``Mask-CE-Bal``, ``JS-Avg``, ``SegPGD``, ``CosPGD``, ``Mask-Sph``.
 
 Example:
     >>> attack = ATTACKS.build(dict(type='APGD', eps=8, n_iter=100, loss='Mask-CE'))
@@ -24,7 +25,7 @@ from .apgd import (
 from .attack_warning import AttackWarning
 from .base import Attack, AttackOutput, SegmentationTarget
 from .objectives import (
-    OBJECTIVES,
+    OBJECTIVE_NAMES,
     BalancedMaskedCrossEntropy,
     CosPGDLoss,
     CrossEntropy,
@@ -63,7 +64,7 @@ __all__ = [
     'FGSM',
     'EPS_UNITS',
     'NORMS',
-    'OBJECTIVES',
+    'OBJECTIVE_NAMES',
     'PGD',
     'SEA',
     'SEA_LOSSES',
