@@ -47,7 +47,6 @@ from .seg_logits import (
     check_labels,
     effective_valid,
     num_correct,
-    pixel_accuracy,
 )
 from .threat_model import (
     EPS_UNITS,
@@ -98,7 +97,6 @@ __all__ = [
     'load_class_weights',
     'num_correct',
     'objective_names',
-    'pixel_accuracy',
     'radius_schedule',
     'step_size_halving',
 ]

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .attack_warning import AttackWarning
 from .objectives import Objective, build_objective
-from .seg_logits import SegLogits, check_labels, effective_valid, pixel_accuracy
+from .seg_logits import SegLogits, check_labels, effective_valid
 from .threat_model import ThreatModel
 
 __all__ = [
@@ -28,7 +28,6 @@ __all__ = [
     'AttackOutput',
     'STATS_KEYS',
     'SegmentationTarget',
-    'pixel_accuracy',
     'resolve_steps',
 ]
 
