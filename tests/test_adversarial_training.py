@@ -251,7 +251,7 @@ def test_stock_optim_wrapper_trains_adversarially(
     assert seen['optim_wrapper'] is runner.optim_wrapper
     # the update got the scheme's adversarial batch
     loop = runner.train_loop
-    attacked = loop.attacked_indices(4)
+    attacked = loop.train_scheme.attacked_indices(4)
     assert attacked == ([0, 1, 2, 3] if scheme == 'pirat' else [2, 3])
     assert len(seen['batch']['inputs']) == 4
     assert ('gt_division' in seen['batch']['data_samples'][0]) == (scheme == 'ddcat')
@@ -344,7 +344,7 @@ def test_scheme_loops_equal_the_scheme_option(
         options={'train_cfg.type': 'SATTrainLoop'},
     )
     assert isinstance(runner.train_loop, SATTrainLoop)
-    assert runner.train_loop.attacked_indices(4) == [2, 3]
+    assert runner.train_loop.train_scheme.attacked_indices(4) == [2, 3]
     assert not isinstance(runner.train_loop, PIRATTrainLoop)
 
 
@@ -573,7 +573,7 @@ def test_padded_variable_size_batch(
     batch = _variable_size_batch(sizes)
     original = copy.deepcopy(batch)
     adv, stats = loop.adversarial_batch(batch)
-    attacked = loop.attacked_indices(len(sizes))
+    attacked = loop.train_scheme.attacked_indices(len(sizes))
     for i, (a, o) in enumerate(zip(adv['inputs'], original['inputs'])):
         assert a.shape == o.shape
         delta = (a.float() - o.float()).abs().max()

@@ -424,11 +424,6 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
         sync_norm_stats(unwrap_model(model))
 
     # ---------------------------------------------------------- the batch
-    def attacked_indices(self, batch_size: int) -> List[int]:
-        """Images that become adversarial (the scheme's: all for PIR-AT, the
-        second half for SAT and DDC-AT)."""
-        return self.train_scheme.attacked_indices(batch_size)
-
     def adversarial_batch(self, data_batch: dict):
         """Compose the training batch of one iteration.
 
