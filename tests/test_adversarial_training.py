@@ -192,14 +192,9 @@ def test_loops_keep_mmengines_run():
     """One run_iter override: mmengine's IterBasedTrainLoop.run runs as is."""
     from mmengine.runner import IterBasedTrainLoop
 
-    from mmseg_robust.engine import DDCATTrainLoop, PIRATTrainLoop, SATTrainLoop
-
     assert 'run' not in AdversarialTrainLoop.__dict__
     assert 'run_iter' in AdversarialTrainLoop.__dict__
-    for cls in (PIRATTrainLoop, SATTrainLoop, DDCATTrainLoop):
-        assert issubclass(cls, AdversarialTrainLoop)
-        assert 'run' not in cls.__dict__ and 'run_iter' not in cls.__dict__
-        assert cls.run is IterBasedTrainLoop.run
+    assert AdversarialTrainLoop.run is IterBasedTrainLoop.run
 
 
 def _train_one_iteration(repo_root, synthetic_root, tmp_path, scheme, options=None):
@@ -294,58 +289,6 @@ def test_deprecated_optim_wrapper_names_still_work(
         )
     assert isinstance(runner.optim_wrapper, AdversarialOptimWrapper)
     assert 'train/adv.acc' in runner.message_hub.log_scalars
-
-
-def test_scheme_loops_equal_the_scheme_option(
-    repo_root, synthetic_root, tmp_path, reset_mmengine
-):
-    from mmseg_robust.engine import PIRATScheme, PIRATTrainLoop, SATTrainLoop
-
-    def pirat_loop(cfg):  # type='PIRATTrainLoop' without a scheme key
-        cfg.train_cfg.type = 'PIRATTrainLoop'
-        cfg.train_cfg.pop('scheme')
-
-    batch = state = None
-    results = []
-    for i, edit in enumerate((None, pirat_loop)):
-        runner = _runner(
-            repo_root, 'pirat', synthetic_root, tmp_path / str(i), edit=edit
-        )
-        assert 'scheme' in runner.cfg.train_cfg or edit is not None
-        loop = runner.train_loop
-        assert type(loop) is (PIRATTrainLoop if edit else AdversarialTrainLoop)
-        assert loop.scheme == 'pirat'
-        assert isinstance(loop.train_scheme, PIRATScheme)
-        module = unwrap_model(runner.model)
-        if batch is None:
-            batch = next(iter(runner.train_dataloader))
-            state = copy.deepcopy(module.state_dict())
-        module.load_state_dict(state)
-        results.append(loop.adversarial_batch(copy.deepcopy(batch)))
-    (a, stats_a), (b, stats_b) = results
-    assert stats_a == stats_b
-    for x, y in zip(a['inputs'], b['inputs']):
-        assert torch.equal(x, y)
-    assert not any(torch.equal(x, y) for x, y in zip(a['inputs'], batch['inputs']))
-    # a scheme loop refuses another scheme
-    with pytest.raises(ValueError, match='AdversarialTrainLoop'):
-        _runner(
-            repo_root,
-            'sat',
-            synthetic_root,
-            tmp_path / 'x',
-            options={'train_cfg.type': 'PIRATTrainLoop'},
-        ).train_loop
-    runner = _runner(
-        repo_root,
-        'sat',
-        synthetic_root,
-        tmp_path / 'y',
-        options={'train_cfg.type': 'SATTrainLoop'},
-    )
-    assert isinstance(runner.train_loop, SATTrainLoop)
-    assert runner.train_loop.train_scheme.attacked_indices(4) == [2, 3]
-    assert not isinstance(runner.train_loop, PIRATTrainLoop)
 
 
 def test_schemes_are_registered_classes(

@@ -2,12 +2,7 @@
 cache."""
 
 from .adversarial_loops import AdversarialTestLoop, AdversarialValLoop, image_seed
-from .adversarial_training import (
-    AdversarialTrainLoop,
-    DDCATTrainLoop,
-    PIRATTrainLoop,
-    SATTrainLoop,
-)
+from .adversarial_training import AdversarialTrainLoop
 from .attack_context import attack_context
 from .checkpoint_check import CheckpointCheckHook, check_loaded_checkpoint
 from .optim_wrappers import AdversarialAmpOptimWrapper, AdversarialOptimWrapper
@@ -36,15 +31,12 @@ __all__ = [
     'AdversarialVisualizationHook',
     'CheckpointCheckHook',
     'DDCATScheme',
-    'DDCATTrainLoop',
     'EVALUATOR_PRESETS',
     'PIRATScheme',
-    'PIRATTrainLoop',
     'RandomStateHook',
     'ResultCache',
     'ResumeCheckHook',
     'SATScheme',
-    'SATTrainLoop',
     'TrainScheme',
     'add_adversarial_visualization',
     'apply_robustness_evaluator',

@@ -54,9 +54,6 @@ from .train_schemes import TrainScheme
 
 __all__ = [
     'AdversarialTrainLoop',
-    'DDCATTrainLoop',
-    'PIRATTrainLoop',
-    'SATTrainLoop',
     'sync_norm_stats',
 ]
 
@@ -228,9 +225,6 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
                         random_start=False))
         optim_wrapper = dict(type='OptimWrapper', optimizer=...)
 
-    ``PIRATTrainLoop``, ``SATTrainLoop`` and ``DDCATTrainLoop`` are this loop with
-    the scheme fixed (``train_cfg = dict(type='PIRATTrainLoop', ...)``).
-
     Only :meth:`run_iter` is overridden: mmengine's ``run`` (resume's data loader
     skip included) runs as is, and the random state of a resumed run is restored
     by the loop's batch iterator right after the skip, which with
@@ -287,9 +281,6 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
     data preprocessor adds to images smaller than its ``size``.
     """
 
-    #: the scheme a subclass fixes (None: chosen by ``scheme``)
-    fixed_scheme: Optional[str] = None
-
     def __init__(
         self,
         runner,
@@ -345,15 +336,6 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
         )
 
     def _build_scheme(self, scheme) -> TrainScheme:
-        fixed = self.fixed_scheme
-        if fixed is not None:
-            if scheme not in (None, fixed):
-                raise ValueError(
-                    f'{type(self).__name__} trains with scheme={fixed!r}, got '
-                    f'scheme={scheme!r}: use AdversarialTrainLoop to choose '
-                    'the scheme'
-                )
-            scheme = fixed
         if scheme is None:
             scheme = 'pirat'
         if isinstance(scheme, TrainScheme):
@@ -585,25 +567,3 @@ def _check_load_from(runner) -> None:
         f'checkpoint.{hint} Train it first, or point the config at your own '
         f'checkpoint with --cfg-options load_from=PATH.'
     )
-
-
-@LOOPS.register_module()
-class PIRATTrainLoop(AdversarialTrainLoop):
-    """:class:`AdversarialTrainLoop` with ``scheme='pirat'``."""
-
-    fixed_scheme = 'pirat'
-
-
-@LOOPS.register_module()
-class SATTrainLoop(AdversarialTrainLoop):
-    """:class:`AdversarialTrainLoop` with ``scheme='sat'``."""
-
-    fixed_scheme = 'sat'
-
-
-@LOOPS.register_module()
-class DDCATTrainLoop(AdversarialTrainLoop):
-    """:class:`AdversarialTrainLoop` with ``scheme='ddcat'`` (needs a DDC-AT
-    decode head)."""
-
-    fixed_scheme = 'ddcat'
