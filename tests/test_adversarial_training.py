@@ -256,41 +256,6 @@ def test_stock_optim_wrapper_trains_adversarially(
     )
 
 
-def test_deprecated_optim_wrapper_names_still_work(
-    repo_root, synthetic_root, tmp_path, reset_mmengine
-):
-    from mmengine.optim import OptimWrapper
-
-    from mmseg_robust.engine import AdversarialOptimWrapper
-    from mmseg_robust.registry import OPTIM_WRAPPERS
-
-    model = _small_model()
-    with pytest.warns(DeprecationWarning, match="type='OptimWrapper'"):
-        wrapper = OPTIM_WRAPPERS.build(
-            dict(
-                type='AdversarialOptimWrapper',
-                optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            )
-        )
-    assert isinstance(wrapper, AdversarialOptimWrapper)
-    assert isinstance(wrapper, OptimWrapper)
-    # its old attack_context method is the function's
-    with pytest.raises(RuntimeError, match='parameter gradient changed'):
-        with wrapper.attack_context(model):
-            model[0].weight.grad = torch.ones_like(model[0].weight)
-    # a config with the old name still trains adversarially
-    with pytest.warns(DeprecationWarning):
-        runner, _ = _train_one_iteration(
-            repo_root,
-            synthetic_root,
-            tmp_path,
-            'pirat',
-            {'optim_wrapper.type': 'AdversarialOptimWrapper'},
-        )
-    assert isinstance(runner.optim_wrapper, AdversarialOptimWrapper)
-    assert 'train/adv.acc' in runner.message_hub.log_scalars
-
-
 def test_schemes_are_registered_classes(
     repo_root, synthetic_root, tmp_path, reset_mmengine
 ):
@@ -846,8 +811,17 @@ def test_uses_amp_reads_configs_and_built_wrappers():
     assert uses_amp(dict(type='AmpOptimWrapper', optimizer=opt))
     assert uses_amp(dict(type='mmengine.AmpOptimWrapper', optimizer=opt))
     assert uses_amp(dict(type=AmpOptimWrapper, optimizer=opt))
-    # a registered subclass (the deprecated alias)
-    assert uses_amp(dict(type='AdversarialAmpOptimWrapper', optimizer=opt))
+    # a registered subclass (a user's)
+    from mmseg_robust.registry import OPTIM_WRAPPERS
+
+    class UserAmpWrapper(AmpOptimWrapper):
+        pass
+
+    OPTIM_WRAPPERS.register_module(name='_UserAmpWrapper_test', module=UserAmpWrapper)
+    try:
+        assert uses_amp(dict(type='_UserAmpWrapper_test', optimizer=opt))
+    finally:
+        OPTIM_WRAPPERS.module_dict.pop('_UserAmpWrapper_test')
     assert not uses_amp(dict(type='OptimWrapper', optimizer=opt))
     assert not uses_amp(dict(optimizer=opt))  # type defaults to OptimWrapper
     # several wrappers by name (a multi-optimizer constructor's config)

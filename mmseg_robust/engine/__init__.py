@@ -5,7 +5,6 @@ from .adversarial_loops import AdversarialTestLoop, AdversarialValLoop, image_se
 from .adversarial_training import AdversarialTrainLoop
 from .attack_context import attack_context
 from .checkpoint_check import CheckpointCheckHook, check_loaded_checkpoint
-from .optim_wrappers import AdversarialAmpOptimWrapper, AdversarialOptimWrapper
 from .presets import (
     EVALUATOR_PRESETS,
     add_adversarial_visualization,
@@ -23,8 +22,6 @@ from .train_schemes import DDCATScheme, PIRATScheme, SATScheme, TrainScheme
 from .visualization_hook import AdversarialVisualizationHook
 
 __all__ = [
-    'AdversarialAmpOptimWrapper',
-    'AdversarialOptimWrapper',
     'AdversarialTestLoop',
     'AdversarialTrainLoop',
     'AdversarialValLoop',
