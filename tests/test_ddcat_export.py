@@ -10,6 +10,7 @@ from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
 import mmseg_robust.models.decode_heads  # noqa: F401  (registers the heads)
+from mmseg_robust.models.checkpoint import CheckpointError
 from mmseg_robust.models.converters import (
     export_plain_state_dict,
     plain_head_cfg,
@@ -63,7 +64,7 @@ def test_exported_model_gives_cls1_logits_exactly(head_type, tiny_models):
         routed = model.decode_head.routed_logits(model.extract_feat(x), size=(33, 33))
     assert torch.equal(exported, ours) and torch.equal(exported, cls1)
     assert not torch.equal(exported, routed)  # the routing was really dropped
-    with pytest.raises(ValueError, match='not a DDC-AT checkpoint'):
+    with pytest.raises(CheckpointError, match='not a DDC-AT checkpoint'):
         export_plain_state_dict(sd)
 
 

@@ -39,16 +39,11 @@ CONVERT_SEMSEG = 'tools/model_converters/ddcat_semseg.py'
 _LIMIT = 20  # tensor names listed per kind of mismatch
 
 
-class CheckpointError(ValueError, KeyError):
-    """A checkpoint holds no state dict, cannot be converted, or does not fit
-    the model (the message names the tensors).
-
-    A ``ValueError`` and a ``KeyError``, so that callers catching either keep
-    working; the message is printed as is (not quoted as a ``KeyError``'s).
-    """
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+class CheckpointError(ValueError):
+    """The one error for a checkpoint problem: a file that holds no state dict,
+    cannot be converted (a missing tensor, another architecture, an input
+    normaliser), does not fit the model (the message names the tensors), or
+    whose training state cannot be resumed."""
 
 
 def load_checkpoint_file(path: str, trust: bool = False, mmap: bool = False):
@@ -67,9 +62,10 @@ def load_checkpoint_file(path: str, trust: bool = False, mmap: bool = False):
 
     Raises:
         FileNotFoundError: no such file.
-        RuntimeError: the file cannot be loaded; the message names the file and,
-            when the safe loader refused it, the ``--unsafe-load`` / ``trust=True``
-            fix.
+        RuntimeError: this torch has no ``torch.load(weights_only=True)``.
+        CheckpointError: the file cannot be loaded; the message names the file
+            and, when the safe loader refused it, the ``--unsafe-load`` /
+            ``trust=True`` fix.
     """
     if not osp.isfile(path):
         raise FileNotFoundError(f'no such checkpoint file: {path}')
@@ -88,8 +84,8 @@ def load_checkpoint_file(path: str, trust: bool = False, mmap: bool = False):
         return torch.load(path, map_location='cpu', weights_only=not trust, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - re-raised naming the file and fix
         if trust:
-            raise RuntimeError(f'cannot load the checkpoint {path}: {e}') from e
-        raise RuntimeError(
+            raise CheckpointError(f'cannot load the checkpoint {path}: {e}') from e
+        raise CheckpointError(
             f'cannot load the checkpoint {path} with torch.load(weights_only='
             f'True): {e}\nIf you trust the file (unpickling can run arbitrary '
             'code), rerun with --unsafe-load (trust=True in Python).'
@@ -353,10 +349,9 @@ def check_checkpoint_fits(
             that cure, with its command line, before the hint.
 
     Raises:
-        FileNotFoundError / RuntimeError: the file cannot be loaded
-            (:func:`load_checkpoint_file`).
-        CheckpointError: the file holds no state dict, or it does not fit
-            ``model`` (naming the tensors and the fix).
+        FileNotFoundError / RuntimeError: see :func:`load_checkpoint_file`.
+        CheckpointError: the file cannot be loaded or holds no state dict, or
+            it does not fit ``model`` (naming the tensors and the fix).
     """
     state = unwrap_state_dict(load_checkpoint_file(path, mmap=True), path)
     expected = expected_shapes(model)
