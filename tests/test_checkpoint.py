@@ -313,3 +313,15 @@ def test_reference_semseg_checkpoint_names_the_converter(tmp_path, models):
     with pytest.raises(CheckpointError) as info:
         check_checkpoint_fits(path, plain)
     assert f'python tools/model_converters/ddcat_semseg.py {path}' in str(info.value)
+
+
+def test_conversion_meta_is_the_one_provenance_vocabulary():
+    from mmseg_robust.models.checkpoint import CONVERSION_META_KEYS, conversion_meta
+
+    meta = conversion_meta('x', '/a/b/src.pth', ('fc.w',), 'cfg.py', arch='tiny')
+    assert tuple(meta)[:4] == CONVERSION_META_KEYS
+    assert meta == dict(
+        converter='x', source='src.pth', config='cfg.py', dropped=['fc.w'], arch='tiny'
+    )
+    with pytest.raises(ValueError, match=r"repeat the keys \['source'\]"):
+        conversion_meta('x', 'src.pth', source='other')

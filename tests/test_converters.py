@@ -24,7 +24,11 @@ from mmengine.registry import init_default_scope
 import mmseg_robust  # noqa: F401
 import mmseg_robust.models.backbones  # noqa: F401  (until models/__init__ imports it)
 from mmseg_robust.models.backbones import ConvNeXtCvSt, VisionTransformerStrict
-from mmseg_robust.models.checkpoint import CheckpointError, save_checkpoint
+from mmseg_robust.models.checkpoint import (
+    CONVERSION_META_KEYS,
+    CheckpointError,
+    save_checkpoint,
+)
 from mmseg_robust.models.converters import (
     build_target_model,
     convert_revisiting_at_convnext,
@@ -760,8 +764,11 @@ def test_command_line_converters(tmp_path, monkeypatch, capsys):
         torch.save(src, src_path)
         run_cli(monkeypatch, script, src_path, dst_path)
         ckpt = torch.load(dst_path, map_location='cpu', weights_only=True)
+        assert tuple(ckpt['meta'])[:4] == CONVERSION_META_KEYS
         assert ckpt['meta']['converter'] == script[:-3]
         assert ckpt['meta']['source'] == osp.basename(src_path)
+        assert ckpt['meta']['config'] is None
+        assert isinstance(ckpt['meta']['dropped'], list)
         # every tool ends saying where it wrote
         assert (
             capsys.readouterr().out.splitlines()[-1] == f'wrote checkpoint: {dst_path}'

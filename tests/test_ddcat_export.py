@@ -101,7 +101,16 @@ def test_export_tool(tmp_path, capsys, tiny_models):
     assert plain_cfg.model.decode_head.type == 'DeepLabV3Head'
     written = torch.load(out, map_location='cpu', weights_only=True)
     assert written['meta']['dataset_meta']['classes'] == ('a', 'b', 'c', 'd')
-    assert 'decode_head.mask1.weight' in written['meta']['ddcat_export']['dropped']
+    # the provenance in the vocabulary every converter writes; mmengine's keys
+    # of the training checkpoint stay
+    from mmseg_robust.models.checkpoint import CONVERSION_META_KEYS
+
+    assert set(CONVERSION_META_KEYS) <= set(written['meta'])
+    assert written['meta']['converter'] == 'export_ddcat'
+    assert written['meta']['source'] == osp.basename(str(ckpt_path))
+    assert written['meta']['config'] == str(cfg_path)
+    assert 'decode_head.mask1.weight' in written['meta']['dropped']
+    assert 'cfg' in written['meta'] and 'ddcat_export' not in written['meta']
     plain = MODELS.build(plain_cfg.model).eval()
     plain.load_state_dict(written['state_dict'], strict=True)
     x = torch.randn(1, 3, 25, 25)

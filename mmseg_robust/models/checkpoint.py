@@ -10,6 +10,10 @@ fit would be evaluated with randomly initialised tensors).
 
 A mismatch is always a :class:`CheckpointError` naming every missing, unexpected
 and wrongly shaped tensor.
+
+A converted checkpoint's ``meta`` says where it comes from in one vocabulary,
+:data:`CONVERSION_META_KEYS` (built by :func:`conversion_meta`), whichever
+converter or tool wrote it.
 """
 
 import os
@@ -21,7 +25,9 @@ from typing import Dict, Iterable, List, Mapping, Optional, Union
 import torch
 
 __all__ = [
+    'CONVERSION_META_KEYS',
     'CheckpointError',
+    'conversion_meta',
     'check_checkpoint_fits',
     'check_state_dict',
     'expected_shapes',
@@ -147,6 +153,49 @@ def unwrap_state_dict(obj, source: str = 'checkpoint') -> StateDict:
         f'{source}: no state dict found: a checkpoint is a '
         f'dict, this is a {type(obj).__name__}'
     )
+
+
+#: The provenance keys of a converted checkpoint's ``meta``, written by every
+#: converter and ``tools/model_converters/*.py``:
+#:
+#: - ``converter``: the converter's name (the tool's file name without ``.py``,
+#:   e.g. ``'revisiting_at_convnext'``, ``'ddcat_semseg'``, ``'export_ddcat'``);
+#: - ``source``: the file name of the converted checkpoint;
+#: - ``config``: the config the result is meant for, as given (None when the
+#:   converter takes none);
+#: - ``dropped``: the names of the source tensors the result leaves out.
+#:
+#: Further keys describe the conversion (``arch``, ``num_classes``, ``stem``,
+#: ``pos_embed_grid``, ``fresh``, ``input_normalizer``, ``layout``, ``plain``);
+#: an exported training checkpoint keeps the keys mmengine wrote (``cfg``, ...).
+CONVERSION_META_KEYS = ('converter', 'source', 'config', 'dropped')
+
+
+def conversion_meta(
+    converter: str,
+    source: str,
+    dropped: Iterable[str] = (),
+    config: Optional[str] = None,
+    **details,
+) -> dict:
+    """The ``meta`` of a converted checkpoint: :data:`CONVERSION_META_KEYS`,
+    then ``details``.
+
+    Example:
+        >>> conversion_meta('export_ddcat', '/runs/iter_80000.pth', ['a.w'])
+        {'converter': 'export_ddcat', 'source': 'iter_80000.pth', 'config': None, 'dropped': ['a.w']}
+    """  # noqa: E501
+    meta = dict(
+        converter=str(converter),
+        source=osp.basename(str(source)),
+        config=None if config is None else str(config),
+        dropped=[str(k) for k in dropped],
+    )
+    clash = sorted(set(details) & set(meta))
+    if clash:
+        raise ValueError(f'conversion_meta: details repeat the keys {clash}')
+    meta.update(details)
+    return meta
 
 
 def save_checkpoint(
