@@ -323,5 +323,3 @@ def test_conversion_meta_is_the_one_provenance_vocabulary():
     assert meta == dict(
         converter='x', source='src.pth', config='cfg.py', dropped=['fc.w'], arch='tiny'
     )
-    with pytest.raises(ValueError, match=r"repeat the keys \['source'\]"):
-        conversion_meta('x', 'src.pth', source='other')

@@ -191,10 +191,7 @@ def conversion_meta(
         config=None if config is None else str(config),
         dropped=[str(k) for k in dropped],
     )
-    clash = sorted(set(details) & set(meta))
-    if clash:
-        raise ValueError(f'conversion_meta: details repeat the keys {clash}')
-    meta.update(details)
+    meta.update(details)  # cannot repeat a key: each is a named argument
     return meta
 
 
