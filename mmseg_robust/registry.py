@@ -4,15 +4,21 @@ Components of this package register into mmsegmentation's own registries
 (re-exported here), so user configs keep ``default_scope='mmseg'`` and only add
 ``custom_imports=dict(imports=['mmseg_robust'], allow_failed_imports=False)``.
 
-``ATTACKS`` is the one registry of our own: adversarial attacks (threat model,
+Registries of our own: ``ATTACKS``, adversarial attacks (threat model,
 objective, optimiser) built from config dicts, e.g.
-``ATTACKS.build(dict(type='PGD', eps=8))``.
-Other projects import it and register their own attacks::
+``ATTACKS.build(dict(type='PGD', eps=8))``; ``OBJECTIVES``, the per-pixel attack
+objectives an attack's ``loss`` names, e.g. ``OBJECTIVES.build(dict(type='CE'))``;
+``TRAIN_SCHEMES``, the batch compositions of adversarial training.
+Other projects import them and register their own attacks and objectives::
 
-    from mmseg_robust.registry import ATTACKS
+    from mmseg_robust.registry import ATTACKS, OBJECTIVES
 
     @ATTACKS.register_module()
     class MyAttack(Attack):
+        ...
+
+    @OBJECTIVES.register_module(name='My-Loss')
+    class MyLoss(Objective):
         ...
 """
 
@@ -48,14 +54,36 @@ def _build_in_own_scope(cfg, registry, default_args=None):
     return build_from_cfg(cfg, registry, default_args)
 
 
-#: Adversarial attacks and attack objectives. Pure torch components: building one
-#: needs no Runner. ``locations`` makes ``ATTACKS.build`` import the implementations
-#: on first use even when only this module was imported.
+def _build_attack(cfg, registry, default_args=None):
+    """Build an attack; an objective's name gets an error that says where it
+    belongs (an attack's ``loss``, or ``OBJECTIVES``)."""
+    kind = cfg.get('type') if hasattr(cfg, 'get') else None
+    if isinstance(kind, str) and kind not in registry and kind in OBJECTIVES:
+        raise KeyError(
+            f'{kind!r} is an attack objective, not an attack: give it as an '
+            f"attack's loss (e.g. dict(type='APGD', loss={kind!r})) or build it "
+            f'with mmseg_robust.registry.OBJECTIVES.build(dict(type={kind!r}))'
+        )
+    return _build_in_own_scope(cfg, registry, default_args)
+
+
+#: Adversarial attacks. Pure torch components: building one needs no Runner.
+#: ``locations`` makes ``ATTACKS.build`` import the implementations on first use
+#: even when only this module was imported.
 ATTACKS = Registry(
     'attack',
     scope='mmseg_robust',
-    build_func=_build_in_own_scope,
+    build_func=_build_attack,
     locations=['mmseg_robust.attacks'],
+)
+
+#: Attack objectives (docs/algorithms.md section 2): per-pixel losses the
+#: attacks maximise, named by an attack's ``loss`` (``'CE'``, ``'Mask-CE'``, ...).
+OBJECTIVES = Registry(
+    'attack objective',
+    scope='mmseg_robust',
+    build_func=_build_in_own_scope,
+    locations=['mmseg_robust.attacks.objectives'],
 )
 
 #: Batch composition schemes of adversarial training (``'pirat'``, ``'sat'``,
@@ -77,6 +105,7 @@ __all__ = [
     'METRICS',
     'MODELS',
     'MODEL_WRAPPERS',
+    'OBJECTIVES',
     'OPTIMIZERS',
     'OPTIM_WRAPPERS',
     'PARAM_SCHEDULERS',

@@ -192,14 +192,9 @@ def test_loops_keep_mmengines_run():
     """One run_iter override: mmengine's IterBasedTrainLoop.run runs as is."""
     from mmengine.runner import IterBasedTrainLoop
 
-    from mmseg_robust.engine import DDCATTrainLoop, PIRATTrainLoop, SATTrainLoop
-
     assert 'run' not in AdversarialTrainLoop.__dict__
     assert 'run_iter' in AdversarialTrainLoop.__dict__
-    for cls in (PIRATTrainLoop, SATTrainLoop, DDCATTrainLoop):
-        assert issubclass(cls, AdversarialTrainLoop)
-        assert 'run' not in cls.__dict__ and 'run_iter' not in cls.__dict__
-        assert cls.run is IterBasedTrainLoop.run
+    assert AdversarialTrainLoop.run is IterBasedTrainLoop.run
 
 
 def _train_one_iteration(repo_root, synthetic_root, tmp_path, scheme, options=None):
@@ -251,7 +246,7 @@ def test_stock_optim_wrapper_trains_adversarially(
     assert seen['optim_wrapper'] is runner.optim_wrapper
     # the update got the scheme's adversarial batch
     loop = runner.train_loop
-    attacked = loop.attacked_indices(4)
+    attacked = loop.train_scheme.attacked_indices(4)
     assert attacked == ([0, 1, 2, 3] if scheme == 'pirat' else [2, 3])
     assert len(seen['batch']['inputs']) == 4
     assert ('gt_division' in seen['batch']['data_samples'][0]) == (scheme == 'ddcat')
@@ -259,93 +254,6 @@ def test_stock_optim_wrapper_trains_adversarially(
     assert {'train/adv.acc', 'train/clean.acc', 'train/attack_time_share'} <= set(
         scalars
     )
-
-
-def test_deprecated_optim_wrapper_names_still_work(
-    repo_root, synthetic_root, tmp_path, reset_mmengine
-):
-    from mmengine.optim import OptimWrapper
-
-    from mmseg_robust.engine import AdversarialOptimWrapper
-    from mmseg_robust.registry import OPTIM_WRAPPERS
-
-    model = _small_model()
-    with pytest.warns(DeprecationWarning, match="type='OptimWrapper'"):
-        wrapper = OPTIM_WRAPPERS.build(
-            dict(
-                type='AdversarialOptimWrapper',
-                optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            )
-        )
-    assert isinstance(wrapper, AdversarialOptimWrapper)
-    assert isinstance(wrapper, OptimWrapper)
-    # its old attack_context method is the function's
-    with pytest.raises(RuntimeError, match='parameter gradient changed'):
-        with wrapper.attack_context(model):
-            model[0].weight.grad = torch.ones_like(model[0].weight)
-    # a config with the old name still trains adversarially
-    with pytest.warns(DeprecationWarning):
-        runner, _ = _train_one_iteration(
-            repo_root,
-            synthetic_root,
-            tmp_path,
-            'pirat',
-            {'optim_wrapper.type': 'AdversarialOptimWrapper'},
-        )
-    assert isinstance(runner.optim_wrapper, AdversarialOptimWrapper)
-    assert 'train/adv.acc' in runner.message_hub.log_scalars
-
-
-def test_scheme_loops_equal_the_scheme_option(
-    repo_root, synthetic_root, tmp_path, reset_mmengine
-):
-    from mmseg_robust.engine import PIRATScheme, PIRATTrainLoop, SATTrainLoop
-
-    def pirat_loop(cfg):  # type='PIRATTrainLoop' without a scheme key
-        cfg.train_cfg.type = 'PIRATTrainLoop'
-        cfg.train_cfg.pop('scheme')
-
-    batch = state = None
-    results = []
-    for i, edit in enumerate((None, pirat_loop)):
-        runner = _runner(
-            repo_root, 'pirat', synthetic_root, tmp_path / str(i), edit=edit
-        )
-        assert 'scheme' in runner.cfg.train_cfg or edit is not None
-        loop = runner.train_loop
-        assert type(loop) is (PIRATTrainLoop if edit else AdversarialTrainLoop)
-        assert loop.scheme == 'pirat'
-        assert isinstance(loop.train_scheme, PIRATScheme)
-        module = unwrap_model(runner.model)
-        if batch is None:
-            batch = next(iter(runner.train_dataloader))
-            state = copy.deepcopy(module.state_dict())
-        module.load_state_dict(state)
-        results.append(loop.adversarial_batch(copy.deepcopy(batch)))
-    (a, stats_a), (b, stats_b) = results
-    assert stats_a == stats_b
-    for x, y in zip(a['inputs'], b['inputs']):
-        assert torch.equal(x, y)
-    assert not any(torch.equal(x, y) for x, y in zip(a['inputs'], batch['inputs']))
-    # a scheme loop refuses another scheme
-    with pytest.raises(ValueError, match='AdversarialTrainLoop'):
-        _runner(
-            repo_root,
-            'sat',
-            synthetic_root,
-            tmp_path / 'x',
-            options={'train_cfg.type': 'PIRATTrainLoop'},
-        ).train_loop
-    runner = _runner(
-        repo_root,
-        'sat',
-        synthetic_root,
-        tmp_path / 'y',
-        options={'train_cfg.type': 'SATTrainLoop'},
-    )
-    assert isinstance(runner.train_loop, SATTrainLoop)
-    assert runner.train_loop.attacked_indices(4) == [2, 3]
-    assert not isinstance(runner.train_loop, PIRATTrainLoop)
 
 
 def test_schemes_are_registered_classes(
@@ -573,7 +481,7 @@ def test_padded_variable_size_batch(
     batch = _variable_size_batch(sizes)
     original = copy.deepcopy(batch)
     adv, stats = loop.adversarial_batch(batch)
-    attacked = loop.attacked_indices(len(sizes))
+    attacked = loop.train_scheme.attacked_indices(len(sizes))
     for i, (a, o) in enumerate(zip(adv['inputs'], original['inputs'])):
         assert a.shape == o.shape
         delta = (a.float() - o.float()).abs().max()
@@ -903,8 +811,17 @@ def test_uses_amp_reads_configs_and_built_wrappers():
     assert uses_amp(dict(type='AmpOptimWrapper', optimizer=opt))
     assert uses_amp(dict(type='mmengine.AmpOptimWrapper', optimizer=opt))
     assert uses_amp(dict(type=AmpOptimWrapper, optimizer=opt))
-    # a registered subclass (the deprecated alias)
-    assert uses_amp(dict(type='AdversarialAmpOptimWrapper', optimizer=opt))
+    # a registered subclass (a user's)
+    from mmseg_robust.registry import OPTIM_WRAPPERS
+
+    class UserAmpWrapper(AmpOptimWrapper):
+        pass
+
+    OPTIM_WRAPPERS.register_module(name='_UserAmpWrapper_test', module=UserAmpWrapper)
+    try:
+        assert uses_amp(dict(type='_UserAmpWrapper_test', optimizer=opt))
+    finally:
+        OPTIM_WRAPPERS.module_dict.pop('_UserAmpWrapper_test')
     assert not uses_amp(dict(type='OptimWrapper', optimizer=opt))
     assert not uses_amp(dict(optimizer=opt))  # type defaults to OptimWrapper
     # several wrappers by name (a multi-optimizer constructor's config)

@@ -9,14 +9,15 @@ from mmseg_robust.attacks import (
     APGDLargeEps,
     APGDStepSizeControl,
     apgd_checkpoints,
-    pixel_accuracy,
     radius_schedule,
     step_size_halving,
 )
 from mmseg_robust.attacks.apgd import (
     DEFAULT_MODES,
     STALL_HALVINGS,
+    APGDModes,
     apgd_run,
+    resolve_modes,
     stall_patience,
 )
 from mmseg_robust.attacks.base import SegmentationTarget
@@ -152,8 +153,8 @@ def test_invariants(name, norm, problem, attack_models):
     out = attack.run(net, x, y, seeds=SEEDS)
     attack_models.assert_feasible(out.adv_images, x, eps, norm)
     assert torch.equal(out.adv_pred, net(out.adv_images).argmax(1))
-    clean = pixel_accuracy(net(x).argmax(1), y)
-    robust = pixel_accuracy(out.adv_pred, y)
+    clean = (net(x).argmax(1) == y).float().mean((1, 2))
+    robust = (out.adv_pred == y).float().mean((1, 2))
     assert (robust <= clean).all() and (robust < clean).any()
     again = attack.run(net, x, y, seeds=SEEDS)
     assert torch.equal(again.adv_images, out.adv_images)
@@ -263,7 +264,9 @@ def test_returned_point_is_the_lowest_accuracy_iterate(norm, attack_models):
     assert len(rec.inputs) == n + 2
     assert torch.equal(rec.inputs[-1], out.adv_images)
     iterates = rec.inputs[: n + 1]
-    accs = torch.stack([pixel_accuracy(net(it).argmax(1), y) for it in iterates])
+    accs = torch.stack(
+        [(net(it).argmax(1) == y).float().mean((1, 2)) for it in iterates]
+    )
     newest = attack.zero_acc == 'reference'
     picks = [_lowest_accuracy_pick(accs[:, i].tolist(), newest) for i in range(len(x))]
     for i, t in enumerate(picks):
@@ -411,7 +414,7 @@ def test_early_stop_gives_the_same_result_with_less_compute(attack_models):
         (full, n_full), (stop, n_stop) = runs[False], runs[True]
         assert torch.equal(full.adv_images, stop.adv_images)
         assert torch.equal(full.adv_pred, stop.adv_pred)
-        acc = pixel_accuracy(full.adv_pred, y)
+        acc = (full.adv_pred == y).float().mean((1, 2))
         assert (acc == 0).any() and (acc > 0).any()  # the test is not trivial
         assert n_stop < n_full
 
@@ -482,7 +485,9 @@ def _zero_acc_problem(attack_models):
 
 
 def _iterate_accuracies(net, iterates, y):
-    return torch.stack([pixel_accuracy(net(it).argmax(1), y) for it in iterates])
+    return torch.stack(
+        [(net(it).argmax(1) == y).float().mean((1, 2)) for it in iterates]
+    )
 
 
 @pytest.mark.parametrize('early_stop', [True, False])
@@ -540,7 +545,7 @@ def test_zero_acc_reference_stops_when_every_image_is_at_0(attack_models):
     net, x, y, seeds = _zero_acc_problem(attack_models)
     n = 15
     full = APGD(eps=128, n_iter=n, zero_acc='leave', early_stop=False)
-    acc = pixel_accuracy(full.run(net, x, y, seeds=seeds).adv_pred, y)
+    acc = (full.run(net, x, y, seeds=seeds).adv_pred == y).float().mean((1, 2))
     zero = torch.nonzero(acc == 0).squeeze(1)
     assert len(zero) >= 2
     xs, ys, ss = x[zero], y[zero], [seeds[i] for i in zero.tolist()]
@@ -552,7 +557,7 @@ def test_zero_acc_reference_stops_when_every_image_is_at_0(attack_models):
     (stop, n_stop), (full_run, n_full) = runs[True], runs[False]
     assert n_full == n + 2 and n_stop < n_full  # stopped once all were at 0
     for out in (stop, full_run):
-        assert (pixel_accuracy(out.adv_pred, ys) == 0).all()
+        assert ((out.adv_pred == ys).float().mean((1, 2)) == 0).all()
 
 
 def test_zero_acc_reference_in_the_progressive_schedule(attack_models):
@@ -665,6 +670,49 @@ def test_compat_reference_sets_both_options():
             cls(eps=8, n_iter=10, zero_acc='first')
         built = ATTACKS.build(dict(type=cls.__name__, n_iter=4, compat='reference'))
         assert built.zero_acc == built.first_window == 'reference'
+
+
+def test_mode_options_are_checked_by_one_function(monkeypatch):
+    """``resolve_modes`` checks all four mode options; every attack, the
+    optimiser loop and the step-size control go through it."""
+    assert resolve_modes() == APGDModes(None, 'leave', 'reference', False)
+    assert resolve_modes('reference') == APGDModes(
+        'reference', 'reference', 'reference', False
+    )
+    assert resolve_modes(stall_stop=1).stall_stop is True
+    with pytest.raises(ValueError, match="^X: stall_stop needs zero_acc='leave'"):
+        resolve_modes(zero_acc='reference', stall_stop=True, owner='X')
+    with pytest.raises(ValueError, match='APGDStepSizeControl: first_window must'):
+        APGDStepSizeControl(10, torch.zeros(2), 0.1, first_window='first')
+    net = torch.nn.Conv2d(3, 2, 1)
+    target = SegmentationTarget(net, torch.zeros(1, 4, 4, dtype=torch.long))
+    x = torch.rand(1, 3, 4, 4)
+    with pytest.raises(ValueError, match='apgd_run: stall_stop needs zero_acc='):
+        apgd_run(
+            target,
+            CrossEntropy(),
+            APGD().threat_model,
+            x,
+            x,
+            0.1,
+            2,
+            zero_acc='reference',
+            stall_stop=True,
+        )
+    import mmseg_robust.attacks.apgd as apgd_module
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[-1] if len(args) == 5 else kwargs.get('owner'))
+        return resolve_modes(*args, **kwargs)
+
+    monkeypatch.setattr(apgd_module, 'resolve_modes', spy)
+    monkeypatch.setattr('mmseg_robust.attacks.sea.resolve_modes', spy)
+    APGD(n_iter=2)
+    APGDLargeEps(n_iter=2)
+    SEA(n_iter=2, losses=('CE',))
+    assert calls == ['APGD', 'APGDLargeEps', 'SEA', 'APGDLargeEps']
 
 
 def test_compat_reference_is_both_options(problem):
@@ -808,7 +856,7 @@ def test_stall_stop_flat_images_leave_once_the_step_has_collapsed(attack_models)
         out = APGD(eps=8, n_iter=n, stall_stop=stall).run(rec, x, y, seeds=seeds)
         runs[stall] = out, rec
     (full, rec_full), (fast, rec_fast) = runs[False], runs[True]
-    assert (pixel_accuracy(full.adv_pred, y) > 0).all()  # none leaves at 0
+    assert ((full.adv_pred == y).float().mean((1, 2)) > 0).all()  # none leaves at 0
     assert torch.equal(full.adv_images, fast.adv_images)
     assert torch.equal(full.adv_pred, fast.adv_pred)
     # it leaves before update i = max(checkpoint of the 3rd halving + 1, patience)

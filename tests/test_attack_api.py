@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from mmseg_robust.attacks import SEA
+from mmseg_robust.attacks import SEA, AttackWarning
 from mmseg_robust.attacks.base import STATS_KEYS, resolve_steps
 from mmseg_robust.attacks.seg_logits import effective_valid
 from mmseg_robust.registry import ATTACKS
@@ -139,7 +139,7 @@ def test_zero_iterations_is_an_error(kind, name):
 def test_eps_in_unit_range_warns_and_beyond_the_pixel_range_fails(kind):
     extra = dict(class_weights=WEIGHTS) if kind == 'SEA' else {}
     with pytest.warns(
-        UserWarning, match=r'eps=0\.03 means 0\.03/255; did you mean eps=7\.65'
+        AttackWarning, match=r'eps=0\.03 means 0\.03/255; did you mean eps=7\.65'
     ):
         ATTACKS.build(dict(type=kind, eps=0.03, **extra))
     with pytest.raises(ValueError, match='larger than the whole pixel range'):
@@ -165,7 +165,7 @@ def test_l2_radius_in_unit_interval_warns_when_the_attack_runs(kind, attack_mode
     net = attack_models.tiny_net(num_classes=4)
     images, labels = attack_models.batch(b=1, h=64, w=64, num_classes=4, net=net)
     attack = ATTACKS.build(dict(type=kind, eps=2.0, norm='L2', steps=1, **extra))
-    with pytest.warns(UserWarning, match=r'L2 eps=2 .*pass eps=510'):
+    with pytest.warns(AttackWarning, match=r'L2 eps=2 .*pass eps=510'):
         attack.run(net, images, labels)
     attack = ATTACKS.build(
         dict(type=kind, eps=2.0, norm='L2', steps=1, eps_units='255', **extra)
@@ -215,7 +215,7 @@ def test_train_mode_model_is_attacked_in_eval_mode(cfg, wrap, attack_models):
     before = _state(net)
     attack = ATTACKS.build(dict(cfg, eps=8))
     model = _View(net) if wrap else net
-    with pytest.warns(UserWarning, match='the model is in train mode'):
+    with pytest.warns(AttackWarning, match='the model is in train mode'):
         out = attack.run(model, x, y, seeds=[1, 2, 3, 4])
     after = _state(net)
     assert before.keys() == after.keys()
@@ -266,3 +266,35 @@ def test_attack_names_tell_attacks_of_one_class_apart():
     for bad in ('', 'a/b', 3):
         with pytest.raises(ValueError, match='name must be a non-empty string'):
             build(dict(type='PGD', name=bad))
+
+
+@pytest.mark.parametrize('kind', ['SEA', 'APGDLargeEps'])
+def test_run_is_reentrant_progress_is_not_kept_on_the_attack(problem, kind):
+    """A run keeps nothing of a call on the attack (nor on SEA's members): a run
+    of the same attack nested in the model's forward leaves the outer run's
+    progress and result as they are, and a repeated run gives the same."""
+    net, x, y = problem
+    cfg = dict(type=kind, eps=8, steps=6)
+    if kind == 'SEA':
+        cfg['class_weights'] = WEIGHTS
+    attack = ATTACKS.build(cfg)
+    seen_alone = []
+    alone = attack.run(net, x, y, seeds=[1, 2, 3, 4], progress=seen_alone.append)
+
+    nested, inner_seen = [], []
+
+    def view(images):
+        if not nested:  # once, at the outer run's first forward
+            nested.append(
+                attack.run(net, x, y, seeds=[1, 2, 3, 4], progress=inner_seen.append)
+            )
+        return net(images)
+
+    seen = []
+    out = attack.run(view, x, y, seeds=[1, 2, 3, 4], progress=seen.append)
+    assert seen == seen_alone and inner_seen == seen_alone
+    assert torch.equal(out.adv_images, alone.adv_images)
+    assert torch.equal(nested[0].adv_images, alone.adv_images)
+    # nothing of a call stays on the attack or its members
+    for a in (attack, *getattr(attack, 'attacks', {}).values()):
+        assert not any('progress' in k for k in vars(a)), vars(a).keys()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmseg_robust.attacks import (
-    OBJECTIVES,
+    OBJECTIVE_NAMES,
     BalancedMaskedCrossEntropy,
     CosPGDLoss,
     build_objective,
@@ -15,7 +15,7 @@ from mmseg_robust.attacks import (
     load_class_weights,
     objective_names,
 )
-from mmseg_robust.registry import ATTACKS
+from mmseg_robust.registry import ATTACKS, OBJECTIVES
 
 pytestmark = pytest.mark.usefixtures('attack_one_thread')
 
@@ -42,7 +42,7 @@ def _ce(j):
 
 
 def test_all_spec_names_are_registered():
-    assert OBJECTIVES == (
+    assert OBJECTIVE_NAMES == (
         'CE',
         'Mask-CE',
         'Mask-CE-Bal',
@@ -51,9 +51,9 @@ def test_all_spec_names_are_registered():
         'CosPGD',
         'Mask-Sph',
     )
-    for name in OBJECTIVES:
-        assert ATTACKS.get(name) is not None, name
-    assert objective_names()[:7] == list(OBJECTIVES)
+    for name in OBJECTIVE_NAMES:
+        assert OBJECTIVES.get(name) is not None, name
+    assert objective_names()[:7] == list(OBJECTIVE_NAMES)
 
 
 def test_ce_by_hand_and_normalised_by_all_pixels():
@@ -190,7 +190,7 @@ def test_objectives_return_per_image_values_and_gradients():
     g = torch.Generator().manual_seed(1)
     z = torch.randn(3, 4, 2, 5, generator=g, requires_grad=True)
     y = torch.randint(0, 4, (3, 2, 5), generator=g)
-    for name in OBJECTIVES:
+    for name in OBJECTIVE_NAMES:
         cfg = dict(type=name)
         if name == 'Mask-CE-Bal':
             cfg['class_weights'] = [0.1, 0.2, 0.3, 0.4]
@@ -252,5 +252,22 @@ def test_bad_labels_are_reported():
 
 
 def test_build_from_registry():
-    obj = ATTACKS.build(dict(type='CosPGD', activation='sigmoid'))
+    obj = OBJECTIVES.build(dict(type='CosPGD', activation='sigmoid'))
     assert isinstance(obj, CosPGDLoss) and obj.activation == 'sigmoid'
+
+
+@pytest.mark.parametrize('name', OBJECTIVE_NAMES)
+def test_objectives_are_not_attacks(name):
+    """Objectives live in ``OBJECTIVES``: ``ATTACKS`` does not build one, and
+    says where it belongs; an attack's ``loss`` still takes the name."""
+    assert ATTACKS.get(name) is None
+    with pytest.raises(KeyError, match=f"'{name}' is an attack objective, not an"):
+        ATTACKS.build(dict(type=name))
+    cfg = dict(type=name)
+    if name == 'Mask-CE-Bal':
+        cfg['class_weights'] = 'voc'
+    assert type(OBJECTIVES.build(cfg)) is OBJECTIVES.get(name)
+    attack = ATTACKS.build(dict(type='APGD', eps=8, n_iter=2, loss=cfg))
+    assert type(attack.objective) is OBJECTIVES.get(name)
+    # and an attack is no objective
+    assert OBJECTIVES.get('APGD') is None

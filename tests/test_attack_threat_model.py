@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from mmseg_robust.attacks import ThreatModel, canonical_norm, check_eps
+from mmseg_robust.attacks import AttackWarning, ThreatModel, canonical_norm, check_eps
 
 pytestmark = pytest.mark.usefixtures('attack_one_thread')
 
@@ -169,7 +169,7 @@ def test_direction():
 def test_eps_unit_checks():
     # L-inf: a small-integer fraction below 1 warns (8/255 meant as eps=8) ...
     for eps, meant in ((8 / 255, '8'), (0.03, '7.65'), (1 / 255, '1')):
-        with pytest.warns(UserWarning, match=rf'did you mean eps={meant} '):
+        with pytest.warns(AttackWarning, match=rf'did you mean eps={meant} '):
             assert check_eps(eps, 'Linf') == eps
     # ... legitimate radii below one grey level do not, and a confirmed value
     # never does
@@ -195,7 +195,7 @@ def test_l2_radius_implausibly_small_for_the_image_size_warns():
     # eps=2.0 meant as 2.0 in [0, 1] units is read as 2/255: 0.018/255 per
     # coordinate on 3x64x64 images
     tm = ThreatModel(eps=2.0, norm='L2')
-    with pytest.warns(UserWarning, match=r'L2 eps=2 .*did you give the radius'):
+    with pytest.warns(AttackWarning, match=r'L2 eps=2 .*did you give the radius'):
         tm.check_size((2, 3, 64, 64))
     with warnings.catch_warnings():
         warnings.simplefilter('error')

@@ -24,7 +24,11 @@ from mmengine.registry import init_default_scope
 import mmseg_robust  # noqa: F401
 import mmseg_robust.models.backbones  # noqa: F401  (until models/__init__ imports it)
 from mmseg_robust.models.backbones import ConvNeXtCvSt, VisionTransformerStrict
-from mmseg_robust.models.checkpoint import save_checkpoint
+from mmseg_robust.models.checkpoint import (
+    CONVERSION_META_KEYS,
+    CheckpointError,
+    save_checkpoint,
+)
 from mmseg_robust.models.converters import (
     build_target_model,
     convert_revisiting_at_convnext,
@@ -418,7 +422,7 @@ def prefixed(state, prefix):
 
 
 def assert_raises_naming(fn, name):
-    with pytest.raises((KeyError, ValueError)) as info:
+    with pytest.raises(CheckpointError) as info:
         fn()
     assert name in str(info.value), str(info.value)
 
@@ -760,8 +764,11 @@ def test_command_line_converters(tmp_path, monkeypatch, capsys):
         torch.save(src, src_path)
         run_cli(monkeypatch, script, src_path, dst_path)
         ckpt = torch.load(dst_path, map_location='cpu', weights_only=True)
+        assert tuple(ckpt['meta'])[:4] == CONVERSION_META_KEYS
         assert ckpt['meta']['converter'] == script[:-3]
         assert ckpt['meta']['source'] == osp.basename(src_path)
+        assert ckpt['meta']['config'] is None
+        assert isinstance(ckpt['meta']['dropped'], list)
         # every tool ends saying where it wrote
         assert (
             capsys.readouterr().out.splitlines()[-1] == f'wrote checkpoint: {dst_path}'
@@ -772,7 +779,7 @@ def test_command_line_converters(tmp_path, monkeypatch, capsys):
         {'model': sources['revisiting_at_vit.py'], 'args': argparse.Namespace(lr=0.1)},
         bad,
     )
-    with pytest.raises(RuntimeError, match='--unsafe-load') as info:
+    with pytest.raises(CheckpointError, match='--unsafe-load') as info:
         run_cli(monkeypatch, 'revisiting_at_vit.py', bad, tmp_path / 'x.pth')
     assert str(bad) in str(info.value)
     assert not (tmp_path / 'x.pth').exists()
@@ -810,7 +817,7 @@ def test_revisiting_at_normalizer_refused_naming_the_values(kind):
     # would feed the backbone input it was not trained on.
     convert, build = _CONVERTERS[kind]
     src = _with_normalizer(build(), IMAGENET_MEAN, IMAGENET_STD)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(CheckpointError) as info:
         convert(src)
     msg = str(info.value)
     for value in ('0.485', '0.456', '0.406', '0.229', '0.224', '0.225'):
@@ -820,7 +827,7 @@ def test_revisiting_at_normalizer_refused_naming_the_values(kind):
     assert '123.675' in msg and '58.395' in msg, msg
     # One channel off the identity is enough.
     src = _with_normalizer(build(), [0.0, 0.0, 0.0], [1.0, 1.0, 0.5])
-    with pytest.raises(ValueError, match='0.5'):
+    with pytest.raises(CheckpointError, match='0.5'):
         convert(src)
 
 

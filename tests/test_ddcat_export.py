@@ -10,6 +10,7 @@ from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
 import mmseg_robust.models.decode_heads  # noqa: F401  (registers the heads)
+from mmseg_robust.models.checkpoint import CheckpointError
 from mmseg_robust.models.converters import (
     export_plain_state_dict,
     plain_head_cfg,
@@ -63,7 +64,7 @@ def test_exported_model_gives_cls1_logits_exactly(head_type, tiny_models):
         routed = model.decode_head.routed_logits(model.extract_feat(x), size=(33, 33))
     assert torch.equal(exported, ours) and torch.equal(exported, cls1)
     assert not torch.equal(exported, routed)  # the routing was really dropped
-    with pytest.raises(ValueError, match='not a DDC-AT checkpoint'):
+    with pytest.raises(CheckpointError, match='not a DDC-AT checkpoint'):
         export_plain_state_dict(sd)
 
 
@@ -100,7 +101,16 @@ def test_export_tool(tmp_path, capsys, tiny_models):
     assert plain_cfg.model.decode_head.type == 'DeepLabV3Head'
     written = torch.load(out, map_location='cpu', weights_only=True)
     assert written['meta']['dataset_meta']['classes'] == ('a', 'b', 'c', 'd')
-    assert 'decode_head.mask1.weight' in written['meta']['ddcat_export']['dropped']
+    # the provenance in the vocabulary every converter writes; mmengine's keys
+    # of the training checkpoint stay
+    from mmseg_robust.models.checkpoint import CONVERSION_META_KEYS
+
+    assert set(CONVERSION_META_KEYS) <= set(written['meta'])
+    assert written['meta']['converter'] == 'export_ddcat'
+    assert written['meta']['source'] == osp.basename(str(ckpt_path))
+    assert written['meta']['config'] == str(cfg_path)
+    assert 'decode_head.mask1.weight' in written['meta']['dropped']
+    assert 'cfg' in written['meta'] and 'ddcat_export' not in written['meta']
     plain = MODELS.build(plain_cfg.model).eval()
     plain.load_state_dict(written['state_dict'], strict=True)
     x = torch.randn(1, 3, 25, 25)

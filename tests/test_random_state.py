@@ -204,25 +204,21 @@ def test_a_different_world_size_restores_nothing(monkeypatch, saved, now):
         assert _draws() == expected
 
 
-def test_old_single_state_checkpoints_still_load(monkeypatch):
-    old = _state_of_seed(7)  # the former format: one state dict (rank 0's)
-    RandomStateHook.restore(old)
-    expected = _draws()
-    ckpt = dict(meta=dict(iter=6), random_state=old)
-    _seed(0)
-    assert _load(RandomStateHook(), ckpt, runner_iter=6)
-    assert _draws() == expected
-    # under DDP it is rank 0's: restored there, not copied onto the others
-    _fake_dist(monkeypatch, 0, 2)
-    _seed(0)
-    assert _load(RandomStateHook(), ckpt, runner_iter=6)
-    assert _draws() == expected
-    _fake_dist(monkeypatch, 1, 2)
-    _seed(0)
-    seeded = _draws()
-    _seed(0)
-    assert not _load(RandomStateHook(), ckpt, runner_iter=6)
-    assert _draws() == seeded
+def test_a_random_state_in_another_format_is_a_checkpoint_error():
+    """Only ``dict(world_size=W, states=[...])`` is read: a bare state dict (no
+    per-rank states) is refused with the fix, not restored on rank 0."""
+    from mmseg_robust.models.checkpoint import CheckpointError
+
+    for entry in (
+        _state_of_seed(7),
+        dict(world_size=2, states=[_state_of_seed(7)]),
+        [_state_of_seed(7)],
+    ):
+        ckpt = dict(meta=dict(iter=6), random_state=entry)
+        with pytest.raises(
+            CheckpointError, match="delete checkpoint\\['random_state'\\]"
+        ):
+            _load(RandomStateHook(), ckpt, runner_iter=6)
 
 
 # ------------------------------------------------------------ end to end

@@ -366,6 +366,14 @@ def test_tool_writes_a_safe_checkpoint_for_a_config(tmp_path, capsys):
     model = MODELS.build(cfg.model)
     model.load_state_dict(written['state_dict'], strict=True)
     assert written['meta']['layout']['scheme'] == 'ddcat'
+    # the provenance in the vocabulary every converter writes
+    from mmseg_robust.models.checkpoint import CONVERSION_META_KEYS
+
+    assert tuple(written['meta'])[:4] == CONVERSION_META_KEYS
+    assert written['meta']['converter'] == 'ddcat_semseg'
+    assert written['meta']['source'] == src.name
+    assert written['meta']['config'] == str(cfg_path)
+    assert written['meta']['dropped'] == []
     # --plain against the plain config; --plain on a SAT file is refused
     plain_cfg = Config(dict(model=model_cfg('pspnet', False, w=4, classes=5)))
     plain_path = tmp_path / 'narrow_plain.py'

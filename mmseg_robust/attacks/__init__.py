@@ -1,11 +1,12 @@
 """Adversarial attacks on semantic segmentation in pixel space (docs/algorithms.md
 sections 1-4). Pure torch: no Runner imports.
 
-Importing this package registers into ``mmseg_robust.registry.ATTACKS``:
+Importing this package registers
 
-- attacks: ``FGSM``, ``BIM``, ``PGD``, ``APGD``, ``APGDLargeEps``, ``SEA``;
-- objectives: ``CE``, ``Mask-CE``, ``Mask-CE-Bal``, ``JS-Avg``, ``SegPGD``,
-  ``CosPGD``, ``Mask-Sph``.
+- attacks into ``mmseg_robust.registry.ATTACKS``: ``FGSM``, ``BIM``, ``PGD``,
+  ``APGD``, ``APGDLargeEps``, ``SEA``;
+- objectives into ``mmseg_robust.registry.OBJECTIVES``: ``CE``, ``Mask-CE``,
+  ``Mask-CE-Bal``, ``JS-Avg``, ``SegPGD``, ``CosPGD``, ``Mask-Sph``.
 
 Example:
     >>> attack = ATTACKS.build(dict(type='APGD', eps=8, n_iter=100, loss='Mask-CE'))
@@ -21,9 +22,10 @@ from .apgd import (
     radius_schedule,
     step_size_halving,
 )
+from .attack_warning import AttackWarning
 from .base import Attack, AttackOutput, SegmentationTarget
 from .objectives import (
-    OBJECTIVES,
+    OBJECTIVE_NAMES,
     BalancedMaskedCrossEntropy,
     CosPGDLoss,
     CrossEntropy,
@@ -45,7 +47,6 @@ from .seg_logits import (
     check_labels,
     effective_valid,
     num_correct,
-    pixel_accuracy,
 )
 from .threat_model import (
     EPS_UNITS,
@@ -62,7 +63,7 @@ __all__ = [
     'FGSM',
     'EPS_UNITS',
     'NORMS',
-    'OBJECTIVES',
+    'OBJECTIVE_NAMES',
     'PGD',
     'SEA',
     'SEA_LOSSES',
@@ -70,6 +71,7 @@ __all__ = [
     'APGDStepSizeControl',
     'Attack',
     'AttackOutput',
+    'AttackWarning',
     'BalancedMaskedCrossEntropy',
     'CosPGDLoss',
     'CrossEntropy',
@@ -95,7 +97,6 @@ __all__ = [
     'load_class_weights',
     'num_correct',
     'objective_names',
-    'pixel_accuracy',
     'radius_schedule',
     'step_size_halving',
 ]

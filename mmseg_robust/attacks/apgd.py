@@ -7,7 +7,7 @@ schedule logic, so it can be tested without a model; :func:`apgd_run` is the
 optimiser loop shared by :class:`APGD` and :class:`APGDLargeEps`.
 """
 
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -30,6 +30,7 @@ from .threat_model import ThreatModel
 
 __all__ = [
     'DEFAULT_MODES',
+    'APGDModes',
     'FIRST_WINDOW_MODES',
     'STALL_HALVINGS',
     'ZERO_ACC_MODES',
@@ -75,23 +76,36 @@ _COMPAT = {
 }
 
 
+class APGDModes(NamedTuple):
+    """The validated mode options of an APGD-based attack (see
+    :func:`resolve_modes`)."""
+
+    compat: Optional[str]
+    zero_acc: str
+    first_window: str
+    stall_stop: bool
+
+
 def resolve_modes(
-    compat: Optional[str],
-    zero_acc: Optional[str],
-    first_window: Optional[str],
+    compat: Optional[str] = None,
+    zero_acc: Optional[str] = None,
+    first_window: Optional[str] = None,
+    stall_stop: bool = False,
     owner: str = 'APGD',
-) -> Tuple[Optional[str], str, str]:
-    """``(compat, zero_acc, first_window)`` of an APGD-based attack.
+) -> APGDModes:
+    """The mode options of an APGD-based attack, checked: the one place where
+    :class:`APGD`, :class:`APGDLargeEps`, :class:`~mmseg_robust.attacks.SEA`,
+    :func:`apgd_run` and :class:`APGDStepSizeControl` validate them.
 
     ``compat`` (``None``/``'default'`` or ``'reference'``) gives the values of the
     options left as None; an explicit value that contradicts
     ``compat='reference'`` is an error (the result would not be the
-    reference's).
+    reference's). ``stall_stop`` needs ``zero_acc='leave'``.
 
     Example:
-        >>> resolve_modes('reference', None, None)
-        ('reference', 'reference', 'reference')
-    """
+        >>> resolve_modes('reference')
+        APGDModes(compat='reference', zero_acc='reference', first_window='reference', stall_stop=False)
+    """  # noqa: E501
     if compat not in _COMPAT:
         raise ValueError(
             f"{owner}: compat must be None, 'default' or 'reference', got {compat!r}"
@@ -111,8 +125,18 @@ def resolve_modes(
                 f'{name}={value!r}; drop one of the two'
             )
         modes[name] = value
+    if stall_stop and modes['zero_acc'] != 'leave':
+        raise ValueError(
+            f"{owner}: stall_stop needs zero_acc='leave' (with 'reference' an "
+            "image's result already depends on its batch)"
+        )
     both = modes['zero_acc'] == modes['first_window'] == 'reference'
-    return ('reference' if both else None), modes['zero_acc'], modes['first_window']
+    return APGDModes(
+        'reference' if both else None,
+        modes['zero_acc'],
+        modes['first_window'],
+        bool(stall_stop),
+    )
 
 
 # --------------------------------------------------------------------------------
@@ -234,13 +258,9 @@ class APGDStepSizeControl:
         rho: float = 0.75,
         first_window: Optional[str] = None,
     ) -> None:
-        if first_window is None:
-            first_window = DEFAULT_MODES['first_window']
-        if first_window not in FIRST_WINDOW_MODES:
-            raise ValueError(
-                f'first_window must be one of {FIRST_WINDOW_MODES}, got '
-                f'{first_window!r}'
-            )
+        first_window = resolve_modes(
+            first_window=first_window, owner=type(self).__name__
+        ).first_window
         checks, windows = _apgd_windows(n_iter)
         self._windows = dict(zip(checks, windows))
         self.rho = rho
@@ -321,16 +341,6 @@ def radius_schedule(
     sizes = [int(f * n_iter) for f in iter_fractions]
     sizes.append(n_iter - sum(sizes))
     return [(n, float(f) * eps) for n, f in zip(sizes, radius_factors)]
-
-
-def _check_stall_stop(stall_stop, zero_acc: str, owner) -> bool:
-    """``bool(stall_stop)``; an error with ``zero_acc='reference'``."""
-    if stall_stop and zero_acc != 'leave':
-        raise ValueError(
-            f"{type(owner).__name__}: stall_stop needs zero_acc='leave' (with "
-            f"'reference' an image's result already depends on its batch)"
-        )
-    return bool(stall_stop)
 
 
 # --------------------------------------------------------------------------------
@@ -427,16 +437,13 @@ def apgd_run(
         the newer one; at accuracy 0 the first one with ``zero_acc='leave'``)
         and its prediction.
     """
-    if zero_acc is None:
-        zero_acc = DEFAULT_MODES['zero_acc']
-    if zero_acc not in ZERO_ACC_MODES:
-        raise ValueError(f'zero_acc must be one of {ZERO_ACC_MODES}, got {zero_acc!r}')
+    modes = resolve_modes(None, zero_acc, first_window, stall_stop, 'apgd_run')
+    zero_acc, first_window, stall_stop = (
+        modes.zero_acc,
+        modes.first_window,
+        modes.stall_stop,
+    )
     leave = zero_acc == 'leave'
-    if stall_stop and not leave:
-        raise ValueError(
-            "stall_stop needs zero_acc='leave' (with 'reference' an image's result "
-            'already depends on its batch)'
-        )
     out_x = x0.detach().clone()
     start = None if stats is not None else {}
     grad, ce, n_correct = _evaluate(
@@ -623,12 +630,11 @@ class APGD(Attack):
     ) -> None:
         super().__init__(eps, norm, ignore_index, eps_units, name)
         self.steps = resolve_steps(steps, n_iter, 100, type(self).__name__)
-        self.compat, self.zero_acc, self.first_window = resolve_modes(
-            compat, zero_acc, first_window, type(self).__name__
+        self.compat, self.zero_acc, self.first_window, self.stall_stop = resolve_modes(
+            compat, zero_acc, first_window, stall_stop, type(self).__name__
         )
         self.rho = float(rho)
         self.early_stop = bool(early_stop)
-        self.stall_stop = _check_stall_stop(stall_stop, self.zero_acc, self)
         self.objective = self._build_objective(loss)
 
     def __repr__(self) -> str:
@@ -663,7 +669,7 @@ class APGD(Attack):
             init = init.detach().to(device=images.device, dtype=torch.float32)
         return self._run(model, images, labels, valid, seeds, progress, init=init)
 
-    def _attack(self, target, x, seeds, init=None) -> AttackOutput:
+    def _attack(self, target, x, seeds, report, init=None) -> AttackOutput:
         tm = self.threat_model
         with torch.no_grad():
             x0 = (
@@ -775,8 +781,8 @@ class APGDLargeEps(Attack):
     ) -> None:
         super().__init__(eps, norm, ignore_index, eps_units, name)
         self.steps = resolve_steps(steps, n_iter, 300, type(self).__name__)
-        self.compat, self.zero_acc, self.first_window = resolve_modes(
-            compat, zero_acc, first_window, type(self).__name__
+        self.compat, self.zero_acc, self.first_window, self.stall_stop = resolve_modes(
+            compat, zero_acc, first_window, stall_stop, type(self).__name__
         )
         self.radius_factors = tuple(float(f) for f in radius_factors)
         self.iter_fractions = tuple(float(f) for f in iter_fractions)
@@ -785,7 +791,6 @@ class APGDLargeEps(Attack):
         )
         self.rho = float(rho)
         self.early_stop = bool(early_stop)
-        self.stall_stop = _check_stall_stop(stall_stop, self.zero_acc, self)
         self.objective = self._build_objective(loss)
 
     def __repr__(self) -> str:
@@ -800,15 +805,13 @@ class APGDLargeEps(Attack):
     def objectives(self) -> List[Objective]:
         return [self.objective]
 
-    def _attack(self, target, x, seeds) -> AttackOutput:
+    def _attack(self, target, x, seeds, report) -> AttackOutput:
         tm = self.threat_model
         out, stats = None, None
         n = len(self.stages)
         for stage, (n_stage, eps_stage) in enumerate(self.stages):
             its = 'iteration' if n_stage == 1 else 'iterations'
-            self.report(
-                f'stage {stage + 1}/{n}: radius {eps_stage:g}/255, {n_stage} {its}'
-            )
+            report(f'stage {stage + 1}/{n}: radius {eps_stage:g}/255, {n_stage} {its}')
             radius = eps_stage / 255.0
             with torch.no_grad():
                 if stage == 0:

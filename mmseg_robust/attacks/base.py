@@ -18,8 +18,9 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .attack_warning import AttackWarning
 from .objectives import Objective, build_objective
-from .seg_logits import SegLogits, check_labels, effective_valid, pixel_accuracy
+from .seg_logits import SegLogits, check_labels, effective_valid
 from .threat_model import ThreatModel
 
 __all__ = [
@@ -27,7 +28,6 @@ __all__ = [
     'AttackOutput',
     'STATS_KEYS',
     'SegmentationTarget',
-    'pixel_accuracy',
     'resolve_steps',
 ]
 
@@ -265,7 +265,7 @@ def eval_mode(model):
     if not any(training for _, training in flags):
         yield
         return
-    warnings.warn(_TRAIN_MODE_WARNING, UserWarning, stacklevel=5)
+    warnings.warn(_TRAIN_MODE_WARNING, AttackWarning, stacklevel=5)
     for sub, _ in flags:
         sub.training = False
     try:
@@ -307,11 +307,20 @@ def resolve_steps(
     return int(steps)
 
 
+def _ignore(text: str) -> None:
+    """The ``report`` of a call without ``progress``."""
+
+
+def _reporter(progress: Optional[Callable[[str], None]]) -> Callable[[str], None]:
+    return _ignore if progress is None else progress
+
+
 class Attack:
     """Base class of the attacks of :mod:`mmseg_robust.attacks` (threat model of
     docs/algorithms.md section 1, objectives of section 2).
 
-    Subclasses implement :meth:`_attack`. Build registered attacks with
+    Subclasses implement :meth:`_attack`; ensembles call their members'
+    :meth:`attack_target`. Build registered attacks with
     ``ATTACKS.build(dict(type='PGD', eps=8, steps=10))``.
 
     Args:
@@ -430,19 +439,35 @@ class Attack:
     def _run(self, model, images, labels, valid, seeds, progress, **kwargs):
         """:meth:`run` with extra keyword arguments for :meth:`_attack`."""
         x, target, seeds = self._prepare(model, images, labels, valid, seeds)
-        self._progress = progress
-        try:
-            with eval_mode(model), torch.enable_grad():
-                out = self._attack(target, x, seeds, **kwargs)
-        finally:
-            self._progress = None
+        with eval_mode(model), torch.enable_grad():
+            out = self.attack_target(target, x, seeds, progress, **kwargs)
         return self._finish(out, images)
 
-    def report(self, text: str) -> None:
-        """Pass ``text`` to the ``progress`` callback of the running :meth:`run`."""
-        progress = getattr(self, '_progress', None)
-        if progress is not None:
-            progress(text)
+    def attack_target(
+        self,
+        target: 'SegmentationTarget',
+        x: Tensor,
+        seeds: Optional[List[int]] = None,
+        progress: Optional[Callable[[str], None]] = None,
+        **kwargs,
+    ) -> AttackOutput:
+        """Attack a prepared target: :meth:`run` without its input checks, eval
+        mode and output dtype. For ensembles that run their members on the
+        target they checked once (:class:`~mmseg_robust.attacks.SEA`).
+
+        The attack keeps no state of a call (``progress`` is passed down, not
+        stored), so calls may be nested or repeated.
+
+        Args:
+            target (SegmentationTarget): model view, labels and valid mask.
+            x (Tensor): clean fp32 images ``(B, 3, H, W)`` in ``[0, 1]``.
+            seeds (list of int, optional): one per image.
+            progress (callable, optional): as in :meth:`run`.
+
+        Returns:
+            AttackOutput: as :meth:`run`, in fp32, not detached.
+        """
+        return self._attack(target, x, seeds, _reporter(progress), **kwargs)
 
     def __call__(
         self,
@@ -457,8 +482,13 @@ class Attack:
 
     # ----------------------------------------------------------------- internals
     def _attack(
-        self, target: SegmentationTarget, x: Tensor, seeds: Optional[List[int]]
+        self,
+        target: SegmentationTarget,
+        x: Tensor,
+        seeds: Optional[List[int]],
+        report: Callable[[str], None],
     ) -> AttackOutput:
+        """The attack itself; ``report(text)`` passes progress to the caller."""
         raise NotImplementedError
 
     def _prepare(self, model, images, labels, valid, seeds):

@@ -5,7 +5,8 @@ per-pixel loss; the per-image objective is the sum over valid pixels divided by
 ``H*W`` (all pixels, not the valid or correct ones). Correctness masks and
 weighting factors are recomputed from the current logits at every call and detached.
 
-Objectives are registered in ``ATTACKS`` under the spec's names::
+Objectives are registered in ``OBJECTIVES`` (not ``ATTACKS``) under the spec's
+names::
 
     CE, Mask-CE, Mask-CE-Bal, JS-Avg, SegPGD, CosPGD, Mask-Sph
 
@@ -21,12 +22,12 @@ from typing import Dict, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from mmseg_robust.registry import ATTACKS
+from mmseg_robust.registry import OBJECTIVES
 
 from .seg_logits import SegLogits, check_labels, effective_valid
 
 __all__ = [
-    'OBJECTIVES',
+    'OBJECTIVE_NAMES',
     'BalancedMaskedCrossEntropy',
     'CosPGDLoss',
     'CrossEntropy',
@@ -43,7 +44,15 @@ __all__ = [
 ]
 
 #: Names of the objectives of docs/algorithms.md section 2, in the order of its table.
-OBJECTIVES = ('CE', 'Mask-CE', 'Mask-CE-Bal', 'JS-Avg', 'SegPGD', 'CosPGD', 'Mask-Sph')
+OBJECTIVE_NAMES = (
+    'CE',
+    'Mask-CE',
+    'Mask-CE-Bal',
+    'JS-Avg',
+    'SegPGD',
+    'CosPGD',
+    'Mask-Sph',
+)
 
 ClassWeights = Union[str, Sequence[float], Tensor]
 
@@ -71,7 +80,7 @@ class Objective:
         ``total_steps``.
 
     Example:
-        >>> obj = ATTACKS.build(dict(type='Mask-CE'))
+        >>> obj = OBJECTIVES.build(dict(type='Mask-CE'))
         >>> per_image = obj(logits, labels)  # (B,)
     """
 
@@ -117,7 +126,7 @@ class Objective:
         return f'{type(self).__name__}()'
 
 
-@ATTACKS.register_module(name='CE')
+@OBJECTIVES.register_module(name='CE')
 class CrossEntropy(Objective):
     """Pixel-wise cross-entropy ``CE_i`` (section 2, 'CE').
 
@@ -125,7 +134,7 @@ class CrossEntropy(Objective):
         ignore_index (int): label value excluded. Default: 255.
 
     Example:
-        >>> obj = ATTACKS.build(dict(type='CE'))
+        >>> obj = OBJECTIVES.build(dict(type='CE'))
         >>> per_image = obj(logits, labels)  # (B,)
     """
 
@@ -135,7 +144,7 @@ class CrossEntropy(Objective):
         return s.ce
 
 
-@ATTACKS.register_module(name='Mask-CE')
+@OBJECTIVES.register_module(name='Mask-CE')
 class MaskedCrossEntropy(Objective):
     """Masked cross-entropy ``correct_i * CE_i`` (Croce et al., ECCV 2024, section 2
     'Mask-CE'): a pixel drops out as soon as it is misclassified and returns if it
@@ -145,7 +154,7 @@ class MaskedCrossEntropy(Objective):
         ignore_index (int): label value excluded. Default: 255.
 
     Example:
-        >>> obj = ATTACKS.build(dict(type='Mask-CE'))
+        >>> obj = OBJECTIVES.build(dict(type='Mask-CE'))
         >>> per_image = obj(logits, labels)  # (B,)
     """
 
@@ -155,7 +164,7 @@ class MaskedCrossEntropy(Objective):
         return torch.where(s.correct, s.ce, 0.0)
 
 
-@ATTACKS.register_module(name='Mask-CE-Bal')
+@OBJECTIVES.register_module(name='Mask-CE-Bal')
 class BalancedMaskedCrossEntropy(Objective):
     """Class-balanced masked cross-entropy ``correct_i * w[y_i] * CE_i`` (Croce et al.,
     ECCV 2024, section 2 'Mask-CE-Bal'), with a fixed class-weight vector ``w``
@@ -169,7 +178,7 @@ class BalancedMaskedCrossEntropy(Objective):
         ignore_index (int): label value excluded. Default: 255.
 
     Example:
-        >>> obj = ATTACKS.build(dict(type='Mask-CE-Bal', class_weights='voc'))
+        >>> obj = OBJECTIVES.build(dict(type='Mask-CE-Bal', class_weights='voc'))
         >>> per_image = obj(logits, labels)  # (B,), logits with K=21
     """
 
@@ -208,7 +217,7 @@ class BalancedMaskedCrossEntropy(Objective):
         return f'{type(self).__name__}(num_classes={self.class_weights.numel()})'
 
 
-@ATTACKS.register_module(name='JS-Avg')
+@OBJECTIVES.register_module(name='JS-Avg')
 class JensenShannonDivergence(Objective):
     """Jensen-Shannon divergence between ``p_i = softmax(z_i)`` and
     ``onehot(y_i)`` (Croce et al., ECCV 2024, section 2 'JS-Avg'); no correctness
@@ -224,7 +233,7 @@ class JensenShannonDivergence(Objective):
         ignore_index (int): label value excluded. Default: 255.
 
     Example:
-        >>> obj = ATTACKS.build(dict(type='JS-Avg'))
+        >>> obj = OBJECTIVES.build(dict(type='JS-Avg'))
         >>> per_image = obj(logits, labels)  # (B,), each <= log 2
     """
 
@@ -237,7 +246,7 @@ class JensenShannonDivergence(Objective):
         return _LOG2 + 0.5 * (py * log_py - (1.0 + py) * torch.log1p(py))
 
 
-@ATTACKS.register_module(name='SegPGD')
+@OBJECTIVES.register_module(name='SegPGD')
 class SegPGDLoss(Objective):
     """SegPGD objective (Gu et al., ECCV 2022; section 2 'SegPGD'): at step ``t`` of
     ``T``, ``lambda_t = (t - 1) / (2T)`` and the per-pixel loss is
@@ -247,7 +256,7 @@ class SegPGDLoss(Objective):
         ignore_index (int): label value excluded. Default: 255.
 
     Example:
-        >>> obj = ATTACKS.build(dict(type='SegPGD'))
+        >>> obj = OBJECTIVES.build(dict(type='SegPGD'))
         >>> per_image = obj(logits, labels, step=3, total_steps=10)  # (B,)
     """
 
@@ -258,7 +267,7 @@ class SegPGDLoss(Objective):
         return s.ce * torch.where(s.correct, 1.0 - lam, lam)
 
 
-@ATTACKS.register_module(name='CosPGD')
+@OBJECTIVES.register_module(name='CosPGD')
 class CosPGDLoss(Objective):
     """CosPGD objective (Agnihotri et al., ICML 2024; section 2 'CosPGD'):
     ``cos(act(z_i), onehot(y_i)) * CE_i`` with the cosine factor detached.
@@ -269,7 +278,7 @@ class CosPGDLoss(Objective):
         ignore_index (int): label value excluded. Default: 255.
 
     Example:
-        >>> obj = ATTACKS.build(dict(type='CosPGD', activation='softmax'))
+        >>> obj = OBJECTIVES.build(dict(type='CosPGD', activation='softmax'))
         >>> per_image = obj(logits, labels)  # (B,)
     """
 
@@ -298,7 +307,7 @@ class CosPGDLoss(Objective):
         return f'{type(self).__name__}(activation={self.activation!r})'
 
 
-@ATTACKS.register_module(name='Mask-Sph')
+@OBJECTIVES.register_module(name='Mask-Sph')
 class MaskedSphericalLoss(Objective):
     """Masked spherical loss ``-correct_i * z_{i, y_i} / ||z_i||_2`` (Croce et al.,
     2023 four-loss SEA; section 2 'Mask-Sph').
@@ -307,7 +316,7 @@ class MaskedSphericalLoss(Objective):
         ignore_index (int): label value excluded. Default: 255.
 
     Example:
-        >>> obj = ATTACKS.build(dict(type='Mask-Sph'))
+        >>> obj = OBJECTIVES.build(dict(type='Mask-Sph'))
         >>> per_image = obj(logits, labels)  # (B,)
     """
 
@@ -323,15 +332,15 @@ class MaskedSphericalLoss(Objective):
 # building and class weights
 # --------------------------------------------------------------------------------
 def objective_names() -> list:
-    """Names of all objectives registered in ``ATTACKS`` (spec names first)."""
-    ATTACKS.import_from_location()
+    """Names of all objectives registered in ``OBJECTIVES`` (spec names first)."""
+    OBJECTIVES.import_from_location()
     names = [
         name
-        for name, cls in ATTACKS.module_dict.items()
+        for name, cls in OBJECTIVES.module_dict.items()
         if isinstance(cls, type) and issubclass(cls, Objective)
     ]
-    return [n for n in OBJECTIVES if n in names] + sorted(
-        n for n in names if n not in OBJECTIVES
+    return [n for n in OBJECTIVE_NAMES if n in names] + sorted(
+        n for n in names if n not in OBJECTIVE_NAMES
     )
 
 
@@ -358,7 +367,7 @@ def build_objective(cfg: Union[str, dict, Objective], **defaults) -> Objective:
         )
     args = dict(cfg)
     name = args.pop('type')
-    cls = name if isinstance(name, type) else ATTACKS.get(name)
+    cls = name if isinstance(name, type) else OBJECTIVES.get(name)
     known = isinstance(cls, type) and issubclass(cls, Objective)
     if not known:
         raise ValueError(

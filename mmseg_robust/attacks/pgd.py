@@ -1,6 +1,6 @@
 """FGSM, BIM and PGD in pixel space (docs/algorithms.md section 3.1)."""
 
-from typing import List, Optional, Union
+from typing import Callable, List, Optional, Union
 
 import torch
 from torch import Tensor
@@ -114,7 +114,11 @@ class PGD(Attack):
         return [self.objective]
 
     def _attack(
-        self, target: SegmentationTarget, x: Tensor, seeds: Optional[List[int]]
+        self,
+        target: SegmentationTarget,
+        x: Tensor,
+        seeds: Optional[List[int]],
+        report: Callable[[str], None],
     ) -> AttackOutput:
         tm = self.threat_model
         alpha = self.step_size / 255.0

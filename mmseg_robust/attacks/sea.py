@@ -1,7 +1,7 @@
 """SEA, the Segmentation Ensemble Attack (docs/algorithms.md section 4)."""
 
 import hashlib
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -127,11 +127,10 @@ class SEA(Attack):
         name: Optional[str] = None,
     ) -> None:
         super().__init__(eps, norm, ignore_index, eps_units, name)
-        self.compat, self.zero_acc, self.first_window = resolve_modes(
-            compat, zero_acc, first_window, type(self).__name__
+        self.compat, self.zero_acc, self.first_window, self.stall_stop = resolve_modes(
+            compat, zero_acc, first_window, stall_stop, type(self).__name__
         )
         self.early_stop = bool(early_stop)
-        self.stall_stop = bool(stall_stop)
         if isinstance(losses, (str, dict)) or len(losses) == 0:
             raise ValueError(
                 f'losses must be a non-empty sequence of objectives, got {losses!r}'
@@ -175,34 +174,19 @@ class SEA(Attack):
         """The members' names: the results are recorded per member."""
         return list(self.attacks)
 
-    def run_all(
-        self,
-        model,
-        images: Tensor,
-        labels: Tensor,
-        valid: Optional[Tensor] = None,
-        seeds: Optional[Sequence[int]] = None,
-    ) -> Dict[str, AttackOutput]:
-        """Every member attack's output: ``run(...).members``.
-
-        Returns:
-            dict: attack name (``'APGD-Mask-CE-Bal'``, ...) -> :class:`AttackOutput`,
-            in attack order.
-        """
-        return self.run(model, images, labels, valid, seeds).members
-
     def _attack(
-        self, target: SegmentationTarget, x: Tensor, seeds: Optional[List[int]]
+        self,
+        target: SegmentationTarget,
+        x: Tensor,
+        seeds: Optional[List[int]],
+        report: Callable[[str], None],
     ) -> AttackOutput:
         members = {}
         for a, (name, attack) in enumerate(self.attacks.items()):
-            self.report(name)
-            # the members run through _attack, not run(): hand them the callback
-            attack._progress = _prefixed(getattr(self, '_progress', None), name)
-            try:
-                members[name] = attack._attack(target, x, derive_seeds(seeds, a))
-            finally:
-                attack._progress = None
+            report(name)
+            members[name] = attack.attack_target(
+                target, x, derive_seeds(seeds, a), _prefixed(report, name)
+            )
         outs = list(members.values())
         # worst case per image: lowest accuracy, i.e. fewest correct valid pixels
         # (the valid count is the same for every attack); argmin keeps the first.
@@ -228,11 +212,9 @@ class SEA(Attack):
             )
 
 
-def _prefixed(progress, name: str):
-    """``progress`` with each text prefixed by ``'<name>: '`` (None stays None)."""
-    if progress is None:
-        return None
-    return lambda text: progress(f'{name}: {text}')
+def _prefixed(report: Callable[[str], None], name: str) -> Callable[[str], None]:
+    """``report`` with each text prefixed by ``'<name>: '``."""
+    return lambda text: report(f'{name}: {text}')
 
 
 def _loss_name(objective: Objective) -> str:

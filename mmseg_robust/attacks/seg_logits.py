@@ -19,7 +19,6 @@ __all__ = [
     'check_labels',
     'effective_valid',
     'num_correct',
-    'pixel_accuracy',
 ]
 
 
@@ -62,28 +61,6 @@ def check_labels(
 def num_correct(pred: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
     """Correctly classified valid pixels per image, long ``(B,)``."""
     return ((pred == labels) & valid).sum(dim=(1, 2))
-
-
-def pixel_accuracy(
-    pred: Tensor,
-    labels: Tensor,
-    valid: Optional[Tensor] = None,
-    ignore_index: int = 255,
-) -> Tensor:
-    """Per-image pixel accuracy: correct and valid pixels / valid pixels.
-
-    Args:
-        pred (Tensor): predictions ``(B, H, W)``, long.
-        labels (Tensor): labels ``(B, H, W)``, long, ``ignore_index`` allowed.
-        valid (Tensor, optional): bool ``(B, H, W)``, False for padding.
-        ignore_index (int): label value that never counts. Default: 255.
-
-    Returns:
-        Tensor: float ``(B,)`` in ``[0, 1]``; 0 for an image without valid pixel.
-    """
-    mask = effective_valid(labels, valid, ignore_index)
-    correct = num_correct(pred, labels, mask)
-    return correct.float() / mask.sum(dim=(1, 2)).clamp_min(1).float()
 
 
 class SegLogits:

@@ -13,6 +13,8 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .attack_warning import AttackWarning
+
 __all__ = [
     'EPS_UNITS',
     'NORMS',
@@ -122,7 +124,7 @@ def check_eps(eps: float, norm: Optional[str] = None, eps_units=None) -> float:
             f'eps is in /255 units: eps={value:g} means {value:g}/255; did you '
             f'mean eps={value * 255:.4g} ({value * 255:.4g}/255)? If {value:g}/255 '
             "is intended, pass eps_units='255' to confirm it.",
-            UserWarning,
+            AttackWarning,
             stacklevel=3,
         )
     return value
@@ -205,7 +207,7 @@ class ThreatModel:
             f'(eps/sqrt(C*H*W)), below {L2_MIN_RMS:g}/255; did you give the radius '
             f'in [0, 1] units? Then pass eps={self.eps * 255:g} (eps = r*255). If '
             f"{self.eps:g}/255 is intended, pass eps_units='255' to confirm it.",
-            UserWarning,
+            AttackWarning,
             stacklevel=2,
         )
 

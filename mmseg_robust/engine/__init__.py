@@ -2,15 +2,9 @@
 cache."""
 
 from .adversarial_loops import AdversarialTestLoop, AdversarialValLoop, image_seed
-from .adversarial_training import (
-    AdversarialTrainLoop,
-    DDCATTrainLoop,
-    PIRATTrainLoop,
-    SATTrainLoop,
-)
+from .adversarial_training import AdversarialTrainLoop
 from .attack_context import attack_context
 from .checkpoint_check import CheckpointCheckHook, check_loaded_checkpoint
-from .optim_wrappers import AdversarialAmpOptimWrapper, AdversarialOptimWrapper
 from .presets import (
     EVALUATOR_PRESETS,
     add_adversarial_visualization,
@@ -28,23 +22,18 @@ from .train_schemes import DDCATScheme, PIRATScheme, SATScheme, TrainScheme
 from .visualization_hook import AdversarialVisualizationHook
 
 __all__ = [
-    'AdversarialAmpOptimWrapper',
-    'AdversarialOptimWrapper',
     'AdversarialTestLoop',
     'AdversarialTrainLoop',
     'AdversarialValLoop',
     'AdversarialVisualizationHook',
     'CheckpointCheckHook',
     'DDCATScheme',
-    'DDCATTrainLoop',
     'EVALUATOR_PRESETS',
     'PIRATScheme',
-    'PIRATTrainLoop',
     'RandomStateHook',
     'ResultCache',
     'ResumeCheckHook',
     'SATScheme',
-    'SATTrainLoop',
     'TrainScheme',
     'add_adversarial_visualization',
     'apply_robustness_evaluator',

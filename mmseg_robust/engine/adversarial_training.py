@@ -54,9 +54,6 @@ from .train_schemes import TrainScheme
 
 __all__ = [
     'AdversarialTrainLoop',
-    'DDCATTrainLoop',
-    'PIRATTrainLoop',
-    'SATTrainLoop',
     'sync_norm_stats',
 ]
 
@@ -228,9 +225,6 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
                         random_start=False))
         optim_wrapper = dict(type='OptimWrapper', optimizer=...)
 
-    ``PIRATTrainLoop``, ``SATTrainLoop`` and ``DDCATTrainLoop`` are this loop with
-    the scheme fixed (``train_cfg = dict(type='PIRATTrainLoop', ...)``).
-
     Only :meth:`run_iter` is overridden: mmengine's ``run`` (resume's data loader
     skip included) runs as is, and the random state of a resumed run is restored
     by the loop's batch iterator right after the skip, which with
@@ -287,9 +281,6 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
     data preprocessor adds to images smaller than its ``size``.
     """
 
-    #: the scheme a subclass fixes (None: chosen by ``scheme``)
-    fixed_scheme: Optional[str] = None
-
     def __init__(
         self,
         runner,
@@ -345,15 +336,6 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
         )
 
     def _build_scheme(self, scheme) -> TrainScheme:
-        fixed = self.fixed_scheme
-        if fixed is not None:
-            if scheme not in (None, fixed):
-                raise ValueError(
-                    f'{type(self).__name__} trains with scheme={fixed!r}, got '
-                    f'scheme={scheme!r}: use AdversarialTrainLoop to choose '
-                    'the scheme'
-                )
-            scheme = fixed
         if scheme is None:
             scheme = 'pirat'
         if isinstance(scheme, TrainScheme):
@@ -424,11 +406,6 @@ class AdversarialTrainLoop(IterBasedTrainLoop):
         sync_norm_stats(unwrap_model(model))
 
     # ---------------------------------------------------------- the batch
-    def attacked_indices(self, batch_size: int) -> List[int]:
-        """Images that become adversarial (the scheme's: all for PIR-AT, the
-        second half for SAT and DDC-AT)."""
-        return self.train_scheme.attacked_indices(batch_size)
-
     def adversarial_batch(self, data_batch: dict):
         """Compose the training batch of one iteration.
 
@@ -590,25 +567,3 @@ def _check_load_from(runner) -> None:
         f'checkpoint.{hint} Train it first, or point the config at your own '
         f'checkpoint with --cfg-options load_from=PATH.'
     )
-
-
-@LOOPS.register_module()
-class PIRATTrainLoop(AdversarialTrainLoop):
-    """:class:`AdversarialTrainLoop` with ``scheme='pirat'``."""
-
-    fixed_scheme = 'pirat'
-
-
-@LOOPS.register_module()
-class SATTrainLoop(AdversarialTrainLoop):
-    """:class:`AdversarialTrainLoop` with ``scheme='sat'``."""
-
-    fixed_scheme = 'sat'
-
-
-@LOOPS.register_module()
-class DDCATTrainLoop(AdversarialTrainLoop):
-    """:class:`AdversarialTrainLoop` with ``scheme='ddcat'`` (needs a DDC-AT
-    decode head)."""
-
-    fixed_scheme = 'ddcat'

@@ -9,8 +9,8 @@ checkpoint holds the state of every rank::
     checkpoint['random_state'] = dict(world_size=W, states=[state_0, ..., state_W-1])
 
 (``state_r`` a dict with ``torch``, ``numpy``, ``python`` and, with CUDA,
-``cuda``). Checkpoints written before per-rank states hold one such dict directly
-(rank 0's); they still load.
+``cuda``). Resuming from a checkpoint whose ``random_state`` is in another format
+is a :class:`~mmseg_robust.models.checkpoint.CheckpointError`.
 
 The states are restored by :class:`~mmseg_robust.engine.AdversarialTrainLoop`'s
 batch iterator, after mmengine's ``IterBasedTrainLoop.run`` has advanced the data
@@ -26,6 +26,8 @@ import torch
 from mmengine.dist import all_gather_object, get_dist_info
 from mmengine.hooks import CheckpointHook, Hook
 from mmengine.logging import print_log
+
+from mmseg_robust.models.checkpoint import CheckpointError
 
 __all__ = ['RandomStateHook']
 
@@ -150,21 +152,25 @@ class RandomStateHook(Hook):
     @staticmethod
     def select_own(state: dict) -> Optional[dict]:
         """This rank's state from a checkpoint's ``random_state`` entry (None:
-        nothing to restore, with a warning saying why)."""
+        nothing to restore, with a warning saying why).
+
+        Raises:
+            CheckpointError: the entry is not ``dict(world_size=W, states=[...])``.
+        """
         rank, world_size = get_dist_info()
-        if 'states' not in state:
-            # one state, saved by rank 0 before checkpoints held every rank's
-            if rank == 0:
-                if world_size > 1:
-                    print_log(
-                        'The checkpoint holds a single random state (rank '
-                        f"0's): restored on rank 0; ranks 1..{world_size - 1} "
-                        'keep their seeded random states',
-                        logger='current',
-                        level=logging.WARNING,
-                    )
-                return state
-            return None
+        if (
+            not isinstance(state, dict)
+            or not isinstance(state.get('world_size'), int)
+            or not isinstance(state.get('states'), (list, tuple))
+            or len(state['states']) != state['world_size']
+        ):
+            found = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise CheckpointError(
+                "the checkpoint's 'random_state' entry is not dict(world_size=W, "
+                f'states=[one state per process]) (found {found}): resume from a '
+                "checkpoint this version wrote, or delete checkpoint['random_state'] "
+                'to resume with the seeded random state'
+            )
         saved_world_size = state['world_size']
         if saved_world_size != world_size:
             print_log(

@@ -10,6 +10,10 @@ fit would be evaluated with randomly initialised tensors).
 
 A mismatch is always a :class:`CheckpointError` naming every missing, unexpected
 and wrongly shaped tensor.
+
+A converted checkpoint's ``meta`` says where it comes from in one vocabulary,
+:data:`CONVERSION_META_KEYS` (built by :func:`conversion_meta`), whichever
+converter or tool wrote it.
 """
 
 import os
@@ -21,7 +25,9 @@ from typing import Dict, Iterable, List, Mapping, Optional, Union
 import torch
 
 __all__ = [
+    'CONVERSION_META_KEYS',
     'CheckpointError',
+    'conversion_meta',
     'check_checkpoint_fits',
     'check_state_dict',
     'expected_shapes',
@@ -39,16 +45,11 @@ CONVERT_SEMSEG = 'tools/model_converters/ddcat_semseg.py'
 _LIMIT = 20  # tensor names listed per kind of mismatch
 
 
-class CheckpointError(ValueError, KeyError):
-    """A checkpoint holds no state dict, cannot be converted, or does not fit
-    the model (the message names the tensors).
-
-    A ``ValueError`` and a ``KeyError``, so that callers catching either keep
-    working; the message is printed as is (not quoted as a ``KeyError``'s).
-    """
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+class CheckpointError(ValueError):
+    """The one error for a checkpoint problem: a file that holds no state dict,
+    cannot be converted (a missing tensor, another architecture, an input
+    normaliser), does not fit the model (the message names the tensors), or
+    whose training state cannot be resumed."""
 
 
 def load_checkpoint_file(path: str, trust: bool = False, mmap: bool = False):
@@ -67,9 +68,10 @@ def load_checkpoint_file(path: str, trust: bool = False, mmap: bool = False):
 
     Raises:
         FileNotFoundError: no such file.
-        RuntimeError: the file cannot be loaded; the message names the file and,
-            when the safe loader refused it, the ``--unsafe-load`` / ``trust=True``
-            fix.
+        RuntimeError: this torch has no ``torch.load(weights_only=True)``.
+        CheckpointError: the file cannot be loaded; the message names the file
+            and, when the safe loader refused it, the ``--unsafe-load`` /
+            ``trust=True`` fix.
     """
     if not osp.isfile(path):
         raise FileNotFoundError(f'no such checkpoint file: {path}')
@@ -88,8 +90,8 @@ def load_checkpoint_file(path: str, trust: bool = False, mmap: bool = False):
         return torch.load(path, map_location='cpu', weights_only=not trust, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - re-raised naming the file and fix
         if trust:
-            raise RuntimeError(f'cannot load the checkpoint {path}: {e}') from e
-        raise RuntimeError(
+            raise CheckpointError(f'cannot load the checkpoint {path}: {e}') from e
+        raise CheckpointError(
             f'cannot load the checkpoint {path} with torch.load(weights_only='
             f'True): {e}\nIf you trust the file (unpickling can run arbitrary '
             'code), rerun with --unsafe-load (trust=True in Python).'
@@ -151,6 +153,46 @@ def unwrap_state_dict(obj, source: str = 'checkpoint') -> StateDict:
         f'{source}: no state dict found: a checkpoint is a '
         f'dict, this is a {type(obj).__name__}'
     )
+
+
+#: The provenance keys of a converted checkpoint's ``meta``, written by every
+#: converter and ``tools/model_converters/*.py``:
+#:
+#: - ``converter``: the converter's name (the tool's file name without ``.py``,
+#:   e.g. ``'revisiting_at_convnext'``, ``'ddcat_semseg'``, ``'export_ddcat'``);
+#: - ``source``: the file name of the converted checkpoint;
+#: - ``config``: the config the result is meant for, as given (None when the
+#:   converter takes none);
+#: - ``dropped``: the names of the source tensors the result leaves out.
+#:
+#: Further keys describe the conversion (``arch``, ``num_classes``, ``stem``,
+#: ``pos_embed_grid``, ``fresh``, ``input_normalizer``, ``layout``, ``plain``);
+#: an exported training checkpoint keeps the keys mmengine wrote (``cfg``, ...).
+CONVERSION_META_KEYS = ('converter', 'source', 'config', 'dropped')
+
+
+def conversion_meta(
+    converter: str,
+    source: str,
+    dropped: Iterable[str] = (),
+    config: Optional[str] = None,
+    **details,
+) -> dict:
+    """The ``meta`` of a converted checkpoint: :data:`CONVERSION_META_KEYS`,
+    then ``details``.
+
+    Example:
+        >>> conversion_meta('export_ddcat', '/runs/iter_80000.pth', ['a.w'])
+        {'converter': 'export_ddcat', 'source': 'iter_80000.pth', 'config': None, 'dropped': ['a.w']}
+    """  # noqa: E501
+    meta = dict(
+        converter=str(converter),
+        source=osp.basename(str(source)),
+        config=None if config is None else str(config),
+        dropped=[str(k) for k in dropped],
+    )
+    meta.update(details)  # cannot repeat a key: each is a named argument
+    return meta
 
 
 def save_checkpoint(
@@ -361,10 +403,9 @@ def check_checkpoint_fits(
             that cure, with its command line, before the hint.
 
     Raises:
-        FileNotFoundError / RuntimeError: the file cannot be loaded
-            (:func:`load_checkpoint_file`).
-        CheckpointError: the file holds no state dict, or it does not fit
-            ``model`` (naming the tensors and the fix).
+        FileNotFoundError / RuntimeError: see :func:`load_checkpoint_file`.
+        CheckpointError: the file cannot be loaded or holds no state dict, or
+            it does not fit ``model`` (naming the tensors and the fix).
     """
     state = unwrap_state_dict(load_checkpoint_file(path, mmap=True), path)
     expected = expected_shapes(model)

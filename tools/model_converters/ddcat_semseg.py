@@ -26,6 +26,7 @@ from mmengine.config import Config
 
 from mmseg_robust.models.checkpoint import (
     CheckpointError,
+    conversion_meta,
     expected_shapes,
     load_checkpoint_file,
     save_checkpoint,
@@ -95,12 +96,16 @@ def convert(
     expected = expected_shapes(cfg.model, prefix=prefix)
     drop = ('cls2.', 'mask1.') if plain else ()
     out = convert_semseg_state_dict(sd, expected=expected, drop=drop)
-    meta = dict(
-        converted_from=osp.abspath(src),
-        converter='tools/model_converters/ddcat_semseg.py',
+    # in the source's naming; the ImageNet classifier of a ResNet always goes
+    left_out = drop + (('fc.',) if layout.arch == 'resnet' else ())
+    dropped = [k for k in sd if left_out and k.startswith(left_out)]
+    meta = conversion_meta(
+        'ddcat_semseg',
+        src,
+        dropped,
+        config,
         layout=layout._asdict(),
         plain=plain,
-        config=osp.abspath(config),
     )
     save_checkpoint(dst, out, meta)
     return dict(layout=layout, config=config, tensors=len(out))

@@ -23,7 +23,9 @@ import torch
 from mmengine.config import Config
 
 from mmseg_robust.models.checkpoint import (
+    CONVERSION_META_KEYS,
     check_state_dict,
+    conversion_meta,
     expected_shapes,
     load_checkpoint_file,
     save_checkpoint,
@@ -71,11 +73,15 @@ def export(
     )
     meta = ckpt.get('meta') if isinstance(ckpt, dict) else None
     meta = dict(meta) if isinstance(meta, dict) else {}
-    meta['cfg'] = plain_cfg.pretty_text
-    meta['ddcat_export'] = dict(
-        source_checkpoint=osp.abspath(checkpoint),
-        source_config=osp.abspath(config),
-        dropped=sorted(set(state_dict) - set(plain)),
+    for key in CONVERSION_META_KEYS:  # the source's own, if it was converted
+        meta.pop(key, None)
+    # mmengine's keys stay (cfg becomes the plain model's), the provenance is ours
+    meta = dict(
+        meta,
+        cfg=plain_cfg.pretty_text,
+        **conversion_meta(
+            'export_ddcat', checkpoint, sorted(set(state_dict) - set(plain)), config
+        ),
     )
     save_checkpoint(out, plain, meta)
     if unsafe_load:  # the source's meta may hold objects the safe loader refuses

@@ -14,10 +14,10 @@ A tool is a few lines::
 """
 
 import argparse
-import os.path as osp
 from typing import Callable, Sequence, Tuple
 
 from mmseg_robust.models.checkpoint import (
+    conversion_meta,
     load_checkpoint_file,
     save_checkpoint,
     unwrap_state_dict,
@@ -115,16 +115,18 @@ def write_checkpoint(
 
 def convert_file(args, fn: Callable, what: str, **kwargs) -> tuple:
     """Read ``args.src``, convert it with ``fn(state_dict, **kwargs) -> (state
-    dict, meta)``, write ``args.dst`` with the meta (plus ``converter`` and
-    ``source``) and print a summary and the path written.
+    dict, meta)``, write ``args.dst`` with the meta in the vocabulary of
+    :data:`~mmseg_robust.models.checkpoint.CONVERSION_META_KEYS` and print a
+    summary and the path written.
 
     Returns:
         tuple: ``(state dict, meta)`` as written.
     """
     src = load_source(args)
     state, meta = fn(src, **kwargs)
-    meta = dict(meta, converter=what, source=osp.basename(args.src))
-    dropped = meta.get('dropped', [])
+    details = dict(meta)
+    meta = conversion_meta(what, args.src, details.pop('dropped', ()), **details)
+    dropped = meta['dropped']
     print(
         f'{what}: converted {len(src)} source tensors into {len(state)} '
         f'({meta.get("arch", "")}); dropped {len(dropped)}'

@@ -118,14 +118,14 @@ def convnext_arch_of(
             int(k[len(prefix) :].split('.')[0]) for k in state if k.startswith(prefix)
         }
         if not blocks or blocks != set(range(len(blocks))):
-            raise KeyError(
+            raise CheckpointError(
                 f'stage {j}: blocks {sorted(blocks)} under {prefix}* '
                 f'(some missing or none): not a {source} checkpoint'
             )
         depths.append(len(blocks))
         key = dwconv_key.format(j=j)
         if key not in state:
-            raise KeyError(f'missing tensor {key}')
+            raise CheckpointError(f'missing tensor {key}')
         channels.append(int(state[key].shape[0]))
     for name, arch in ConvNeXtCvSt.arch_settings.items():
         if arch['depths'] == depths and arch['channels'] == channels:

@@ -25,6 +25,7 @@ from typing import Mapping
 
 from torch import Tensor
 
+from mmseg_robust.models.checkpoint import CheckpointError
 from mmseg_robust.models.decode_heads.ddcat_heads import DDCAT_EXTRA_BRANCHES
 
 __all__ = ['export_plain_state_dict', 'plain_head_cfg', 'plain_model_cfg']
@@ -93,7 +94,8 @@ def export_plain_state_dict(
         OrderedDict: the plain segmentor's state dict (same tensors, no copies).
 
     Raises:
-        ValueError: if no DDC-AT branch is found (not a DDC-AT checkpoint).
+        CheckpointError: if no DDC-AT branch is found (not a DDC-AT
+            checkpoint).
     """
     branch_prefixes = tuple(f'{head_prefix}{b}.' for b in DDCAT_EXTRA_BRANCHES)
     out, dropped = OrderedDict(), []
@@ -104,7 +106,7 @@ def export_plain_state_dict(
         else:
             out[k] = v
     if not dropped:
-        raise ValueError(
+        raise CheckpointError(
             'no DDC-AT branch (cls2*, mask1*) under '
             f'{head_prefix!r} in the state dict: not a DDC-AT checkpoint'
         )

@@ -30,7 +30,11 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 
 from mmseg_robust.models.backbones import ConvNeXtCvSt, VisionTransformerStrict
-from mmseg_robust.models.checkpoint import check_state_dict, expected_shapes
+from mmseg_robust.models.checkpoint import (
+    CheckpointError,
+    check_state_dict,
+    expected_shapes,
+)
 
 from .common import StateDict, apply_rules, convnext_arch_of, strip_prefixes
 
@@ -68,7 +72,7 @@ def take_normalizer(
         none or it is the identity.
 
     Raises:
-        ValueError: a non-identity normaliser without ``drop_normalizer``: the
+        CheckpointError: a non-identity normaliser without ``drop_normalizer``: the
             message names its values and what to do.
     """
     mean, std = state.get('normalize.mean'), state.get('normalize.std')
@@ -83,7 +87,7 @@ def take_normalizer(
     if not drop_normalizer:
         pre_mean = [round(255 * m, 3) for m in values['mean']]
         pre_std = [round(255 * s, 3) for s in values['std']]
-        raise ValueError(
+        raise CheckpointError(
             f'{what} has an input normaliser normalize.mean={values["mean"]}, '
             f'normalize.std={values["std"]}: the network was trained on '
             '(x - mean) / std of [0, 1] images, while our models feed it raw '
@@ -121,7 +125,7 @@ def convert_revisiting_at_convnext(
         ``input_normalizer`` (``dict(mean, std)``) when one was accepted.
 
     Raises:
-        KeyError / ValueError: a tensor of an unknown layout, or a missing or
+        CheckpointError: a tensor of an unknown layout, or a missing or
             wrongly shaped one, named in the message; a non-identity normaliser
             without ``drop_normalizer``.
     """
@@ -136,7 +140,7 @@ def convert_revisiting_at_convnext(
         'timm ConvNeXt',
     )
     if arch is not None and arch != inferred:
-        raise ValueError(f'the checkpoint is ConvNeXt {inferred}, not {arch}')
+        raise CheckpointError(f'the checkpoint is ConvNeXt {inferred}, not {arch}')
     rules = NORMALIZER + [
         (r'head\..*', None, None),
         (r'stem\.stem\.([0134])\.(weight|bias)', r'downsample_layers.0.\1.\2', None),
@@ -175,7 +179,7 @@ def convert_revisiting_at_convnext(
         for name, value in (('weight', 1.0), ('bias', 0.0)):
             key = f'norm{i}.{name}'
             if key in out:
-                raise KeyError(f'{key} should not be in a classifier checkpoint')
+                raise CheckpointError(f'{key} should not be in a classifier checkpoint')
             out[key] = torch.full(expected[key], value)
             fresh.append(key)
     check_state_dict(out, expected, what='the converted ConvNeXt-CvSt backbone')
@@ -220,7 +224,9 @@ def _vit_shape(state: StateDict, prefix: str = '') -> Dict[str, int]:
     try:
         pos = state[f'{prefix}pos_embed']
     except KeyError:
-        raise KeyError(f'missing tensor {prefix}pos_embed: not a ViT checkpoint')
+        raise CheckpointError(
+            f'missing tensor {prefix}pos_embed: not a ViT checkpoint'
+        ) from None
     embed_dims = int(pos.shape[-1])
     layers = {
         int(k[len(prefix) :].split('.')[1])
@@ -228,10 +234,10 @@ def _vit_shape(state: StateDict, prefix: str = '') -> Dict[str, int]:
         if k.startswith(f'{prefix}blocks.')
     }
     if not layers or layers != set(range(len(layers))):
-        raise KeyError(f'transformer blocks {sorted(layers)}: some are missing')
+        raise CheckpointError(f'transformer blocks {sorted(layers)}: some are missing')
     grid = int(round(math.sqrt(pos.shape[1] - 1)))
     if grid * grid + 1 != pos.shape[1]:
-        raise ValueError(
+        raise CheckpointError(
             f'{prefix}pos_embed of shape {tuple(pos.shape)}: not a '
             'square grid plus one class token'
         )
@@ -241,7 +247,7 @@ def _vit_shape(state: StateDict, prefix: str = '') -> Dict[str, int]:
     else:
         key = f'{prefix}patch_embed.proj.weight'
         if key not in state:
-            raise KeyError(f'missing tensor {key}')
+            raise CheckpointError(f'missing tensor {key}')
         patch = int(state[key].shape[-1])
     return dict(
         embed_dims=embed_dims,
@@ -294,7 +300,7 @@ def convert_revisiting_at_vit(
         (``dict(mean, std)``) when a normaliser was accepted.
 
     Raises:
-        KeyError / ValueError: as :func:`convert_revisiting_at_convnext`.
+        CheckpointError: as :func:`convert_revisiting_at_convnext`.
     """
     state = strip_prefixes(state_dict, WRAPPER_PREFIXES)
     normalizer = take_normalizer(state, drop_normalizer, 'revisiting-at ViT checkpoint')

@@ -26,7 +26,11 @@ import torch
 from mmengine.config import ConfigDict
 from mmengine.registry import init_default_scope
 
-from mmseg_robust.models.checkpoint import check_state_dict, expected_shapes
+from mmseg_robust.models.checkpoint import (
+    CheckpointError,
+    check_state_dict,
+    expected_shapes,
+)
 from mmseg_robust.registry import MODELS
 
 from .common import StateDict, apply_rules, convnext_arch_of, strip_prefixes
@@ -84,7 +88,7 @@ def convert_robust_segmentation_upernet(
         tuple: ``(state dict, meta)``; meta has ``arch`` and ``num_classes``.
 
     Raises:
-        KeyError / ValueError: unknown, missing or wrongly shaped tensors, named.
+        CheckpointError: unknown, missing or wrongly shaped tensors, named.
     """
     state = strip_prefixes(state_dict, ('module.',))
     arch = convnext_arch_of(
@@ -95,7 +99,7 @@ def convert_robust_segmentation_upernet(
     )
     key = 'decode_head.classifier.weight'
     if key not in state:
-        raise KeyError(f'missing tensor {key}')
+        raise CheckpointError(f'missing tensor {key}')
     num_classes = int(state[key].shape[0])
     rules = [
         (
@@ -183,7 +187,7 @@ def convert_robust_segmentation_segmenter(
     shape = _vit_shape(state, 'encoder.')
     key = 'decoder.cls_emb'
     if key not in state:
-        raise KeyError(f'missing tensor {key}')
+        raise CheckpointError(f'missing tensor {key}')
     num_classes = int(state[key].shape[1])
 
     def transpose(t):
