@@ -179,10 +179,12 @@ def per_image_counts(
 def pixel_accuracy(
     correct: Union[int, ArrayLike], valid: Union[int, ArrayLike]
 ) -> Union[float, np.ndarray]:
-    """Per-image pixel accuracy ``correct / valid`` (0 without valid pixels).
+    """Per-image pixel accuracy ``correct / valid`` (NaN without valid pixels).
 
     This is the per-image quantity whose minimum over attacks SEA's worst-case
-    aACC averages (docs/algorithms.md section 4).
+    aACC averages (docs/algorithms.md section 4), and the one per-image
+    accuracy of the evaluation (the records, the worst-case example, the
+    self-checks).
 
     Args:
         correct (int | array): #correctly predicted valid pixels, scalar or any
@@ -191,16 +193,16 @@ def pixel_accuracy(
 
     Returns:
         float | np.ndarray: A float for scalar inputs, else a float64 array
-        of the input shape. An image without valid pixels gets 0 (not nan) so
-        that worst-case means stay finite; such images should be rare (fully
-        ignored crops).
+        of the input shape. An image without valid pixels (a fully ignored
+        crop) has no accuracy: NaN. Every mean over images leaves such images
+        out (SEA's aACC, ``aAcc_img``), and so do the above-clean counts.
     """
     correct = _to_numpy(correct).astype(np.float64)
     valid = _to_numpy(valid).astype(np.float64)
     acc = np.divide(
         correct,
         valid,
-        out=np.zeros(np.broadcast(correct, valid).shape),
+        out=np.full(np.broadcast(correct, valid).shape, np.nan),
         where=valid > 0,
     )
     return float(acc) if acc.ndim == 0 else acc

@@ -64,6 +64,8 @@ def image_record(
 
 
 def eps_key(eps: float) -> str:
+    """The string under which the JSON records (cache, results file) store an
+    eps in /255 (``8.0`` -> ``'8'``)."""
     return f'{float(eps):g}'
 
 

@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .counts import pixel_accuracy
+
 __all__ = [
     'FLAGS_DOC',
     'FLAG_CODES',
@@ -815,7 +817,7 @@ def check_recorded_prediction(
 
 # ------------------------------------------------------------- final checks
 def _accuracy(counts: dict) -> float:
-    return counts['correct'] / counts['valid'] if counts['valid'] else float('nan')
+    return pixel_accuracy(counts['correct'], counts['valid'])
 
 
 def above_clean_counts(records: Sequence[dict]) -> Dict[str, dict]:
