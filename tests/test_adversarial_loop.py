@@ -73,11 +73,11 @@ def _view(model, n=2, seed=0):
 
 def test_attacks_ignore_the_decode_heads_ignore_index(segmentor):
     loop = _loop(segmentor, [dict(type='APGD', steps=2)])
-    (attack,) = loop.attacks['8']
+    (attack,) = loop.robustness.attacks[8.0]
     assert attack.ignore_index == 254
     view, keys = _view(segmentor)
     # with the attack's default 255, label 254 would be a class outside [0, K)
-    records, _ = loop._attack_batch(view, keys)
+    records = [r.to_json() for r in loop.robustness.evaluate(view, keys).records]
     valid = SIZE * SIZE - (SIZE // 2) ** 2
     for rec in records:
         assert rec['clean']['valid'] == valid
@@ -85,7 +85,7 @@ def test_attacks_ignore_the_decode_heads_ignore_index(segmentor):
     with pytest.raises(ValueError, match='the decode head ignores 254'):
         _loop(segmentor, [dict(type='APGD', steps=2, ignore_index=255)])
     # the head's own value may be repeated
-    assert _loop(segmentor, [dict(type='APGD', ignore_index=254)]).attacks
+    assert _loop(segmentor, [dict(type='APGD', ignore_index=254)]).robustness.attacks
 
 
 def test_two_attacks_of_one_class_are_recorded_under_their_names(segmentor):
@@ -102,11 +102,13 @@ def test_two_attacks_of_one_class_are_recorded_under_their_names(segmentor):
         ],
     )
     view, keys = _view(segmentor)
-    records, examples = loop._attack_batch(view, keys)
+    result = loop.robustness.evaluate(view, keys, examples=True)
+    records = [r.to_json() for r in result.records]
+    examples = result.examples
     names = ['APGD-CE', 'APGD-JS-Avg', 'PGD-CE', 'PGD-SegPGD', 'PGD-3']
     for rec, ex in zip(records, examples):
         assert list(rec['attacks']['8']) == names
-        assert ex['8']['attack'] in names
+        assert ex[8.0].attack in names
     for twice, name in (
         ([dict(type='APGD', loss='CE'), dict(type='APGD', steps=50)], 'APGD-CE'),
         ([dict(type='PGD'), dict(type='BIM', name='PGD-CE')], 'PGD-CE'),
@@ -128,7 +130,7 @@ def test_two_attacks_of_one_class_are_recorded_under_their_names(segmentor):
             dict(type='SEA', steps=6, class_weights=[0.25] * K, name='SEA-6'),
         ],
     )
-    assert loop.attacks['8'][1].record_names()[0] == 'SEA-6:APGD-Mask-CE-Bal'
+    assert loop.robustness.attacks[8.0][1].record_names()[0] == 'SEA-6:APGD-Mask-CE-Bal'
 
 
 # ----------------------------------------------------- end to end, tools/test.py

@@ -326,11 +326,11 @@ class RobustnessMetric(BaseMetric):
             (docs/algorithms.md section 4). Default: False (the attacks only,
             as SEA).
 
-    Self-checks (docs/flags.md): the test loop hands its flags over
-    (:meth:`add_flags`); at the end the metric adds ``clean_near_chance`` and
-    ``robust_above_clean`` (unless the loop turned the checks off) and writes
-    every flag, gathered from all ranks, to the results file's ``flags``
-    (also :attr:`flags`).
+    Self-checks (docs/flags.md): the test loop's outputs carry the flags found
+    on each batch (``robustness_flags``, None with the checks off); at the end
+    the metric adds ``clean_near_chance`` and ``robust_above_clean`` (unless
+    the checks were off) and writes every flag, gathered from all ranks, to the
+    results file's ``flags`` (also :attr:`flags`).
     """
 
     default_prefix = ''  # mmseg's metric names, without the "prefix" warning
@@ -369,6 +369,8 @@ class RobustnessMetric(BaseMetric):
         self._run_info: dict = {}
         self.self_checks = True
         self.flags: List[Flag] = []
+        self._batch_flags: List[Flag] = []
+        self._checked: Optional[bool] = None
 
     def set_run_info(self, work_dir: Optional[str] = None, **info) -> None:
         """What the results file records about the run, given by the test loop:
@@ -376,19 +378,17 @@ class RobustnessMetric(BaseMetric):
         ``checkpoint``, ``timestamp``."""
         self._run_info = dict(info, work_dir=work_dir)
 
-    def set_self_checks(self, enabled: bool) -> None:
-        """Start an evaluation's flags (the test loop calls it first)."""
-        self.self_checks = bool(enabled)
-        self.flags = []
-
-    def add_flags(self, flags: Sequence[Flag]) -> None:
-        """Record flags of the self-checks (one per code)."""
-        self.flags = merge_flags(self.flags, [f for f in flags if f])
-
     def evaluate(self, size: int) -> dict:
-        # every rank's flags reach the rank that writes the results file
+        # the flags of this evaluation's batches, from every rank
+        flags, checked = self._batch_flags, self._checked
         if get_world_size() > 1:
-            self.flags = merge_flags(*all_gather_object(list(self.flags)))
+            gathered = all_gather_object((list(flags), checked))
+            flags = merge_flags(*(f for f, _ in gathered))
+            known = [c for _, c in gathered if c is not None]
+            checked = any(known) if known else None
+        self.flags = list(flags)
+        self.self_checks = True if checked is None else checked
+        self._batch_flags, self._checked = [], None
         return super().evaluate(size)
 
     def process(self, data_batch, data_samples: Sequence[dict]) -> None:
@@ -402,6 +402,13 @@ class RobustnessMetric(BaseMetric):
                     '--cfg-options evaluator=SEA with tools/test.py).'
                 )
             self.results.append(record)
+            # the self-checks' flags of the batch (None: the checks were off)
+            flags = sample.get('robustness_flags')
+            self._checked = bool(self._checked) or flags is not None
+            if flags:
+                self._batch_flags = merge_flags(
+                    self._batch_flags, [f for f in flags if f]
+                )
 
     def compute_metrics(self, results: list) -> Dict[str, float]:
         self.summary = summarize_records(
@@ -423,7 +430,7 @@ class RobustnessMetric(BaseMetric):
                     logger=MMLogger.get_current_instance(),
                     level=logging.WARNING,
                 )
-            self.add_flags(end)
+            self.flags = merge_flags(self.flags, end)
         folder = self.output_dir or self._run_info.get('work_dir')
         if folder:
             info = self._run_info
