@@ -1,14 +1,14 @@
 """Adversarial test/val loops: the Runner glue of the robustness evaluation.
 
 One batch flows in one direction: Runner -> :meth:`run_iter` (mmengine's ``run``
-is kept) -> data preprocessor -> pixel-space view
-(:class:`~mmseg_robust.models.SegmentorPixelView`) -> attacks (pure torch,
-:mod:`mmseg_robust.attacks`; an ensemble such as SEA reports its members' outputs
-itself) -> per-image records (:func:`~mmseg_robust.evaluation.image_record`),
-saved by the :class:`~mmseg_robust.engine.ResultCache` -> output data samples
-(records and adversarial examples) -> hooks and
-:class:`~mmseg_robust.evaluation.RobustnessMetric` (aggregation and the results
-file).
+is kept) -> the :class:`~mmseg_robust.engine.ResultCache` (images done before
+are not attacked again) -> data preprocessor -> pixel-space view
+(:class:`~mmseg_robust.models.SegmentorPixelView`) ->
+:class:`~mmseg_robust.evaluation.RobustnessEvaluator` (the attacks, per-image
+records, the self-checks; no Runner) -> the cache -> output data samples
+(records, the batch's flags, the adversarial examples when a hook asks) -> hooks
+and :class:`~mmseg_robust.evaluation.RobustnessMetric` (aggregation and the
+results file).
 """
 
 import logging
@@ -52,14 +52,17 @@ def _image_key(sample) -> str:
 
 
 class _AdversarialEvalMixin:
-    """Attack every batch, compute per-image counts, cache them, feed the metric.
+    """Attack every batch with a
+    :class:`~mmseg_robust.evaluation.RobustnessEvaluator` (``self.robustness``),
+    cache its per-image records, feed the metric.
 
     Args:
         attacks (list[dict]): attack configs built from ``ATTACKS`` (without
             ``eps``: it is set from ``eps``), e.g.
             ``[dict(type='SEA', steps=300, class_weights='voc')]``.
         eps (float | list[float]): radii in /255 units; every attack runs at each.
-        seed (int): seed of the random starts (per image, see :func:`image_seed`).
+        seed (int): seed of the random starts (per image, see
+            :func:`~mmseg_robust.evaluation.image_seed`).
         resume (bool): save per-image results under
             ``work_dir/robustness_cache/<fingerprint>/`` and skip images found
             there (an interrupted run restarted with the same command
@@ -78,8 +81,8 @@ class _AdversarialEvalMixin:
             (two forwards per eps); clean accuracy near chance and a worst case
             ending above clean at the end. Errors raise ``ValueError`` (before
             attacking, or after the attack that showed them); warnings are
-            logged once and written to the results file. Default: True (test),
-            False (val).
+            logged once, travel in the outputs to the metric and are written to
+            the results file. Default: True (test), False (val).
         data_digest (str): how the cache compares each image's data files
             (image and annotation) with those its record was computed from:
             ``'stat'`` (sizes and modification times in ns) or ``'content'``
