@@ -25,7 +25,7 @@ or label mapping, and dropping them would bias every metric. All pooled
 values are fractions in [0, 1], not mmseg's rounded percentages.
 """
 
-from typing import Dict, Iterable, Optional, Union
+from typing import Dict, Iterable, List, Optional, Union
 
 import numpy as np
 import torch
@@ -296,3 +296,35 @@ def pooled_metrics(counts_list: Iterable[Dict]) -> Dict:
         Acc=acc,
         num_images=num_images,
     )
+
+
+#: Count arrays stored per image and prediction (pred_area is derivable).
+RECORD_COUNT_KEYS = ('intersect', 'union', 'label_area')
+
+
+def counts_of_batch(
+    pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int
+) -> List[dict]:
+    """Per-image counts of a batch as JSON-friendly dicts (lists of ints)."""
+    counts = per_image_counts(pred, label, num_classes, ignore_index)
+    out = []
+    for i in range(pred.shape[0]):
+        rec = {k: counts[k][i].tolist() for k in RECORD_COUNT_KEYS}
+        rec['correct'] = int(counts['correct'][i])
+        rec['valid'] = int(counts['valid'][i])
+        out.append(rec)
+    return out
+
+
+def image_record(
+    key: str, num_classes: int, clean: dict, attacks: Dict[str, Dict[str, dict]]
+) -> dict:
+    """One image's record: ``{'key', 'num_classes', 'clean', 'attacks'}`` with
+    ``attacks[eps][attack_name]`` = counts (eps as a string, e.g. ``'8'``)."""
+    return dict(key=key, num_classes=num_classes, clean=clean, attacks=attacks)
+
+
+def eps_key(eps: float) -> str:
+    """The string under which the JSON records (cache, results file) store an
+    eps in /255 (``8.0`` -> ``'8'``)."""
+    return f'{float(eps):g}'

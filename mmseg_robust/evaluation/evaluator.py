@@ -35,8 +35,7 @@ from torch import Tensor
 
 from mmseg_robust.registry import ATTACKS
 
-from .counts import pixel_accuracy
-from .robustness_metric import RECORD_COUNT_KEYS, counts_of_batch, eps_key
+from .counts import RECORD_COUNT_KEYS, counts_of_batch, eps_key, pixel_accuracy
 from .self_checks import (
     Flag,
     LogitsWatch,

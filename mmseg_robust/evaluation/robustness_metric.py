@@ -14,14 +14,20 @@ from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-import torch
 from mmengine.dist import all_gather_object, get_world_size
 from mmengine.evaluator import BaseMetric
 from mmengine.logging import MMLogger, print_log
 
 from mmseg_robust.registry import METRICS
 
-from .counts import per_image_counts, pixel_accuracy, pooled_metrics
+from .counts import (  # noqa: F401 - the records' helpers, importable from here
+    RECORD_COUNT_KEYS,
+    counts_of_batch,
+    eps_key,
+    image_record,
+    pixel_accuracy,
+    pooled_metrics,
+)
 from .results import RobustnessResults, write_results
 from .self_checks import Flag, above_clean_counts, final_checks, merge_flags
 from .worst_case import WORST_CASE_MIOU_MODES, worst_case_aacc, worst_case_miou
@@ -36,37 +42,6 @@ __all__ = [
     'image_record',
     'summarize_records',
 ]
-
-#: Count arrays stored per image and prediction (pred_area is derivable).
-RECORD_COUNT_KEYS = ('intersect', 'union', 'label_area')
-
-
-def counts_of_batch(
-    pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int
-) -> List[dict]:
-    """Per-image counts of a batch as JSON-friendly dicts (lists of ints)."""
-    counts = per_image_counts(pred, label, num_classes, ignore_index)
-    out = []
-    for i in range(pred.shape[0]):
-        rec = {k: counts[k][i].tolist() for k in RECORD_COUNT_KEYS}
-        rec['correct'] = int(counts['correct'][i])
-        rec['valid'] = int(counts['valid'][i])
-        out.append(rec)
-    return out
-
-
-def image_record(
-    key: str, num_classes: int, clean: dict, attacks: Dict[str, Dict[str, dict]]
-) -> dict:
-    """One image's record: ``{'key', 'num_classes', 'clean', 'attacks'}`` with
-    ``attacks[eps][attack_name]`` = counts (eps as a string, e.g. ``'8'``)."""
-    return dict(key=key, num_classes=num_classes, clean=clean, attacks=attacks)
-
-
-def eps_key(eps: float) -> str:
-    """The string under which the JSON records (cache, results file) store an
-    eps in /255 (``8.0`` -> ``'8'``)."""
-    return f'{float(eps):g}'
 
 
 def _counts(records: Sequence[dict], getter) -> List[dict]:
