@@ -44,12 +44,18 @@ def _loop(model, attacks, eps=8):
 
 
 def _view(model, n=2, seed=0):
+    """The view of :func:`_batch`'s batch."""
+    from mmseg_robust.models import SegmentorPixelView
+
+    batch, keys = _batch(n, seed)
+    return SegmentorPixelView(model, batch), keys
+
+
+def _batch(n=2, seed=0):
     """A data batch of ``n`` images whose labels hold the head's ignore index
     254 on a quarter of the pixels."""
     from mmengine.structures import PixelData
     from mmseg.structures import SegDataSample
-
-    from mmseg_robust.models import SegmentorPixelView
 
     g = torch.Generator().manual_seed(seed)
     samples = []
@@ -68,16 +74,16 @@ def _view(model, n=2, seed=0):
         for _ in range(n)
     ]
     keys = [s.metainfo['img_path'] for s in samples]
-    return SegmentorPixelView(model, dict(inputs=inputs, data_samples=samples)), keys
+    return dict(inputs=inputs, data_samples=samples), keys
 
 
 def test_attacks_ignore_the_decode_heads_ignore_index(segmentor):
     loop = _loop(segmentor, [dict(type='APGD', steps=2)])
-    (attack,) = loop.attacks['8']
+    (attack,) = loop.robustness.attacks[8.0]
     assert attack.ignore_index == 254
     view, keys = _view(segmentor)
     # with the attack's default 255, label 254 would be a class outside [0, K)
-    records, _ = loop._attack_batch(view, keys)
+    records = [r.to_json() for r in loop.robustness.evaluate(view, keys).records]
     valid = SIZE * SIZE - (SIZE // 2) ** 2
     for rec in records:
         assert rec['clean']['valid'] == valid
@@ -85,7 +91,7 @@ def test_attacks_ignore_the_decode_heads_ignore_index(segmentor):
     with pytest.raises(ValueError, match='the decode head ignores 254'):
         _loop(segmentor, [dict(type='APGD', steps=2, ignore_index=255)])
     # the head's own value may be repeated
-    assert _loop(segmentor, [dict(type='APGD', ignore_index=254)]).attacks
+    assert _loop(segmentor, [dict(type='APGD', ignore_index=254)]).robustness.attacks
 
 
 def test_two_attacks_of_one_class_are_recorded_under_their_names(segmentor):
@@ -102,11 +108,13 @@ def test_two_attacks_of_one_class_are_recorded_under_their_names(segmentor):
         ],
     )
     view, keys = _view(segmentor)
-    records, examples = loop._attack_batch(view, keys)
+    result = loop.robustness.evaluate(view, keys, examples=True)
+    records = [r.to_json() for r in result.records]
+    examples = result.examples
     names = ['APGD-CE', 'APGD-JS-Avg', 'PGD-CE', 'PGD-SegPGD', 'PGD-3']
     for rec, ex in zip(records, examples):
         assert list(rec['attacks']['8']) == names
-        assert ex['8']['attack'] in names
+        assert ex[8.0].attack in names
     for twice, name in (
         ([dict(type='APGD', loss='CE'), dict(type='APGD', steps=50)], 'APGD-CE'),
         ([dict(type='PGD'), dict(type='BIM', name='PGD-CE')], 'PGD-CE'),
@@ -128,7 +136,7 @@ def test_two_attacks_of_one_class_are_recorded_under_their_names(segmentor):
             dict(type='SEA', steps=6, class_weights=[0.25] * K, name='SEA-6'),
         ],
     )
-    assert loop.attacks['8'][1].record_names()[0] == 'SEA-6:APGD-Mask-CE-Bal'
+    assert loop.robustness.attacks[8.0][1].record_names()[0] == 'SEA-6:APGD-Mask-CE-Bal'
 
 
 # ----------------------------------------------------- end to end, tools/test.py
@@ -181,3 +189,50 @@ def test_two_apgds_with_different_losses_through_tools_test(
     md = write_report([load_result(result)], str(tmp_path / 'r'), print_table=False)
     report = open(md['markdown']).read()
     assert 'APGD-CE' in report and 'APGD-JS-Avg' in report
+
+
+class _Loader(list):
+    dataset = property(lambda self: self)
+
+
+def test_examples_only_when_a_hook_asks_flags_in_the_outputs(segmentor):
+    """run_iter's outputs carry each image's record and the batch's flags (the
+    metric's only input); the adversarial examples, as tensors, only when a
+    hook asks for them."""
+    from mmseg_robust.evaluation import Example
+
+    batch, keys = _batch()
+    processed = []
+
+    def run(hooks, self_checks):
+        runner = SimpleNamespace(
+            model=segmentor,
+            hooks=hooks,
+            call_hook=lambda *a, **k: None,
+            work_dir='unused',
+            timestamp='t',
+        )
+        loop = AdversarialTestLoop(
+            runner,
+            _Loader([batch]),
+            SimpleNamespace(
+                metrics=[],
+                process=lambda data_samples, data_batch: processed.append(data_samples),
+            ),
+            attacks=[dict(type='PGD', steps=1)],
+            eps=8,
+            resume=False,
+            self_checks=self_checks,
+        )
+        loop.run_iter(0, batch)
+        return processed[-1]
+
+    outputs = run([], self_checks=False)
+    assert [o.robustness['key'] for o in outputs] == keys
+    assert all(o.adv_examples is None and o.robustness_flags is None for o in outputs)
+    hook = SimpleNamespace(needs_adv_examples=True)
+    outputs = run([hook], self_checks=True)
+    for o in outputs:
+        (example,) = o.adv_examples.values()
+        assert isinstance(example, Example) and torch.is_tensor(example.adv_image)
+        assert example.attack == 'PGD-CE' and o.robustness_flags is not None

@@ -423,6 +423,51 @@ def test_adversarial_val_loop_monitors_robustness(
     assert 'eps4/PGD/mIoU' in out and 'Iter(val)' in out
 
 
+def test_ddcat_from_a_plain_checkpoint_validates_adversarially(
+    repo_root, synthetic_root, tmp_path, reset_mmengine
+):
+    """The synthetic DDC-AT config starts from the plain model's checkpoint
+    (its cls2 and mask1 start fresh): an AdversarialValLoop validates the
+    model being trained and never re-checks ``load_from`` against it."""
+    from mmengine.config import ConfigDict
+    from mmengine.registry import init_default_scope
+
+    from mmseg_robust.registry import MODELS
+
+    init_default_scope('mmseg')
+    plain = Config.fromfile(
+        osp.join(repo_root, 'configs/synthetic/upernet_convnext-micro_synthetic.py')
+    )
+    torch.manual_seed(0)
+    model = MODELS.build(ConfigDict(plain.model))
+    ckpt = str(tmp_path / 'plain.pth')
+    torch.save(dict(state_dict=model.state_dict(), meta={}), ckpt)
+
+    def edit(cfg):
+        cfg.train_cfg.max_iters = 1
+        cfg.train_cfg.val_interval = 1
+        cfg.val_cfg = dict(
+            type='AdversarialValLoop', eps=4, attacks=[dict(type='PGD', steps=1)]
+        )
+        cfg.val_evaluator = dict(
+            type='RobustnessMetric', name='PGD', worst_case_modes=['best']
+        )
+        cfg.val_dataloader.dataset.indices = 2
+        cfg.default_hooks.checkpoint = dict(type='CheckpointHook', interval=-1)
+
+    runner = _runner(
+        repo_root,
+        'ddcat',
+        synthetic_root,
+        tmp_path / 'work',
+        batch_size=2,
+        options={'load_from': ckpt},
+        edit=edit,
+    )
+    runner.train()
+    assert 'val/eps4/PGD/mIoU' in runner.message_hub.log_scalars
+
+
 def _variable_size_batch(sizes, num_classes=5, seed=0):
     """A training batch as the loader gives it after RandomResize + RandomCrop
     without Pad: uint8 images of different sizes, labels with void pixels."""

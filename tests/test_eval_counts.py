@@ -137,7 +137,7 @@ def test_empty_and_fully_ignored_image():
     got = per_image_counts(pred, label, NUM_CLASSES, IGNORE)
     assert got['valid'] == 0 and got['correct'] == 0
     assert got['union'].sum() == 0
-    assert pixel_accuracy(got['correct'], got['valid']) == 0.0
+    assert np.isnan(pixel_accuracy(got['correct'], got['valid']))
 
 
 def test_out_of_range_classes_raise():
@@ -157,9 +157,10 @@ def test_out_of_range_classes_raise():
 
 def test_pixel_accuracy():
     assert pixel_accuracy(3, 4) == 0.75
-    assert pixel_accuracy(0, 0) == 0.0
+    # no valid pixels: no accuracy (NaN), left out of every mean over images
+    assert np.isnan(pixel_accuracy(0, 0))
     acc = pixel_accuracy(torch.tensor([1, 0, 5]), np.array([2, 0, 5]))
-    np.testing.assert_allclose(acc, [0.5, 0.0, 1.0])
+    np.testing.assert_allclose(acc, [0.5, np.nan, 1.0])
 
 
 def test_miou_from_counts_excludes_zero_union():

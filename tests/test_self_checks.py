@@ -398,9 +398,7 @@ def test_metric_writes_flags_and_report_shows_them(tmp_path):
 
     metric = RobustnessMetric(worst_case_modes=['best'])
     metric.set_run_info(work_dir=str(tmp_path), timestamp='t1')
-    metric.set_self_checks(True)
     stochastic = Flag('stochastic_inference', 'warning', 'two passes differ.', 'EOT')
-    metric.add_flags([stochastic, None, stochastic])
 
     def counts(correct):
         half = correct // 2
@@ -420,7 +418,15 @@ def test_metric_writes_flags_and_report_shows_them(tmp_path):
             attacks={'8': {'A': counts(adv)}},
         )
 
-    metric.compute_metrics([full('a', 90, 95), full('b', 90, 10)])
+    # the flags travel with the loop's outputs
+    metric.process(
+        None,
+        [
+            dict(robustness=full('a', 90, 95), robustness_flags=[stochastic, None]),
+            dict(robustness=full('b', 90, 10), robustness_flags=[stochastic]),
+        ],
+    )
+    metric.evaluate(2)
     data = json.load(open(metric.results_path))
     assert data['schema_version'] == 3
     assert [f['code'] for f in data['flags']] == [
@@ -444,9 +450,9 @@ def test_metric_writes_flags_and_report_shows_them(tmp_path):
     md = write_report([row2], str(tmp_path / 'r2'), print_table=False)['markdown']
     assert 'without self-checks' in open(md).read()
     # checks off: no flags, recorded as not checked
-    metric.set_self_checks(False)
     metric.set_run_info(work_dir=str(tmp_path), timestamp='t2')
-    metric.compute_metrics([full('a', 90, 95)])
+    metric.process(None, [dict(robustness=full('a', 90, 95), robustness_flags=None)])
+    metric.evaluate(1)
     assert json.load(open(metric.results_path))['flags'] is None
 
 
@@ -457,12 +463,12 @@ def test_final_checks_silent_on_a_normal_evaluation():
 
 
 def test_attack_warnings_are_recorded_and_raised_again():
-    from mmseg_robust.engine.adversarial_loops import _AdversarialEvalMixin
+    from mmseg_robust.evaluation.evaluator import attack_warnings
 
     sink = []
     with warnings.catch_warnings(record=True) as outer:
         warnings.simplefilter('always')
-        with _AdversarialEvalMixin._attack_warnings(sink):
+        with attack_warnings(sink):
             warnings.warn_explicit(
                 'eps=0.03 looks like [0, 1] units',
                 UserWarning,

@@ -44,12 +44,10 @@ def codes(flags):
 
 
 def _bare_loop():
-    """The test loop's self-check methods without a Runner."""
-    from mmseg_robust.engine import AdversarialTestLoop
+    """The evaluation's self-check methods without a Runner."""
+    from mmseg_robust.evaluation.evaluator import SelfCheckRun
 
-    loop = AdversarialTestLoop.__new__(AdversarialTestLoop)
-    loop._flags, loop._metrics = [], []
-    return loop
+    return SelfCheckRun()
 
 
 # ------------------------------------------------------------ zero gradients
@@ -217,10 +215,8 @@ def test_metric_option_clean_candidate(tmp_path):
         ),
     ]
     metric = RobustnessMetric(worst_case_modes=['best'], clean_candidate=True)
-    metric.set_self_checks(True)
     assert metric.compute_metrics(records)['eps8/SEA/aAcc'] == 35.0  # (60 + 10) / 2
     metric = RobustnessMetric(worst_case_modes=['best'])
-    metric.set_self_checks(True)
     assert metric.compute_metrics(records)['eps8/SEA/aAcc'] == 45.0  # (80 + 10) / 2
     # a single attack above clean on 1 of 2 images (50% > 5%): flagged
     assert 'robust_above_clean' in codes(metric.flags)
@@ -267,14 +263,14 @@ def test_nonfinite_logits_at_attacked_points_is_an_error(net, batch):
     assert 'a.png' in flag.message
     # the loop raises it after the attack, before the records are kept
     with pytest.raises(SelfCheckError, match='nonfinite_logits'):
-        _bare_loop()._check_attack_output(watch, out, 'PGD', attack, '8', keys)
+        _bare_loop().after_attack(watch, out, 'PGD', attack, '8', keys)
     # a normal model: silent
     watch = LogitsWatch(_View(net, images, labels))
     out = attack.run(watch, images, labels, seeds=[0, 1, 2])
     assert watch.nonfinite_forwards() == 0
     loop = _bare_loop()
-    loop._check_attack_output(watch, out, 'PGD', attack, '8', keys)
-    assert loop._flags == []
+    loop.after_attack(watch, out, 'PGD', attack, '8', keys)
+    assert loop.flags == []
 
 
 # --------------------------------------------- invalid adversarial images
@@ -399,12 +395,12 @@ def test_prediction_mismatch(net, batch):
 def test_returned_image_checks_in_the_loop(net, batch):
     images, labels = batch
     out = PGD(eps=8, steps=2).run(net, images, labels, seeds=[0, 1, 2])
-    worst = [[0.0, 'PGD', out.adv_images[i], out.adv_pred[i]] for i in range(3)]
+    worst = (out.adv_images, out.adv_pred)
     loop = _bare_loop()
-    loop._check_returned_images(_View(net, images, labels), worst, '8', 255)
-    assert loop._flags == []
-    loop._check_returned_images(_View(Adapting(net), images, labels), worst, '8', 255)
-    assert codes(loop._flags) == ['dynamic_model', 'prediction_mismatch']
+    loop.returned_images(_View(net, images, labels), *worst, '8', 255)
+    assert loop.flags == []
+    loop.returned_images(_View(Adapting(net), images, labels), *worst, '8', 255)
+    assert codes(loop.flags) == ['dynamic_model', 'prediction_mismatch']
 
 
 # ------------------------------------------------------ evaluator options

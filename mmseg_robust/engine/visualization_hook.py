@@ -33,7 +33,9 @@ class AdversarialVisualizationHook(Hook):
 
     The example of an image is the one of the attack with the lowest pixel
     accuracy (SEA's worst case per image) at radius ``eps``; the test loop hands
-    it over in its outputs (``adv_examples``). Images restored from the
+    it over in its outputs (``adv_examples``, tensors until this hook converts
+    them), and computes the examples only because this hook asks for them
+    (:attr:`needs_adv_examples`). Images restored from the
     robustness cache of an earlier run were not attacked again and have none:
     the hook says how many it could not draw and how to draw them. ``tools/test.py
     --show-dir DIR`` adds this hook when an attack evaluator is active::
@@ -52,6 +54,8 @@ class AdversarialVisualizationHook(Hook):
     """
 
     priority = 'LOW'
+    #: the adversarial test loop keeps the examples only for hooks that ask
+    needs_adv_examples = True
 
     def __init__(
         self,
@@ -86,14 +90,14 @@ class AdversarialVisualizationHook(Hook):
                 f'examples requested at eps {self.eps} but the loop attacks at '
                 f'eps {radii}; choose one of these'
             )
-        self._key = f'{float(max(radii) if self.eps is None else self.eps):g}'
+        self._key = float(max(radii) if self.eps is None else self.eps)
         self._saved = self._cached = 0
         mkdir_or_exist(self.out_dir)
         meta = runner.test_dataloader.dataset.metainfo
         self._palette = [tuple(int(v) for v in c) for c in meta['palette']]
         self._classes = list(meta.get('classes', []))
         print_log(
-            f'Saving adversarial examples at eps {self._key}/255 to '
+            f'Saving adversarial examples at eps {self._key:g}/255 to '
             f'{osp.abspath(self.out_dir)}',
             logger='current',
         )
@@ -130,6 +134,7 @@ class AdversarialVisualizationHook(Hook):
                 continue
             if self.max_images is not None and self._saved >= self.max_images:
                 return
+            example = example.to_numpy()
             stem = osp.join(self.out_dir, example['name'])
             save_example(example, stem + '_example.npz')
             if self.save_panels:

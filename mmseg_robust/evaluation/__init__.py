@@ -7,6 +7,14 @@ from .counts import (
     pixel_accuracy,
     pooled_metrics,
 )
+from .evaluator import (
+    BatchResult,
+    Example,
+    ImageCounts,
+    ImageRecord,
+    RobustnessEvaluator,
+    image_seed,
+)
 from .results import RobustnessResults, load_results, results_filename, write_results
 from .robustness_metric import (
     RobustnessMetric,
@@ -21,6 +29,12 @@ from .self_checks import Flag, SelfCheckError
 from .worst_case import WORST_CASE_MIOU_MODES, worst_case_aacc, worst_case_miou
 
 __all__ = [
+    'BatchResult',
+    'Example',
+    'ImageCounts',
+    'ImageRecord',
+    'RobustnessEvaluator',
+    'image_seed',
     'COUNT_KEYS',
     'Flag',
     'SelfCheckError',

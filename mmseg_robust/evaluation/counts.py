@@ -25,7 +25,7 @@ or label mapping, and dropping them would bias every metric. All pooled
 values are fractions in [0, 1], not mmseg's rounded percentages.
 """
 
-from typing import Dict, Iterable, Optional, Union
+from typing import Dict, Iterable, List, Optional, Union
 
 import numpy as np
 import torch
@@ -179,10 +179,12 @@ def per_image_counts(
 def pixel_accuracy(
     correct: Union[int, ArrayLike], valid: Union[int, ArrayLike]
 ) -> Union[float, np.ndarray]:
-    """Per-image pixel accuracy ``correct / valid`` (0 without valid pixels).
+    """Per-image pixel accuracy ``correct / valid`` (NaN without valid pixels).
 
     This is the per-image quantity whose minimum over attacks SEA's worst-case
-    aACC averages (docs/algorithms.md section 4).
+    aACC averages (docs/algorithms.md section 4), and the one per-image
+    accuracy of the evaluation (the records, the worst-case example, the
+    self-checks).
 
     Args:
         correct (int | array): #correctly predicted valid pixels, scalar or any
@@ -191,16 +193,16 @@ def pixel_accuracy(
 
     Returns:
         float | np.ndarray: A float for scalar inputs, else a float64 array
-        of the input shape. An image without valid pixels gets 0 (not nan) so
-        that worst-case means stay finite; such images should be rare (fully
-        ignored crops).
+        of the input shape. An image without valid pixels (a fully ignored
+        crop) has no accuracy: NaN. Every mean over images leaves such images
+        out (SEA's aACC, ``aAcc_img``), and so do the above-clean counts.
     """
     correct = _to_numpy(correct).astype(np.float64)
     valid = _to_numpy(valid).astype(np.float64)
     acc = np.divide(
         correct,
         valid,
-        out=np.zeros(np.broadcast(correct, valid).shape),
+        out=np.full(np.broadcast(correct, valid).shape, np.nan),
         where=valid > 0,
     )
     return float(acc) if acc.ndim == 0 else acc
@@ -294,3 +296,35 @@ def pooled_metrics(counts_list: Iterable[Dict]) -> Dict:
         Acc=acc,
         num_images=num_images,
     )
+
+
+#: Count arrays stored per image and prediction (pred_area is derivable).
+RECORD_COUNT_KEYS = ('intersect', 'union', 'label_area')
+
+
+def counts_of_batch(
+    pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int
+) -> List[dict]:
+    """Per-image counts of a batch as JSON-friendly dicts (lists of ints)."""
+    counts = per_image_counts(pred, label, num_classes, ignore_index)
+    out = []
+    for i in range(pred.shape[0]):
+        rec = {k: counts[k][i].tolist() for k in RECORD_COUNT_KEYS}
+        rec['correct'] = int(counts['correct'][i])
+        rec['valid'] = int(counts['valid'][i])
+        out.append(rec)
+    return out
+
+
+def image_record(
+    key: str, num_classes: int, clean: dict, attacks: Dict[str, Dict[str, dict]]
+) -> dict:
+    """One image's record: ``{'key', 'num_classes', 'clean', 'attacks'}`` with
+    ``attacks[eps][attack_name]`` = counts (eps as a string, e.g. ``'8'``)."""
+    return dict(key=key, num_classes=num_classes, clean=clean, attacks=attacks)
+
+
+def eps_key(eps: float) -> str:
+    """The string under which the JSON records (cache, results file) store an
+    eps in /255 (``8.0`` -> ``'8'``)."""
+    return f'{float(eps):g}'

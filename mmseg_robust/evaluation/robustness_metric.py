@@ -14,14 +14,20 @@ from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-import torch
 from mmengine.dist import all_gather_object, get_world_size
 from mmengine.evaluator import BaseMetric
 from mmengine.logging import MMLogger, print_log
 
 from mmseg_robust.registry import METRICS
 
-from .counts import per_image_counts, pixel_accuracy, pooled_metrics
+from .counts import (  # noqa: F401 - the records' helpers, importable from here
+    RECORD_COUNT_KEYS,
+    counts_of_batch,
+    eps_key,
+    image_record,
+    pixel_accuracy,
+    pooled_metrics,
+)
 from .results import RobustnessResults, write_results
 from .self_checks import Flag, above_clean_counts, final_checks, merge_flags
 from .worst_case import WORST_CASE_MIOU_MODES, worst_case_aacc, worst_case_miou
@@ -36,35 +42,6 @@ __all__ = [
     'image_record',
     'summarize_records',
 ]
-
-#: Count arrays stored per image and prediction (pred_area is derivable).
-RECORD_COUNT_KEYS = ('intersect', 'union', 'label_area')
-
-
-def counts_of_batch(
-    pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int
-) -> List[dict]:
-    """Per-image counts of a batch as JSON-friendly dicts (lists of ints)."""
-    counts = per_image_counts(pred, label, num_classes, ignore_index)
-    out = []
-    for i in range(pred.shape[0]):
-        rec = {k: counts[k][i].tolist() for k in RECORD_COUNT_KEYS}
-        rec['correct'] = int(counts['correct'][i])
-        rec['valid'] = int(counts['valid'][i])
-        out.append(rec)
-    return out
-
-
-def image_record(
-    key: str, num_classes: int, clean: dict, attacks: Dict[str, Dict[str, dict]]
-) -> dict:
-    """One image's record: ``{'key', 'num_classes', 'clean', 'attacks'}`` with
-    ``attacks[eps][attack_name]`` = counts (eps as a string, e.g. ``'8'``)."""
-    return dict(key=key, num_classes=num_classes, clean=clean, attacks=attacks)
-
-
-def eps_key(eps: float) -> str:
-    return f'{float(eps):g}'
 
 
 def _counts(records: Sequence[dict], getter) -> List[dict]:
@@ -324,11 +301,11 @@ class RobustnessMetric(BaseMetric):
             (docs/algorithms.md section 4). Default: False (the attacks only,
             as SEA).
 
-    Self-checks (docs/flags.md): the test loop hands its flags over
-    (:meth:`add_flags`); at the end the metric adds ``clean_near_chance`` and
-    ``robust_above_clean`` (unless the loop turned the checks off) and writes
-    every flag, gathered from all ranks, to the results file's ``flags``
-    (also :attr:`flags`).
+    Self-checks (docs/flags.md): the test loop's outputs carry the flags found
+    on each batch (``robustness_flags``, None with the checks off); at the end
+    the metric adds ``clean_near_chance`` and ``robust_above_clean`` (unless
+    the checks were off) and writes every flag, gathered from all ranks, to the
+    results file's ``flags`` (also :attr:`flags`).
     """
 
     default_prefix = ''  # mmseg's metric names, without the "prefix" warning
@@ -367,6 +344,8 @@ class RobustnessMetric(BaseMetric):
         self._run_info: dict = {}
         self.self_checks = True
         self.flags: List[Flag] = []
+        self._batch_flags: List[Flag] = []
+        self._checked: Optional[bool] = None
 
     def set_run_info(self, work_dir: Optional[str] = None, **info) -> None:
         """What the results file records about the run, given by the test loop:
@@ -374,19 +353,17 @@ class RobustnessMetric(BaseMetric):
         ``checkpoint``, ``timestamp``."""
         self._run_info = dict(info, work_dir=work_dir)
 
-    def set_self_checks(self, enabled: bool) -> None:
-        """Start an evaluation's flags (the test loop calls it first)."""
-        self.self_checks = bool(enabled)
-        self.flags = []
-
-    def add_flags(self, flags: Sequence[Flag]) -> None:
-        """Record flags of the self-checks (one per code)."""
-        self.flags = merge_flags(self.flags, [f for f in flags if f])
-
     def evaluate(self, size: int) -> dict:
-        # every rank's flags reach the rank that writes the results file
+        # the flags of this evaluation's batches, from every rank
+        flags, checked = self._batch_flags, self._checked
         if get_world_size() > 1:
-            self.flags = merge_flags(*all_gather_object(list(self.flags)))
+            gathered = all_gather_object((list(flags), checked))
+            flags = merge_flags(*(f for f, _ in gathered))
+            known = [c for _, c in gathered if c is not None]
+            checked = any(known) if known else None
+        self.flags = list(flags)
+        self.self_checks = True if checked is None else checked
+        self._batch_flags, self._checked = [], None
         return super().evaluate(size)
 
     def process(self, data_batch, data_samples: Sequence[dict]) -> None:
@@ -400,6 +377,13 @@ class RobustnessMetric(BaseMetric):
                     '--cfg-options evaluator=SEA with tools/test.py).'
                 )
             self.results.append(record)
+            # the self-checks' flags of the batch (None: the checks were off)
+            flags = sample.get('robustness_flags')
+            self._checked = bool(self._checked) or flags is not None
+            if flags:
+                self._batch_flags = merge_flags(
+                    self._batch_flags, [f for f in flags if f]
+                )
 
     def compute_metrics(self, results: list) -> Dict[str, float]:
         self.summary = summarize_records(
@@ -421,7 +405,7 @@ class RobustnessMetric(BaseMetric):
                     logger=MMLogger.get_current_instance(),
                     level=logging.WARNING,
                 )
-            self.add_flags(end)
+            self.flags = merge_flags(self.flags, end)
         folder = self.output_dir or self._run_info.get('work_dir')
         if folder:
             info = self._run_info

@@ -28,9 +28,11 @@ Every check is a small function on tensors (or on the per-image records of
 - at the end, on all images (:func:`final_checks`): ``clean_near_chance``,
   ``robust_above_clean`` (and :func:`above_clean_counts`, information).
 
-:class:`~mmseg_robust.engine.AdversarialTestLoop` runs them (``self_checks=True``,
-the default), logs every flag once, raises :class:`SelfCheckError` (a
-``ValueError``) for errors before attacking, and hands the flags to
+:class:`~mmseg_robust.evaluation.RobustnessEvaluator` runs them
+(``self_checks=True``, the default of
+:class:`~mmseg_robust.engine.AdversarialTestLoop`) and raises
+:class:`SelfCheckError` (a ``ValueError``) for errors; the test loop logs every
+flag once and its outputs carry the flags to
 :class:`~mmseg_robust.evaluation.RobustnessMetric`, which writes them into the
 results file (``flags``) and the report shows them.
 """
@@ -43,6 +45,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .counts import pixel_accuracy
 
 __all__ = [
     'FLAGS_DOC',
@@ -815,7 +819,7 @@ def check_recorded_prediction(
 
 # ------------------------------------------------------------- final checks
 def _accuracy(counts: dict) -> float:
-    return counts['correct'] / counts['valid'] if counts['valid'] else float('nan')
+    return pixel_accuracy(counts['correct'], counts['valid'])
 
 
 def above_clean_counts(records: Sequence[dict]) -> Dict[str, dict]:

@@ -384,6 +384,7 @@ def check_checkpoint_fits(
     model: torch.nn.Module,
     what: Optional[str] = None,
     hint: Optional[str] = None,
+    loaded=None,
 ) -> None:
     """Check that the checkpoint file ``path`` fits ``model`` exactly.
 
@@ -401,13 +402,18 @@ def check_checkpoint_fits(
             model: ``tools/model_converters/export_ddcat.py``; a reference
             DDC-AT/SAT file: ``tools/model_converters/ddcat_semseg.py``) gets
             that cure, with its command line, before the hint.
+        loaded (optional): the file's content, already loaded (e.g. the dict
+            mmengine's ``Runner.load_checkpoint`` read): checked without
+            reading the file again. Default: the file is loaded here.
 
     Raises:
         FileNotFoundError / RuntimeError: see :func:`load_checkpoint_file`.
         CheckpointError: the file cannot be loaded or holds no state dict, or
             it does not fit ``model`` (naming the tensors and the fix).
     """
-    state = unwrap_state_dict(load_checkpoint_file(path, mmap=True), path)
+    if loaded is None:
+        loaded = load_checkpoint_file(path, mmap=True)
+    state = unwrap_state_dict(loaded, path)
     expected = expected_shapes(model)
     if hint is None:
         hint = (
