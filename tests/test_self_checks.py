@@ -463,19 +463,21 @@ def test_final_checks_silent_on_a_normal_evaluation():
 
 
 def test_attack_warnings_are_recorded_and_raised_again():
+    from mmseg_robust.attacks import AttackWarning
     from mmseg_robust.evaluation.evaluator import attack_warnings
 
     sink = []
     with warnings.catch_warnings(record=True) as outer:
         warnings.simplefilter('always')
         with attack_warnings(sink):
+            warnings.warn('eps=0.03 looks like [0, 1] units', AttackWarning)
+            # recognised by category, not by the file that raised it
             warnings.warn_explicit(
-                'eps=0.03 looks like [0, 1] units',
+                'unrelated',
                 UserWarning,
                 osp.join('x', 'mmseg_robust', 'attacks', 'base.py'),
                 1,
             )
-            warnings.warn('unrelated', UserWarning)
     assert sink == ['eps=0.03 looks like [0, 1] units']
     assert len(outer) == 2  # both still reach the user
 

@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from mmseg_robust.attacks import AttackWarning
 from mmseg_robust.registry import ATTACKS
 
 from .counts import RECORD_COUNT_KEYS, counts_of_batch, eps_key, pixel_accuracy
@@ -254,15 +255,16 @@ class BatchResult:
 # ------------------------------------------------------------- self-checks
 @contextlib.contextmanager
 def attack_warnings(sink: List[str]):
-    """Collect the messages of the warnings the attacks raise (into ``sink``)
-    and raise them again afterwards, unchanged."""
+    """Collect the messages of the warnings the attacks raise (their category
+    :class:`~mmseg_robust.attacks.AttackWarning`, into ``sink``) and raise every
+    caught warning again afterwards, unchanged."""
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter('always')
             yield
     finally:
         for w in caught:
-            if 'mmseg_robust' in w.filename and 'attacks' in w.filename:
+            if issubclass(w.category, AttackWarning):
                 sink.append(str(w.message))
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
