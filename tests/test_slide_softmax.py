@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from mmengine.config import Config, ConfigDict
-from mmengine.registry import DefaultScope
 from mmengine.structures import PixelData
 from mmseg.structures import SegDataSample
 from PIL import Image
@@ -32,13 +31,7 @@ MEAN = np.array([123.675, 116.28, 103.53])  # ImageNet, RGB, 0..255
 STD = np.array([58.395, 57.12, 57.375])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_mmseg_scope():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with DefaultScope.overwrite_default_scope('mmseg'):
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread_mmseg_scope')
 
 
 # ----------------------------------------------------------------------------
