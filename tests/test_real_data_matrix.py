@@ -434,7 +434,9 @@ def test_mmseg_zoo_config_trains_adversarially_and_evaluates(
     _check_sea(result, num_images=1)
 
 
-def test_design_card_command_dist_train_short_name(mini_ade20k, tmp_path, run_tool):
+def test_design_card_command_dist_train_short_name(
+    mini_ade20k, tmp_path, run_tool, free_port
+):
     """`tools/dist_train.sh configs/pirat/upernet_convnext_t_ade20k.py N` (here 2
     CPU processes, the model shrunk): PIR-AT on ADE20K's real pipeline."""
     config = osp.join(REPO, 'configs', 'pirat', 'upernet_convnext_t_ade20k.py')
@@ -454,7 +456,7 @@ def test_design_card_command_dist_train_short_name(mini_ade20k, tmp_path, run_to
             '--cfg-options',
             *data_root_options(cfg, mini_ade20k),
         ],
-        env=dict(PORT='29693', CUDA_VISIBLE_DEVICES=''),
+        env=dict(PORT=free_port(), CUDA_VISIBLE_DEVICES=''),
     )
     assert 'Distributed training: True' in out and 'GPU number: 2' in out
     assert f'Iter(train) [{ITERS}/{ITERS}]' in out and 'adv.acc' in out

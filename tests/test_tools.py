@@ -3,7 +3,6 @@
 import glob
 import json
 import os.path as osp
-import socket
 
 import numpy as np
 import pytest
@@ -127,14 +126,8 @@ def test_dist_train_two_cpu_processes(
     assert osp.exists(osp.join(work, 'iter_6.pth'))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return str(s.getsockname()[1])
-
-
 def test_dist_train_and_test_of_a_syncbn_config_on_cpu(
-    run_tool, small_config, synthetic_root, data_options, tmp_path
+    run_tool, small_config, synthetic_root, data_options, tmp_path, free_port
 ):
     # DDP refuses SyncBatchNorm in CPU modules: the launchers convert the heads'
     # SyncBN layers to BatchNorm with a warning, train and test.
@@ -160,7 +153,7 @@ def test_dist_train_and_test_of_a_syncbn_config_on_cpu(
         ]
         + syncbn
         + data_options(synthetic_root),
-        env=dict(env, PORT=_free_port()),
+        env=dict(env, PORT=free_port()),
     )
     assert 'Distributed training: True' in out
     assert 'SyncBatchNorm layers were converted to BatchNorm' in out
@@ -180,7 +173,7 @@ def test_dist_train_and_test_of_a_syncbn_config_on_cpu(
         ]
         + syncbn
         + data_options(synthetic_root),
-        env=dict(env, PORT=_free_port()),
+        env=dict(env, PORT=free_port()),
     )
     assert 'SyncBatchNorm layers were converted to BatchNorm' in out
     assert 'mIoU' in out
