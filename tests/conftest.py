@@ -7,7 +7,7 @@
   multi-process launch), ``tools_in_one_process`` (stock tools in this process)
   and ``reset_mmengine`` (after building Runners here);
 - the helper modules of tests/, imported by path: ``tiny_models``,
-  ``attack_models``, ``reference_apgd``, ``mini_datasets``;
+  ``attack_models``, ``reference_apgd``, ``mini_datasets``, ``real_data_matrix``;
 - threads and scope: ``one_thread`` (one intra-op torch thread),
   ``one_thread_mmseg_scope`` (and mmseg's default registry scope).
 """
@@ -194,6 +194,14 @@ def attack_models():
     tests (``tiny_net``, ``Recorder``, ``batch``, ``assert_feasible``,
     ``oracle``, ``LinearPixelModel``)."""
     return _test_module('attack_models.py')
+
+
+@pytest.fixture(scope='session')
+def real_data_matrix():
+    """tests/test_real_data_matrix.py as a module: its shrunk test-only configs
+    (``write_child``, ``_model_shrink``, ``data_root_options``) and SEA options,
+    for other end-to-end tests on the miniature datasets."""
+    return _test_module('test_real_data_matrix.py')
 
 
 # ----------------------------------------------------------------------------
