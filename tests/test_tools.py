@@ -188,7 +188,7 @@ exit $rc
 
 
 def test_slurm_test_sh_with_evaluator_sea(
-    run_tool, small_config, synthetic_root, data_options, tmp_path
+    run_tool, small_config, small_checkpoint, synthetic_root, data_options, tmp_path
 ):
     """`tools/slurm_test.sh PARTITION JOB CONFIG CKPT --cfg-options evaluator=SEA`
     as the README writes it, on 2 CPU tasks of a stand-in srun (mmengine's slurm
@@ -197,12 +197,7 @@ def test_slurm_test_sh_with_evaluator_sea(
     import stat
     import sys
 
-    work = str(tmp_path / 'train')
-    run_tool(
-        _train(run_tool, small_config, work, data_options(synthetic_root))
-        + ['train_cfg.max_iters=1', 'default_hooks.checkpoint.interval=1']
-    )
-    ckpt = osp.join(work, 'iter_1.pth')
+    ckpt = small_checkpoint
     bin_dir = tmp_path / 'bin'
     bin_dir.mkdir()
     srun = bin_dir / 'srun'
