@@ -17,12 +17,7 @@ from mmseg_robust.registry import MODELS
 PARAMS = {'tiny': 27_859_776, 'small': 49_494_336}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _count(module):

@@ -22,14 +22,7 @@ from mmseg_robust.models.checkpoint import (
 )
 from mmseg_robust.registry import MODELS
 
-
-@pytest.fixture(autouse=True)
-def _one_thread_mmseg_scope():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with DefaultScope.overwrite_default_scope('mmseg'):
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread_mmseg_scope')
 
 
 def _net():

@@ -53,12 +53,7 @@ TINY = dict(depths=[3, 3, 9, 3], dims=[96, 192, 384, 768])
 SHALLOW = dict(depths=[1, 1, 1, 1], dims=[96, 192, 384, 768])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 # ----------------------------------------------------------------------------

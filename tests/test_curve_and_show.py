@@ -8,26 +8,6 @@ import os.path as osp
 import numpy as np
 import pytest
 
-ITERS = [
-    'train_cfg.max_iters=6',
-    'train_cfg.val_interval=6',
-    'default_hooks.checkpoint.interval=6',
-    'default_hooks.logger.interval=1',
-]
-
-
-@pytest.fixture(scope='module')
-def small_checkpoint(
-    run_tool, small_config, synthetic_root, data_options, tmp_path_factory
-):
-    work = str(tmp_path_factory.mktemp('curve_train'))
-    run_tool(
-        ['python', 'tools/train.py', small_config, '--work-dir', work, '--cfg-options']
-        + ITERS
-        + data_options(synthetic_root)
-    )
-    return osp.join(work, 'iter_6.pth')
-
 
 def test_robustness_curve_tool(
     run_tool, small_config, small_checkpoint, synthetic_root, data_options, tmp_path

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn as nn
 from mmengine.config import Config
-from mmengine.registry import DefaultScope
 
 import mmseg_robust.models.decode_heads  # noqa: F401  (registers the heads)
 from mmseg_robust.models.checkpoint import CheckpointError
@@ -21,13 +20,7 @@ from mmseg_robust.registry import MODELS
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_mmseg_scope():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with DefaultScope.overwrite_default_scope('mmseg'):
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread_mmseg_scope')
 
 
 def test_plain_head_cfg():

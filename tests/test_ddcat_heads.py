@@ -4,7 +4,6 @@ eval."""
 import pytest
 import torch
 import torch.nn.functional as F
-from mmengine.registry import DefaultScope
 from mmengine.structures import PixelData
 from mmseg.structures import SegDataSample
 
@@ -20,13 +19,7 @@ from mmseg_robust.registry import MODELS
 HEADS = ['DDCATPSPHead', 'DDCATASPPHead']
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_mmseg_scope():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with DefaultScope.overwrite_default_scope('mmseg'):
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread_mmseg_scope')
 
 
 def make_head(head_type='DDCATPSPHead', **kwargs):

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from mmengine.config import Config
-from mmengine.registry import DefaultScope
 from mmengine.structures import PixelData
 from mmseg.structures import SegDataSample
 
@@ -27,13 +26,7 @@ DDCAT_CONFIG = osp.join(SYNTH, 'upernet_convnext-micro_ddcat_synthetic.py')
 SAT_CONFIG = osp.join(SYNTH, 'upernet_convnext-micro_sat_synthetic.py')
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_mmseg_scope():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with DefaultScope.overwrite_default_scope('mmseg'):
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread_mmseg_scope')
 
 
 def make_head(head_type='DDCATUPerHead', **kwargs):

@@ -11,7 +11,6 @@ import os.path as osp
 import pytest
 import torch
 from mmengine.config import Config
-from mmengine.registry import DefaultScope
 
 import mmseg_robust  # noqa: F401  (registers PretrainedStrict)
 from mmseg_robust.models.checkpoint import CheckpointError
@@ -29,13 +28,7 @@ TOP_LEVEL = sorted(
 CHECKPOINT = 'checkpoints/semseg_resnet50_v2_backbone.pth'
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_mmseg_scope():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with DefaultScope.overwrite_default_scope('mmseg'):
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread_mmseg_scope')
 
 
 def _backbone_cfg(depth=18):

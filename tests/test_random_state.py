@@ -4,7 +4,6 @@ the configured seed), and under DDP every rank saves and restores its own state.
 import os
 import os.path as osp
 import random
-import socket
 import types
 
 import numpy as np
@@ -222,12 +221,6 @@ def test_a_random_state_in_another_format_is_a_checkpoint_error():
 
 
 # ------------------------------------------------------------ end to end
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return str(s.getsockname()[1])
-
-
 def _weights(path):
     return torch.load(path, map_location='cpu', weights_only=True)['state_dict']
 
@@ -313,7 +306,7 @@ def _probe_env(repo_root):
 
 
 def test_ddp_resume_equals_uninterrupted(
-    run_tool, repo_root, synthetic_root, data_options, tmp_path
+    run_tool, repo_root, synthetic_root, data_options, tmp_path, free_port
 ):
     # Two gloo CPU processes with different per-rank streams (diff_rank_seed)
     # and different batches, BatchNorm in the heads: 2 iterations straight vs.
@@ -338,7 +331,7 @@ def test_ddp_resume_equals_uninterrupted(
             + ['--cfg-options', f'load_from={load_from}', 'train_cfg.max_iters=2']
             + opts,
             env=dict(
-                PORT=_free_port(), CUDA_VISIBLE_DEVICES='', **_probe_env(repo_root)
+                PORT=free_port(), CUDA_VISIBLE_DEVICES='', **_probe_env(repo_root)
             ),
         )
 

@@ -14,6 +14,7 @@ miniature trees of ``tests/mini_datasets.py``.
 import glob
 import json
 import os.path as osp
+import re
 
 import pytest
 from mmengine.config import Config
@@ -47,19 +48,33 @@ SHRINK = {
 
 # Shipped configs: training config -> (dataset fixture, evaluation config or None
 # for --cfg-options evaluator=SEA).
-# The ConvNeXt-S-CvSt configs differ from their ConvNeXt-T-CvSt twins only in the
-# backbone's arch, drop-path rate and pretrained checkpoint
-# (test_convnext_s_configs_differ_from_t_only_in_the_backbone_size): once shrunk
-# they are the same run up to the drop-path rate, so only the T configs train here
-# (the S configs load and follow the protocol in tests/test_configs.py).
+# Configs that equal another one up to what the test shrinks or what other tests
+# run do not train here a second time:
+# - the ConvNeXt-S-CvSt configs differ from their ConvNeXt-T-CvSt twins only in
+#   the backbone's arch, drop-path rate and pretrained checkpoint
+#   (test_convnext_s_configs_differ_from_t_only_in_the_backbone_size): once shrunk
+#   they are the same run up to the drop-path rate (the S configs load and follow
+#   the protocol in tests/test_configs.py);
+# - the short name upernet_convnext_t_ade20k.py is its full config
+#   (tests/test_configs.py, test_short_config_names_are_their_full_configs) and
+#   trains below through tools/dist_train.sh
+#   (test_design_card_command_dist_train_short_name);
+# - a *_pirat-leak_* config is its recipe plus train_cfg.leak_attack_grads=True
+#   (tests/test_configs.py, test_leak_variant_is_its_recipe_with_the_leak), and is
+#   evaluated by its recipe's _sea config: the same pipeline, model and
+#   evaluation as its recipe's case; the leak itself trains in
+#   tests/test_adversarial_training.py (test_leak_*);
+# - the *_reference-protocol configs train as their base and evaluate with
+#   another test protocol: tests/test_slide_softmax.py runs them.
+SHORT_NAMES = ('upernet_convnext_t_ade20k.py',)
 TRAIN_CONFIGS = sorted(
     p
     for d in ('pirat', 'sat', 'ddcat')
     for p in glob.glob(osp.join(REPO, 'configs', d, '*.py'))
-    # the *_reference-protocol configs train as their base and evaluate with
-    # another test protocol: tests/test_slide_softmax.py runs them
     if not p.endswith(('_sea.py', '_reference-protocol.py'))
     and 'convnext-s-cvst' not in osp.basename(p)
+    and '_pirat-leak_' not in osp.basename(p)
+    and osp.basename(p) not in SHORT_NAMES
 )
 
 
@@ -91,9 +106,25 @@ def test_convnext_s_configs_differ_from_t_only_in_the_backbone_size():
         assert backbone_differ == {'arch', 'drop_path_rate', 'init_cfg'}, path
 
 
+def test_every_config_left_out_of_the_matrix_trains_as_its_twin():
+    """The leaking variants and the short names train here as the config they
+    equal (tests/test_configs.py checks the equality)."""
+    trained = {osp.basename(p) for p in TRAIN_CONFIGS}
+    pirat = glob.glob(osp.join(REPO, 'configs', 'pirat', '*.py'))
+    leak = [osp.basename(p) for p in pirat if '_pirat-leak_' in osp.basename(p)]
+    assert leak
+    for name in leak:
+        if 'convnext-s-cvst' not in name:
+            assert name.replace('_pirat-leak_', '_pirat_') in trained, name
+    for name in SHORT_NAMES:
+        text = open(osp.join(REPO, 'configs', 'pirat', name)).read()
+        (base,) = re.findall(r"^_base_ = '\./(.+)'$", text, re.M)
+        assert base in trained, (name, base)
+
+
 def _dataset_fixture(path):
     name = osp.basename(path)
-    if 'ade20k' in name or name == 'upernet_convnext_t_ade20k.py':
+    if 'ade20k' in name:
         return 'mini_ade20k'
     if 'voc12aug' in name:
         return 'mini_voc'
@@ -103,8 +134,7 @@ def _dataset_fixture(path):
 
 
 def _sea_config(path):
-    # a *_pirat-leak_* variant is evaluated by the _sea config of its recipe
-    sea = path[:-3].replace('_pirat-leak_', '_pirat_') + '_sea.py'
+    sea = path[:-3] + '_sea.py'
     return sea if osp.exists(sea) else None
 
 
@@ -404,7 +434,9 @@ def test_mmseg_zoo_config_trains_adversarially_and_evaluates(
     _check_sea(result, num_images=1)
 
 
-def test_design_card_command_dist_train_short_name(mini_ade20k, tmp_path, run_tool):
+def test_design_card_command_dist_train_short_name(
+    mini_ade20k, tmp_path, run_tool, free_port
+):
     """`tools/dist_train.sh configs/pirat/upernet_convnext_t_ade20k.py N` (here 2
     CPU processes, the model shrunk): PIR-AT on ADE20K's real pipeline."""
     config = osp.join(REPO, 'configs', 'pirat', 'upernet_convnext_t_ade20k.py')
@@ -424,7 +456,7 @@ def test_design_card_command_dist_train_short_name(mini_ade20k, tmp_path, run_to
             '--cfg-options',
             *data_root_options(cfg, mini_ade20k),
         ],
-        env=dict(PORT='29693', CUDA_VISIBLE_DEVICES=''),
+        env=dict(PORT=free_port(), CUDA_VISIBLE_DEVICES=''),
     )
     assert 'Distributed training: True' in out and 'GPU number: 2' in out
     assert f'Iter(train) [{ITERS}/{ITERS}]' in out and 'adv.acc' in out

@@ -204,25 +204,6 @@ EVAL = [
 ]
 
 
-@pytest.fixture(scope='module')
-def cheap_checkpoint(
-    run_tool, small_config, synthetic_root, data_options, tmp_path_factory
-):
-    """The small model after 2 iterations: the cache tests need a model, not a
-    good one."""
-    work = str(tmp_path_factory.mktemp('cache_ckpt'))
-    run_tool(
-        ['python', 'tools/train.py', small_config, '--work-dir', work, '--cfg-options']
-        + [
-            'train_cfg.max_iters=2',
-            'train_cfg.val_interval=100',
-            'default_hooks.checkpoint.interval=2',
-        ]
-        + data_options(synthetic_root)
-    )
-    return osp.join(work, 'iter_2.pth')
-
-
 @pytest.fixture
 def own_data(synthetic_root, tmp_path):
     """A copy of the synthetic data this test may rewrite."""
@@ -246,7 +227,7 @@ def test_edited_package_code_is_computed_again(
     run_tool,
     repo_root,
     small_config,
-    cheap_checkpoint,
+    small_checkpoint,
     own_data,
     data_options,
     tmp_path,
@@ -255,7 +236,7 @@ def test_edited_package_code_is_computed_again(
     the path, the same command with resume=True computes every image again."""
     work = str(tmp_path / 'work')
     opts = ['evaluator.type=PGD'] + EVAL + data_options(own_data)
-    _, out = _run(run_tool, small_config, cheap_checkpoint, work, opts)
+    _, out = _run(run_tool, small_config, small_checkpoint, work, opts)
     assert '(2 attacked, 0 from cache)' in out
     # the same code from another place: the same fingerprint (a content digest)
     copy = tmp_path / 'copy'
@@ -266,12 +247,12 @@ def test_edited_package_code_is_computed_again(
     )
     os.symlink(osp.join(repo_root, 'configs'), copy / 'configs')
     env = dict(PYTHONPATH=str(copy) + os.pathsep + os.environ.get('PYTHONPATH', ''))
-    _, out = _run(run_tool, small_config, cheap_checkpoint, work, opts, env)
+    _, out = _run(run_tool, small_config, small_checkpoint, work, opts, env)
     assert '(0 attacked, 2 from cache)' in out
     # an edit of the attack code: every image computed again, in a new folder
     pgd = copy / 'mmseg_robust' / 'attacks' / 'pgd.py'
     pgd.write_text(pgd.read_text() + '\n# an edit\n')
-    _, out = _run(run_tool, small_config, cheap_checkpoint, work, opts, env)
+    _, out = _run(run_tool, small_config, small_checkpoint, work, opts, env)
     assert '(2 attacked, 0 from cache)' in out
     metas = [
         json.load(open(p))
@@ -285,12 +266,12 @@ def test_edited_package_code_is_computed_again(
 
 
 def test_rewritten_annotations_invalid_lines_and_the_resume_log(
-    run_tool, small_config, cheap_checkpoint, own_data, data_options, tmp_path
+    run_tool, small_config, small_checkpoint, own_data, data_options, tmp_path
 ):
     work = str(tmp_path / 'work')
     opts = ['evaluator.type=PGD', 'test_dataloader.batch_size=2'] + EVAL
     opts += data_options(own_data)
-    first, out = _run(run_tool, small_config, cheap_checkpoint, work, opts)
+    first, out = _run(run_tool, small_config, small_checkpoint, work, opts)
     assert '(2 attacked, 0 from cache)' in out
     (cache,) = glob.glob(osp.join(work, 'robustness_cache', '*', 'rank0.jsonl'))
     lines = open(cache).read().splitlines(keepends=True)
@@ -305,7 +286,7 @@ def test_rewritten_annotations_invalid_lines_and_the_resume_log(
     edited['attacks']['8']['PGD-CE']['correct'] += 1
     with open(cache, 'w') as f:
         f.write('null\n{}\n' + json.dumps(edited) + '\n' + records[1])
-    again, out = _run(run_tool, small_config, cheap_checkpoint, work, opts)
+    again, out = _run(run_tool, small_config, small_checkpoint, work, opts)
     assert f'{cache}, line 1: invalid robustness cache line' in out
     assert f'{cache}, line 2' in out
     assert f'{cache}, line 3' in out and f'for image {keys[0]}' in out
@@ -317,7 +298,7 @@ def test_rewritten_annotations_invalid_lines_and_the_resume_log(
     with open(cache, 'w') as f:
         f.writelines(units)  # one unit per image (one attack, one eps)
         f.write(records[1])
-    _, out = _run(run_tool, small_config, cheap_checkpoint, work, opts)
+    _, out = _run(run_tool, small_config, small_checkpoint, work, opts)
     assert '1 images already done, 1 partly done' in out
 
     # (f) an annotation rewritten in place under the same path: that image is
@@ -328,13 +309,13 @@ def test_rewritten_annotations_invalid_lines_and_the_resume_log(
 
     label = np.asarray(Image.open(ann))
     Image.fromarray(np.zeros_like(label)).save(ann)
-    rewritten, out = _run(run_tool, small_config, cheap_checkpoint, work, opts)
+    rewritten, out = _run(run_tool, small_config, small_checkpoint, work, opts)
     assert '(1 attacked, 1 from cache)' in out
     assert rewritten['summary']['clean'] != first['summary']['clean']
     fresh, out = _run(
         run_tool,
         small_config,
-        cheap_checkpoint,
+        small_checkpoint,
         str(tmp_path / 'fresh'),
         opts + ['evaluator.resume=False'],
     )
@@ -344,7 +325,7 @@ def test_rewritten_annotations_invalid_lines_and_the_resume_log(
 def test_batch_size_is_in_the_key_in_reference_mode(
     run_tool,
     small_config,
-    cheap_checkpoint,
+    small_checkpoint,
     synthetic_root,
     data_options,
     tmp_path,
@@ -363,7 +344,7 @@ def test_batch_size_is_in_the_key_in_reference_mode(
                 ':::',
                 'tools/test.py',
                 small_config,
-                cheap_checkpoint,
+                small_checkpoint,
                 '--work-dir',
                 work,
                 '--cfg-options',

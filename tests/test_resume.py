@@ -3,6 +3,7 @@ load_from set continues the work dir's own run, a resume with nothing left to
 train is refused, and the opt-in fast skip advances the sampler only."""
 
 import logging
+import os
 import os.path as osp
 import random
 import subprocess
@@ -113,7 +114,7 @@ OPTS = [
 
 
 def test_resume_with_load_from_continues_the_work_dir(
-    run_tool, synthetic_root, data_options, tmp_path
+    synthetic_root, data_options, tmp_path
 ):
     """The synthetic robust config (load_from: the clean model's iteration
     1000; here a stand-in checkpoint of the seeded initialisation) trained for
@@ -130,7 +131,6 @@ def test_resume_with_load_from_continues_the_work_dir(
 
     def train(work, max_iters, *extra):
         return [
-            sys.executable,
             'tools/train.py',
             PIRAT,
             '--work-dir',
@@ -140,11 +140,33 @@ def test_resume_with_load_from_continues_the_work_dir(
             f'train_cfg.max_iters={max_iters}',
         ] + opts
 
-    full = str(tmp_path / 'full')
-    run_tool(train(full, 3))
-    work = str(tmp_path / 'work')
-    run_tool(train(work, 2))
-    out = run_tool(train(work, 3, '--resume') + ['train_cfg.resume_skip=sampler'])
+    full, work = str(tmp_path / 'full'), str(tmp_path / 'work')
+    # The four runs one after the other in one interpreter (import paid once),
+    # the last one refused: the uninterrupted run, the interrupted one, its
+    # resume, and the finished run resumed again.
+    runs = [
+        train(full, 3),
+        train(work, 2),
+        train(work, 3, '--resume') + ['train_cfg.resume_skip=sampler'],
+        train(work, 3, '--resume'),
+    ]
+    argv = [sys.executable, 'tests/tools_in_one_process.py']
+    for run in runs:
+        argv += ([':::'] if len(argv) > 2 else []) + run
+    proc = subprocess.run(
+        argv,
+        cwd=osp.dirname(osp.dirname(osp.abspath(__file__))),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1')),
+    )
+    # tools_in_one_process.py prints '=== TOOL ARGS' before each run
+    outs = ('\n' + proc.stdout).split('\n=== tools/train.py ')[1:]
+    assert len(outs) == 4, proc.stdout[-6000:]
+    assert 'Iter(train) [3/3]' in outs[0] and 'Iter(train) [2/2]' in outs[1]
+    out = outs[2]
     latest = osp.join(work, 'iter_2.pth')
     assert (
         f'Resuming from the latest checkpoint in the work dir, {latest}, not '
@@ -165,17 +187,9 @@ def test_resume_with_load_from_continues_the_work_dir(
     assert any(not torch.equal(a[k], v) for k, v in _weights(latest).items())
 
     # the finished run resumed again: refused, naming the fix
-    proc = subprocess.run(
-        train(work, 3, '--resume'),
-        cwd=osp.dirname(osp.dirname(osp.abspath(__file__))),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=600,
-    )
     assert proc.returncode != 0
-    assert 'Resumed at iteration 3 from' in proc.stdout
-    assert 'raise train_cfg.max_iters' in proc.stdout, proc.stdout[-3000:]
+    assert 'Resumed at iteration 3 from' in outs[3]
+    assert 'raise train_cfg.max_iters' in outs[3], outs[3][-3000:]
 
 
 # ------------------------------------------------------------ the fast skip

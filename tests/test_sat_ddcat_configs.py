@@ -9,7 +9,6 @@ import os.path as osp
 import pytest
 import torch
 from mmengine.config import Config
-from mmengine.registry import DefaultScope
 from mmengine.structures import PixelData
 from mmseg.structures import SegDataSample
 
@@ -28,13 +27,7 @@ CONFIGS = sorted(
 IDS = [osp.join(*c.split(osp.sep)[-2:]) for c in CONFIGS]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_mmseg_scope():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with DefaultScope.overwrite_default_scope('mmseg'):
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread_mmseg_scope')
 
 
 def test_all_eight_configs_exist():

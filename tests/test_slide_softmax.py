@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from mmengine.config import Config, ConfigDict
-from mmengine.registry import DefaultScope
 from mmengine.structures import PixelData
 from mmseg.structures import SegDataSample
 from PIL import Image
@@ -32,13 +31,7 @@ MEAN = np.array([123.675, 116.28, 103.53])  # ImageNet, RGB, 0..255
 STD = np.array([58.395, 57.12, 57.375])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_mmseg_scope():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with DefaultScope.overwrite_default_scope('mmseg'):
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures('one_thread_mmseg_scope')
 
 
 # ----------------------------------------------------------------------------
@@ -307,22 +300,6 @@ def test_score_at_image_shape():
 # ----------------------------------------------------------------------------
 # The *_reference-protocol configs through tools/test.py
 # ----------------------------------------------------------------------------
-def _test_helper(filename):
-    """A helper module of tests/, imported by path (as conftest's)."""
-    import importlib.util
-    import sys
-
-    name = '_mmseg_robust_tests_' + filename[:-3]
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, osp.join(REPO, 'tests', filename)
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def _write_checkpoint(tiny_models, config, path):
     """The shrunk config's model with random trained-like weights, saved."""
     from mmengine.model import revert_sync_batchnorm
@@ -386,6 +363,7 @@ def test_reference_protocol_config_end_to_end(
     request,
     tmp_path,
     tiny_models,
+    real_data_matrix,
     tools_in_one_process,
     reset_mmengine,
 ):
@@ -393,7 +371,7 @@ def test_reference_protocol_config_end_to_end(
     miniature dataset: every prediction equals the reference port's, at the
     reference's resolution (VOC: the original image; Cityscapes: 1024x512), the
     mIoU is the port's against the reference's labels; then SEA runs on it."""
-    matrix = _test_helper('test_real_data_matrix.py')
+    matrix = real_data_matrix
     root = request.getfixturevalue('mini_' + dataset)
     path = osp.join(REPO, config)
     cfg = Config.fromfile(path)

@@ -3,7 +3,6 @@
 import glob
 import json
 import os.path as osp
-import socket
 
 import numpy as np
 import pytest
@@ -21,12 +20,8 @@ ITERS = [
 ]
 
 
-def _train(run_tool, cfg, work, data_opts, extra=(), launcher=None):
-    if launcher == 'dist':
-        cmd = ['bash', 'tools/dist_train.sh', cfg, '2']
-    else:
-        cmd = ['python', 'tools/train.py', cfg]
-    cmd += ['--work-dir', work]
+def _train(run_tool, cfg, work, data_opts, extra=()):
+    cmd = ['python', 'tools/train.py', cfg, '--work-dir', work]
     cmd += list(extra)
     cmd += ['--cfg-options'] + ITERS + data_opts
     return cmd
@@ -111,33 +106,12 @@ def test_resume_continues_interrupted_run(
     assert ckpt['meta']['iter'] == 6
 
 
-def test_dist_train_two_cpu_processes(
-    run_tool, small_config, synthetic_root, data_options, tmp_path
-):
-    work = str(tmp_path / 'dist')
-    out = run_tool(
-        _train(
-            run_tool, small_config, work, data_options(synthetic_root), launcher='dist'
-        ),
-        env=dict(PORT='29641', CUDA_VISIBLE_DEVICES=''),
-    )
-    assert 'Distributed training: True' in out
-    assert 'GPU number: 2' in out  # mmengine's name for the world size
-    assert 'using the gloo backend instead of nccl' in out
-    assert osp.exists(osp.join(work, 'iter_6.pth'))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return str(s.getsockname()[1])
-
-
 def test_dist_train_and_test_of_a_syncbn_config_on_cpu(
-    run_tool, small_config, synthetic_root, data_options, tmp_path
+    run_tool, small_config, synthetic_root, data_options, tmp_path, free_port
 ):
-    # DDP refuses SyncBatchNorm in CPU modules: the launchers convert the heads'
-    # SyncBN layers to BatchNorm with a warning, train and test.
+    # Two gloo CPU processes. DDP refuses SyncBatchNorm in CPU modules: the
+    # launchers convert the heads' SyncBN layers to BatchNorm with a warning,
+    # train and test.
     work = str(tmp_path / 'syncbn')
     syncbn = [
         'model.decode_head.norm_cfg.type=SyncBN',
@@ -160,9 +134,11 @@ def test_dist_train_and_test_of_a_syncbn_config_on_cpu(
         ]
         + syncbn
         + data_options(synthetic_root),
-        env=dict(env, PORT=_free_port()),
+        env=dict(env, PORT=free_port()),
     )
     assert 'Distributed training: True' in out
+    assert 'GPU number: 2' in out  # mmengine's name for the world size
+    assert 'using the gloo backend instead of nccl' in out
     assert 'SyncBatchNorm layers were converted to BatchNorm' in out
     assert 'SyncBatchNorm layers only work with GPU modules' not in out
     ckpt = osp.join(work, 'iter_1.pth')
@@ -180,7 +156,7 @@ def test_dist_train_and_test_of_a_syncbn_config_on_cpu(
         ]
         + syncbn
         + data_options(synthetic_root),
-        env=dict(env, PORT=_free_port()),
+        env=dict(env, PORT=free_port()),
     )
     assert 'SyncBatchNorm layers were converted to BatchNorm' in out
     assert 'mIoU' in out
@@ -212,7 +188,7 @@ exit $rc
 
 
 def test_slurm_test_sh_with_evaluator_sea(
-    run_tool, small_config, synthetic_root, data_options, tmp_path
+    run_tool, small_config, small_checkpoint, synthetic_root, data_options, tmp_path
 ):
     """`tools/slurm_test.sh PARTITION JOB CONFIG CKPT --cfg-options evaluator=SEA`
     as the README writes it, on 2 CPU tasks of a stand-in srun (mmengine's slurm
@@ -221,12 +197,7 @@ def test_slurm_test_sh_with_evaluator_sea(
     import stat
     import sys
 
-    work = str(tmp_path / 'train')
-    run_tool(
-        _train(run_tool, small_config, work, data_options(synthetic_root))
-        + ['train_cfg.max_iters=1', 'default_hooks.checkpoint.interval=1']
-    )
-    ckpt = osp.join(work, 'iter_1.pth')
+    ckpt = small_checkpoint
     bin_dir = tmp_path / 'bin'
     bin_dir.mkdir()
     srun = bin_dir / 'srun'
