@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from mmseg_robust.evaluation.counts import (
-    COUNT_KEYS,
     miou_from_counts,
     per_image_counts,
     pixel_accuracy,
@@ -16,6 +15,10 @@ from mmseg_robust.evaluation.counts import (
 
 NUM_CLASSES = 5
 IGNORE = 255
+
+
+#: the per-class count arrays of per_image_counts
+COUNT_KEYS = ('intersect', 'union', 'pred_area', 'label_area')
 
 
 def _random_maps(seed, shape=(3, 7, 9), num_classes=NUM_CLASSES, ignore_frac=0.2):

@@ -1,7 +1,6 @@
 """Evaluation arithmetic (per-image counts, worst-case aggregation) and metrics."""
 
 from .counts import (
-    COUNT_KEYS,
     miou_from_counts,
     per_image_counts,
     pixel_accuracy,
@@ -35,7 +34,6 @@ __all__ = [
     'ImageRecord',
     'RobustnessEvaluator',
     'image_seed',
-    'COUNT_KEYS',
     'Flag',
     'SelfCheckError',
     'RobustnessMetric',

@@ -32,9 +32,6 @@ import torch
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
-#: Keys of the per-class count arrays returned by :func:`per_image_counts`.
-COUNT_KEYS = ('intersect', 'union', 'pred_area', 'label_area')
-
 
 def _to_numpy(x) -> np.ndarray:
     """Return ``x`` as a numpy array (torch tensors are moved to CPU first)."""

@@ -72,7 +72,6 @@ __all__ = [
     'check_train_mode',
     'clean_input_gradient',
     'final_checks',
-    'flag_from_json',
     'forward_calls_autograd',
     'merge_flags',
     'pre_attack_checks',
@@ -135,17 +134,6 @@ class Flag:
             f'Self-check {self.level} [{self.code}]: {self.message} '
             f'Fix: {self.fix} (see {FLAGS_DOC}#{self.code})'
         )
-
-
-def flag_from_json(data: dict) -> Flag:
-    """A :class:`Flag` from its :meth:`Flag.to_json` dict."""
-    return Flag(
-        code=str(data['code']),
-        level=str(data.get('level', 'warning')),
-        message=str(data.get('message', '')),
-        fix=str(data.get('fix', '')),
-        details=dict(data.get('details') or {}),
-    )
 
 
 class SelfCheckError(ValueError):

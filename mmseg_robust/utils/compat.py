@@ -37,19 +37,26 @@ failure it removes; none disables a safety check globally.
    load; on torch 1.13-2.3 (``weights_only`` but no allow-list) plain weights
    load and Runner checkpoints are refused; torch < 1.13 has no safe loader and
    every load is refused (docs/installation.md, "Compatibility fixes").
+   mmengine's local loader is replaced by :func:`load_local_checkpoint`, which
+   reads the file once and records the digest of its bytes for the result
+   cache's key (one read of the checkpoint per ``tools/test.py`` run).
 """
 
 import atexit
 import contextlib
 import functools
 import inspect
+import io
 import os
+import os.path as osp
 import pickle
 import subprocess
 import warnings
 
 import numpy as np
 import torch
+
+from .digests import remember_digest
 
 _APPLIED = False
 
@@ -171,6 +178,25 @@ def _safe_checkpoint_loader() -> None:
 
     load_checkpoint.__wrapped__ = original
     CheckpointLoader.load_checkpoint = classmethod(load_checkpoint)
+    # local files: read once, the digest of those bytes kept for the result
+    # cache's key (mmseg_robust.utils.digests)
+    CheckpointLoader.register_scheme(prefixes='', force=True)(load_local_checkpoint)
+
+
+def load_local_checkpoint(filename, map_location=None):
+    """mmengine's local checkpoint loader (``load_from_local``), reading the
+    file once: ``torch.load`` runs on the bytes read (``weights_only=True`` by
+    :func:`weights_only_loads` around every mmengine load), and their digest is
+    recorded (:func:`~mmseg_robust.utils.digests.remember_digest`), so the
+    result cache does not read the checkpoint a second time to hash it."""
+    filename = osp.expanduser(filename)
+    if not osp.isfile(filename):
+        raise FileNotFoundError(f'{filename} can not be found.')
+    with open(filename, 'rb') as f:
+        stat = os.fstat(f.fileno())
+        data = f.read()
+    remember_digest(filename, stat, data)
+    return torch.load(io.BytesIO(data), map_location=map_location)
 
 
 def _cpu_friendly_pytorch_launcher() -> None:
