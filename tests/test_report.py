@@ -30,11 +30,21 @@ PALETTE = [[128, 64, 128], [244, 35, 232], [70, 70, 70], [102, 102, 156]]
 
 
 def _attack_result(miou, acc_img):
-    return dict(mIoU=miou, aAcc=acc_img + 0.01, aAcc_img=acc_img)
+    return _percent(dict(mIoU=miou, aAcc=acc_img + 0.01, aAcc_img=acc_img))
+
+
+def _percent(obj):
+    """Fractions -> percent, as the results file holds them."""
+    if isinstance(obj, dict):
+        return {k: _percent(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_percent(v) for v in obj]
+    return obj * 100
 
 
 def _robustness_json(clean_miou, clean_acc, robust, checkpoint):
-    """A robustness result dict; ``robust`` maps eps keys to (mIoU, aAcc_img)."""
+    """A robustness result dict (schema version 3, percent); ``robust`` maps
+    eps keys to (mIoU, aAcc_img) as fractions."""
     eps = {}
     for key, (miou, acc) in robust.items():
         eps[key] = dict(
@@ -43,20 +53,26 @@ def _robustness_json(clean_miou, clean_acc, robust, checkpoint):
                 'APGD-Mask-CE': _attack_result(miou + 0.01, acc + 0.02),
                 'APGD-JS-Avg': _attack_result(miou + 0.03, acc + 0.01),
             },
-            worst_case=dict(
-                aAcc_img=acc, mIoU=miou, mIoU_best=miou, mIoU_reference=miou + 0.001
+            worst_case=_percent(
+                dict(
+                    aAcc_img=acc, mIoU=miou, mIoU_best=miou, mIoU_reference=miou + 0.001
+                )
             ),
         )
     return {
+        'schema_version': 3,
+        'unit': 'percent',
         'metrics': {'mIoU': 100 * clean_miou},
         'summary': {
             'num_images': 16,
             # pooled aAcc deliberately differs from aAcc_img: the latter is used
-            'clean': dict(
-                mIoU=clean_miou,
-                aAcc=clean_acc + 0.05,
-                aAcc_img=clean_acc,
-                IoU=[0.5, 0.6],
+            'clean': _percent(
+                dict(
+                    mIoU=clean_miou,
+                    aAcc=clean_acc + 0.05,
+                    aAcc_img=clean_acc,
+                    IoU=[0.5, 0.6],
+                )
             ),
             'eps': eps,
         },
@@ -488,9 +504,10 @@ def test_save_picture_grid_height_grows(tmp_path):
         save_picture_grid([bad], str(tmp_path / 'bad.png'), PALETTE)
 
 
-def test_results_schema_2_is_percent_and_version_1_is_converted(results, tmp_path):
-    """One schema: version 2 files are percent as written, version 1 files
-    (fractions) are scaled on reading, both give the same row."""
+def test_results_file_round_trip_and_old_schemas_refused(results, tmp_path):
+    """One schema: what write_results writes, load_results reads back; a file
+    of schema version 1 (fractions, written by development versions before
+    0.1.0) or of a newer version is refused with the fix."""
     from mmseg_robust.evaluation.results import (
         SCHEMA_VERSION,
         RobustnessResults,
@@ -500,10 +517,7 @@ def test_results_schema_2_is_percent_and_version_1_is_converted(results, tmp_pat
 
     old = results[0]
     new = load_results(old)
-    assert new.summary['clean']['mIoU'] == pytest.approx(
-        100 * old['summary']['clean']['mIoU']
-    )
-    assert new.summary['num_images'] == old['summary']['num_images']
+    assert new.summary == old['summary']
     path = write_results(
         RobustnessResults(
             summary=new.summary,
@@ -524,3 +538,9 @@ def test_results_schema_2_is_percent_and_version_1_is_converted(results, tmp_pat
     written['schema_version'] = SCHEMA_VERSION + 1
     with pytest.raises(ValueError, match='upgrade'):
         load_results(written)
+    for version in (None, 1):
+        first = dict(old, schema_version=version)
+        if version is None:
+            del first['schema_version']
+        with pytest.raises(ValueError, match='schema version 1.*evaluate again'):
+            load_results(first)

@@ -34,13 +34,12 @@ Schema (version 3)::
 each image's pixel accuracy (SEA's aACC). ``above_clean`` counts the images
 ending above their clean pixel accuracy per attack and for the worst case
 (information; docs/flags.md#robust_above_clean). ``flags`` are the findings of the
-self-checks (docs/flags.md; empty: none raised). Files of schema version 1
-(``summary`` as fractions in [0, 1]) are converted on reading; files of versions
-1 and 2 were written without self-checks (``flags`` None).
+self-checks (docs/flags.md; empty: none raised). Files of schema version 2 were
+written without self-checks (``flags`` None); files of schema version 1
+(fractions, from development versions before 0.1.0) are refused.
 """
 
 import json
-import math
 import os
 import os.path as osp
 from dataclasses import asdict, dataclass, field
@@ -160,8 +159,13 @@ def load_results(source: Union[str, os.PathLike, dict]) -> RobustnessResults:
             f'{where} has schema version {version}; this '
             f'mmseg_robust reads up to {SCHEMA_VERSION}: upgrade it'
         )
-    if version == 1:  # fractions in [0, 1]
-        summary = _scaled(summary, 100.0)
+    if version < 2:
+        raise ValueError(
+            f'{where} has schema version 1 (fractions in [0, 1], written by a '
+            'development version before 0.1.0), which this mmseg_robust does '
+            'not read: evaluate again with tools/test.py (the result cache '
+            'keeps what is still valid).'
+        )
     return RobustnessResults(
         summary=summary,
         metrics=dict(data.get('metrics') or {}),
@@ -181,19 +185,6 @@ def _flags_of(data: dict, version: int) -> Optional[List[dict]]:
     before schema version 3, or converted from such a file)."""
     flags = data.get('flags') if version >= 3 else None
     return None if flags is None else list(flags)
-
-
-def _scaled(summary: dict, factor: float) -> dict:
-    """A copy of ``summary`` with every metric (not ``num_images``) scaled."""
-
-    def scale(obj):
-        if isinstance(obj, dict):
-            return {k: (v if k == 'num_images' else scale(v)) for k, v in obj.items()}
-        if isinstance(obj, (int, float)) and not isinstance(obj, bool):
-            return obj * factor if math.isfinite(obj) else obj
-        return obj
-
-    return scale(summary)
 
 
 def _json_default(value):
