@@ -28,7 +28,7 @@ import warnings
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -178,6 +178,15 @@ class ImageRecord:
                 for e, named in data['attacks'].items()
             ),
         )
+
+
+class _WorstCase(NamedTuple):
+    """One image's attack output with the lowest pixel accuracy at one eps."""
+
+    attack: str
+    adv_acc: float
+    adv_image: Tensor
+    adv_pred: Tensor
 
 
 @dataclass
@@ -559,25 +568,25 @@ class RobustnessEvaluator:
                 if pending:
                     checks.returned_images(
                         view,
-                        torch.stack([w[2] for w in worst]),
-                        torch.stack([w[3] for w in worst]),
+                        torch.stack([w.adv_image for w in worst]),
+                        torch.stack([w.adv_pred for w in worst]),
                         eps_name,
                         ignore,
                     )
                 if examples:
                     rgb = _is_rgb(view)
-                    for i, (source, acc, image, pred) in enumerate(worst):
+                    for i, w in enumerate(worst):
                         found[i][e] = Example(
                             key=keys[i],
                             eps=e,
-                            attack=source,
+                            attack=w.attack,
                             clean_acc=clean[i].accuracy,
-                            adv_acc=acc,
+                            adv_acc=w.adv_acc,
                             image=view.images[i],
-                            adv_image=image,
+                            adv_image=w.adv_image,
                             gt=labels[i],
                             clean_pred=clean_pred[i],
-                            adv_pred=pred,
+                            adv_pred=w.adv_pred,
                             rgb=rgb,
                         )
         flags = checks.take_batch_flags() if checks else []
@@ -598,12 +607,12 @@ class RobustnessEvaluator:
         progress,
     ):
         """Run (or restore) every attack at ``e`` into ``at_eps`` (per image
-        ``{name: ImageCounts}``); per image ``(attack, accuracy, adversarial
-        image, prediction)`` of the attack with the lowest accuracy, or None
-        when some attack was restored."""
+        ``{name: ImageCounts}``); per image the :class:`_WorstCase` of the
+        attack with the lowest accuracy, or None when some attack was
+        restored."""
         labels = view.labels
         eps_name = eps_key(e)
-        worst: List[Optional[tuple]] = [None for _ in keys]
+        worst: List[Optional[_WorstCase]] = [None for _ in keys]
         restored = False
         for j, attack in enumerate(attacks):
             units = saved(e, j) if saved is not None else None
@@ -647,8 +656,10 @@ class RobustnessEvaluator:
                 acc = u[source].accuracy
                 # the lowest accuracy wins; an image without valid pixels (NaN)
                 # keeps the first attack's
-                if worst[i] is None or acc < worst[i][1]:
-                    worst[i] = (source, acc, out.adv_images[i], out.adv_pred[i])
+                if worst[i] is None or acc < worst[i].adv_acc:
+                    worst[i] = _WorstCase(
+                        source, acc, out.adv_images[i], out.adv_pred[i]
+                    )
         return None if restored else worst
 
 
