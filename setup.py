@@ -72,6 +72,9 @@ if __name__ == '__main__':
         # torch, torchvision and mmcv (full, with ops) are prerequisites
         # installed first, as in every OpenMMLab project: see README.
         install_requires=read_requirements('runtime.txt'),
-        extras_require=dict(tests=read_requirements('tests.txt')),
+        extras_require=dict(
+            tests=read_requirements('tests.txt'),
+            corruptions=read_requirements('corruptions.txt'),
+        ),
         zip_safe=False,
     )

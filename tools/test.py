@@ -8,7 +8,11 @@ from mmengine.runner import Runner
 
 # mmseg_robust: registers its components into mmseg's registries (configs need no
 # `custom_imports` then) and adds the robustness evaluation to the test.
-from mmseg_robust.engine import configure_test, normalize_evaluator_options
+from mmseg_robust.engine import (
+    configure_test,
+    is_corruption_evaluation,
+    normalize_evaluator_options,
+)
 
 
 # TODO: support fuse_conv_bn, visualization, and format_only
@@ -126,7 +130,9 @@ def main():
     # add output_dir in metric
     if args.out is not None:
         cfg.test_evaluator['output_dir'] = args.out
-        cfg.test_evaluator['keep_results'] = True
+        # mmseg_robust: the corruption metric writes pooled counts only
+        if not is_corruption_evaluation(cfg):
+            cfg.test_evaluator['keep_results'] = True
 
     # build the runner from config
     runner = Runner.from_cfg(cfg)

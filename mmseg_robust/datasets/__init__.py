@@ -1,4 +1,15 @@
 from .ade20k151 import ADE20K151Dataset
+from .corruptions import (
+    BENCHMARK_CORRUPTIONS,
+    CATEGORIES,
+    CORRUPTIONS,
+    Corrupt,
+    corrupt_image,
+    corruption_seed,
+    resolve_corruptions,
+    resolve_severities,
+    with_corruption,
+)
 from .synthetic import (
     CLASSES,
     SyntheticShapesDataset,
@@ -14,6 +25,15 @@ from .voc_void_as_background import PascalVOCVoidAsBackgroundDataset
 
 __all__ = [
     'ADE20K151Dataset',
+    'BENCHMARK_CORRUPTIONS',
+    'CATEGORIES',
+    'CORRUPTIONS',
+    'Corrupt',
+    'corrupt_image',
+    'corruption_seed',
+    'resolve_corruptions',
+    'resolve_severities',
+    'with_corruption',
     'PascalVOCVoidAsBackgroundDataset',
     'RandomGaussianBlur',
     'ScoreAtImageShape',

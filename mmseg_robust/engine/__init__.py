@@ -5,12 +5,14 @@ from .adversarial_loops import AdversarialTestLoop, AdversarialValLoop, image_se
 from .adversarial_training import AdversarialTrainLoop
 from .attack_context import attack_context
 from .checkpoint_check import CheckpointCheckHook, check_loaded_checkpoint
+from .corruption_loop import CorruptionTestLoop
 from .presets import (
     EVALUATOR_PRESETS,
     add_adversarial_visualization,
     apply_robustness_evaluator,
     configure_test,
     dataset_class_weights,
+    is_corruption_evaluation,
     is_robustness_evaluation,
     load_evaluator_preset,
     normalize_evaluator_options,
@@ -22,6 +24,7 @@ from .train_schemes import DDCATScheme, PIRATScheme, SATScheme, TrainScheme
 from .visualization_hook import AdversarialVisualizationHook
 
 __all__ = [
+    'CorruptionTestLoop',
     'AdversarialTestLoop',
     'AdversarialTrainLoop',
     'AdversarialValLoop',
@@ -44,6 +47,7 @@ __all__ = [
     'dataset_class_weights',
     'fingerprint',
     'image_seed',
+    'is_corruption_evaluation',
     'is_robustness_evaluation',
     'load_evaluator_preset',
     'normalize_evaluator_options',

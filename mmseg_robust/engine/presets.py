@@ -32,6 +32,7 @@ __all__ = [
     'config_dir',
     'configure_test',
     'dataset_class_weights',
+    'is_corruption_evaluation',
     'is_robustness_evaluation',
     'load_evaluator_preset',
     'normalize_evaluator_options',
@@ -44,6 +45,7 @@ EVALUATOR_PRESETS = {
     'PGD': 'pgd.py',
     'SegPGD': 'segpgd.py',
     'CosPGD': 'cospgd.py',
+    'Corruptions': 'corruptions.py',
 }
 
 
@@ -75,6 +77,18 @@ _OPTIONS = (
     'compat',
     'eps_units',
     'clean_candidate',
+    'data_digest',
+    'corruptions',
+    'severities',
+)
+#: the options of the corruption evaluation (the others are the attacks').
+_CORRUPTION_OPTIONS = (
+    'type',
+    'corruptions',
+    'severities',
+    'seed',
+    'resume',
+    'log_interval',
     'data_digest',
 )
 #: attacks that take ``compat='reference'`` (docs/algorithms.md section 3.2).
@@ -215,6 +229,13 @@ def apply_robustness_evaluator(cfg: Config, spec: Optional[object] = None) -> Co
     preset = load_evaluator_preset(name)
     test_cfg = copy.deepcopy(preset.robustness_test_cfg.to_dict())
     metric = copy.deepcopy(preset.robustness_evaluator.to_dict())
+    if test_cfg['type'] == 'CorruptionTestLoop':
+        return _apply_corruption_options(cfg, spec, test_cfg, metric)
+    if 'corruptions' in spec or 'severities' in spec:
+        raise ValueError(
+            f'evaluator.corruptions and evaluator.severities are options of '
+            f'evaluator=Corruptions, not of evaluator={name}'
+        )
     attack = test_cfg['attacks'][0]
     steps = spec.get('steps', spec.get('n_iter'))
     if (
@@ -288,6 +309,53 @@ def apply_robustness_evaluator(cfg: Config, spec: Optional[object] = None) -> Co
     return cfg
 
 
+def _apply_corruption_options(
+    cfg: Config, spec: dict, test_cfg: dict, metric: dict
+) -> Config:
+    """``evaluator=Corruptions``: its options (``corruptions``,
+    ``severities``, ``seed``, ``resume``, ``log_interval``, ``data_digest``)
+    into the preset's test loop, which replaces the config's."""
+    from mmseg_robust.datasets.corruptions import (
+        resolve_corruptions,
+        resolve_severities,
+    )
+
+    wrong = sorted(set(spec) - set(_CORRUPTION_OPTIONS))
+    if wrong:
+        raise ValueError(
+            f'evaluator=Corruptions does not take {wrong} (attack options); its '
+            f'options are {list(_CORRUPTION_OPTIONS[1:])}'
+        )
+    if 'corruptions' in spec:
+        test_cfg['corruptions'] = resolve_corruptions(spec['corruptions'])
+    if 'severities' in spec:
+        test_cfg['severities'] = resolve_severities(spec['severities'])
+    if 'seed' in spec:
+        test_cfg['seed'] = int(spec['seed'])
+    if 'resume' in spec:
+        test_cfg['resume'] = _as_bool(spec['resume'], 'evaluator.resume')
+    if 'log_interval' in spec:
+        test_cfg['log_interval'] = int(spec['log_interval'])
+    if 'data_digest' in spec:
+        from .result_cache import DATA_DIGESTS
+
+        if spec['data_digest'] not in DATA_DIGESTS:
+            raise ValueError(
+                f'evaluator.data_digest must be one of {DATA_DIGESTS}, got '
+                f'{spec["data_digest"]!r}'
+            )
+        test_cfg['data_digest'] = spec['data_digest']
+    cfg.test_cfg = ConfigDict(test_cfg)
+    cfg.test_evaluator = ConfigDict(metric)
+    _drop_clean_visualization(cfg, force=True)
+    return cfg
+
+
+def is_corruption_evaluation(cfg: Config) -> bool:
+    """Whether ``cfg``'s test loop is the corruption evaluation."""
+    return (cfg.get('test_cfg') or {}).get('type') == 'CorruptionTestLoop'
+
+
 def _drop_clean_visualization(cfg: Config, force: bool = False) -> None:
     """Remove mmseg's ``SegVisualizationHook`` from a robustness evaluation when
     it draws nothing (``draw=False``, which also makes it warn in every log), or
@@ -341,6 +409,20 @@ def configure_test(
     if not any(h.get('type') == 'CheckpointCheckHook' for h in hooks):
         cfg.custom_hooks = hooks + [dict(type='CheckpointCheckHook')]
     robust = is_robustness_evaluation(cfg)
+    if is_corruption_evaluation(cfg):
+        if tta:
+            raise SystemExit(
+                '--tta is not supported with evaluator=Corruptions (the '
+                'corruption passes use the test pipeline); run --tta without it'
+            )
+        if show or show_dir:
+            raise SystemExit(
+                '--show/--show-dir are not supported with evaluator=Corruptions: '
+                'write the corrupted images with '
+                'tools/dataset_converters/make_corrupted.py and look at them, '
+                'or run tools/test.py --show-dir on the set it writes'
+            )
+        return True
     if tta and robust:
         raise SystemExit(
             '--tta is not supported with an attack evaluator: the test-time '

@@ -59,6 +59,12 @@ finished when all its units are). An interrupted SEA evaluation therefore loses
 at most the attack in progress on the batch in progress, not the batch's other
 attacks and radii.
 
+A corruption evaluation (:class:`~mmseg_robust.engine.CorruptionTestLoop`)
+keeps only units, one per image and corruption x severity pass (``unit:
+{corruption, severity}``; the clean pass is ``('clean', 0)``), its counts stored
+sparsely (the classes with a non-zero union), so that a resumed ADE20K-C run
+(2,000 images x 76 passes x 150 classes) fits in memory.
+
 The cache is its own component: :meth:`ResultCache.for_evaluation` opens the
 folder of an evaluation under ``work_dir/robustness_cache/``; the test loop only
 asks it for finished images (:meth:`get`) and hands it new ones (:meth:`put`).
@@ -82,6 +88,7 @@ __all__ = [
     'data_files',
     'data_stamp',
     'describe_evaluation',
+    'describe_model_and_data',
     'file_digest',
     'fingerprint',
     'source_digest',
@@ -146,8 +153,9 @@ def data_stamp(paths: Sequence[str], mode: str = 'stat') -> str:
 
 def data_files(sample) -> List[str]:
     """The files the test pipeline reads for a data sample: its image and its
-    annotation (``img_path``, ``seg_map_path`` of its metainfo)."""
-    meta = sample.metainfo
+    annotation (``img_path``, ``seg_map_path`` of its metainfo, or of a
+    dataset's data info dict)."""
+    meta = sample if isinstance(sample, dict) else sample.metainfo
     return [str(meta[k]) for k in ('img_path', 'seg_map_path') if meta.get(k)]
 
 
@@ -194,6 +202,34 @@ def batch_dependent(attack) -> bool:
     )
 
 
+def describe_model_and_data(
+    cfg, load_from: Optional[str], model, data_digest: str = 'stat'
+) -> dict:
+    """The part of the cache key every evaluation shares: the package's code,
+    torch and the device type, the model config and its checkpoints, the test
+    dataset config (without ``indices``) and how its files are compared."""
+    import torch
+
+    from mmseg_robust import __version__
+
+    dataset = dict((cfg.get('test_dataloader') or {}).get('dataset') or {})
+    dataset.pop('indices', None)
+    param = next(iter(model.parameters()), None)
+    description = dict(
+        version=__version__,
+        code=source_digest(),
+        torch=torch.__version__,
+        device=param.device.type if param is not None else 'cpu',
+        model=cfg.get('model'),
+        checkpoint=checkpoint_key(load_from),
+        dataset=dataset,
+        data_digest=data_digest,
+    )
+    if not load_from:
+        description['init_checkpoints'] = init_checkpoints(cfg.get('model'))
+    return description
+
+
 def describe_evaluation(
     cfg,
     load_from: Optional[str],
@@ -221,29 +257,13 @@ def describe_evaluation(
     Returns:
         dict: JSON-serialisable (through ``default=str``).
     """
-    import torch
-
-    from mmseg_robust import __version__
-
-    dataset = dict((cfg.get('test_dataloader') or {}).get('dataset') or {})
-    dataset.pop('indices', None)
-    param = next(iter(model.parameters()), None)
-    description = dict(
-        version=__version__,
-        code=source_digest(),
-        torch=torch.__version__,
-        device=param.device.type if param is not None else 'cpu',
-        model=cfg.get('model'),
-        checkpoint=checkpoint_key(load_from),
-        dataset=dataset,
-        data_digest=data_digest,
+    description = describe_model_and_data(cfg, load_from, model, data_digest)
+    description.update(
         attacks=attack_cfgs,
         built_attacks={e: [repr(a) for a in built] for e, built in attacks.items()},
         eps=[float(e) for e in attacks],
         seed=seed,
     )
-    if not load_from:
-        description['init_checkpoints'] = init_checkpoints(cfg.get('model'))
     if any(batch_dependent(a) for built in attacks.values() for a in built):
         # the batches an image is attacked in: mmengine's sampler splits the
         # dataset over the ranks, then into batches
@@ -297,6 +317,50 @@ def counts_problem(counts, num_classes: Optional[int] = None) -> Optional[str]:
     return None
 
 
+def sparse_counts(counts: dict) -> dict:
+    """One prediction's counts with only the classes whose union is non-zero
+    (``classes``: their indices; ``num_classes``: K)."""
+    classes = [c for c, u in enumerate(counts['union']) if u]
+    out = dict(num_classes=len(counts['union']), classes=classes)
+    for k in _ARRAYS:
+        out[k] = [int(counts[k][c]) for c in classes]
+    out.update(correct=int(counts['correct']), valid=int(counts['valid']))
+    return out
+
+
+def dense_counts(sparse: dict) -> dict:
+    """The counts :func:`sparse_counts` stored (lists of length K)."""
+    k = sparse['num_classes']
+    out = {}
+    for name in _ARRAYS:
+        values = [0] * k
+        for c, v in zip(sparse['classes'], sparse[name]):
+            values[c] = v
+        out[name] = values
+    out.update(correct=sparse['correct'], valid=sparse['valid'])
+    return out
+
+
+def sparse_problem(sparse) -> Optional[str]:
+    """What is wrong with counts stored by :func:`sparse_counts` (None:
+    nothing)."""
+    if not isinstance(sparse, dict):
+        return 'counts are not an object'
+    k, classes = sparse.get('num_classes'), sparse.get('classes')
+    if not (_is_int(k) and k >= 1 and isinstance(classes, list)):
+        return 'sparse counts without num_classes and classes'
+    if not all(_is_int(c) and 0 <= c < k for c in classes) or len(set(classes)) != len(
+        classes
+    ):
+        return 'sparse counts with class indices outside [0, num_classes) or repeated'
+    if any(
+        not isinstance(sparse.get(n), list) or len(sparse[n]) != len(classes)
+        for n in _ARRAYS
+    ):
+        return 'sparse count lists of other lengths than classes'
+    return counts_problem(dense_counts(sparse), k)
+
+
 def line_problem(line) -> Optional[str]:
     """What is wrong with a parsed cache line (None: a valid record or unit)."""
     if not isinstance(line, dict):
@@ -305,6 +369,18 @@ def line_problem(line) -> Optional[str]:
         return 'no image key'
     if line.get('sum') != _checksum(line):
         return 'checksum mismatch (edited, or written by an older version)'
+    if (
+        'unit' in line
+        and isinstance(line['unit'], dict)
+        and 'corruption' in line['unit']
+    ):
+        unit = line['unit']
+        if not (isinstance(unit['corruption'], str) and _is_int(unit.get('severity'))):
+            return 'corruption unit without corruption (string) and severity (integer)'
+        problem = sparse_problem(line.get('counts'))
+        return (
+            f'{unit["corruption"]} {unit["severity"]}: {problem}' if problem else None
+        )
     if 'unit' in line:
         unit, counts = line['unit'], line.get('counts')
         if not (
@@ -337,6 +413,14 @@ def line_problem(line) -> Optional[str]:
             if problem:
                 return f'eps {eps}, attack {name}: {problem}'
     return None
+
+
+def _unit_id(unit: dict) -> tuple:
+    """The in-memory key of a unit: ``(eps, attack)`` or ``('corruption',
+    name, severity)``."""
+    if 'corruption' in unit:
+        return ('corruption', unit['corruption'], unit['severity'])
+    return (unit['eps'], unit['attack'])
 
 
 class ResultCache:
@@ -417,8 +501,7 @@ class ResultCache:
             del line['sum']
             key = line['key']
             if 'unit' in line:
-                unit = line['unit']
-                self.units.setdefault(key, {})[(unit['eps'], unit['attack'])] = line
+                self.units.setdefault(key, {})[_unit_id(line['unit'])] = line
             else:
                 self._records.setdefault(key, {})[line.get('data')] = line
 
@@ -458,6 +541,37 @@ class ResultCache:
             return None
         return unit
 
+    def get_corruption_unit(
+        self, key: str, corruption: str, severity: int, data: Optional[str] = None
+    ) -> Optional[dict]:
+        """The counts (dense) of image ``key`` under one corruption pass
+        (``('clean', 0)``: the clean pass) computed on data with stamp
+        ``data``, or None."""
+        unit = self.units.get(key, {}).get(('corruption', corruption, int(severity)))
+        if unit is None or (data is not None and unit.get('data') != data):
+            return None
+        return dense_counts(unit['counts'])
+
+    def put_corruption_units(
+        self,
+        corruption: str,
+        severity: int,
+        counts: Dict[str, dict],
+        data: Optional[Dict[str, str]] = None,
+    ) -> None:
+        """Save one corruption pass's counts of some images: ``counts[key]``
+        (dense, :func:`~mmseg_robust.evaluation.counts_of_batch`),
+        ``data[key]`` the image's data stamp (on disk before returning)."""
+        lines = []
+        for key, c in counts.items():
+            unit = dict(corruption=corruption, severity=int(severity))
+            line = dict(key=key, unit=unit, counts=sparse_counts(c))
+            if data is not None and key in data:
+                line['data'] = data[key]
+            self.units.setdefault(key, {})[_unit_id(unit)] = line
+            lines.append(line)
+        self._append(lines)
+
     def put(self, records: Iterable[dict]) -> None:
         """Save finished images' records (on disk before returning); a
         record's ``data`` field, if any, is its data stamp."""
@@ -479,10 +593,11 @@ class ResultCache:
         returning)."""
         lines = []
         for key, per_name in counts.items():
-            line = dict(key=key, unit=dict(eps=eps, attack=attack), counts=per_name)
+            unit = dict(eps=eps, attack=attack)
+            line = dict(key=key, unit=unit, counts=per_name)
             if data is not None and key in data:
                 line['data'] = data[key]
-            self.units.setdefault(key, {})[(eps, attack)] = line
+            self.units.setdefault(key, {})[_unit_id(unit)] = line
             lines.append(line)
         self._append(lines)
 

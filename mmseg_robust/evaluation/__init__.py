@@ -1,5 +1,11 @@
 """Evaluation arithmetic (per-image counts, worst-case aggregation) and metrics."""
 
+from .corruption_metric import (
+    CorruptionMetric,
+    flatten_corruption_summary,
+    format_corruption_summary,
+    summarize_corruptions,
+)
 from .counts import (
     miou_from_counts,
     per_image_counts,
@@ -28,6 +34,10 @@ from .self_checks import Flag, SelfCheckError
 from .worst_case import WORST_CASE_MIOU_MODES, worst_case_aacc, worst_case_miou
 
 __all__ = [
+    'CorruptionMetric',
+    'flatten_corruption_summary',
+    'format_corruption_summary',
+    'summarize_corruptions',
     'BatchResult',
     'Example',
     'ImageCounts',

@@ -29,6 +29,14 @@ Schema (version 3)::
       "images": [per-image records]                 # only with --out / keep_results
     }
 
+A corruption evaluation (:class:`~mmseg_robust.evaluation.CorruptionMetric`)
+writes the same file with ``eps`` empty, ``flags`` None and two more fields:
+``summary["corruptions"]`` (per corruption and severity, per category, ``mPC``,
+``rPC``, the pooled counts of every pass:
+:func:`~mmseg_robust.evaluation.summarize_corruptions`) and ``corruptions``
+(``{"names", "severities", "seed", "libraries"}``: what was run, with the
+versions of the libraries the corrupted images depend on).
+
 ``metrics`` holds the numbers mmengine logs (the same as ``summary``, flat).
 ``aAcc`` is pooled over pixels (mmseg's), ``aAcc_img`` the mean over images of
 each image's pixel accuracy (SEA's aACC). ``above_clean`` counts the images
@@ -73,13 +81,16 @@ class RobustnessResults:
     timestamp: Optional[str] = None
     images: Optional[List[dict]] = None
     flags: Optional[List[dict]] = None  # None: written without self-checks
+    # a corruption evaluation: {'names', 'severities', 'seed', 'libraries'}
+    corruptions: Optional[Dict[str, Any]] = None
     schema_version: int = SCHEMA_VERSION
     unit: str = UNIT
 
     def to_json(self) -> dict:
         out = asdict(self)
-        if out['images'] is None:
-            del out['images']
+        for key in ('images', 'corruptions'):
+            if out[key] is None:
+                del out[key]
         return out
 
 
@@ -177,6 +188,7 @@ def load_results(source: Union[str, os.PathLike, dict]) -> RobustnessResults:
         timestamp=data.get('timestamp'),
         images=data.get('images'),
         flags=_flags_of(data, version),
+        corruptions=data.get('corruptions'),
     )
 
 
