@@ -597,3 +597,99 @@ def test_segnext_stochastic_inference_is_flagged(
     assert 'rand_init' in flags['stochastic_inference']['fix']
     assert 'Self-check warning [stochastic_inference]' in out
     assert out.count('[stochastic_inference]') == 1  # logged once
+
+
+# ------------------------------------------- the attack outcome against eps
+def _full_counts(correct):
+    """Counts of 100 pixels, 50 of each of two classes (of K), ``correct`` of
+    them right."""
+    half = correct // 2
+    return dict(
+        intersect=[half, correct - half] + [0] * (K - 2),
+        union=[100 - half, 100 - correct + half] + [0] * (K - 2),
+        label_area=[50, 50] + [0] * (K - 2),
+        correct=correct,
+        valid=100,
+    )
+
+
+def _two_eps(key, clean, at4, at8):
+    """A record with one attack per radius: pixel accuracies in percent."""
+    return dict(
+        key=key,
+        num_classes=K,
+        clean=_full_counts(clean),
+        attacks={'4': {'A': _full_counts(at4)}, '8': {'A': _full_counts(at8)}},
+    )
+
+
+def test_robust_rises_with_eps_triggers_and_stays_silent():
+    from mmseg_robust.evaluation.robustness_metric import summarize_records
+    from mmseg_robust.evaluation.self_checks import check_robust_rises_with_eps
+
+    falling = [_two_eps('a', 90, 60, 30), _two_eps('b', 80, 50, 20)]
+    summary = summarize_records(falling, ['best'])
+    assert check_robust_rises_with_eps(summary) is None
+    assert final_checks(falling, summary) == []
+    # eps 8 weaker than eps 4 on the average: flagged, with both numbers
+    rising = [_two_eps('a', 90, 30, 60), _two_eps('b', 80, 20, 50)]
+    summary = summarize_records(rising, ['best'])
+    flag = check_robust_rises_with_eps(summary)
+    assert flag.code == 'robust_rises_with_eps' and flag.level == 'warning'
+    rise = next(r for r in flag.details['rises'] if r['metric'] == 'aACC')
+    assert (rise['small'], rise['large']) == ('4', '8')
+    assert rise['at_small'] == pytest.approx(25.0)
+    assert rise['at_large'] == pytest.approx(55.0)
+    assert 'aACC 25.00% at eps 4 but 55.00% at eps 8' in flag.message
+    # within the tolerance: silent; the order of the radii in the summary
+    # does not matter (sorted by value, not as text: '16' after '4')
+    flat = dict(
+        eps={
+            '16': dict(worst_case=dict(mIoU=30.05, aAcc_img=40.0)),
+            '4': dict(worst_case=dict(mIoU=30.0, aAcc_img=40.05)),
+        }
+    )
+    assert check_robust_rises_with_eps(flat) is None
+    flat['eps']['16']['worst_case']['mIoU'] = 30.2
+    assert check_robust_rises_with_eps(flat).details['rises'][0]['large'] == '16'
+
+
+def test_image_accuracy_rises_with_eps_triggers_and_stays_silent():
+    from mmseg_robust.evaluation.self_checks import (
+        check_image_accuracy_rises_with_eps,
+    )
+
+    # 20 images falling with eps; one rising by 2 points: 5% is not flagged
+    records = [_two_eps(f'i{i}', 90, 50, 20) for i in range(19)]
+    records.append(_two_eps('up', 90, 50, 52))
+    assert check_image_accuracy_rises_with_eps(records) is None
+    # two of 20 (10%): flagged, naming the images
+    records[0] = _two_eps('up2', 90, 40, 45)
+    flag = check_image_accuracy_rises_with_eps(records)
+    assert flag.code == 'image_accuracy_rises_with_eps'
+    pair = flag.details['pairs'][0]
+    assert (pair['small'], pair['large'], pair['rising'], pair['images']) == (
+        '4',
+        '8',
+        2,
+        20,
+    )
+    assert set(pair['examples']) == {'up', 'up2'}
+    # a rise within the 1-point tolerance is noise, not counted
+    small = [_two_eps(f'i{i}', 90, 50, 51) for i in range(5)]
+    assert check_image_accuracy_rises_with_eps(small) is None
+    # the worst case over the attacks decides: one attack rising is not enough
+    rec = _two_eps('w', 90, 50, 20)
+    rec['attacks']['8']['B'] = _full_counts(80)
+    assert check_image_accuracy_rises_with_eps([rec]) is None
+    # the metric raises it at the end, into the results file's flags
+    summary_records = [_two_eps(f'r{i}', 90, 30, 60) for i in range(3)]
+    from mmseg_robust.evaluation.robustness_metric import summarize_records
+
+    codes = [
+        f.code
+        for f in final_checks(
+            summary_records, summarize_records(summary_records, ['best'])
+        )
+    ]
+    assert codes == ['robust_rises_with_eps', 'image_accuracy_rises_with_eps']

@@ -26,7 +26,9 @@ Every check is a small function on tensors (or on the per-image records of
   :func:`forward_calls_autograd`) and ``prediction_mismatch``
   (:func:`check_recorded_prediction`);
 - at the end, on all images (:func:`final_checks`): ``clean_near_chance``,
-  ``robust_above_clean`` (and :func:`above_clean_counts`, information).
+  ``robust_above_clean`` (and :func:`above_clean_counts`, information),
+  ``robust_rises_with_eps`` and ``image_accuracy_rises_with_eps`` (the attack
+  outcome against the radius).
 
 :class:`~mmseg_robust.evaluation.RobustnessEvaluator` runs them
 (``self_checks=True``, the default of
@@ -61,6 +63,7 @@ __all__ = [
     'check_buffers',
     'check_clean_accuracy',
     'check_dynamic_model',
+    'check_image_accuracy_rises_with_eps',
     'check_finite_logits',
     'check_input_gradients',
     'check_labels',
@@ -68,6 +71,7 @@ __all__ = [
     'check_probability_outputs',
     'check_recorded_prediction',
     'check_robust_above_clean',
+    'check_robust_rises_with_eps',
     'check_stochastic',
     'check_train_mode',
     'clean_input_gradient',
@@ -97,6 +101,8 @@ FLAG_CODES = OrderedDict(
     invalid_adversarial_images='error',
     dynamic_model='warning',
     prediction_mismatch='warning',
+    robust_rises_with_eps='warning',
+    image_accuracy_rises_with_eps='warning',
 )
 
 LEVELS = ('warning', 'error')
@@ -969,9 +975,130 @@ def check_clean_accuracy(
     )
 
 
+#: ``robust_rises_with_eps``: the rise (percentage points) of a worst-case
+#: number from a radius to a larger one that is not flagged.
+RISE_TOLERANCE = 0.1
+#: ``image_accuracy_rises_with_eps``: an image counts when its worst-case pixel
+#: accuracy at a larger radius is above that at a smaller one by more than
+#: this (percentage points) ...
+IMAGE_RISE_TOLERANCE = 1.0
+#: ... and the flag is raised when more than this share of the images count.
+IMAGE_RISE_SHARE = 0.05
+
+
+def _sorted_eps(summary: dict) -> List[str]:
+    return sorted((summary.get('eps') or {}), key=float)
+
+
+def check_robust_rises_with_eps(
+    summary: dict, tolerance: float = RISE_TOLERANCE
+) -> Optional[Flag]:
+    """``robust_rises_with_eps``: a worst-case number (mIoU or aACC, percent)
+    at a larger radius is above the one at a smaller radius by more than
+    ``tolerance`` points. The ball of the larger radius contains the smaller
+    one, so the strongest attack can only do better there: a rise means the
+    attack at the larger radius is weaker than the one at the smaller."""
+    eps = _sorted_eps(summary)
+    rises = []
+    for i, small in enumerate(eps):
+        for large in eps[i + 1 :]:
+            a = summary['eps'][small]['worst_case']
+            b = summary['eps'][large]['worst_case']
+            for key, label in (('mIoU', 'mIoU'), ('aAcc_img', 'aACC')):
+                x, y = a.get(key), b.get(key)
+                if x is None or y is None or not (np.isfinite(x) and np.isfinite(y)):
+                    continue
+                if y > x + tolerance:
+                    rises.append(
+                        dict(
+                            metric=label,
+                            small=small,
+                            large=large,
+                            at_small=x,
+                            at_large=y,
+                        )
+                    )
+    if not rises:
+        return None
+    parts = '; '.join(
+        f'{r["metric"]} {r["at_small"]:.2f}% at eps {r["small"]} but '
+        f'{r["at_large"]:.2f}% at eps {r["large"]}'
+        for r in rises
+    )
+    return Flag(
+        'robust_rises_with_eps',
+        'warning',
+        f'the worst case is higher at a larger radius ({parts}): every point of '
+        'the smaller ball is in the larger one, so the attacks at the larger '
+        'radius are weaker than those at the smaller and its numbers are too '
+        'high.',
+        'run more iterations or restarts at the larger radius (SEA: 300 per '
+        "attack); for APGD keep the progressive radius schedule (SEA's); a "
+        'rise on a model with other flags points to gradient masking.',
+        dict(tolerance=tolerance, rises=rises),
+    )
+
+
+def check_image_accuracy_rises_with_eps(
+    records: Sequence[dict],
+    tolerance: float = IMAGE_RISE_TOLERANCE,
+    share: float = IMAGE_RISE_SHARE,
+) -> Optional[Flag]:
+    """``image_accuracy_rises_with_eps``: more than ``share`` of the images
+    have a worst-case pixel accuracy (minimum over the attacks) at a larger
+    radius above the one at a smaller radius by more than ``tolerance``
+    points: on those images the attack found a worse point in the smaller
+    ball than in the larger one, which holds it."""
+    if not records:
+        return None
+    eps = sorted(records[0]['attacks'], key=float)
+    found = []
+    for i, small in enumerate(eps):
+        for large in eps[i + 1 :]:
+            images, rising = 0, []
+            for rec in records:
+                a = [_accuracy(c) for c in rec['attacks'].get(small, {}).values()]
+                b = [_accuracy(c) for c in rec['attacks'].get(large, {}).values()]
+                if not a or not b or not np.isfinite(min(a)):
+                    continue
+                images += 1
+                if 100.0 * (min(b) - min(a)) > tolerance + 1e-9:
+                    rising.append(str(rec.get('key')))
+            if images and len(rising) / images > share:
+                found.append(
+                    dict(
+                        small=small,
+                        large=large,
+                        images=images,
+                        rising=len(rising),
+                        examples=rising[:5],
+                    )
+                )
+    if not found:
+        return None
+    parts = '; '.join(
+        f'eps {f["small"]} -> {f["large"]}: {f["rising"]}/{f["images"]} images '
+        f'(e.g. {", ".join(f["examples"][:3])})'
+        for f in found
+    )
+    return Flag(
+        'image_accuracy_rises_with_eps',
+        'warning',
+        f'on more than {100 * share:g}% of the images the worst-case pixel '
+        f'accuracy is more than {tolerance:g} points higher at a larger radius '
+        f'({parts}): the attack at the larger radius missed points the smaller '
+        'ball holds, so it is weak on these images.',
+        'run more iterations or restarts (SEA: 300 per attack) or more attacks '
+        'at the larger radius; the images are in the details (their per-image '
+        'counts in the results file with tools/test.py --out DIR).',
+        dict(tolerance=tolerance, share=share, pairs=found),
+    )
+
+
 def final_checks(records: Sequence[dict], summary: dict) -> List[Flag]:
-    """The checks on all images at the end: ``clean_near_chance`` and
-    ``robust_above_clean``."""
+    """The checks on all images at the end: ``clean_near_chance``,
+    ``robust_above_clean``, ``robust_rises_with_eps`` and
+    ``image_accuracy_rises_with_eps``."""
     if not records:
         return []
     areas = [r['clean'].get('label_area') for r in records]
@@ -983,5 +1110,7 @@ def final_checks(records: Sequence[dict], summary: dict) -> List[Flag]:
     flags = [
         check_clean_accuracy(summary, int(records[0]['num_classes']), label_area),
         check_robust_above_clean(records),
+        check_robust_rises_with_eps(summary),
+        check_image_accuracy_rises_with_eps(records),
     ]
     return [f for f in flags if f]
