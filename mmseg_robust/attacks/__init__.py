@@ -48,6 +48,7 @@ from .seg_logits import (
     effective_valid,
     num_correct,
 )
+from .square import Square
 from .threat_model import (
     EPS_UNITS,
     NORMS,
@@ -67,6 +68,7 @@ __all__ = [
     'PGD',
     'SEA',
     'SEA_LOSSES',
+    'Square',
     'APGDLargeEps',
     'APGDStepSizeControl',
     'Attack',
