@@ -1,7 +1,7 @@
 """Common corruptions of images (Hendrycks & Dietterich, ICLR 2019), applied as
 the segmentation benchmarks of Kamann & Rother (CVPR 2020) and mmdet's
 ``test_robustness.py`` apply them: to the image as loaded, before the test
-pipeline resizes it (docs/algorithms.md section 7).
+pipeline resizes it (docs/algorithms.md section 8).
 
 The corruption functions are those of the ``imagecorruptions`` package, in its
 maintained fork ``imagecorruptions-imaug`` (``pip install

@@ -1,4 +1,4 @@
-"""The common-corruption test loop (docs/algorithms.md section 7).
+"""The common-corruption test loop (docs/algorithms.md section 8).
 
 ``tools/test.py CFG CKPT --cfg-options evaluator=Corruptions`` runs it: one
 clean pass over the test set, then one pass per corruption x severity, each

@@ -1,5 +1,5 @@
 """The common-corruption metric: clean, per corruption and severity, per
-category, mPC and rPC (docs/algorithms.md section 7).
+category, mPC and rPC (docs/algorithms.md section 8).
 
 :class:`~mmseg_robust.engine.CorruptionTestLoop` hands this metric, from every
 rank, the counts of each pass summed over the rank's images (integers, so the

@@ -209,9 +209,3 @@ def gradient_free_probe(
         details,
     )
 
-
-def accuracies_of(preds: Sequence[Tensor], labels: Tensor, valid, ignore_index: int):
-    """Per image pixel accuracy (percent) of a list of predictions."""
-    return _pixel_accuracy(
-        torch.stack(list(preds)), labels, _valid(labels, valid, ignore_index)
-    )

@@ -1,6 +1,6 @@
 # Common corruptions (Hendrycks & Dietterich, ICLR 2019) as in the segmentation
 # benchmark of Kamann & Rother (CVPR 2020) and mmdet's test_robustness.py
-# (docs/algorithms.md section 7): the 15 benchmark corruptions at severities 1-5,
+# (docs/algorithms.md section 8): the 15 benchmark corruptions at severities 1-5,
 # each applied to the image as loaded, before the test pipeline; mPC (the mean
 # over corruptions and severities) and rPC (mPC / clean). Needs
 # `pip install 'mmseg_robust[corruptions]'`.

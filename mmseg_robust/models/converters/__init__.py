@@ -1,4 +1,4 @@
-"""Checkpoint converters (docs/algorithms.md section 7): revisiting-at robust ImageNet
+"""Checkpoint converters (docs/algorithms.md section 8): revisiting-at robust ImageNet
 backbones to backbone-init checkpoints, the released Robust-Segmentation models and
 the DDC-AT / SAT reference checkpoints to full mmseg checkpoints, and the export of a
 DDC-AT model as the plain segmentor it deploys as. Each maps every tensor by an

@@ -1,4 +1,4 @@
-"""Shared machinery of the checkpoint converters (docs/algorithms.md section 7).
+"""Shared machinery of the checkpoint converters (docs/algorithms.md section 8).
 
 Every converter maps *every* source tensor by an explicit rule or drops it by an
 explicit rule; anything else is an error naming the tensor. The converted state

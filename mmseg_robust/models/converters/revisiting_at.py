@@ -17,7 +17,7 @@ only when that is harmless or asked for, since our models take raw [0, 1] images
 (the configs' data preprocessor only divides by 255, section 5.1). An identity
 normaliser (mean 0, std 1), or none, is dropped silently; any other one raises,
 naming its values, unless the converter is called with ``drop_normalizer=True``.
-That drops it as the PIR-AT reference does (docs/algorithms.md section 7; the whole
+That drops it as the PIR-AT reference does (docs/algorithms.md section 8; the whole
 network is then fine-tuned on raw [0, 1] input) and records its values in
 ``meta['input_normalizer']``, for a config that gives the backbone its training
 input instead: data preprocessor ``mean = 255 * m``, ``std = 255 * s`` (RGB,

@@ -1,6 +1,6 @@
 """Converters for the released Robust-Segmentation models (Croce, Singh & Hein, ECCV
 2024: PIR-AT UperNet-ConvNeXt-T/S-CvSt and Segmenter ViT-S) into full mmseg
-checkpoints (docs/algorithms.md section 7).
+checkpoints (docs/algorithms.md section 8).
 
 Source layouts (plain state dicts; the models take raw [0, 1] images):
 

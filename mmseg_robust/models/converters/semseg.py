@@ -1,6 +1,6 @@
 """Convert the DDC-AT / SAT checkpoints of
 ``dvlab-research/Robust-Semantic-Segmentation`` (semseg naming) to mmseg state
-dicts (docs/algorithms.md section 7).
+dicts (docs/algorithms.md section 8).
 
 Source layout (``hszhao/semseg`` PSPNet / DeepLabv3 on a deep-stem ResNet-50, saved
 from a DataParallel/DDP model, so every key starts with ``module.``)::
