@@ -254,3 +254,134 @@ def test_bad_input_is_refused(tool, mini_ade20k, tmp_path):
         _make(tool, ADE_CONFIG, mini_ade20k, osp.join(mini_ade20k, 'corrupted'))
     with pytest.raises(SystemExit, match='unknown corruption'):
         tool.main([ADE_CONFIG, '--out', str(tmp_path / 'o3'), '--corruptions', 'rain'])
+
+
+def _calibrated_checkpoint(cfg_path, root, path):
+    """The shrunk model, seeded, with the bias of the most frequent label class
+    raised to the median margin of the other classes' logits on the clean
+    images: about half of the pixels predict that class, the rest follow the
+    image, so the pooled counts (and mIoU, aAcc, mAcc) depend on the
+    corruption and are not all zero."""
+    from mmengine.config import Config
+    from mmengine.dataset import pseudo_collate
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import DATASETS, MODELS
+
+    cfg = Config.fromfile(cfg_path)
+    cfg.test_dataloader.dataset.data_root = root
+    init_default_scope('mmseg')
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model).eval()
+    dataset = DATASETS.build(cfg.test_dataloader.dataset)
+    with torch.no_grad():
+        samples = [
+            model.test_step(pseudo_collate([dataset[i]]))[0]
+            for i in range(len(dataset))
+        ]
+    labels = torch.cat([s.gt_sem_seg.data.flatten() for s in samples])
+    labels = labels[labels != 255]
+    k = int(torch.bincount(labels).argmax())
+    margins = []
+    for s in samples:
+        logits = s.seg_logits.data
+        others = torch.cat([logits[:k], logits[k + 1 :]]).amax(0)
+        margins.append((others - logits[k]).flatten())
+    head = model.decode_head.conv_seg
+    with torch.no_grad():
+        head.bias[k] += torch.cat(margins).median()
+    torch.save(dict(state_dict=model.state_dict(), meta={}), path)
+    return path
+
+
+def _counts(work_dir):
+    (path,) = glob.glob(osp.join(str(work_dir), 'robustness_*.json'))
+    with open(path) as f:
+        summary = json.load(f)['summary']
+    return summary['corruptions']
+
+
+def _test_options(root, suffix=None):
+    opts = [
+        f'test_dataloader.dataset.data_root={root}',
+        'test_dataloader.num_workers=0',
+        'test_dataloader.persistent_workers=False',
+    ]
+    return opts + ([f'test_dataloader.dataset.img_suffix={suffix}'] if suffix else [])
+
+
+@pytest.fixture(scope='module')
+def ade_corrupted(
+    tool, mini_ade20k, real_data_matrix, tools_in_one_process, tmp_path_factory
+):
+    """A shrunk ADE20K config and checkpoint, its corrupted set written by the
+    tool, and ``evaluator=Corruptions`` on the original tree (UNITS)."""
+    from mmengine.config import Config
+
+    tmp = tmp_path_factory.mktemp('ade_corrupted')
+    cfg = real_data_matrix.write_child(
+        tmp,
+        ADE_CONFIG,
+        'ade.py',
+        real_data_matrix._model_shrink(Config.fromfile(ADE_CONFIG)),
+    )
+    ckpt = _calibrated_checkpoint(cfg, mini_ade20k, str(tmp / 'ade.pth'))
+    out = tmp / 'ade20k-c'
+    _make(tool, cfg, mini_ade20k, out)
+    corruptions = ','.join(c for c, _ in UNITS)
+    severities = sorted({s for _, s in UNITS})
+    real_data_matrix._run_tools(
+        tools_in_one_process,
+        [
+            osp.join(REPO, 'tools', 'test.py'),
+            cfg,
+            ckpt,
+            '--work-dir',
+            tmp / 'evaluator',
+            '--cfg-options',
+            *_test_options(mini_ade20k),
+            'evaluator=Corruptions',
+            f'evaluator.corruptions={corruptions}',
+            f'evaluator.severities={severities}',
+        ],
+    )
+    yield dict(cfg=cfg, ckpt=ckpt, out=out, tmp=tmp, corr=_counts(tmp / 'evaluator'))
+    tools_in_one_process.reset_singletons()
+
+
+@pytest.mark.parametrize('unit', UNITS, ids=lambda u: f'{u[0]}-{u[1]}')
+def test_plain_config_on_the_written_set_gives_the_evaluator_numbers(
+    ade_corrupted, unit, real_data_matrix, tools_in_one_process
+):
+    """The acceptance: tools/test.py with the plain config on the written tree
+    scores what evaluator=Corruptions scores on the original tree."""
+    c, s = unit
+    run = ade_corrupted
+    tmp, unit_root = run['tmp'], run['out'] / c / str(s)
+    plain, clean_pass = tmp / f'plain-{c}-{s}', tmp / f'clean-pass-{c}-{s}'
+    test = osp.join(REPO, 'tools', 'test.py')
+    real_data_matrix._run_tools(
+        tools_in_one_process,
+        # the plain config (IoUMetric) on the written tree
+        [test, run['cfg'], run['ckpt'], '--work-dir', plain, '--cfg-options']
+        + _test_options(unit_root, '.png'),
+        # the same, through the evaluator's clean pass: its exact pooled counts
+        # (the evaluator needs a corruption: brightness/1, not compared)
+        [test, run['cfg'], run['ckpt'], '--work-dir', clean_pass, '--cfg-options']
+        + _test_options(unit_root, '.png')
+        + ['evaluator=Corruptions', 'evaluator.corruptions=brightness']
+        + ['evaluator.severities=[1]'],
+    )
+    corr = run['corr']
+    expected = corr['counts'][f'{c}/{s}']
+    assert _counts(clean_pass)['counts']['clean'] == expected
+    # the corruption changed the predictions (so the equality above is not
+    # that of two clean passes)
+    assert expected['union'] != corr['counts']['clean']['union']
+    assert expected['correct'] != corr['counts']['clean']['correct']
+    assert expected['correct'] > 0
+    (log,) = glob.glob(osp.join(str(plain), '*', '*.json'))
+    with open(log) as f:
+        metrics = json.load(f)
+    scores = corr['per_corruption'][c]['severity'][str(s)]
+    for m in ('mIoU', 'aAcc', 'mAcc'):
+        assert metrics[m] == pytest.approx(round(scores[m], 2), abs=0.006), m
