@@ -384,4 +384,5 @@ def test_plain_config_on_the_written_set_gives_the_evaluator_numbers(
         metrics = json.load(f)
     scores = corr['per_corruption'][c]['severity'][str(s)]
     for m in ('mIoU', 'aAcc', 'mAcc'):
-        assert metrics[m] == pytest.approx(round(scores[m], 2), abs=0.006), m
+        # IoUMetric rounds to 2 decimals (and sums in float32)
+        assert abs(metrics[m] - scores[m]) <= 0.0051, (m, metrics[m], scores[m])
