@@ -90,6 +90,7 @@ def test_wheel_carries_the_configs_and_tools(installed_wheel):
     assert glob.glob(osp.join(package, 'attacks', 'data', '*.json'))
     assert osp.isfile(osp.join(mim, 'tools', 'test.py'))
     assert osp.isfile(osp.join(mim, 'tools', 'train.py'))
+    assert osp.isfile(osp.join(mim, 'tools', 'dataset_converters', 'make_corrupted.py'))
     # the result cache's code digest counts the package's code only: a wheel
     # and the source tree it was built from give the same digest
     from mmseg_robust.engine.result_cache import source_digest
