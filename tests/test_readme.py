@@ -229,13 +229,23 @@ def test_python_snippet_runs(text):
 # --------------------------------------------------------------- commands
 
 
+def _drop_optional_brackets(token):
+    """``[--resume]`` -> ``--resume``, ``[--cfg-options`` / ``...]`` (the
+    brackets of optional arguments), keeping a value's own brackets
+    (``evaluator.severities=[1,3]``)."""
+    token = token[1:] if token.startswith('[') else token
+    if token.endswith(']') and '[' not in token:
+        token = token[:-1]
+    return token
+
+
 def commands(text):
     """The command lines of a shell block (continuations joined, comments and
     the ``[...]`` of optional arguments dropped), as token lists."""
     out = []
     for line in text.replace('\\\n', ' ').splitlines():
         tokens = shlex.split(line, comments=True)
-        tokens = [t.strip('[]') for t in tokens]
+        tokens = [_drop_optional_brackets(t) for t in tokens]
         tokens = [t for t in tokens if t and t != '...']
         if '&&' in tokens:  # a && b: check each
             while '&&' in tokens:
