@@ -20,7 +20,7 @@ it without this package::
 by the config's own transforms up to the image loading one
 (``LoadImageFromFile``), then corrupted by the same ``Corrupt`` transform with
 the same seed (``mmseg_robust.datasets.with_corruption`` and
-``corruption_seed``, docs/algorithms.md section 7). So the pre-generated set
+``corruption_seed``, docs/algorithms.md section 8). So the pre-generated set
 gives the evaluator's per-corruption numbers, provided it is written
 losslessly: PNG (the default; a ``.jpg`` image becomes ``.png``, hence the
 ``img_suffix`` option) is read back and checked against the corrupted image.
