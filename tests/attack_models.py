@@ -9,7 +9,7 @@
   forwards, forwarded images and backward passes;
 - ``ImageCounter(model, images)``: wraps a model view and counts, per image of
   ``images``, the forwards with and without input gradients and the backward
-  passes (each forwarded row is the image of ``images`` nearest to it);
+  passes (each forwarded row is the image of ``images`` nearest to it in L2);
 - ``batch(b, h, w, num_classes, seed, net)``: images in [0, 1] (with exact 0 and 1
   pixels) and labels equal to ``net``'s clean prediction on most pixels;
 - ``assert_feasible(adv, x, eps, norm)``: in the eps-ball (eps in /255, tolerance
@@ -90,8 +90,10 @@ class _CountImageBackward(torch.autograd.Function):
 class ImageCounter:
     """Counts per image what passes through the model: ``with_grad`` and
     ``without_grad`` forwards, ``backward`` passes (long ``(B,)``). A row is
-    attributed to the image of ``images`` at the smallest L-inf distance, so
-    the images must lie further apart than twice the largest radius used."""
+    attributed to the image of ``images`` at the smallest L2 distance, so the
+    images must lie further apart than twice the L2 norm of the largest
+    perturbation (random images of :func:`batch`: for L-inf radii up to
+    about 0.2)."""
 
     def __init__(self, model, images):
         self.model = model
@@ -102,7 +104,7 @@ class ImageCounter:
         self.backward = torch.zeros(b, dtype=torch.long)
 
     def __call__(self, x):
-        dist = (x.detach()[:, None] - self.images[None]).abs().flatten(2).amax(2)
+        dist = (x.detach()[:, None] - self.images[None]).flatten(2).norm(dim=2)
         ids = dist.argmin(1)
         if torch.is_grad_enabled() and x.requires_grad:
             self.with_grad.index_add_(0, ids, torch.ones_like(ids))
@@ -123,8 +125,8 @@ class ImageCounter:
 
 
 def separated_batch(b=4, h=8, w=8, num_classes=4, seed=0, net=None):
-    """:func:`batch` with image ``i`` in ``[i / b, (i + 0.5) / b]``: images an
-    L-inf distance of at least ``0.5 / b`` apart (for :class:`ImageCounter`)."""
+    """:func:`batch` with image ``i`` in ``[i / b, (i + 0.5) / b]``: images at
+    least ``0.5 / b`` apart in every pixel (for :class:`ImageCounter`)."""
     images, labels = batch(b, h, w, num_classes, seed, net)
     images = (torch.arange(b).view(-1, 1, 1, 1) + 0.5 * images) / b
     if net is not None:

@@ -26,6 +26,14 @@ from .apgd import (
 )
 from .attack_warning import AttackWarning
 from .base import Attack, AttackOutput, SegmentationTarget
+from .minimal_norm import (
+    DAG,
+    PDPGD,
+    ALMAProx,
+    MinimalNormAttack,
+    MinimalNormOutput,
+    import_adv_lib,
+)
 from .objectives import (
     OBJECTIVE_NAMES,
     BalancedMaskedCrossEntropy,
@@ -62,7 +70,13 @@ from .threat_model import (
 )
 
 __all__ = [
+    'ALMAProx',
     'APGD',
+    'DAG',
+    'MinimalNormAttack',
+    'MinimalNormOutput',
+    'PDPGD',
+    'import_adv_lib',
     'BIM',
     'FGSM',
     'EPS_UNITS',
