@@ -1,4 +1,4 @@
-"""Pass accounting (docs/algorithms.md section 5): the forward+backward and
+"""Pass accounting (docs/algorithms.md section 3.6): the forward+backward and
 forward-only passes every attack reports per image equal the passes a counting
 model view sees, with images leaving a batch early and for an ensemble."""
 

@@ -35,7 +35,7 @@ __all__ = [
 
 #: The per-image pass counts in :attr:`AttackOutput.stats` (long ``(B,)``):
 #: forward+backward passes and forward-only passes through the model view
-#: (docs/algorithms.md section 5).
+#: (docs/algorithms.md section 3.6).
 PASS_KEYS = ('passes', 'forwards')
 #: The keys of :attr:`AttackOutput.stats`, the same for every attack.
 STATS_KEYS = ('start_loss', 'start_acc', 'final_loss', 'final_acc') + PASS_KEYS
@@ -103,7 +103,7 @@ def _no_autocast(device: torch.device):
 
 class PassCounter:
     """Per-image counts of the passes through the model view of one attack call
-    (docs/algorithms.md section 5).
+    (docs/algorithms.md section 3.6).
 
     Every forward of :meth:`SegmentationTarget.forward` adds one to
     ``forwards`` of the images it forwards; a backward pass that reaches the

@@ -71,7 +71,7 @@ class MinimalNormOutput(NamedTuple):
             valid pixels at the clean and at the returned images, and valid
             pixels.
         stats (dict): the pass counts (``passes``, ``forwards``, long
-            ``(B,)``, docs/algorithms.md section 5).
+            ``(B,)``, docs/algorithms.md section 3.6).
     """
 
     adv_images: Tensor

@@ -90,7 +90,7 @@ class ImageCounts:
         correct (int): valid pixels predicted correctly.
         valid (int): valid (not ignored) pixels.
         passes (int, optional): the forward+backward passes the attack spent on
-            the image (docs/algorithms.md section 5); None for the clean
+            the image (docs/algorithms.md section 3.6); None for the clean
             prediction and for records written before the pass accounting.
         forwards (int, optional): the forward-only passes it spent.
     """

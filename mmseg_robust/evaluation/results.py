@@ -41,7 +41,7 @@ versions of the libraries the corrupted images depend on).
 
 ``budget`` gives per attack the forward+backward passes (``passes``) and the
 forward-only passes (``forwards``) it spent per image, mean and maximum over
-images (counts, not percentages; docs/algorithms.md section 5); the per-image
+images (counts, not percentages; docs/algorithms.md section 3.6); the per-image
 records carry them as ``passes`` and ``forwards`` next to each attack's counts.
 Files written before the pass accounting have neither and stay readable.
 

@@ -174,7 +174,7 @@ def summarize_records(
 
 
 def _budget(records: Sequence[dict], eps: str, names: Sequence[str]) -> dict:
-    """Per attack the passes it spent per image (docs/algorithms.md section 5):
+    """Per attack the passes it spent per image (docs/algorithms.md section 3.6):
     ``{name: {'passes', 'forwards', 'passes_max', 'forwards_max'}}``, the mean
     and the maximum over images of the forward+backward and the forward-only
     passes; an attack whose records do not all carry them (records written
