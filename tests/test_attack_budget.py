@@ -131,3 +131,19 @@ def _seeds(ev):
     from mmseg_robust.evaluation import image_seed
 
     return [image_seed(ev.seed, k) for k in ('a.png', 'b.png', 'c.png')]
+
+
+def test_the_target_counts_subsets_and_refuses_uncounted_batches(attack_models):
+    from mmseg_robust.attacks import SegmentationTarget
+
+    net = attack_models.tiny_net()
+    x, y = attack_models.batch(b=3, net=net)
+    target = SegmentationTarget(net, y)
+    target.forward(x)
+    sub = target.subset(torch.tensor([0, 2]))
+    grad_x = x[[0, 2]].clone().requires_grad_(True)
+    torch.autograd.grad(sub.forward(grad_x).sum(), grad_x)
+    assert target.counter.forwards.tolist() == [2, 1, 2]
+    assert target.counter.backwards.tolist() == [1, 0, 1]
+    with pytest.raises(ValueError, match='got 2 images.*holds 3.*subset'):
+        target.forward(x[:2])

@@ -214,13 +214,14 @@ class SegmentationTarget:
         logits, the backward pass that may follow (:class:`PassCounter`)."""
         if not isinstance(logits, Tensor) or logits.shape[:1] != (batch_size,):
             return  # the shape check below raises
-        if self.positions is not None and self.positions.numel() != batch_size:
+        counter, positions = self.counter, self.positions
+        held = counter.forwards.numel() if positions is None else positions.numel()
+        if batch_size != held:
             raise ValueError(
                 f'the model view got {batch_size} images, the attack target '
-                f'holds {self.positions.numel()}: forward a subset through '
-                'target.subset(...)'
+                f'holds {held}: forward a subset of the images through the '
+                'target of target.subset(...), so that each image is counted'
             )
-        counter, positions = self.counter, self.positions
         counter._add(counter.forwards, positions)
         if logits.requires_grad:
 
