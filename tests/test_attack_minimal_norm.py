@@ -105,6 +105,9 @@ def test_arguments_are_checked():
         PDPGD(adv_threshold=0)
     with pytest.raises(ValueError, match='gamma'):
         DAG(gamma=0)
+    # the settings are in the repr (the result cache's fingerprint)
+    assert 'gamma=0.01' in repr(DAG(gamma=0.01, options=dict(p=2)))
+    assert "options={'p': 2}" in repr(DAG(gamma=0.01, options=dict(p=2)))
 
 
 def test_unknown_options_name_the_arguments(problem):

@@ -173,8 +173,13 @@ class MinimalNormAttack(Attack):
         return (
             f'{type(self).__name__}(eps={self.eps:g}, norm={self.norm!r}, '
             f'steps={self.steps}, adv_threshold={self.adv_threshold:g}, '
-            f'options={self.options!r})'
+            f'options={self.options!r}{self._extra_repr()})'
         )
+
+    def _extra_repr(self) -> str:
+        """The subclass's own settings in :meth:`__repr__` (the result cache's
+        fingerprint holds the repr)."""
+        return ''
 
     # ------------------------------------------------------------- adv-lib call
     def _arguments(self) -> dict:
@@ -328,6 +333,9 @@ class ALMAProx(MinimalNormAttack):
         super().__init__(*args, **kwargs)
         self.compile = bool(compile)
 
+    def _extra_repr(self) -> str:
+        return f', compile={self.compile}'
+
     def _context(self):
         if self.compile:
             return contextlib.nullcontext()
@@ -384,6 +392,9 @@ class DAG(MinimalNormAttack):
         if not float(gamma) > 0:
             raise ValueError(f'DAG gamma must be > 0, got {gamma!r}')
         self.gamma = float(gamma)
+
+    def _extra_repr(self) -> str:
+        return f', gamma={self.gamma:g}'
 
     def _arguments(self) -> dict:
         return dict(super()._arguments(), p=_P[self.norm], **{'γ': self.gamma})
