@@ -75,6 +75,7 @@ if __name__ == '__main__':
         extras_require=dict(
             tests=read_requirements('tests.txt'),
             corruptions=read_requirements('corruptions.txt'),
+            **{'adv-lib': read_requirements('advlib.txt')},
         ),
         zip_safe=False,
     )

@@ -7,6 +7,9 @@
   independent, deterministic; larger ``scale``, less robust);
 - ``Recorder(model)``: wraps a model view, records every forward input and counts
   forwards, forwarded images and backward passes;
+- ``ImageCounter(model, images)``: wraps a model view and counts, per image of
+  ``images``, the forwards with and without input gradients and the backward
+  passes (each forwarded row is the image of ``images`` nearest to it in L2);
 - ``batch(b, h, w, num_classes, seed, net)``: images in [0, 1] (with exact 0 and 1
   pixels) and labels equal to ``net``'s clean prediction on most pixels;
 - ``assert_feasible(adv, x, eps, norm)``: in the eps-ball (eps in /255, tolerance
@@ -70,6 +73,65 @@ class Recorder:
         if x.requires_grad:
             x = _CountBackward.apply(x, self)
         return self.model(x)
+
+
+class _CountImageBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, counter, ids):
+        ctx.counter, ctx.ids = counter, ids
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.counter.backward.index_add_(0, ctx.ids, torch.ones_like(ctx.ids))
+        return grad, None, None
+
+
+class ImageCounter:
+    """Counts per image what passes through the model: ``with_grad`` and
+    ``without_grad`` forwards, ``backward`` passes (long ``(B,)``). A row is
+    attributed to the image of ``images`` at the smallest L2 distance, so the
+    images must lie further apart than twice the L2 norm of the largest
+    perturbation (random images of :func:`batch`: for L-inf radii up to
+    about 0.2)."""
+
+    def __init__(self, model, images):
+        self.model = model
+        self.images = images.detach().clone()
+        b = images.shape[0]
+        self.with_grad = torch.zeros(b, dtype=torch.long)
+        self.without_grad = torch.zeros(b, dtype=torch.long)
+        self.backward = torch.zeros(b, dtype=torch.long)
+
+    def __call__(self, x):
+        dist = (x.detach()[:, None] - self.images[None]).flatten(2).norm(dim=2)
+        ids = dist.argmin(1)
+        if torch.is_grad_enabled() and x.requires_grad:
+            self.with_grad.index_add_(0, ids, torch.ones_like(ids))
+            x = _CountImageBackward.apply(x, self, ids)
+        else:
+            self.without_grad.index_add_(0, ids, torch.ones_like(ids))
+        return self.model(x)
+
+    @property
+    def passes(self):
+        """Forward+backward passes per image."""
+        return self.backward
+
+    @property
+    def forwards(self):
+        """Forward passes without a backward per image."""
+        return self.with_grad + self.without_grad - self.backward
+
+
+def separated_batch(b=4, h=8, w=8, num_classes=4, seed=0, net=None):
+    """:func:`batch` with image ``i`` in ``[i / b, (i + 0.5) / b]``: images at
+    least ``0.5 / b`` apart in every pixel (for :class:`ImageCounter`)."""
+    images, labels = batch(b, h, w, num_classes, seed, net)
+    images = (torch.arange(b).view(-1, 1, 1, 1) + 0.5 * images) / b
+    if net is not None:
+        labels = net(images).argmax(1)
+    return images, labels
 
 
 def batch(b=4, h=8, w=8, num_classes=4, seed=0, net=None):

@@ -23,6 +23,8 @@ CONFIGS = [
     dict(type='APGD', steps=4),
     dict(type='APGDLargeEps', steps=6),
     dict(type='SEA', steps=6, class_weights=WEIGHTS),
+    dict(type='PAdam', steps=3),
+    dict(type='APGD', steps=4, loss='Tsallis-CE'),
 ]
 
 

@@ -50,10 +50,11 @@ def test_all_spec_names_are_registered():
         'SegPGD',
         'CosPGD',
         'Mask-Sph',
+        'Tsallis-CE',
     )
     for name in OBJECTIVE_NAMES:
         assert OBJECTIVES.get(name) is not None, name
-    assert objective_names()[:7] == list(OBJECTIVE_NAMES)
+    assert objective_names()[:8] == list(OBJECTIVE_NAMES)
 
 
 def test_ce_by_hand_and_normalised_by_all_pixels():
@@ -184,6 +185,65 @@ def test_mask_sph_by_hand():
     zs, y = _pixel(0)
     expected = -zs[y] / math.sqrt(sum(v * v for v in zs))
     assert out.item() == pytest.approx(expected / 2, rel=1e-6)  # pixel 1 is wrong
+
+
+def _tsallis(p, q):
+    """``-ln_q(p) = (1 - p^(1 - q)) / (1 - q)``, ``-ln p`` at ``q = 1``."""
+    return -math.log(p) if q == 1 else (1 - p ** (1 - q)) / (1 - q)
+
+
+@pytest.mark.parametrize(
+    'step,total,q', [(1, 4, -2.0), (2, 4, -1.0), (3, 4, 0.0), (4, 4, 1.0), (5, 4, 1.0)]
+)
+def test_tsallis_ce_by_hand_with_its_q_schedule(step, total, q):
+    """q moves linearly from -2 (step 1) to 1 (step T); the value is
+    ``(1 - p_y^(1-q)) / (1-q)`` on every valid pixel, the CE at q = 1."""
+    obj = build_objective('Tsallis-CE')
+    assert obj.q(step, total) == q
+    out = obj(Z, Y, step=step, total_steps=total)
+    expected = [_tsallis(_softmax(_pixel(j)[0])[_pixel(j)[1]], q) for j in (0, 1)]
+    assert out.item() == pytest.approx(sum(expected) / 2, rel=1e-6)
+    if q == 1:
+        assert out.item() == pytest.approx((_ce(0) + _ce(1)) / 2, rel=1e-6)
+
+
+def test_tsallis_ce_gradient_by_hand_and_finite_differences():
+    """d/dz_k of ``(1 - p_y^a) / a`` (a = 1 - q) is ``-p_y^a (onehot_k - p_k)``:
+    the CE gradient ``p - onehot`` scaled by ``p_y^a``; and float64 finite
+    differences agree."""
+    z = Z.double().clone().requires_grad_(True)
+    obj = build_objective(dict(type='Tsallis-CE', q_start=-0.5, q_end=1.0))
+    (grad,) = torch.autograd.grad(obj(z, Y, step=1, total_steps=3).sum(), z)
+    for j in (0, 1):
+        zs, y = _pixel(j)
+        p = _softmax(zs)
+        for k in range(3):
+            by_hand = p[y] ** 1.5 * (p[k] - (k == y)) / 2  # / (H*W)
+            assert grad[0, k, 0, j].item() == pytest.approx(by_hand, rel=1e-9)
+    h = 1e-6
+    for k, j in ((0, 0), (2, 1)):
+        zp, zm = Z.double().clone(), Z.double().clone()
+        zp[0, k, 0, j] += h
+        zm[0, k, 0, j] -= h
+        fd = (obj(zp, Y, step=2, total_steps=3) - obj(zm, Y, step=2, total_steps=3)) / (
+            2 * h
+        )
+        (g2,) = torch.autograd.grad(obj(z, Y, step=2, total_steps=3).sum(), z)
+        assert g2[0, k, 0, j].item() == pytest.approx(fd.item(), rel=1e-6)
+
+
+def test_tsallis_ce_is_safe_near_and_at_q_1_and_on_saturated_logits():
+    z = torch.tensor([[[[60.0, -60.0]], [[-60.0, 60.0]]]], requires_grad=True)
+    y = torch.tensor([[[1, 1]]])  # pixel 0: p_y ~ e^-120, pixel 1: p_y ~ 1
+    for q in (-2.0, 1.0 - 1e-7, 1.0, 1.5):
+        obj = build_objective(dict(type='Tsallis-CE', q_start=q, q_end=q))
+        out = obj(z, y)
+        (grad,) = torch.autograd.grad(out.sum(), z)
+        assert torch.isfinite(out).all() and torch.isfinite(grad).all(), q
+    near = build_objective(dict(type='Tsallis-CE', q_start=1 - 1e-7, q_end=1))
+    assert near(Z, Y).item() == pytest.approx((_ce(0) + _ce(1)) / 2, rel=1e-5)
+    with pytest.raises(ValueError, match='q_start must be a finite number'):
+        build_objective(dict(type='Tsallis-CE', q_start=float('nan')))
 
 
 def test_objectives_return_per_image_values_and_gradients():

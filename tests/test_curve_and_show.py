@@ -237,6 +237,17 @@ def test_out_with_an_attack_evaluator(
     assert len(written['images']) == 4
     worst = written['summary']['eps']['8']['worst_case']
     assert worst['mIoU'] <= written['summary']['clean']['mIoU']
+    # the budget: per image and SEA member its passes (at most its 4 steps),
+    # and per member their mean and maximum in the summary
+    budget = written['summary']['eps']['8']['budget']
+    assert list(budget) == list(written['summary']['eps']['8']['attacks'])
+    for name, entry in budget.items():
+        passes = [r['attacks']['8'][name]['passes'] for r in written['images']]
+        forwards = [r['attacks']['8'][name]['forwards'] for r in written['images']]
+        assert all(1 <= p <= 4 for p in passes) and min(forwards) >= 1
+        assert entry['passes'] == pytest.approx(sum(passes) / 4)
+        assert entry['passes_max'] == max(passes)
+        assert entry['forwards_max'] == max(forwards)
 
 
 @pytest.mark.parametrize(

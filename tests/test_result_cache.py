@@ -461,3 +461,19 @@ def test_data_digest_option(small_config):
         apply_robustness_evaluator(
             Config.fromfile(small_config), dict(type='PGD', data_digest='mtime')
         )
+
+
+def test_the_budget_is_kept_and_checked(tmp_path):
+    """A record's pass counts (docs/algorithms.md section 3.6) come back as
+    written; a hand-edited negative count makes the line invalid."""
+    folder = str(tmp_path / 'cache')
+    cache = ResultCache(folder)
+    good, edited = _record('a.png', 0), _record('b.png', 1)
+    good['attacks']['8']['PGD'].update(passes=10, forwards=1)
+    edited['attacks']['8']['PGD'].update(passes=-3, forwards=1)
+    edited['sum'] = _checksum(edited)
+    cache.put([good, edited])
+    with pytest.warns(UserWarning, match='passes=-3 is not a count'):
+        reopened = ResultCache(folder)
+    assert reopened.get('a.png')['attacks']['8']['PGD']['passes'] == 10
+    assert reopened.get('b.png') is None

@@ -4,9 +4,11 @@ sections 1-4). Pure torch: no Runner imports.
 Importing this package registers
 
 - attacks into ``mmseg_robust.registry.ATTACKS``: ``FGSM``, ``BIM``, ``PGD``,
-  ``APGD``, ``APGDLargeEps``, ``SEA``;
+  ``APGD``, ``APGDLargeEps``, ``SEA``,
+  ``PAdam`` (and, with adv-lib, ``ALMAProx``, ``DAG``, ``PDPGD``);
 - objectives into ``mmseg_robust.registry.OBJECTIVES``: ``CE``, ``Mask-CE``,
-  ``Mask-CE-Bal``, ``JS-Avg``, ``SegPGD``, ``CosPGD``, ``Mask-Sph``.
+  ``Mask-CE-Bal``, ``JS-Avg``, ``SegPGD``, ``CosPGD``, ``Mask-Sph``,
+  ``Tsallis-CE``.
 
 Example:
     >>> attack = ATTACKS.build(dict(type='APGD', eps=8, n_iter=100, loss='Mask-CE'))
@@ -24,6 +26,14 @@ from .apgd import (
 )
 from .attack_warning import AttackWarning
 from .base import Attack, AttackOutput, SegmentationTarget
+from .minimal_norm import (
+    DAG,
+    PDPGD,
+    ALMAProx,
+    MinimalNormAttack,
+    MinimalNormOutput,
+    import_adv_lib,
+)
 from .objectives import (
     OBJECTIVE_NAMES,
     BalancedMaskedCrossEntropy,
@@ -34,12 +44,14 @@ from .objectives import (
     MaskedSphericalLoss,
     Objective,
     SegPGDLoss,
+    TsallisCrossEntropy,
     build_objective,
     class_weights_from_counts,
     count_label_pixels,
     load_class_weights,
     objective_names,
 )
+from .padam import PAdam
 from .pgd import BIM, FGSM, PGD
 from .sea import SEA, SEA_LOSSES, derive_seeds
 from .seg_logits import (
@@ -59,12 +71,19 @@ from .threat_model import (
 )
 
 __all__ = [
+    'ALMAProx',
     'APGD',
+    'DAG',
+    'MinimalNormAttack',
+    'MinimalNormOutput',
+    'PDPGD',
+    'import_adv_lib',
     'BIM',
     'FGSM',
     'EPS_UNITS',
     'NORMS',
     'OBJECTIVE_NAMES',
+    'PAdam',
     'PGD',
     'SEA',
     'SEA_LOSSES',
@@ -85,6 +104,7 @@ __all__ = [
     'SegPGDLoss',
     'SegmentationTarget',
     'ThreatModel',
+    'TsallisCrossEntropy',
     'apgd_checkpoints',
     'apgd_run',
     'build_objective',

@@ -26,13 +26,19 @@ from .threat_model import ThreatModel
 __all__ = [
     'Attack',
     'AttackOutput',
+    'PASS_KEYS',
+    'PassCounter',
     'STATS_KEYS',
     'SegmentationTarget',
     'resolve_steps',
 ]
 
+#: The per-image pass counts in :attr:`AttackOutput.stats` (long ``(B,)``):
+#: forward+backward passes and forward-only passes through the model view
+#: (docs/algorithms.md section 3.6).
+PASS_KEYS = ('passes', 'forwards')
 #: The keys of :attr:`AttackOutput.stats`, the same for every attack.
-STATS_KEYS = ('start_loss', 'start_acc', 'final_loss', 'final_acc')
+STATS_KEYS = ('start_loss', 'start_acc', 'final_loss', 'final_acc') + PASS_KEYS
 
 ModelView = Callable[[Tensor], Tensor]
 
@@ -52,7 +58,11 @@ class AttackOutput(NamedTuple):
             random start, and for ensembles) and ``final_loss``/``final_acc`` at
             the returned images (mean CE over valid pixels and pixel accuracy,
             0-d tensors); without ``adv_pred``, ``last_loss``/``last_acc`` of
-            the last iterate the attack evaluated instead of ``final_*``.
+            the last iterate the attack evaluated instead of ``final_*``; and
+            the budget the call spent per image (:data:`PASS_KEYS`, long
+            ``(B,)``): ``passes``, forward passes through the model view
+            followed by a backward pass through it, and ``forwards``, forward
+            passes without one (an ensemble: its members' and its own).
         members (dict, optional): for an ensemble (:class:`SEA`), each member
             attack's own output by name, in attack order; ``adv_images`` and
             ``adv_pred`` are then their worst case per image. None for a single
@@ -89,6 +99,48 @@ def _no_autocast(device: torch.device):
         return torch.autocast(device_type=device.type, enabled=False)
     except (RuntimeError, TypeError):  # a device type without autocast support
         return contextlib.nullcontext()
+
+
+class PassCounter:
+    """Per-image counts of the passes through the model view of one attack call
+    (docs/algorithms.md section 3.6).
+
+    Every forward of :meth:`SegmentationTarget.forward` adds one to
+    ``forwards`` of the images it forwards; a backward pass that reaches the
+    logits of a forward (a hook on them) adds one to ``backwards`` of those
+    images. Counting the passes that happen, rather than what an attack
+    believes it spends, keeps the counts right for any optimiser, including
+    third-party ones (:mod:`~mmseg_robust.attacks.minimal_norm`) and images
+    that leave a batch early. Counts stay on the device (no synchronisation
+    per iteration).
+
+    Args:
+        batch_size (int): images of the call.
+        device (torch.device): where the counts live.
+    """
+
+    def __init__(self, batch_size: int, device) -> None:
+        self.forwards = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.backwards = torch.zeros_like(self.forwards)
+
+    def snapshot(self, positions: Optional[Tensor]) -> Tensor:
+        """``(forwards, backwards)`` of the images at ``positions`` (all:
+        None), stacked ``(2, n)``, a copy."""
+        both = torch.stack([self.forwards, self.backwards])
+        return both.clone() if positions is None else both[:, positions]
+
+    @staticmethod
+    def spent(before: Tensor, after: Tensor) -> Dict[str, Tensor]:
+        """The :data:`PASS_KEYS` between two snapshots: ``passes`` (forward and
+        backward) and ``forwards`` (forward only)."""
+        forwards, backwards = after - before
+        return dict(passes=backwards, forwards=forwards - backwards)
+
+    def _add(self, counts: Tensor, positions: Optional[Tensor]) -> None:
+        if positions is None:
+            counts += 1
+        else:
+            counts.index_add_(0, positions, torch.ones_like(positions))
 
 
 class SegmentationTarget:
@@ -131,11 +183,15 @@ class SegmentationTarget:
         # reductions skip the mask
         self.all_valid = bool(self.valid.all())
         self.num_classes: Optional[int] = None
+        self.counter = PassCounter(labels.shape[0], labels.device)
+        # batch positions of this target's images in the counter (None: all)
+        self.positions: Optional[Tensor] = None
 
     def forward(self, x: Tensor) -> Tensor:
         """fp32 logits of the model at ``x``; checks the shape on first use."""
         with _no_autocast(x.device):
             logits = self.model(x)
+        self._count(logits, x.shape[0])
         if (
             not isinstance(logits, Tensor)
             or logits.dim() != 4
@@ -152,6 +208,27 @@ class SegmentationTarget:
         if self.num_classes is None:
             self._first_forward(logits.shape[1])
         return logits.float()
+
+    def _count(self, logits, batch_size: int) -> None:
+        """Count a forward of this target's images and, through a hook on the
+        logits, the backward pass that may follow (:class:`PassCounter`)."""
+        if not isinstance(logits, Tensor) or logits.shape[:1] != (batch_size,):
+            return  # the shape check below raises
+        counter, positions = self.counter, self.positions
+        held = counter.forwards.numel() if positions is None else positions.numel()
+        if batch_size != held:
+            raise ValueError(
+                f'the model view got {batch_size} images, the attack target '
+                f'holds {held}: forward a subset of the images through the '
+                'target of target.subset(...), so that each image is counted'
+            )
+        counter._add(counter.forwards, positions)
+        if logits.requires_grad:
+
+            def on_backward(grad):
+                counter._add(counter.backwards, positions)
+
+            logits.register_hook(on_backward)
 
     def _first_forward(self, num_classes: int) -> None:
         check_labels(self.raw_labels, num_classes, self.ignore_index, self.raw_valid)
@@ -176,6 +253,10 @@ class SegmentationTarget:
             raise RuntimeError('subset() needs a first forward (labels unchecked)')
         sub = copy.copy(self)
         sub.labels, sub.valid = self.labels[keep], self.valid[keep]
+        base = self.positions
+        if base is None:
+            base = torch.arange(self.labels.shape[0], device=self.labels.device)
+        sub.positions = base[keep]
         # all_valid stays true for a subset; a False may become stale-but-safe
         sub.raw_labels = sub.raw_valid = None  # checked already
         return sub
@@ -467,7 +548,10 @@ class Attack:
         Returns:
             AttackOutput: as :meth:`run`, in fp32, not detached.
         """
-        return self._attack(target, x, seeds, _reporter(progress), **kwargs)
+        before = target.counter.snapshot(target.positions)
+        out = self._attack(target, x, seeds, _reporter(progress), **kwargs)
+        spent = PassCounter.spent(before, target.counter.snapshot(target.positions))
+        return out._replace(stats=dict(out.stats or {}, **spent))
 
     def __call__(
         self,

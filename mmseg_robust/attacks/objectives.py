@@ -8,7 +8,7 @@ weighting factors are recomputed from the current logits at every call and detac
 Objectives are registered in ``OBJECTIVES`` (not ``ATTACKS``) under the spec's
 names::
 
-    CE, Mask-CE, Mask-CE-Bal, JS-Avg, SegPGD, CosPGD, Mask-Sph
+    CE, Mask-CE, Mask-CE-Bal, JS-Avg, SegPGD, CosPGD, Mask-Sph, Tsallis-CE
 
 and attacks build them from a name or a config dict (``loss='Mask-CE'`` or
 ``loss=dict(type='Mask-CE-Bal', class_weights='voc')``).
@@ -36,6 +36,7 @@ __all__ = [
     'MaskedSphericalLoss',
     'Objective',
     'SegPGDLoss',
+    'TsallisCrossEntropy',
     'build_objective',
     'class_weights_from_counts',
     'count_label_pixels',
@@ -52,6 +53,7 @@ OBJECTIVE_NAMES = (
     'SegPGD',
     'CosPGD',
     'Mask-Sph',
+    'Tsallis-CE',
 )
 
 ClassWeights = Union[str, Sequence[float], Tensor]
@@ -326,6 +328,65 @@ class MaskedSphericalLoss(Objective):
         z_y = s.logits.gather(1, s.labels.unsqueeze(1)).squeeze(1)
         loss = -z_y / s.logits.norm(p=2, dim=1).clamp_min(1e-12)
         return torch.where(s.correct, loss, 0.0)
+
+
+@OBJECTIVES.register_module(name='Tsallis-CE')
+class TsallisCrossEntropy(Objective):
+    """Tsallis cross-entropy with a linear ``q`` schedule (Matyasko et al.,
+    TsallisPGD, IJCNN 2026; docs/algorithms.md section 2 'Tsallis-CE').
+
+    With the Tsallis ``q``-logarithm ``ln_q(x) = (x^(1 - q) - 1) / (1 - q)``
+    (``ln_1 = ln``) and ``p_y = softmax(z_i)_{y_i}`` the per-pixel loss is
+    ``-ln_q(p_y) = (1 - p_y^(1 - q)) / (1 - q)``, the CE at ``q = 1``. At step
+    ``t`` of ``T`` (:class:`~mmseg_robust.attacks.SegLogits`' ``step`` and
+    ``total_steps``) ``q = q_start + (q_end - q_start) (t - 1) / (T - 1)``
+    (``q_start`` for ``T = 1``; steps past ``T`` keep ``q_end``): from -2, a
+    bounded loss ``(1 - p_y^3) / 3`` that weighs every pixel alike, to the CE,
+    which concentrates on the pixels still correct with high confidence. In an
+    :class:`~mmseg_robust.attacks.APGDLargeEps` (SEA) the schedule restarts
+    with each radius stage (each stage is a run of its own).
+
+    Computed as ``-expm1((1 - q) log p_y) / (1 - q)`` from the log-softmax, so
+    saturated logits give neither NaN values nor NaN gradients and ``q``
+    close to 1 loses no precision; ``q = 1`` is the CE itself.
+
+    Args:
+        q_start (float): ``q`` at the first step. Default: -2.
+        q_end (float): ``q`` at the last step. Default: 1 (the CE).
+        ignore_index (int): label value excluded. Default: 255.
+
+    Example:
+        >>> obj = OBJECTIVES.build(dict(type='Tsallis-CE'))
+        >>> per_image = obj(logits, labels, step=1, total_steps=300)  # q = -2
+    """
+
+    name = 'Tsallis-CE'
+
+    def __init__(
+        self, q_start: float = -2.0, q_end: float = 1.0, ignore_index: int = 255
+    ) -> None:
+        super().__init__(ignore_index)
+        for key, value in (('q_start', q_start), ('q_end', q_end)):
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(
+                    f'Tsallis-CE {key} must be a finite number, got {value!r}'
+                )
+        self.q_start, self.q_end = float(q_start), float(q_end)
+
+    def q(self, step: int, total_steps: int) -> float:
+        """``q`` at ``step`` (1-based) of ``total_steps``."""
+        frac = (step - 1) / max(total_steps - 1, 1)
+        frac = min(max(frac, 0.0), 1.0)
+        return self.q_start + (self.q_end - self.q_start) * frac
+
+    def pixel_loss(self, s: SegLogits) -> Tensor:
+        a = 1.0 - self.q(s.step, s.total_steps)
+        if a == 0.0:
+            return s.ce
+        return -torch.expm1(a * s.label_log_prob) / a
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(q_start={self.q_start:g}, q_end={self.q_end:g})'
 
 
 # --------------------------------------------------------------------------------

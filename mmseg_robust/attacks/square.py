@@ -1,5 +1,5 @@
 """Square Attack: a query-based, gradient-free attack (docs/algorithms.md
-section 3.4), the gradient-free probe of the self-checks (docs/flags.md)."""
+section 3.7), the gradient-free probe of the self-checks (docs/flags.md)."""
 
 import math
 from typing import Callable, List, Optional
@@ -47,7 +47,7 @@ class Square(Attack):
     shrinks over the queries, :func:`square_fraction`) and keeps the change for
     an image if it lowers the image's objective: the pixel accuracy first, then
     the mean positive margin ``relu(z_y - max_{k != y} z_k)`` over the valid
-    pixels (docs/algorithms.md section 3.4). It starts from vertical stripes of
+    pixels (docs/algorithms.md section 3.7). It starts from vertical stripes of
     ``+-eps``. One forward per query, no backward: robustness it finds where
     gradient attacks do not points to gradient masking (the self-checks'
     gradient-free probe, docs/flags.md).

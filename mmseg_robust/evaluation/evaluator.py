@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from mmseg_robust.attacks import AttackWarning
+from mmseg_robust.attacks.base import PASS_KEYS
 from mmseg_robust.registry import ATTACKS
 
 from .counts import RECORD_COUNT_KEYS, counts_of_batch, eps_key, pixel_accuracy
@@ -88,6 +89,10 @@ class ImageCounts:
         intersect, union, label_area (list[int]): per class, length K.
         correct (int): valid pixels predicted correctly.
         valid (int): valid (not ignored) pixels.
+        passes (int, optional): the forward+backward passes the attack spent on
+            the image (docs/algorithms.md section 3.6); None for the clean
+            prediction and for records written before the pass accounting.
+        forwards (int, optional): the forward-only passes it spent.
     """
 
     intersect: List[int]
@@ -95,6 +100,9 @@ class ImageCounts:
     label_area: List[int]
     correct: int
     valid: int
+    # the budget is not part of the prediction's counts: not compared
+    passes: Optional[int] = field(default=None, compare=False)
+    forwards: Optional[int] = field(default=None, compare=False)
 
     @property
     def accuracy(self) -> float:
@@ -113,13 +121,18 @@ class ImageCounts:
         ]
 
     def to_json(self) -> dict:
-        return dict(
+        out = dict(
             intersect=list(self.intersect),
             union=list(self.union),
             label_area=list(self.label_area),
             correct=int(self.correct),
             valid=int(self.valid),
         )
+        # the budget only where it was counted: older readers see old records
+        for key in PASS_KEYS:
+            if getattr(self, key) is not None:
+                out[key] = int(getattr(self, key))
+        return out
 
     @classmethod
     def from_json(cls, data: dict) -> 'ImageCounts':
@@ -127,6 +140,7 @@ class ImageCounts:
             *(list(data[k]) for k in RECORD_COUNT_KEYS),
             correct=int(data['correct']),
             valid=int(data['valid']),
+            **{k: int(data[k]) for k in PASS_KEYS if data.get(k) is not None},
         )
 
 
@@ -644,7 +658,10 @@ class RobustnessEvaluator:
                 counts = ImageCounts.of_batch(
                     member_out.adv_pred, labels, num_classes, self.ignore_index
                 )
-                for u, c in zip(unit, counts):
+                budget = _budget(member_out.stats, len(counts))
+                for i, (u, c) in enumerate(zip(unit, counts)):
+                    for key, values in budget.items():
+                        setattr(c, key, values[i])
                     u[member] = c
             _add_counts(at_eps, eps_name, unit)
             if save is not None:
@@ -661,6 +678,18 @@ class RobustnessEvaluator:
                         source, acc, out.adv_images[i], out.adv_pred[i]
                     )
         return None if restored else worst
+
+
+def _budget(stats: Optional[dict], batch_size: int) -> Dict[str, List[int]]:
+    """The per-image pass counts of an attack output's ``stats``
+    (:data:`~mmseg_robust.attacks.base.PASS_KEYS`), as lists of ints; the keys
+    an output does not carry are left out."""
+    out = {}
+    for key in PASS_KEYS:
+        values = (stats or {}).get(key)
+        if isinstance(values, Tensor) and values.shape == (batch_size,):
+            out[key] = [int(v) for v in values.tolist()]
+    return out
 
 
 def _is_rgb(view) -> bool:

@@ -17,6 +17,8 @@ Schema (version 3)::
       "summary": {"num_images": N,
                   "clean": {"mIoU", "aAcc", "aAcc_img"},
                   "eps": {"8": {"attacks": {name: {"mIoU", "aAcc", "aAcc_img"}},
+                                "budget": {name: {"passes", "forwards",
+                                                  "passes_max", "forwards_max"}},
                                 "worst_case": {"aAcc_img", "mIoU",
                                                "mIoU_<mode>", ...,
                                                "clean_candidate"},
@@ -36,6 +38,12 @@ writes the same file with ``eps`` empty, ``flags`` None and two more fields:
 :func:`~mmseg_robust.evaluation.summarize_corruptions`) and ``corruptions``
 (``{"names", "severities", "seed", "libraries"}``: what was run, with the
 versions of the libraries the corrupted images depend on).
+
+``budget`` gives per attack the forward+backward passes (``passes``) and the
+forward-only passes (``forwards``) it spent per image, mean and maximum over
+images (counts, not percentages; docs/algorithms.md section 3.6); the per-image
+records carry them as ``passes`` and ``forwards`` next to each attack's counts.
+Files written before the pass accounting have neither and stay readable.
 
 ``metrics`` holds the numbers mmengine logs (the same as ``summary``, flat).
 ``aAcc`` is pooled over pixels (mmseg's), ``aAcc_img`` the mean over images of

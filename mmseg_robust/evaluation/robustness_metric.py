@@ -91,7 +91,8 @@ def summarize_records(
 
     Returns:
         dict: ``{'num_images', 'clean': {mIoU, aAcc, aAcc_img}, 'eps': {eps:
-        {'attacks': {name: {mIoU, aAcc, aAcc_img}}, 'worst_case': {aAcc_img,
+        {'attacks': {name: {mIoU, aAcc, aAcc_img}}, 'budget': {name: {passes,
+        forwards, passes_max, forwards_max}}, 'worst_case': {aAcc_img,
         mIoU (first mode), mIoU_<mode> ..., clean_candidate}, 'above_clean':
         {images, attacks: {name: n}, worst_case, worst_case_images}}}}``.
         ``aAcc`` is pooled over pixels (mmseg's), ``aAcc_img`` the mean over
@@ -157,6 +158,7 @@ def summarize_records(
         worst['clean_candidate'] = bool(clean_candidate)
         out['eps'][eps] = OrderedDict(
             attacks=per_attack,
+            budget=_budget(records, eps, names),
             worst_case=worst,
             above_clean=above.get(
                 eps,
@@ -168,6 +170,28 @@ def summarize_records(
                 ),
             ),
         )
+    return out
+
+
+def _budget(records: Sequence[dict], eps: str, names: Sequence[str]) -> dict:
+    """Per attack the passes it spent per image (docs/algorithms.md section 3.6):
+    ``{name: {'passes', 'forwards', 'passes_max', 'forwards_max'}}``, the mean
+    and the maximum over images of the forward+backward and the forward-only
+    passes; an attack whose records do not all carry them (records written
+    before the pass accounting) is left out."""
+    out = OrderedDict()
+    for name in names:
+        counts = [r['attacks'][eps][name] for r in records]
+        if not all(
+            c.get(k) is not None for c in counts for k in ('passes', 'forwards')
+        ):
+            continue
+        entry = OrderedDict()
+        for key in ('passes', 'forwards'):
+            values = np.asarray([c[key] for c in counts], dtype=np.float64)
+            entry[key] = float(values.mean())
+            entry[f'{key}_max'] = int(values.max())
+        out[name] = entry
     return out
 
 
