@@ -157,3 +157,12 @@ def test_gradient_free_probe_triggers_when_square_beats_the_white_box(attack_mod
         assert (flag.code if flag else None) == expect, details
     assert details['beaten'] and details['beaten'][0]['image'] in keys
     assert all(b['square'] < b['white_box'] - 2 for b in details['beaten'])
+
+
+def test_square_reports_its_forwards(attack_models):
+    """Queries + 2 forward passes per image (the stripes and the returned
+    point), no forward+backward pass (docs/algorithms.md section 3.6)."""
+    model, x, y = _flippable(attack_models)
+    out = Square(eps=8, queries=7, eps_units='255').run(model, x, y, seeds=[0, 1, 2])
+    assert out.stats['forwards'].tolist() == [9, 9, 9]
+    assert out.stats['passes'].tolist() == [0, 0, 0]

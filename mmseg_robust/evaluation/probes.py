@@ -208,4 +208,3 @@ def gradient_free_probe(
         ),
         details,
     )
-
