@@ -180,6 +180,7 @@ def test_evaluator_corruptions_runs_and_repeats_exactly(
     log = case.log(case.work_dir)
     assert f'{len(PASSES)} passes over {NUM_IMAGES} images on this rank' in log
     assert 'restored' not in log
+    assert 'mIoU (aAcc), percent' in log and 'Corruption results written to' in log
 
     # the same command again (with --out DIR: the results file goes there)
     work, out = tmp_path / 'work', tmp_path / 'out'

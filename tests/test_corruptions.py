@@ -300,6 +300,9 @@ def test_with_corruption_goes_right_after_the_image_loading():
     assert (corrupt.corruption, corrupt.severity, corrupt.seed) == ('fog', 4, 2)
     assert corrupt.channel_order == 'bgr'
     assert out[0] is pipeline[0] and len(pipeline) == 4  # the input is kept
+    # a config's pipeline can name it (mmseg's registry)
+    built = TRANSFORMS.build(dict(type='Corrupt', corruption='fog', severity=2))
+    assert repr(built) == repr(Corrupt('fog', 2))
     with pytest.raises(ValueError, match='drop to_float32'):
         with_corruption([LoadImageFromFile(to_float32=True)], 'fog', 1)
     with pytest.raises(ValueError, match='no image loading transform'):
@@ -637,3 +640,12 @@ def test_counts_of_ranks_are_summed_per_pass():
     np.testing.assert_allclose(
         _as_array(summary['clean']), _oracle_scores(total['clean']), rtol=1e-12
     )
+
+
+def test_metric_without_the_loop_says_what_to_set():
+    from mmseg_robust.evaluation import CorruptionMetric
+
+    with pytest.raises(
+        ValueError, match="test_cfg=dict\\(type='CorruptionTestLoop'\\)"
+    ):
+        CorruptionMetric().process(None, [dict(pred_sem_seg=None)])
