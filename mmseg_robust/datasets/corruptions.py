@@ -118,12 +118,22 @@ def resolve_severities(spec: Union[int, str, Sequence[int]]) -> List[int]:
     else:
         items = list(spec)
     try:
-        values = sorted({int(s) for s in items})
+        values = sorted({_integer(s) for s in items})
     except (TypeError, ValueError):
         raise ValueError(f'severities must be integers in 1..5, got {spec!r}') from None
     if not values or any(s not in SEVERITIES for s in values):
         raise ValueError(f'severities must be integers in 1..5, got {spec!r}')
     return values
+
+
+def _integer(value) -> int:
+    """``value`` as an int: an integer, a whole float or integer text (not
+    ``1.5`` or a bool, which ``int`` would turn into another severity)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(value)
+    if isinstance(value, (float, np.floating)) and not float(value).is_integer():
+        raise ValueError(value)
+    return int(value)
 
 
 def corruption_seed(seed: int, image: str, corruption: str, severity: int) -> int:
