@@ -319,6 +319,13 @@ def test_bad_corruption_input_errors(corruption_results, tmp_path):
     with pytest.raises(ValueError, match='Two corruption results for the model') as e:
         load_rows([corr, corr2])
     assert corr in str(e.value) and corr2 in str(e.value)
+    # a merged row already holds its corruption results
+    sea = _sea_file(tmp_path / 's1', 'work_dirs/m/iter_1.pth', 70.0, {'8': 1.0})
+    (both,) = load_rows([corr, sea])
+    with pytest.raises(ValueError, match='Two corruption results'):
+        merge_rows([both, load_result(corr2)])
+    with pytest.raises(ValueError, match='Two adversarial results'):
+        merge_rows([load_result(sea), both])
     # one name, two checkpoints: not one model
     other = _sea_file(tmp_path / 's', 'other/m/iter_1.pth', 70.0, {'8': 1.0})
     with pytest.raises(ValueError, match='different checkpoints'):

@@ -369,8 +369,12 @@ def merge_rows(rows: Sequence[dict]) -> List[dict]:
     return _merge(rows, [f'row {i}' for i in range(len(rows))])
 
 
-def _kind(row: dict) -> str:
-    return 'corruption' if row.get('corruptions') and not row['eps'] else 'adversarial'
+def _kinds(row: dict) -> List[str]:
+    """The results a row holds: ``'adversarial'``, ``'corruption'`` or both."""
+    kinds = ['adversarial'] if row['eps'] else []
+    if row.get('corruptions'):
+        kinds.append('corruption')
+    return kinds or ['adversarial']
 
 
 def _merge(rows: List[dict], labels: List[str]) -> List[dict]:
@@ -378,31 +382,32 @@ def _merge(rows: List[dict], labels: List[str]) -> List[dict]:
     seen: Dict[str, Dict[str, str]] = {}
     for row, label in zip(rows, labels):
         name = str(row['name'])
-        kind = _kind(row)
         kinds = seen.setdefault(name, {})
-        if kind in kinds:
-            raise ValueError(
-                f'Two {kind} results for the model {name!r}: {kinds[kind]} and '
-                f'{label}. Pass one {kind} results file per model, or give the '
-                'files different names.'
-            )
-        if name not in merged:
-            kinds[kind] = label
-            merged[name] = dict(row)
-            continue
-        other = merged[name]
-        ckpts = {osp.normpath(c) for c in (row['checkpoint'], other['checkpoint']) if c}
-        if len(ckpts) > 1:
-            raise ValueError(
-                f'The results named {name!r} ({next(iter(kinds.values()))} and '
-                f'{label}) come from different checkpoints '
-                f'({", ".join(sorted(ckpts))}): give the models different names.'
-            )
-        kinds[kind] = label
-        if kind == 'adversarial':
-            merged[name] = dict(row, corruptions=other.get('corruptions'))
+        for kind in _kinds(row):
+            if kind in kinds:
+                raise ValueError(
+                    f'Two {kind} results for the model {name!r}: {kinds[kind]} and '
+                    f'{label}. Pass one {kind} results file per model, or give the '
+                    'files different names.'
+                )
+        if name in merged:
+            other = merged[name]
+            ckpts = {
+                osp.normpath(c) for c in (row['checkpoint'], other['checkpoint']) if c
+            }
+            if len(ckpts) > 1:
+                raise ValueError(
+                    f'The results named {name!r} ({next(iter(kinds.values()))} and '
+                    f'{label}) come from different checkpoints '
+                    f'({", ".join(sorted(ckpts))}): give the models different names.'
+                )
+            if row['eps']:
+                merged[name] = dict(row, corruptions=other.get('corruptions'))
+            else:
+                other['corruptions'] = row['corruptions']
         else:
-            other['corruptions'] = row['corruptions']
+            merged[name] = dict(row)
+        kinds.update((kind, label) for kind in _kinds(row))
     return list(merged.values())
 
 
