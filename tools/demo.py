@@ -38,11 +38,11 @@ bit-identical across thread counts); the SEA and corruption runs (whose results
 do not depend on the thread count) share what is left and are given more
 threads as other jobs finish (``torch.set_num_threads`` on a signal). A progress
 line (each job's iteration, batch or pass, and the demo's ETA from a cost model
-calibrated on the progress so far) is printed every few seconds. Before the
-corruption runs were added, the defaults took about 11 minutes on 2 CPU cores
-(the clean training about 2, the robust ones about 3.5 with two at a time, the
-four SEA runs about 5.5); a corruption run (the 15 corruptions at 5 severities
-of 24 images) takes about 20 s with one thread. The SEA settings are reduced
+calibrated on the progress so far) is printed every few seconds. With the
+defaults on 2 CPU cores the trainings and SEA runs take about 11 minutes (the
+clean training about 2, the robust ones about 3.5 with two at a time, the four
+SEA runs about 5.5), and a corruption run (the 15 corruptions at 5 severities
+of 24 images) about 20 s with one thread. The SEA settings are reduced
 from the paper's (``--sea-iters 300``, all 100 images, more radii), the
 corruptions are evaluated on the SEA images only, and the report says which
 settings were used.
