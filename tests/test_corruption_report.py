@@ -350,3 +350,38 @@ def test_bad_corruption_input_errors(corruption_results, tmp_path):
     with pytest.raises(ValueError, match='holds no corrupted pass'):
         load_result(data)
     assert not osp.exists(tmp_path / 'report')
+
+
+def test_report_tool_merges_the_files_of_a_model(
+    corruption_results, tmp_path, repo_root, capsys
+):
+    """tools/analysis_tools/robustness_report.py: the files of one model in one
+    row; a bad file or a wrong number of names refused with the reason."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        'robustness_report',
+        osp.join(repo_root, 'tools', 'analysis_tools', 'robustness_report.py'),
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    ckpt = 'work_dirs/pirat/iter_10.pth'
+    sea = _sea_file(tmp_path / 'sea', ckpt, 70.0, {'8': 20.0})
+    corr, _ = corruption_results.write_corruption_results(
+        tmp_path / 'corr', NAMES, SEVERITIES, checkpoint=ckpt
+    )
+    out = tmp_path / 'report'
+    paths = tool.main([sea, corr, '--out-dir', str(out), '--title', 'T'])
+    with open(paths['json'], encoding='utf-8') as f:
+        report = json.load(f)
+    assert report['title'] == 'T' and report['models'] == load_rows([sea, corr])
+    assert f'corruption_heatmap: {out / "corruption_heatmap.png"}' in (
+        capsys.readouterr().out
+    )
+    with pytest.raises(SystemExit, match='no robustness summary'):
+        bad = tmp_path / 'clean.json'
+        bad.write_text('{"mIoU": 50.0}')
+        tool.main([str(bad), '--out-dir', str(out)])
+    with pytest.raises(SystemExit):
+        tool.main([sea, corr, '--names', 'a'])
+    assert 'one name per file' in capsys.readouterr().err
