@@ -8,7 +8,8 @@
   multi-process launch), ``tools_in_one_process`` (stock tools in this process)
   and ``reset_mmengine`` (after building Runners here);
 - the helper modules of tests/, imported by path: ``tiny_models``,
-  ``attack_models``, ``reference_apgd``, ``mini_datasets``, ``real_data_matrix``;
+  ``attack_models``, ``reference_apgd``, ``mini_datasets``, ``real_data_matrix``,
+  ``corruption_results``;
 - threads and scope: ``one_thread`` (one intra-op torch thread),
   ``one_thread_mmseg_scope`` (and mmseg's default registry scope).
 """
@@ -210,6 +211,14 @@ def attack_models():
     tests (``tiny_net``, ``Recorder``, ``batch``, ``assert_feasible``,
     ``oracle``, ``LinearPixelModel``)."""
     return _test_module('attack_models.py')
+
+
+@pytest.fixture(scope='session')
+def corruption_results():
+    """tests/corruption_results.py: ``write_corruption_results(folder,
+    corruptions, severities, checkpoint=...)``, a corruption results file of
+    constructed counts written by CorruptionMetric (returns path, summary)."""
+    return _test_module('corruption_results.py')
 
 
 @pytest.fixture(scope='session')

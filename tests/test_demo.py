@@ -45,6 +45,19 @@ def test_progress_from_logs(demo, tmp_path):
     with open(log, 'a') as f:
         f.write(f'{demo._MARKER} 2026-11-21T17:00:00\n')
     assert demo.progress(str(log)) == 'starting'
+    # a corruption run: its image passes computed against those to compute
+    log = tmp_path / 'corruptions.log'
+    log.write_text(
+        '12/06 10:40:33 - mmengine - INFO - Corruptions [pass 1/76: clean, batch '
+        '3/3] image passes computed on this rank: 24/1824, ETA 0:00:08\n'
+        '12/06 10:40:35 - mmengine - INFO - Corruptions [pass 20/76: '
+        'defocus_blur/4, batch 3/3] image passes computed on this rank: '
+        '480/1824, ETA 0:00:06\n'
+    )
+    assert demo.progress(str(log), True) == (
+        'pass 20/76 (defocus_blur/4) ETA 0:00:06',
+        pytest.approx(480 / 1824),
+    )
 
 
 def test_sea_progress_counts_the_lines_of_a_finished_batch(demo, tmp_path):
@@ -121,6 +134,69 @@ def test_sea_stage_skipped_only_with_the_same_settings(demo, tmp_path):
     cmd = d.sea_cmd('SAT')
     assert 'evaluator.eps=[2,8]' in cmd and 'evaluator.steps=7' in cmd
     assert 'test_dataloader.dataset.indices=5' in cmd
+
+
+def test_corruption_stage_skipped_only_with_the_same_settings(
+    demo, tmp_path, corruption_results
+):
+    """A corruption run after each model's training, on the SEA images; its
+    result found again only with the same corruptions, severities and images."""
+    d = demo.Demo(
+        _args(
+            demo,
+            tmp_path,
+            '--sea-images',
+            '5',
+            '--corruptions',
+            'noise,fog',
+            '--severities',
+            '3',
+            '1',
+        )
+    )
+    names = ['gaussian_noise', 'shot_noise', 'impulse_noise', 'fog']
+    assert d.corruption_settings() == dict(names=names, severities=[1, 3], images=5)
+    folder = tmp_path / 'work' / 'corruptions' / 'SAT'
+    assert d.corruption_result('SAT') is None
+    write = corruption_results.write_corruption_results
+    write(folder, names, [1, 3], images=100, timestamp='20261206_100000')
+    write(folder, names[:3], [1, 3], images=5, timestamp='20261206_100001')
+    write(folder, names, [1, 2, 3], images=5, timestamp='20261206_100002')
+    (folder / 'robustness_20261206_100003.json').write_text('{"not": "a result"}')
+    assert d.corruption_result('SAT') is None  # other images / names / severities
+    path, _ = write(folder, names, [1, 3], images=5, timestamp='20261206_090000')
+    assert d.corruption_result('SAT') == path
+    cmd = d.corruption_cmd('SAT')
+    assert cmd[:3] == [
+        'tools/test.py',
+        osp.join(demo.CONFIG_DIR, demo.MODELS['SAT'][0]),
+        d.checkpoint('SAT'),
+    ]
+    for option in (
+        'evaluator=Corruptions',
+        'evaluator.corruptions=noise,fog',
+        'evaluator.severities=[1,3]',
+        'test_dataloader.dataset.indices=5',
+    ):
+        assert option in cmd, option
+    # nothing trained yet: a corruption job per model but SAT's, each after
+    # its model's training, its cost the image passes
+    jobs = d.jobs()
+    corr = {n: j for n, j in jobs.items() if n.startswith('corruptions')}
+    assert set(corr) == {f'corruptions {m}' for m in demo.MODELS if m != 'SAT'}
+    for name, job in corr.items():
+        assert job.deps == [f'train {name.split()[1]}'] and job.threads == 'dynamic'
+        assert job.cost == pytest.approx(demo.CORRUPTION_COST * 5 * (1 + 4 * 2))
+    d = demo.Demo(_args(demo, tmp_path, '--corruptions', 'none'))
+    assert d.corruption_settings() is None
+    assert not any(n.startswith('corruptions') for n in d.jobs())
+
+
+def test_bad_corruption_options_are_refused(demo, tmp_path, capsys):
+    for extra in (['--corruptions', 'fgo'], ['--severities', '6']):
+        with pytest.raises(SystemExit):
+            _args(demo, tmp_path, *extra)
+        assert '--corruptions/--severities' in capsys.readouterr().err
 
 
 def test_training_starts_from_clean_or_resumes(demo, tmp_path):
@@ -312,18 +388,45 @@ def test_eta_counts_the_start_up_until_a_job_prints_progress(demo):
     assert demo.simulate({'x': later}, [], 1, 1) == pytest.approx(10.0 + demo.STARTUP)
 
 
-def test_report_stage_names_the_sea_budget(demo, tmp_path, monkeypatch):
+def test_report_stage_names_the_sea_budget(
+    demo, tmp_path, monkeypatch, corruption_results
+):
     """The report, the plot's caption and each picture grid's title say which
-    SEA budget produced them (iterations per attack, images, eps)."""
+    SEA budget produced them (iterations per attack, images, eps); the
+    corruption results of each model are in the report beside its SEA ones."""
     import numpy as np
 
     import mmseg_robust.reporting as reporting
 
     d = demo.Demo(
         _args(
-            demo, tmp_path, '--eps', '8', '2', '--sea-iters', '7', '--sea-images', '5'
+            demo,
+            tmp_path,
+            '--eps',
+            '8',
+            '2',
+            '--sea-iters',
+            '7',
+            '--sea-images',
+            '5',
+            '--corruptions',
+            'blur',
+            '--severities',
+            '1',
+            '5',
         )
     )
+    corruption_files = []
+    for i, model in enumerate(demo.MODELS):
+        corruption_files.append(
+            corruption_results.write_corruption_results(
+                tmp_path / 'work' / 'corruptions' / model,
+                d.corruption_settings()['names'],
+                [1, 5],
+                quality=0.9 - 0.05 * i,
+                images=5,
+            )[0]
+        )
     for i, model in enumerate(demo.MODELS):
         folder = tmp_path / 'work' / 'sea' / model
         (folder / 'show').mkdir(parents=True)
@@ -380,3 +483,18 @@ def test_report_stage_names_the_sea_budget(demo, tmp_path, monkeypatch):
         'examples_PIR-AT.png': 'PIR-AT: SEA worst case at ε=8/255 (7 iterations per '
         'attack, 1 of the 5 evaluated images)'
     }
+    # the corruption table: a line per model, from its own corruption file
+    rows = [
+        reporting.load_result(p, name=m) for p, m in zip(corruption_files, demo.MODELS)
+    ]
+    with open(paths['markdown'], encoding='utf-8') as f:
+        md = f.read()
+    assert reporting.format_corruption_table(rows) in md
+    assert 'Corruption numbers from: 4 corruptions (defocus_blur, glass_blur, ' in md
+    with open(paths['json'], encoding='utf-8') as f:
+        models = json.load(f)['models']
+    assert [m['name'] for m in models] == list(demo.MODELS)
+    assert [m['corruptions'] for m in models] == [r['corruptions'] for r in rows]
+    assert all(m['eps'] for m in models)
+    for key in ('corruption_heatmap', 'corruption_severity'):
+        assert osp.isfile(paths[key])

@@ -1,39 +1,51 @@
-"""The showcase: clean and robust models on the synthetic dataset, evaluated with SEA.
+"""The showcase: clean and robust models on the synthetic dataset, evaluated with SEA
+and under common corruptions.
 
     python tools/demo.py [--work-dir work_dirs/demo] [--jobs 2]   (make demo)
 
 Steps (each skipped when its result is already there, so a rerun after an
-interruption finishes the rest; interrupted trainings and SEA runs resume):
+interruption finishes the rest; interrupted trainings, SEA and corruption runs
+resume):
 
 1. the synthetic dataset (generated, no download);
 2. clean training of the small UperNet-ConvNeXt;
 3. PIR-AT, SAT and DDC-AT training, each starting from the clean model;
 4. SEA of the four models at several eps on the first validation images, with
    the adversarial examples saved (``tools/test.py --show-dir``);
-5. the report in ``WORK_DIR/report``: ``report.md``, ``report.json``,
-   ``robustness_curve.png`` and a picture grid per model (``examples_<model>.png``).
+5. the common corruptions of the four models on the same images
+   (``tools/test.py ... evaluator=Corruptions``): by default the 15 benchmark
+   corruptions at severities 1-5 (``--corruptions``, ``--severities``);
+6. the report in ``WORK_DIR/report``: ``report.md``, ``report.json``,
+   ``robustness_curve.png``, a picture grid per model (``examples_<model>.png``),
+   and of the corruptions ``corruption_heatmap.png`` (mIoU per corruption and
+   severity) and ``corruption_severity.png`` (mIoU per category against severity).
 
 The trainings write where ``tools/train.py CONFIG`` does (``work_dirs/<config
 name>/``), so the README's commands for the synthetic configs (which start from
 ``work_dirs/upernet_convnext-micro_synthetic/iter_<N>.pth``) continue from the
 demo's models; with other ``--clean-iters``/``--at-iters`` they go to
-``WORK_DIR/train/<model>-<N>it`` instead. SEA runs and the report are in WORK_DIR.
+``WORK_DIR/train/<model>-<N>it`` instead. SEA runs (``WORK_DIR/sea/<model>``),
+corruption runs (``WORK_DIR/corruptions/<model>``) and the report are in WORK_DIR.
 
 Trainings and evaluations run as the stock ``tools/train.py`` / ``tools/test.py``
 in subprocesses, as a dependency graph (each robust training after the clean
-one, each SEA run after its model's training), ``--jobs`` at a time, longest
-chain first, so that every core has work to the end. Threads: the clean training
-runs alone and uses every core; the robust trainings run next to another job
-and use their share of the cores (a fixed number, so that their weights do not
-depend on timing: CPU training is not bit-identical across thread counts); the
-SEA runs (whose results do not depend on the thread count) share what is left
-and are given more threads as other jobs finish (``torch.set_num_threads`` on a
-signal). A progress line (each job's iteration or batch, and the demo's ETA from
-a cost model calibrated on the progress so far) is printed every few seconds.
-The defaults take about 11 minutes on 2 CPU cores (the clean training about 2,
-the robust ones about 3.5 with two at a time, the four SEA runs about 5.5); the
-SEA settings are reduced from the paper's (``--sea-iters 300``, all 100 images,
-more radii) and the report says which were used.
+one, each SEA run and each corruption run after its model's training),
+``--jobs`` at a time, longest chain first, so that every core has work to the
+end. Threads: the clean training runs alone and uses every core; the robust
+trainings run next to another job and use their share of the cores (a fixed
+number, so that their weights do not depend on timing: CPU training is not
+bit-identical across thread counts); the SEA and corruption runs (whose results
+do not depend on the thread count) share what is left and are given more
+threads as other jobs finish (``torch.set_num_threads`` on a signal). A progress
+line (each job's iteration, batch or pass, and the demo's ETA from a cost model
+calibrated on the progress so far) is printed every few seconds. With the
+defaults on 2 CPU cores the trainings and SEA runs take about 11 minutes (the
+clean training about 2, the robust ones about 3.5 with two at a time, the four
+SEA runs about 5.5), and a corruption run (the 15 corruptions at 5 severities
+of 24 images) about 20 s with one thread. The SEA settings are reduced
+from the paper's (``--sea-iters 300``, all 100 images, more radii), the
+corruptions are evaluated on the SEA images only, and the report says which
+settings were used.
 """
 
 import argparse
@@ -72,6 +84,11 @@ MODELS = {
 #: to the speed measured so far, so only the ratios matter then.
 TRAIN_COST = {'clean': 0.135, 'PIR-AT': 0.30, 'SAT': 0.27, 'DDC-AT': 0.54}
 SEA_COST = {'clean': 0.026, 'PIR-AT': 0.0287, 'SAT': 0.0287, 'DDC-AT': 0.0287}
+#: seconds per image pass (one image corrupted, loaded and segmented) of a
+#: corruption run with one thread; measured on a 2-core x86-64 CPU (2026-12-06,
+#: the 15 benchmark corruptions at 5 severities of 24 images in 13 s, the
+#: numba compilation of glass_blur included, with the other core busy)
+CORRUPTION_COST = 0.0075
 #: speed-up of one job from 1 to n threads (the rest of the cores idle); measured
 #: for the small model's forward and backward passes (1.3-1.4 with 2 threads; the
 #: training loop gains less, which TRAIN_COST['clean'], run with 2 threads, absorbs)
@@ -135,7 +152,21 @@ def parse_args(argv=None):
         '--sea-images',
         type=int,
         default=24,
-        help='validation images evaluated (all: 100)',
+        help='validation images evaluated with SEA and the corruptions (all: 100)',
+    )
+    p.add_argument(
+        '--corruptions',
+        default='benchmark',
+        help='common corruptions evaluated on the SEA images (evaluator.corruptions '
+        'of evaluator=Corruptions: benchmark (the 15), all (19), a category noise|'
+        'blur|weather|digital|holdout, or comma-separated names; none: skip)',
+    )
+    p.add_argument(
+        '--severities',
+        type=int,
+        nargs='+',
+        default=[1, 2, 3, 4, 5],
+        help='corruption severities (1-5)',
     )
     p.add_argument(
         '--grid-images', type=int, default=4, help='rows of each picture grid'
@@ -143,7 +174,19 @@ def parse_args(argv=None):
     p.add_argument(
         '--poll', type=float, default=10.0, help='seconds between progress lines'
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.corruptions.strip().lower() != 'none':
+        from mmseg_robust.datasets.corruptions import (
+            resolve_corruptions,
+            resolve_severities,
+        )
+
+        try:
+            resolve_corruptions(args.corruptions)
+            resolve_severities(args.severities)
+        except ValueError as e:
+            p.error(f'--corruptions/--severities: {e}')
+    return args
 
 
 def config_iters(config: str) -> int:
@@ -154,7 +197,7 @@ def config_iters(config: str) -> int:
 
 
 class Job:
-    """One subprocess of the demo: a training or a SEA run."""
+    """One subprocess of the demo: a training, a SEA run or a corruption run."""
 
     def __init__(
         self, name, cmd, log, cost, deps=(), threads='share', lines_per_batch=None
@@ -369,6 +412,64 @@ class Demo:
                 return path
         return None
 
+    def corruption_dir(self, model):
+        return osp.join(self.work, 'corruptions', model)
+
+    def corruption_settings(self):
+        """What the corruption runs evaluate (None: ``--corruptions none``)."""
+        if self.args.corruptions.strip().lower() == 'none':
+            return None
+        from mmseg_robust.datasets.corruptions import (
+            resolve_corruptions,
+            resolve_severities,
+        )
+
+        return dict(
+            names=resolve_corruptions(self.args.corruptions),
+            severities=resolve_severities(self.args.severities),
+            images=self.args.sea_images,
+        )
+
+    def corruption_result(self, model):
+        """The newest corruption results file of ``model`` with the demo's
+        settings."""
+        want = self.corruption_settings()
+        for path in sorted(
+            glob.glob(osp.join(self.corruption_dir(model), 'robustness_*.json')),
+            reverse=True,
+        ):
+            from mmseg_robust.evaluation import load_results
+
+            try:
+                res = load_results(path)
+            except ValueError:  # not a results file (or cut short): skip it
+                continue
+            info = res.corruptions or {}
+            got = dict(
+                names=list(info.get('names') or []),
+                severities=list(info.get('severities') or []),
+                images=res.summary.get('num_images'),
+            )
+            if got == want:
+                return path
+        return None
+
+    def corruption_cmd(self, model):
+        s = self.corruption_settings()
+        return [
+            'tools/test.py',
+            osp.join(CONFIG_DIR, MODELS[model][0]),
+            self.checkpoint(model),
+            '--work-dir',
+            self.corruption_dir(model),
+            '--cfg-options',
+            'evaluator=Corruptions',
+            f'evaluator.corruptions={self.args.corruptions}',
+            f'evaluator.severities=[{",".join(map(str, s["severities"]))}]',
+            f'test_dataloader.dataset.indices={s["images"]}',
+            'test_dataloader.batch_size=8',
+        ] + self.data_opts()
+
     def sea_cmd(self, model):
         s = self.sea_settings()
         eps = ','.join(f'{e:g}' for e in s['eps'])
@@ -419,6 +520,22 @@ class Demo:
                 deps=[f'train {m}'],
                 threads='dynamic',
                 lines_per_batch=SEA_LINES_PER_EPS * len(s['eps']),
+            )
+        c = self.corruption_settings()
+        for m in MODELS if c else ():
+            name = f'corruptions {m}'
+            path = self.corruption_result(m)
+            if path is not None:
+                self.say(f'{name}: already evaluated: {path}')
+                continue
+            passes = 1 + len(c['names']) * len(c['severities'])
+            jobs[name] = Job(
+                name,
+                self.corruption_cmd(m),
+                osp.join(self.corruption_dir(m), 'test.log'),
+                CORRUPTION_COST * c['images'] * passes,
+                deps=[f'train {m}'],
+                threads='dynamic',
             )
         for j in jobs.values():  # dependencies already met
             j.deps = [d for d in j.deps if d in jobs]
@@ -570,15 +687,28 @@ class Demo:
         from mmseg_robust.datasets.synthetic import CLASSES, PALETTE
         from mmseg_robust.reporting import (
             load_example,
-            load_result,
+            load_rows,
             save_picture_grid,
             write_report,
         )
 
         out = osp.join(self.work, 'report')
         self.say(f'report: writing {out}')
-        rows = [load_result(self.sea_result(m), name=m) for m in MODELS]
+        files = [(self.sea_result(m), m) for m in MODELS]
+        if self.corruption_settings():
+            files += [(self.corruption_result(m), m) for m in MODELS]
+        rows = load_rows([f for f, _ in files], [m for _, m in files])
         s = self.sea_settings()
+        c = self.corruption_settings()
+        corruptions = (
+            {
+                'corruptions': f'{self.args.corruptions}, severities '
+                + ', '.join(map(str, c['severities']))
+                + ', on the SEA images'
+            }
+            if c
+            else {}
+        )
         settings = {
             'attack': 'SEA (APGD with Mask-CE-Bal, Mask-CE, JS-Avg; worst case)',
             'iterations per attack': s['steps'],
@@ -588,6 +718,7 @@ class Demo:
                 f'clean {self.iters("clean")} it; PIR-AT/SAT/DDC-AT '
                 f'{self.iters("SAT")} it from the clean model'
             ),
+            **corruptions,
             'machine': machine(torch),
             'date': datetime.now().strftime('%Y-%m-%d'),
         }
@@ -644,13 +775,19 @@ _ITER = re.compile(
 )
 _ROBUST = re.compile(r'Robustness \[(\d+)/(\d+) batches\] (.*)')
 _ATTACK = re.compile(r'(?:running|last attack) (eps [^,]+)')
+_CORRUPTION = re.compile(
+    r'Corruptions \[pass (\d+)/(\d+): ([^,]+), batch \d+/\d+\] image passes '
+    r'computed on this rank: (\d+)/(\d+), ETA (\S+)'
+)
 
 
 def progress(log: str, fraction: bool = False, lines_per_batch: int | None = None):
     """A short progress string from a tools/train.py or tools/test.py log (with
-    ``fraction``: ``(string, fraction done)``). Within a batch of a SEA run the
-    fraction counts its progress lines (an attack or an APGD stage started) against
-    those of a finished batch, or ``lines_per_batch`` before one has finished."""
+    ``fraction``: ``(string, fraction done)``). A corruption run's fraction is
+    its image passes computed against those to compute. Within a batch of a SEA
+    run the fraction counts its progress lines (an attack or an APGD stage
+    started) against those of a finished batch, or ``lines_per_batch`` before
+    one has finished."""
     try:
         with open(log, errors='replace') as f:
             lines = f.readlines()
@@ -660,7 +797,12 @@ def progress(log: str, fraction: bool = False, lines_per_batch: int | None = Non
     lines = lines[starts[-1] + 1 if starts else 0 :][-400:]
     text, frac = 'starting', 0.0
     robust = [m.groups() for m in map(_ROBUST.search, lines) if m]
-    if robust:
+    corrupted = [m.groups() for m in map(_CORRUPTION.search, lines) if m]
+    if corrupted:
+        u_done, u_total, unit, done, total, eta = corrupted[-1]
+        text = f'pass {u_done}/{u_total} ({unit}) ETA {eta}'
+        frac = int(done) / max(int(total), 1)
+    elif robust:
         done, total, rest = robust[-1]
         done, total = int(done), int(total)
         attack = _ATTACK.search(rest)
