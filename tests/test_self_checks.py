@@ -496,6 +496,45 @@ def test_evaluator_option_turns_checks_off():
     assert cfg.test_cfg.self_checks is False
 
 
+PROBE_NAMES = ('large_radius', 'gradient_free')
+
+
+def test_evaluator_option_probes():
+    """`--cfg-options evaluator.probes=...` as tools/test.py parses it reaches
+    the loop and its evaluator; unknown probes fail before the Runner."""
+    from argparse import ArgumentParser
+
+    from mmengine.config import Config, DictAction
+
+    from mmseg_robust.engine.presets import (
+        apply_robustness_evaluator,
+        normalize_evaluator_options,
+    )
+    from mmseg_robust.evaluation.probes import probe_settings
+
+    path = osp.join(REPO, 'configs', 'synthetic', 'upernet_convnext-micro_synthetic.py')
+    parser = ArgumentParser()
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    for given, expected in (
+        (['evaluator.probes=large_radius'], {'large_radius'}),
+        (['evaluator.probes=large_radius,gradient_free'], set(PROBE_NAMES)),
+        (['evaluator.probes=True'], set(PROBE_NAMES)),
+    ):
+        cfg = Config.fromfile(path)
+        options = parser.parse_args(
+            ['--cfg-options', 'evaluator=PGD', 'evaluator.class_weights=[1,1,1,1,1]']
+            + given
+        ).cfg_options
+        cfg.merge_from_dict(normalize_evaluator_options(options))
+        apply_robustness_evaluator(cfg)
+        assert set(probe_settings(cfg.test_cfg.probes)) == expected, given
+    cfg = Config.fromfile(path)
+    with pytest.raises(ValueError, match='unknown probe'):
+        apply_robustness_evaluator(
+            cfg, dict(type='PGD', probes='square', class_weights=[1] * 5)
+        )
+
+
 # ----------------------------------------------------- end to end, tools/test.py
 def _results(work):
     files = sorted(glob.glob(osp.join(work, 'robustness_*.json')))

@@ -88,6 +88,11 @@ class _AdversarialEvalMixin:
             ``'stat'`` (sizes and modification times in ns) or ``'content'``
             (BLAKE2b of the bytes); see :mod:`mmseg_robust.engine.result_cache`.
             Default: ``'stat'``.
+        probes (bool | str | list | dict, optional): the opt-in probes of the
+            attack outcome on the first attacked batch, ``'large_radius'``
+            and/or ``'gradient_free'`` (True: both; see
+            :class:`~mmseg_robust.evaluation.RobustnessEvaluator` and
+            docs/flags.md). Default: None.
     """
 
     _stage = 'test'  # the hooks' stage: 'test' or 'val'
@@ -105,6 +110,7 @@ class _AdversarialEvalMixin:
         log_interval: Optional[int] = None,
         self_checks: Optional[bool] = None,
         data_digest: str = 'stat',
+        probes=None,
     ) -> None:
         # mmengine's TestLoop / ValLoop (attacks run in fp32)
         super().__init__(runner, dataloader, evaluator, fp16=False)
@@ -121,6 +127,7 @@ class _AdversarialEvalMixin:
             seed=seed,
             self_checks=bool(self_checks),
             ignore_index=ignore_index_of(self.runner.model),
+            probes=probes,
         )
         self.self_checks = self.robustness.self_checks
         self.attack_cfgs = self.robustness.attack_cfgs

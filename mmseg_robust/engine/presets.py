@@ -78,6 +78,7 @@ _OPTIONS = (
     'eps_units',
     'clean_candidate',
     'data_digest',
+    'probes',
     'corruptions',
     'severities',
 )
@@ -199,7 +200,9 @@ def apply_robustness_evaluator(cfg: Config, spec: Optional[object] = None) -> Co
             steps=300, seed=0, class_weights=None, norm='Linf', resume=True,
             worst_case_modes=['best', 'reference'], log_interval=1,
             self_checks=True, compat='default', eps_units=None,
-            clean_candidate=False, data_digest='stat')``; ``eps_units='255'``
+            clean_candidate=False, data_digest='stat', probes=None)``;
+            ``probes='large_radius'|'gradient_free'|True`` runs the opt-in
+            probes of the attack outcome (docs/flags.md); ``eps_units='255'``
             confirms eps in /255 units (no unit warnings);
             ``clean_candidate=True`` counts the clean image in the worst case
             (docs/algorithms.md section 4);
@@ -283,6 +286,15 @@ def apply_robustness_evaluator(cfg: Config, spec: Optional[object] = None) -> Co
                 f'{spec["data_digest"]!r}'
             )
         test_cfg['data_digest'] = spec['data_digest']
+    if spec.get('probes') not in (None, False):
+        # the opt-in probes of the attack outcome (docs/flags.md)
+        from mmseg_robust.evaluation.probes import probe_settings
+
+        probes = spec['probes']
+        if isinstance(probes, str) and probes.strip().lower() in ('true', 'all'):
+            probes = True
+        probe_settings(probes)  # unknown names fail here, not in the Runner
+        test_cfg['probes'] = probes
     if 'self_checks' in spec:
         # docs/flags.md: on unless turned off
         test_cfg['self_checks'] = _as_bool(spec['self_checks'], 'evaluator.self_checks')

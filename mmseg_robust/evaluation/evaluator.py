@@ -38,6 +38,7 @@ from mmseg_robust.attacks.base import PASS_KEYS
 from mmseg_robust.registry import ATTACKS
 
 from .counts import RECORD_COUNT_KEYS, counts_of_batch, eps_key, pixel_accuracy
+from .probes import gradient_free_probe, large_radius_probe, probe_settings
 from .self_checks import (
     Flag,
     LogitsWatch,
@@ -431,6 +432,14 @@ class RobustnessEvaluator:
         ignore_index (int): the label the decode head ignores (the attacks
             ignore it too): ``ignore_index_of(model)``
             (:mod:`mmseg_robust.models.pixel_space`). Default: 255.
+        probes (bool | str | list | dict, optional): the opt-in probes of the
+            attack outcome, run on the first attacked batch
+            (:mod:`~mmseg_robust.evaluation.probes`, docs/flags.md):
+            ``'large_radius'`` (APGD-CE at 4 x the largest eps must reach
+            near-0 accuracy), ``'gradient_free'`` (the Square Attack on 4
+            images must not beat the white-box worst case), both (True), or
+            ``{name: {setting: value}}``. They need ``self_checks``.
+            Default: None.
 
     Raises:
         ValueError: without attacks or eps, with ``eps`` or another
@@ -450,7 +459,14 @@ class RobustnessEvaluator:
         seed: int = 0,
         self_checks: bool = True,
         ignore_index: int = 255,
+        probes=None,
     ) -> None:
+        self.probes = probe_settings(probes)
+        if self.probes and not self_checks:
+            raise ValueError(
+                f'the probes {sorted(self.probes)} are self-checks: set '
+                'self_checks=True (evaluator.self_checks) or drop the probes'
+            )
         if isinstance(attacks, dict):
             attacks = [attacks]
         if not attacks:
@@ -587,6 +603,10 @@ class RobustnessEvaluator:
                         eps_name,
                         ignore,
                     )
+                    if 'gradient_free' in self.probes:
+                        checks.add(
+                            [self._gradient_free_probe(view, keys, seeds, e, worst)]
+                        )
                 if examples:
                     rgb = _is_rgb(view)
                     for i, w in enumerate(worst):
@@ -603,8 +623,44 @@ class RobustnessEvaluator:
                             adv_pred=w.adv_pred,
                             rgb=rgb,
                         )
+            if pending and 'large_radius' in self.probes:
+                settings = self.probes['large_radius']
+                flag, _ = large_radius_probe(
+                    view,
+                    view.images,
+                    labels,
+                    None,
+                    seeds,
+                    max(self.eps_list),
+                    norm=self.attacks[self.eps_list[0]][0].norm,
+                    ignore_index=ignore,
+                    **settings,
+                )
+                checks.add([flag])
         flags = checks.take_batch_flags() if checks else []
         return BatchResult(records, found, flags)
+
+    def _gradient_free_probe(self, view, keys, seeds, e, worst) -> Optional[Flag]:
+        """The Square Attack at ``e`` on the first images of the batch against
+        their white-box worst case (:func:`~mmseg_robust.evaluation.probes.
+        gradient_free_probe`); L-inf evaluations only."""
+        if self.attacks[e][0].norm != 'Linf':
+            return None
+        settings = dict(self.probes['gradient_free'])
+        n = max(1, int(settings.pop('images')))
+        flag, _ = gradient_free_probe(
+            view,
+            view.images[:n],
+            view.labels[:n],
+            None,
+            seeds[:n],
+            e,
+            [100.0 * w.adv_acc for w in worst[:n]],
+            keys[:n],
+            ignore_index=self.ignore_index,
+            **settings,
+        )
+        return flag
 
     def _attack_at(
         self,

@@ -103,6 +103,8 @@ FLAG_CODES = OrderedDict(
     prediction_mismatch='warning',
     robust_rises_with_eps='warning',
     image_accuracy_rises_with_eps='warning',
+    large_radius_probe='warning',
+    gradient_free_probe='warning',
 )
 
 LEVELS = ('warning', 'error')
