@@ -39,9 +39,9 @@ from mmseg_robust.datasets.corruptions import (  # noqa: E402
     SEVERITIES,
     category_of,
     corrupt_image,
+    corruption_library_versions,  # noqa: E402
     corruption_seed,
 )
-from mmseg_robust.engine.corruption_loop import _library_versions  # noqa: E402
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -156,7 +156,7 @@ def main(argv=None):
         statistic='median over repeats, after one first call per corruption, '
         'severity and size',
         numba_compile_s=compile_s,
-        libraries=_library_versions(),
+        libraries=corruption_library_versions(),
         note=args.note,
         rows=rows,
     )

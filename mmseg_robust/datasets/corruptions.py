@@ -40,6 +40,7 @@ __all__ = [
     'SEVERITIES',
     'category_of',
     'corrupt_image',
+    'corruption_library_versions',
     'corruption_package',
     'corruption_seed',
     'resolve_corruptions',
@@ -315,3 +316,27 @@ def with_corruption(
         'the test pipeline has no image loading transform (LoadImageFromFile) '
         'to put the corruption after; corruptions apply to the image as loaded'
     )
+
+
+def corruption_library_versions() -> dict:
+    """The versions the corrupted images depend on (in the cache key and the
+    results file)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in (
+        'imagecorruptions-imaug',
+        'imagecorruptions',
+        'numpy',
+        'scipy',
+        'scikit-image',
+        'opencv-python',
+        'opencv-python-headless',
+        'numba',
+        'Pillow',
+    ):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return out

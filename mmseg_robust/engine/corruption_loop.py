@@ -25,6 +25,7 @@ from mmengine.logging import print_log
 from mmengine.runner import TestLoop
 
 from mmseg_robust.datasets.corruptions import (
+    corruption_library_versions,
     corruption_package,
     resolve_corruptions,
     resolve_severities,
@@ -238,7 +239,7 @@ class CorruptionTestLoop(TestLoop):
         description.update(
             evaluation='corruptions',
             seed=self.seed,
-            corruption_libraries=_library_versions(),
+            corruption_libraries=corruption_library_versions(),
         )
         self.cache = ResultCache.for_evaluation(
             self.runner.work_dir, description, get_rank()
@@ -256,7 +257,7 @@ class CorruptionTestLoop(TestLoop):
                     seed=self.seed,
                     checkpoint=getattr(self.runner, '_load_from', None),
                     timestamp=self.runner.timestamp,
-                    libraries=_library_versions(),
+                    libraries=corruption_library_versions(),
                 )
 
     def _run_pass(
@@ -370,27 +371,3 @@ class _Pool:
         out = {k: v.tolist() for k, v in self.arrays.items()}
         out.update(correct=self.correct, valid=self.valid, images=self.images)
         return out
-
-
-def _library_versions() -> dict:
-    """The versions the corrupted images depend on (in the cache key and the
-    results file)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in (
-        'imagecorruptions-imaug',
-        'imagecorruptions',
-        'numpy',
-        'scipy',
-        'scikit-image',
-        'opencv-python',
-        'opencv-python-headless',
-        'numba',
-        'Pillow',
-    ):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return out

@@ -50,11 +50,11 @@ from mmengine.utils import ProgressBar
 import mmseg_robust  # noqa: F401 (registers Corrupt and the package's datasets)
 from mmseg_robust.datasets.corruptions import (
     Corrupt,
+    corruption_library_versions,
     resolve_corruptions,
     resolve_severities,
     with_corruption,
 )
-from mmseg_robust.engine.corruption_loop import _library_versions
 
 FORMATS = {'png': '.png', 'jpg': '.jpg'}
 #: The state the worker processes read (set before the pool forks).
@@ -372,7 +372,7 @@ def make_corrupted(args):
         seed=args.seed,
         format=args.format,
         img_suffix=new_suffix,
-        libraries=_library_versions(),
+        libraries=corruption_library_versions(),
         seconds=round(time.time() - start, 1),
     )
     if args.format == 'jpg':
