@@ -97,6 +97,17 @@ METHODS = collections.OrderedDict(
         ('SEA-Tsallis', ['Mask-CE-Bal', 'Tsallis-CE', 'JS-Avg']),
     ]
 )
+#: the models evaluated by default, when found: the demo's four and the PIR-AT
+#: models of benchmarks/train_frontier_models.py (its clean models, their
+#: starting points, with ``--models``)
+DEFAULT_MODELS = (
+    'clean',
+    'PIR-AT',
+    'SAT',
+    'DDC-AT',
+    'SegFormer-PIR-AT',
+    'DeepLabV3+-PIR-AT',
+)
 #: the methods whose preset bars are reported (every method but SEA)
 PRESET_CANDIDATES = tuple(m for m in METHODS if m != 'SEA')
 REFERENCE = 'SEA'
@@ -619,11 +630,12 @@ def plot(rows: list, path: str) -> None:
                     ys,
                     yerr=es,
                     marker=markers[k % len(markers)],
-                    color=cmap(k % 20),
+                    # the reference stands out
+                    color='black' if method == REFERENCE else cmap(k % 20),
                     label=method,
                     capsize=2,
-                    linewidth=1,
-                    markersize=4,
+                    linewidth=1.5 if method == REFERENCE else 1,
+                    markersize=6 if method == REFERENCE else 4,
                 )
             ax.set_title(f'{model}, eps {e:g}/255', fontsize=9)
             ax.set_xlabel('passes per image (forward+backward)', fontsize=8)
@@ -716,7 +728,12 @@ def parse_args(argv=None):
         metavar='NAME=CONFIG:CHECKPOINT',
         help='a model besides (or instead of) the discovered ones',
     )
-    p.add_argument('--models', nargs='+', help='evaluate only these (default: all)')
+    p.add_argument(
+        '--models',
+        nargs='+',
+        help='the models evaluated (default: those of DEFAULT_MODELS found, and '
+        'every --model)',
+    )
     p.add_argument(
         '--clean-models',
         nargs='*',
@@ -783,6 +800,11 @@ def main(argv=None):
                 '--model NAME=CONFIG:CHECKPOINT'
             )
         models = collections.OrderedDict((m, models[m]) for m in args.models)
+    else:
+        given = {spec.partition('=')[0] for spec in args.model}
+        models = collections.OrderedDict(
+            (m, s) for m, s in models.items() if m in DEFAULT_MODELS or m in given
+        )
     if not models:
         raise SystemExit(
             'no models found: run tools/demo.py (--demo-dir, --train-root) and '

@@ -212,3 +212,63 @@ def test_preset_bars():
     assert (bars['C']['stronger'], bars['C']['cheaper']) == (False, True)
     assert (bars['D']['stronger'], bars['D']['cheaper']) == (False, False)
     assert bars['C']['max_passes_ratio'] == 0.5
+
+
+def test_sea_members_alone_are_configured_as_in_sea():
+    """A method made of SEA's members is SEA: each unit builds the attack SEA
+    builds for that member (up to its name and random starts)."""
+    from mmseg_robust.attacks import SEA
+    from mmseg_robust.registry import ATTACKS
+
+    frontier = _frontier()
+    weights = [0.1, 0.2, 0.3, 0.2, 0.2]
+    sea = SEA(eps=8, steps=300, class_weights=weights, eps_units='255')
+    assert frontier.METHODS['SEA'] == [
+        name[len('APGD-') :] for name in sea.record_names()
+    ]
+    for name, member in zip(frontier.METHODS['SEA'], sea.attacks.values()):
+        cfg = frontier.unit_config(name, 1.0, weights)
+        alone = ATTACKS.build(dict(cfg, eps=8, eps_units='255'))
+        assert type(alone) is type(member)
+        assert repr(alone.objective) == repr(member.objective)
+        for key, value in vars(member).items():
+            if key not in ('objective', 'name', '_name'):
+                assert repr(getattr(alone, key)) == repr(value), key
+    assert frontier.unit_config('JS-Avg', 0.5)['steps'] == 150
+    assert frontier.unit_seed(0, 'JS-Avg') != frontier.unit_seed(0, 'Mask-CE')
+    assert frontier.unit_seed(1, 'JS-Avg') != frontier.unit_seed(0, 'JS-Avg')
+
+
+def test_discover_models(tmp_path):
+    """The demo's checkpoints where tools/demo.py writes them, the trained
+    models' list, and --model entries (which win)."""
+    frontier = _frontier()
+
+    def touch(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b'')
+        return str(path)
+
+    root, demo = tmp_path / 'work_dirs', tmp_path / 'demo'
+    clean = touch(root / 'upernet_convnext-micro_synthetic' / 'iter_1000.pth')
+    touch(demo / 'train' / 'PIR-AT-20it' / 'iter_20.pth')
+    pirat = touch(demo / 'train' / 'PIR-AT-40it' / 'iter_40.pth')
+    seg = touch(tmp_path / 'seg.pth')
+    listed = tmp_path / 'models.json'
+    listed.write_text(
+        json.dumps(
+            {
+                'SegFormer-PIR-AT': dict(config='c.py', checkpoint=seg),
+                'DeepLabV3+-PIR-AT': dict(config='d.py', checkpoint='/missing.pth'),
+            }
+        )
+    )
+    found = frontier.discover_models(
+        str(demo), str(root), str(listed), ['SAT=s.py:/x/s.pth']
+    )
+    assert list(found) == ['clean', 'PIR-AT', 'SegFormer-PIR-AT', 'SAT']
+    assert found['clean']['checkpoint'] == clean
+    assert found['PIR-AT']['checkpoint'] == pirat  # the longest training
+    assert found['SAT'] == dict(config='s.py', checkpoint='/x/s.pth')
+    with pytest.raises(SystemExit, match='NAME=CONFIG:CHECKPOINT'):
+        frontier.discover_models(None, str(root), None, ['SAT'])
