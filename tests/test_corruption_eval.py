@@ -1,4 +1,4 @@
-"""The common-corruption evaluation end to end (docs/algorithms.md section 7):
+"""The common-corruption evaluation end to end (docs/algorithms.md section 8):
 ``tools/test.py CFG CKPT --cfg-options evaluator=Corruptions`` on the miniature
 real-format ADE20K and Cityscapes trees with shrunk shipped configs.
 

@@ -1,4 +1,4 @@
-"""The common corruptions at the unit level (docs/algorithms.md section 7): the
+"""The common corruptions at the unit level (docs/algorithms.md section 8): the
 corrupted images against the ``imagecorruptions`` package's own output, their
 seeds (reproducible, restoring numpy's global generator), the channel order,
 grayscale and small images, the missing package, the names and severities

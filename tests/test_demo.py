@@ -141,10 +141,17 @@ def test_corruption_stage_skipped_only_with_the_same_settings(
 ):
     """A corruption run after each model's training, on the SEA images; its
     result found again only with the same corruptions, severities and images."""
+    # other iteration counts than the defaults: the trainings' checkpoints are
+    # looked for in the test's work dir, not in the checkout's work_dirs/ (where
+    # a `make demo` puts them)
     d = demo.Demo(
         _args(
             demo,
             tmp_path,
+            '--clean-iters',
+            '999',
+            '--at-iters',
+            '299',
             '--sea-images',
             '5',
             '--corruptions',

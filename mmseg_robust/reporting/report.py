@@ -1140,7 +1140,7 @@ def write_report(
             '',
             'mIoU in %: clean, under the attack (worst case) and under the common '
             'corruptions (mPC: the mean over corruptions and severities; rPC: mPC '
-            'relative to clean, docs/algorithms.md section 7).',
+            'relative to clean, docs/algorithms.md section 8).',
             '',
             format_overview_table(rows, 'markdown'),
             '',
@@ -1198,7 +1198,7 @@ def _corruption_section(rows: List[dict], paths: dict, heading: bool) -> List[st
         'and aAcc pooled over the pixels of all images. mPC is the mean over the '
         'benchmark corruptions and the severities, rPC = mPC / clean, each '
         "category's number the mean over its corruptions and the severities "
-        "(docs/algorithms.md section 7). Clean is the corruption evaluation's "
+        "(docs/algorithms.md section 8). Clean is the corruption evaluation's "
         'own clean pass.',
         '',
         format_corruption_table(rows, 'markdown'),
