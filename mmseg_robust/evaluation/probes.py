@@ -20,6 +20,9 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from mmseg_robust.attacks.seg_logits import effective_valid, num_correct
+
+from .counts import pixel_accuracy
 from .self_checks import Flag
 
 __all__ = [
@@ -65,16 +68,13 @@ def probe_settings(probes) -> dict:
     return out
 
 
-def _pixel_accuracy(pred: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
-    """Per image, percent; NaN without valid pixels."""
-    correct = ((pred == labels) & valid).flatten(1).sum(1).double()
-    n = valid.flatten(1).sum(1).double()
-    return torch.where(n > 0, 100.0 * correct / n.clamp_min(1), float('nan'))
-
-
-def _valid(labels: Tensor, valid: Optional[Tensor], ignore_index: int) -> Tensor:
-    mask = labels != ignore_index
-    return mask if valid is None else mask & valid
+def _accuracies(pred: Tensor, labels: Tensor, valid, ignore_index: int) -> Tensor:
+    """Per image pixel accuracy in percent (NaN without valid pixels), the
+    evaluation's one per-image accuracy (:func:`~mmseg_robust.evaluation.
+    pixel_accuracy`)."""
+    mask = effective_valid(labels, valid, ignore_index)
+    acc = pixel_accuracy(num_correct(pred, labels, mask), mask.sum(dim=(1, 2)))
+    return 100.0 * torch.as_tensor(acc, dtype=torch.float64).reshape(-1)
 
 
 def large_radius_probe(
@@ -111,7 +111,7 @@ def large_radius_probe(
         name='large-radius probe',
     )
     out = attack.run(model, images, labels, valid, seeds=list(seeds))
-    acc = _pixel_accuracy(out.adv_pred, labels, _valid(labels, valid, ignore_index))
+    acc = _accuracies(out.adv_pred, labels, valid, ignore_index)
     kept = acc[~torch.isnan(acc)]
     mean = float(kept.mean()) if kept.numel() else float('nan')
     details = dict(
@@ -172,7 +172,7 @@ def gradient_free_probe(
         eps=eps, queries=int(queries), ignore_index=ignore_index, eps_units='255'
     )
     out = attack.run(model, images, labels, valid, seeds=list(seeds))
-    acc = _pixel_accuracy(out.adv_pred, labels, _valid(labels, valid, ignore_index))
+    acc = _accuracies(out.adv_pred, labels, valid, ignore_index)
     beaten: List[dict] = []
     for key, sq, wb in zip(keys, acc.tolist(), white_box):
         if sq == sq and wb == wb and sq < wb - tolerance:  # NaN-safe
