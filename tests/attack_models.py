@@ -5,6 +5,9 @@
   (``w`` (K, 3), ``offset`` (K, H, W)), the analytic oracle;
 - ``tiny_net(num_classes=4, seed=0, scale=0.8)``: a 2-layer conv net (per-image
   independent, deterministic; larger ``scale``, less robust);
+- ``MaskedGradients(model)``: the model with its input gradient negated, so
+  that gradient attacks go the wrong way (gradient masking in its plainest
+  form: the probes' trigger);
 - ``Recorder(model)``: wraps a model view, records every forward input and counts
   forwards, forwarded images and backward passes;
 - ``ImageCounter(model, images)``: wraps a model view and counts, per image of
@@ -44,6 +47,25 @@ def tiny_net(num_classes=4, seed=0, scale=0.8):
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * scale)
     return net.eval().requires_grad_(False)
+
+
+class _ReversedGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+class MaskedGradients(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(_ReversedGradient.apply(x))
 
 
 class _CountBackward(torch.autograd.Function):

@@ -200,29 +200,7 @@ def test_an_image_without_valid_pixels_has_no_accuracy(net, batch):
     assert not math.isnan(result.records[0].clean.accuracy)
 
 
-class _ReversedGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return -grad
-
-
-class _Masked(torch.nn.Module):
-    """The net with the input gradient negated: gradient attacks go the wrong
-    way (gradient masking in its plainest form)."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(_ReversedGradient.apply(x))
-
-
-def test_probes_flag_masked_gradients_through_the_evaluator(net, batch):
+def test_probes_flag_masked_gradients_through_the_evaluator(net, batch, attack_models):
     images, labels = batch
     attacks = [dict(type='APGD', steps=5)]
     ev = RobustnessEvaluator(
@@ -230,13 +208,13 @@ def test_probes_flag_masked_gradients_through_the_evaluator(net, batch):
         eps=8,
         probes=dict(large_radius={}, gradient_free=dict(queries=60, images=2)),
     )
-    result = ev.evaluate(View(_Masked(net), images, labels), KEYS)
+    result = ev.evaluate(View(attack_models.MaskedGradients(net), images, labels), KEYS)
     codes = [f.code for f in result.flags]
     assert 'large_radius_probe' in codes and 'gradient_free_probe' in codes
     probe = next(f for f in result.flags if f.code == 'gradient_free_probe')
     assert len(probe.details['square']) == 2  # the first two images only
     # the probes run on the first attacked batch only
-    again = ev.evaluate(View(_Masked(net), images, labels), KEYS)
+    again = ev.evaluate(View(attack_models.MaskedGradients(net), images, labels), KEYS)
     assert not any(f.code.endswith('_probe') for f in again.flags)
     # and need the self-checks
     with pytest.raises(ValueError, match='self_checks=True'):

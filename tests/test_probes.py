@@ -18,23 +18,6 @@ from mmseg_robust.evaluation.probes import (
 pytestmark = pytest.mark.usefixtures('attack_one_thread')
 
 
-class _ReversedGradient(torch.autograd.Function):
-    """Identity forward, negated gradient: the gradient of every objective
-    points away from the attack's goal (a model that masks its gradients)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return -grad
-
-
-def _masked(model):
-    return lambda x: model(_ReversedGradient.apply(x))
-
-
 def _flippable(attack_models, b=3, h=8, w=8, seed=0):
     """A per-pixel linear 2-class model: images near one base image, every
     pixel correct by a logit margin between 0.4 and 2.6, while an L-inf move
@@ -137,7 +120,9 @@ def test_large_radius_probe_triggers_on_masked_gradients(attack_models):
     flag, details = large_radius_probe(model, x, y, None, [0, 1, 2], eps=8)
     assert flag is None, details
     assert details['radius'] == 32 and details['mean_accuracy'] <= 5.0
-    flag, details = large_radius_probe(_masked(model), x, y, None, [0, 1, 2], eps=8)
+    flag, details = large_radius_probe(
+        attack_models.MaskedGradients(model), x, y, None, [0, 1, 2], eps=8
+    )
     assert flag.code == 'large_radius_probe' and flag.level == 'warning'
     assert details['mean_accuracy'] > details['max_accuracy']
     assert 'APGD-CE at 32/255' in flag.message
@@ -148,7 +133,10 @@ def test_gradient_free_probe_triggers_when_square_beats_the_white_box(attack_mod
 
     model, x, y = _flippable(attack_models)
     keys = ['a.png', 'b.png', 'c.png']
-    for view, expect in ((model, None), (_masked(model), 'gradient_free_probe')):
+    for view, expect in (
+        (model, None),
+        (attack_models.MaskedGradients(model), 'gradient_free_probe'),
+    ):
         white = APGD(eps=4, steps=20, eps_units='255').run(view, x, y, seeds=[0, 1, 2])
         white_box = (100 * _acc(white.adv_pred, y)).tolist()
         flag, details = gradient_free_probe(
