@@ -267,25 +267,12 @@ def apply_robustness_evaluator(cfg: Config, spec: Optional[object] = None) -> Co
         test_cfg['eps'] = [eps] if isinstance(eps, (int, float)) else list(eps)
     if 'seed' in spec:
         test_cfg['seed'] = metric['seed'] = int(spec['seed'])
-    if 'resume' in spec:
-        test_cfg['resume'] = _as_bool(spec['resume'], 'evaluator.resume')
-    if 'log_interval' in spec:
-        test_cfg['log_interval'] = int(spec['log_interval'])
+    _apply_loop_options(spec, test_cfg)
     if 'clean_candidate' in spec:
         # the clean image as a worst-case candidate (docs/algorithms.md sec. 4)
         metric['clean_candidate'] = _as_bool(
             spec['clean_candidate'], 'evaluator.clean_candidate'
         )
-    if 'data_digest' in spec:
-        # how the cache compares the data files: 'stat' or 'content'
-        from .result_cache import DATA_DIGESTS
-
-        if spec['data_digest'] not in DATA_DIGESTS:
-            raise ValueError(
-                f'evaluator.data_digest must be one of {DATA_DIGESTS}, got '
-                f'{spec["data_digest"]!r}'
-            )
-        test_cfg['data_digest'] = spec['data_digest']
     if spec.get('probes') not in (None, False):
         # the opt-in probes of the attack outcome (docs/flags.md)
         from mmseg_robust.evaluation.probes import probe_settings
@@ -321,6 +308,25 @@ def apply_robustness_evaluator(cfg: Config, spec: Optional[object] = None) -> Co
     return cfg
 
 
+def _apply_loop_options(spec: dict, test_cfg: dict) -> None:
+    """The options every evaluation loop takes: ``resume``, ``log_interval``
+    and ``data_digest`` (how the result cache compares the data files:
+    ``'stat'`` or ``'content'``)."""
+    if 'resume' in spec:
+        test_cfg['resume'] = _as_bool(spec['resume'], 'evaluator.resume')
+    if 'log_interval' in spec:
+        test_cfg['log_interval'] = int(spec['log_interval'])
+    if 'data_digest' in spec:
+        from .result_cache import DATA_DIGESTS
+
+        if spec['data_digest'] not in DATA_DIGESTS:
+            raise ValueError(
+                f'evaluator.data_digest must be one of {DATA_DIGESTS}, got '
+                f'{spec["data_digest"]!r}'
+            )
+        test_cfg['data_digest'] = spec['data_digest']
+
+
 def _apply_corruption_options(
     cfg: Config, spec: dict, test_cfg: dict, metric: dict
 ) -> Config:
@@ -344,19 +350,7 @@ def _apply_corruption_options(
         test_cfg['severities'] = resolve_severities(spec['severities'])
     if 'seed' in spec:
         test_cfg['seed'] = int(spec['seed'])
-    if 'resume' in spec:
-        test_cfg['resume'] = _as_bool(spec['resume'], 'evaluator.resume')
-    if 'log_interval' in spec:
-        test_cfg['log_interval'] = int(spec['log_interval'])
-    if 'data_digest' in spec:
-        from .result_cache import DATA_DIGESTS
-
-        if spec['data_digest'] not in DATA_DIGESTS:
-            raise ValueError(
-                f'evaluator.data_digest must be one of {DATA_DIGESTS}, got '
-                f'{spec["data_digest"]!r}'
-            )
-        test_cfg['data_digest'] = spec['data_digest']
+    _apply_loop_options(spec, test_cfg)
     cfg.test_cfg = ConfigDict(test_cfg)
     cfg.test_evaluator = ConfigDict(metric)
     _drop_clean_visualization(cfg, force=True)
