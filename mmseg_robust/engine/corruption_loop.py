@@ -178,33 +178,30 @@ class CorruptionTestLoop(TestLoop):
         stamps = {
             k: data_stamp(data_files(i), self.data_digest) for k, i in zip(keys, infos)
         }
-        self._open_cache()
-        self._set_run_info()
-
-        def restored(unit, pos):
-            if self.cache is None:
-                return None
-            return self.cache.get_corruption_unit(
-                keys[pos], *unit, data=stamps[keys[pos]]
-            )
-
-        self._progress_start(
-            len(keys),
-            sum(restored(u, p) is None for u in self.units for p in range(len(keys))),
-        )
+        libraries = corruption_library_versions()
+        self._open_cache(libraries)
+        self._set_run_info(libraries)
         num_classes = _num_classes(self.runner.model)
         ignore_index = ignore_index_of(self.runner.model)
+        # per pass: the restored images' counts pooled, the images still to do
+        pools = {u: _Pool(num_classes) for u in self.units}
+        todo = {u: [] for u in self.units}
+        for unit in self.units:
+            for pos, key in enumerate(keys):
+                counts = None
+                if self.cache is not None:
+                    counts = self.cache.get_corruption_unit(
+                        key, *unit, data=stamps[key]
+                    )
+                if counts is None:
+                    todo[unit].append(pos)
+                else:
+                    pools[unit].add(counts)
+        self._progress_start(len(keys), sum(len(t) for t in todo.values()))
         totals = {}
         for u_idx, unit in enumerate(self.units):
-            pool = _Pool(num_classes)
-            todo = []
-            for pos in range(len(keys)):
-                counts = restored(unit, pos)
-                if counts is None:
-                    todo.append(pos)
-                else:
-                    pool.add(counts)
-            if todo:
+            pool = pools[unit]
+            if todo[unit]:
                 self._run_pass(
                     unit,
                     u_idx,
@@ -212,7 +209,7 @@ class CorruptionTestLoop(TestLoop):
                     indices,
                     keys,
                     stamps,
-                    todo,
+                    todo[unit],
                     pool,
                     num_classes,
                     ignore_index,
@@ -226,7 +223,7 @@ class CorruptionTestLoop(TestLoop):
         self.runner.call_hook('after_test')
         return metrics
 
-    def _open_cache(self) -> None:
+    def _open_cache(self, libraries: dict) -> None:
         self.cache = None
         if not self.resume:
             return
@@ -239,13 +236,13 @@ class CorruptionTestLoop(TestLoop):
         description.update(
             evaluation='corruptions',
             seed=self.seed,
-            corruption_libraries=corruption_library_versions(),
+            corruption_libraries=libraries,
         )
         self.cache = ResultCache.for_evaluation(
             self.runner.work_dir, description, get_rank()
         )
 
-    def _set_run_info(self) -> None:
+    def _set_run_info(self, libraries: dict) -> None:
         from mmseg_robust.evaluation.corruption_metric import CorruptionMetric
 
         for metric in self.evaluator.metrics:
@@ -257,7 +254,7 @@ class CorruptionTestLoop(TestLoop):
                     seed=self.seed,
                     checkpoint=getattr(self.runner, '_load_from', None),
                     timestamp=self.runner.timestamp,
-                    libraries=corruption_library_versions(),
+                    libraries=libraries,
                 )
 
     def _run_pass(
