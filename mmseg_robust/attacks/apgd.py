@@ -7,6 +7,7 @@ schedule logic, so it can be tested without a model; :func:`apgd_run` is the
 optimiser loop shared by :class:`APGD` and :class:`APGDLargeEps`.
 """
 
+import math
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -463,6 +464,19 @@ def apgd_run(
     x_a, x_adv, x_prev = x, out_x.clone(), out_x.clone()
     x_best, g_best = x_adv, grad
     ret_n, ret_x = n_correct, x_adv
+    # convergence (docs/flags.md, attack_unconverged): per image the correct
+    # pixels of the returned point when the last tenth of the iterations starts
+    # (-1: the image left before) and at the end; bookkeeping only
+    late_from = n_iter - max(1, math.ceil(0.1 * n_iter))
+    n_at_late = torch.full_like(ret_n, -1)
+    n_final = ret_n.clone()
+
+    def finish_run(points: Tensor) -> AttackOutput:
+        stats['late_gain'] = torch.where(
+            n_at_late >= 0, n_at_late - n_final, torch.zeros_like(n_final)
+        )
+        return finish(points)
+
     ctl = APGDStepSizeControl(n_iter, ce, 2.0 * radius, rho, first_window)
     if stall_stop:
         # collapsed step size: halved STALL_HALVINGS times (exact in floats)
@@ -487,10 +501,11 @@ def apgd_run(
             if bool(done.any()):
                 pos = torch.nonzero(done).squeeze(1) if idx is None else idx[done]
                 out_x[pos] = ret_x[done]
+                n_final[pos] = ret_n[done]
                 keep = ~done
                 idx = torch.nonzero(keep).squeeze(1) if idx is None else idx[keep]
                 if idx.numel() == 0:
-                    return finish(out_x)
+                    return finish_run(out_x)
                 x_a, x_adv, x_prev, grad, x_best, g_best, ret_n, ret_x = (
                     t[keep]
                     for t in (x_a, x_adv, x_prev, grad, x_best, g_best, ret_n, ret_x)
@@ -501,6 +516,11 @@ def apgd_run(
                 t_a = target.subset(idx)
                 with torch.no_grad():
                     project = tm.projector(x_a, radius)
+        if i == late_from:
+            if idx is None:
+                n_at_late = ret_n.clone()
+            else:
+                n_at_late[idx] = ret_n
         last = i == n_iter - 1
         with torch.no_grad():
             # z = P(x + eta * dir(grad)); momentum update
@@ -539,9 +559,11 @@ def apgd_run(
                 grad = torch.where(bcast(halved, grad), g_best, grad)
     if idx is None:
         out_x = ret_x
+        n_final = ret_n
     else:
         out_x[idx] = ret_x
-    return finish(out_x)
+        n_final[idx] = ret_n
+    return finish_run(out_x)
 
 
 # --------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from .threat_model import ThreatModel
 __all__ = [
     'Attack',
     'AttackOutput',
+    'CONVERGENCE_KEYS',
     'PASS_KEYS',
     'PassCounter',
     'STATS_KEYS',
@@ -37,6 +38,8 @@ __all__ = [
 #: forward+backward passes and forward-only passes through the model view
 #: (docs/algorithms.md section 3.6).
 PASS_KEYS = ('passes', 'forwards')
+#: per-image convergence statistics of APGD runs (docs/flags.md, attack_unconverged)
+CONVERGENCE_KEYS = ('late_gain',)
 #: The keys of :attr:`AttackOutput.stats`, the same for every attack.
 STATS_KEYS = ('start_loss', 'start_acc', 'final_loss', 'final_acc') + PASS_KEYS
 
@@ -62,7 +65,10 @@ class AttackOutput(NamedTuple):
             the budget the call spent per image (:data:`PASS_KEYS`, long
             ``(B,)``): ``passes``, forward passes through the model view
             followed by a backward pass through it, and ``forwards``, forward
-            passes without one (an ensemble: its members' and its own).
+            passes without one (an ensemble: its members' and its own); APGD
+            runs add ``late_gain`` (:data:`CONVERGENCE_KEYS`, long ``(B,)``):
+            the pixels the returned point flipped in the last tenth of the
+            iterations.
         members (dict, optional): for an ensemble (:class:`SEA`), each member
             attack's own output by name, in attack order; ``adv_images`` and
             ``adv_pred`` are then their worst case per image. None for a single

@@ -314,7 +314,8 @@ def counts_problem(counts, num_classes: Optional[int] = None) -> Optional[str]:
         return f'sum(label_area)={sum(area)} != valid={valid}'
     if any(i > a or a > u for i, a, u in zip(inter, area, union)):
         return 'intersect <= label_area <= union does not hold for every class'
-    for key in ('passes', 'forwards'):  # the budget, where it was counted
+    # the budget and APGD's late gain, where they were counted
+    for key in ('passes', 'forwards', 'late_gain'):
         value = counts.get(key)
         if value is not None and not (_is_int(value) and value >= 0):
             return f'{key}={value!r} is not a count (an integer >= 0)'

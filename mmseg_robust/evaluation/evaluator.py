@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from mmseg_robust.attacks import AttackWarning
-from mmseg_robust.attacks.base import PASS_KEYS
+from mmseg_robust.attacks.base import CONVERGENCE_KEYS, PASS_KEYS
 from mmseg_robust.registry import ATTACKS
 
 from .counts import RECORD_COUNT_KEYS, counts_of_batch, eps_key, pixel_accuracy
@@ -94,6 +94,10 @@ class ImageCounts:
             the image (docs/algorithms.md section 3.6); None for the clean
             prediction and for records written before the pass accounting.
         forwards (int, optional): the forward-only passes it spent.
+        late_gain (int, optional): APGD runs: the pixels the returned point
+            gained (became correct -> wrong) in the last tenth of the run's
+            iterations (docs/flags.md, ``attack_unconverged``); None for
+            other attacks.
     """
 
     intersect: List[int]
@@ -104,6 +108,7 @@ class ImageCounts:
     # the budget is not part of the prediction's counts: not compared
     passes: Optional[int] = field(default=None, compare=False)
     forwards: Optional[int] = field(default=None, compare=False)
+    late_gain: Optional[int] = field(default=None, compare=False)
 
     @property
     def accuracy(self) -> float:
@@ -130,7 +135,7 @@ class ImageCounts:
             valid=int(self.valid),
         )
         # the budget only where it was counted: older readers see old records
-        for key in PASS_KEYS:
+        for key in PASS_KEYS + CONVERGENCE_KEYS:
             if getattr(self, key) is not None:
                 out[key] = int(getattr(self, key))
         return out
@@ -141,7 +146,11 @@ class ImageCounts:
             *(list(data[k]) for k in RECORD_COUNT_KEYS),
             correct=int(data['correct']),
             valid=int(data['valid']),
-            **{k: int(data[k]) for k in PASS_KEYS if data.get(k) is not None},
+            **{
+                k: int(data[k])
+                for k in PASS_KEYS + CONVERGENCE_KEYS
+                if data.get(k) is not None
+            },
         )
 
 
@@ -737,11 +746,12 @@ class RobustnessEvaluator:
 
 
 def _budget(stats: Optional[dict], batch_size: int) -> Dict[str, List[int]]:
-    """The per-image pass counts of an attack output's ``stats``
-    (:data:`~mmseg_robust.attacks.base.PASS_KEYS`), as lists of ints; the keys
-    an output does not carry are left out."""
+    """The per-image pass counts and APGD's late gain of an attack output's
+    ``stats`` (:data:`~mmseg_robust.attacks.base.PASS_KEYS`,
+    :data:`~mmseg_robust.attacks.base.CONVERGENCE_KEYS`), as lists of ints;
+    the keys an output does not carry are left out."""
     out = {}
-    for key in PASS_KEYS:
+    for key in PASS_KEYS + CONVERGENCE_KEYS:
         values = (stats or {}).get(key)
         if isinstance(values, Tensor) and values.shape == (batch_size,):
             out[key] = [int(v) for v in values.tolist()]

@@ -28,7 +28,8 @@ Every check is a small function on tensors (or on the per-image records of
 - at the end, on all images (:func:`final_checks`): ``clean_near_chance``,
   ``robust_above_clean`` (and :func:`above_clean_counts`, information),
   ``robust_rises_with_eps`` and ``image_accuracy_rises_with_eps`` (the attack
-  outcome against the radius).
+  outcome against the radius), ``attack_unconverged`` (APGD still improving at
+  its end).
 
 :class:`~mmseg_robust.evaluation.RobustnessEvaluator` runs them
 (``self_checks=True``, the default of
@@ -59,6 +60,7 @@ __all__ = [
     'above_clean_counts',
     'buffer_snapshot',
     'check_adversarial_images',
+    'check_attack_unconverged',
     'check_attacked_logits',
     'check_buffers',
     'check_clean_accuracy',
@@ -105,6 +107,7 @@ FLAG_CODES = OrderedDict(
     image_accuracy_rises_with_eps='warning',
     large_radius_probe='warning',
     gradient_free_probe='warning',
+    attack_unconverged='warning',
 )
 
 LEVELS = ('warning', 'error')
@@ -1097,6 +1100,66 @@ def check_image_accuracy_rises_with_eps(
     )
 
 
+#: ``attack_unconverged``: an image counts when its worst-case APGD run gained
+#: more than this share of its valid pixels (points) in its last tenth ...
+UNCONVERGED_GAIN = 1.0
+#: ... and the flag is raised when more than this share of the images count.
+UNCONVERGED_SHARE = 0.2
+
+
+def check_attack_unconverged(
+    records: Sequence[dict],
+    gain: float = UNCONVERGED_GAIN,
+    share: float = UNCONVERGED_SHARE,
+) -> Optional[Flag]:
+    """``attack_unconverged``: at some eps, on more than ``share`` of the
+    images, the attack that gives the image's worst case (the lowest pixel
+    accuracy) was an APGD run still improving at its end: its returned point
+    lost more than ``gain`` points of pixel accuracy in the last tenth of its
+    iterations (``late_gain`` of the records; images whose worst attack has
+    none, e.g. PGD, are not counted)."""
+    if not records:
+        return None
+    found = []
+    for eps in sorted(records[0]['attacks'], key=float):
+        images, late = 0, []
+        for rec in records:
+            attacks = rec['attacks'].get(eps) or {}
+            if not attacks:
+                continue
+            name = min(attacks, key=lambda n: _accuracy(attacks[n]))
+            c = attacks[name]
+            if c.get('late_gain') is None or not c['valid']:
+                continue
+            images += 1
+            if 100.0 * c['late_gain'] / c['valid'] > gain + 1e-9:
+                late.append(str(rec.get('key')))
+        if images and len(late) / images > share:
+            found.append(
+                dict(eps=eps, images=images, unconverged=len(late), examples=late[:5])
+            )
+    if not found:
+        return None
+    parts = '; '.join(
+        f'eps {f["eps"]}: {f["unconverged"]}/{f["images"]} images '
+        f'(e.g. {", ".join(f["examples"][:3])})'
+        for f in found
+    )
+    return Flag(
+        'attack_unconverged',
+        'warning',
+        f'on more than {100 * share:g}% of the images the attack that gives the '
+        f'worst case was still improving at its end (more than {gain:g} points '
+        f'of pixel accuracy gained in the last tenth of its iterations: {parts}): '
+        'more iterations would lower the robust numbers, which are therefore '
+        'too high.',
+        'run more iterations (SEA: 300 per attack; evaluator.steps=...); with '
+        "the paper's budget and this flag, report the numbers as an upper "
+        'bound.',
+        dict(gain=gain, share=share, eps=found),
+    )
+
+
 def final_checks(records: Sequence[dict], summary: dict) -> List[Flag]:
     """The checks on all images at the end: ``clean_near_chance``,
     ``robust_above_clean``, ``robust_rises_with_eps`` and
@@ -1114,5 +1177,6 @@ def final_checks(records: Sequence[dict], summary: dict) -> List[Flag]:
         check_robust_above_clean(records),
         check_robust_rises_with_eps(summary),
         check_image_accuracy_rises_with_eps(records),
+        check_attack_unconverged(records),
     ]
     return [f for f in flags if f]
