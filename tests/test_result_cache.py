@@ -381,8 +381,8 @@ def test_batch_size_is_in_the_key_in_reference_mode(
 
 def test_description_covers_init_checkpoints_modes_and_batches(tmp_path):
     """The key holds the init_cfg checkpoint's content when nothing is loaded
-    over it, the built attacks' resolved modes, and the batch size and world
-    size only for a batch-dependent attack."""
+    over it, the built attacks' resolved modes, the batch size and world
+    size only for a batch-dependent attack, and the passes' speed options."""
     import types
 
     from mmengine.config import Config
@@ -407,10 +407,17 @@ def test_description_covers_init_checkpoints_modes_and_batches(tmp_path):
     model = torch.nn.Linear(2, 2)
     loader = types.SimpleNamespace(batch_size=4)
 
-    def describe(load_from=None, **attack):
+    def describe(load_from=None, speedups=(), **attack):
         attacks = {'8': [ATTACKS.build(dict(type='APGD', eps=8, steps=2, **attack))]}
         return describe_evaluation(
-            cfg, load_from, model, loader, [dict(type='APGD')], attacks, 0
+            cfg,
+            load_from,
+            model,
+            loader,
+            [dict(type='APGD')],
+            attacks,
+            0,
+            speedups=speedups,
         )
 
     base = describe()
@@ -430,6 +437,13 @@ def test_description_covers_init_checkpoints_modes_and_batches(tmp_path):
     assert "zero_acc='reference'" in ref['built_attacks']['8'][0]
     assert ref['batches'] == dict(batch_size=4, world_size=1)
     assert 'batches' not in describe(compat='reference', early_stop=False)
+    # the speed options of the passes: each set its own key (fp32 and bf16
+    # results never mixed); none on: the key of a plain run
+    keys = {
+        fingerprint(describe(speedups=s))
+        for s in ((), ('channels_last',), ('compile',), ('bf16',), ('compile', 'bf16'))
+    }
+    assert len(keys) == 5 and 'speedups' not in base
 
 
 def test_a_line_cut_by_a_kill_is_dropped_not_warned_about(tmp_path, recwarn):
