@@ -17,13 +17,19 @@ start after ``--deadline`` seconds is skipped too; both count as failures):
     sea          benchmarks/bench_sea.py, UperNet-ConvNeXt-T, 8 x 512x512
     adversarial_training      benchmarks/bench_adversarial_training.py, same model
     adversarial_training_amp  the same with --amp
+    cheaper_passes  benchmarks/cheaper_passes.py, the demo's UperNet-ConvNeXt-micro on
+                 the synthetic data: pass time and SEA strength with channels_last,
+                 compile (inductor) and bf16 (the demo's PIR-AT checkpoint when
+                 present, else amp_train's)
 
 ``--cpu`` runs the same steps with tiny sizes on the CPU (CUDA hidden from the
 children; ``amp_train`` trains without --amp, ``adversarial_training_amp`` is skipped:
-mmengine's AmpOptimWrapper needs CUDA), to check the logic and the JSON on any machine.
+mmengine's AmpOptimWrapper needs CUDA; ``cheaper_passes`` measures channels_last
+only: bf16 needs CUDA and inductor compiles for about a minute on a small CPU), to
+check the logic and the JSON on any machine.
 
-OUT_DIR (default ``work_dirs/gpu_check``) receives at most 8 files:
-``summary.json``, ``<step>.json`` for the six steps after ``env`` and ``gpu_check.log``
+OUT_DIR (default ``work_dirs/gpu_check``) receives at most 9 files: ``summary.json``,
+``<step>.json`` for the seven steps after ``env`` and ``gpu_check.log``
 (every step's output). Only the standard library is imported here: the stack may not
 be installed yet. Exit status 0 when every step passed (or was skipped as expected in
 --cpu mode), else 1.
@@ -59,6 +65,7 @@ TIMEOUTS = dict(
     sea=180,
     adversarial_training=120,
     adversarial_training_amp=120,
+    cheaper_passes=240,
 )
 # (GPU, CPU) arguments of the benchmarks
 SEA_ARGS = (
@@ -71,6 +78,14 @@ AT_ARGS = (
     ['--model-config', PAPER_CONFIG, '--size', '512', '--batch', '8']
     + ['--steps', '1', '2', '5', '--repeats', '3'],
     ['--batch', '2', '--steps', '1', '--repeats', '1'],
+)
+#: the demo's PIR-AT checkpoint (make demo); amp_train's when it is missing
+DEMO_CHECKPOINT = 'work_dirs/upernet_convnext-micro_pirat_synthetic/iter_300.pth'
+CHEAPER_ARGS = (
+    ['--device', 'cuda', '--options', 'channels_last', 'compile', 'bf16']
+    + ['--repeats', '10', '--steps', '20', '--images', '8', '--batch', '8'],
+    ['--device', 'cpu', '--options', 'channels_last', '--repeats', '2']
+    + ['--steps', '2', '--images', '2', '--batch', '2'],
 )
 TRAIN_ITERS = (5, 2)
 SUMMARY_KEYS = ('status', 'seconds', 'timeout_s', 'rc', 'reason')
@@ -381,6 +396,20 @@ class Check:
             res.update(status='failed', reason='no result JSON written')
         return self.record(name, res, result)
 
+    def step_cheaper_passes(self):
+        ckpt = osp.join(REPO, DEMO_CHECKPOINT)
+        if not osp.exists(ckpt):
+            ckpt = osp.join(self.work, 'amp_train', f'iter_{TRAIN_ITERS[self.cpu]}.pth')
+        if not osp.exists(ckpt):
+            return self.skip('cheaper_passes', f'no checkpoint ({DEMO_CHECKPOINT})')
+        extra = ['--config', TRAIN_CONFIG, '--checkpoint', ckpt]
+        extra += ['--data-root', osp.join(REPO, DATA_ROOT)]
+        return self.step_bench(
+            'cheaper_passes',
+            'benchmarks/cheaper_passes.py',
+            extra + CHEAPER_ARGS[self.cpu],
+        )
+
     # -- all ------------------------------------------------------------------
     def main(self):
         mode = 'cpu (tiny sizes)' if self.cpu else 'gpu'
@@ -405,8 +434,13 @@ class Check:
                     self.step_bench(
                         'adversarial_training_amp', at, AT_ARGS[0] + ['--amp']
                     )
+                self.step_cheaper_passes()
             else:
-                for name in ('adversarial_training', 'adversarial_training_amp'):
+                for name in (
+                    'adversarial_training',
+                    'adversarial_training_amp',
+                    'cheaper_passes',
+                ):
                     self.skip(name, 'data failed')
         else:
             for name in TIMEOUTS:
@@ -463,6 +497,19 @@ class Check:
                     )
                     for k, v in r['steps'].items()
                 }
+        cheaper = (self.steps.get('cheaper_passes') or {}).get('result')
+        if cheaper:
+            out['cheaper_passes'] = {
+                name: dict(
+                    ratio=row['ratio_to_plain'],
+                    **{
+                        k: (cheaper['strength'].get(name) or {}).get(k)
+                        for k in ('mIoU_diff', 'aACC_diff')
+                    },
+                )
+                for name, row in cheaper['speed'].items()
+                if name != 'plain'
+            }
         return out
 
 
