@@ -5,7 +5,7 @@ each option, against plain fp32 passes measured in the same run.
     python benchmarks/cheaper_passes.py [--config CFG] [--checkpoint CKPT]
         [--data-root DIR] [--device cpu|cuda] [--options NAME[+NAME] ...]
         [--batch 8] [--repeats 20] [--images 8] [--steps 50] [--eps 8]
-        [--threads N] [--out JSON]
+        [--threads N] [--size S --no-strength] --out JSON
 
 Per option set (``channels_last``, ``compile``, ``bf16``, or a combination
 such as ``channels_last+compile``):
@@ -25,7 +25,10 @@ Defaults: the demo's PIR-AT UperNet-ConvNeXt-micro (its config and
 ``work_dirs/upernet_convnext-micro_pirat_synthetic/iter_300.pth``) on the
 synthetic test images; CPU: ``channels_last``, ``compile`` and both; CUDA: also
 ``bf16`` and all three. The compilation uses ``torch.compile``'s defaults
-(inductor). Writes one JSON (``--out``).
+(inductor). ``--size S --no-strength`` times the config's model with random
+weights on random ``S x S`` images instead (a paper-size model, e.g. the PIR-AT
+UperNet-ConvNeXt-T at 512; no data or checkpoint needed). Writes one JSON
+(``--out``).
 """
 
 import argparse
@@ -66,6 +69,40 @@ def pass_seconds(view, images, device) -> float:
     (grad,) = torch.autograd.grad(loss, x)
     _sync(device)
     return time.perf_counter() - t0
+
+
+def random_model_and_batch(config, batch_size, size, device):
+    """A config's model with random weights (seed 0, no pretrained
+    initialisation) and a batch of random images ``size x size`` with random
+    labels, as a test dataloader gives them."""
+    import torch
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+
+    import mmseg_robust  # noqa: F401 (registers the models)
+    from mmseg_robust.models import ignore_index_of
+    from mmseg_robust.registry import MODELS
+
+    init_default_scope('mmseg')
+    cfg = Config.fromfile(config if osp.isabs(config) else osp.join(REPO, config))
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model).eval().to(device)
+    head = cfg.model.decode_head
+    num_classes = int((head[-1] if isinstance(head, list) else head).num_classes)
+    g = torch.Generator().manual_seed(0)
+    inputs, samples = [], []
+    for i in range(batch_size):
+        inputs.append(torch.randint(0, 256, (3, size, size), generator=g).byte())
+        sample = SegDataSample(
+            metainfo=dict(img_path=f'random_{i}.png', ori_shape=(size, size))
+        )
+        sample.set_metainfo(dict(img_shape=(size, size)))
+        labels = torch.randint(0, num_classes, (1, size, size), generator=g)
+        sample.gt_sem_seg = PixelData(data=labels)
+        samples.append(sample)
+    return model, dict(inputs=inputs, data_samples=samples), ignore_index_of(model)
 
 
 def time_passes(model, batch, option_sets, repeats, device) -> dict:
@@ -145,6 +182,12 @@ def parse_args(argv=None):
         help='option sets, names joined by + (default: all the device runs)',
     )
     parser.add_argument('--batch', type=int, default=8, help='images of a timed pass')
+    parser.add_argument(
+        '--size',
+        type=int,
+        help='time random SIZE x SIZE images on the model with random weights '
+        '(a paper-size model; with --no-strength)',
+    )
     parser.add_argument('--repeats', type=int, default=20)
     parser.add_argument('--images', type=int, default=8, help='images of the SEA run')
     parser.add_argument('--steps', type=int, default=50, help='SEA iterations')
@@ -174,13 +217,28 @@ def main(argv=None):
     checkpoint = args.checkpoint
     if not osp.isabs(checkpoint):
         checkpoint = osp.join(REPO, checkpoint)
-    if args.images < args.batch:
-        raise SystemExit('--images must be at least --batch')
-    model, loader, cfg, ignore = load_model(
-        args.config, checkpoint, args.data_root, images=args.images, batch=args.batch
-    )
-    model.to(device)
-    batch = next(iter(loader))
+    if args.size:
+        if not args.no_strength:
+            raise SystemExit(
+                '--size times random images on a randomly initialised model: '
+                'pass --no-strength (the strength runs need a trained checkpoint '
+                'and its test data)'
+            )
+        model, batch, ignore = random_model_and_batch(
+            args.config, args.batch, args.size, device
+        )
+    else:
+        if args.images < args.batch:
+            raise SystemExit('--images must be at least --batch')
+        model, loader, cfg, ignore = load_model(
+            args.config,
+            checkpoint,
+            args.data_root,
+            images=args.images,
+            batch=args.batch,
+        )
+        model.to(device)
+        batch = next(iter(loader))
     print(f'speed: batch {args.batch}, {args.repeats} repeats on {device}', flush=True)
     speed = time_passes(model, batch, option_sets, args.repeats, device)
     strength = {}
@@ -212,7 +270,7 @@ def main(argv=None):
         versions=versions(),
         settings=dict(
             config=args.config,
-            checkpoint=args.checkpoint,
+            checkpoint='random weights' if args.size else args.checkpoint,
             batch=args.batch,
             image_shape=image_shape,
             repeats=args.repeats,

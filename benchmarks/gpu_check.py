@@ -17,19 +17,22 @@ start after ``--deadline`` seconds is skipped too; both count as failures):
     sea          benchmarks/bench_sea.py, UperNet-ConvNeXt-T, 8 x 512x512
     adversarial_training      benchmarks/bench_adversarial_training.py, same model
     adversarial_training_amp  the same with --amp
-    cheaper_passes  benchmarks/cheaper_passes.py, the demo's UperNet-ConvNeXt-micro on
-                 the synthetic data: pass time and SEA strength with channels_last,
-                 compile (inductor) and bf16 (the demo's PIR-AT checkpoint when
+    cheaper_passes_speed     benchmarks/cheaper_passes.py --size 512, the pass time
+                 of UperNet-ConvNeXt-T (random weights, 8 x 512x512) with channels_last,
+                 bf16, both, and compile (inductor), against plain fp32
+    cheaper_passes_strength  the same script on the demo's UperNet-ConvNeXt-micro and
+                 the synthetic data: pass time and the change of a reduced SEA with
+                 channels_last, compile and bf16 (the demo's PIR-AT checkpoint when
                  present, else amp_train's)
 
 ``--cpu`` runs the same steps with tiny sizes on the CPU (CUDA hidden from the
 children; ``amp_train`` trains without --amp, ``adversarial_training_amp`` is skipped:
-mmengine's AmpOptimWrapper needs CUDA; ``cheaper_passes`` measures channels_last
-only: bf16 needs CUDA and inductor compiles for about a minute on a small CPU), to
-check the logic and the JSON on any machine.
+mmengine's AmpOptimWrapper needs CUDA; the ``cheaper_passes`` steps measure
+channels_last only: bf16 needs CUDA and inductor compiles for about a minute on a
+small CPU), to check the logic and the JSON on any machine.
 
-OUT_DIR (default ``work_dirs/gpu_check``) receives at most 9 files: ``summary.json``,
-``<step>.json`` for the seven steps after ``env`` and ``gpu_check.log``
+OUT_DIR (default ``work_dirs/gpu_check``) receives at most 10 files: ``summary.json``,
+``<step>.json`` for the eight steps after ``env`` and ``gpu_check.log``
 (every step's output). Only the standard library is imported here: the stack may not
 be installed yet. Exit status 0 when every step passed (or was skipped as expected in
 --cpu mode), else 1.
@@ -65,7 +68,8 @@ TIMEOUTS = dict(
     sea=180,
     adversarial_training=120,
     adversarial_training_amp=120,
-    cheaper_passes=240,
+    cheaper_passes_speed=180,
+    cheaper_passes_strength=200,
 )
 # (GPU, CPU) arguments of the benchmarks
 SEA_ARGS = (
@@ -81,7 +85,14 @@ AT_ARGS = (
 )
 #: the demo's PIR-AT checkpoint (make demo); amp_train's when it is missing
 DEMO_CHECKPOINT = 'work_dirs/upernet_convnext-micro_pirat_synthetic/iter_300.pth'
-CHEAPER_ARGS = (
+CHEAPER_SPEED_ARGS = (
+    ['--config', PAPER_CONFIG, '--size', '512', '--batch', '8', '--no-strength']
+    + ['--device', 'cuda', '--repeats', '10', '--options', 'channels_last', 'bf16']
+    + ['channels_last+bf16', 'compile'],
+    ['--config', PAPER_CONFIG, '--size', '32', '--batch', '2', '--no-strength']
+    + ['--device', 'cpu', '--repeats', '2', '--options', 'channels_last'],
+)
+CHEAPER_STRENGTH_ARGS = (
     ['--device', 'cuda', '--options', 'channels_last', 'compile', 'bf16']
     + ['--repeats', '10', '--steps', '20', '--images', '8', '--batch', '8'],
     ['--device', 'cpu', '--options', 'channels_last', '--repeats', '2']
@@ -396,18 +407,19 @@ class Check:
             res.update(status='failed', reason='no result JSON written')
         return self.record(name, res, result)
 
-    def step_cheaper_passes(self):
+    def step_cheaper_passes_strength(self):
+        name = 'cheaper_passes_strength'
         ckpt = osp.join(REPO, DEMO_CHECKPOINT)
         if not osp.exists(ckpt):
             ckpt = osp.join(self.work, 'amp_train', f'iter_{TRAIN_ITERS[self.cpu]}.pth')
         if not osp.exists(ckpt):
-            return self.skip('cheaper_passes', f'no checkpoint ({DEMO_CHECKPOINT})')
+            return self.skip(name, f'no checkpoint ({DEMO_CHECKPOINT} nor amp_train)')
         extra = ['--config', TRAIN_CONFIG, '--checkpoint', ckpt]
         extra += ['--data-root', osp.join(REPO, DATA_ROOT)]
         return self.step_bench(
-            'cheaper_passes',
+            name,
             'benchmarks/cheaper_passes.py',
-            extra + CHEAPER_ARGS[self.cpu],
+            extra + CHEAPER_STRENGTH_ARGS[self.cpu],
         )
 
     # -- all ------------------------------------------------------------------
@@ -434,14 +446,18 @@ class Check:
                     self.step_bench(
                         'adversarial_training_amp', at, AT_ARGS[0] + ['--amp']
                     )
-                self.step_cheaper_passes()
             else:
-                for name in (
-                    'adversarial_training',
-                    'adversarial_training_amp',
-                    'cheaper_passes',
-                ):
+                for name in ('adversarial_training', 'adversarial_training_amp'):
                     self.skip(name, 'data failed')
+            self.step_bench(
+                'cheaper_passes_speed',
+                'benchmarks/cheaper_passes.py',
+                CHEAPER_SPEED_ARGS[self.cpu],
+            )
+            if ok['data']:
+                self.step_cheaper_passes_strength()
+            else:
+                self.skip('cheaper_passes_strength', 'data failed')
         else:
             for name in TIMEOUTS:
                 if name not in self.steps:
@@ -497,19 +513,20 @@ class Check:
                     )
                     for k, v in r['steps'].items()
                 }
-        cheaper = (self.steps.get('cheaper_passes') or {}).get('result')
-        if cheaper:
-            out['cheaper_passes'] = {
-                name: dict(
-                    ratio=row['ratio_to_plain'],
-                    **{
-                        k: (cheaper['strength'].get(name) or {}).get(k)
-                        for k in ('mIoU_diff', 'aACC_diff')
-                    },
-                )
-                for name, row in cheaper['speed'].items()
-                if name != 'plain'
-            }
+        for step in ('cheaper_passes_speed', 'cheaper_passes_strength'):
+            r = (self.steps.get(step) or {}).get('result')
+            if r:
+                out[step] = {
+                    name: dict(
+                        ratio=row['ratio_to_plain'],
+                        **{
+                            k: (r['strength'].get(name) or {}).get(k)
+                            for k in ('mIoU_diff', 'aACC_diff')
+                        },
+                    )
+                    for name, row in r['speed'].items()
+                    if name != 'plain'
+                }
         return out
 
 

@@ -5,8 +5,9 @@
 #   sea                       benchmarks/bench_sea.py, UperNet-ConvNeXt-T, 8 x 512x512
 #   adversarial_training      benchmarks/bench_adversarial_training.py, same model, fp32
 #   adversarial_training_amp  the same with AMP
-#   cheaper_passes            benchmarks/cheaper_passes.py: channels_last, compile, bf16
-#                             on the demo model (pass time, SEA strength change)
+#   cheaper_passes_speed      benchmarks/cheaper_passes.py: pass time with channels_last,
+#                             bf16, compile on UperNet-ConvNeXt-T, 8 x 512x512
+#   cheaper_passes_strength   the same on the demo model, with the SEA strength change
 # each under its own timeout, the whole under --deadline (470 s), writing summary.json,
 # one <step>.json per step and gpu_check.log into OUT_DIR (default work_dirs/gpu_check).
 #
