@@ -15,7 +15,8 @@ such as ``channels_last+compile``):
   test images, and its ratio to the plain pass. The repeats of all options
   are interleaved (plain, option 1, option 2, ..., plain, ...), so a machine's
   changing load affects all alike. The first pass of each option (warm-up;
-  with ``compile``, the compilation) is timed on its own.
+  with ``compile``, the compilation, inductor's on-disk caches off unless
+  ``--warm-compile-cache``) is timed on its own.
 - strength: the same reduced SEA (``--steps`` iterations per member, the seed
   fixed) on the first ``--images`` test images at ``--eps``, with and without
   the option: worst-case mIoU and aACC (per-image, %) and their differences
@@ -195,6 +196,12 @@ def parse_args(argv=None):
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--threads', type=int, help='torch intra-op threads')
     parser.add_argument('--no-strength', action='store_true', help='speed only')
+    parser.add_argument(
+        '--warm-compile-cache',
+        action='store_true',
+        help="use inductor's on-disk caches (default: off, so that the first "
+        'pass with compile times a first compilation)',
+    )
     parser.add_argument('--out', required=True)
     return parser.parse_args(argv)
 
@@ -208,6 +215,11 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.warm_compile_cache:
+        import torch._inductor.config
+
+        # what a first evaluation on a machine pays; later ones reuse the cache
+        torch._inductor.config.force_disable_caches = True
     device = torch.device(args.device)
     option_sets = args.options or list(
         GPU_OPTIONS if device.type == 'cuda' else CPU_OPTIONS
@@ -278,6 +290,7 @@ def main(argv=None):
                 steps=args.steps, images=args.images, eps=args.eps, seed=args.seed
             ),
             compile='torch.compile defaults (inductor)',
+            inductor_caches=bool(args.warm_compile_cache),
         ),
         speed=speed,
         strength=strength,
