@@ -7,7 +7,11 @@ timeout, writing one JSON per step and a summary. Run it through
         [--timeout STEP=SECONDS ...] [--force-install]
 
 Steps, in order (a step whose prerequisite failed is skipped, and a step that would
-start after ``--deadline`` seconds is skipped too; both count as failures):
+start after ``--deadline`` seconds is skipped too; both count as failures). The
+default call runs all but the two ``cheaper_passes`` steps; ``--cheaper-passes``
+runs env, install, data, amp_train (only without the demo checkpoint) and the two
+``cheaper_passes`` steps, a second call (together they would not fit one
+deadline); the steps a call leaves to the other are skipped as expected:
 
     env          python/torch/CUDA versions, the GPU (CUDA required unless --cpu)
     install      the copied wheels, then mmcv (a copied prebuilt wheel, else compiled
@@ -83,6 +87,8 @@ AT_ARGS = (
     + ['--steps', '1', '2', '5', '--repeats', '3'],
     ['--batch', '2', '--steps', '1', '--repeats', '1'],
 )
+#: the steps of ``--cheaper-passes`` (a second call)
+CHEAPER_STEPS = ('cheaper_passes_speed', 'cheaper_passes_strength')
 #: the demo's PIR-AT checkpoint (make demo); amp_train's when it is missing
 DEMO_CHECKPOINT = 'work_dirs/upernet_convnext-micro_pirat_synthetic/iter_300.pth'
 CHEAPER_SPEED_ARGS = (
@@ -422,9 +428,43 @@ class Check:
             extra + CHEAPER_STRENGTH_ARGS[self.cpu],
         )
 
+    def step_default_benchmarks(self, data_ok):
+        """SEA and adversarial training on the paper-size model (the default
+        run); the cheaper-passes steps wait for ``--cheaper-passes``."""
+        self.step_bench('sea', 'benchmarks/bench_sea.py', SEA_ARGS[self.cpu])
+        if data_ok:
+            at = 'benchmarks/bench_adversarial_training.py'
+            self.step_bench('adversarial_training', at, AT_ARGS[self.cpu])
+            if self.cpu:
+                self.skip('adversarial_training_amp', 'AMP needs CUDA', True)
+            else:
+                self.step_bench('adversarial_training_amp', at, AT_ARGS[0] + ['--amp'])
+        else:
+            for name in ('adversarial_training', 'adversarial_training_amp'):
+                self.skip(name, 'data failed')
+        for name in CHEAPER_STEPS:
+            self.skip(name, 'a second call: gpu_check.sh --cheaper-passes', True)
+
+    def step_cheaper_passes(self, data_ok):
+        """The ``evaluator.speedups`` steps (``--cheaper-passes``); the default
+        run's benchmarks are left to it."""
+        for name in ('sea', 'adversarial_training', 'adversarial_training_amp'):
+            self.skip(name, 'the default call (without --cheaper-passes)', True)
+        self.step_bench(
+            'cheaper_passes_speed',
+            'benchmarks/cheaper_passes.py',
+            CHEAPER_SPEED_ARGS[self.cpu],
+        )
+        if data_ok:
+            self.step_cheaper_passes_strength()
+        else:
+            self.skip('cheaper_passes_strength', 'data failed')
+
     # -- all ------------------------------------------------------------------
     def main(self):
         mode = 'cpu (tiny sizes)' if self.cpu else 'gpu'
+        if self.args.cheaper_passes:
+            mode += ', --cheaper-passes'
         self.say(f'mode {mode}, out {self.out}, deadline {self.args.deadline} s')
         ok = {'env': self.step_env()}
         ok['install'] = ok['env'] and self.step_install()
@@ -432,32 +472,18 @@ class Check:
             self.skip('install', 'env failed')
         if ok['install']:
             ok['data'] = self.step_data()
-            if ok['data']:
-                self.step_amp_train()
-            else:
+            if not ok['data']:
                 self.skip('amp_train', 'data failed')
-            self.step_bench('sea', 'benchmarks/bench_sea.py', SEA_ARGS[self.cpu])
-            if ok['data']:
-                at = 'benchmarks/bench_adversarial_training.py'
-                self.step_bench('adversarial_training', at, AT_ARGS[self.cpu])
-                if self.cpu:
-                    self.skip('adversarial_training_amp', 'AMP needs CUDA', True)
-                else:
-                    self.step_bench(
-                        'adversarial_training_amp', at, AT_ARGS[0] + ['--amp']
-                    )
+            elif self.args.cheaper_passes and osp.exists(
+                osp.join(REPO, DEMO_CHECKPOINT)
+            ):
+                self.skip('amp_train', 'the demo checkpoint is there', True)
             else:
-                for name in ('adversarial_training', 'adversarial_training_amp'):
-                    self.skip(name, 'data failed')
-            self.step_bench(
-                'cheaper_passes_speed',
-                'benchmarks/cheaper_passes.py',
-                CHEAPER_SPEED_ARGS[self.cpu],
-            )
-            if ok['data']:
-                self.step_cheaper_passes_strength()
+                self.step_amp_train()
+            if self.args.cheaper_passes:
+                self.step_cheaper_passes(ok['data'])
             else:
-                self.skip('cheaper_passes_strength', 'data failed')
+                self.step_default_benchmarks(ok['data'])
         else:
             for name in TIMEOUTS:
                 if name not in self.steps:
@@ -550,6 +576,12 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         '--force-install', action='store_true', help='install even if importable'
+    )
+    parser.add_argument(
+        '--cheaper-passes',
+        action='store_true',
+        help='run the cheaper_passes steps instead of sea and adversarial_training '
+        '(a second call: together they would not fit one deadline)',
     )
     args = parser.parse_args(argv)
     args.timeouts = dict(TIMEOUTS)
