@@ -7,7 +7,11 @@ timeout, writing one JSON per step and a summary. Run it through
         [--timeout STEP=SECONDS ...] [--force-install]
 
 Steps, in order (a step whose prerequisite failed is skipped, and a step that would
-start after ``--deadline`` seconds is skipped too; both count as failures):
+start after ``--deadline`` seconds is skipped too; both count as failures). The
+default call runs all but the two ``cheaper_passes`` steps; ``--cheaper-passes``
+runs env, install, data, amp_train (only without the demo checkpoint) and the two
+``cheaper_passes`` steps, a second call (together they would not fit one
+deadline); the steps a call leaves to the other are skipped as expected:
 
     env          python/torch/CUDA versions, the GPU (CUDA required unless --cpu)
     install      the copied wheels, then mmcv (a copied prebuilt wheel, else compiled
@@ -17,13 +21,22 @@ start after ``--deadline`` seconds is skipped too; both count as failures):
     sea          benchmarks/bench_sea.py, UperNet-ConvNeXt-T, 8 x 512x512
     adversarial_training      benchmarks/bench_adversarial_training.py, same model
     adversarial_training_amp  the same with --amp
+    cheaper_passes_speed     benchmarks/cheaper_passes.py --size 512, the pass time
+                 of UperNet-ConvNeXt-T (random weights, 8 x 512x512) with channels_last,
+                 bf16, both, and compile (inductor), against plain fp32
+    cheaper_passes_strength  the same script on the demo's UperNet-ConvNeXt-micro and
+                 the synthetic data: pass time and the change of a reduced SEA with
+                 channels_last, compile and bf16 (the demo's PIR-AT checkpoint when
+                 present, else amp_train's)
 
 ``--cpu`` runs the same steps with tiny sizes on the CPU (CUDA hidden from the
 children; ``amp_train`` trains without --amp, ``adversarial_training_amp`` is skipped:
-mmengine's AmpOptimWrapper needs CUDA), to check the logic and the JSON on any machine.
+mmengine's AmpOptimWrapper needs CUDA; the ``cheaper_passes`` steps measure
+channels_last only: bf16 needs CUDA and inductor compiles for about a minute on a
+small CPU), to check the logic and the JSON on any machine.
 
-OUT_DIR (default ``work_dirs/gpu_check``) receives at most 8 files:
-``summary.json``, ``<step>.json`` for the six steps after ``env`` and ``gpu_check.log``
+OUT_DIR (default ``work_dirs/gpu_check``) receives at most 10 files: ``summary.json``,
+``<step>.json`` for the eight steps after ``env`` and ``gpu_check.log``
 (every step's output). Only the standard library is imported here: the stack may not
 be installed yet. Exit status 0 when every step passed (or was skipped as expected in
 --cpu mode), else 1.
@@ -59,6 +72,8 @@ TIMEOUTS = dict(
     sea=180,
     adversarial_training=120,
     adversarial_training_amp=120,
+    cheaper_passes_speed=180,
+    cheaper_passes_strength=200,
 )
 # (GPU, CPU) arguments of the benchmarks
 SEA_ARGS = (
@@ -71,6 +86,23 @@ AT_ARGS = (
     ['--model-config', PAPER_CONFIG, '--size', '512', '--batch', '8']
     + ['--steps', '1', '2', '5', '--repeats', '3'],
     ['--batch', '2', '--steps', '1', '--repeats', '1'],
+)
+#: the steps of ``--cheaper-passes`` (a second call)
+CHEAPER_STEPS = ('cheaper_passes_speed', 'cheaper_passes_strength')
+#: the demo's PIR-AT checkpoint (make demo); amp_train's when it is missing
+DEMO_CHECKPOINT = 'work_dirs/upernet_convnext-micro_pirat_synthetic/iter_300.pth'
+CHEAPER_SPEED_ARGS = (
+    ['--config', PAPER_CONFIG, '--size', '512', '--batch', '8', '--no-strength']
+    + ['--device', 'cuda', '--repeats', '10', '--options', 'channels_last', 'bf16']
+    + ['channels_last+bf16', 'compile'],
+    ['--config', PAPER_CONFIG, '--size', '32', '--batch', '2', '--no-strength']
+    + ['--device', 'cpu', '--repeats', '2', '--options', 'channels_last'],
+)
+CHEAPER_STRENGTH_ARGS = (
+    ['--device', 'cuda', '--options', 'channels_last', 'compile', 'bf16']
+    + ['--repeats', '10', '--steps', '20', '--images', '8', '--batch', '8'],
+    ['--device', 'cpu', '--options', 'channels_last', '--repeats', '2']
+    + ['--steps', '2', '--images', '2', '--batch', '2'],
 )
 TRAIN_ITERS = (5, 2)
 SUMMARY_KEYS = ('status', 'seconds', 'timeout_s', 'rc', 'reason')
@@ -381,9 +413,58 @@ class Check:
             res.update(status='failed', reason='no result JSON written')
         return self.record(name, res, result)
 
+    def step_cheaper_passes_strength(self):
+        name = 'cheaper_passes_strength'
+        ckpt = osp.join(REPO, DEMO_CHECKPOINT)
+        if not osp.exists(ckpt):
+            ckpt = osp.join(self.work, 'amp_train', f'iter_{TRAIN_ITERS[self.cpu]}.pth')
+        if not osp.exists(ckpt):
+            return self.skip(name, f'no checkpoint ({DEMO_CHECKPOINT} nor amp_train)')
+        extra = ['--config', TRAIN_CONFIG, '--checkpoint', ckpt]
+        extra += ['--data-root', osp.join(REPO, DATA_ROOT)]
+        return self.step_bench(
+            name,
+            'benchmarks/cheaper_passes.py',
+            extra + CHEAPER_STRENGTH_ARGS[self.cpu],
+        )
+
+    def step_default_benchmarks(self, data_ok):
+        """SEA and adversarial training on the paper-size model (the default
+        run); the cheaper-passes steps wait for ``--cheaper-passes``."""
+        self.step_bench('sea', 'benchmarks/bench_sea.py', SEA_ARGS[self.cpu])
+        if data_ok:
+            at = 'benchmarks/bench_adversarial_training.py'
+            self.step_bench('adversarial_training', at, AT_ARGS[self.cpu])
+            if self.cpu:
+                self.skip('adversarial_training_amp', 'AMP needs CUDA', True)
+            else:
+                self.step_bench('adversarial_training_amp', at, AT_ARGS[0] + ['--amp'])
+        else:
+            for name in ('adversarial_training', 'adversarial_training_amp'):
+                self.skip(name, 'data failed')
+        for name in CHEAPER_STEPS:
+            self.skip(name, 'a second call: gpu_check.sh --cheaper-passes', True)
+
+    def step_cheaper_passes(self, data_ok):
+        """The ``evaluator.speedups`` steps (``--cheaper-passes``); the default
+        run's benchmarks are left to it."""
+        for name in ('sea', 'adversarial_training', 'adversarial_training_amp'):
+            self.skip(name, 'the default call (without --cheaper-passes)', True)
+        self.step_bench(
+            'cheaper_passes_speed',
+            'benchmarks/cheaper_passes.py',
+            CHEAPER_SPEED_ARGS[self.cpu],
+        )
+        if data_ok:
+            self.step_cheaper_passes_strength()
+        else:
+            self.skip('cheaper_passes_strength', 'data failed')
+
     # -- all ------------------------------------------------------------------
     def main(self):
         mode = 'cpu (tiny sizes)' if self.cpu else 'gpu'
+        if self.args.cheaper_passes:
+            mode += ', --cheaper-passes'
         self.say(f'mode {mode}, out {self.out}, deadline {self.args.deadline} s')
         ok = {'env': self.step_env()}
         ok['install'] = ok['env'] and self.step_install()
@@ -391,23 +472,18 @@ class Check:
             self.skip('install', 'env failed')
         if ok['install']:
             ok['data'] = self.step_data()
-            if ok['data']:
-                self.step_amp_train()
-            else:
+            if not ok['data']:
                 self.skip('amp_train', 'data failed')
-            self.step_bench('sea', 'benchmarks/bench_sea.py', SEA_ARGS[self.cpu])
-            if ok['data']:
-                at = 'benchmarks/bench_adversarial_training.py'
-                self.step_bench('adversarial_training', at, AT_ARGS[self.cpu])
-                if self.cpu:
-                    self.skip('adversarial_training_amp', 'AMP needs CUDA', True)
-                else:
-                    self.step_bench(
-                        'adversarial_training_amp', at, AT_ARGS[0] + ['--amp']
-                    )
+            elif self.args.cheaper_passes and osp.exists(
+                osp.join(REPO, DEMO_CHECKPOINT)
+            ):
+                self.skip('amp_train', 'the demo checkpoint is there', True)
             else:
-                for name in ('adversarial_training', 'adversarial_training_amp'):
-                    self.skip(name, 'data failed')
+                self.step_amp_train()
+            if self.args.cheaper_passes:
+                self.step_cheaper_passes(ok['data'])
+            else:
+                self.step_default_benchmarks(ok['data'])
         else:
             for name in TIMEOUTS:
                 if name not in self.steps:
@@ -463,6 +539,20 @@ class Check:
                     )
                     for k, v in r['steps'].items()
                 }
+        for step in ('cheaper_passes_speed', 'cheaper_passes_strength'):
+            r = (self.steps.get(step) or {}).get('result')
+            if r:
+                out[step] = {
+                    name: dict(
+                        ratio=row['ratio_to_plain'],
+                        **{
+                            k: (r['strength'].get(name) or {}).get(k)
+                            for k in ('mIoU_diff', 'aACC_diff')
+                        },
+                    )
+                    for name, row in r['speed'].items()
+                    if name != 'plain'
+                }
         return out
 
 
@@ -486,6 +576,12 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         '--force-install', action='store_true', help='install even if importable'
+    )
+    parser.add_argument(
+        '--cheaper-passes',
+        action='store_true',
+        help='run the cheaper_passes steps instead of sea and adversarial_training '
+        '(a second call: together they would not fit one deadline)',
     )
     args = parser.parse_args(argv)
     args.timeouts = dict(TIMEOUTS)

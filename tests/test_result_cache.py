@@ -333,7 +333,8 @@ def test_batch_size_is_in_the_key_in_reference_mode(
 ):
     """compat='reference' stops a batch once all its images are at accuracy 0:
     another test batch size is another evaluation. The default APGD attacks
-    each image alike in any batch: its records are shared."""
+    each image alike in any batch: its records are shared. A speed option of
+    the passes (evaluator.speedups) is another evaluation."""
     work = str(tmp_path / 'work')
     base = ['evaluator.type=APGD', 'evaluator.steps=2', 'evaluator.eps=8']
     base += ['test_dataloader.dataset.indices=2'] + data_options(synthetic_root)
@@ -351,6 +352,10 @@ def test_batch_size_is_in_the_key_in_reference_mode(
                 f'evaluator.compat={compat}',
                 f'test_dataloader.batch_size={batch}',
             ] + base
+    # a speed option of the passes: another key (run through the loop, the
+    # model's weights channels-last during the attack only)
+    runs += [':::', 'tools/test.py', small_config, small_checkpoint, '--work-dir']
+    runs += [work, '--cfg-options', 'evaluator.speedups=channels_last'] + base
     out = run_tool(
         ['python', 'tests/tools_in_one_process.py'] + runs[1:], cwd=repo_root
     )
@@ -366,13 +371,16 @@ def test_batch_size_is_in_the_key_in_reference_mode(
         '2 (2 attacked, 0 from cache',  # default mode: another attack
         '2 (0 attacked, 2 from cache',  # default, batch size 1: reused
         '2 (0 attacked, 2 from cache',
+        '2 (2 attacked, 0 from cache',  # channels_last: not the fp32 records
     ], out[-4000:]
     metas = [
         json.load(open(p))
         for p in glob.glob(osp.join(work, 'robustness_cache', '*', 'meta.json'))
     ]
+    assert [m['speedups'] for m in metas if 'speedups' in m] == [['channels_last']]
     batches = sorted(str(m.get('batches')) for m in metas)
     assert batches == [
+        'None',
         'None',
         "{'batch_size': 1, 'world_size': 1}",
         "{'batch_size': 2, 'world_size': 1}",
@@ -381,8 +389,8 @@ def test_batch_size_is_in_the_key_in_reference_mode(
 
 def test_description_covers_init_checkpoints_modes_and_batches(tmp_path):
     """The key holds the init_cfg checkpoint's content when nothing is loaded
-    over it, the built attacks' resolved modes, and the batch size and world
-    size only for a batch-dependent attack."""
+    over it, the built attacks' resolved modes, the batch size and world
+    size only for a batch-dependent attack, and the passes' speed options."""
     import types
 
     from mmengine.config import Config
@@ -407,10 +415,17 @@ def test_description_covers_init_checkpoints_modes_and_batches(tmp_path):
     model = torch.nn.Linear(2, 2)
     loader = types.SimpleNamespace(batch_size=4)
 
-    def describe(load_from=None, **attack):
+    def describe(load_from=None, speedups=(), **attack):
         attacks = {'8': [ATTACKS.build(dict(type='APGD', eps=8, steps=2, **attack))]}
         return describe_evaluation(
-            cfg, load_from, model, loader, [dict(type='APGD')], attacks, 0
+            cfg,
+            load_from,
+            model,
+            loader,
+            [dict(type='APGD')],
+            attacks,
+            0,
+            speedups=speedups,
         )
 
     base = describe()
@@ -430,6 +445,13 @@ def test_description_covers_init_checkpoints_modes_and_batches(tmp_path):
     assert "zero_acc='reference'" in ref['built_attacks']['8'][0]
     assert ref['batches'] == dict(batch_size=4, world_size=1)
     assert 'batches' not in describe(compat='reference', early_stop=False)
+    # the speed options of the passes: each set its own key (fp32 and bf16
+    # results never mixed); none on: the key of a plain run
+    keys = {
+        fingerprint(describe(speedups=s))
+        for s in ((), ('channels_last',), ('compile',), ('bf16',), ('compile', 'bf16'))
+    }
+    assert len(keys) == 5 and 'speedups' not in base
 
 
 def test_a_line_cut_by_a_kill_is_dropped_not_warned_about(tmp_path, recwarn):

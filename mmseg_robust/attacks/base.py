@@ -4,7 +4,9 @@ An attack sees a *pixel-space model view*: any callable ``model(images) -> logit
 with images ``(B, 3, H, W)`` in ``[0, 1]`` and logits ``(B, K, H', W')`` at the
 resolution of the labels ``(B, H', W')`` (usually ``H' = H``, ``W' = W``).
 Attacks never touch parameter gradients: they differentiate the objective w.r.t.
-the input only (``torch.autograd.grad``), in fp32, under ``torch.enable_grad()``.
+the input only (``torch.autograd.grad``), in fp32, under ``torch.enable_grad()``
+(autocast around an attack is turned off; a view may run its model in bf16
+itself, :mod:`~mmseg_robust.models.cheaper_passes`, and hands back fp32 logits).
 A model (``nn.Module``, or a view holding one as ``.model``) left in train mode is
 attacked in eval mode and put back in train mode afterwards, with a warning, so its
 BatchNorm buffers are untouched and dropout does not randomise the attack.

@@ -25,7 +25,12 @@ from mmseg_robust.evaluation import (
     eps_key,
     image_seed,
 )
-from mmseg_robust.models.pixel_space import SegmentorPixelView, ignore_index_of
+from mmseg_robust.models.cheaper_passes import CheaperPasses
+from mmseg_robust.models.pixel_space import (
+    SegmentorPixelView,
+    ignore_index_of,
+    unwrap_model,
+)
 from mmseg_robust.registry import LOOPS
 
 from .checkpoint_check import CheckpointCheckHook, check_loaded_checkpoint
@@ -93,6 +98,11 @@ class _AdversarialEvalMixin:
             and/or ``'gradient_free'`` (True: both; see
             :class:`~mmseg_robust.evaluation.RobustnessEvaluator` and
             docs/flags.md). Default: None.
+        speedups (str | list[str], optional): opt-in options that make the
+            attack's passes cheaper, ``'channels_last'``, ``'compile'``,
+            ``'bf16'`` (a list or comma-separated text; see
+            :mod:`~mmseg_robust.models.cheaper_passes`). They enter the
+            result cache's key. Default: None (plain fp32 passes).
     """
 
     _stage = 'test'  # the hooks' stage: 'test' or 'val'
@@ -111,6 +121,7 @@ class _AdversarialEvalMixin:
         self_checks: Optional[bool] = None,
         data_digest: str = 'stat',
         probes=None,
+        speedups=None,
     ) -> None:
         # mmengine's TestLoop / ValLoop (attacks run in fp32)
         super().__init__(runner, dataloader, evaluator, fp16=False)
@@ -142,6 +153,8 @@ class _AdversarialEvalMixin:
             )
         self.data_digest = data_digest
         self._data_stamps: Dict[str, str] = {}
+        # one instance for the whole evaluation: it compiles the segmentor once
+        self.passes = CheaperPasses(speedups)
 
     # ------------------------------------------------------------------- start
     def _check_checkpoint(self) -> None:
@@ -153,6 +166,7 @@ class _AdversarialEvalMixin:
         """Before the first batch: check the checkpoint, open the cache, tell the
         metrics what the results file records."""
         self._check_checkpoint()
+        self.passes.check(unwrap_model(self.runner.model))  # bf16 off a GPU
         self._t0 = time.time()
         self._done = 0
         self._attacked = 0
@@ -200,6 +214,7 @@ class _AdversarialEvalMixin:
             {eps_key(e): built for e, built in self.robustness.attacks.items()},
             self.seed,
             self.data_digest,
+            speedups=self.passes.names,
         )
 
     def _log_attack(self, eps: float, name: str) -> None:
@@ -271,14 +286,15 @@ class _AdversarialEvalMixin:
             )
             todo_keys = [keys[i] for i in todo]
             try:
-                result = self.robustness.evaluate(
-                    SegmentorPixelView(model, sub_batch),
-                    todo_keys,
-                    examples=self._want_examples,
-                    saved=self._saved_units(todo_keys),
-                    save=self._save_units(todo_keys),
-                    progress=self._log_attack,
-                )
+                with self.passes.applied(unwrap_model(model)):
+                    result = self.robustness.evaluate(
+                        SegmentorPixelView(model, sub_batch, passes=self.passes),
+                        todo_keys,
+                        examples=self._want_examples,
+                        saved=self._saved_units(todo_keys),
+                        save=self._save_units(todo_keys),
+                        progress=self._log_attack,
+                    )
             finally:
                 self._log_flags(self.robustness.flags)
             new = [rec.to_json() for rec in result.records]

@@ -81,6 +81,7 @@ _OPTIONS = (
     'probes',
     'corruptions',
     'severities',
+    'speedups',
 )
 #: the options of the corruption evaluation (the others are the attacks').
 _CORRUPTION_OPTIONS = (
@@ -200,7 +201,11 @@ def apply_robustness_evaluator(cfg: Config, spec: Optional[object] = None) -> Co
             steps=300, seed=0, class_weights=None, norm='Linf', resume=True,
             worst_case_modes=['best', 'reference'], log_interval=1,
             self_checks=True, compat='default', eps_units=None,
-            clean_candidate=False, data_digest='stat', probes=None)``;
+            clean_candidate=False, data_digest='stat', probes=None,
+            speedups=None)``;
+            ``speedups=['channels_last', 'compile', 'bf16']`` (or
+            comma-separated text) makes the attack's passes cheaper
+            (:mod:`~mmseg_robust.models.cheaper_passes`);
             ``probes='large_radius'|'gradient_free'|True`` runs the opt-in
             probes of the attack outcome (docs/flags.md); ``eps_units='255'``
             confirms eps in /255 units (no unit warnings);
@@ -268,6 +273,12 @@ def apply_robustness_evaluator(cfg: Config, spec: Optional[object] = None) -> Co
     if 'seed' in spec:
         test_cfg['seed'] = metric['seed'] = int(spec['seed'])
     _apply_loop_options(spec, test_cfg)
+    if 'speedups' in spec:
+        # cheaper passes (docs/algorithms.md section 1); unknown names fail
+        # here, not in the Runner
+        from mmseg_robust.models.cheaper_passes import resolve_speedups
+
+        test_cfg['speedups'] = list(resolve_speedups(spec['speedups']))
     if 'clean_candidate' in spec:
         # the clean image as a worst-case candidate (docs/algorithms.md sec. 4)
         metric['clean_candidate'] = _as_bool(

@@ -28,6 +28,8 @@ What the fingerprint covers:
   accuracy 0); otherwise an image gets the same attack in any batch and records
   are shared between batch sizes and process counts;
 - the torch version and the device type (``cpu``, ``cuda``);
+- the speed options of the attack's passes (``evaluator.speedups``:
+  ``channels_last``, ``compile``, ``bf16``), when any is on;
 - how the data files are compared (``data_digest``, below).
 
 The data files actually read are checked per image, not in the fingerprint (so
@@ -203,11 +205,17 @@ def batch_dependent(attack) -> bool:
 
 
 def describe_model_and_data(
-    cfg, load_from: Optional[str], model, data_digest: str = 'stat'
+    cfg,
+    load_from: Optional[str],
+    model,
+    data_digest: str = 'stat',
+    speedups: Sequence[str] = (),
 ) -> dict:
     """The part of the cache key every evaluation shares: the package's code,
     torch and the device type, the model config and its checkpoints, the test
-    dataset config (without ``indices``) and how its files are compared."""
+    dataset config (without ``indices``), how its files are compared and the
+    speed options of the passes (``evaluator.speedups``: each can change the
+    numbers, bf16 by more than round-off)."""
     import torch
 
     from mmseg_robust import __version__
@@ -227,6 +235,9 @@ def describe_model_and_data(
     )
     if not load_from:
         description['init_checkpoints'] = init_checkpoints(cfg.get('model'))
+    if speedups:
+        # absent when off: the keys of plain runs stay as they were
+        description['speedups'] = list(speedups)
     return description
 
 
@@ -239,6 +250,7 @@ def describe_evaluation(
     attacks: Dict[str, list],
     seed: int,
     data_digest: str = 'stat',
+    speedups: Sequence[str] = (),
 ) -> dict:
     """Everything the results of an evaluation depend on, the cache's key (see
     the module docstring for what it covers and what not).
@@ -253,11 +265,13 @@ def describe_evaluation(
         attacks (dict): ``{eps key: [built attacks]}``.
         seed (int): the run's seed.
         data_digest (str): how the data files are compared per image.
+        speedups (sequence of str): the passes' speed options
+            (:func:`~mmseg_robust.models.resolve_speedups`).
 
     Returns:
         dict: JSON-serialisable (through ``default=str``).
     """
-    description = describe_model_and_data(cfg, load_from, model, data_digest)
+    description = describe_model_and_data(cfg, load_from, model, data_digest, speedups)
     description.update(
         attacks=attack_cfgs,
         built_attacks={e: [repr(a) for a in built] for e, built in attacks.items()},

@@ -3,6 +3,7 @@ from . import (
     decode_heads,  # noqa: F401  (registers the DDC-AT heads)
     segmentors,  # noqa: F401  (registers SlideSoftmaxEncoderDecoder)
 )
+from .cheaper_passes import SPEEDUPS, CheaperPasses, check_bf16, resolve_speedups
 from .pixel_space import (
     PixelNormalizer,
     SegmentorPixelView,
@@ -12,6 +13,10 @@ from .pixel_space import (
 )
 
 __all__ = [
+    'SPEEDUPS',
+    'CheaperPasses',
+    'check_bf16',
+    'resolve_speedups',
     'PixelNormalizer',
     'SegmentorPixelView',
     'TrainingBatchPixelView',

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from mmengine.model import is_model_wrapper
 from torch import Tensor
 
+from .cheaper_passes import CheaperPasses
+
 __all__ = [
     'PixelNormalizer',
     'SegmentorPixelView',
@@ -90,6 +92,9 @@ class SegmentorPixelView:
             ``CascadeEncoderDecoder``, ...), possibly wrapped in DDP.
         data (dict): a batch from an mmseg dataloader (``inputs`` list of uint8
             ``(3, H, W)`` tensors, ``data_samples`` with ``gt_sem_seg``).
+        passes (CheaperPasses, optional): speed options for the segmentor's
+            calls (:mod:`~mmseg_robust.models.cheaper_passes`); the
+            normalisation, padding, cropping and resizing stay the same.
 
     Attributes:
         images (Tensor): ``(B, 3, H, W)`` float in ``[0, 1]``.
@@ -101,8 +106,15 @@ class SegmentorPixelView:
         >>> adv = attack(view, view.images, view.labels)
     """
 
-    def __init__(self, segmentor: torch.nn.Module, data: dict) -> None:
+    def __init__(
+        self,
+        segmentor: torch.nn.Module,
+        data: dict,
+        passes: Optional[CheaperPasses] = None,
+    ) -> None:
         self.model = unwrap_model(segmentor)
+        self.passes = passes if passes is not None else CheaperPasses()
+        self.passes.check(self.model)
         pre = self.model.data_preprocessor
         self.normalizer = PixelNormalizer(pre)
         self.pad_val = float(getattr(pre, 'pad_val', 0))
@@ -163,7 +175,7 @@ class SegmentorPixelView:
         left, right, top, bottom = self.padding
         if any(self.padding):
             x = F.pad(x, (left, right, top, bottom), value=self.pad_val)
-        logits = self.model.inference(x, self.metas)
+        logits = self.passes.inference(self.model, x, self.metas)
         h, w = logits.shape[2:]
         logits = logits[:, :, top : h - bottom, left : w - right]
         if self.flip:
