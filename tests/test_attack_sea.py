@@ -338,3 +338,24 @@ def test_refine_names_and_bad_values():
             _sea(refine_steps=bad)
     with pytest.raises(ValueError, match="compat='reference'"):
         _sea(refine_steps=3, compat='reference')
+
+
+def test_refine_steps_is_an_evaluator_option_of_sea(repo_root):
+    import os.path as osp
+
+    from mmengine.config import Config
+
+    from mmseg_robust.engine import apply_robustness_evaluator
+
+    path = osp.join(repo_root, 'configs/synthetic/upernet_convnext-micro_synthetic.py')
+    cfg = Config.fromfile(path)
+    spec = dict(type='SEA', steps=250, refine_steps=150, class_weights=WEIGHTS)
+    apply_robustness_evaluator(cfg, spec)
+    attack = cfg.test_cfg.attacks[0]
+    assert (attack['steps'], attack['refine_steps']) == (250, 150)
+    sea = ATTACKS.build(dict(attack, eps=8, eps_units='255'))
+    assert sea.record_names()[-1] == 'Refine' and sea.refine_steps == 150
+    with pytest.raises(ValueError, match='refine_steps is an option of SEA'):
+        apply_robustness_evaluator(
+            Config.fromfile(path), dict(type='PGD', refine_steps=10)
+        )
