@@ -79,15 +79,36 @@ def apgd(loss: str, steps: int = STEPS) -> dict:
     return dict(type='APGDLargeEps', loss=loss, steps=steps, name=loss)
 
 
+def sea(steps: int, refine_steps: int = 0, name: str = 'SEA') -> dict:
+    """SEA's three members with ``steps`` iterations each and a refinement of
+    ``refine_steps`` (docs/algorithms.md section 4.1) as one unit: the
+    refinement depends on the members' outcomes."""
+    return dict(
+        type='SEA',
+        losses=list(SEA_MEMBERS),
+        steps=steps,
+        refine_steps=refine_steps,
+        name=name,
+    )
+
+
 #: attack configs by name: the units the methods are made of
 ATTACKS = collections.OrderedDict(
     [(loss, apgd(loss)) for loss in SEA_MEMBERS + ('CE', 'Tsallis-CE')]
     + [('PAdam', dict(type='PAdam', loss='CE', steps=STEPS, name='PAdam'))]
+    # SEA's budget (3 x 300 passes) split between the members and a refinement
+    + [
+        ('SEA-R250', sea(250, 150, 'SEA-R250')),
+        ('SEA-R200', sea(200, 300, 'SEA-R200')),
+        # half of SEA's budget
+        ('SEA-150', sea(150, 0, 'SEA-150')),
+        ('SEA-R120', sea(120, 90, 'SEA-R120')),
+    ]
 )
 #: method name -> its attacks (names of :data:`ATTACKS`); its worst case is over
 #: them and its passes their sum
 METHODS = collections.OrderedDict(
-    [(name, [name]) for name in ATTACKS]
+    [(name, [name]) for name in ATTACKS if not name.startswith('SEA')]
     + [
         ('Mask-CE-Bal+Mask-CE', ['Mask-CE-Bal', 'Mask-CE']),
         ('Mask-CE-Bal+JS-Avg', ['Mask-CE-Bal', 'JS-Avg']),
@@ -96,6 +117,7 @@ METHODS = collections.OrderedDict(
         # SEA with Mask-CE replaced by the Tsallis-CE (docs/algorithms.md 2)
         ('SEA-Tsallis', ['Mask-CE-Bal', 'Tsallis-CE', 'JS-Avg']),
     ]
+    + [(name, [name]) for name in ATTACKS if name.startswith('SEA')]
 )
 #: the models evaluated by default, when found: the demo's four and the PIR-AT
 #: models of benchmarks/train_frontier_models.py (its clean models, their
@@ -228,13 +250,24 @@ def class_weights_for(cfg, cache: dict, data_root=None) -> list:
 
 
 # ------------------------------------------------------------------- units
+def needs_class_weights(name: str) -> bool:
+    """Whether unit ``name`` runs Mask-CE-Bal (it needs the class weights)."""
+    cfg = ATTACKS[name]
+    return cfg.get('loss') == 'Mask-CE-Bal' or 'Mask-CE-Bal' in cfg.get('losses', ())
+
+
 def unit_config(name: str, scale: float, class_weights=None) -> dict:
-    """The attack config of unit ``name`` with its iterations times ``scale``
-    (at least 1), Mask-CE-Bal with ``class_weights``."""
+    """The attack config of unit ``name`` with its iterations (and an
+    ensemble's refinement) times ``scale`` (at least 1), Mask-CE-Bal with
+    ``class_weights``."""
     cfg = dict(ATTACKS[name])
     cfg['steps'] = max(1, int(round(cfg['steps'] * scale)))
+    if cfg.get('refine_steps'):
+        cfg['refine_steps'] = max(1, int(round(cfg['refine_steps'] * scale)))
     if cfg.get('loss') == 'Mask-CE-Bal':
         cfg['loss'] = dict(type='Mask-CE-Bal', class_weights=class_weights)
+    if 'Mask-CE-Bal' in cfg.get('losses', ()):
+        cfg['class_weights'] = class_weights
     return cfg
 
 
@@ -283,7 +316,10 @@ def method_result(method: str, units: dict, eps: float) -> dict:
     summary = summarize_records(records, worst_case_modes=('best',))
     at = summary['eps'][eps_key(eps)]
     budget = at['budget']
-    missing = [n for n in names if n not in budget]
+    # the attacks of the records: the units' own names, an ensemble unit's
+    # members (SEA-R250:APGD-Mask-CE-Bal, ..., SEA-R250:Refine)
+    recorded = list(records[0]['attacks'][eps_key(eps)]) if records else []
+    missing = [n for n in recorded if n not in budget]
     if missing:
         raise RuntimeError(f'{method}: no pass counts in the records of {missing}')
     return dict(
@@ -291,11 +327,11 @@ def method_result(method: str, units: dict, eps: float) -> dict:
         aACC=at['worst_case']['aAcc_img'],
         clean_mIoU=summary['clean']['mIoU'],
         clean_aACC=summary['clean']['aAcc_img'],
-        passes=sum(budget[n]['passes'] for n in names),
-        forwards=sum(budget[n]['forwards'] for n in names),
-        passes_max=sum(budget[n]['passes_max'] for n in names),
+        passes=sum(budget[n]['passes'] for n in recorded),
+        forwards=sum(budget[n]['forwards'] for n in recorded),
+        passes_max=sum(budget[n]['passes_max'] for n in recorded),
         steps={n: units[n]['steps'] for n in names},
-        attacks={n: at['attacks'][n]['mIoU'] for n in names},
+        attacks={n: at['attacks'][n]['mIoU'] for n in recorded},
         wall_s=sum(units[n]['wall_s'] for n in names),
         images=summary['num_images'],
     )
@@ -399,7 +435,7 @@ def run_benchmark(
                 cfg_options,
             )
             weights = None
-            if any('Mask-CE-Bal' in METHODS[m] for m, *_ in todo):
+            if any(needs_class_weights(n) for m, *_ in todo for n in METHODS[m]):
                 weights = class_weights_for(cfg, weights_cache, data_root)
         for method in methods:
             for budget in budgets:

@@ -228,3 +228,134 @@ def test_stall_stop_reaches_every_member_and_keeps_seeds_batch_independent(
     b = sea.run(net, x[1:], y[1:], seeds=SEEDS[1:])
     assert torch.equal(full.adv_images, torch.cat([a.adv_images, b.adv_images]))
     assert torch.equal(full.adv_pred, torch.cat([a.adv_pred, b.adv_pred]))
+
+
+# ------------------------------------------------------------- refinement
+def _alone(attack_models, net, x, y, i, objective, start, eps, steps):
+    """The refinement's oracle for image ``i``: one APGD run on that image
+    alone, from ``start``, at the full radius, with ``objective``."""
+    from mmseg_robust.attacks.apgd import apgd_run
+    from mmseg_robust.attacks.base import SegmentationTarget
+    from mmseg_robust.attacks.threat_model import ThreatModel
+
+    target = SegmentationTarget(net, y[i : i + 1], None, 255, [objective])
+    with torch.enable_grad():
+        out = apgd_run(
+            target,
+            objective,
+            ThreatModel(eps, 'Linf', eps_units='255'),
+            x[i : i + 1],
+            start[i : i + 1],
+            eps / 255.0,
+            steps,
+        )
+    return out.adv_images[0], out.adv_pred[0]
+
+
+@pytest.fixture
+def mixed(attack_models):
+    """6 images of 4 x 4 whose worst members differ (at eps 8 and 16), the
+    last one at accuracy 0 from the start (its correct pixels ignored)."""
+    net = attack_models.tiny_net()
+    x, y = attack_models.batch(6, 4, 4, net=net, seed=1)
+    wrong = net(x[5:]).argmax(1) != y[5:]
+    assert wrong.any()
+    y[5:] = torch.where(wrong, y[5:], 255)
+    return net, x, y
+
+
+@pytest.mark.parametrize('eps', [8, 16])
+def test_refine_continues_each_image_from_its_worst_case(eps, mixed, attack_models):
+    """refine_steps: the members are SEA's own (same seeds), then per image not
+    at accuracy 0 one APGD run of refine_steps iterations at the full radius
+    from its worst case, with its worst member's loss, as on the image alone;
+    images at accuracy 0 keep their point; the result is the worst case over
+    the members and the refinement."""
+    net, x, y = mixed
+    seeds = list(range(6))
+    plain = _sea(eps=eps).run(net, x, y, seeds=seeds)
+    sea = _sea(eps=eps, refine_steps=6)
+    out = sea.run(net, x, y, seeds=seeds)
+    assert sea.record_names() == NAMES + ['Refine'] and list(out.members) == (
+        NAMES + ['Refine']
+    )
+    for name in NAMES:
+        assert torch.equal(out.members[name].adv_images, plain.members[name].adv_images)
+    refine = out.members['Refine']
+    objectives = [a.objective for a in sea.attacks.values()]
+    valid = y != 255
+    refined = set()
+    for i in range(x.shape[0]):
+        start = plain.adv_images
+        correct = int(((plain.adv_pred[i] == y[i]) & valid[i]).sum())
+        if correct == 0:  # accuracy 0: kept, no pass spent
+            assert torch.equal(refine.adv_images[i], start[i])
+            assert int(refine.stats['passes'][i]) == 0
+            continue
+        member = int(plain.worst_member[i])
+        refined.add(member)
+        adv_i, pred_i = _alone(
+            attack_models, net, x, y, i, objectives[member], start, eps, 6
+        )
+        assert torch.allclose(refine.adv_images[i], adv_i, atol=1e-6)
+        assert torch.equal(refine.adv_pred[i], pred_i)
+        # 6 iterations: 6 backward passes on the image; no more accuracy than
+        # its start
+        assert int(refine.stats['passes'][i]) == 6
+        assert int(((refine.adv_pred[i] == y[i]) & valid[i]).sum()) <= correct
+    # the runs are grouped by member: more than one group, and an image left out
+    assert len(refined) > 1 and int(refine.stats['passes'][5]) == 0
+    attack_models.assert_feasible(out.adv_images, x, eps, 'Linf')
+    correct = torch.stack(
+        [((o.adv_pred == y) & valid).flatten(1).sum(1) for o in out.members.values()]
+    )
+    assert torch.equal(out.worst_member, correct.argmin(0))
+    assert torch.equal(
+        out.stats['passes'],
+        sum(o.stats['passes'] for o in out.members.values()),
+    )
+
+
+def test_refine_is_batch_independent(mixed):
+    net, x, y = mixed
+    sea = _sea(eps=16, refine_steps=5)
+    seeds = list(range(6))
+    full = sea.run(net, x, y, seeds=seeds)
+    for i in range(x.shape[0]):
+        one = sea.run(net, x[i : i + 1], y[i : i + 1], seeds=seeds[i : i + 1])
+        assert torch.allclose(one.adv_images[0], full.adv_images[i], atol=1e-6)
+        assert torch.equal(
+            one.members['Refine'].adv_pred[0], full.members['Refine'].adv_pred[i]
+        )
+
+
+def test_refine_names_and_bad_values():
+    assert _sea(refine_steps=3, name='SEA-R').record_names()[-1] == 'SEA-R:Refine'
+    assert 'refine_steps=3' in repr(_sea(refine_steps=3))
+    assert _sea().record_names() == NAMES
+    for bad in (-1, 2.5, True):
+        with pytest.raises((TypeError, ValueError), match='refine_steps'):
+            _sea(refine_steps=bad)
+    with pytest.raises(ValueError, match="compat='reference'"):
+        _sea(refine_steps=3, compat='reference')
+
+
+def test_refine_steps_is_an_evaluator_option_of_sea(repo_root):
+    import os.path as osp
+
+    from mmengine.config import Config
+
+    from mmseg_robust.engine import apply_robustness_evaluator
+
+    path = osp.join(repo_root, 'configs/synthetic/upernet_convnext-micro_synthetic.py')
+    cfg = Config.fromfile(path)
+    spec = dict(type='SEA', steps=250, refine_steps=150, class_weights=WEIGHTS)
+    apply_robustness_evaluator(cfg, spec)
+    attack = cfg.test_cfg.attacks[0]
+    assert (attack['steps'], attack['refine_steps']) == (250, 150)
+    sea = ATTACKS.build(dict(attack, eps=8, eps_units='255'))
+    assert sea.record_names()[-1] == 'Refine' and sea.refine_steps == 150
+    with pytest.raises(ValueError, match='refine_steps is an option of SEA'):
+        apply_robustness_evaluator(
+            Config.fromfile(path), dict(type='PGD', refine_steps=10)
+        )

@@ -186,6 +186,37 @@ def _row(model, method, miou, aacc, passes, std=0.1):
     )
 
 
+def test_refining_sea_is_one_unit_and_its_passes_sum_its_members(
+    tiny_checkpoint, synthetic_root, data_options, tmp_path
+):
+    """An ensemble unit (SEA with a refinement, docs/algorithms.md 4.1): one
+    run; the method's passes per image are the sum over the unit's members,
+    the refinement included, and its aACC the per-image worst case over them."""
+    frontier = _frontier()
+    state = str(tmp_path / 'state')
+    (r,) = _run(
+        frontier,
+        tiny_checkpoint,
+        data_options(synthetic_root),
+        state,
+        ['SEA-R120'],
+    )
+    (unit,) = map(json.loads, open(osp.join(state, 'units.jsonl')))
+    # 120 and 90 iterations at budget 1, scaled to 4/300: 2 and 1
+    assert unit['config']['type'] == 'SEA'
+    assert (unit['config']['steps'], unit['config']['refine_steps']) == (2, 1)
+    names = ['APGD-Mask-CE-Bal', 'APGD-Mask-CE', 'APGD-JS-Avg', 'Refine']
+    names = [f'SEA-R120:{n}' for n in names]
+    counts = [rec['attacks']['8'] for rec in unit['records']]
+    assert all(list(c) == names for c in counts)
+    per_image = [sum(c[n]['passes'] for n in names) for c in counts]
+    assert r['passes'] == pytest.approx(np.mean(per_image))
+    assert 0 < r['passes'] <= 3 * 2 + 1
+    assert all(c[names[-1]]['passes'] <= 1 for c in counts)
+    acc = [min(c[n]['correct'] / c[n]['valid'] for n in names) for c in counts]
+    assert r['aACC'] == pytest.approx(100 * np.mean(acc))
+
+
 def test_preset_bars():
     frontier = _frontier()
     sea = [_row('clean', 'SEA', 10, 20, 900), _row('robust', 'SEA', 30, 60, 900)]

@@ -8,10 +8,11 @@ from torch import Tensor
 
 from mmseg_robust.registry import ATTACKS
 
-from .apgd import APGDLargeEps, resolve_modes
+from .apgd import APGDLargeEps, apgd_run, resolve_modes
 from .base import (
     Attack,
     AttackOutput,
+    PassCounter,
     SegmentationTarget,
     batch_stats,
     bcast,
@@ -96,6 +97,14 @@ class SEA(Attack):
             ``name='SEA-100'`` the members are recorded as
             ``'SEA-100:APGD-Mask-CE-Bal'``, ... (two SEA settings in one
             evaluation). Default: None, the members are ``'APGD-<loss>'``.
+        refine_steps (int): iterations of a refinement stage after the members
+            (docs/algorithms.md section 4.1; not part of the published SEA):
+            every image not at accuracy 0 is attacked once more, from its worst
+            case so far, by one APGD run at the full radius with the loss of
+            the member that gave that worst case (step size reset, no random
+            start). Recorded as one more member, ``'Refine'`` (prefixed like the
+            others); about ``len(losses) * steps + refine_steps`` passes per
+            image. Default: 0 (the published SEA).
 
     :meth:`run`'s ``progress`` callback receives each member's name as it starts
     and the member's own progress (its stages) as ``'<name>: <text>'``.
@@ -125,12 +134,27 @@ class SEA(Attack):
         stall_stop: bool = False,
         eps_units: Optional[str] = None,
         name: Optional[str] = None,
+        refine_steps: int = 0,
     ) -> None:
         super().__init__(eps, norm, ignore_index, eps_units, name)
         self.compat, self.zero_acc, self.first_window, self.stall_stop = resolve_modes(
             compat, zero_acc, first_window, stall_stop, type(self).__name__
         )
         self.early_stop = bool(early_stop)
+        if isinstance(refine_steps, bool) or not isinstance(refine_steps, int):
+            raise TypeError(
+                f'refine_steps must be an int (iterations), got {refine_steps!r}'
+            )
+        if refine_steps < 0:
+            raise ValueError(
+                f'refine_steps must be >= 0 (0: no refinement), got {refine_steps}'
+            )
+        if refine_steps and self.compat == 'reference':
+            raise ValueError(
+                "refine_steps is not part of the reference SEA that compat='reference' "
+                'reproduces: drop one of them'
+            )
+        self.refine_steps = refine_steps
         if isinstance(losses, (str, dict)) or len(losses) == 0:
             raise ValueError(
                 f'losses must be a non-empty sequence of objectives, got {losses!r}'
@@ -158,21 +182,25 @@ class SEA(Attack):
             while name in self.attacks:
                 name, k = f'{base}-{k}', k + 1
             self.attacks[name] = attack
+        self.refine_name = 'Refine' if self._name is None else f'{self._name}:Refine'
 
     def __repr__(self) -> str:
         return (
             f'{type(self).__name__}(eps={self.eps:g}, norm={self.norm!r}, '
             f'steps={self.steps}, attacks={list(self.attacks)}, '
             f'zero_acc={self.zero_acc!r}, first_window={self.first_window!r}'
-            f'{", stall_stop=True" if self.stall_stop else ""})'
+            f'{", stall_stop=True" if self.stall_stop else ""}'
+            f'{f", refine_steps={self.refine_steps}" if self.refine_steps else ""})'
         )
 
     def objectives(self) -> List[Objective]:
         return [a.objective for a in self.attacks.values()]
 
     def record_names(self) -> List[str]:
-        """The members' names: the results are recorded per member."""
-        return list(self.attacks)
+        """The members' names (and the refinement's, ``refine_steps > 0``):
+        the results are recorded per member."""
+        names = list(self.attacks)
+        return names + [self.refine_name] if self.refine_steps else names
 
     def _attack(
         self,
@@ -187,19 +215,58 @@ class SEA(Attack):
             members[name] = attack.attack_target(
                 target, x, derive_seeds(seeds, a), _prefixed(report, name)
             )
-        outs = list(members.values())
-        # worst case per image: lowest accuracy, i.e. fewest correct valid pixels
-        # (the valid count is the same for every attack); argmin keeps the first.
-        counts = torch.stack(
-            [num_correct(o.adv_pred, target.labels, target.valid) for o in outs]
-        )
-        worst = counts.argmin(dim=0)
-        adv, pred = outs[0].adv_images, outs[0].adv_pred
-        for a, o in enumerate(outs[1:], start=1):
-            pick = worst == a
-            adv = torch.where(bcast(pick, adv), o.adv_images, adv)
-            pred = torch.where(bcast(pick, pred), o.adv_pred, pred)
+        if self.refine_steps:
+            adv, pred, worst = _worst_case(target, list(members.values()))
+            report(self.refine_name)
+            members[self.refine_name] = self._refine(target, x, adv, pred, worst)
+        adv, pred, worst = _worst_case(target, list(members.values()))
         return AttackOutput(adv, pred, self._stats(target, x, adv), members, worst)
+
+    def _refine(
+        self,
+        target: SegmentationTarget,
+        x: Tensor,
+        adv: Tensor,
+        pred: Tensor,
+        worst: Tensor,
+    ) -> AttackOutput:
+        """The refinement stage (``refine_steps``): per image not at accuracy
+        0, one APGD run at the full radius from ``adv`` (its worst case so far)
+        with the objective of its worst member ``worst``; the other images keep
+        ``adv``. The runs are grouped by member; APGD's result for an image does
+        not depend on the other images of its run (``zero_acc='leave'``)."""
+        before = target.counter.snapshot(target.positions)
+        left = num_correct(pred, target.labels, target.valid) > 0
+        out_adv, out_pred = adv.clone(), pred.clone()
+        late = torch.zeros_like(worst)
+        for a, attack in enumerate(self.attacks.values()):
+            idx = torch.nonzero(left & (worst == a)).squeeze(1)
+            if idx.numel() == 0:
+                continue
+            run = apgd_run(
+                target.subset(idx),
+                attack.objective,
+                self.threat_model,
+                x[idx],
+                adv[idx].detach(),
+                self.eps / 255.0,
+                self.refine_steps,
+                attack.rho,
+                self.early_stop,
+                zero_acc=self.zero_acc,
+                first_window=self.first_window,
+                stall_stop=self.stall_stop,
+            )
+            out_adv[idx] = run.adv_images
+            out_pred[idx] = run.adv_pred
+            late[idx] = run.stats['late_gain']
+        with torch.no_grad():
+            stats = dict(
+                batch_stats(target.evaluate(adv), 'start'),
+                **batch_stats(target.evaluate(out_adv), 'final'),
+            )
+        spent = PassCounter.spent(before, target.counter.snapshot(target.positions))
+        return AttackOutput(out_adv, out_pred, dict(stats, late_gain=late, **spent))
 
     @staticmethod
     def _stats(target: SegmentationTarget, x: Tensor, adv: Tensor) -> dict:
@@ -210,6 +277,22 @@ class SEA(Attack):
                 batch_stats(target.evaluate(x), 'start'),
                 **batch_stats(target.evaluate(adv), 'final'),
             )
+
+
+def _worst_case(target: SegmentationTarget, outs: List[AttackOutput]):
+    """Per image the output with the lowest accuracy, i.e. the fewest correct
+    valid pixels (the valid count is the same for every output; ties: the
+    first): ``(adv_images, adv_pred, index of the output)``."""
+    counts = torch.stack(
+        [num_correct(o.adv_pred, target.labels, target.valid) for o in outs]
+    )
+    worst = counts.argmin(dim=0)
+    adv, pred = outs[0].adv_images, outs[0].adv_pred
+    for a, o in enumerate(outs[1:], start=1):
+        pick = worst == a
+        adv = torch.where(bcast(pick, adv), o.adv_images, adv)
+        pred = torch.where(bcast(pick, pred), o.adv_pred, pred)
+    return adv, pred, worst
 
 
 def _prefixed(report: Callable[[str], None], name: str) -> Callable[[str], None]:

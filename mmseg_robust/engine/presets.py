@@ -67,6 +67,7 @@ _OPTIONS = (
     'eps',
     'steps',
     'n_iter',
+    'refine_steps',
     'seed',
     'class_weights',
     'resume',
@@ -257,6 +258,14 @@ def apply_robustness_evaluator(cfg: Config, spec: Optional[object] = None) -> Co
         )
     if steps is not None:
         attack['steps'] = int(steps)
+    if spec.get('refine_steps') is not None:
+        # SEA's refinement stage (docs/algorithms.md section 4.1)
+        if attack['type'] != 'SEA':
+            raise ValueError(
+                f'evaluator.refine_steps is an option of SEA (its refinement '
+                f'stage), not of evaluator={name}'
+            )
+        attack['refine_steps'] = int(spec['refine_steps'])
     if spec.get('norm') is not None:
         attack['norm'] = spec['norm']
     if spec.get('eps_units') is not None:
