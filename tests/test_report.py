@@ -215,6 +215,21 @@ def test_evaluation_budget_in_words(results):
     assert _curve_figure(rows[:1])._suptitle.get_text() == budget
 
 
+def test_a_refining_sea_is_named_apart_from_sea(results):
+    """SEA with a refinement stage (docs/algorithms.md 4.1) is not the
+    paper's SEA: its rows, tables and budget say so."""
+    refined = copy.deepcopy(results[0])
+    refined['attacks'][0]['refine_steps'] = 150
+    row = load_result(refined, 'PIR-AT')
+    assert row['attack'] == 'SEA+Refine' and row['refine_steps'] == 150
+    assert evaluation_budget([row]) == (
+        'SEA+Refine, 300 iterations per attack, a refinement of 150 iterations, '
+        '16 images, ε = 4, 8/255'
+    )
+    assert 'SEA+Refine ε=8/255 mIoU' in format_table([row], fmt='markdown')
+    assert load_result(results[0], 'PIR-AT')['refine_steps'] is None
+
+
 def test_flags_paragraph_names_the_models_concerned(results):
     flagged = load_result(results[0], 'PIR-AT')
     flagged['flags'] = [

@@ -151,6 +151,11 @@ def load_result(
         # several attacks: the names their results are recorded under
         recorded = next(iter(eps_results.values()), {}).get('attacks') or {}
         attack = ' + '.join(recorded) or attack
+    refine = first.get('refine_steps') if len(attacks) == 1 else None
+    if refine:
+        # SEA with a refinement stage (docs/algorithms.md 4.1) is not the
+        # paper's SEA: named apart, so the two are never compared unawares
+        attack = f'{attack}+Refine'
     all_steps = {a.get('steps', a.get('n_iter')) for a in attacks}
     steps = first.get('steps', first.get('n_iter')) if len(all_steps) == 1 else None
     steps = int(steps) if steps is not None else None
@@ -179,6 +184,7 @@ def load_result(
         'num_images': int(num_images) if num_images is not None else None,
         'attack': attack,
         'steps': steps,
+        'refine_steps': int(refine) if refine else None,
         'seed': int(seed) if seed is not None else None,
         'checkpoint': str(checkpoint) if checkpoint is not None else None,
         'clean': {
@@ -276,6 +282,7 @@ def _corruption_row(results, name: Optional[str], where: str) -> dict:
         'num_images': int(num_images) if num_images is not None else None,
         'attack': None,
         'steps': None,
+        'refine_steps': None,
         'seed': results.seed,
         'checkpoint': str(checkpoint) if checkpoint is not None else None,
         # the adversarial table's clean aACC is the mean over images, which a
@@ -621,6 +628,8 @@ def _row_budget(row: dict) -> str:
         if steps is not None
         else 'iterations differ between attacks'
     )
+    if row.get('refine_steps'):
+        parts.append(f'a refinement of {row["refine_steps"]} iterations')
     images = row.get('num_images')
     if images is not None:
         parts.append(f'{images} images')
