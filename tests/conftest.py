@@ -16,6 +16,7 @@
 
 import os
 import os.path as osp
+import re
 import subprocess
 import sys
 
@@ -96,43 +97,45 @@ def small_checkpoint(synthetic_root, tmp_path_factory):
 TEARDOWN_ABORT = 'terminate called without an active exception'
 
 
+#: a Python exception inside a rank of a multi-process launch, as torchrun
+#: prints it
+RANK_RAISED = re.compile(r'^\[rank\d+\]: Traceback', re.MULTILINE)
+
+
 def _run_tool(args, cwd=REPO, timeout=600, env=None):
     """Run a command with this interpreter's environment; fail with its output.
 
-    A multi-process launch that fails only by the teardown abort above is run
-    once more (the output of both runs is returned, marked); any other failure,
-    or the abort twice, fails the test.
+    A multi-process launch that fails only by the teardown abort above (no
+    rank raised an exception) is accepted as it is: its ranks did their work,
+    which the test then checks. It is not run again: a second run would not
+    start from the same state (a ``--resume`` run would find its own
+    checkpoints). Any other failure fails the test.
     """
     full_env = dict(os.environ)
     full_env['PATH'] = osp.dirname(sys.executable) + os.pathsep + full_env['PATH']
     full_env.setdefault('OMP_NUM_THREADS', '1')
     full_env.update(env or {})
-
-    def run():
-        return subprocess.run(
-            args,
-            cwd=cwd,
-            env=full_env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=timeout,
-        )
-
-    proc = run()
-    prefix = ''
-    if proc.returncode != 0 and TEARDOWN_ABORT in proc.stdout:
-        prefix = (
-            f'[run_tool: teardown abort, ran again]\n'
-            f'{proc.stdout}\n[run_tool: second run]\n'
-        )
-        proc = run()
+    proc = subprocess.run(
+        args,
+        cwd=cwd,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
+    if (
+        proc.returncode != 0
+        and TEARDOWN_ABORT in proc.stdout
+        and not RANK_RAISED.search(proc.stdout)
+    ):
+        return '[run_tool: teardown abort after the work, accepted]\n' + proc.stdout
     if proc.returncode != 0:
         raise AssertionError(
             f'{" ".join(map(str, args))} failed '
             f'({proc.returncode}):\n{proc.stdout[-6000:]}'
         )
-    return prefix + proc.stdout
+    return proc.stdout
 
 
 @pytest.fixture(scope='session')

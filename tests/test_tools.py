@@ -241,3 +241,20 @@ def test_slurm_test_sh_with_evaluator_sea(
     assert set(summary['eps']) == {'4'}
     worst = summary['eps']['4']['worst_case']
     assert worst['mIoU'] <= summary['clean']['mIoU']
+
+
+def test_run_tool_accepts_a_teardown_abort_without_running_again(run_tool, tmp_path):
+    """The tests' launcher helper: a multi-process launch that fails only by
+    the gloo teardown abort (no rank raised) is accepted once, never run a
+    second time (a --resume run would not start from the same state); a rank's
+    exception or any other failure fails."""
+    runs = tmp_path / 'runs'
+    abort = "echo 'terminate called without an active exception'"
+    out = run_tool(['bash', '-c', f'echo run >> {runs}; {abort}; exit 134'])
+    assert out.startswith('[run_tool: teardown abort after the work, accepted]')
+    assert runs.read_text() == 'run\n'
+    raised = "echo '[rank1]: Traceback (most recent call last):'"
+    with pytest.raises(AssertionError, match=r'failed \(1\)'):
+        run_tool(['bash', '-c', f'{raised}; {abort}; exit 1'])
+    with pytest.raises(AssertionError, match=r'failed \(3\)'):
+        run_tool(['bash', '-c', 'exit 3'])
