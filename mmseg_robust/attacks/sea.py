@@ -260,22 +260,19 @@ class SEA(Attack):
             out_adv[idx] = run.adv_images
             out_pred[idx] = run.adv_pred
             late[idx] = run.stats['late_gain']
-        with torch.no_grad():
-            stats = dict(
-                batch_stats(target.evaluate(adv), 'start'),
-                **batch_stats(target.evaluate(out_adv), 'final'),
-            )
+        stats = self._stats(target, adv, out_adv)
         spent = PassCounter.spent(before, target.counter.snapshot(target.positions))
         return AttackOutput(out_adv, out_pred, dict(stats, late_gain=late, **spent))
 
     @staticmethod
-    def _stats(target: SegmentationTarget, x: Tensor, adv: Tensor) -> dict:
-        """``start_*`` at the clean images (every member starts from them) and
-        ``final_*`` at the worst case: two forwards, no backward."""
+    def _stats(target: SegmentationTarget, start: Tensor, end: Tensor) -> dict:
+        """``start_*`` at ``start`` and ``final_*`` at ``end``: two forwards,
+        no backward (SEA: the clean images, where every member starts, and the
+        worst case; the refinement: its starting and returned points)."""
         with torch.no_grad():
             return dict(
-                batch_stats(target.evaluate(x), 'start'),
-                **batch_stats(target.evaluate(adv), 'final'),
+                batch_stats(target.evaluate(start), 'start'),
+                **batch_stats(target.evaluate(end), 'final'),
             )
 
 
