@@ -571,68 +571,55 @@ def trained_checkpoint(
 TRAIN_ITERS = 300
 
 
-def _sea_on_training_images(run_tool, config, ckpt, root, data_options, work, steps):
-    """tools/test.py, SEA at eps 8 with ``steps`` iterations per attack, on 2
-    training images (the model is accurate there); its output."""
-    return run_tool(
-        ['python', 'tools/test.py', config, ckpt]
-        + ['--work-dir', work, '--cfg-options']
-        + [
-            'evaluator.type=SEA',
-            'evaluator.eps=8',
-            f'evaluator.steps={steps}',
-            'test_dataloader.dataset.indices=2',
-            'test_dataloader.batch_size=2',
-        ]
-        + data_options(root)
-        + [
-            'test_dataloader.dataset.data_prefix.img_path=img_dir/train',
-            'test_dataloader.dataset.data_prefix.seg_map_path=ann_dir/train',
-        ]
-    )
-
-
-def test_normal_evaluation_raises_no_flags(
+@pytest.fixture
+def sea_on_training_images(
     run_tool, small_config, trained_checkpoint, synthetic_root, data_options, tmp_path
 ):
+    """``run(steps)``: tools/test.py, SEA at eps 8 with ``steps`` iterations per
+    attack, on 2 training images (the model is accurate there); its output and
+    its results file."""
+
+    def run(steps):
+        work = str(tmp_path / f'work_{steps}')
+        out = run_tool(
+            ['python', 'tools/test.py', small_config, trained_checkpoint]
+            + ['--work-dir', work, '--cfg-options']
+            + [
+                'evaluator.type=SEA',
+                'evaluator.eps=8',
+                f'evaluator.steps={steps}',
+                'test_dataloader.dataset.indices=2',
+                'test_dataloader.batch_size=2',
+            ]
+            + data_options(synthetic_root)
+            + [
+                'test_dataloader.dataset.data_prefix.img_path=img_dir/train',
+                'test_dataloader.dataset.data_prefix.seg_map_path=ann_dir/train',
+            ]
+        )
+        return out, _results(work)
+
+    return run
+
+
+def test_normal_evaluation_raises_no_flags(sea_on_training_images, tmp_path):
     """The paper's budget (300 iterations per attack): no flag, the attacks
     converged (with 10, 30 or 100 iterations this model's attacks still gain at
     their end: ``attack_unconverged``, see the next test and docs/flags.md)."""
     from mmseg_robust.reporting import load_result, write_report
 
-    work = str(tmp_path / 'work')
-    out = _sea_on_training_images(
-        run_tool,
-        small_config,
-        trained_checkpoint,
-        synthetic_root,
-        data_options,
-        work,
-        steps=300,
-    )
-    result = _results(work)
+    out, result = sea_on_training_images(steps=300)
     assert result['schema_version'] == 3 and result['flags'] == [], result['flags']
     assert 'Self-check' not in out
     md = write_report([load_result(result)], str(tmp_path / 'r'), print_table=False)
     assert 'no flags raised' in open(md['markdown']).read()
 
 
-def test_short_attack_is_flagged_unconverged(
-    run_tool, small_config, trained_checkpoint, synthetic_root, data_options, tmp_path
-):
+def test_short_attack_is_flagged_unconverged(sea_on_training_images):
     """The same evaluation with 10 iterations per attack: the worst-case
     attacks still gain at their end (flag ``attack_unconverged`` only)."""
-    work = str(tmp_path / 'work')
-    out = _sea_on_training_images(
-        run_tool,
-        small_config,
-        trained_checkpoint,
-        synthetic_root,
-        data_options,
-        work,
-        steps=10,
-    )
-    flags = _results(work)['flags']
+    out, result = sea_on_training_images(steps=10)
+    flags = result['flags']
     assert [f['code'] for f in flags] == ['attack_unconverged'], flags
     assert flags[0]['details']['eps'][0]['images'] == 2
     assert 'Self-check warning [attack_unconverged]' in out
