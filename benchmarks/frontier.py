@@ -73,25 +73,40 @@ STEPS = 300
 SEA_MEMBERS = ('Mask-CE-Bal', 'Mask-CE', 'JS-Avg')
 
 
-def apgd(loss: str, steps: int = STEPS) -> dict:
+def apgd(loss: str, steps: int = STEPS, miou_candidate: bool = False) -> dict:
     """APGD with the progressive radius, as SEA runs each member
-    (:class:`~mmseg_robust.attacks.APGDLargeEps`), named by its loss."""
-    return dict(type='APGDLargeEps', loss=loss, steps=steps, name=loss)
+    (:class:`~mmseg_robust.attacks.APGDLargeEps`), named by its loss; with
+    ``miou_candidate``, also its mIoU candidate (docs/algorithms.md 4.2)."""
+    cfg = dict(type='APGDLargeEps', loss=loss, steps=steps, name=loss)
+    return dict(cfg, miou_candidate=True) if miou_candidate else cfg
 
 
 def sea(
-    steps: int, refine_steps: int = 0, name: str = 'SEA', losses=SEA_MEMBERS
+    steps: int,
+    refine_steps: int = 0,
+    name: str = 'SEA',
+    losses=SEA_MEMBERS,
+    miou_candidates: bool = False,
 ) -> dict:
     """SEA with ``losses`` (default: its three members), ``steps`` iterations
     each and a refinement of ``refine_steps`` (docs/algorithms.md section 4.1)
-    as one unit: the refinement depends on the members' outcomes."""
-    return dict(
+    as one unit: the refinement depends on the members' outcomes; with
+    ``miou_candidates``, the members' mIoU candidates (section 4.2)."""
+    cfg = dict(
         type='SEA',
         losses=list(losses),
         steps=steps,
         refine_steps=refine_steps,
         name=name,
     )
+    return dict(cfg, miou_candidates=True) if miou_candidates else cfg
+
+
+#: appended to a unit's name: the unit rerun with its mIoU candidates
+#: (docs/algorithms.md 4.2); it runs from the unit's own random starts
+#: (:func:`unit_seed`), so its outputs are the unit's and only the candidates
+#: are new: a paired comparison
+WITH_CANDIDATES = '+mIoU-iterates'
 
 
 #: attack configs by name: the units the methods are made of
@@ -109,11 +124,27 @@ ATTACKS = collections.OrderedDict(
         ('SEA-R120', sea(120, 90, 'SEA-R120')),
         ('SEA2-R150', sea(150, 150, 'SEA2-R150', ('Mask-CE-Bal', 'JS-Avg'))),
     ]
+    # SEA's members and the two SEA2 ensembles with their mIoU candidates
+    + [
+        (loss + WITH_CANDIDATES, apgd(loss, miou_candidate=True))
+        for loss in SEA_MEMBERS
+    ]
+    + [
+        (
+            f'SEA2-R{n}{WITH_CANDIDATES}',
+            sea(n, n, f'SEA2-R{n}', ('Mask-CE-Bal', 'JS-Avg'), miou_candidates=True),
+        )
+        for n in (300, 150)
+    ]
 )
 #: method name -> its attacks (names of :data:`ATTACKS`); its worst case is over
 #: them and its passes their sum
 METHODS = collections.OrderedDict(
-    [(name, [name]) for name in ATTACKS if not name.startswith('SEA')]
+    [
+        (name, [name])
+        for name in ATTACKS
+        if not name.startswith('SEA') and not name.endswith(WITH_CANDIDATES)
+    ]
     + [
         ('Mask-CE-Bal+Mask-CE', ['Mask-CE-Bal', 'Mask-CE']),
         ('Mask-CE-Bal+JS-Avg', ['Mask-CE-Bal', 'JS-Avg']),
@@ -123,6 +154,7 @@ METHODS = collections.OrderedDict(
         ('SEA-Tsallis', ['Mask-CE-Bal', 'Tsallis-CE', 'JS-Avg']),
     ]
     + [(name, [name]) for name in ATTACKS if name.startswith('SEA')]
+    + [('SEA' + WITH_CANDIDATES, [m + WITH_CANDIDATES for m in SEA_MEMBERS])]
 )
 #: the models evaluated by default, when found: the demo's four and the PIR-AT
 #: models of benchmarks/train_frontier_models.py (its clean models, their
@@ -278,7 +310,9 @@ def unit_config(name: str, scale: float, class_weights=None) -> dict:
 
 def unit_seed(seed: int, name: str) -> int:
     """The evaluator seed of unit ``name`` in the run of seed ``seed``: each
-    unit its own random starts, as SEA's members (``derive_seeds``)."""
+    unit its own random starts, as SEA's members (``derive_seeds``); a unit
+    with its mIoU candidates (:data:`WITH_CANDIDATES`) the unit's own."""
+    name = name.removesuffix(WITH_CANDIDATES)
     digest = hashlib.blake2b(f'{int(seed)}/{name}'.encode(), digest_size=4).digest()
     return int.from_bytes(digest, 'little') >> 1
 

@@ -303,3 +303,21 @@ def test_discover_models(tmp_path):
     assert found['SAT'] == dict(config='s.py', checkpoint='/x/s.pth')
     with pytest.raises(SystemExit, match='NAME=CONFIG:CHECKPOINT'):
         frontier.discover_models(None, str(root), None, ['SAT'])
+
+
+def test_a_unit_with_its_miou_candidates_reruns_the_unit():
+    """``<unit>+mIoU-iterates`` is the unit's own attack, from its own random
+    starts, with the mIoU candidates added (docs/algorithms.md 4.2): a paired
+    comparison."""
+    frontier = _frontier()
+    suffix = frontier.WITH_CANDIDATES
+    weights = [0.25] * 4
+    for unit in ('Mask-CE-Bal', 'JS-Avg', 'SEA2-R150', 'SEA2-R300'):
+        assert frontier.unit_seed(2, unit + suffix) == frontier.unit_seed(2, unit)
+        plain = frontier.unit_config(unit, 0.5, weights)
+        cfg = frontier.unit_config(unit + suffix, 0.5, weights)
+        key = 'miou_candidates' if unit.startswith('SEA') else 'miou_candidate'
+        assert cfg.pop(key) is True and cfg == plain
+    assert frontier.METHODS['SEA' + suffix] == [
+        m + suffix for m in frontier.METHODS['SEA']
+    ]

@@ -228,6 +228,16 @@ def test_a_refining_sea_is_named_apart_from_sea(results):
     )
     assert 'SEA+Refine ε=8/255 mIoU' in format_table([row], fmt='markdown')
     assert load_result(results[0], 'PIR-AT')['refine_steps'] is None
+    # so is SEA with its members' mIoU candidates (4.2)
+    both = copy.deepcopy(refined)
+    both['attacks'][0]['miou_candidates'] = True
+    row = load_result(both, 'PIR-AT')
+    assert row['attack'] == 'SEA+Refine+mIoU-iterates' and row['miou_candidates']
+    assert evaluation_budget([row]) == (
+        'SEA+Refine+mIoU-iterates, 300 iterations per attack, a refinement of 150 '
+        "iterations, the members' mIoU candidates, 16 images, ε = 4, 8/255"
+    )
+    assert not load_result(results[0], 'PIR-AT')['miou_candidates']
 
 
 def test_flags_paragraph_names_the_models_concerned(results):

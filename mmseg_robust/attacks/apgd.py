@@ -18,6 +18,7 @@ from mmseg_robust.registry import ATTACKS
 from .base import (
     Attack,
     AttackOutput,
+    PassCounter,
     SegmentationTarget,
     batch_stats,
     bcast,
@@ -27,10 +28,12 @@ from .base import (
     resolve_steps,
 )
 from .objectives import Objective
+from .seg_logits import image_miou
 from .threat_model import ThreatModel
 
 __all__ = [
     'DEFAULT_MODES',
+    'MIOU_CANDIDATE_SUFFIX',
     'APGDModes',
     'FIRST_WINDOW_MODES',
     'STALL_HALVINGS',
@@ -70,6 +73,8 @@ DEFAULT_MODES = dict(zero_acc='leave', first_window='reference')
 #: ``stall_stop``: an image's step size counts as collapsed once it has been
 #: halved this many times (``eta <= 2 r / 2**STALL_HALVINGS``).
 STALL_HALVINGS = 3
+#: Appended to an attack's name to record its mIoU candidate (section 4.2).
+MIOU_CANDIDATE_SUFFIX = ':mIoU-iterate'
 _COMPAT = {
     None: DEFAULT_MODES,
     'default': DEFAULT_MODES,
@@ -355,12 +360,14 @@ def _evaluate(
     total_steps: int,
     need_grad: bool,
     stats: Optional[dict] = None,
+    need_pred: bool = False,
 ):
     """Forward at ``x_adv`` (and backward when ``need_grad``).
 
-    Returns ``(grad or None, per-image CE, correct-pixel counts)``; the logits are
-    dropped here so they are freed before the next forward. With ``stats`` (a
-    dict), the batch's ``start_*`` statistics are added to it.
+    Returns ``(grad or None, per-image CE, correct-pixel counts, prediction or
+    None)``, the prediction with ``need_pred``; the logits are dropped here so
+    they are freed before the next forward. With ``stats`` (a dict), the
+    batch's ``start_*`` statistics are added to it.
     """
     if need_grad:
         x_adv.requires_grad_(True)
@@ -374,7 +381,7 @@ def _evaluate(
     if stats is not None:
         stats.update(batch_stats(s, 'start'))
     with torch.no_grad():
-        return grad, s.image_ce, s.num_correct
+        return grad, s.image_ce, s.num_correct, s.pred if need_pred else None
 
 
 def apgd_run(
@@ -392,6 +399,7 @@ def apgd_run(
     zero_acc: Optional[str] = None,
     first_window: Optional[str] = None,
     stall_stop: bool = False,
+    miou_candidate: bool = False,
 ) -> AttackOutput:
     """One APGD run of ``n_iter`` iterations at ``radius`` (section 3.2).
 
@@ -432,6 +440,12 @@ def apgd_run(
             iterations leaves the run with its returned point so far. Per image,
             so its result does not depend on its batch; needs
             ``zero_acc='leave'``. Default: False.
+        miou_candidate (bool): also keep, per image, the iterate with the
+            lowest :func:`~mmseg_robust.attacks.seg_logits.image_miou` (ties:
+            the newer one; section 4.2), returned as
+            ``stats['miou_candidate']``, an :class:`AttackOutput` with the
+            prediction evaluated at that iterate: no pass more, one argmax
+            per iteration. Default: False.
 
     Returns:
         AttackOutput: per image the iterate with the lowest pixel accuracy (ties:
@@ -447,18 +461,31 @@ def apgd_run(
     leave = zero_acc == 'leave'
     out_x = x0.detach().clone()
     start = None if stats is not None else {}
-    grad, ce, n_correct = _evaluate(
-        target, objective, out_x.clone(), 1, n_iter, n_iter > 0, start
+    grad, ce, n_correct, pred = _evaluate(
+        target, objective, out_x.clone(), 1, n_iter, n_iter > 0, start, miou_candidate
     )
     stats = dict(stats if start is None else start)
+    cand = None
+    if miou_candidate:
+        # the mIoU candidate (section 4.2): per image the iterate of lowest
+        # image_miou and its prediction; active images' in cand, every
+        # image's in out_cand (written when an image leaves and at the end)
+        with torch.no_grad():
+            score = image_miou(pred, target.labels, target.valid, target.num_classes)
+        cand = [out_x.clone(), pred, score]
+        out_cand = [t.clone() for t in cand]
 
     def finish(points: Tensor) -> AttackOutput:
+        if cand is not None:
+            stats['miou_candidate'] = AttackOutput(out_cand[0], out_cand[1], {})
         if predict_output:
             return output_at(target, points, stats)
         return AttackOutput(points, None, stats)
 
     if n_iter == 0:
         return finish(out_x)
+    if cand is not None:
+        cand[0] = out_x.clone()  # the run's own copy: out_x is written below
     idx = None  # batch positions of the active images; None while all are active
     t_a = target  # the target of the active images
     x_a, x_adv, x_prev = x, out_x.clone(), out_x.clone()
@@ -502,6 +529,9 @@ def apgd_run(
                 pos = torch.nonzero(done).squeeze(1) if idx is None else idx[done]
                 out_x[pos] = ret_x[done]
                 n_final[pos] = ret_n[done]
+                if cand is not None:
+                    for o, c in zip(out_cand, cand):
+                        o[pos] = c[done]
                 keep = ~done
                 idx = torch.nonzero(keep).squeeze(1) if idx is None else idx[keep]
                 if idx.numel() == 0:
@@ -512,6 +542,8 @@ def apgd_run(
                 )
                 if stall_stop:
                     stalled_for = stalled_for[keep]
+                if cand is not None:
+                    cand = [c[keep] for c in cand]
                 ctl.select(keep)
                 t_a = target.subset(idx)
                 with torch.no_grad():
@@ -534,8 +566,17 @@ def apgd_run(
             x_new = project(x_adv + (z - x_adv) * a + (x_adv - x_prev) * (1.0 - a))
         x_prev, x_adv = x_adv, x_new
         # the last iterate needs no backward pass
-        g, ce, n_correct = _evaluate(t_a, objective, x_adv, i + 2, n_iter, not last)
+        g, ce, n_correct, pred = _evaluate(
+            t_a, objective, x_adv, i + 2, n_iter, not last, None, cand is not None
+        )
         with torch.no_grad():
+            if cand is not None:
+                score = image_miou(pred, t_a.labels, t_a.valid, t_a.num_classes)
+                lower = score <= cand[2]
+                cand = [
+                    torch.where(bcast(lower, c), new, c)
+                    for c, new in zip(cand, (x_adv, pred, score))
+                ]
             upd = better_iterate(n_correct, ret_n, newest_at_zero=not leave)
             if stall_stop:
                 lower_acc = n_correct < ret_n
@@ -560,9 +601,14 @@ def apgd_run(
     if idx is None:
         out_x = ret_x
         n_final = ret_n
+        if cand is not None:
+            out_cand = cand
     else:
         out_x[idx] = ret_x
         n_final[idx] = ret_n
+        if cand is not None:
+            for o, c in zip(out_cand, cand):
+                o[idx] = c
     return finish_run(out_x)
 
 
@@ -621,6 +667,11 @@ class APGD(Attack):
             Default: None (checked).
         name (str, optional): name of the results (see :class:`Attack`).
             Default: ``'APGD-<objective>'``, e.g. ``'APGD-CE'``.
+        miou_candidate (bool): also return, per image, the iterate of the
+            (last) run with the lowest own mIoU as a second candidate for SEA's
+            worst-case mIoU (docs/algorithms.md section 4.2; no pass more): the
+            output then has two ``members``, ``name`` and ``name +
+            MIOU_CANDIDATE_SUFFIX``, and is recorded under both. Default: False.
 
     :meth:`run` also takes ``init`` ``(B, 3, H, W)``: a starting point (projected
     onto the ball) instead of the random start.
@@ -649,8 +700,10 @@ class APGD(Attack):
         stall_stop: bool = False,
         eps_units: Optional[str] = None,
         name: Optional[str] = None,
+        miou_candidate: bool = False,
     ) -> None:
         super().__init__(eps, norm, ignore_index, eps_units, name)
+        self.miou_candidate = bool(miou_candidate)
         self.steps = resolve_steps(steps, n_iter, 100, type(self).__name__)
         self.compat, self.zero_acc, self.first_window, self.stall_stop = resolve_modes(
             compat, zero_acc, first_window, stall_stop, type(self).__name__
@@ -664,11 +717,15 @@ class APGD(Attack):
             f'{type(self).__name__}(eps={self.eps:g}, norm={self.norm!r}, '
             f'steps={self.steps}, loss={self.objective!r}, '
             f'zero_acc={self.zero_acc!r}, first_window={self.first_window!r}'
-            f'{", stall_stop=True" if self.stall_stop else ""})'
+            f'{", stall_stop=True" if self.stall_stop else ""}'
+            f'{", miou_candidate=True" if self.miou_candidate else ""})'
         )
 
     def objectives(self) -> List[Objective]:
         return [self.objective]
+
+    def record_names(self) -> List[str]:
+        return with_candidate_name(self.name, self.miou_candidate)
 
     def run(
         self,
@@ -693,11 +750,12 @@ class APGD(Attack):
 
     def _attack(self, target, x, seeds, report, init=None) -> AttackOutput:
         tm = self.threat_model
+        before = target.counter.snapshot(target.positions)
         with torch.no_grad():
             x0 = (
                 tm.random_start(x, seeds=seeds) if init is None else tm.project(init, x)
             )
-        return apgd_run(
+        out = apgd_run(
             target,
             self.objective,
             tm,
@@ -710,7 +768,9 @@ class APGD(Attack):
             zero_acc=self.zero_acc,
             first_window=self.first_window,
             stall_stop=self.stall_stop,
+            miou_candidate=self.miou_candidate,
         )
+        return with_miou_candidate(self.name, out, target, before)
 
 
 @ATTACKS.register_module()
@@ -770,6 +830,11 @@ class APGDLargeEps(Attack):
             Default: None (checked).
         name (str, optional): name of the results (see :class:`Attack`).
             Default: ``'APGDLargeEps-<objective>'``.
+        miou_candidate (bool): also return, per image, the iterate of the
+            (last) run with the lowest own mIoU as a second candidate for SEA's
+            worst-case mIoU (docs/algorithms.md section 4.2; no pass more): the
+            output then has two ``members``, ``name`` and ``name +
+            MIOU_CANDIDATE_SUFFIX``, and is recorded under both. Default: False.
 
     :meth:`run`'s ``progress`` callback receives ``'stage k/n: radius r/255, m
     iterations'`` at the start of each stage.
@@ -800,8 +865,10 @@ class APGDLargeEps(Attack):
         stall_stop: bool = False,
         eps_units: Optional[str] = None,
         name: Optional[str] = None,
+        miou_candidate: bool = False,
     ) -> None:
         super().__init__(eps, norm, ignore_index, eps_units, name)
+        self.miou_candidate = bool(miou_candidate)
         self.steps = resolve_steps(steps, n_iter, 300, type(self).__name__)
         self.compat, self.zero_acc, self.first_window, self.stall_stop = resolve_modes(
             compat, zero_acc, first_window, stall_stop, type(self).__name__
@@ -821,14 +888,19 @@ class APGDLargeEps(Attack):
             f'steps={self.steps}, loss={self.objective!r}, '
             f'stages={self.stages}, zero_acc={self.zero_acc!r}, '
             f'first_window={self.first_window!r}'
-            f'{", stall_stop=True" if self.stall_stop else ""})'
+            f'{", stall_stop=True" if self.stall_stop else ""}'
+            f'{", miou_candidate=True" if self.miou_candidate else ""})'
         )
 
     def objectives(self) -> List[Objective]:
         return [self.objective]
 
+    def record_names(self) -> List[str]:
+        return with_candidate_name(self.name, self.miou_candidate)
+
     def _attack(self, target, x, seeds, report) -> AttackOutput:
         tm = self.threat_model
+        before = target.counter.snapshot(target.positions)
         out, stats = None, None
         n = len(self.stages)
         for stage, (n_stage, eps_stage) in enumerate(self.stages):
@@ -856,6 +928,38 @@ class APGDLargeEps(Attack):
                 zero_acc=self.zero_acc,
                 first_window=self.first_window,
                 stall_stop=self.stall_stop,
+                miou_candidate=last and self.miou_candidate,
             )
             stats = out.stats
+        return with_miou_candidate(self.name, out, target, before)
+
+
+def with_candidate_name(name: str, miou_candidate: bool) -> List[str]:
+    """``[name]``, and the name of its mIoU candidate with ``miou_candidate``
+    (the names an attack's results are recorded under)."""
+    return [name, name + MIOU_CANDIDATE_SUFFIX] if miou_candidate else [name]
+
+
+def with_miou_candidate(
+    name: str, out: AttackOutput, target: SegmentationTarget, before
+) -> AttackOutput:
+    """An :func:`apgd_run` output; with ``stats['miou_candidate']`` (its
+    ``miou_candidate`` option), an output of two ``members``: ``name``, the
+    run's own output with the passes spent since ``before`` (a
+    :meth:`PassCounter.snapshot`), and ``name + MIOU_CANDIDATE_SUFFIX``, the
+    mIoU candidate, with the ``start_*`` statistics and no passes of its own
+    (docs/algorithms.md section 4.2). The returned point is the run's own."""
+    cand = (out.stats or {}).get('miou_candidate')
+    if cand is None:
         return out
+    stats = {k: v for k, v in out.stats.items() if k != 'miou_candidate'}
+    spent = PassCounter.spent(before, target.counter.snapshot(target.positions))
+    main = out._replace(stats=dict(stats, **spent))
+    start = {k: v for k, v in stats.items() if k.startswith('start_')}
+    none = {k: torch.zeros_like(v) for k, v in spent.items()}
+    members = {
+        name: main,
+        name + MIOU_CANDIDATE_SUFFIX: cand._replace(stats=dict(start, **none)),
+    }
+    worst = torch.zeros(out.adv_images.shape[0], dtype=torch.long)
+    return main._replace(members=members, worst_member=worst.to(out.adv_images.device))

@@ -8,7 +8,13 @@ from torch import Tensor
 
 from mmseg_robust.registry import ATTACKS
 
-from .apgd import APGDLargeEps, apgd_run, resolve_modes
+from .apgd import (
+    APGDLargeEps,
+    apgd_run,
+    resolve_modes,
+    with_candidate_name,
+    with_miou_candidate,
+)
 from .base import (
     Attack,
     AttackOutput,
@@ -105,6 +111,13 @@ class SEA(Attack):
             start). Recorded as one more member, ``'Refine'`` (prefixed like the
             others); about ``len(losses) * steps + refine_steps`` passes per
             image. Default: 0 (the published SEA).
+        miou_candidates (bool): every member (and the refinement) also
+            returns, per image, the iterate of its last stage with the lowest
+            own mIoU, recorded as ``'<member>:mIoU-iterate'``: one more
+            candidate per member for the worst-case mIoU's greedy, at no pass
+            more (docs/algorithms.md section 4.2; not part of the published
+            SEA). The returned point and the worst-case aACC stay the members'
+            lowest-accuracy points. Default: False.
 
     :meth:`run`'s ``progress`` callback receives each member's name as it starts
     and the member's own progress (its stages) as ``'<name>: <text>'``.
@@ -135,6 +148,7 @@ class SEA(Attack):
         eps_units: Optional[str] = None,
         name: Optional[str] = None,
         refine_steps: int = 0,
+        miou_candidates: bool = False,
     ) -> None:
         super().__init__(eps, norm, ignore_index, eps_units, name)
         self.compat, self.zero_acc, self.first_window, self.stall_stop = resolve_modes(
@@ -154,7 +168,13 @@ class SEA(Attack):
                 "refine_steps is not part of the reference SEA that compat='reference' "
                 'reproduces: drop one of them'
             )
+        if miou_candidates and self.compat == 'reference':
+            raise ValueError(
+                'miou_candidates is not part of the reference SEA that '
+                "compat='reference' reproduces: drop one of them"
+            )
         self.refine_steps = refine_steps
+        self.miou_candidates = bool(miou_candidates)
         if isinstance(losses, (str, dict)) or len(losses) == 0:
             raise ValueError(
                 f'losses must be a non-empty sequence of objectives, got {losses!r}'
@@ -174,6 +194,7 @@ class SEA(Attack):
                 first_window=self.first_window,
                 stall_stop=stall_stop,
                 eps_units=eps_units,
+                miou_candidate=self.miou_candidates,
             )
             name = base = f'APGD-{_loss_name(attack.objective)}'
             if self._name is not None:
@@ -190,7 +211,8 @@ class SEA(Attack):
             f'steps={self.steps}, attacks={list(self.attacks)}, '
             f'zero_acc={self.zero_acc!r}, first_window={self.first_window!r}'
             f'{", stall_stop=True" if self.stall_stop else ""}'
-            f'{f", refine_steps={self.refine_steps}" if self.refine_steps else ""})'
+            f'{f", refine_steps={self.refine_steps}" if self.refine_steps else ""}'
+            f'{", miou_candidates=True" if self.miou_candidates else ""})'
         )
 
     def objectives(self) -> List[Objective]:
@@ -200,7 +222,9 @@ class SEA(Attack):
         """The members' names (and the refinement's, ``refine_steps > 0``):
         the results are recorded per member."""
         names = list(self.attacks)
-        return names + [self.refine_name] if self.refine_steps else names
+        if self.refine_steps:
+            names.append(self.refine_name)
+        return [n for m in names for n in with_candidate_name(m, self.miou_candidates)]
 
     def _attack(
         self,
@@ -209,7 +233,7 @@ class SEA(Attack):
         seeds: Optional[List[int]],
         report: Callable[[str], None],
     ) -> AttackOutput:
-        members = {}
+        members = {}  # name: the member's own output
         for a, (name, attack) in enumerate(self.attacks.items()):
             report(name)
             members[name] = attack.attack_target(
@@ -220,6 +244,15 @@ class SEA(Attack):
             report(self.refine_name)
             members[self.refine_name] = self._refine(target, x, adv, pred, worst)
         adv, pred, worst = _worst_case(target, list(members.values()))
+        if self.miou_candidates:
+            # each output and its mIoU candidate (section 4.2), recorded
+            # side by side; the worst case stays over the outputs themselves
+            members = {
+                n: o
+                for name, out in members.items()
+                for n, o in zip(with_candidate_name(name, True), out.members.values())
+            }
+            worst = 2 * worst
         return AttackOutput(adv, pred, self._stats(target, x, adv), members, worst)
 
     def _refine(
@@ -238,6 +271,8 @@ class SEA(Attack):
         before = target.counter.snapshot(target.positions)
         left = num_correct(pred, target.labels, target.valid) > 0
         out_adv, out_pred = adv.clone(), pred.clone()
+        # the mIoU candidate: the images not refined keep their point
+        cand_adv, cand_pred = adv.clone(), pred.clone()
         late = torch.zeros_like(worst)
         for a, attack in enumerate(self.attacks.values()):
             idx = torch.nonzero(left & (worst == a)).squeeze(1)
@@ -256,13 +291,22 @@ class SEA(Attack):
                 zero_acc=self.zero_acc,
                 first_window=self.first_window,
                 stall_stop=self.stall_stop,
+                miou_candidate=self.miou_candidates,
             )
             out_adv[idx] = run.adv_images
             out_pred[idx] = run.adv_pred
             late[idx] = run.stats['late_gain']
+            if self.miou_candidates:
+                cand = run.stats['miou_candidate']
+                cand_adv[idx], cand_pred[idx] = cand.adv_images, cand.adv_pred
         stats = self._stats(target, adv, out_adv)
+        if self.miou_candidates:
+            stats['miou_candidate'] = AttackOutput(cand_adv, cand_pred, {})
+        out = AttackOutput(out_adv, out_pred, dict(stats, late_gain=late))
+        if self.miou_candidates:
+            return with_miou_candidate(self.refine_name, out, target, before)
         spent = PassCounter.spent(before, target.counter.snapshot(target.positions))
-        return AttackOutput(out_adv, out_pred, dict(stats, late_gain=late, **spent))
+        return out._replace(stats=dict(out.stats, **spent))
 
     @staticmethod
     def _stats(target: SegmentationTarget, start: Tensor, end: Tensor) -> dict:

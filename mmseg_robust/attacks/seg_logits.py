@@ -18,6 +18,7 @@ __all__ = [
     'SegLogits',
     'check_labels',
     'effective_valid',
+    'image_miou',
     'num_correct',
 ]
 
@@ -61,6 +62,27 @@ def check_labels(
 def num_correct(pred: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
     """Correctly classified valid pixels per image, long ``(B,)``."""
     return ((pred == labels) & valid).sum(dim=(1, 2))
+
+
+def image_miou(pred: Tensor, labels: Tensor, valid: Tensor, num_classes: int) -> Tensor:
+    """Each image's own mIoU, float64 ``(B,)``: the mean over the classes with a
+    non-zero union in that image (labels or prediction, valid pixels) of
+    intersection / union; 0 for an image without valid pixels.
+
+    The score by which an attack picks its mIoU candidate (docs/algorithms.md
+    section 4.2). ``labels`` must be in ``[0, num_classes)`` wherever ``valid``.
+    """
+    b, k = pred.shape[0], int(num_classes)
+    offset = (torch.arange(b, device=pred.device) * k).view(b, 1, 1)
+    gt = (labels + offset)[valid]
+    n = b * k
+    area_gt = torch.bincount(gt, minlength=n)
+    area_pred = torch.bincount((pred + offset)[valid], minlength=n)
+    inter = torch.bincount(gt[(pred == labels)[valid]], minlength=n)
+    union = (area_gt + area_pred - inter).view(b, k).double()
+    iou = inter.view(b, k).double() / union.clamp_min(1)
+    present = (union > 0).sum(dim=1)
+    return iou.sum(dim=1) / present.clamp_min(1)
 
 
 class SegLogits:

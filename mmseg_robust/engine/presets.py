@@ -68,6 +68,7 @@ _OPTIONS = (
     'steps',
     'n_iter',
     'refine_steps',
+    'miou_candidates',
     'seed',
     'class_weights',
     'resume',
@@ -212,6 +213,9 @@ def apply_robustness_evaluator(cfg: Config, spec: Optional[object] = None) -> Co
             confirms eps in /255 units (no unit warnings);
             ``clean_candidate=True`` counts the clean image in the worst case
             (docs/algorithms.md section 4);
+            ``refine_steps=R`` and ``miou_candidates=True`` (SEA only) add
+            its refinement stage and its members' mIoU candidates
+            (docs/algorithms.md sections 4.1 and 4.2; not the published SEA);
             ``data_digest='content'`` makes the result cache compare the data
             files by their bytes (default: sizes and mtimes, see
             :mod:`mmseg_robust.engine.result_cache`);
@@ -266,6 +270,16 @@ def apply_robustness_evaluator(cfg: Config, spec: Optional[object] = None) -> Co
                 f'stage), not of evaluator={name}'
             )
         attack['refine_steps'] = int(spec['refine_steps'])
+    if spec.get('miou_candidates') is not None:
+        # every member's mIoU candidate (docs/algorithms.md section 4.2)
+        if attack['type'] != 'SEA':
+            raise ValueError(
+                f'evaluator.miou_candidates is an option of SEA (its members '
+                f'mIoU candidates), not of evaluator={name}'
+            )
+        attack['miou_candidates'] = _as_bool(
+            spec['miou_candidates'], 'evaluator.miou_candidates'
+        )
     if spec.get('norm') is not None:
         attack['norm'] = spec['norm']
     if spec.get('eps_units') is not None:

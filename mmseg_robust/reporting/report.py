@@ -152,10 +152,14 @@ def load_result(
         recorded = next(iter(eps_results.values()), {}).get('attacks') or {}
         attack = ' + '.join(recorded) or attack
     refine = first.get('refine_steps') if len(attacks) == 1 else None
+    candidates = bool(first.get('miou_candidates')) and len(attacks) == 1
     if refine:
         # SEA with a refinement stage (docs/algorithms.md 4.1) is not the
         # paper's SEA: named apart, so the two are never compared unawares
         attack = f'{attack}+Refine'
+    if candidates:
+        # nor is SEA with its members' mIoU candidates (4.2)
+        attack = f'{attack}+mIoU-iterates'
     all_steps = {a.get('steps', a.get('n_iter')) for a in attacks}
     steps = first.get('steps', first.get('n_iter')) if len(all_steps) == 1 else None
     steps = int(steps) if steps is not None else None
@@ -185,6 +189,7 @@ def load_result(
         'attack': attack,
         'steps': steps,
         'refine_steps': int(refine) if refine else None,
+        'miou_candidates': candidates,
         'seed': int(seed) if seed is not None else None,
         'checkpoint': str(checkpoint) if checkpoint is not None else None,
         'clean': {
@@ -283,6 +288,7 @@ def _corruption_row(results, name: Optional[str], where: str) -> dict:
         'attack': None,
         'steps': None,
         'refine_steps': None,
+        'miou_candidates': False,
         'seed': results.seed,
         'checkpoint': str(checkpoint) if checkpoint is not None else None,
         # the adversarial table's clean aACC is the mean over images, which a
@@ -630,6 +636,8 @@ def _row_budget(row: dict) -> str:
     )
     if row.get('refine_steps'):
         parts.append(f'a refinement of {row["refine_steps"]} iterations')
+    if row.get('miou_candidates'):
+        parts.append("the members' mIoU candidates")
     images = row.get('num_images')
     if images is not None:
         parts.append(f'{images} images')
