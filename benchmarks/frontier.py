@@ -557,6 +557,32 @@ def aggregate(results: list) -> list:
     return rows
 
 
+def paired_differences(results: list) -> list:
+    """A method with its mIoU candidates (:data:`WITH_CANDIDATES`) minus the
+    method itself, seed by seed (the same attack runs: only the candidates
+    differ), then the mean and spread over the seeds, per model, budget and
+    eps where both ran."""
+    by_key = {
+        (r['model'], r['method'], r['budget'], r['eps'], r['seed']): r for r in results
+    }
+    groups = collections.OrderedDict()
+    for (model, method, budget, e, seed), r in by_key.items():
+        base = method.removesuffix(WITH_CANDIDATES)
+        if base == method or base not in METHODS:
+            continue
+        b = by_key.get((model, base, budget, e, seed))
+        if b is not None:
+            groups.setdefault((model, method, base, budget, e), []).append((r, b))
+    rows = []
+    for (model, method, base, budget, e), pairs in groups.items():
+        row = dict(model=model, method=method, base=base, budget=budget, eps=e)
+        row['seeds'] = len(pairs)
+        for key in ('mIoU', 'aACC', 'passes'):
+            row[key], row[f'{key}_std'] = _mean_std([r[key] - b[key] for r, b in pairs])
+        rows.append(row)
+    return rows
+
+
 def preset_bars(rows: list, clean_models, candidates=PRESET_CANDIDATES) -> list:
     """The two preset bars (module docstring) of every candidate method and
     budget, against SEA at its largest budget, over the models and eps where
@@ -629,7 +655,7 @@ def preset_bars(rows: list, clean_models, candidates=PRESET_CANDIDATES) -> list:
     return out
 
 
-def markdown(rows: list, bars: list) -> str:
+def markdown(rows: list, bars: list, paired=()) -> str:
     lines = [
         '| model | eps | method | budget | passes/img | forwards/img | '
         'worst-case mIoU | worst-case aACC | wall (s) | seeds |',
@@ -662,6 +688,24 @@ def markdown(rows: list, bars: list) -> str:
                 f'{"-" if ratio is None else f"{ratio:.2f}"} | '
                 f'{"yes" if b["stronger"] else "no"} | '
                 f'{"yes" if b["cheaper"] else "no"} |'
+            )
+    if paired:
+        lines += [
+            '',
+            'The mIoU candidates, paired: a method with them minus the method, on '
+            'the same attack runs (mean ± standard deviation over the seeds of the '
+            'per-seed differences, points).',
+            '',
+            '| model | eps | method | budget | Δ mIoU | Δ aACC | Δ passes/img '
+            '| seeds |',
+            '|---|---|---|---|---|---|---|---|',
+        ]
+        for r in paired:
+            lines.append(
+                f'| {r["model"]} | {r["eps"]:g} | {r["method"]} | {r["budget"]:g} | '
+                f'{r["mIoU"]:+.2f} ± {r["mIoU_std"]:.2f} | '
+                f'{r["aACC"]:+.2f} ± {r["aACC_std"]:.2f} | '
+                f'{r["passes"]:+.1f} | {r["seeds"]} |'
             )
     return '\n'.join(lines) + '\n'
 
@@ -747,7 +791,8 @@ def write_outputs(results, settings, out, clean_models, command) -> dict:
 
     rows = aggregate(results)
     bars = preset_bars(rows, clean_models)
-    table = markdown(rows, bars)
+    paired = paired_differences(results)
+    table = markdown(rows, bars, paired)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     doc = dict(
         script='benchmarks/frontier.py',
@@ -767,6 +812,7 @@ def write_outputs(results, settings, out, clean_models, command) -> dict:
         results=[{k: v for k, v in r.items() if k != 'id'} for r in results],
         aggregates=rows,
         presets=bars,
+        paired=paired,
     )
     os.makedirs(osp.dirname(osp.abspath(out)), exist_ok=True)
     with open(out, 'w') as f:

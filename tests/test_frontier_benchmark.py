@@ -321,3 +321,37 @@ def test_a_unit_with_its_miou_candidates_reruns_the_unit():
     assert frontier.METHODS['SEA' + suffix] == [
         m + suffix for m in frontier.METHODS['SEA']
     ]
+
+
+def test_paired_differences_of_the_miou_candidates():
+    """Per seed, the method with its candidates minus the method on the same
+    model, budget and eps; then mean and spread over the seeds."""
+    frontier = _frontier()
+    method = 'SEA' + frontier.WITH_CANDIDATES
+
+    def res(name, seed, miou, aacc, model='m', e=8.0):
+        return dict(
+            model=model, method=name, budget=1.0, eps=e, seed=seed,
+            mIoU=miou, aACC=aacc, passes=900.0,
+        )  # fmt: skip
+
+    results = [
+        res('SEA', 0, 30.0, 70.0),
+        res('SEA', 1, 31.0, 71.0),
+        res(method, 0, 29.5, 70.0),
+        res(method, 1, 30.0, 71.0),
+        res(method, 2, 10.0, 10.0),  # no SEA result of seed 2: left out
+        res(method, 0, 5.0, 5.0, e=4.0),  # nor at eps 4
+    ]
+    (row,) = frontier.paired_differences(results)
+    assert (row['model'], row['method'], row['base'], row['eps']) == (
+        'm',
+        method,
+        'SEA',
+        8.0,
+    )
+    assert row['seeds'] == 2 and row['mIoU'] == -0.75 and row['aACC'] == 0.0
+    assert abs(row['mIoU_std'] - 0.3535533905932738) < 1e-12
+    assert row['passes'] == 0.0
+    table = frontier.markdown([], [], [row])
+    assert '| m | 8 | SEA+mIoU-iterates | 1 | -0.75 ± 0.35 | +0.00 ± 0.00 |' in table
