@@ -62,6 +62,7 @@ import statistics
 import sys
 import time
 import warnings
+from typing import Optional
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -109,6 +110,14 @@ def sea(
 WITH_CANDIDATES = '+mIoU-iterates'
 
 
+#: units whose Mask-CE-Bal weighs the classes by the evaluated model's own
+#: clean unions on the evaluated images, ``w_c ~ 1 / U_c`` (normalised; 0
+#: for a class of union 0; :func:`clean_union_weights`), not by the training
+#: set's pixel frequency: flipping a correct pixel of class ``c`` lowers the
+#: mIoU by about ``1 / (C U_c)`` (a metric-aware objective, docs/benchmarks.md);
+#: each starts from the random points of the unit named
+CLEAN_UNION_UNITS = {'Mask-CE-Bal-U': 'Mask-CE-Bal'}
+
 #: attack configs by name: the units the methods are made of
 ATTACKS = collections.OrderedDict(
     [(loss, apgd(loss)) for loss in SEA_MEMBERS + ('CE', 'Tsallis-CE')]
@@ -124,6 +133,7 @@ ATTACKS = collections.OrderedDict(
         ('SEA-R120', sea(120, 90, 'SEA-R120')),
         ('SEA2-R150', sea(150, 150, 'SEA2-R150', ('Mask-CE-Bal', 'JS-Avg'))),
     ]
+    + [('Mask-CE-Bal-U', dict(apgd('Mask-CE-Bal'), name='Mask-CE-Bal-U'))]
     # SEA's members and the two SEA2 ensembles with their mIoU candidates
     + [
         (loss + WITH_CANDIDATES, apgd(loss, miou_candidate=True))
@@ -143,7 +153,9 @@ METHODS = collections.OrderedDict(
     [
         (name, [name])
         for name in ATTACKS
-        if not name.startswith('SEA') and not name.endswith(WITH_CANDIDATES)
+        if not name.startswith('SEA')
+        and not name.endswith(WITH_CANDIDATES)
+        and name not in CLEAN_UNION_UNITS
     ]
     + [
         ('Mask-CE-Bal+Mask-CE', ['Mask-CE-Bal', 'Mask-CE']),
@@ -155,6 +167,9 @@ METHODS = collections.OrderedDict(
     ]
     + [(name, [name]) for name in ATTACKS if name.startswith('SEA')]
     + [('SEA' + WITH_CANDIDATES, [m + WITH_CANDIDATES for m in SEA_MEMBERS])]
+    # SEA with Mask-CE-Bal weighted by the clean unions (paired with SEA: its
+    # other two members are SEA's own runs)
+    + [('SEA-U', ['Mask-CE-Bal-U', 'Mask-CE', 'JS-Avg'])]
 )
 #: the models evaluated by default, when found: the demo's four and the PIR-AT
 #: models of benchmarks/train_frontier_models.py (its clean models, their
@@ -286,6 +301,26 @@ def class_weights_for(cfg, cache: dict, data_root=None) -> list:
     return cache[key]
 
 
+def clean_union_weights(model, loader, ignore: int, num_classes: int) -> list:
+    """Mask-CE-Bal weights from the model's clean predictions on the images
+    of ``loader``: ``w_c ~ 1 / U_c`` with ``U_c`` the union of class ``c``
+    summed over the images (0 where ``U_c = 0``), normalised to sum 1."""
+    import torch
+
+    from mmseg_robust.evaluation import ImageCounts
+    from mmseg_robust.models import SegmentorPixelView
+
+    union = [0] * num_classes
+    with torch.no_grad():
+        for batch in loader:
+            view = SegmentorPixelView(model, batch)
+            _, pred = view.predict()
+            for c in ImageCounts.of_batch(pred, view.labels, num_classes, ignore):
+                union = [u + v for u, v in zip(union, c.union)]
+    inv = [1.0 / u if u > 0 else 0.0 for u in union]
+    return [w / sum(inv) for w in inv]
+
+
 # ------------------------------------------------------------------- units
 def needs_class_weights(name: str) -> bool:
     """Whether unit ``name`` runs Mask-CE-Bal (it needs the class weights)."""
@@ -313,6 +348,7 @@ def unit_seed(seed: int, name: str) -> int:
     unit its own random starts, as SEA's members (``derive_seeds``); a unit
     with its mIoU candidates (:data:`WITH_CANDIDATES`) the unit's own."""
     name = name.removesuffix(WITH_CANDIDATES)
+    name = CLEAN_UNION_UNITS.get(name, name)
     digest = hashlib.blake2b(f'{int(seed)}/{name}'.encode(), digest_size=4).digest()
     return int.from_bytes(digest, 'little') >> 1
 
@@ -473,9 +509,14 @@ def run_benchmark(
                 batch,
                 cfg_options,
             )
-            weights = None
-            if any(needs_class_weights(n) for m, *_ in todo for n in METHODS[m]):
+            weights = union_weights = None
+            needed = {n for m, *_ in todo for n in METHODS[m]}
+            if any(needs_class_weights(n) for n in needed):
                 weights = class_weights_for(cfg, weights_cache, data_root)
+            if needed & set(CLEAN_UNION_UNITS):
+                k = int(cfg.model.decode_head.num_classes)
+                union_weights = clean_union_weights(model, loader, ignore, k)
+                log(f'{model_name}: clean-union class weights {union_weights}')
         for method in methods:
             for budget in budgets:
                 for e in eps:
@@ -488,7 +529,13 @@ def run_benchmark(
                         for name in METHODS[method]:
                             uid = unit_id(model_name, name, budget, e, seed)
                             if uid not in units:
-                                acfg = unit_config(name, budget * steps_scale, weights)
+                                acfg = unit_config(
+                                    name,
+                                    budget * steps_scale,
+                                    union_weights
+                                    if name in CLEAN_UNION_UNITS
+                                    else weights,
+                                )
                                 log(
                                     f'{model_name} eps {e:g} seed {seed}: {name} '
                                     f'({acfg["steps"]} steps) ...'
@@ -557,18 +604,27 @@ def aggregate(results: list) -> list:
     return rows
 
 
+def paired_base(method: str) -> Optional[str]:
+    """The method ``method`` differs from in one thing on otherwise the same
+    attack runs (same random starts): a method with its mIoU candidates
+    (:data:`WITH_CANDIDATES`) from the method, ``SEA-U`` (Mask-CE-Bal with
+    the clean-union weights, :data:`CLEAN_UNION_UNITS`) from SEA; else None."""
+    if method == 'SEA-U':
+        return 'SEA'
+    base = method.removesuffix(WITH_CANDIDATES)
+    return base if base != method and base in METHODS else None
+
+
 def paired_differences(results: list) -> list:
-    """A method with its mIoU candidates (:data:`WITH_CANDIDATES`) minus the
-    method itself, seed by seed (the same attack runs: only the candidates
-    differ), then the mean and spread over the seeds, per model, budget and
-    eps where both ran."""
+    """A method minus its :func:`paired_base`, seed by seed, then the mean
+    and spread over the seeds, per model, budget and eps where both ran."""
     by_key = {
         (r['model'], r['method'], r['budget'], r['eps'], r['seed']): r for r in results
     }
     groups = collections.OrderedDict()
     for (model, method, budget, e, seed), r in by_key.items():
-        base = method.removesuffix(WITH_CANDIDATES)
-        if base == method or base not in METHODS:
+        base = paired_base(method)
+        if base is None:
             continue
         b = by_key.get((model, base, budget, e, seed))
         if b is not None:
@@ -692,17 +748,19 @@ def markdown(rows: list, bars: list, paired=()) -> str:
     if paired:
         lines += [
             '',
-            'The mIoU candidates, paired: a method with them minus the method, on '
-            'the same attack runs (mean ± standard deviation over the seeds of the '
-            'per-seed differences, points).',
+            'Paired: a method minus the method it differs from in one thing on the '
+            'same attack runs (with the mIoU candidates minus without; SEA-U minus '
+            'SEA), mean ± standard deviation over the seeds of the per-seed '
+            'differences, points.',
             '',
-            '| model | eps | method | budget | Δ mIoU | Δ aACC | Δ passes/img '
-            '| seeds |',
-            '|---|---|---|---|---|---|---|---|',
+            '| model | eps | method | minus | budget | Δ mIoU | Δ aACC | '
+            'Δ passes/img | seeds |',
+            '|---|---|---|---|---|---|---|---|---|',
         ]
         for r in paired:
             lines.append(
-                f'| {r["model"]} | {r["eps"]:g} | {r["method"]} | {r["budget"]:g} | '
+                f'| {r["model"]} | {r["eps"]:g} | {r["method"]} | {r["base"]} | '
+                f'{r["budget"]:g} | '
                 f'{r["mIoU"]:+.2f} ± {r["mIoU_std"]:.2f} | '
                 f'{r["aACC"]:+.2f} ± {r["aACC_std"]:.2f} | '
                 f'{r["passes"]:+.1f} | {r["seeds"]} |'

@@ -354,4 +354,63 @@ def test_paired_differences_of_the_miou_candidates():
     assert abs(row['mIoU_std'] - 0.3535533905932738) < 1e-12
     assert row['passes'] == 0.0
     table = frontier.markdown([], [], [row])
-    assert '| m | 8 | SEA+mIoU-iterates | 1 | -0.75 ± 0.35 | +0.00 ± 0.00 |' in table
+    assert '| m | 8 | SEA+mIoU-iterates | SEA | 1 | -0.75 ± 0.35 | +0.00 ± 0.00 |' in (
+        table
+    )
+    # SEA-U differs from SEA in Mask-CE-Bal's weights only
+    assert frontier.paired_base('SEA-U') == 'SEA'
+    assert frontier.METHODS['SEA-U'][1:] == frontier.METHODS['SEA'][1:]
+    assert frontier.unit_seed(1, 'Mask-CE-Bal-U') == frontier.unit_seed(
+        1, 'Mask-CE-Bal'
+    )
+    assert frontier.paired_base('SEA') is None
+    assert frontier.paired_base('SEA2-R150' + frontier.WITH_CANDIDATES) == 'SEA2-R150'
+
+
+def test_paired_methods_rerun_only_what_differs(
+    tiny_checkpoint, synthetic_root, data_options, tmp_path
+):
+    """SEA-U runs one unit of its own (Mask-CE-Bal with the clean-union
+    weights, from Mask-CE-Bal's random starts) and reads SEA's other two; a
+    unit with its mIoU candidates records the unit's own outputs beside them."""
+    from mmseg_robust.attacks.apgd import MIOU_CANDIDATE_SUFFIX
+
+    frontier = _frontier()
+    state = str(tmp_path / 'state')
+    results = _run(
+        frontier,
+        tiny_checkpoint,
+        data_options(synthetic_root),
+        state,
+        ['SEA', 'SEA-U', 'SEA' + frontier.WITH_CANDIDATES],
+    )
+    units = {
+        json.loads(u['id'])[2]: u
+        for u in map(json.loads, open(osp.join(state, 'units.jsonl')))
+    }
+    suffix = frontier.WITH_CANDIDATES
+    assert sorted(units) == sorted(
+        ['Mask-CE-Bal', 'Mask-CE', 'JS-Avg', 'Mask-CE-Bal-U']
+        + [m + suffix for m in ('Mask-CE-Bal', 'Mask-CE', 'JS-Avg')]
+    )
+    # the weights: 1 / U_c of the clean predictions, summed over the images
+    # (every unit records the clean counts), normalised
+    union = np.sum([r['clean']['union'] for r in units['JS-Avg']['records']], 0)
+    inv = np.where(union > 0, 1.0 / np.maximum(union, 1), 0.0)
+    weights = units['Mask-CE-Bal-U']['config']['loss']['class_weights']
+    assert weights == pytest.approx(list(inv / inv.sum()))
+    assert weights != units['Mask-CE-Bal']['config']['loss']['class_weights']
+    for name in ('Mask-CE-Bal', 'Mask-CE', 'JS-Avg'):
+        for plain, cand in zip(units[name]['records'], units[name + suffix]['records']):
+            at = cand['attacks']['8']
+            assert list(at) == [name, name + MIOU_CANDIDATE_SUFFIX]
+            assert at[name] == plain['attacks']['8'][name]
+            assert at[name + MIOU_CANDIDATE_SUFFIX]['passes'] == 0
+    by_method = {r['method']: r for r in results}
+    assert by_method['SEA' + suffix]['aACC'] == by_method['SEA']['aACC']
+    assert by_method['SEA' + suffix]['passes'] == by_method['SEA']['passes']
+    paired = frontier.paired_differences(results)
+    assert {(p['method'], p['base']) for p in paired} == {
+        ('SEA' + suffix, 'SEA'),
+        ('SEA-U', 'SEA'),
+    }
