@@ -13,6 +13,8 @@
 - ``ImageCounter(model, images)``: wraps a model view and counts, per image of
   ``images``, the forwards with and without input gradients and the backward
   passes (each forwarded row is the image of ``images`` nearest to it in L2);
+- ``PixelView(model, images, labels)``: the pixel-space view the Runner-free
+  evaluator takes (``images``, ``labels``, ``predict()``, ``model``);
 - ``batch(b, h, w, num_classes, seed, net)``: images in [0, 1] (with exact 0 and 1
   pixels) and labels equal to ``net``'s clean prediction on most pixels;
 - ``assert_feasible(adv, x, eps, norm)``: in the eps-ball (eps in /255, tolerance
@@ -144,6 +146,23 @@ class ImageCounter:
     def forwards(self):
         """Forward passes without a backward per image."""
         return self.with_grad + self.without_grad - self.backward
+
+
+class PixelView:
+    """The pixel-space view :class:`~mmseg_robust.evaluation.RobustnessEvaluator`
+    takes (``images``, ``labels``, ``predict()``, ``model``) of a plain torch
+    model and a batch."""
+
+    def __init__(self, model, images, labels):
+        self.model, self.images, self.labels = model, images, labels
+
+    def __call__(self, x):
+        return self.model(x)
+
+    def predict(self):
+        with torch.no_grad():
+            logits = self.model(self.images)
+        return logits, logits.argmax(1)
 
 
 def separated_batch(b=4, h=8, w=8, num_classes=4, seed=0, net=None):

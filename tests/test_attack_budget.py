@@ -87,22 +87,14 @@ def test_evaluator_records_and_summary_carry_the_budget(problem, attack_models):
 
     net, x, y = problem
 
-    class View:
-        model, images, labels = net, x, y
-
-        def __call__(self, images):
-            return net(images)
-
-        def predict(self):
-            logits = net(x)
-            return logits, logits.argmax(1)
-
     ev = RobustnessEvaluator(
         [dict(type='APGD', steps=8), dict(type='PAdam', steps=2)],
         eps=8,
         self_checks=False,
     )
-    records = ev.evaluate(View(), ['a.png', 'b.png', 'c.png']).records
+    records = ev.evaluate(
+        attack_models.PixelView(net, x, y), ['a.png', 'b.png', 'c.png']
+    ).records
     direct = ATTACKS.build(dict(type='APGD', eps=8, steps=8)).run(
         net, x, y, seeds=_seeds(ev)
     )

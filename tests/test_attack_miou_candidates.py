@@ -172,21 +172,6 @@ def test_sea_option_errors_and_the_evaluator_option(repo_root):
         )
 
 
-class _View:
-    """The pixel-space view the evaluator takes (images, labels, predict, model)."""
-
-    def __init__(self, model, images, labels):
-        self.model, self.images, self.labels = model, images, labels
-
-    def __call__(self, x):
-        return self.model(x)
-
-    def predict(self):
-        with torch.no_grad():
-            logits = self.model(self.images)
-        return logits, logits.argmax(1)
-
-
 def test_the_evaluator_records_the_candidates_for_the_mIoU_greedy(attack_models):
     """Through the Runner-free evaluator (self-checks on): each candidate is a
     recorded attack with no passes, the worst-case aACC and the returned
@@ -200,7 +185,9 @@ def test_the_evaluator_records_the_candidates_for_the_mIoU_greedy(attack_models)
     results = {}
     for mc in (False, True):
         ev = RobustnessEvaluator(dict(sea, miou_candidates=mc), eps=8, seed=3)
-        results[mc] = ev.evaluate(_View(net, x, y), keys, examples=True)
+        results[mc] = ev.evaluate(
+            attack_models.PixelView(net, x, y), keys, examples=True
+        )
     plain, cand = ([r.to_json() for r in results[mc].records] for mc in (False, True))
     for p, c in zip(plain, cand):
         at_p, at_c = p['attacks']['8'], c['attacks']['8']

@@ -19,21 +19,6 @@ K = 4
 KEYS = ['a.png', 'b.png', 'c.png']
 
 
-class View:
-    """The pixel-space view the evaluator takes (images, labels, predict, model)."""
-
-    def __init__(self, model, images, labels):
-        self.model, self.images, self.labels = model, images, labels
-
-    def __call__(self, x):
-        return self.model(x)
-
-    def predict(self):
-        with torch.no_grad():
-            logits = self.model(self.images)
-        return logits, logits.argmax(1)
-
-
 @pytest.fixture
 def net(attack_models, attack_one_thread):
     return attack_models.tiny_net(num_classes=K, seed=0)
@@ -51,10 +36,10 @@ def _weak_and_strong():
     ]
 
 
-def test_records_are_typed_and_keyed_by_float_eps(net, batch):
+def test_records_are_typed_and_keyed_by_float_eps(net, batch, attack_models):
     images, labels = batch
     ev = RobustnessEvaluator(_weak_and_strong(), eps=[4, 8], self_checks=False)
-    result = ev.evaluate(View(net, images, labels), KEYS)
+    result = ev.evaluate(attack_models.PixelView(net, images, labels), KEYS)
     assert [r.key for r in result.records] == KEYS
     for rec in result.records:
         assert isinstance(rec, ImageRecord) and isinstance(rec.clean, ImageCounts)
@@ -68,10 +53,14 @@ def test_records_are_typed_and_keyed_by_float_eps(net, batch):
     assert result.examples == [{}, {}, {}]  # not asked for
 
 
-def test_worst_example_is_the_attack_with_the_lowest_accuracy(net, batch):
+def test_worst_example_is_the_attack_with_the_lowest_accuracy(
+    net, batch, attack_models
+):
     images, labels = batch
     ev = RobustnessEvaluator(_weak_and_strong(), eps=8, self_checks=False)
-    result = ev.evaluate(View(net, images, labels), KEYS, examples=True)
+    result = ev.evaluate(
+        attack_models.PixelView(net, images, labels), KEYS, examples=True
+    )
     for i, (rec, ex) in enumerate(zip(result.records, result.examples)):
         (example,) = ex.values()
         accs = {n: c.accuracy for n, c in rec.attacks[8.0].items()}
@@ -91,13 +80,15 @@ def test_worst_example_is_the_attack_with_the_lowest_accuracy(net, batch):
     ev = RobustnessEvaluator(
         dict(type='SEA', steps=2, class_weights=[0.25] * K), eps=8, self_checks=False
     )
-    result = ev.evaluate(View(net, images, labels), KEYS, examples=True)
+    result = ev.evaluate(
+        attack_models.PixelView(net, images, labels), KEYS, examples=True
+    )
     for rec, ex in zip(result.records, result.examples):
         accs = {n: c.accuracy for n, c in rec.attacks[8.0].items()}
         assert ex[8.0].attack in accs and ex[8.0].adv_acc == min(accs.values())
 
 
-def test_saved_attacks_are_restored_not_run(net, batch):
+def test_saved_attacks_are_restored_not_run(net, batch, attack_models):
     """An attack whose counts an interrupted run saved is not run again: its
     saved counts are in the records, the other attacks' are computed as in a
     full run, and that eps has no example."""
@@ -105,7 +96,7 @@ def test_saved_attacks_are_restored_not_run(net, batch):
     saved_units = {}
     ev = RobustnessEvaluator(_weak_and_strong(), eps=8, self_checks=False)
     full = ev.evaluate(
-        View(net, images, labels),
+        attack_models.PixelView(net, images, labels),
         KEYS,
         save=lambda e, j, units: saved_units.setdefault((e, j), units),
     )
@@ -124,7 +115,9 @@ def test_saved_attacks_are_restored_not_run(net, batch):
         return marked if j == 0 else None
 
     ev = RobustnessEvaluator(_weak_and_strong(), eps=8, self_checks=False)
-    again = ev.evaluate(View(net, images, labels), KEYS, examples=True, saved=saved)
+    again = ev.evaluate(
+        attack_models.PixelView(net, images, labels), KEYS, examples=True, saved=saved
+    )
     assert asked == [(8.0, 0), (8.0, 1)]
     for rec, old, unit in zip(again.records, full.records, marked):
         assert rec.attacks[8.0]['weak'] == ImageCounts.from_json(unit['weak'])
@@ -142,30 +135,30 @@ class Softmax(torch.nn.Module):
         return self.net(x).softmax(1)
 
 
-def test_flags_once_per_evaluation_and_errors_raise(net, batch):
+def test_flags_once_per_evaluation_and_errors_raise(net, batch, attack_models):
     images, labels = batch
     model = Softmax(net).eval()
     ev = RobustnessEvaluator(dict(type='PGD', steps=1), eps=8)
-    first = ev.evaluate(View(model, images, labels), KEYS)
+    first = ev.evaluate(attack_models.PixelView(model, images, labels), KEYS)
     assert 'probability_outputs' in [f.code for f in first.flags]
-    second = ev.evaluate(View(model, images, labels), KEYS)
+    second = ev.evaluate(attack_models.PixelView(model, images, labels), KEYS)
     assert second.flags == []  # found already, and the first-batch checks ran
     assert [f.code for f in ev.flags] == [f.code for f in first.flags]
     ev.start()  # a new evaluation finds it again
     assert ev.flags == []
-    again = ev.evaluate(View(model, images, labels), KEYS)
+    again = ev.evaluate(attack_models.PixelView(model, images, labels), KEYS)
     assert [f.code for f in again.flags] == [f.code for f in first.flags]
     # a normal model: silent
     ev = RobustnessEvaluator(dict(type='PGD', steps=1), eps=8)
-    assert ev.evaluate(View(net, images, labels), KEYS).flags == []
+    assert ev.evaluate(attack_models.PixelView(net, images, labels), KEYS).flags == []
     # an error raises before the attack
     bad = labels.clone()
     bad[0, 0, 0] = K
     with pytest.raises(SelfCheckError, match='labels_out_of_range'):
-        ev.evaluate(View(net, images, bad), KEYS)
+        ev.evaluate(attack_models.PixelView(net, images, bad), KEYS)
     # the checks off: no flags
     ev = RobustnessEvaluator(dict(type='PGD', steps=1), eps=8, self_checks=False)
-    assert ev.evaluate(View(model, images, labels), KEYS).flags == []
+    assert ev.evaluate(attack_models.PixelView(model, images, labels), KEYS).flags == []
 
 
 def test_attack_names_are_unique(net):
@@ -185,14 +178,16 @@ def test_attack_names_are_unique(net):
         RobustnessEvaluator([], eps=8)
 
 
-def test_an_image_without_valid_pixels_has_no_accuracy(net, batch):
+def test_an_image_without_valid_pixels_has_no_accuracy(net, batch, attack_models):
     """One convention: NaN (left out of the means over images); its example
     is the first attack's."""
     images, labels = batch
     labels = labels.clone()
     labels[1] = 255
     ev = RobustnessEvaluator(_weak_and_strong(), eps=8, self_checks=False)
-    result = ev.evaluate(View(net, images, labels), KEYS, examples=True)
+    result = ev.evaluate(
+        attack_models.PixelView(net, images, labels), KEYS, examples=True
+    )
     rec = result.records[1]
     assert rec.clean.valid == 0 and math.isnan(rec.clean.accuracy)
     assert all(math.isnan(c.accuracy) for c in rec.attacks[8.0].values())
@@ -208,25 +203,31 @@ def test_probes_flag_masked_gradients_through_the_evaluator(net, batch, attack_m
         eps=8,
         probes=dict(large_radius={}, gradient_free=dict(queries=60, images=2)),
     )
-    result = ev.evaluate(View(attack_models.MaskedGradients(net), images, labels), KEYS)
+    result = ev.evaluate(
+        attack_models.PixelView(attack_models.MaskedGradients(net), images, labels),
+        KEYS,
+    )
     codes = [f.code for f in result.flags]
     assert 'large_radius_probe' in codes and 'gradient_free_probe' in codes
     probe = next(f for f in result.flags if f.code == 'gradient_free_probe')
     assert len(probe.details['square']) == 2  # the first two images only
     # the probes run on the first attacked batch only
-    again = ev.evaluate(View(attack_models.MaskedGradients(net), images, labels), KEYS)
+    again = ev.evaluate(
+        attack_models.PixelView(attack_models.MaskedGradients(net), images, labels),
+        KEYS,
+    )
     assert not any(f.code.endswith('_probe') for f in again.flags)
     # and need the self-checks
     with pytest.raises(ValueError, match='self_checks=True'):
         RobustnessEvaluator(attacks, eps=8, self_checks=False, probes=True)
 
 
-def test_gradient_free_probe_silent_on_an_honest_model(net, batch):
+def test_gradient_free_probe_silent_on_an_honest_model(net, batch, attack_models):
     images, labels = batch
     ev = RobustnessEvaluator(
         [dict(type='APGD', steps=10)],
         eps=8,
         probes=dict(gradient_free=dict(queries=60)),
     )
-    result = ev.evaluate(View(net, images, labels), KEYS)
+    result = ev.evaluate(attack_models.PixelView(net, images, labels), KEYS)
     assert not any(f.code == 'gradient_free_probe' for f in result.flags)
