@@ -343,12 +343,19 @@ def unit_config(name: str, scale: float, class_weights=None) -> dict:
     return cfg
 
 
+def base_unit(name: str) -> str:
+    """The unit that unit ``name`` varies in one thing (its mIoU candidates,
+    :data:`WITH_CANDIDATES`; the clean-union weights,
+    :data:`CLEAN_UNION_UNITS`), from the same random starts; else ``name``."""
+    name = name.removesuffix(WITH_CANDIDATES)
+    return CLEAN_UNION_UNITS.get(name, name)
+
+
 def unit_seed(seed: int, name: str) -> int:
     """The evaluator seed of unit ``name`` in the run of seed ``seed``: each
     unit its own random starts, as SEA's members (``derive_seeds``); a unit
-    with its mIoU candidates (:data:`WITH_CANDIDATES`) the unit's own."""
-    name = name.removesuffix(WITH_CANDIDATES)
-    name = CLEAN_UNION_UNITS.get(name, name)
+    that varies another (:func:`base_unit`) the other's."""
+    name = base_unit(name)
     digest = hashlib.blake2b(f'{int(seed)}/{name}'.encode(), digest_size=4).digest()
     return int.from_bytes(digest, 'little') >> 1
 
@@ -606,13 +613,14 @@ def aggregate(results: list) -> list:
 
 def paired_base(method: str) -> Optional[str]:
     """The method ``method`` differs from in one thing on otherwise the same
-    attack runs (same random starts): a method with its mIoU candidates
-    (:data:`WITH_CANDIDATES`) from the method, ``SEA-U`` (Mask-CE-Bal with
-    the clean-union weights, :data:`CLEAN_UNION_UNITS`) from SEA; else None."""
-    if method == 'SEA-U':
-        return 'SEA'
-    base = method.removesuffix(WITH_CANDIDATES)
-    return base if base != method and base in METHODS else None
+    attack runs (same random starts): the method made of the
+    :func:`base_unit` of each of its units (a method with its mIoU
+    candidates: the method; ``SEA-U``: SEA); None if that is ``method``
+    itself or no method."""
+    units = [base_unit(n) for n in METHODS[method]]
+    if units == METHODS[method]:
+        return None
+    return next((m for m, u in METHODS.items() if u == units), None)
 
 
 def paired_differences(results: list) -> list:
